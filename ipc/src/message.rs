@@ -1,0 +1,270 @@
+//! The messages of the protocol, typed by direction.
+//!
+//! A client (the gateway or `sandrunctl`) sends [`Request`]s; the helper sends [`Response`]s. The
+//! two enums share no variant type, so neither side can send the other's kind of message.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::IpcError;
+use crate::validate::{BundlePath, OutputPattern};
+
+/// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Who a connecting client claims to be. The helper checks the claim against `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Submits jobs (the gateway user, `sandrunctl run`, or root).
+    Submitter,
+    /// Lists, kills, drains (root or the admin group).
+    Admin,
+}
+
+/// The first message on every connection, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub role: Role,
+}
+
+/// A job id assigned by the helper. Unique for the life of one helper process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Resource limits a client asks for. The helper clamps every field to its configured maxima and
+/// reports the granted values in [`Response::Accepted`]. `None` means "the helper's default".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Wall-clock timeout in milliseconds.
+    pub wall_ms: Option<u64>,
+    /// Memory limit in bytes (swap is always 0).
+    pub memory_bytes: Option<u64>,
+    /// CPU time in milliseconds, summed over every process of the job.
+    pub cpu_ms: Option<u64>,
+    /// Maximum number of tasks (processes and threads) alive at once.
+    pub pids: Option<u32>,
+    /// Bytes kept per output stream (stdout, stderr); the rest is dropped and flagged.
+    pub output_bytes: Option<u64>,
+    /// Size of the job's tmpfs root in bytes (inputs, outputs, /tmp).
+    pub tmpfs_bytes: Option<u64>,
+    /// Maximum number of inodes on the job's tmpfs.
+    pub file_count: Option<u32>,
+}
+
+/// Limits after clamping: every field is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantedLimits {
+    pub wall_ms: u64,
+    pub memory_bytes: u64,
+    pub cpu_ms: u64,
+    pub pids: u32,
+    pub output_bytes: u64,
+    pub tmpfs_bytes: u64,
+    pub file_count: u32,
+}
+
+/// Network policy of a job. Only `None` exists: the job has a private loopback and nothing else.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NetworkPolicy {
+    #[default]
+    None,
+}
+
+/// One entry of the input bundle. File contents follow the [`Request::Submit`] as
+/// [`Request::BundleChunk`]s, concatenated in entry order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BundleEntry {
+    Dir { path: BundlePath, mode: u32 },
+    File { path: BundlePath, mode: u32, size: u64 },
+}
+
+/// Everything about a job except the bytes of its input files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// `argv[0]` is an interpreter name from the helper's allow-list (`python3`) or an absolute
+    /// path as seen inside the sandbox (`/usr/bin/true`).
+    pub argv: Vec<String>,
+    /// Extra environment variables (`KEY=VALUE` split). Sandbox variables cannot be overridden.
+    pub env: Vec<(String, String)>,
+    /// Working directory relative to the job's work directory; empty means the work directory.
+    pub workdir: String,
+    pub bundle: Vec<BundleEntry>,
+    pub limits: Limits,
+    /// Patterns of files to return after the job exits.
+    pub outputs: Vec<OutputPattern>,
+    /// Optional read-only environment template, by name.
+    pub template: Option<String>,
+    pub network: NetworkPolicy,
+    /// A label for logs and `ps` (for example the gateway's job id). Never interpreted.
+    pub label: String,
+}
+
+/// Admin requests (role [`Role::Admin`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    List,
+    Kill(JobId),
+    Stats,
+    Drain,
+}
+
+/// Messages from a client to the helper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    Hello(Hello),
+    /// Starts a job. Followed by exactly as many bundle bytes as the spec's files declare, in
+    /// [`Request::BundleChunk`]s, then [`Request::BundleEnd`].
+    Submit(Box<JobSpec>),
+    BundleChunk(Vec<u8>),
+    BundleEnd,
+    /// Kills the job of this connection (reason `cancelled`). Closing the connection does too.
+    Cancel,
+    Admin(AdminRequest),
+}
+
+/// Why a job ended the way it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExitReason {
+    None,
+    Timeout,
+    MemoryLimit,
+    CpuLimit,
+    OutputLimit,
+    PidsLimit,
+    Cancelled,
+    Internal,
+}
+
+impl ExitReason {
+    pub const ALL: [ExitReason; 8] = [
+        ExitReason::None,
+        ExitReason::Timeout,
+        ExitReason::MemoryLimit,
+        ExitReason::CpuLimit,
+        ExitReason::OutputLimit,
+        ExitReason::PidsLimit,
+        ExitReason::Cancelled,
+        ExitReason::Internal,
+    ];
+
+    /// The stable snake_case name used in JSON and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::None => "none",
+            ExitReason::Timeout => "timeout",
+            ExitReason::MemoryLimit => "memory_limit",
+            ExitReason::CpuLimit => "cpu_limit",
+            ExitReason::OutputLimit => "output_limit",
+            ExitReason::PidsLimit => "pids_limit",
+            ExitReason::Cancelled => "cancelled",
+            ExitReason::Internal => "internal",
+        }
+    }
+}
+
+/// How the job's main process ended, with the resources the whole job used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitReport {
+    /// Exit code if the main process exited.
+    pub exit_code: Option<i32>,
+    /// Signal number if the main process was killed by a signal.
+    pub signal: Option<i32>,
+    pub reason: ExitReason,
+    pub cpu_ms: u64,
+    pub wall_ms: u64,
+    pub memory_peak_bytes: u64,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+}
+
+/// Why a path matching an output pattern was not returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SkipKind {
+    Symlink,
+    Fifo,
+    Socket,
+    Device,
+    TooLarge,
+    TooMany,
+    Unreadable,
+}
+
+/// Header of one returned output file; its content follows as [`Response::OutputChunk`]s.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFileHeader {
+    pub path: BundlePath,
+    pub size: u64,
+    pub sha256: [u8; 32],
+}
+
+/// One running sandbox, as `ps` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    pub job_id: JobId,
+    pub label: String,
+    pub uid_slot: u32,
+    pub pid: i32,
+    pub age_ms: u64,
+    pub cpu_ms: u64,
+    pub memory_bytes: u64,
+}
+
+/// A latency summary in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// Helper-wide counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub running: u32,
+    pub max_concurrent: u32,
+    pub draining: bool,
+    pub jobs_started: u64,
+    /// Finished jobs by reason, as (reason, count), for every reason.
+    pub jobs_by_reason: Vec<(ExitReason, u64)>,
+    pub refused_busy: u64,
+    pub refused_peer: u64,
+    pub protocol_errors: u64,
+    pub setup_failures: u64,
+    pub spawn_latency: LatencySummary,
+}
+
+/// Admin answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    List(Vec<SandboxInfo>),
+    Killed(JobId),
+    Stats(Stats),
+    Draining { running: u32 },
+}
+
+/// Messages from the helper to a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Hello(Hello),
+    /// The request passed validation; limits are the clamped values that will be enforced.
+    Accepted { job_id: JobId, limits: GrantedLimits },
+    /// The sandbox is set up and the job's program is about to run.
+    Started { spawn_us: u64 },
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exited(ExitReport),
+    OutputFile(OutputFileHeader),
+    OutputChunk(Vec<u8>),
+    OutputSkipped { path: BundlePath, kind: SkipKind },
+    /// The last message of a job.
+    Done,
+    Error(IpcError),
+    Admin(AdminResponse),
+}
