@@ -24,7 +24,10 @@ pub type HelperChannel<S> = Channel<Response, Request, S>;
 
 impl<Out: Serialize, In: DeserializeOwned, S: Read + Write> Channel<Out, In, S> {
     pub fn new(stream: S) -> Self {
-        Channel { stream, _dir: PhantomData }
+        Channel {
+            stream,
+            _dir: PhantomData,
+        }
     }
 
     pub fn get_ref(&self) -> &S {

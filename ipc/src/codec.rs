@@ -20,7 +20,10 @@ type Config = bincode::config::Configuration<
 >;
 
 fn config() -> Config {
-    bincode::config::standard().with_little_endian().with_variable_int_encoding().with_limit()
+    bincode::config::standard()
+        .with_little_endian()
+        .with_variable_int_encoding()
+        .with_limit()
 }
 
 /// Why a frame could not be encoded or decoded.
@@ -41,7 +44,10 @@ impl std::fmt::Display for CodecError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             CodecError::FrameTooLarge(n) => {
-                write!(f, "frame of {n} bytes exceeds the maximum of {MAX_FRAME_BYTES}")
+                write!(
+                    f,
+                    "frame of {n} bytes exceeds the maximum of {MAX_FRAME_BYTES}"
+                )
             }
             CodecError::Malformed(e) => write!(f, "malformed frame: {e}"),
             CodecError::TrailingBytes(n) => write!(f, "frame has {n} trailing bytes"),
@@ -122,7 +128,7 @@ impl FrameDecoder {
     }
 
     /// Pops the next complete message, if any. After an error the stream is unusable.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
         match decode(&self.buf)? {
             None => Ok(None),
             Some((msg, used)) => {

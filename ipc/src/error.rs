@@ -3,8 +3,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A stable error code. The numeric value is what travels on the wire.
+/// A stable error code. The numeric value ([`ErrorCode::code`]) is what travels on the wire, not
+/// the declaration order, so adding a variant never changes an existing code. An unknown number
+/// fails to decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u16", into = "u16")]
 #[non_exhaustive]
 pub enum ErrorCode {
     /// The peer speaks another protocol version. (peer's fault)
@@ -32,6 +35,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in numeric order.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::VersionMismatch,
+        ErrorCode::NotAuthorized,
+        ErrorCode::UnexpectedMessage,
+        ErrorCode::MalformedFrame,
+        ErrorCode::InvalidRequest,
+        ErrorCode::Busy,
+        ErrorCode::Draining,
+        ErrorCode::NotFound,
+        ErrorCode::SandboxSetup,
+        ErrorCode::ExecFailed,
+        ErrorCode::Internal,
+    ];
+
+    /// The code with this stable number, if there is one.
+    pub fn from_code(code: u16) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.code() == code)
+    }
+
     /// The stable numeric code.
     pub fn code(self) -> u16 {
         match self {
@@ -67,6 +90,31 @@ impl ErrorCode {
     }
 }
 
+/// A number on the wire that is not an [`ErrorCode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnknownErrorCode(pub u16);
+
+impl std::fmt::Display for UnknownErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "unknown error code {}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownErrorCode {}
+
+impl TryFrom<u16> for ErrorCode {
+    type Error = UnknownErrorCode;
+    fn try_from(code: u16) -> Result<Self, UnknownErrorCode> {
+        ErrorCode::from_code(code).ok_or(UnknownErrorCode(code))
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(code: ErrorCode) -> u16 {
+        code.code()
+    }
+}
+
 /// An error sent over the wire: a stable code and a human-readable message. Messages never carry
 /// job contents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,13 +125,22 @@ pub struct IpcError {
 
 impl IpcError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        IpcError { code, message: message.into() }
+        IpcError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
 impl std::fmt::Display for IpcError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} ({}): {}", self.code.as_str(), self.code.code(), self.message)
+        write!(
+            f,
+            "{} ({}): {}",
+            self.code.as_str(),
+            self.code.code(),
+            self.message
+        )
     }
 }
 

@@ -28,7 +28,7 @@ pub mod tokio_adapter;
 mod validate;
 
 pub use codec::{decode, encode, CodecError, FrameDecoder, MAX_CHUNK_BYTES, MAX_FRAME_BYTES};
-pub use error::{ErrorCode, IpcError};
+pub use error::{ErrorCode, IpcError, UnknownErrorCode};
 pub use message::*;
 pub use validate::{
     sanitize_mode, BundlePath, OutputPattern, PathError, ALLOWED_MODE_BITS, MAX_COMPONENT_BYTES,

@@ -80,8 +80,15 @@ pub enum NetworkPolicy {
 /// [`Request::BundleChunk`]s, concatenated in entry order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BundleEntry {
-    Dir { path: BundlePath, mode: u32 },
-    File { path: BundlePath, mode: u32, size: u64 },
+    Dir {
+        path: BundlePath,
+        mode: u32,
+    },
+    File {
+        path: BundlePath,
+        mode: u32,
+        size: u64,
+    },
 }
 
 /// Everything about a job except the bytes of its input files.
@@ -254,15 +261,23 @@ pub enum AdminResponse {
 pub enum Response {
     Hello(Hello),
     /// The request passed validation; limits are the clamped values that will be enforced.
-    Accepted { job_id: JobId, limits: GrantedLimits },
+    Accepted {
+        job_id: JobId,
+        limits: GrantedLimits,
+    },
     /// The sandbox is set up and the job's program is about to run.
-    Started { spawn_us: u64 },
+    Started {
+        spawn_us: u64,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Exited(ExitReport),
     OutputFile(OutputFileHeader),
     OutputChunk(Vec<u8>),
-    OutputSkipped { path: BundlePath, kind: SkipKind },
+    OutputSkipped {
+        path: BundlePath,
+        kind: SkipKind,
+    },
     /// The last message of a job.
     Done,
     Error(IpcError),

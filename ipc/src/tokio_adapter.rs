@@ -27,7 +27,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     pub fn new(stream: S) -> Self {
-        AsyncChannel { stream, _dir: PhantomData }
+        AsyncChannel {
+            stream,
+            _dir: PhantomData,
+        }
     }
 
     pub fn into_inner(self) -> S {

@@ -33,7 +33,10 @@ impl std::fmt::Display for PathError {
             PathError::TooLong => write!(f, "path is longer than {MAX_PATH_BYTES} bytes"),
             PathError::TooDeep => write!(f, "path is deeper than {MAX_DEPTH} components"),
             PathError::ComponentTooLong => {
-                write!(f, "a path component is longer than {MAX_COMPONENT_BYTES} bytes")
+                write!(
+                    f,
+                    "a path component is longer than {MAX_COMPONENT_BYTES} bytes"
+                )
             }
             PathError::Absolute => write!(f, "path is absolute"),
             PathError::DotComponent => write!(f, "path contains a '.' or '..' component"),
@@ -47,7 +50,8 @@ impl std::error::Error for PathError {}
 
 fn check_chars(s: &str, allow_glob: bool) -> Result<(), PathError> {
     for c in s.chars() {
-        let bad = c == '\0' || c == '\\' || c.is_control() || (!allow_glob && (c == '*' || c == '?'));
+        let bad =
+            c == '\0' || c == '\\' || c.is_control() || (!allow_glob && (c == '*' || c == '?'));
         if bad {
             return Err(PathError::ForbiddenChar(c));
         }
@@ -113,7 +117,9 @@ impl BundlePath {
 
     /// The parent path, or `None` for a top-level entry.
     pub fn parent(&self) -> Option<BundlePath> {
-        self.0.rsplit_once('/').map(|(p, _)| BundlePath(p.to_owned()))
+        self.0
+            .rsplit_once('/')
+            .map(|(p, _)| BundlePath(p.to_owned()))
     }
 }
 
@@ -166,7 +172,9 @@ impl OutputPattern {
             return (1..path.len()).any(|n| match_components(&pat, &path[..n]));
         }
         if !self.0.contains('/') {
-            return path.last().is_some_and(|name| glob_component(self.0.as_bytes(), name.as_bytes()));
+            return path
+                .last()
+                .is_some_and(|name| glob_component(self.0.as_bytes(), name.as_bytes()));
         }
         let pat: Vec<&str> = self.0.split('/').collect();
         match_components(&pat, &path)
@@ -182,7 +190,11 @@ impl OutputPattern {
         let comps: Vec<&str> = body.split('/').collect();
         let mut out = Vec::new();
         // The last component of a file pattern names the file, not a directory.
-        let dirs = if self.0.ends_with('/') { &comps[..] } else { &comps[..comps.len() - 1] };
+        let dirs = if self.0.ends_with('/') {
+            &comps[..]
+        } else {
+            &comps[..comps.len() - 1]
+        };
         for c in dirs {
             if c.contains('*') || c.contains('?') {
                 break;
@@ -254,8 +266,18 @@ mod tests {
     #[test]
     fn given_traversal_or_absolute_paths_then_they_are_refused() {
         for bad in [
-            "", "/etc/passwd", "../x", "a/../b", "a/./b", "a//b", "a/b/", "a\\b", "a\0b", "a\nb",
-            ".", "..",
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a/./b",
+            "a//b",
+            "a/b/",
+            "a\\b",
+            "a\0b",
+            "a\nb",
+            ".",
+            "..",
         ] {
             assert!(BundlePath::new(bad).is_err(), "{bad:?} accepted");
         }
@@ -267,7 +289,14 @@ mod tests {
 
     #[test]
     fn given_ordinary_relative_paths_then_they_are_accepted() {
-        for good in ["main.py", "src/util.py", "a b/c-d_e.txt", "ünïcode/ß", ".hidden", "a/.b"] {
+        for good in [
+            "main.py",
+            "src/util.py",
+            "a b/c-d_e.txt",
+            "ünïcode/ß",
+            ".hidden",
+            "a/.b",
+        ] {
             assert!(BundlePath::new(good).is_ok(), "{good:?} refused");
         }
     }
