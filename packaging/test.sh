@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, lints, unit tests, and the integration tests that start
+# the real daemons and real sandboxes. Must run as root (the sandbox tests need it); CI does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  echo "the test suite starts the root helper and real sandboxes: run it as root" >&2
+  exit 1
+fi
+bash packaging/deps.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The integration tests start target/debug/sandrund and friends: build every binary first.
+cargo build --workspace --bins --locked
+cargo test --workspace --locked --all-features 2>&1 | tee /tmp/sandrun-test.log
+echo "all tests passed"

@@ -1,0 +1,330 @@
+//! `sandrunctl run`: submit one job, stream its output, write its output files.
+
+use std::io::Write;
+use std::path::Path;
+
+use nix::sys::signal::{SigSet, Signal};
+use sandrun_ipc::{
+    BundlePath, ExitReport, JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern,
+    Request, Response, Role, SkipKind,
+};
+
+use crate::bundle::{self, Bundle};
+use crate::cli::RunArgs;
+use crate::conn::{self, Channel, SharedWriter};
+use crate::error::CtlError;
+use crate::outputs::{hex, OutDir, OutFile};
+
+/// Runs the job described by `args` and returns the exit code to use.
+pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlError> {
+    let bundle = match &args.input {
+        Some(dir) => bundle::walk(dir)?,
+        None => Bundle::default(),
+    };
+    let spec = job_spec(args, &bundle)?;
+    let out_dir = if spec.outputs.is_empty() {
+        None
+    } else {
+        Some(OutDir::open(&args.out_dir)?)
+    };
+    let signals = block_interrupts();
+    let mut chan = conn::connect(socket, Role::Submitter)?;
+    spawn_canceller(signals, chan.get_ref().writer());
+    upload(&mut chan, spec, &bundle)?;
+    let mut job = JobResult::new(json, out_dir);
+    job.receive(&mut chan)?;
+    job.finish()
+}
+
+fn job_spec(args: &RunArgs, bundle: &Bundle) -> Result<JobSpec, CtlError> {
+    let outputs = args
+        .outputs
+        .iter()
+        .map(|p| {
+            OutputPattern::new(p.as_str()).map_err(|e| CtlError::Output {
+                path: p.clone(),
+                reason: format!("invalid pattern: {e}"),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let limits = Limits {
+        wall_ms: args.timeout_s.map(|s| s.saturating_mul(1000)),
+        memory_bytes: args.memory_mb.map(|m| m.saturating_mul(1024 * 1024)),
+        cpu_ms: args.cpu_s.map(|s| s.saturating_mul(1000)),
+        pids: args.pids,
+        ..Limits::default()
+    };
+    Ok(JobSpec {
+        argv: args.argv.clone(),
+        env: args.env.clone(),
+        workdir: String::new(),
+        bundle: bundle.entries.clone(),
+        limits,
+        outputs,
+        template: None,
+        network: NetworkPolicy::None,
+        label: "sandrunctl".to_owned(),
+    })
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and so in every thread started later) so that only
+/// the canceller thread receives them.
+fn block_interrupts() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    // Blocking fails only for an invalid `how`, which this is not; if it did fail, the default
+    // action (terminate) still closes the connection, which kills the job too.
+    let _ = set.thread_block();
+    set
+}
+
+/// The first Ctrl-C sends `Cancel` (the helper then reports the job as cancelled); a second one
+/// exits at once (closing the connection also kills the job).
+fn spawn_canceller(signals: SigSet, writer: SharedWriter) {
+    std::thread::spawn(move || {
+        let mut cancelled = false;
+        while let Ok(sig) = signals.wait() {
+            if cancelled {
+                std::process::exit(128 + sig as i32);
+            }
+            cancelled = true;
+            eprintln!("sandrunctl: cancelling the job (again to quit at once)");
+            if let Ok(frame) = sandrun_ipc::encode(&Request::Cancel) {
+                if writer.write_frame(&frame).is_err() {
+                    std::process::exit(128 + sig as i32);
+                }
+            }
+        }
+    });
+}
+
+fn upload(chan: &mut Channel, spec: JobSpec, bundle: &Bundle) -> Result<(), CtlError> {
+    conn::send(chan, &Request::Submit(Box::new(spec)), "sending the job")?;
+    bundle::stream_files(&bundle.files, |chunk| {
+        conn::send(chan, &Request::BundleChunk(chunk), "sending input files")
+    })?;
+    conn::send(chan, &Request::BundleEnd, "ending the input")
+}
+
+/// Everything received about the job.
+struct JobResult {
+    json: bool,
+    out_dir: Option<OutDir>,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    report: Option<ExitReport>,
+    current: Option<OutFile>,
+    outputs: Vec<OutputFileHeader>,
+    skipped: Vec<(BundlePath, SkipKind)>,
+}
+
+impl JobResult {
+    fn new(json: bool, out_dir: Option<OutDir>) -> Self {
+        JobResult {
+            json,
+            out_dir,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            report: None,
+            current: None,
+            outputs: Vec::new(),
+            skipped: Vec::new(),
+        }
+    }
+
+    /// Handles responses until `Done`.
+    fn receive(&mut self, chan: &mut Channel) -> Result<(), CtlError> {
+        loop {
+            let resp = conn::recv(chan, "waiting for the job")?;
+            if matches!(resp, Response::Done) {
+                return self.check_complete();
+            }
+            self.handle(resp)?;
+        }
+    }
+
+    fn handle(&mut self, resp: Response) -> Result<(), CtlError> {
+        match resp {
+            Response::Accepted { .. } | Response::Started { .. } => Ok(()),
+            Response::Stdout(data) => self.stream(&data, true),
+            Response::Stderr(data) => self.stream(&data, false),
+            Response::Exited(report) => {
+                self.report = Some(report);
+                Ok(())
+            }
+            Response::OutputFile(header) => self.begin_output(header),
+            Response::OutputChunk(data) => self.output_chunk(&data),
+            Response::OutputSkipped { path, kind } => {
+                if !self.json {
+                    eprintln!("sandrunctl: output {path} skipped: {}", skip_kind_str(kind));
+                }
+                self.skipped.push((path, kind));
+                Ok(())
+            }
+            other => Err(conn::unexpected("waiting for the job", &other)),
+        }
+    }
+
+    fn stream(&mut self, data: &[u8], is_stdout: bool) -> Result<(), CtlError> {
+        if self.json {
+            let buf = if is_stdout {
+                &mut self.stdout
+            } else {
+                &mut self.stderr
+            };
+            buf.extend_from_slice(data);
+            return Ok(());
+        }
+        // A closed stdout/stderr (e.g. `| head`) must not abort the job's bookkeeping.
+        if is_stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(data).and_then(|()| out.flush());
+        } else {
+            let _ = std::io::stderr().lock().write_all(data);
+        }
+        Ok(())
+    }
+
+    fn begin_output(&mut self, header: OutputFileHeader) -> Result<(), CtlError> {
+        if self.current.is_some() {
+            return Err(protocol(
+                "an output file started before the previous one ended",
+            ));
+        }
+        let dir = self
+            .out_dir
+            .as_ref()
+            .ok_or_else(|| protocol("output file not asked for"))?;
+        let file = dir.create(header)?;
+        self.current = Some(file);
+        self.close_if_complete()
+    }
+
+    fn output_chunk(&mut self, data: &[u8]) -> Result<(), CtlError> {
+        let file = self
+            .current
+            .as_mut()
+            .ok_or_else(|| protocol("output chunk without header"))?;
+        file.write_chunk(data)?;
+        self.close_if_complete()
+    }
+
+    fn close_if_complete(&mut self) -> Result<(), CtlError> {
+        if let Some(file) = self.current.take_if(|f| f.is_complete()) {
+            let header = file.finish()?;
+            if !self.json {
+                eprintln!("sandrunctl: wrote {} ({} bytes)", header.path, header.size);
+            }
+            self.outputs.push(header);
+        }
+        Ok(())
+    }
+
+    fn check_complete(&self) -> Result<(), CtlError> {
+        if let Some(f) = &self.current {
+            return Err(protocol(&format!("output {} ended early", f.path())));
+        }
+        if self.report.is_none() {
+            return Err(protocol("the job ended without an exit report"));
+        }
+        Ok(())
+    }
+
+    /// Prints the JSON summary if asked and returns the exit code.
+    fn finish(self) -> Result<i32, CtlError> {
+        let report = self
+            .report
+            .as_ref()
+            .ok_or_else(|| protocol("no exit report"))?;
+        let code = exit_code(report);
+        if self.json {
+            println!("{}", self.to_json(report));
+        } else if report.reason != sandrun_ipc::ExitReason::None {
+            eprintln!("sandrunctl: job ended: {}", report.reason.as_str());
+        }
+        Ok(code)
+    }
+
+    fn to_json(&self, r: &ExitReport) -> serde_json::Value {
+        let outputs: Vec<_> = self
+            .outputs
+            .iter()
+            .map(|h| serde_json::json!({"path": h.path.as_str(), "size": h.size, "sha256": hex(&h.sha256)}))
+            .collect();
+        let skipped: Vec<_> = self
+            .skipped
+            .iter()
+            .map(|(p, k)| serde_json::json!({"path": p.as_str(), "kind": skip_kind_str(*k)}))
+            .collect();
+        serde_json::json!({
+            "exit_code": r.exit_code,
+            "signal": r.signal,
+            "reason": r.reason.as_str(),
+            "stdout": String::from_utf8_lossy(&self.stdout),
+            "stderr": String::from_utf8_lossy(&self.stderr),
+            "stdout_truncated": r.stdout_truncated,
+            "stderr_truncated": r.stderr_truncated,
+            "cpu_ms": r.cpu_ms,
+            "wall_ms": r.wall_ms,
+            "memory_peak_bytes": r.memory_peak_bytes,
+            "outputs": outputs,
+            "skipped": skipped,
+        })
+    }
+}
+
+/// The job's exit code, 128 + signal, or 125 if the report has neither.
+fn exit_code(r: &ExitReport) -> i32 {
+    match (r.exit_code, r.signal) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => crate::error::EXIT_CLIENT_ERROR,
+    }
+}
+
+/// The stable snake_case name of a skip kind, used in JSON and messages.
+pub(crate) fn skip_kind_str(k: SkipKind) -> &'static str {
+    match k {
+        SkipKind::Symlink => "symlink",
+        SkipKind::Fifo => "fifo",
+        SkipKind::Socket => "socket",
+        SkipKind::Device => "device",
+        SkipKind::TooLarge => "too_large",
+        SkipKind::TooMany => "too_many",
+        SkipKind::Unreadable => "unreadable",
+    }
+}
+
+fn protocol(detail: &str) -> CtlError {
+    CtlError::Protocol {
+        step: "receiving outputs",
+        detail: detail.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandrun_ipc::ExitReason;
+
+    fn report(exit_code: Option<i32>, signal: Option<i32>) -> ExitReport {
+        ExitReport {
+            exit_code,
+            signal,
+            reason: ExitReason::None,
+            cpu_ms: 0,
+            wall_ms: 0,
+            memory_peak_bytes: 0,
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+
+    #[test]
+    fn given_exit_or_signal_then_exit_code_follows_shell_convention() {
+        assert_eq!(exit_code(&report(Some(3), None)), 3);
+        assert_eq!(exit_code(&report(None, Some(9))), 137);
+        assert_eq!(exit_code(&report(None, None)), 125);
+    }
+}

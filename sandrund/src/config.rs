@@ -1,0 +1,412 @@
+//! The helper's configuration: a root-owned TOML file with the maxima it will ever grant, who may
+//! talk to it, the uid range of job slots, the interpreter allow-list and the template directory.
+//! Every key has a built-in default, so the helper runs with no file at all.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ids::{GroupId, UserId};
+
+/// Default socket path.
+pub const DEFAULT_SOCKET: &str = "/run/sandrun/sandrund.sock";
+
+/// Resource figures used for both `[maxima]` and `[defaults]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSet {
+    pub wall_ms: u64,
+    pub memory_bytes: u64,
+    pub cpu_ms: u64,
+    pub pids: u32,
+    pub output_bytes: u64,
+    pub tmpfs_bytes: u64,
+    pub file_count: u32,
+}
+
+impl LimitSet {
+    fn builtin_maxima() -> Self {
+        LimitSet {
+            wall_ms: 3_600_000,
+            memory_bytes: 2 << 30,
+            cpu_ms: 3_600_000,
+            pids: 256,
+            output_bytes: 64 << 20,
+            tmpfs_bytes: 1 << 30,
+            file_count: 100_000,
+        }
+    }
+
+    fn builtin_defaults() -> Self {
+        LimitSet {
+            wall_ms: 300_000,
+            memory_bytes: 512 << 20,
+            cpu_ms: 60_000,
+            pids: 64,
+            output_bytes: 8 << 20,
+            tmpfs_bytes: 256 << 20,
+            file_count: 10_000,
+        }
+    }
+
+    /// Field-by-field minimum.
+    fn min(&self, other: &LimitSet) -> LimitSet {
+        LimitSet {
+            wall_ms: self.wall_ms.min(other.wall_ms),
+            memory_bytes: self.memory_bytes.min(other.memory_bytes),
+            cpu_ms: self.cpu_ms.min(other.cpu_ms),
+            pids: self.pids.min(other.pids),
+            output_bytes: self.output_bytes.min(other.output_bytes),
+            tmpfs_bytes: self.tmpfs_bytes.min(other.tmpfs_bytes),
+            file_count: self.file_count.min(other.file_count),
+        }
+    }
+}
+
+/// The file as written; every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    gateway_user: Option<String>,
+    gateway_group: Option<String>,
+    admin_group: Option<String>,
+    max_concurrent: Option<u32>,
+    slot_uid_base: Option<u32>,
+    slot_count: Option<u32>,
+    mount_point: Option<PathBuf>,
+    template_dir: Option<PathBuf>,
+    maxima: Option<LimitSet>,
+    defaults: Option<LimitSet>,
+    interpreters: Option<BTreeMap<String, PathBuf>>,
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Peers with this uid may submit jobs (root always may). `None`: only root.
+    pub gateway_uid: Option<UserId>,
+    /// Group owning the socket. `None`: root's group.
+    pub socket_gid: Option<GroupId>,
+    /// Members of this group may send admin requests (root always may).
+    pub admin_gid: Option<GroupId>,
+    pub max_concurrent: u32,
+    pub slot_uid_base: u32,
+    pub slot_count: u32,
+    pub mount_point: PathBuf,
+    pub template_dir: PathBuf,
+    pub maxima: LimitSet,
+    /// Already clamped to `maxima`.
+    pub defaults: LimitSet,
+    /// Name → absolute path inside the sandbox.
+    pub interpreters: BTreeMap<String, PathBuf>,
+}
+
+/// A configuration problem: always the operator's to fix.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "configuration error: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+impl Config {
+    /// Loads `path`, which must be a regular file owned by root and not writable by group or
+    /// others. `None` gives the built-in defaults.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let raw = match path {
+            None => RawConfig::default(),
+            Some(p) => {
+                check_trusted_file(p)?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| err(format!("cannot read {}: {e}", p.display())))?;
+                parse_raw(&text)?
+            }
+        };
+        Config::from_raw(raw, &SystemUsers)
+    }
+
+    /// Parses configuration text with a user database (tests pass a fake one).
+    pub fn from_text(text: &str, users: &dyn UserDb) -> Result<Config, ConfigError> {
+        Config::from_raw(parse_raw(text)?, users)
+    }
+
+    fn from_raw(raw: RawConfig, users: &dyn UserDb) -> Result<Config, ConfigError> {
+        let explicit_user = raw.gateway_user.is_some();
+        let user_name = raw.gateway_user.unwrap_or_else(|| "sandrun".to_owned());
+        let gateway = match users.user(&user_name) {
+            Some(u) => Some(u),
+            None if explicit_user => {
+                return Err(err(format!("gateway_user {user_name:?} not found")))
+            }
+            None => None,
+        };
+        let socket_gid = match raw.gateway_group {
+            Some(g) => Some(
+                users
+                    .group(&g)
+                    .ok_or_else(|| err(format!("gateway_group {g:?} not found")))?,
+            ),
+            None => gateway.map(|(_, gid)| gid),
+        };
+        let admin_gid = match raw.admin_group {
+            Some(g) => Some(
+                users
+                    .group(&g)
+                    .ok_or_else(|| err(format!("admin_group {g:?} not found")))?,
+            ),
+            None => users.group("sandrun-admin"),
+        };
+        let maxima = raw.maxima.unwrap_or_else(LimitSet::builtin_maxima);
+        let defaults = raw
+            .defaults
+            .unwrap_or_else(LimitSet::builtin_defaults)
+            .min(&maxima);
+        let max_concurrent = raw.max_concurrent.unwrap_or(8);
+        let slot_count = raw.slot_count.unwrap_or(64);
+        let slot_uid_base = raw.slot_uid_base.unwrap_or(200_000);
+        let interpreters = raw.interpreters.unwrap_or_else(default_interpreters);
+        let cfg = Config {
+            gateway_uid: gateway.map(|(uid, _)| uid),
+            socket_gid,
+            admin_gid,
+            max_concurrent,
+            slot_uid_base,
+            slot_count,
+            mount_point: raw
+                .mount_point
+                .unwrap_or_else(|| "/run/sandrun/root".into()),
+            template_dir: raw
+                .template_dir
+                .unwrap_or_else(|| "/var/lib/sandrun/templates".into()),
+            maxima,
+            defaults,
+            interpreters,
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.max_concurrent == 0 {
+            return Err(err("max_concurrent must be at least 1"));
+        }
+        if self.slot_count < self.max_concurrent {
+            return Err(err("slot_count must be at least max_concurrent"));
+        }
+        if self.slot_uid_base < 1000 || self.slot_uid_base.checked_add(self.slot_count).is_none() {
+            return Err(err(
+                "slot_uid_base must be >= 1000 and the slot range must fit in u32",
+            ));
+        }
+        if self
+            .gateway_uid
+            .is_some_and(|u| self.slot_range_contains(u.0))
+        {
+            return Err(err("the gateway uid lies inside the job slot uid range"));
+        }
+        let m = &self.maxima;
+        if m.wall_ms == 0 || m.memory_bytes < (16 << 20) || m.cpu_ms == 0 || m.pids < 4 {
+            return Err(err(
+                "maxima too small: wall_ms, cpu_ms > 0, memory >= 16 MiB, pids >= 4",
+            ));
+        }
+        if m.tmpfs_bytes < (1 << 20) || m.file_count < 64 || m.output_bytes == 0 {
+            return Err(err(
+                "maxima too small: tmpfs >= 1 MiB, file_count >= 64, output > 0",
+            ));
+        }
+        for (name, path) in &self.interpreters {
+            if name.is_empty() || name.contains('/') || !path.is_absolute() {
+                return Err(err(format!(
+                    "interpreter {name:?} must map a bare name to an absolute path"
+                )));
+            }
+        }
+        if !self.mount_point.is_absolute() || !self.template_dir.is_absolute() {
+            return Err(err("mount_point and template_dir must be absolute"));
+        }
+        Ok(())
+    }
+
+    /// Whether `uid` belongs to a job slot.
+    pub fn slot_range_contains(&self, uid: u32) -> bool {
+        uid >= self.slot_uid_base && uid - self.slot_uid_base < self.slot_count
+    }
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| err(e.to_string()))
+}
+
+fn default_interpreters() -> BTreeMap<String, PathBuf> {
+    [
+        ("python3", "/usr/bin/python3"),
+        ("python", "/usr/bin/python3"),
+        ("node", "/usr/bin/node"),
+        ("bash", "/usr/bin/bash"),
+        ("sh", "/usr/bin/sh"),
+    ]
+    .into_iter()
+    .map(|(n, p)| (n.to_owned(), PathBuf::from(p)))
+    .collect()
+}
+
+/// Refuses a config file that someone other than root could have written.
+fn check_trusted_file(path: &Path) -> Result<(), ConfigError> {
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| err(format!("cannot stat {}: {e}", path.display())))?;
+    if !meta.file_type().is_file() {
+        return Err(err(format!("{} is not a regular file", path.display())));
+    }
+    if meta.uid() != 0 {
+        return Err(err(format!("{} must be owned by root", path.display())));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(err(format!(
+            "{} must not be writable by group or others",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// User and group lookups (the real one reads the system databases through libc).
+pub trait UserDb {
+    /// uid and primary gid of a user name or numeric uid.
+    fn user(&self, name: &str) -> Option<(UserId, GroupId)>;
+    /// gid of a group name or numeric gid.
+    fn group(&self, name: &str) -> Option<GroupId>;
+}
+
+/// The system's user database.
+pub struct SystemUsers;
+
+impl UserDb for SystemUsers {
+    fn user(&self, name: &str) -> Option<(UserId, GroupId)> {
+        if let Ok(uid) = name.parse::<u32>() {
+            let u = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten();
+            return Some((UserId(uid), GroupId(u.map_or(uid, |u| u.gid.as_raw()))));
+        }
+        let u = nix::unistd::User::from_name(name).ok().flatten()?;
+        Some((UserId(u.uid.as_raw()), GroupId(u.gid.as_raw())))
+    }
+
+    fn group(&self, name: &str) -> Option<GroupId> {
+        if let Ok(gid) = name.parse::<u32>() {
+            return Some(GroupId(gid));
+        }
+        let g = nix::unistd::Group::from_name(name).ok().flatten()?;
+        Some(GroupId(g.gid.as_raw()))
+    }
+}
+
+/// Whether `uid` is a member of `gid` (primary or supplementary), per the system databases.
+pub fn user_in_group(uid: u32, gid: GroupId) -> bool {
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return false;
+    };
+    if user.gid.as_raw() == gid.0 {
+        return true;
+    }
+    let Ok(name) = CString::new(user.name.clone()) else {
+        return false;
+    };
+    nix::unistd::getgrouplist(&name, user.gid)
+        .map(|groups| groups.iter().any(|g| g.as_raw() == gid.0))
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeUsers;
+
+    impl UserDb for FakeUsers {
+        fn user(&self, name: &str) -> Option<(UserId, GroupId)> {
+            (name == "sandrun" || name == "gw").then_some((UserId(999), GroupId(998)))
+        }
+        fn group(&self, name: &str) -> Option<GroupId> {
+            match name {
+                "sandrun" => Some(GroupId(998)),
+                "sandrun-admin" => Some(GroupId(997)),
+                _ => None,
+            }
+        }
+    }
+
+    #[test]
+    fn given_no_file_then_builtin_defaults_apply() {
+        let c = Config::from_text("", &FakeUsers).unwrap();
+        assert_eq!(c.gateway_uid, Some(UserId(999)));
+        assert_eq!(c.socket_gid, Some(GroupId(998)));
+        assert_eq!(c.admin_gid, Some(GroupId(997)));
+        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+        assert_eq!(c.interpreters["python3"], PathBuf::from("/usr/bin/python3"));
+    }
+
+    #[test]
+    fn given_unknown_keys_then_the_file_is_refused() {
+        let e = Config::from_text("max_concurent = 3", &FakeUsers).unwrap_err();
+        assert!(e.0.contains("max_concurent"), "{e}");
+        assert!(Config::from_text("[maxima]\nwall_ms = 1\nbogus = 2", &FakeUsers).is_err());
+    }
+
+    #[test]
+    fn given_defaults_above_maxima_then_defaults_are_clamped() {
+        let text = "[maxima]\nwall_ms = 1000\nmemory_bytes = 33554432\ncpu_ms = 500\npids = 8\n\
+                    output_bytes = 100\ntmpfs_bytes = 2097152\nfile_count = 100\n";
+        let c = Config::from_text(text, &FakeUsers).unwrap();
+        assert_eq!(c.defaults.wall_ms, 1000);
+        assert_eq!(c.defaults.memory_bytes, 32 << 20);
+        assert_eq!(c.defaults.pids, 8);
+    }
+
+    #[test]
+    fn given_an_explicit_missing_user_then_it_is_an_error() {
+        assert!(Config::from_text("gateway_user = \"nobody-here\"", &FakeUsers).is_err());
+    }
+
+    #[test]
+    fn given_gateway_uid_inside_slot_range_then_it_is_refused() {
+        let e = Config::from_text("slot_uid_base = 990\nslot_count = 20", &FakeUsers);
+        assert!(e.is_err());
+        let e = Config::from_text(
+            "slot_uid_base = 1000\nslot_count = 8\nmax_concurrent = 9",
+            &FakeUsers,
+        );
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn given_relative_interpreter_path_then_it_is_refused() {
+        assert!(Config::from_text("[interpreters]\npy = \"python3\"", &FakeUsers).is_err());
+    }
+
+    #[test]
+    fn given_a_group_writable_config_file_then_it_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(check_trusted_file(&p).is_err());
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            assert!(check_trusted_file(&p).is_ok());
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Start-up of the `sandrund` binary: check privileges, clean the process, load the
+//! configuration, prepare directories and the socket, compile the seccomp filter, detect cgroups,
+//! and hand over to the event loop.
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+use crate::cgroup;
+use crate::config::{Config, DEFAULT_SOCKET};
+use crate::sandbox::seccomp::SeccompProgram;
+use crate::server::{systemd, Server};
+
+/// Command-line options. Parsed by hand: two flags do not justify a parser in a root process.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    pub socket: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+}
+
+const USAGE: &str = "usage: sandrund [--socket PATH] [--config FILE]";
+
+/// Parses `args` (without the program name).
+pub fn parse_args(args: &[String]) -> Result<Options, String> {
+    let mut opts = Options::default();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .map(PathBuf::from)
+                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--socket" => opts.socket = Some(value("--socket")?),
+            "--config" => opts.config = Some(value("--config")?),
+            "-h" | "--help" => return Err(USAGE.to_owned()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(opts)
+}
+
+/// The helper must run as root with the capabilities its sandbox setup needs.
+pub fn self_check() -> Result<(), String> {
+    use caps::{CapSet, Capability};
+    if !nix::unistd::geteuid().is_root() {
+        return Err("sandrund must run as root (it creates namespaces, cgroups and mounts)".into());
+    }
+    for cap in [
+        Capability::CAP_SYS_ADMIN,
+        Capability::CAP_SETUID,
+        Capability::CAP_SETGID,
+        Capability::CAP_SETPCAP,
+        Capability::CAP_KILL,
+        Capability::CAP_NET_ADMIN,
+        Capability::CAP_CHOWN,
+        Capability::CAP_FOWNER,
+        Capability::CAP_DAC_OVERRIDE,
+    ] {
+        if !caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false) {
+            return Err(format!(
+                "sandrund lacks {cap} in its effective capability set"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Closes every inherited descriptor except stdio and a systemd-passed socket, clears the
+/// environment (keeping only what systemd integration reads), and sets a strict umask.
+pub fn sanitize_process() -> Result<(), String> {
+    let keep_from_systemd = std::env::var("LISTEN_PID").ok()
+        == Some(std::process::id().to_string())
+        && std::env::var("LISTEN_FDS").ok().as_deref() == Some("1");
+    let first_closed: u32 = if keep_from_systemd { 4 } else { 3 };
+    // SAFETY: close_range only closes descriptors; at this point the process is single-threaded
+    // and owns no descriptors above stdio (and the systemd socket, which is kept) that any Rust
+    // object refers to.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32) };
+    if r != 0 {
+        return Err(format!(
+            "close_range failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let keep = [
+        "NOTIFY_SOCKET",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "RUST_LOG",
+    ];
+    for (k, _) in std::env::vars_os() {
+        if !keep.iter().any(|w| k == *w) {
+            std::env::remove_var(k);
+        }
+    }
+    std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    Ok(())
+}
+
+/// Creates the socket directory and binds the socket with mode 0660 and the gateway's group. The
+/// socket is created under umask 0177 so it is never more open than 0600 before the chmod.
+fn bind_socket(path: &Path, cfg: &Config) -> Result<UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket: {e}"))?
+        }
+        Ok(_) => return Err(format!("{} exists and is not a socket", path.display())),
+        Err(_) => {}
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    let gid = cfg.socket_gid.map(|g| nix::unistd::Gid::from_raw(g.0));
+    nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), gid)
+        .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+    Ok(listener)
+}
+
+/// The root-owned, private directory that job mount namespaces mount their tmpfs on.
+fn prepare_mount_point(path: &Path) -> Result<(), String> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", path.display()));
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| e.to_string())
+}
+
+/// The whole start-up, then the loop. Returns the process exit code.
+pub fn main_with_args(args: &[String]) -> i32 {
+    init_logging();
+    match run(args) {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("sandrund: {e}");
+            1
+        }
+    }
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let opts = parse_args(args)?;
+    self_check()?;
+    sanitize_process()?;
+    let cfg = Config::load(opts.config.as_deref()).map_err(|e| e.to_string())?;
+    prepare_mount_point(&cfg.mount_point)?;
+    let cgroups = cgroup::detect().map_err(|e| format!("cgroups: {e}"))?;
+    match cgroups.cleanup_stale() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(count = n, "removed job cgroups left by an earlier helper"),
+        Err(e) => return Err(format!("cannot clean stale job cgroups: {e}")),
+    }
+    let filter = SeccompProgram::compile().map_err(|e| e.to_string())?;
+    let listener = match systemd::take_activated_listener()? {
+        Some(l) => {
+            tracing::info!("using the socket passed by systemd");
+            l
+        }
+        None => {
+            let path = opts.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
+            let l = bind_socket(&path, &cfg)?;
+            tracing::info!(socket = %path.display(), "listening");
+            l
+        }
+    };
+    tracing::info!(
+        max_concurrent = cfg.max_concurrent,
+        gateway_uid = ?cfg.gateway_uid.map(|u| u.0),
+        cgroups = ?cgroups.layout(),
+        "sandrund ready"
+    );
+    let mut server = Server::new(cfg, listener, cgroups, filter).map_err(|e| e.to_string())?;
+    if let Err(e) = systemd::notify("READY=1\nSTATUS=serving") {
+        tracing::warn!("{e}");
+    }
+    server.run().map_err(|e| format!("event loop failed: {e}"))
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(false)
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn given_flags_then_they_are_parsed() {
+        let o = parse_args(&args(&["--socket", "/tmp/s", "--config", "/etc/c.toml"])).unwrap();
+        assert_eq!(o.socket, Some("/tmp/s".into()));
+        assert_eq!(o.config, Some("/etc/c.toml".into()));
+        assert!(parse_args(&args(&["--socket"])).is_err());
+        assert!(parse_args(&args(&["--bogus"])).is_err());
+    }
+}

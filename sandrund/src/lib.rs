@@ -1,0 +1,18 @@
+//! # sandrund: sandrun's root helper
+//!
+//! This crate is the only part of sandrun that runs as root. It accepts typed, bounded requests
+//! (the `sandrun-ipc` protocol) on a Unix socket from the gateway user and the admin group,
+//! validates and clamps them again, and runs each job in a sandbox (namespaces, tmpfs root,
+//! cgroup, rlimits, unprivileged per-slot uid, no capabilities, Landlock, seccomp). It parses no
+//! HTTP, TLS, JSON, multipart or archive data: the gateway does, unprivileged.
+//!
+//! The process is single-threaded: a `poll` loop over the listening socket, client connections,
+//! pidfds, output pipes and one tick timer ([`server`]). That is what makes `fork` safe here.
+//! See `docs/sandrund.md` for the sandbox steps in the order [`sandbox::spawn`] performs them.
+
+pub mod cgroup;
+pub mod config;
+pub mod daemon;
+pub mod ids;
+pub mod sandbox;
+pub mod server;

@@ -1,0 +1,219 @@
+//! The control channel from the sandbox's init process C to the helper: a `SOCK_SEQPACKET`
+//! socketpair carrying fixed-size binary messages (no serde). C sends, in order, the work
+//! directory fd (`WorkDir`, with the fd attached through `SCM_RIGHTS`) and then `Ready`, or a
+//! `Failed` message naming the step at any point. The same `Failed` encoding travels on the
+//! exec-error pipe from the job process J to C.
+//!
+//! Message layout (`MESSAGE_LEN` bytes): kind (u8), step index (u8), errno (i32, little
+//! endian), detail length (u8), detail (UTF-8, at most `DETAIL_MAX` bytes, zero padded).
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use super::sys::fail;
+use super::{SetupError, SetupStep};
+
+/// Size of every message.
+pub(super) const MESSAGE_LEN: usize = 128;
+const HEADER_LEN: usize = 7;
+/// Longest detail a message carries; longer details are cut at a character boundary.
+pub(super) const DETAIL_MAX: usize = MESSAGE_LEN - HEADER_LEN;
+
+const KIND_WORKDIR: u8 = 1;
+const KIND_READY: u8 = 2;
+const KIND_FAILED: u8 = 3;
+
+/// One message from C (or, `Failed` only, from J).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Message {
+    WorkDir,
+    Ready,
+    Failed(SetupError),
+}
+
+/// Encodes a message.
+pub(super) fn encode(msg: &Message) -> [u8; MESSAGE_LEN] {
+    match msg {
+        Message::WorkDir => header(KIND_WORKDIR),
+        Message::Ready => header(KIND_READY),
+        Message::Failed(e) => encode_failure(e.step, e.errno, &e.detail),
+    }
+}
+
+/// Encodes a `Failed` message without allocating (usable after seccomp is installed).
+pub(super) fn encode_failure(step: SetupStep, errno: i32, detail: &str) -> [u8; MESSAGE_LEN] {
+    let mut buf = header(KIND_FAILED);
+    buf[1] = step.index();
+    buf[2..6].copy_from_slice(&errno.to_le_bytes());
+    let detail = truncate(detail, DETAIL_MAX);
+    let len = detail.len();
+    // DETAIL_MAX < 256, so the length fits in the u8 field.
+    buf[6] = u8::try_from(len).unwrap_or(u8::MAX);
+    buf[HEADER_LEN..HEADER_LEN + len].copy_from_slice(detail.as_bytes());
+    buf
+}
+
+/// Decodes a message; anything malformed is a `Protocol` error.
+pub(super) fn decode(buf: &[u8]) -> Result<Message, SetupError> {
+    if buf.len() != MESSAGE_LEN {
+        return Err(protocol(libc::EPROTO, "control message of the wrong size"));
+    }
+    match buf[0] {
+        KIND_WORKDIR => Ok(Message::WorkDir),
+        KIND_READY => Ok(Message::Ready),
+        KIND_FAILED => decode_failure(buf),
+        _ => Err(protocol(libc::EPROTO, "unknown control message kind")),
+    }
+}
+
+fn decode_failure(buf: &[u8]) -> Result<Message, SetupError> {
+    let step = SetupStep::from_index(buf[1])
+        .ok_or_else(|| protocol(libc::EPROTO, "unknown setup step index"))?;
+    let mut errno = [0u8; 4];
+    errno.copy_from_slice(&buf[2..6]);
+    let len = usize::from(buf[6]);
+    if len > DETAIL_MAX {
+        return Err(protocol(libc::EPROTO, "control message detail too long"));
+    }
+    let detail = String::from_utf8_lossy(&buf[HEADER_LEN..HEADER_LEN + len]).into_owned();
+    Ok(Message::Failed(fail(
+        step,
+        i32::from_le_bytes(errno),
+        detail,
+    )))
+}
+
+fn header(kind: u8) -> [u8; MESSAGE_LEN] {
+    let mut buf = [0u8; MESSAGE_LEN];
+    buf[0] = kind;
+    buf
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn protocol(errno: i32, detail: &str) -> SetupError {
+    fail(SetupStep::Protocol, errno, detail)
+}
+
+/// C's side: sends the work directory fd.
+pub(super) fn send_workdir(sock: RawFd, workdir: RawFd) -> Result<(), i32> {
+    send(sock, &Message::WorkDir, Some(workdir))
+}
+
+/// C's side: tells the helper that J has `execve`d.
+pub(super) fn send_ready(sock: RawFd) -> Result<(), i32> {
+    send(sock, &Message::Ready, None)
+}
+
+/// C's side: reports the failed step.
+pub(super) fn send_failure(sock: RawFd, err: &SetupError) -> Result<(), i32> {
+    send(sock, &Message::Failed(err.clone()), None)
+}
+
+fn send(sock: RawFd, msg: &Message, fd: Option<RawFd>) -> Result<(), i32> {
+    let buf = encode(msg);
+    let iov = [IoSlice::new(&buf)];
+    let fds: Vec<RawFd> = fd.into_iter().collect();
+    let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
+    loop {
+        match sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e as i32),
+        }
+    }
+}
+
+/// The helper's side: waits for the work directory fd and then `Ready`, or the failure C
+/// reports, until `deadline`. C exiting without a word is a `Protocol` error.
+pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedFd, SetupError> {
+    let mut workdir = None;
+    loop {
+        let (msg, fd) = recv(sock, deadline)?;
+        match (msg, fd, workdir.is_some()) {
+            (Message::Failed(e), _, _) => return Err(e),
+            (Message::WorkDir, Some(fd), false) => workdir = Some(fd),
+            (Message::Ready, None, true) => {
+                return workdir.ok_or_else(|| protocol(libc::EPROTO, "ready before work dir"));
+            }
+            _ => return Err(protocol(libc::EPROTO, "unexpected control message")),
+        }
+    }
+}
+
+fn recv(sock: &OwnedFd, deadline: Instant) -> Result<(Message, Option<OwnedFd>), SetupError> {
+    wait_readable(sock, deadline)?;
+    let mut buf = [0u8; MESSAGE_LEN + 1];
+    let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+    let (bytes, fds, truncated) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let r = loop {
+            match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
+                Err(Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        let r = r.map_err(|e| protocol(e as i32, "recvmsg on the control channel"))?;
+        let mut fds = Vec::new();
+        let cmsgs = r
+            .cmsgs()
+            .map_err(|e| protocol(e as i32, "control message fds"))?;
+        for c in cmsgs {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel installed this fd in our table for this message;
+                    // nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        let truncated = r
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+        (r.bytes, fds, truncated)
+    };
+    if bytes == 0 {
+        return Err(protocol(0, "sandbox init exited during setup"));
+    }
+    if truncated || fds.len() > 1 {
+        return Err(protocol(libc::EPROTO, "oversized control message"));
+    }
+    let msg = decode(&buf[..bytes])?;
+    Ok((msg, fds.into_iter().next()))
+}
+
+fn wait_readable(sock: &OwnedFd, deadline: Instant) -> Result<(), SetupError> {
+    use std::os::fd::AsFd;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(protocol(libc::ETIMEDOUT, "sandbox setup timed out"));
+        }
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(protocol(e as i32, "poll on the control channel")),
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The two processes inside the sandbox: C, the init of the job's pid namespace, which sets
+//! everything up and then reaps, and J, the job, which finishes its own setup and `execve`s.
+//! Neither ever returns: both leave through `_exit`.
+
+use std::convert::Infallible;
+use std::ffi::{c_char, CString};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{fchdir, pipe2, sethostname, setsid};
+use sandrun_ipc::GrantedLimits;
+
+use super::landlock::{restrict_self, LandlockRules};
+use super::mounts::{self, RootLayout, DEVICES};
+use super::seccomp::SeccompProgram;
+use super::sys::{self, at, exit_now, fail};
+use super::{bundle, channel, etc, identity, net};
+use super::{JobPlan, SandboxSettings, SetupError, SetupStep};
+
+/// Exit code of C or J when it panicked (a bug).
+const EXIT_PANIC: i32 = 101;
+/// Exit code of C after reporting a failed step.
+const EXIT_SETUP_FAILED: i32 = 1;
+/// Exit code of J after reporting a failed step (the shell's "cannot execute").
+const EXIT_EXEC_FAILED: i32 = 127;
+const STACK_BYTES: u64 = 8 << 20;
+const MAX_OPEN_FILES: u64 = 1024;
+
+/// C's ends of the channels, as numbers in the helper's fd table at the time of the clone.
+pub(super) struct InitFds {
+    pub(super) ctrl: RawFd,
+    pub(super) stdout: RawFd,
+    pub(super) stderr: RawFd,
+    pub(super) status: RawFd,
+    pub(super) cgroup: Vec<RawFd>,
+}
+
+/// C's private copies of its ends except the control socket (every other fd is closed).
+struct Owned {
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    status: OwnedFd,
+    cgroup: Vec<OwnedFd>,
+}
+
+/// C's entry point, right after the clone. Reports the first failed step to the helper.
+pub(super) fn run_init(
+    settings: &SandboxSettings,
+    plan: &JobPlan<'_>,
+    filter: &SeccompProgram,
+    fds: InitFds,
+) -> ! {
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let (ctrl, owned) = match take_fds(&fds) {
+            Ok(taken) => taken,
+            Err(err) => {
+                let _ = channel::send_failure(fds.ctrl, &err);
+                return;
+            }
+        };
+        let err = match init(settings, plan, filter, &ctrl, owned) {
+            Ok(never) => match never {},
+            Err(err) => err,
+        };
+        let _ = channel::send_failure(ctrl.as_raw_fd(), &err);
+    }));
+    match outcome {
+        Ok(()) => exit_now(EXIT_SETUP_FAILED),
+        Err(_) => exit_now(EXIT_PANIC),
+    }
+}
+
+/// Copies C's ends above 2 and closes everything else inherited from the helper (its other
+/// clients, other jobs' pipes and work dirs).
+fn take_fds(fds: &InitFds) -> Result<(OwnedFd, Owned), SetupError> {
+    let err = |e| fail(SetupStep::CloseFds, e, "init fds");
+    let ctrl = sys::relocate(fds.ctrl).map_err(err)?;
+    let owned = Owned {
+        stdout: sys::relocate(fds.stdout).map_err(err)?,
+        stderr: sys::relocate(fds.stderr).map_err(err)?,
+        status: sys::relocate(fds.status).map_err(err)?,
+        cgroup: fds
+            .cgroup
+            .iter()
+            .map(|&fd| sys::relocate(fd))
+            .collect::<Result<_, _>>()
+            .map_err(err)?,
+    };
+    let mut keep = vec![
+        ctrl.as_raw_fd(),
+        owned.stdout.as_raw_fd(),
+        owned.stderr.as_raw_fd(),
+        owned.status.as_raw_fd(),
+    ];
+    keep.extend(owned.cgroup.iter().map(AsRawFd::as_raw_fd));
+    sys::close_all_except(&keep).map_err(err)?;
+    Ok((ctrl, owned))
+}
+
+/// Every step of C, in order (the list in `docs/sandrund.md`). Only returns on failure.
+fn init(
+    settings: &SandboxSettings,
+    plan: &JobPlan<'_>,
+    filter: &SeccompProgram,
+    ctrl: &OwnedFd,
+    fds: Owned,
+) -> Result<Infallible, SetupError> {
+    umask(Mode::empty());
+    sys::reset_signals().map_err(|e| fail(SetupStep::Signals, e, "init"))?;
+    join_cgroup(fds.cgroup)?;
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
+    let layout = mounts::build_root(&settings.mount_point, plan)?;
+    sethostname(etc::HOSTNAME).map_err(at(SetupStep::Hostname, etc::HOSTNAME))?;
+    net::loopback_up()?;
+    let work = open_work()?;
+    channel::send_workdir(ctrl.as_raw_fd(), work.as_raw_fd())
+        .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
+    identity::drop_privileges(plan.uid, plan.gid)?;
+    apply_landlock(&layout)?;
+    bundle::write_bundle(work.as_raw_fd(), plan.bundle, plan.bundle_data)?;
+    let dir = bundle::open_workdir(work.as_raw_fd(), &plan.workdir)?;
+    fchdir(dir.as_raw_fd()).map_err(at(SetupStep::WorkDir, "fchdir"))?;
+    drop((dir, work));
+    let job = start_job(plan, filter, fds.stdout, fds.stderr)?;
+    if channel::send_ready(ctrl.as_raw_fd()).is_err() {
+        // The helper is gone: exiting kills J with the whole pid namespace.
+        exit_now(EXIT_SETUP_FAILED);
+    }
+    supervise(job, fds.status)
+}
+
+/// Writes "0" (this process) to each of the job cgroup's `cgroup.procs`.
+fn join_cgroup(fds: Vec<OwnedFd>) -> Result<(), SetupError> {
+    for fd in fds {
+        sys::write_all(fd.as_raw_fd(), b"0")
+            .map_err(|e| fail(SetupStep::JoinCgroup, e, "cgroup.procs"))?;
+    }
+    Ok(())
+}
+
+fn open_work() -> Result<OwnedFd, SetupError> {
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let raw = nix::fcntl::open("/work", flags, Mode::empty())
+        .map_err(at(SetupStep::MakeWorkDirs, "/work"))?;
+    // SAFETY: open just returned this fd; nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
+}
+
+fn apply_landlock(layout: &RootLayout) -> Result<(), SetupError> {
+    let mut read_exec: Vec<PathBuf> = ["/usr", "/etc", "/proc"].map(PathBuf::from).into();
+    read_exec.extend(layout.bound_dirs.iter().map(|d| Path::new("/").join(d)));
+    if layout.has_env {
+        read_exec.push(PathBuf::from("/env"));
+    }
+    let devices: Vec<PathBuf> = DEVICES.iter().map(|d| Path::new("/dev").join(d)).collect();
+    let read_exec: Vec<&Path> = read_exec.iter().map(PathBuf::as_path).collect();
+    let devices: Vec<&Path> = devices.iter().map(PathBuf::as_path).collect();
+    let read_write = [Path::new("/work"), Path::new("/tmp"), Path::new("/dev/shm")];
+    let rules = LandlockRules {
+        read_exec: &read_exec,
+        read_write: &read_write,
+        devices: &devices,
+    };
+    restrict_self(&rules).map_err(|msg| fail(SetupStep::Landlock, 0, msg))
+}
+
+/// What J needs for `execve`, prepared by C so that J allocates nothing after seccomp.
+struct Exec<'a> {
+    argv: Vec<*const c_char>,
+    env: Vec<*const c_char>,
+    filter: &'a SeccompProgram,
+    limits: &'a GrantedLimits,
+}
+
+fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
+    let mut ptrs: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    ptrs
+}
+
+/// Forks J and waits until it has `execve`d (the exec-error pipe reaches end of file) or
+/// reported its failed step.
+fn start_job(
+    plan: &JobPlan<'_>,
+    filter: &SeccompProgram,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<libc::pid_t, SetupError> {
+    let step = SetupStep::ForkJob;
+    let (report_r, low_report_w) = pipe2(OFlag::O_CLOEXEC).map_err(at(step, "exec-error pipe"))?;
+    // C closed 0-2, so the pipe may sit there; J's dup2 onto 0-2 must not clobber it.
+    let report_w =
+        sys::relocate(low_report_w.as_raw_fd()).map_err(|e| fail(step, e, "exec-error pipe"))?;
+    drop(low_report_w);
+    let exec = Exec {
+        argv: null_terminated(&plan.argv),
+        env: null_terminated(&plan.env),
+        filter,
+        limits: plan.limits,
+    };
+    // SAFETY: C is a fresh single-threaded process, so forking it is safe; J only runs
+    // `run_job`, which never returns.
+    let pid = unsafe { sys::fork_raw(0) }.map_err(|e| fail(step, e, "fork"))?;
+    if pid == 0 {
+        run_job(
+            &exec,
+            stdout.as_raw_fd(),
+            stderr.as_raw_fd(),
+            report_w.as_raw_fd(),
+        );
+    }
+    drop((report_w, stdout, stderr));
+    wait_for_exec(&report_r, pid)
+}
+
+fn wait_for_exec(report: &OwnedFd, job: libc::pid_t) -> Result<libc::pid_t, SetupError> {
+    let mut buf = [0u8; channel::MESSAGE_LEN];
+    let read = sys::read_full(report.as_raw_fd(), &mut buf)
+        .map_err(|e| fail(SetupStep::Protocol, e, "exec-error pipe"))?;
+    if read == 0 {
+        return Ok(job);
+    }
+    let err = match channel::decode(&buf[..read]) {
+        Ok(channel::Message::Failed(err)) => err,
+        Ok(_) => fail(SetupStep::Protocol, libc::EPROTO, "exec-error pipe"),
+        Err(err) => err,
+    };
+    Err(err)
+}
+
+/// C after J's `execve`: reap every process of the namespace; J's wait status goes to the
+/// helper, then C exits, which makes the kernel kill whatever is left in the namespace.
+fn supervise(job: libc::pid_t, status: OwnedFd) -> ! {
+    loop {
+        let mut wstatus: libc::c_int = 0;
+        // SAFETY: wstatus is a valid, writable c_int.
+        let pid = unsafe { libc::waitpid(-1, &mut wstatus, 0) };
+        if pid == job {
+            let _ = sys::write_all(status.as_raw_fd(), &wstatus.to_ne_bytes());
+            exit_now(0);
+        }
+        if pid < 0 && sys::errno() != libc::EINTR {
+            exit_now(EXIT_SETUP_FAILED);
+        }
+    }
+}
+
+/// J's entry point: finish the job's own setup and `execve`; report any failure to C.
+fn run_job(exec: &Exec<'_>, stdout: RawFd, stderr: RawFd, report: RawFd) -> ! {
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        match job_steps(exec, stdout, stderr, report) {
+            Ok(never) => match never {},
+            Err(failure) => failure,
+        }
+    }));
+    match outcome {
+        Ok((step, errno, detail)) => {
+            let msg = channel::encode_failure(step, errno, detail);
+            let _ = sys::write_all(report, &msg);
+            exit_now(EXIT_EXEC_FAILED)
+        }
+        Err(_) => exit_now(EXIT_PANIC),
+    }
+}
+
+type JobFailure = (SetupStep, i32, &'static str);
+
+fn job_steps(
+    exec: &Exec<'_>,
+    stdout: RawFd,
+    stderr: RawFd,
+    report: RawFd,
+) -> Result<Infallible, JobFailure> {
+    sys::reset_signals().map_err(|e| (SetupStep::Signals, e, "job"))?;
+    stdio(stdout, stderr)?;
+    rlimits(exec.limits)?;
+    setsid().map_err(|e| (SetupStep::Setsid, e as i32, ""))?;
+    umask(Mode::from_bits_truncate(0o022));
+    sys::close_all_except(&[0, 1, 2, report]).map_err(|e| (SetupStep::CloseFds, e, "job"))?;
+    exec.filter
+        .install()
+        .map_err(|e| (SetupStep::Seccomp, e, ""))?;
+    // SAFETY: argv and env are null-terminated arrays of pointers to NUL-terminated strings
+    // that live in this process's memory (the plan C was forked with) until execve.
+    unsafe { libc::execve(exec.argv[0], exec.argv.as_ptr(), exec.env.as_ptr()) };
+    Err((SetupStep::Exec, sys::errno(), "execve"))
+}
+
+/// stdin is `/dev/null` inside the sandbox; stdout and stderr are the helper's pipes.
+fn stdio(stdout: RawFd, stderr: RawFd) -> Result<(), JobFailure> {
+    let step = SetupStep::Stdio;
+    let null = nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty())
+        .map_err(|e| (step, e as i32, "/dev/null"))?;
+    for (from, to) in [(null, 0), (stdout, 1), (stderr, 2)] {
+        nix::unistd::dup2(from, to).map_err(|e| (step, e as i32, "dup2"))?;
+    }
+    Ok(())
+}
+
+fn rlimits(limits: &GrantedLimits) -> Result<(), JobFailure> {
+    let cpu_seconds = limits.cpu_ms.div_ceil(1000).saturating_add(1);
+    let wanted = [
+        (Resource::RLIMIT_NOFILE, MAX_OPEN_FILES),
+        (Resource::RLIMIT_FSIZE, limits.tmpfs_bytes),
+        (Resource::RLIMIT_CORE, 0),
+        (Resource::RLIMIT_STACK, STACK_BYTES),
+        (Resource::RLIMIT_CPU, cpu_seconds),
+    ];
+    for (resource, value) in wanted {
+        let err = |e: nix::errno::Errno| (SetupStep::Rlimits, e as i32, "setrlimit");
+        let (_, hard) = getrlimit(resource).map_err(err)?;
+        // Lowering needs no privilege; never try to raise a hard limit.
+        let value = value.min(hard);
+        setrlimit(resource, value, value).map_err(err)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,361 @@
+//! One sandbox per job. [`spawn`] forks a child into fresh namespaces and sets it up step by step
+//! (the list in `docs/sandrund.md`); every step that fails becomes a [`SetupError`] naming the
+//! step, and the job does not run.
+//!
+//! Process model:
+//! - the helper `clone`s child **C** with new pid, mount, ipc, uts and net namespaces; C is pid 1
+//!   of the job's pid namespace and acts as its init;
+//! - C joins the job's cgroup (through the fds the helper opened), unshares the cgroup namespace,
+//!   builds the tmpfs root and `pivot_root`s into it, drops to the slot's uid/gid, drops every
+//!   capability, sets `NO_NEW_PRIVS`, applies Landlock, writes the input bundle into `/work` as the
+//!   job's uid, then forks the job process **J**;
+//! - J sets up stdio, rlimits, `setsid`, closes every other fd, installs the seccomp filter that
+//!   the helper compiled once at start-up, and `execve`s the program;
+//! - C reaps every process of the namespace and, when J exits, writes J's wait status to the
+//!   status pipe and exits (which kills whatever is left in the pid namespace).
+
+mod bundle;
+mod channel;
+mod child;
+mod etc;
+mod identity;
+pub mod landlock;
+mod mounts;
+mod net;
+pub mod seccomp;
+mod sys;
+#[cfg(test)]
+mod tests;
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::pipe2;
+
+use sandrun_ipc::{BundleEntry, GrantedLimits};
+
+use crate::ids::{GroupId, ProcessId, UserId};
+
+/// Host-wide settings for every sandbox, from the helper's configuration.
+#[derive(Debug, Clone)]
+pub struct SandboxSettings {
+    /// An empty root-owned directory (mode 0700) that each job's private mount namespace mounts
+    /// its tmpfs root on. Default `/run/sandrun/root`.
+    pub mount_point: PathBuf,
+    /// Directory holding read-only environment templates (`<dir>/<name>`), bound at `/env`.
+    pub template_dir: PathBuf,
+}
+
+/// Everything one job needs. All of it was validated and clamped by the server.
+pub struct JobPlan<'a> {
+    /// Absolute path of the program inside the sandbox, then its arguments.
+    pub argv: Vec<CString>,
+    /// Complete environment (`KEY=VALUE`); nothing is inherited from the helper.
+    pub env: Vec<CString>,
+    /// Working directory relative to `/work` (empty: `/work`).
+    pub workdir: String,
+    pub uid: UserId,
+    pub gid: GroupId,
+    pub limits: &'a GrantedLimits,
+    /// Bundle entries in order, and the concatenated contents of their files.
+    pub bundle: &'a [BundleEntry],
+    pub bundle_data: &'a [u8],
+    /// Host path of the template directory to bind read-only at `/env`, if any.
+    pub template: Option<PathBuf>,
+    /// The job cgroup's `cgroup.procs` files, opened for writing.
+    pub cgroup_join: Vec<BorrowedFd<'a>>,
+}
+
+/// A running sandbox, as the helper supervises it.
+#[derive(Debug)]
+pub struct Spawned {
+    /// C, pid 1 of the job's pid namespace, as seen from the helper.
+    pub pid: ProcessId,
+    /// pidfd of C; readable when C has exited. The helper must reap C (`waitid(P_PIDFD)`).
+    pub pidfd: OwnedFd,
+    /// Read ends of J's stdout and stderr, non-blocking and close-on-exec.
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    /// Read end of the status pipe (blocking, close-on-exec): C writes J's raw wait status
+    /// (4 bytes, native endian) there just before it exits; end of file without 4 bytes means
+    /// C died without reporting (it was killed).
+    pub status: OwnedFd,
+    /// `O_PATH|O_DIRECTORY` fd of `/work` on the job's tmpfs. Holding it keeps the tmpfs alive
+    /// after the job's mount namespace is gone, so outputs can be collected; dropping it frees
+    /// the tmpfs.
+    pub workdir: OwnedFd,
+    /// Time from the start of `spawn` to J's successful `execve`.
+    pub spawn_time: Duration,
+}
+
+/// The sandbox setup steps, in order. Each failure names one.
+///
+/// `CloseFds` and `Signals` happen twice: first in C (detail `init`), then in J (`job`).
+/// `Protocol` is a broken or timed-out conversation between the helper and C.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+#[repr(u8)]
+pub enum SetupStep {
+    Clone,
+    JoinCgroup,
+    UnshareCgroupNs,
+    MakeRootPrivate,
+    MountTmpfsRoot,
+    BindSystemDirs,
+    WriteEtc,
+    MountProc,
+    MakeDev,
+    BindTemplate,
+    MakeWorkDirs,
+    PivotRoot,
+    Hostname,
+    LoopbackUp,
+    DropGroups,
+    SetGid,
+    SetUid,
+    DropCapabilities,
+    NoNewPrivs,
+    Landlock,
+    WriteBundle,
+    ForkJob,
+    Stdio,
+    Rlimits,
+    Setsid,
+    CloseFds,
+    Seccomp,
+    Exec,
+    Protocol,
+    /// Changing into `/work/<workdir>`.
+    WorkDir,
+    /// Resetting signal dispositions and the signal mask inherited from the helper.
+    Signals,
+}
+
+impl SetupStep {
+    /// Every step, indexed by its `repr(u8)` value (the wire encoding of the control channel).
+    const ALL: [SetupStep; 31] = [
+        SetupStep::Clone,
+        SetupStep::JoinCgroup,
+        SetupStep::UnshareCgroupNs,
+        SetupStep::MakeRootPrivate,
+        SetupStep::MountTmpfsRoot,
+        SetupStep::BindSystemDirs,
+        SetupStep::WriteEtc,
+        SetupStep::MountProc,
+        SetupStep::MakeDev,
+        SetupStep::BindTemplate,
+        SetupStep::MakeWorkDirs,
+        SetupStep::PivotRoot,
+        SetupStep::Hostname,
+        SetupStep::LoopbackUp,
+        SetupStep::DropGroups,
+        SetupStep::SetGid,
+        SetupStep::SetUid,
+        SetupStep::DropCapabilities,
+        SetupStep::NoNewPrivs,
+        SetupStep::Landlock,
+        SetupStep::WriteBundle,
+        SetupStep::ForkJob,
+        SetupStep::Stdio,
+        SetupStep::Rlimits,
+        SetupStep::Setsid,
+        SetupStep::CloseFds,
+        SetupStep::Seccomp,
+        SetupStep::Exec,
+        SetupStep::Protocol,
+        SetupStep::WorkDir,
+        SetupStep::Signals,
+    ];
+
+    fn index(self) -> u8 {
+        self as u8
+    }
+
+    fn from_index(index: u8) -> Option<SetupStep> {
+        Self::ALL.get(usize::from(index)).copied()
+    }
+}
+
+/// The failure of one setup step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetupError {
+    pub step: SetupStep,
+    /// errno, when the step failed in a syscall.
+    pub errno: i32,
+    /// Extra detail: the path or value concerned. Never job contents.
+    pub detail: String,
+}
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sandbox setup step {:?} failed", self.step)?;
+        if !self.detail.is_empty() {
+            write!(f, " ({})", self.detail)?;
+        }
+        if self.errno != 0 {
+            write!(f, ": {}", std::io::Error::from_raw_os_error(self.errno))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+/// How long C may take to set up and start the job before the helper gives up and kills it.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The namespaces C is cloned into (the cgroup namespace comes later, after C joined its
+/// cgroup).
+const NAMESPACES: libc::c_int = libc::CLONE_NEWPID
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWNET;
+
+/// Runs every setup step and starts the job. Returns once J has `execve`d, or the first failure
+/// (after killing and reaping C, so nothing of the job is left).
+///
+/// Must be called from a single-threaded process (C is created with a raw `clone`), and the
+/// calling thread must outlive the job: C gets `SIGKILL` when the thread that created it exits
+/// (`PR_SET_PDEATHSIG`), so a dead helper leaves nothing running. The helper must not ignore
+/// `SIGCHLD`, so it can reap C (`waitid(P_PIDFD)` or `waitpid`).
+pub fn spawn(
+    settings: &SandboxSettings,
+    plan: &JobPlan<'_>,
+    filter: &seccomp::SeccompProgram,
+) -> Result<Spawned, SetupError> {
+    let started = Instant::now();
+    check_plan(plan)?;
+    let ends = Ends::create()?;
+    let fds = child::InitFds {
+        ctrl: ends.ctrl_child.as_raw_fd(),
+        stdout: ends.stdout_w.as_raw_fd(),
+        stderr: ends.stderr_w.as_raw_fd(),
+        status: ends.status_w.as_raw_fd(),
+        cgroup: plan.cgroup_join.iter().map(AsRawFd::as_raw_fd).collect(),
+    };
+    // SAFETY: spawn's documented precondition is a single-threaded caller (the helper's design);
+    // C only runs `run_init`, which never returns.
+    let pid = unsafe { sys::fork_raw(NAMESPACES) }
+        .map_err(|e| sys::fail(SetupStep::Clone, e, "clone"))?;
+    if pid == 0 {
+        child::run_init(settings, plan, filter, fds);
+    }
+    let guard = InitGuard(pid);
+    let (ctrl, stdout, stderr, status) = ends.into_parent_ends();
+    let pidfd = sys::pidfd_open(pid).map_err(|e| sys::fail(SetupStep::Clone, e, "pidfd_open"))?;
+    let workdir = channel::wait_for_ready(&ctrl, started + SETUP_TIMEOUT)?;
+    guard.release();
+    Ok(Spawned {
+        pid: ProcessId(pid),
+        pidfd,
+        stdout,
+        stderr,
+        status,
+        workdir,
+        spawn_time: started.elapsed(),
+    })
+}
+
+/// Refuses plans no sandbox may run, before anything is created.
+fn check_plan(plan: &JobPlan<'_>) -> Result<(), SetupError> {
+    if plan.uid.0 == 0 {
+        return Err(sys::fail(SetupStep::SetUid, libc::EINVAL, "job uid 0"));
+    }
+    if plan.gid.0 == 0 {
+        return Err(sys::fail(SetupStep::SetGid, libc::EINVAL, "job gid 0"));
+    }
+    match plan.argv.first() {
+        Some(program) if program.as_bytes().starts_with(b"/") => Ok(()),
+        Some(_) => Err(sys::fail(
+            SetupStep::Exec,
+            libc::EINVAL,
+            "argv[0] is not absolute",
+        )),
+        None => Err(sys::fail(SetupStep::Exec, libc::EINVAL, "empty argv")),
+    }
+}
+
+/// Both ends of the control socketpair and of the three pipes.
+struct Ends {
+    ctrl_parent: OwnedFd,
+    ctrl_child: OwnedFd,
+    stdout_r: OwnedFd,
+    stdout_w: OwnedFd,
+    stderr_r: OwnedFd,
+    stderr_w: OwnedFd,
+    status_r: OwnedFd,
+    status_w: OwnedFd,
+}
+
+impl Ends {
+    fn create() -> Result<Ends, SetupError> {
+        let step = SetupStep::Clone;
+        let (ctrl_parent, ctrl_child) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(sys::at(step, "socketpair"))?;
+        let (stdout_r, stdout_w) = output_pipe()?;
+        let (stderr_r, stderr_w) = output_pipe()?;
+        let (status_r, status_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys::at(step, "status pipe"))?;
+        Ok(Ends {
+            ctrl_parent,
+            ctrl_child,
+            stdout_r,
+            stdout_w,
+            stderr_r,
+            stderr_w,
+            status_r,
+            status_w,
+        })
+    }
+
+    /// Closes C's ends in the helper and returns the helper's: control, stdout, stderr, status.
+    fn into_parent_ends(self) -> (OwnedFd, OwnedFd, OwnedFd, OwnedFd) {
+        (
+            self.ctrl_parent,
+            self.stdout_r,
+            self.stderr_r,
+            self.status_r,
+        )
+    }
+}
+
+/// A pipe whose read end (the helper's) is non-blocking; both ends close-on-exec.
+fn output_pipe() -> Result<(OwnedFd, OwnedFd), SetupError> {
+    let step = SetupStep::Clone;
+    let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys::at(step, "output pipe"))?;
+    let flags = OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
+        .map_err(sys::at(step, "output pipe O_NONBLOCK"))?;
+    Ok((r, w))
+}
+
+/// Kills and reaps C unless released: a failed spawn leaves no process behind (C is pid 1 of
+/// the job's namespace, so its death takes every other process of the job with it).
+struct InitGuard(libc::pid_t);
+
+impl InitGuard {
+    fn release(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for InitGuard {
+    fn drop(&mut self) {
+        // SAFETY: kill and waitpid take plain integers and a valid out-pointer; the pid is our
+        // own unreaped child, so it cannot have been reused.
+        unsafe {
+            libc::kill(self.0, libc::SIGKILL);
+            let mut status = 0;
+            while libc::waitpid(self.0, &mut status, 0) < 0 && sys::errno() == libc::EINTR {}
+        }
+    }
+}

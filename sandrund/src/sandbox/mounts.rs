@@ -1,0 +1,303 @@
+//! The job's root file system, built by C inside its private mount namespace: a size-capped
+//! tmpfs with read-only system binds, a generated `/etc`, a fresh `/proc`, a minimal `/dev`,
+//! `/tmp`, `/work` and the optional template at `/env`; then `pivot_root` into it.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{lchown, symlink, OpenOptionsExt};
+use std::path::Path;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+use nix::unistd::{chdir, mkdir, pivot_root};
+use sandrun_ipc::GrantedLimits;
+
+use super::sys::{at, fail};
+use super::{etc, JobPlan, SetupError, SetupStep};
+use crate::ids::{GroupId, UserId};
+
+/// Host directories that are recreated as the same symlink, or bound read-only, when present.
+pub(super) const SYSTEM_DIRS: [&str; 6] = ["bin", "sbin", "lib", "lib64", "lib32", "libx32"];
+
+/// Devices bound from the host's `/dev`.
+pub(super) const DEVICES: [&str; 5] = ["null", "zero", "full", "random", "urandom"];
+
+/// Inodes the skeleton itself uses (directories, `/etc` files, mount points), added to the
+/// job's `file_count` so the job gets its whole allowance.
+pub(super) const SKELETON_INODES: u64 = 64;
+
+const NONE: Option<&str> = None;
+
+/// What the root contains besides the fixed layout, for the Landlock rules.
+#[derive(Debug, Default)]
+pub(super) struct RootLayout {
+    /// `SYSTEM_DIRS` entries that were bound as directories (not symlinks).
+    pub(super) bound_dirs: Vec<&'static str>,
+    /// Whether a template is bound at `/env`.
+    pub(super) has_env: bool,
+}
+
+/// How a host path was mirrored into the new root.
+#[derive(Debug, PartialEq, Eq)]
+enum Mirrored {
+    Absent,
+    Symlink,
+    Dir,
+    File,
+}
+
+/// Builds the root on `root` and pivots into it. The caller's umask must be 0.
+pub(super) fn build_root(root: &Path, plan: &JobPlan<'_>) -> Result<RootLayout, SetupError> {
+    // 1. Nothing we mount may propagate back to the host.
+    make_root_private()?;
+    // 2. The size- and inode-capped tmpfs that becomes `/`.
+    mount_tmpfs_root(root, plan.limits)?;
+    // 3. `/usr` and the `/bin`, `/sbin`, `/lib*` links or directories, read-only.
+    let bound_dirs = bind_system_dirs(root)?;
+    // 4. A minimal `/etc`.
+    write_etc(root, plan.uid, plan.gid)?;
+    // 5. A fresh `/proc` for the job's pid namespace.
+    mount_proc(root)?;
+    // 6. A minimal `/dev`.
+    make_dev(root)?;
+    // 7. The environment template at `/env`.
+    let has_env = bind_template(root, plan.template.as_deref())?;
+    // 8. `/tmp` and `/work`.
+    make_work_dirs(root, plan.uid, plan.gid)?;
+    // 9. Switch to the new root and detach the host's.
+    pivot_into(root)?;
+    Ok(RootLayout {
+        bound_dirs,
+        has_env,
+    })
+}
+
+fn make_root_private() -> Result<(), SetupError> {
+    let flags = MsFlags::MS_REC | MsFlags::MS_PRIVATE;
+    mount(NONE, "/", NONE, flags, NONE).map_err(at(SetupStep::MakeRootPrivate, "/"))
+}
+
+/// `size=` and `nr_inodes=` of 0 would mean "unlimited" to tmpfs: refuse them.
+pub(super) fn tmpfs_options(limits: &GrantedLimits) -> Result<String, SetupError> {
+    if limits.tmpfs_bytes == 0 {
+        return Err(fail(
+            SetupStep::MountTmpfsRoot,
+            libc::EINVAL,
+            "tmpfs size 0 would be unlimited",
+        ));
+    }
+    let inodes = u64::from(limits.file_count) + SKELETON_INODES;
+    Ok(format!(
+        "size={},nr_inodes={inodes},mode=0755",
+        limits.tmpfs_bytes
+    ))
+}
+
+fn mount_tmpfs_root(root: &Path, limits: &GrantedLimits) -> Result<(), SetupError> {
+    let step = SetupStep::MountTmpfsRoot;
+    let options = tmpfs_options(limits)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let detail = root.display().to_string();
+    mount(
+        Some("sandrun"),
+        root,
+        Some("tmpfs"),
+        flags,
+        Some(options.as_str()),
+    )
+    .map_err(at(step, &detail))
+}
+
+fn bind_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
+    let step = SetupStep::BindSystemDirs;
+    if mirror(Path::new("/usr"), &root.join("usr"), step)? != Mirrored::Dir {
+        return Err(fail(step, libc::ENOTDIR, "/usr"));
+    }
+    let mut bound = Vec::new();
+    for name in SYSTEM_DIRS {
+        let host = Path::new("/").join(name);
+        match mirror(&host, &root.join(name), step)? {
+            Mirrored::Dir => bound.push(name),
+            Mirrored::File => return Err(fail(step, libc::ENOTDIR, host.display().to_string())),
+            Mirrored::Absent | Mirrored::Symlink => {}
+        }
+    }
+    Ok(bound)
+}
+
+fn write_etc(root: &Path, uid: UserId, gid: GroupId) -> Result<(), SetupError> {
+    let step = SetupStep::WriteEtc;
+    let dir = root.join("etc");
+    make_dir(&dir, 0o755, step)?;
+    for (name, text) in etc::generated(uid, gid) {
+        write_new_file(&dir.join(name), text.as_bytes(), step)?;
+    }
+    for name in etc::MIRRORED {
+        mirror(&Path::new("/etc").join(name), &dir.join(name), step)?;
+    }
+    Ok(())
+}
+
+fn mount_proc(root: &Path) -> Result<(), SetupError> {
+    let step = SetupStep::MountProc;
+    let target = root.join("proc");
+    make_dir(&target, 0o555, step)?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let detail = target.display().to_string();
+    mount(Some("proc"), &target, Some("proc"), flags, NONE).map_err(at(step, &detail))
+}
+
+fn make_dev(root: &Path) -> Result<(), SetupError> {
+    let step = SetupStep::MakeDev;
+    let dev = root.join("dev");
+    make_dir(&dev, 0o755, step)?;
+    for name in DEVICES {
+        let target = dev.join(name);
+        write_new_file(&target, b"", step)?;
+        let host = Path::new("/dev").join(name);
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        bind(&host, &target, flags, step)?;
+    }
+    let links = [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ];
+    for (name, target) in links {
+        let link = dev.join(name);
+        symlink(target, &link).map_err(io_at(step, &link))?;
+    }
+    make_dir(&dev.join("shm"), 0o1777, step)
+}
+
+fn bind_template(root: &Path, template: Option<&Path>) -> Result<bool, SetupError> {
+    let step = SetupStep::BindTemplate;
+    let Some(host) = template else {
+        return Ok(false);
+    };
+    let meta = std::fs::metadata(host).map_err(io_at(step, host))?;
+    if !meta.is_dir() {
+        return Err(fail(step, libc::ENOTDIR, host.display().to_string()));
+    }
+    let target = root.join("env");
+    make_dir(&target, 0o755, step)?;
+    bind_readonly(host, &target, step)?;
+    Ok(true)
+}
+
+fn make_work_dirs(root: &Path, uid: UserId, gid: GroupId) -> Result<(), SetupError> {
+    let step = SetupStep::MakeWorkDirs;
+    make_dir(&root.join("tmp"), 0o1777, step)?;
+    let work = root.join("work");
+    make_dir(&work, 0o755, step)?;
+    lchown(&work, Some(uid.0), Some(gid.0)).map_err(io_at(step, &work))
+}
+
+fn pivot_into(root: &Path) -> Result<(), SetupError> {
+    let step = SetupStep::PivotRoot;
+    let detail = root.display().to_string();
+    chdir(root).map_err(at(step, &detail))?;
+    // With new_root == put_old the old root ends up stacked on the new one, at ".", so no
+    // directory for it is needed (pivot_root(2), "NOTES").
+    pivot_root(".", ".").map_err(at(step, &detail))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(at(step, "old root"))?;
+    chdir("/").map_err(at(step, "/"))
+}
+
+/// Recreates `host` at `dst`: a symlink as the same symlink, a directory or regular file as a
+/// read-only bind. Anything else, or nothing, is skipped.
+fn mirror(host: &Path, dst: &Path, step: SetupStep) -> Result<Mirrored, SetupError> {
+    let meta = match std::fs::symlink_metadata(host) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Mirrored::Absent),
+        Err(e) => return Err(io_at(step, host)(e)),
+    };
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        let target = std::fs::read_link(host).map_err(io_at(step, host))?;
+        symlink(target, dst).map_err(io_at(step, dst))?;
+        Ok(Mirrored::Symlink)
+    } else if kind.is_dir() {
+        make_dir(dst, 0o755, step)?;
+        bind_readonly(host, dst, step)?;
+        Ok(Mirrored::Dir)
+    } else if kind.is_file() {
+        write_new_file(dst, b"", step)?;
+        bind_readonly(host, dst, step)?;
+        Ok(Mirrored::File)
+    } else {
+        Ok(Mirrored::Absent)
+    }
+}
+
+fn bind_readonly(host: &Path, dst: &Path, step: SetupStep) -> Result<(), SetupError> {
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    bind(host, dst, flags, step)
+}
+
+/// A non-recursive bind of `host` on `dst`, then a remount that sets exactly `flags`.
+fn bind(host: &Path, dst: &Path, flags: MsFlags, step: SetupStep) -> Result<(), SetupError> {
+    let detail = host.display().to_string();
+    mount(Some(host), dst, NONE, MsFlags::MS_BIND, NONE).map_err(at(step, &detail))?;
+    let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags;
+    mount(NONE, dst, NONE, remount, NONE).map_err(at(step, &detail))
+}
+
+fn make_dir(path: &Path, mode: u32, step: SetupStep) -> Result<(), SetupError> {
+    let detail = path.display().to_string();
+    mkdir(path, Mode::from_bits_truncate(mode)).map_err(at(step, &detail))
+}
+
+fn write_new_file(path: &Path, contents: &[u8], step: SetupStep) -> Result<(), SetupError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_at(step, path))?;
+    file.write_all(contents).map_err(io_at(step, path))
+}
+
+fn io_at(step: SetupStep, path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {
+    move |e| {
+        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        fail(step, errno, path.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(tmpfs_bytes: u64, file_count: u32) -> GrantedLimits {
+        GrantedLimits {
+            wall_ms: 1000,
+            memory_bytes: 1 << 20,
+            cpu_ms: 1000,
+            pids: 8,
+            output_bytes: 1 << 20,
+            tmpfs_bytes,
+            file_count,
+        }
+    }
+
+    #[test]
+    fn given_limits_when_tmpfs_options_are_built_then_size_and_inodes_are_capped() {
+        let options = tmpfs_options(&limits(1 << 20, 100));
+        assert_eq!(
+            options,
+            Ok("size=1048576,nr_inodes=164,mode=0755".to_owned())
+        );
+    }
+
+    #[test]
+    fn given_zero_tmpfs_size_when_tmpfs_options_are_built_then_it_is_refused_not_unlimited() {
+        let err = tmpfs_options(&limits(0, 100)).err();
+        assert_eq!(
+            err.map(|e| (e.step, e.errno)),
+            Some((SetupStep::MountTmpfsRoot, libc::EINVAL))
+        );
+    }
+}

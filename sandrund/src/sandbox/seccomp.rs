@@ -1,0 +1,953 @@
+//! The job's seccomp filter: an allow-list with argument checks, compiled once at helper start-up
+//! into a BPF program, and installed in each job process right before `execve`.
+//!
+//! # Policy
+//!
+//! The policy is data: [`ALLOWED`] and [`REFUSED`] below, plus the argument-checked syscalls in
+//! [`ARG_CHECKED`]. Syscalls are named the libseccomp way, so the syscall numbers (and the
+//! architecture check) are libseccomp's business. The filter is native-arch only (x86_64).
+//!
+//! | Case | Action |
+//! |------|--------|
+//! | syscall in [`ALLOWED`] | allow |
+//! | syscall in [`REFUSED`] (namespaces, mount family, tracing, BPF, io_uring, keys, kexec, modules, clock/time setting, ...) | `EPERM` |
+//! | any other syscall, including `clone3` and syscalls newer than the list | `ENOSYS` (libc falls back, e.g. `clone3` to `clone`) |
+//! | `clone` with any of `CLONE_NEW{NS,USER,PID,NET,IPC,UTS,CGROUP,TIME}` in `flags` | `EPERM`, otherwise allow |
+//! | `ioctl` whose request's **low 32 bits** are `TIOCSTI` or `TIOCLINUX` | `EPERM`, otherwise allow |
+//! | `socket` whose domain's low 32 bits are not `AF_UNIX`, `AF_INET` or `AF_INET6` | `EPERM`, otherwise allow |
+//! | `personality` other than `0` (`PER_LINUX`) or `0xffffffff` (query) | `EPERM`, otherwise allow |
+//! | a foreign architecture (e.g. i386 `int 0x80`) or an x32 syscall (`nr \| 0x40000000`) | kill the process (`SIGSYS`) |
+//!
+//! `prctl` is allowed without argument checks: every option that could loosen the sandbox is
+//! either one-way (`PR_SET_NO_NEW_PRIVS`, `PR_CAPBSET_DROP`, `PR_SET_SECCOMP`, which can only
+//! stack a further filter) or needs a capability the job does not hold (`PR_SET_MM`).
+//!
+//! # How the argument checks are built
+//!
+//! libseccomp cannot express "allow unless": when a syscall has an unconditional rule, it
+//! silently drops every conditional rule for that syscall, whatever the order they were added in
+//! (checked with libseccomp 2.5.4 and `export_pfc`: `allow ioctl` plus `EPERM ioctl if
+//! a1 == TIOCSTI` exports as a bare `allow ioctl`). So every argument-checked syscall here gets
+//! **only conditional rules, whose conditions are disjoint and together cover every value**: the
+//! result depends neither on rule order nor on precedence, and [`SeccompProgram::compile`]
+//! refuses a policy that names a syscall in two lists.
+//!
+//! "Allow unless the low 32 bits equal X or Y" is written as one allow rule per prefix block of
+//! the 32-bit values other than X and Y (`MaskedEqual(mask, prefix)`, with the mask's upper 32
+//! bits clear, so the upper bits of the register never matter), plus one `EPERM` rule per
+//! refused value (`MaskedEqual(0xffff_ffff, X)`); "allow only X, Y" is the mirror image. See
+//! [`complement_blocks`]. The namespace check on `clone` uses one allow rule
+//! (`flags & NS_MASK == 0`) and one `EPERM` rule per namespace bit.
+//!
+//! Foreign architectures hit libseccomp's architecture check, whose action is `KILL_PROCESS`;
+//! libseccomp's x86_64 filter sends x32 numbers (`nr >= 0x40000000`) to the same action. Both
+//! are proved by the tests (i386 `int 0x80` and x32 `getpid` die of `SIGSYS`).
+//!
+//! The compiled program (about 730 instructions) is checked against [`MAX_INSTRUCTIONS`] (the
+//! kernel's `BPF_MAXINSNS`). The tests run `sh`, `bash` with coreutils, `python3` (threads,
+//! `subprocess`) and `node` under the filter; with the default action switched to `LOG`, such
+//! workloads (including `multiprocessing`, `asyncio`, sockets, `sqlite3`, worker threads) hit no
+//! unlisted syscall but `clone3`.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::OwnedFd;
+
+use libseccomp::error::SeccompError as LibError;
+use libseccomp::{ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+
+/// Syscalls allowed without argument checks: what python3, node, bash and coreutils need for
+/// files, memory, time, signals, processes, sockets and IPC inside their own namespaces.
+#[rustfmt::skip]
+pub const ALLOWED: &[&str] = &[
+    // Files and descriptors.
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2",
+    "pwritev2", "open", "openat", "openat2", "creat", "close", "close_range", "lseek", "dup",
+    "dup2", "dup3", "fcntl", "flock", "fsync", "fdatasync", "sync", "syncfs", "sync_file_range",
+    "truncate", "ftruncate", "fallocate", "fadvise64", "readahead", "stat", "fstat", "lstat",
+    "newfstatat", "statx", "statfs", "fstatfs", "access", "faccessat", "faccessat2", "getdents",
+    "getdents64", "getcwd", "chdir", "fchdir", "mkdir", "mkdirat", "rmdir", "rename", "renameat",
+    "renameat2", "link", "linkat", "unlink", "unlinkat", "symlink", "symlinkat", "readlink",
+    "readlinkat", "chmod", "fchmod", "fchmodat", "chown", "fchown", "lchown", "fchownat", "umask",
+    "utime", "utimes", "utimensat", "futimesat", "mknod", "mknodat", "getxattr", "lgetxattr",
+    "fgetxattr", "listxattr", "llistxattr", "flistxattr", "setxattr", "lsetxattr", "fsetxattr",
+    "removexattr", "lremovexattr", "fremovexattr", "copy_file_range", "sendfile", "splice", "tee",
+    "vmsplice", "pipe", "pipe2", "memfd_create", "inotify_init", "inotify_init1",
+    "inotify_add_watch", "inotify_rm_watch",
+    // Polling and event descriptors.
+    "poll", "ppoll", "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl",
+    "epoll_wait", "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2", "signalfd", "signalfd4",
+    "timerfd_create", "timerfd_settime", "timerfd_gettime",
+    // Memory.
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "msync", "mincore", "mlock",
+    "mlock2", "munlock", "mlockall", "munlockall", "membarrier", "get_mempolicy", "set_mempolicy",
+    "mbind", "pkey_alloc", "pkey_free", "pkey_mprotect", "remap_file_pages",
+    // Processes and threads (`clone` is argument-checked below).
+    "fork", "vfork", "execve", "execveat", "exit", "exit_group", "wait4", "waitid", "kill",
+    "tkill", "tgkill", "getpid", "getppid", "gettid", "getuid", "geteuid", "getgid", "getegid",
+    "getgroups", "getresuid", "getresgid", "setuid", "setgid", "setreuid", "setregid", "setresuid",
+    "setresgid", "setfsuid", "setfsgid", "setgroups", "capget", "capset", "getpgid", "setpgid",
+    "getpgrp", "getsid", "setsid", "getpriority", "setpriority", "sched_yield",
+    "sched_getaffinity", "sched_setaffinity", "sched_getparam", "sched_setparam",
+    "sched_getscheduler", "sched_setscheduler", "sched_get_priority_max", "sched_get_priority_min",
+    "sched_rr_get_interval", "sched_getattr", "sched_setattr", "getrlimit", "setrlimit",
+    "prlimit64", "getrusage", "times", "sysinfo", "uname", "prctl", "arch_prctl",
+    "set_tid_address", "set_robust_list", "get_robust_list", "rseq", "futex", "restart_syscall",
+    "pidfd_open", "pidfd_send_signal", "ioprio_get", "ioprio_set", "getcpu", "getrandom",
+    "seccomp", "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+    // Signals and timers.
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigsuspend", "rt_sigpending",
+    "rt_sigtimedwait", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "sigaltstack", "pause", "alarm",
+    "getitimer", "setitimer", "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun",
+    "timer_delete",
+    // Time (reading and sleeping only).
+    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+    // Sockets (`socket` is argument-checked below; the job's net namespace is private).
+    "socketpair", "bind", "listen", "accept", "accept4", "connect", "getsockname", "getpeername",
+    "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown", "setsockopt",
+    "getsockopt",
+    // System V and POSIX IPC (the job's IPC namespace is private).
+    "shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtimedop", "semctl", "msgget",
+    "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive",
+    "mq_notify", "mq_getsetattr",
+];
+
+/// Syscalls refused with `EPERM`: they reach shared kernel state, other processes or
+/// privileged subsystems. Names this libseccomp version does not know are skipped: the default
+/// action refuses them anyway (`ENOSYS`).
+#[rustfmt::skip]
+pub const REFUSED: &[&str] = &[
+    // Namespaces and the mount family.
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
+    "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    // Other processes' memory, tracing, profiling.
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp", "process_madvise",
+    "bpf", "perf_event_open", "userfaultfd",
+    // io_uring bypasses this filter for the operations it submits.
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    // Kernel keyrings.
+    "keyctl", "add_key", "request_key",
+    // Kernel images and modules, system state.
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "acct",
+    "swapon", "swapoff", "reboot", "syslog", "settimeofday", "clock_settime", "clock_adjtime",
+    "adjtimex", "quotactl", "quotactl_fd", "name_to_handle_at", "open_by_handle_at",
+    "lookup_dcookie", "sethostname", "setdomainname", "vhangup", "iopl", "ioperm", "modify_ldt",
+    "uselib", "fanotify_init", "nfsservctl",
+];
+
+/// The syscalls whose rules are built from argument checks, for documentation and tests.
+pub const ARG_CHECKED: &[&str] = &["clone", "ioctl", "socket", "personality"];
+
+/// The kernel's limit on a classic-BPF program (`BPF_MAXINSNS`).
+pub const MAX_INSTRUCTIONS: usize = 4096;
+
+/// `clone` flags that create namespaces. `CLONE_NEWTIME` shares its bit with the exit-signal
+/// byte of `clone`; refusing it only refuses exit signals above 127, which are invalid anyway.
+const NAMESPACE_FLAGS: [u64; 8] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    0x80, // CLONE_NEWTIME
+];
+
+/// `ioctl` requests refused (compared on the low 32 bits, as the kernel truncates them).
+const REFUSED_IOCTLS: [u32; 2] = [TIOCSTI, TIOCLINUX];
+const TIOCSTI: u32 = 0x5412;
+const TIOCLINUX: u32 = 0x541c;
+const _: () = assert!(libc::TIOCSTI == TIOCSTI as u64 && libc::TIOCLINUX == TIOCLINUX as u64);
+
+/// Socket domains allowed (compared on the low 32 bits: the kernel reads an `int`).
+const ALLOWED_SOCKET_DOMAINS: [u32; 3] = [
+    libc::AF_UNIX as u32,
+    libc::AF_INET as u32,
+    libc::AF_INET6 as u32,
+];
+
+/// `personality` values allowed: `PER_LINUX` and the query value.
+const ALLOWED_PERSONALITIES: [u32; 2] = [0, 0xffff_ffff];
+
+const LOW_32_BITS: u64 = 0xffff_ffff;
+
+/// A compiled classic-BPF seccomp program.
+pub struct SeccompProgram {
+    filter: Vec<libc::sock_filter>,
+    /// `filter.len()`, checked at compile time to fit `sock_fprog::len`.
+    len: u16,
+}
+
+/// Failure to build the filter (at start-up). Local configuration or bug: never a peer's fault.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SeccompError {
+    /// libseccomp does not know a syscall name of the allow-list (libseccomp too old?).
+    UnknownSyscall {
+        name: &'static str,
+        source: LibError,
+    },
+    /// A libseccomp call failed; `step` names it.
+    Libseccomp {
+        step: &'static str,
+        source: LibError,
+    },
+    /// Creating, rewinding or reading the memfd the BPF is exported into failed.
+    Export {
+        step: &'static str,
+        source: std::io::Error,
+    },
+    /// The exported program is not a whole number of `sock_filter` instructions.
+    Malformed { bytes: usize },
+    /// The program is empty or longer than the kernel accepts.
+    BadLength { instructions: usize },
+    /// A syscall is named in two policy lists (an unconditional rule would absorb its
+    /// argument checks, or allow and refuse would clash).
+    PolicyConflict { name: &'static str },
+}
+
+impl std::fmt::Display for SeccompError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::UnknownSyscall { name, source } => {
+                write!(
+                    f,
+                    "seccomp: libseccomp does not know syscall {name:?}: {source}"
+                )
+            }
+            Self::Libseccomp { step, source } => write!(f, "seccomp: {step}: {source}"),
+            Self::Export { step, source } => write!(f, "seccomp: export BPF: {step}: {source}"),
+            Self::Malformed { bytes } => {
+                write!(
+                    f,
+                    "seccomp: exported BPF has {bytes} bytes, not whole instructions"
+                )
+            }
+            Self::PolicyConflict { name } => {
+                write!(f, "seccomp: syscall {name:?} is named in two policy lists")
+            }
+            Self::BadLength { instructions } => write!(
+                f,
+                "seccomp: program has {instructions} instructions (must be 1..={MAX_INSTRUCTIONS})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SeccompError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::UnknownSyscall { source, .. } | Self::Libseccomp { source, .. } => Some(source),
+            Self::Export { source, .. } => Some(source),
+            Self::Malformed { .. } | Self::BadLength { .. } | Self::PolicyConflict { .. } => None,
+        }
+    }
+}
+
+impl SeccompProgram {
+    /// Builds and compiles the job filter.
+    pub fn compile() -> Result<Self, SeccompError> {
+        let ctx = build_filter()?;
+        let filter = export(&ctx)?;
+        let len = u16::try_from(filter.len())
+            .ok()
+            .filter(|&n| n > 0 && usize::from(n) <= MAX_INSTRUCTIONS)
+            .ok_or(SeccompError::BadLength {
+                instructions: filter.len(),
+            })?;
+        Ok(Self { filter, len })
+    }
+
+    /// Number of BPF instructions.
+    pub fn instructions(&self) -> usize {
+        self.filter.len()
+    }
+
+    /// Installs the filter on the calling thread. `NO_NEW_PRIVS` must already be set. Returns
+    /// the errno on failure. Allocation-free.
+    pub fn install(&self) -> Result<(), i32> {
+        let prog = libc::sock_fprog {
+            len: self.len,
+            // The kernel only reads the program; the pointer is `*mut` by C declaration only.
+            filter: self.filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: `prog` points at `self.filter`, which holds `self.len` initialized
+        // instructions and outlives the call; the kernel copies the program before returning.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0 as libc::c_uint,
+                std::ptr::addr_of!(prog),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(nix::errno::Errno::last_raw())
+        }
+    }
+}
+
+/// Builds the libseccomp filter context for the policy documented at the top of this file.
+fn build_filter() -> Result<ScmpFilterContext, SeccompError> {
+    check_no_conflicts(&[ALLOWED, REFUSED, ARG_CHECKED])?;
+    let lib = |step| move |source| SeccompError::Libseccomp { step, source };
+    let mut ctx = ScmpFilterContext::new_filter(ScmpAction::Errno(libc::ENOSYS))
+        .map_err(lib("create filter"))?;
+    ctx.set_act_badarch(ScmpAction::KillProcess)
+        .map_err(lib("set bad-arch action"))?;
+    for &name in ALLOWED {
+        let syscall = resolve(name)?;
+        ctx.add_rule_exact(ScmpAction::Allow, syscall)
+            .map_err(lib("add allow rule"))?;
+    }
+    for &name in REFUSED {
+        // A name unknown to this libseccomp stays refused by the default action.
+        if let Ok(syscall) = ScmpSyscall::from_name(name) {
+            ctx.add_rule_exact(eperm(), syscall)
+                .map_err(lib("add refuse rule"))?;
+        }
+    }
+    add_clone_rules(&mut ctx)?;
+    add_low32_rules(&mut ctx, "ioctl", 1, &REFUSED_IOCTLS, Allowed::Others)?;
+    add_low32_rules(
+        &mut ctx,
+        "socket",
+        0,
+        &ALLOWED_SOCKET_DOMAINS,
+        Allowed::Listed,
+    )?;
+    add_low32_rules(
+        &mut ctx,
+        "personality",
+        0,
+        &ALLOWED_PERSONALITIES,
+        Allowed::Listed,
+    )?;
+    Ok(ctx)
+}
+
+/// Each syscall name appears at most once across `lists`.
+fn check_no_conflicts(lists: &[&[&'static str]]) -> Result<(), SeccompError> {
+    let mut seen = std::collections::HashSet::new();
+    match lists
+        .iter()
+        .flat_map(|l| l.iter())
+        .find(|&&name| !seen.insert(name))
+    {
+        Some(&name) => Err(SeccompError::PolicyConflict { name }),
+        None => Ok(()),
+    }
+}
+
+fn eperm() -> ScmpAction {
+    ScmpAction::Errno(libc::EPERM)
+}
+
+fn resolve(name: &'static str) -> Result<ScmpSyscall, SeccompError> {
+    ScmpSyscall::from_name(name).map_err(|source| SeccompError::UnknownSyscall { name, source })
+}
+
+/// `clone`: allow when no namespace flag is set; `EPERM` when any one is (one rule per bit).
+fn add_clone_rules(ctx: &mut ScmpFilterContext) -> Result<(), SeccompError> {
+    let clone = resolve("clone")?;
+    let mask: u64 = NAMESPACE_FLAGS.iter().fold(0, |acc, f| acc | f);
+    let none_set = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(mask), 0);
+    add_conditional(ctx, ScmpAction::Allow, clone, none_set)?;
+    for flag in NAMESPACE_FLAGS {
+        let set = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(flag), flag);
+        add_conditional(ctx, eperm(), clone, set)?;
+    }
+    Ok(())
+}
+
+/// Which side of a low-32-bit value list is allowed; the other side gets `EPERM`.
+#[derive(Clone, Copy)]
+enum Allowed {
+    /// Only the listed values are allowed.
+    Listed,
+    /// Every value except the listed ones is allowed.
+    Others,
+}
+
+/// Adds disjoint rules on argument `arg` of `name`, comparing its low 32 bits against `values`:
+/// one exact-match rule per listed value and one prefix-block rule per block of the rest.
+fn add_low32_rules(
+    ctx: &mut ScmpFilterContext,
+    name: &'static str,
+    arg: u32,
+    values: &[u32],
+    allowed: Allowed,
+) -> Result<(), SeccompError> {
+    let syscall = resolve(name)?;
+    let (listed, others) = match allowed {
+        Allowed::Listed => (ScmpAction::Allow, eperm()),
+        Allowed::Others => (eperm(), ScmpAction::Allow),
+    };
+    for &value in values {
+        let cmp = ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(LOW_32_BITS), value.into());
+        add_conditional(ctx, listed, syscall, cmp)?;
+    }
+    for (mask, prefix) in complement_blocks(values) {
+        let cmp = ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(mask.into()), prefix.into());
+        add_conditional(ctx, others, syscall, cmp)?;
+    }
+    Ok(())
+}
+
+fn add_conditional(
+    ctx: &mut ScmpFilterContext,
+    action: ScmpAction,
+    syscall: ScmpSyscall,
+    cmp: ScmpArgCompare,
+) -> Result<(), SeccompError> {
+    ctx.add_rule_conditional_exact(action, syscall, &[cmp])
+        .map_err(|source| SeccompError::Libseccomp {
+            step: "add argument rule",
+            source,
+        })
+}
+
+/// The prefix blocks `(mask, prefix)` that together hold exactly the 32-bit values not in
+/// `excluded`: `v` is in a block when `v & mask == prefix`. Blocks are disjoint; there are at
+/// most `32 * excluded.len()` of them (one for all values when `excluded` is empty).
+pub(crate) fn complement_blocks(excluded: &[u32]) -> Vec<(u32, u32)> {
+    let mut blocks = Vec::new();
+    cover(0, 0, excluded, &mut blocks);
+    blocks
+}
+
+/// Pushes the blocks of the values under `prefix` (its top `fixed` bits) not in `excluded`.
+fn cover(prefix: u32, fixed: u32, excluded: &[u32], out: &mut Vec<(u32, u32)>) {
+    let mask = prefix_mask(fixed);
+    if !excluded.iter().any(|&v| v & mask == prefix) {
+        out.push((mask, prefix));
+    } else if fixed < 32 {
+        let next_bit = 1u32 << (31 - fixed);
+        cover(prefix, fixed + 1, excluded, out);
+        cover(prefix | next_bit, fixed + 1, excluded, out);
+    }
+    // `fixed == 32` and an excluded value matches: the block is that value alone; skip it.
+}
+
+fn prefix_mask(fixed: u32) -> u32 {
+    match fixed {
+        0 => 0,
+        n => u32::MAX << (32 - n),
+    }
+}
+
+/// Exports the compiled BPF into a memfd and reads it back as instructions.
+fn export(ctx: &ScmpFilterContext) -> Result<Vec<libc::sock_filter>, SeccompError> {
+    let io = |step| move |source| SeccompError::Export { step, source };
+    let fd: OwnedFd = nix::sys::memfd::memfd_create(
+        c"sandrun-seccomp",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .map_err(|e| SeccompError::Export {
+        step: "memfd_create",
+        source: e.into(),
+    })?;
+    let mut file = std::fs::File::from(fd);
+    ctx.export_bpf(&mut file)
+        .map_err(|source| SeccompError::Libseccomp {
+            step: "export BPF",
+            source,
+        })?;
+    file.seek(SeekFrom::Start(0)).map_err(io("rewind memfd"))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(io("read memfd"))?;
+    parse_instructions(&bytes)
+}
+
+/// Splits raw native-endian bytes into `sock_filter` instructions.
+fn parse_instructions(bytes: &[u8]) -> Result<Vec<libc::sock_filter>, SeccompError> {
+    const SIZE: usize = std::mem::size_of::<libc::sock_filter>();
+    let chunks = bytes.chunks_exact(SIZE);
+    if !chunks.remainder().is_empty() {
+        return Err(SeccompError::Malformed { bytes: bytes.len() });
+    }
+    let instructions = chunks.map(|c| libc::sock_filter {
+        code: u16::from_ne_bytes([c[0], c[1]]),
+        jt: c[2],
+        jf: c[3],
+        k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+    });
+    Ok(instructions.collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    use nix::sys::signal::Signal;
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::Pid;
+
+    use super::*;
+
+    /// Exit code of a probe whose syscall succeeded (errnos are all below it).
+    const SUCCESS: i32 = 200;
+    /// Exit codes of the harness itself failing in the child.
+    const NNP_FAILED: i32 = 201;
+    const INSTALL_FAILED: i32 = 202;
+    const EXEC_FAILED: i32 = 203;
+
+    fn program() -> SeccompProgram {
+        match SeccompProgram::compile() {
+            Ok(p) => p,
+            Err(e) => panic!("compile failed: {e}"),
+        }
+    }
+
+    /// Sets `NO_NEW_PRIVS` and installs the filter; `_exit`s on failure. Child-only, no allocation.
+    fn enter_filter(program: &SeccompProgram) {
+        // SAFETY: prctl with integer arguments reads no memory.
+        let nnp = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        if nnp != 0 {
+            // SAFETY: `_exit` ends the child without running the parent's destructors.
+            unsafe { libc::_exit(NNP_FAILED) };
+        }
+        if program.install().is_err() {
+            // SAFETY: as above.
+            unsafe { libc::_exit(INSTALL_FAILED) };
+        }
+    }
+
+    /// Forks a child that installs the filter, runs `probe` and exits with its result.
+    /// `probe` must only make raw syscalls: the test harness is multi-threaded, so the child
+    /// may not allocate or take locks.
+    fn run_filtered(program: &SeccompProgram, probe: impl FnOnce() -> i32) -> WaitStatus {
+        // SAFETY: the child only runs async-signal-safe code (raw syscalls, `_exit`).
+        match unsafe { libc::fork() } {
+            -1 => panic!("fork: {}", nix::errno::Errno::last()),
+            0 => {
+                enter_filter(program);
+                let code = probe();
+                // SAFETY: ends the child without unwinding into the test harness.
+                unsafe { libc::_exit(code) }
+            }
+            pid => waitpid(Pid::from_raw(pid), None).expect("waitpid on our own child"),
+        }
+    }
+
+    /// The probe exit code for a raw syscall's return value: `SUCCESS` or the errno.
+    fn outcome(rc: libc::c_long) -> i32 {
+        if rc >= 0 {
+            SUCCESS
+        } else {
+            nix::errno::Errno::last_raw()
+        }
+    }
+
+    /// Like `outcome`, for syscalls that fork: a new process exits at once with `SUCCESS`.
+    fn fork_outcome(rc: libc::c_long) -> i32 {
+        if rc == 0 {
+            // SAFETY: we are the new process; it ends without touching any state.
+            unsafe { libc::_exit(SUCCESS) };
+        }
+        if rc > 0 {
+            let mut status = 0;
+            // SAFETY: reaps the process just created; `status` is a valid out-pointer.
+            unsafe { libc::waitpid(i32::try_from(rc).unwrap_or(-1), &mut status, 0) };
+        }
+        outcome(rc)
+    }
+
+    fn assert_exit(status: WaitStatus, expected: i32, what: &str) {
+        match status {
+            WaitStatus::Exited(_, code) => assert_eq!(
+                code, expected,
+                "{what}: child exited {code}, expected {expected} (errno or {SUCCESS}=success)"
+            ),
+            other => panic!("{what}: child did not exit normally: {other:?}"),
+        }
+    }
+
+    fn syscall6(nr: libc::c_long, args: [libc::c_long; 6]) -> libc::c_long {
+        let [a, b, c, d, e, f] = args;
+        // SAFETY: the probes only pass integers or pointers the kernel validates; a refused
+        // call never reaches the kernel's implementation.
+        unsafe { libc::syscall(nr, a, b, c, d, e, f) }
+    }
+
+    fn assert_refused(nr: libc::c_long, args: [libc::c_long; 6], errno: i32, what: &str) {
+        let status = run_filtered(&program(), || outcome(syscall6(nr, args)));
+        assert_exit(status, errno, what);
+    }
+
+    #[test]
+    fn given_filter_when_unshare_newns_then_eperm() {
+        let args = [libc::CLONE_NEWNS.into(), 0, 0, 0, 0, 0];
+        assert_refused(libc::SYS_unshare, args, libc::EPERM, "unshare(CLONE_NEWNS)");
+    }
+
+    #[test]
+    fn given_filter_when_mount_tmpfs_then_eperm() {
+        let (src, target) = (
+            c"none".as_ptr() as libc::c_long,
+            c"/tmp".as_ptr() as libc::c_long,
+        );
+        let args = [src, target, c"tmpfs".as_ptr() as libc::c_long, 0, 0, 0];
+        assert_refused(libc::SYS_mount, args, libc::EPERM, "mount(tmpfs)");
+    }
+
+    #[test]
+    fn given_filter_when_ptrace_traceme_then_eperm() {
+        let args = [libc::PTRACE_TRACEME.into(), 0, 0, 0, 0, 0];
+        assert_refused(libc::SYS_ptrace, args, libc::EPERM, "ptrace(TRACEME)");
+    }
+
+    #[test]
+    fn given_filter_when_bpf_perf_io_uring_keyctl_userfaultfd_then_eperm() {
+        let zero = [0; 6];
+        assert_refused(libc::SYS_bpf, zero, libc::EPERM, "bpf");
+        assert_refused(
+            libc::SYS_perf_event_open,
+            zero,
+            libc::EPERM,
+            "perf_event_open",
+        );
+        assert_refused(
+            libc::SYS_io_uring_setup,
+            [1, 0, 0, 0, 0, 0],
+            libc::EPERM,
+            "io_uring",
+        );
+        assert_refused(libc::SYS_keyctl, zero, libc::EPERM, "keyctl");
+        assert_refused(libc::SYS_userfaultfd, zero, libc::EPERM, "userfaultfd");
+    }
+
+    #[test]
+    fn given_filter_when_every_refused_syscall_is_called_then_each_gets_eperm() {
+        let numbers: Vec<(&str, libc::c_long)> = REFUSED
+            .iter()
+            .filter_map(|&n| Some((n, i32::from(ScmpSyscall::from_name(n).ok()?).into())))
+            .collect();
+        assert!(
+            numbers.len() > 40,
+            "libseccomp resolved only {} names",
+            numbers.len()
+        );
+        let status = run_filtered(&program(), || {
+            // No controlling terminal, so even an unfiltered vhangup would touch nothing.
+            // SAFETY: setsid takes no arguments.
+            unsafe { libc::setsid() };
+            // All-ones arguments: invalid flags, pointers and lengths for every one of them.
+            let bad = [-1; 6];
+            for (i, &(_, nr)) in numbers.iter().enumerate() {
+                if outcome(syscall6(nr, bad)) != libc::EPERM {
+                    return 100 + i32::try_from(i).unwrap_or(99);
+                }
+            }
+            SUCCESS
+        });
+        if let WaitStatus::Exited(_, code @ 100..=199) = status {
+            let idx = usize::try_from(code - 100).unwrap_or(usize::MAX);
+            panic!(
+                "refused syscall {:?} was not refused with EPERM",
+                numbers.get(idx)
+            );
+        }
+        assert_exit(status, SUCCESS, "refused list");
+    }
+
+    #[test]
+    fn given_filter_when_ioctl_tiocsti_or_tioclinux_then_eperm_even_with_high_bits_set() {
+        let byte = b"x".as_ptr() as libc::c_long;
+        for request in [
+            libc::TIOCSTI as libc::c_long,
+            0x1_0000_0000 | libc::TIOCSTI as libc::c_long,
+            libc::TIOCLINUX as libc::c_long,
+            -0x1_0000_0000 | libc::TIOCLINUX as libc::c_long,
+        ] {
+            let args = [0, request, byte, 0, 0, 0];
+            assert_refused(
+                libc::SYS_ioctl,
+                args,
+                libc::EPERM,
+                &format!("ioctl({request:#x})"),
+            );
+        }
+    }
+
+    #[test]
+    fn given_filter_when_ordinary_ioctl_then_it_reaches_the_kernel() {
+        let (read, write) = nix::unistd::pipe().expect("pipe");
+        let mut pending: libc::c_int = -1;
+        let out = std::ptr::addr_of_mut!(pending) as libc::c_long;
+        for request in [
+            libc::FIONREAD as libc::c_long,
+            0x7_0000_0000 | libc::FIONREAD as libc::c_long,
+        ] {
+            let args = [read.as_raw_fd().into(), request, out, 0, 0, 0];
+            let status = run_filtered(&program(), || outcome(syscall6(libc::SYS_ioctl, args)));
+            assert_exit(status, SUCCESS, &format!("ioctl(pipe, {request:#x})"));
+        }
+        // TCGETS on a pipe reaches the kernel, which answers ENOTTY (the filter would say EPERM).
+        let args = [
+            write.as_raw_fd().into(),
+            libc::TCGETS as libc::c_long,
+            out,
+            0,
+            0,
+            0,
+        ];
+        let status = run_filtered(&program(), || outcome(syscall6(libc::SYS_ioctl, args)));
+        assert_exit(status, libc::ENOTTY, "ioctl(pipe, TCGETS)");
+    }
+
+    #[test]
+    fn given_filter_when_clone_with_any_namespace_flag_then_eperm() {
+        for flag in NAMESPACE_FLAGS {
+            let flags = i64::try_from(flag).expect("namespace flags fit in i64") | 0x11;
+            let probe = || fork_outcome(syscall6(libc::SYS_clone, [flags, 0, 0, 0, 0, 0]));
+            assert_exit(
+                run_filtered(&program(), probe),
+                libc::EPERM,
+                &format!("clone({flag:#x})"),
+            );
+        }
+    }
+
+    #[test]
+    fn given_filter_when_clone3_then_enosys() {
+        let mut args = [0u64; 11];
+        args[4] = libc::SIGCHLD as u64; // exit_signal
+        let ptr = args.as_ptr() as libc::c_long;
+        let probe = || fork_outcome(syscall6(libc::SYS_clone3, [ptr, 88, 0, 0, 0, 0]));
+        assert_exit(run_filtered(&program(), probe), libc::ENOSYS, "clone3");
+    }
+
+    #[test]
+    fn given_filter_when_plain_fork_then_it_works() {
+        // SAFETY: libc::fork is async-signal-safe; the new process `_exit`s at once.
+        let probe = || fork_outcome(libc::c_long::from(unsafe { libc::fork() }));
+        assert_exit(run_filtered(&program(), probe), SUCCESS, "fork");
+    }
+
+    #[test]
+    fn given_filter_when_socket_netlink_or_packet_then_eperm() {
+        let netlink = libc::c_long::from(libc::AF_NETLINK);
+        for domain in [netlink, 0x1_0000_0000 | netlink, libc::AF_PACKET.into()] {
+            let args = [domain, libc::SOCK_RAW.into(), 0, 0, 0, 0];
+            assert_refused(
+                libc::SYS_socket,
+                args,
+                libc::EPERM,
+                &format!("socket({domain:#x})"),
+            );
+        }
+    }
+
+    #[test]
+    fn given_filter_when_socket_unix_with_high_bits_then_the_kernel_sees_af_unix() {
+        let args = [
+            0x1_0000_0000 | libc::c_long::from(libc::AF_UNIX),
+            1,
+            0,
+            0,
+            0,
+            0,
+        ];
+        let status = run_filtered(&program(), || outcome(syscall6(libc::SYS_socket, args)));
+        assert_exit(status, SUCCESS, "socket(1 << 32 | AF_UNIX, SOCK_STREAM)");
+    }
+
+    #[test]
+    fn given_filter_when_socket_inet_unix_inet6_then_it_works() {
+        for domain in [libc::AF_INET, libc::AF_UNIX, libc::AF_INET6] {
+            let args = [domain.into(), libc::SOCK_STREAM.into(), 0, 0, 0, 0];
+            let status = run_filtered(&program(), || outcome(syscall6(libc::SYS_socket, args)));
+            assert_exit(status, SUCCESS, &format!("socket({domain})"));
+        }
+    }
+
+    #[test]
+    fn given_filter_when_personality_query_then_allowed_and_when_changed_then_eperm() {
+        let query = [0xffff_ffff, 0, 0, 0, 0, 0];
+        let status = run_filtered(&program(), || {
+            outcome(syscall6(libc::SYS_personality, query))
+        });
+        assert_exit(status, SUCCESS, "personality(query)");
+        let no_aslr = [libc::ADDR_NO_RANDOMIZE.into(), 0, 0, 0, 0, 0];
+        assert_refused(
+            libc::SYS_personality,
+            no_aslr,
+            libc::EPERM,
+            "personality(no ASLR)",
+        );
+    }
+
+    #[test]
+    fn given_filter_when_x32_getpid_then_the_process_is_killed_by_sigsys() {
+        let nr = 0x4000_0000 | libc::SYS_getpid;
+        let status = run_filtered(&program(), || outcome(syscall6(nr, [0; 6])));
+        match status {
+            WaitStatus::Signaled(_, Signal::SIGSYS, _) => {}
+            other => panic!("x32 getpid: expected SIGSYS kill, got {other:?}"),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn given_filter_when_i386_getpid_via_int80_then_the_process_is_killed_by_sigsys() {
+        let status = run_filtered(&program(), || {
+            let mut eax: i32 = 20; // getpid in the i386 table
+                                   // SAFETY: `int 0x80` runs the i386 getpid, which only returns a number in eax;
+                                   // the other argument registers are read but unused by getpid.
+            unsafe { std::arch::asm!("int 0x80", inout("eax") eax, options(nostack)) };
+            if eax >= 0 {
+                SUCCESS
+            } else {
+                -eax
+            }
+        });
+        match status {
+            WaitStatus::Signaled(_, Signal::SIGSYS, _) => {}
+            other => panic!("i386 getpid: expected SIGSYS kill, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn given_filter_when_unknown_or_unlisted_syscall_then_enosys() {
+        assert_refused(999, [0; 6], libc::ENOSYS, "syscall 999");
+        // io_setup exists (unfiltered it answers EINVAL here) but is not on the list.
+        assert_refused(libc::SYS_io_setup, [0; 6], libc::ENOSYS, "io_setup");
+    }
+
+    /// Runs `argv` under the filter with stdout on a pipe; returns the exit status and stdout.
+    fn exec_filtered(argv: &[&str]) -> (WaitStatus, String) {
+        let argv: Vec<CString> = argv
+            .iter()
+            .map(|a| CString::new(*a).expect("no NUL"))
+            .collect();
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let env = [
+            c"PATH=/usr/local/bin:/usr/bin:/bin",
+            c"HOME=/tmp",
+            c"LANG=C.UTF-8",
+        ];
+        let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        env_ptrs.push(std::ptr::null());
+        let program = program();
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2 for stdout");
+        // SAFETY: the child only makes raw syscalls before execve (no allocation, no locks).
+        let pid = match unsafe { libc::fork() } {
+            -1 => panic!("fork: {}", nix::errno::Errno::last()),
+            0 => {
+                // SAFETY: dup2 of a valid fd onto stdout; execve with NUL-terminated arrays
+                // prepared before the fork; `_exit` if it returns.
+                unsafe {
+                    libc::dup2(write.as_raw_fd(), 1);
+                    enter_filter(&program);
+                    libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr());
+                    libc::_exit(EXEC_FAILED)
+                }
+            }
+            pid => Pid::from_raw(pid),
+        };
+        drop(write);
+        let mut out = String::new();
+        std::fs::File::from(read)
+            .read_to_string(&mut out)
+            .expect("read stdout");
+        (waitpid(pid, None).expect("waitpid"), out)
+    }
+
+    #[test]
+    fn given_filter_when_sh_echo_runs_then_it_prints_ok_and_exits_zero() {
+        let (status, out) = exec_filtered(&["/bin/sh", "-c", "echo ok"]);
+        assert_exit(status, 0, "sh -c 'echo ok'");
+        assert_eq!(out, "ok\n");
+    }
+
+    #[test]
+    fn given_filter_when_bash_runs_coreutils_then_it_exits_zero() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = dir.path().to_str().expect("temp dir path is UTF-8");
+        let script = "set -e; cd \"$1\"; x=$(echo a | tr a b); [ \"$x\" = b ]; \
+            mkdir d; touch d/f; cp -r d e; mv e g; ls g >/dev/null; rm -rf d g; \
+            [ \"$(printf '3\\n1\\n2\\n' | sort -n | head -n 1)\" = 1 ]; \
+            gzip -c /etc/passwd | gunzip | wc -l >/dev/null; sleep 0.01 & wait; \
+            stat . >/dev/null; date >/dev/null; id -u >/dev/null; echo ok";
+        let (status, out) = exec_filtered(&["/bin/bash", "-c", script, "bash", dir]);
+        assert_exit(status, 0, "bash with coreutils");
+        assert_eq!(out, "ok\n");
+    }
+
+    #[test]
+    fn given_filter_when_python_imports_and_runs_a_subprocess_then_it_exits_zero() {
+        let code =
+            "import os,sys,json,subprocess,threading; print(subprocess.run(['true']).returncode)";
+        let (status, out) = exec_filtered(&["/usr/bin/python3", "-c", code]);
+        assert_exit(status, 0, "python3");
+        assert_eq!(out, "0\n");
+    }
+
+    #[test]
+    fn given_filter_when_node_prints_then_it_exits_zero() {
+        if !std::path::Path::new("/usr/bin/node").exists() {
+            eprintln!("/usr/bin/node is not installed; nothing to check");
+            return;
+        }
+        let (status, out) = exec_filtered(&["/usr/bin/node", "-e", "console.log(1)"]);
+        assert_exit(status, 0, "node");
+        assert_eq!(out, "1\n");
+    }
+
+    #[test]
+    fn given_policy_when_compiled_twice_then_programs_are_identical_and_small() {
+        let words = |p: &SeccompProgram| -> Vec<(u16, u8, u8, u32)> {
+            p.filter.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
+        };
+        let (a, b) = (program(), program());
+        assert_eq!(words(&a), words(&b));
+        assert!(
+            a.instructions() < MAX_INSTRUCTIONS,
+            "{} instructions",
+            a.instructions()
+        );
+        assert_eq!(usize::from(a.len), a.instructions());
+    }
+
+    #[test]
+    fn given_a_syscall_in_two_policy_lists_when_checked_then_it_is_a_conflict() {
+        let err = check_no_conflicts(&[&["read", "ioctl"], &["ioctl"]]);
+        assert!(matches!(
+            err,
+            Err(SeccompError::PolicyConflict { name: "ioctl" })
+        ));
+        assert!(check_no_conflicts(&[ALLOWED, REFUSED, ARG_CHECKED]).is_ok());
+    }
+
+    #[test]
+    fn given_excluded_values_when_blocks_are_built_then_each_other_value_is_in_exactly_one() {
+        let excluded = [0x5412, 0x541c, 0, u32::MAX];
+        let blocks = complement_blocks(&excluded);
+        assert!(blocks.len() <= 32 * excluded.len());
+        let probes = [
+            0,
+            1,
+            2,
+            0x5411,
+            0x5412,
+            0x5413,
+            0x541c,
+            0x541d,
+            0x8000_0000,
+            u32::MAX - 1,
+        ];
+        for v in probes.into_iter().chain(excluded) {
+            let hits = blocks.iter().filter(|&&(m, p)| v & m == p).count();
+            let expected = usize::from(!excluded.contains(&v));
+            assert_eq!(hits, expected, "value {v:#x} is in {hits} blocks");
+        }
+        assert_eq!(complement_blocks(&[]), vec![(0, 0)]);
+    }
+}

@@ -1,0 +1,495 @@
+//! Real sandbox spawns. They need root (as in CI) and fail loudly without it.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::{fstatat, Mode};
+use nix::sys::wait::waitpid;
+use nix::unistd::Pid;
+use sandrun_ipc::{BundleEntry, BundlePath, GrantedLimits};
+
+use super::seccomp::SeccompProgram;
+use super::*;
+
+const JOB_UID: u32 = 2_000_123;
+const JOB_GID: u32 = 2_000_124;
+
+fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the sandbox spawn tests must run as root (they create namespaces and mounts)"
+    );
+}
+
+fn limits() -> GrantedLimits {
+    GrantedLimits {
+        wall_ms: 60_000,
+        memory_bytes: 512 << 20,
+        cpu_ms: 60_000,
+        pids: 64,
+        output_bytes: 1 << 20,
+        tmpfs_bytes: 64 << 20,
+        file_count: 1000,
+    }
+}
+
+fn cstrings(items: &[&str]) -> Vec<CString> {
+    items
+        .iter()
+        .map(|s| CString::new(*s).expect("test strings have no NUL"))
+        .collect()
+}
+
+/// One test's sandbox inputs; `run` spawns it.
+struct Job {
+    argv: Vec<CString>,
+    limits: GrantedLimits,
+    bundle: Vec<BundleEntry>,
+    data: Vec<u8>,
+    workdir: String,
+    template: Option<PathBuf>,
+}
+
+impl Job {
+    fn new(argv: &[&str]) -> Job {
+        Job {
+            argv: cstrings(argv),
+            limits: limits(),
+            bundle: Vec::new(),
+            data: Vec::new(),
+            workdir: String::new(),
+            template: None,
+        }
+    }
+
+    fn shell(script: &str) -> Job {
+        Job::new(&["/bin/sh", "-c", script])
+    }
+
+    fn spawn(&self) -> Result<Spawned, SetupError> {
+        require_root();
+        let root = tempfile::tempdir().expect("temp dir for the mount point");
+        let settings = SandboxSettings {
+            mount_point: root.path().to_owned(),
+            template_dir: PathBuf::from("/nonexistent"),
+        };
+        let plan = JobPlan {
+            argv: self.argv.clone(),
+            env: cstrings(&[
+                "PATH=/usr/local/bin:/usr/bin:/bin",
+                "HOME=/work",
+                "LANG=C.UTF-8",
+            ]),
+            workdir: self.workdir.clone(),
+            uid: UserId(JOB_UID),
+            gid: GroupId(JOB_GID),
+            limits: &self.limits,
+            bundle: &self.bundle,
+            bundle_data: &self.data,
+            template: self.template.clone(),
+            cgroup_join: Vec::new(),
+        };
+        let filter = SeccompProgram::compile().expect("the job filter compiles");
+        spawn(&settings, &plan, &filter)
+    }
+
+    fn run(&self) -> Finished {
+        finish(self.spawn().expect("the sandbox starts"))
+    }
+}
+
+struct Finished {
+    pid: i32,
+    status: i32,
+    stdout: String,
+    stderr: String,
+    workdir: OwnedFd,
+}
+
+impl Finished {
+    fn exit_code(&self) -> i32 {
+        assert!(libc::WIFEXITED(self.status), "job was killed: {self:?}");
+        libc::WEXITSTATUS(self.status)
+    }
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "status {:#x}, stdout {:?}, stderr {:?}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Reads J's status, reaps C, then drains both pipes (every writer is gone by then).
+fn finish(spawned: Spawned) -> Finished {
+    let mut status = [0u8; 4];
+    let n = sys::read_full(spawned.status.as_raw_fd(), &mut status).expect("read status pipe");
+    assert_eq!(n, 4, "C exited without reporting J's status");
+    waitpid(Pid::from_raw(spawned.pid.0), None).expect("reap C");
+    Finished {
+        pid: spawned.pid.0,
+        status: i32::from_ne_bytes(status),
+        stdout: drain(&spawned.stdout),
+        stderr: drain(&spawned.stderr),
+        workdir: spawned.workdir,
+    }
+}
+
+/// Reads to end of file. `EAGAIN` can happen while a sandbox that another test thread is
+/// cloning at the same moment still holds a copy of our write end (its C closes it at once;
+/// the real helper is single-threaded, so it has no such window): wait for it.
+fn drain(fd: &OwnedFd) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            Ok(0) => return String::from_utf8_lossy(&out).into_owned(),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => wait_readable(fd),
+            Err(e) => panic!("read output pipe: {e}"),
+        }
+    }
+}
+
+fn path(s: &str) -> BundlePath {
+    BundlePath::new(s).expect("valid test path")
+}
+
+#[test]
+fn given_true_when_spawned_then_it_exits_zero_with_no_output() {
+    let done = Job::new(&["/usr/bin/true"]).run();
+    assert_eq!(done.exit_code(), 0, "{done:?}");
+    assert_eq!(done.stdout, "");
+    assert_eq!(done.stderr, "");
+}
+
+#[test]
+fn given_shell_that_echoes_and_exits_3_when_spawned_then_stdout_and_status_are_reported() {
+    let done = Job::shell("echo hi; echo err >&2; exit 3").run();
+    assert_eq!(done.exit_code(), 3, "{done:?}");
+    assert_eq!(done.stdout, "hi\n");
+    assert_eq!(done.stderr, "err\n");
+}
+
+#[test]
+fn given_job_that_writes_a_file_when_it_has_ended_then_the_workdir_fd_still_reads_it() {
+    let done = Job::shell("echo result > /work/out.txt").run();
+    assert_eq!(done.exit_code(), 0, "{done:?}");
+    // C is reaped, so the job's mount namespace is gone; the fd keeps the tmpfs.
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let raw = openat(
+        Some(done.workdir.as_raw_fd()),
+        "out.txt",
+        flags,
+        Mode::empty(),
+    )
+    .expect("out.txt is in the work dir");
+    // SAFETY: openat just returned this fd; nothing else owns it.
+    let file: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+    assert_eq!(drain(&file), "result\n");
+}
+
+#[test]
+fn given_bundle_with_dir_and_setuid_file_when_spawned_then_they_belong_to_the_job_without_setuid() {
+    let mut job = Job::shell("cat data/run.sh; test -u data/run.sh && echo SETUID; exit 0");
+    job.bundle = vec![
+        BundleEntry::Dir {
+            path: path("data"),
+            mode: 0o2750,
+        },
+        BundleEntry::File {
+            path: path("data/run.sh"),
+            mode: 0o4755,
+            size: 6,
+        },
+        BundleEntry::File {
+            path: path("empty"),
+            mode: 0o600,
+            size: 0,
+        },
+    ];
+    job.data = b"hello\n".to_vec();
+    let done = job.run();
+    assert_eq!(done.exit_code(), 0, "{done:?}");
+    assert_eq!(done.stdout, "hello\n");
+    let work = Some(done.workdir.as_raw_fd());
+    let nofollow = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+    let file = fstatat(work, "data/run.sh", nofollow).expect("stat data/run.sh");
+    assert_eq!((file.st_uid, file.st_gid), (JOB_UID, JOB_GID));
+    assert_eq!(file.st_mode & 0o7777, 0o755, "setuid bit stripped");
+    assert_eq!(file.st_size, 6);
+    let dir = fstatat(work, "data", nofollow).expect("stat data");
+    assert_eq!(dir.st_mode & libc::S_IFMT, libc::S_IFDIR);
+    assert_eq!((dir.st_uid, dir.st_mode & 0o7777), (JOB_UID, 0o750));
+    let empty = fstatat(work, "empty", nofollow).expect("stat empty");
+    assert_eq!((empty.st_size, empty.st_mode & 0o7777), (0, 0o600));
+}
+
+#[test]
+fn given_bundle_larger_than_the_tmpfs_when_spawned_then_write_bundle_fails_with_enospc() {
+    let mut job = Job::new(&["/usr/bin/true"]);
+    job.limits.tmpfs_bytes = 256 << 10;
+    job.data = vec![b'x'; 1 << 20];
+    job.bundle = vec![BundleEntry::File {
+        path: path("big"),
+        mode: 0o644,
+        size: 1 << 20,
+    }];
+    let err = job.spawn().expect_err("the bundle cannot fit");
+    assert_eq!(
+        (err.step, err.errno),
+        (SetupStep::WriteBundle, libc::ENOSPC),
+        "{err}"
+    );
+    assert!(
+        !err.detail.contains("big"),
+        "detail names no job data: {err}"
+    );
+}
+
+#[test]
+fn given_missing_program_when_spawned_then_an_exec_error_is_returned() {
+    let err = Job::new(&["/usr/bin/sandrun-does-not-exist"])
+        .spawn()
+        .expect_err("nothing to execute");
+    assert_eq!(
+        (err.step, err.errno),
+        (SetupStep::Exec, libc::ENOENT),
+        "{err}"
+    );
+}
+
+#[test]
+fn given_workdir_in_the_bundle_when_spawned_then_the_job_starts_there() {
+    let mut job = Job::shell("pwd");
+    job.bundle = vec![BundleEntry::Dir {
+        path: path("src"),
+        mode: 0o755,
+    }];
+    job.workdir = "src".to_owned();
+    let done = job.run();
+    assert_eq!(done.stdout, "/work/src\n", "{done:?}");
+}
+
+#[test]
+fn given_workdir_that_escapes_when_spawned_then_it_is_refused() {
+    let mut job = Job::shell("pwd");
+    job.workdir = "../etc".to_owned();
+    let err = job.spawn().expect_err("workdir must stay under /work");
+    assert_eq!(
+        (err.step, err.errno),
+        (SetupStep::WorkDir, libc::EINVAL),
+        "{err}"
+    );
+}
+
+#[test]
+fn given_job_when_it_inspects_its_credentials_then_it_has_the_job_ids_and_no_privilege() {
+    let done = Job::shell(
+        "id -u; id -g; id -G; \
+         grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status",
+    )
+    .run();
+    let expected = format!(
+        "{JOB_UID}\n{JOB_GID}\n{JOB_GID}\n\
+         CapInh:\t0000000000000000\nCapPrm:\t0000000000000000\nCapEff:\t0000000000000000\n\
+         CapBnd:\t0000000000000000\nCapAmb:\t0000000000000000\nNoNewPrivs:\t1\nSeccomp:\t2\n"
+    );
+    assert_eq!(done.stdout, expected, "{done:?}");
+}
+
+#[test]
+fn given_job_when_it_probes_its_namespaces_then_it_sees_only_its_own_world() {
+    let done = Job::shell(
+        "echo pid=$$; hostname; echo /proc/[0-9]*; \
+         grep -o 'lo:' /proc/net/dev; \
+         touch /usr/probe 2>/dev/null || echo usr-readonly; \
+         echo x >> /etc/passwd 2>/dev/null || echo etc-readonly; \
+         touch /probe 2>/dev/null || echo root-not-writable; \
+         touch /tmp/probe /dev/shm/probe && echo tmp-writable; \
+         grep sandbox /etc/passwd",
+    )
+    .run();
+    let expected = format!(
+        "pid=2\nsandrun\n/proc/1 /proc/2\nlo:\nusr-readonly\netc-readonly\n\
+         root-not-writable\ntmp-writable\nsandbox:x:{JOB_UID}:{JOB_GID}:sandbox:/work:/bin/sh\n"
+    );
+    assert_eq!(done.stdout, expected, "{done:?}");
+}
+
+#[test]
+fn given_job_when_it_reads_its_namespace_ids_then_none_is_the_helpers() {
+    let kinds = ["pid", "mnt", "net", "ipc", "uts", "cgroup"];
+    let script: String = kinds
+        .iter()
+        .map(|k| format!("readlink /proc/self/ns/{k}; "))
+        .collect();
+    let done = Job::shell(&script).run();
+    let inside: Vec<&str> = done.stdout.lines().collect();
+    assert_eq!(inside.len(), kinds.len(), "{done:?}");
+    for (kind, inside) in kinds.iter().zip(inside) {
+        let host = std::fs::read_link(format!("/proc/self/ns/{kind}")).expect("host ns");
+        assert!(inside.starts_with(&format!("{kind}:[")), "{inside}");
+        assert_ne!(
+            Path::new(inside),
+            host,
+            "the job shares the helper's {kind} namespace"
+        );
+    }
+}
+
+#[test]
+fn given_template_when_spawned_then_it_is_readable_at_env_and_read_only() {
+    let template = tempfile::tempdir().expect("template dir");
+    std::fs::write(template.path().join("hello.txt"), "from template\n").expect("write");
+    let mut job = Job::shell("cat /env/hello.txt; touch /env/x 2>/dev/null || echo env-readonly");
+    job.template = Some(template.path().to_owned());
+    let done = job.run();
+    assert_eq!(done.stdout, "from template\nenv-readonly\n", "{done:?}");
+}
+
+#[test]
+fn given_job_with_a_background_child_when_the_job_ends_then_no_process_of_it_is_left() {
+    let tag = format!("1000.{}", std::process::id());
+    // "started" only once the background child has become `sleep` (not the forked shell).
+    let script = format!(
+        "sleep {tag} & until grep -q '^sleep' /proc/$!/cmdline; do :; done; echo started; wait"
+    );
+    let spawned = Job::shell(&script).spawn().expect("the sandbox starts");
+    wait_readable(&spawned.stdout);
+    let sleeper = find_process(&["sleep", &tag]).expect("the background sleep runs");
+    let job = parent_of(sleeper).expect("the sleep's parent is J");
+    // End the job itself (J), not its child: the sandbox must clean up the rest.
+    nix::sys::signal::kill(Pid::from_raw(job), nix::sys::signal::SIGKILL).expect("kill J");
+    let done = finish(spawned);
+    assert!(libc::WIFSIGNALED(done.status), "{done:?}");
+    assert_eq!(libc::WTERMSIG(done.status), libc::SIGKILL);
+    drop(done.workdir);
+    // C is reaped, and with it every process of the job's pid namespace.
+    assert_eq!(
+        find_process(&["sleep", &tag]),
+        None,
+        "the background sleep is left"
+    );
+    for (who, pid) in [("J", job), ("C", done.pid)] {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "{who} is left"
+        );
+    }
+}
+
+/// Blocks (poll, no timeout: the job prints a line or the test hangs visibly) until the
+/// non-blocking pipe has data or end of file.
+fn wait_readable(fd: &OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::NONE).expect("poll stdout");
+}
+
+/// The host pid of the process whose command line is exactly `argv`.
+fn find_process(argv: &[&str]) -> Option<i32> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            (cmdline == wanted).then_some(pid)
+        })
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("PPid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[test]
+fn given_debian_interpreters_when_run_in_the_sandbox_then_they_work() {
+    for program in ["/usr/bin/python3", "/usr/bin/node", "/usr/bin/bash"] {
+        assert!(
+            Path::new(program).exists(),
+            "{program} must be installed on the host for this test (python3, nodejs, bash)"
+        );
+    }
+    let python = Job::new(&["/usr/bin/python3", "-c", PYTHON_LOOPBACK]).run();
+    assert_eq!(python.stdout, "ping over lo\n", "{python:?}");
+    let node = Job::new(&["/usr/bin/node", "-e", "console.log(6 * 7)"]).run();
+    assert_eq!(node.stdout, "42\n", "{node:?}");
+    let bash = Job::new(&["/usr/bin/bash", "-c", "echo $((6 * 7))"]).run();
+    assert_eq!(bash.stdout, "42\n", "{bash:?}");
+}
+
+/// A TCP round trip over the sandbox's loopback, which only works if `lo` is up.
+const PYTHON_LOOPBACK: &str = "
+import socket
+server = socket.socket()
+server.bind(('127.0.0.1', 0))
+server.listen(1)
+client = socket.create_connection(server.getsockname())
+conn, _ = server.accept()
+client.sendall(b'ping over lo')
+print(conn.recv(100).decode())
+";
+
+#[test]
+fn given_every_setup_step_then_its_wire_index_round_trips() {
+    for (i, step) in SetupStep::ALL.iter().enumerate() {
+        assert_eq!(usize::from(step.index()), i, "{step:?}");
+        assert_eq!(SetupStep::from_index(step.index()), Some(*step));
+    }
+    let past_end = u8::try_from(SetupStep::ALL.len()).expect("fewer than 256 steps");
+    assert_eq!(SetupStep::from_index(past_end), None);
+}
+
+#[test]
+fn given_failure_message_when_encoded_and_decoded_then_it_is_unchanged() {
+    let err = sys::fail(
+        SetupStep::BindTemplate,
+        libc::ENOENT,
+        "/var/lib/sandrun/t/py",
+    );
+    let bytes = channel::encode(&channel::Message::Failed(err.clone()));
+    assert_eq!(channel::decode(&bytes), Ok(channel::Message::Failed(err)));
+}
+
+#[test]
+fn given_overlong_multibyte_detail_when_encoded_then_it_is_cut_at_a_char_boundary() {
+    let detail = "é".repeat(200);
+    let bytes = channel::encode_failure(SetupStep::Exec, 2, &detail);
+    let Ok(channel::Message::Failed(err)) = channel::decode(&bytes) else {
+        panic!("decodes");
+    };
+    assert!(err.detail.len() <= channel::DETAIL_MAX);
+    assert!(err.detail.chars().all(|c| c == 'é'));
+    assert_eq!(
+        err.detail.len(),
+        channel::DETAIL_MAX - channel::DETAIL_MAX % 2
+    );
+}
+
+#[test]
+fn given_garbage_control_messages_then_they_are_protocol_errors() {
+    let mut bytes = channel::encode(&channel::Message::Ready);
+    bytes[0] = 99;
+    let unknown_kind = channel::decode(&bytes).err().map(|e| e.step);
+    assert_eq!(unknown_kind, Some(SetupStep::Protocol));
+    let mut bytes = channel::encode_failure(SetupStep::Exec, 2, "");
+    bytes[1] = 250;
+    let unknown_step = channel::decode(&bytes).err().map(|e| e.step);
+    assert_eq!(unknown_step, Some(SetupStep::Protocol));
+    let short = channel::decode(&bytes[..10]).err().map(|e| e.step);
+    assert_eq!(short, Some(SetupStep::Protocol));
+}

@@ -1,0 +1,409 @@
+//! Supervision of one running sandbox: its output pipes, its limits, its end.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use sandrun_ipc::{
+    ExitReason, ExitReport, GrantedLimits, JobId, OutputFileHeader, OutputPattern, Response,
+    MAX_CHUNK_BYTES,
+};
+
+use super::collect::{collect, CollectLimits, Collected};
+use crate::cgroup::{CgroupStats, JobCgroup};
+use crate::sandbox::Spawned;
+
+/// One output stream of the job (stdout or stderr).
+pub struct Pipe {
+    fd: Option<OwnedFd>,
+    /// Bytes forwarded so far (at most the cap).
+    pub kept: u64,
+    pub truncated: bool,
+}
+
+impl Pipe {
+    fn new(fd: OwnedFd) -> Self {
+        Pipe {
+            fd: Some(fd),
+            kept: 0,
+            truncated: false,
+        }
+    }
+
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.fd.is_some()
+    }
+
+    /// Reads once. Returns the bytes to forward (within `cap`); past the cap bytes are read and
+    /// dropped, and the stream is flagged truncated. EOF closes the pipe.
+    pub fn read_chunk(&mut self, cap: u64, buf: &mut [u8]) -> Option<Vec<u8>> {
+        let fd = self.fd.as_ref()?;
+        match nix::unistd::read(fd.as_raw_fd(), buf) {
+            Ok(0) => {
+                self.fd = None;
+                None
+            }
+            Ok(n) => {
+                let room = usize::try_from(cap.saturating_sub(self.kept)).unwrap_or(usize::MAX);
+                let keep = n.min(room);
+                if keep < n {
+                    self.truncated = true;
+                }
+                self.kept += keep as u64;
+                (keep > 0).then(|| buf[..keep].to_vec())
+            }
+            Err(Errno::EAGAIN | Errno::EINTR) => None,
+            Err(_) => {
+                self.fd = None;
+                None
+            }
+        }
+    }
+}
+
+/// A job whose sandbox is running (or has exited and is being drained).
+pub struct Job {
+    pub id: JobId,
+    pub label: String,
+    pub slot: u32,
+    pub started: Instant,
+    pub limits: GrantedLimits,
+    pub outputs: Vec<OutputPattern>,
+    pub cgroup: Box<dyn JobCgroup>,
+    /// C's pid and pidfd.
+    pub pid: crate::ids::ProcessId,
+    pidfd: OwnedFd,
+    /// Read end of the status pipe, until C is reaped.
+    status_pipe: Option<OwnedFd>,
+    /// `/work` of the job's tmpfs; taken when outputs are streamed.
+    pub workdir: Option<OwnedFd>,
+    pub stdout: Pipe,
+    pub stderr: Pipe,
+    /// C has been reaped.
+    pub reaped: bool,
+    /// J's raw wait status, from the status pipe.
+    pub status: Option<i32>,
+    /// Why the helper killed the job, if it did.
+    pub kill_reason: Option<ExitReason>,
+    pub last_stats: CgroupStats,
+    /// When C exited; pipes still open long after that are closed by force.
+    reaped_at: Option<Instant>,
+}
+
+impl Job {
+    pub fn new(
+        id: JobId,
+        label: String,
+        slot: u32,
+        limits: GrantedLimits,
+        outputs: Vec<OutputPattern>,
+        cgroup: Box<dyn JobCgroup>,
+        sandbox: Spawned,
+    ) -> Job {
+        let Spawned {
+            pid,
+            pidfd,
+            stdout,
+            stderr,
+            status,
+            workdir,
+            ..
+        } = sandbox;
+        Job {
+            id,
+            label,
+            slot,
+            started: Instant::now(),
+            limits,
+            outputs,
+            cgroup,
+            pid,
+            pidfd,
+            status_pipe: Some(status),
+            workdir: Some(workdir),
+            stdout: Pipe::new(stdout),
+            stderr: Pipe::new(stderr),
+            reaped: false,
+            status: None,
+            kill_reason: None,
+            last_stats: CgroupStats::default(),
+            reaped_at: None,
+        }
+    }
+
+    /// Kills every process of the job and remembers why (the first reason wins).
+    pub fn kill(&mut self, reason: ExitReason) {
+        if self.reaped {
+            return;
+        }
+        self.kill_reason.get_or_insert(reason);
+        // SIGKILL to C ends the whole pid namespace; the cgroup kill catches anything that is
+        // mid-fork. Errors are fine here: the process may already be gone.
+        let _ = pidfd_kill(self.pidfd.as_fd());
+        if let Err(e) = self.cgroup.kill_all() {
+            tracing::warn!(job = %self.id, error = %e, "cgroup kill failed");
+        }
+    }
+
+    /// Periodic check of the wall-clock and CPU limits.
+    pub fn check_limits(&mut self, now: Instant) {
+        if self.reaped {
+            return;
+        }
+        if now.duration_since(self.started) >= Duration::from_millis(self.limits.wall_ms) {
+            self.kill(ExitReason::Timeout);
+            return;
+        }
+        if let Ok(stats) = self.cgroup.stats() {
+            self.last_stats = stats;
+            if stats.cpu_ns / 1_000_000 >= self.limits.cpu_ms {
+                self.kill(ExitReason::CpuLimit);
+            }
+        }
+    }
+
+    /// Called when C's pidfd is readable: reaps C and reads J's status.
+    pub fn reap(&mut self) {
+        if self.reaped {
+            return;
+        }
+        let pid = Pid::from_raw(self.pid.0);
+        // Anything but "still alive" means C is gone (ECHILD included: nothing left to reap).
+        if let Ok(WaitStatus::StillAlive) = waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            return;
+        }
+        self.reaped = true;
+        self.reaped_at = Some(Instant::now());
+        let mut buf = [0u8; 4];
+        if let Some(fd) = self.status_pipe.take() {
+            let _ = nix::fcntl::fcntl(
+                fd.as_raw_fd(),
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            );
+            if std::fs::File::from(fd).read_exact(&mut buf).is_ok() {
+                self.status = Some(i32::from_ne_bytes(buf));
+            }
+        }
+        // Whatever is left in the pid namespace died with C; make sure of it.
+        let _ = self.cgroup.kill_all();
+    }
+
+    /// C's pidfd: readable once C has exited.
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// Whether the job has fully ended: C reaped and both pipes at EOF (or given up on).
+    pub fn is_finished(&mut self, now: Instant) -> bool {
+        if !self.reaped {
+            return false;
+        }
+        if self.stdout.is_open() || self.stderr.is_open() {
+            // Every writer died with the namespace; a pipe still open after a second means
+            // something holds it that should not. Stop waiting rather than hang the job.
+            if self
+                .reaped_at
+                .is_some_and(|t| now.duration_since(t) > Duration::from_secs(1))
+            {
+                self.stdout.fd = None;
+                self.stderr.fd = None;
+                tracing::warn!(job = %self.id, "output pipes still open after exit; closed");
+            } else {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Builds the exit report from the status and the cgroup's figures.
+    pub fn report(&mut self) -> ExitReport {
+        if let Ok(stats) = self.cgroup.stats() {
+            self.last_stats = stats;
+        }
+        let s = self.last_stats;
+        let (exit_code, signal) = decode_status(self.status);
+        let success = exit_code == Some(0);
+        let reason = if self.kill_reason == Some(ExitReason::Cancelled) {
+            ExitReason::Cancelled
+        } else if s.oom_kills > 0 {
+            ExitReason::MemoryLimit
+        } else if s.pids_max_events > 0 && !success {
+            ExitReason::PidsLimit
+        } else if let Some(r) = self.kill_reason {
+            r
+        } else if s.cpu_ns / 1_000_000 >= self.limits.cpu_ms {
+            // RLIMIT_CPU (the backstop) ended it before the helper's check did.
+            ExitReason::CpuLimit
+        } else if self.status.is_none() {
+            ExitReason::Internal
+        } else if self.stdout.truncated || self.stderr.truncated {
+            ExitReason::OutputLimit
+        } else {
+            ExitReason::None
+        };
+        ExitReport {
+            exit_code,
+            signal,
+            reason,
+            cpu_ms: s.cpu_ns / 1_000_000,
+            wall_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            memory_peak_bytes: s.memory_peak_bytes,
+            stdout_truncated: self.stdout.truncated,
+            stderr_truncated: self.stderr.truncated,
+        }
+    }
+
+    /// Collects the outputs through the work directory fd.
+    pub fn collect_outputs(&self) -> Vec<Collected> {
+        let limits = CollectLimits {
+            max_visited: usize::try_from(self.limits.file_count).unwrap_or(usize::MAX),
+            max_total_bytes: self.limits.tmpfs_bytes,
+        };
+        match &self.workdir {
+            Some(w) => collect(w.as_fd(), &self.outputs, limits),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Splits a raw wait status into exit code or signal. No status (C died first): SIGKILL.
+pub fn decode_status(status: Option<i32>) -> (Option<i32>, Option<i32>) {
+    match status {
+        Some(st) if libc::WIFEXITED(st) => (Some(libc::WEXITSTATUS(st)), None),
+        Some(st) if libc::WIFSIGNALED(st) => (None, Some(libc::WTERMSIG(st))),
+        _ => (None, Some(libc::SIGKILL)),
+    }
+}
+
+fn pidfd_kill(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: pidfd is a valid pidfd owned by the job; the null siginfo and zero flags are the
+    // documented "like kill(2)" form of pidfd_send_signal.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
+/// Streams collected outputs to the client, a chunk at a time, under backpressure.
+pub struct OutputStream {
+    items: std::vec::IntoIter<Collected>,
+    current: Option<(std::fs::File, u64)>,
+    /// Keeps the job's tmpfs alive until every file is sent.
+    _workdir: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl OutputStream {
+    pub fn new(items: Vec<Collected>, workdir: OwnedFd) -> Self {
+        OutputStream {
+            items: items.into_iter(),
+            current: None,
+            _workdir: workdir,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next message to send, or `None` when everything has been sent.
+    pub fn next_message(&mut self) -> Option<Response> {
+        loop {
+            if let Some((file, left)) = &mut self.current {
+                if *left == 0 {
+                    self.current = None;
+                    continue;
+                }
+                let want = usize::try_from(*left)
+                    .unwrap_or(MAX_CHUNK_BYTES)
+                    .min(MAX_CHUNK_BYTES);
+                self.buf.resize(want, 0);
+                match file.read(&mut self.buf) {
+                    Ok(n) if n > 0 => {
+                        *left -= n as u64;
+                        return Some(Response::OutputChunk(self.buf[..n].to_vec()));
+                    }
+                    // The file cannot shrink (the job is dead); treat it as a bug and pad so the
+                    // client's byte count still matches the header.
+                    _ => {
+                        let pad = usize::try_from(*left).unwrap_or(0).min(MAX_CHUNK_BYTES);
+                        *left -= pad as u64;
+                        tracing::error!("output file shrank while being sent");
+                        return Some(Response::OutputChunk(vec![0; pad]));
+                    }
+                }
+            }
+            match self.items.next()? {
+                Collected::Skipped { path, kind } => {
+                    return Some(Response::OutputSkipped { path, kind })
+                }
+                Collected::File {
+                    path,
+                    mut file,
+                    size,
+                    sha256,
+                } => {
+                    if file.seek(SeekFrom::Start(0)).is_err() {
+                        return Some(Response::OutputSkipped {
+                            path,
+                            kind: sandrun_ipc::SkipKind::Unreadable,
+                        });
+                    }
+                    self.current = Some((file, size));
+                    return Some(Response::OutputFile(OutputFileHeader {
+                        path,
+                        size,
+                        sha256,
+                    }));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_wait_statuses_then_exit_code_and_signal_are_decoded() {
+        assert_eq!(decode_status(Some(3 << 8)), (Some(3), None));
+        assert_eq!(
+            decode_status(Some(libc::SIGSEGV)),
+            (None, Some(libc::SIGSEGV))
+        );
+        assert_eq!(decode_status(None), (None, Some(libc::SIGKILL)));
+    }
+
+    #[test]
+    fn given_output_past_the_cap_then_it_is_dropped_and_flagged() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        nix::unistd::write(&w, &[b'x'; 100]).unwrap();
+        drop(w);
+        let mut p = Pipe::new(r);
+        let mut buf = vec![0u8; 64];
+        let mut got = Vec::new();
+        while p.is_open() {
+            if let Some(c) = p.read_chunk(70, &mut buf) {
+                got.extend(c);
+            }
+        }
+        assert_eq!(got.len(), 70);
+        assert!(p.truncated);
+        assert_eq!(p.kept, 70);
+    }
+}

@@ -1,0 +1,891 @@
+//! The helper's single-threaded event loop: `poll` over the listening socket, client connections,
+//! each job's pidfd and output pipes, and a self-pipe for SIGTERM/SIGINT. A 100 ms tick (the poll
+//! timeout while anything is pending) checks wall-clock and CPU limits, conversation deadlines
+//! and retries cgroup removal.
+
+mod collect;
+mod conn;
+mod job;
+mod peer;
+mod request;
+pub mod systemd;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use sandrun_ipc::{
+    AdminRequest, AdminResponse, ErrorCode, ExitReason, Hello, JobId, LatencySummary, Request,
+    Response, Role, SandboxInfo, Stats, PROTOCOL_VERSION,
+};
+
+use crate::cgroup::{CgroupLimits, CgroupManager, JobCgroup};
+use crate::config::Config;
+use crate::ids::{GroupId, UserId};
+use crate::sandbox::{self, seccomp::SeccompProgram, JobPlan, SandboxSettings, SetupStep};
+use conn::{Conn, Incoming, State, HIGH_WATER};
+use job::{Job, OutputStream};
+use peer::{authorize, may_connect, Peer};
+use request::{validate, RequestError};
+
+/// Most client connections at once; more are closed at accept.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Time a client has for the handshake and for each idle step.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time a client has to send its whole bundle.
+const BUNDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const TICK: Duration = Duration::from_millis(100);
+/// CPU bandwidth of one job: one full CPU.
+const CPU_PERIOD_US: u64 = 100_000;
+/// Spawn latency samples kept for the summary.
+const LATENCY_SAMPLES: usize = 1024;
+
+/// Helper-wide counters (the admin `stats` answer is built from these).
+#[derive(Default)]
+struct Counters {
+    jobs_started: u64,
+    by_reason: BTreeMap<&'static str, (ExitReason, u64)>,
+    refused_busy: u64,
+    refused_peer: u64,
+    protocol_errors: u64,
+    setup_failures: u64,
+    spawn_us: VecDeque<u64>,
+}
+
+/// A job cgroup whose removal must be retried, and the slot it holds until then.
+struct Teardown {
+    cgroup: Box<dyn JobCgroup>,
+    slot: u32,
+    since: Instant,
+}
+
+/// Everything the loop owns.
+pub struct Server {
+    cfg: Config,
+    listener: UnixListener,
+    cgroups: Box<dyn CgroupManager>,
+    filter: SeccompProgram,
+    settings: SandboxSettings,
+    conns: BTreeMap<u64, Conn>,
+    next_conn: u64,
+    next_job: u64,
+    /// `true` while a slot's uid may still own a process or a cgroup.
+    slots: Vec<bool>,
+    teardowns: Vec<Teardown>,
+    draining: bool,
+    counters: Counters,
+    signal_pipe: OwnedFd,
+}
+
+/// What a poll entry stands for.
+#[derive(Clone, Copy)]
+enum Token {
+    Listener,
+    Signal,
+    Conn(u64),
+    Stdout(u64),
+    Stderr(u64),
+    Pidfd(u64),
+}
+
+static SIGNAL_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = SIGNAL_WRITE_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; fd is the non-blocking write end of the
+        // self-pipe, kept open for the life of the process; the buffer is a static byte.
+        unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+    }
+}
+
+/// Installs SIGTERM/SIGINT handlers that wake the loop through a self-pipe, and ignores SIGPIPE so
+/// writes to vanished clients fail with EPIPE instead of killing the helper.
+fn install_signal_pipe() -> std::io::Result<OwnedFd> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // The write end lives for the rest of the process: leak it on purpose.
+    SIGNAL_WRITE_FD.store(std::os::fd::IntoRawFd::into_raw_fd(w), Ordering::Relaxed);
+    let handler = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only performs an async-signal-safe write to a pipe; no other handler
+    // is installed for these signals in this process.
+    unsafe {
+        sigaction(Signal::SIGTERM, &handler)?;
+        sigaction(Signal::SIGINT, &handler)?;
+        sigaction(Signal::SIGPIPE, &ignore)?;
+    }
+    Ok(r)
+}
+
+impl Server {
+    pub fn new(
+        cfg: Config,
+        listener: UnixListener,
+        cgroups: Box<dyn CgroupManager>,
+        filter: SeccompProgram,
+    ) -> std::io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let settings = SandboxSettings {
+            mount_point: cfg.mount_point.clone(),
+            template_dir: cfg.template_dir.clone(),
+        };
+        let slots = vec![false; cfg.slot_count as usize];
+        Ok(Server {
+            cfg,
+            listener,
+            cgroups,
+            filter,
+            settings,
+            conns: BTreeMap::new(),
+            next_conn: 0,
+            next_job: 1,
+            slots,
+            teardowns: Vec::new(),
+            draining: false,
+            counters: Counters::default(),
+            signal_pipe: install_signal_pipe()?,
+        })
+    }
+
+    /// Runs until SIGTERM or SIGINT; then kills every sandbox, tears it down and returns.
+    pub fn run(&mut self) -> std::io::Result<()> {
+        let mut last_tick = Instant::now();
+        loop {
+            let events = self.wait()?;
+            let mut stop = false;
+            for (token, revents) in events {
+                match token {
+                    Token::Listener => self.accept_all(),
+                    Token::Signal => stop = true,
+                    Token::Conn(id) => self.on_conn(id, revents),
+                    Token::Stdout(id) => self.on_pipe(id, true),
+                    Token::Stderr(id) => self.on_pipe(id, false),
+                    Token::Pidfd(id) => self.on_exit(id),
+                }
+            }
+            if stop {
+                tracing::info!("signal received: killing sandboxes and exiting");
+                let _ = systemd::notify("STOPPING=1");
+                self.shutdown();
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now.duration_since(last_tick) >= TICK {
+                last_tick = now;
+                self.tick(now);
+            }
+            self.progress_all();
+        }
+    }
+
+    /// Builds the poll set from the current state and waits.
+    fn wait(&mut self) -> std::io::Result<Vec<(Token, PollFlags)>> {
+        let mut tokens = Vec::new();
+        let mut fds: Vec<PollFd<'_>> = Vec::new();
+        let full = self.conns.len() >= MAX_CONNECTIONS;
+        if !full {
+            fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
+            tokens.push(Token::Listener);
+        }
+        fds.push(PollFd::new(self.signal_pipe.as_fd(), PollFlags::POLLIN));
+        tokens.push(Token::Signal);
+        for (&id, c) in &self.conns {
+            if let Some(s) = &c.stream {
+                let mut ev = PollFlags::POLLIN;
+                if c.pending_out() > 0 {
+                    ev |= PollFlags::POLLOUT;
+                }
+                fds.push(PollFd::new(s.as_fd(), ev));
+                tokens.push(Token::Conn(id));
+            }
+            if let State::Running(job) = &c.state {
+                let room = c.pending_out() < HIGH_WATER || c.stream.is_none();
+                for (fd, tok) in [
+                    (job.stdout.fd(), Token::Stdout(id)),
+                    (job.stderr.fd(), Token::Stderr(id)),
+                ] {
+                    if let (Some(fd), true) = (fd, room) {
+                        fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                        tokens.push(tok);
+                    }
+                }
+                if !job.reaped {
+                    fds.push(PollFd::new(job.pidfd(), PollFlags::POLLIN));
+                    tokens.push(Token::Pidfd(id));
+                }
+            }
+        }
+        let busy = !self.conns.is_empty() || !self.teardowns.is_empty();
+        let timeout = if busy {
+            PollTimeout::from(100u16)
+        } else {
+            PollTimeout::NONE
+        };
+        match poll(&mut fds, timeout) {
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        }
+        Ok(fds
+            .iter()
+            .zip(tokens)
+            .filter_map(|(fd, t)| fd.revents().filter(|r| !r.is_empty()).map(|r| (t, r)))
+            .collect())
+    }
+
+    fn accept_all(&mut self) {
+        while self.conns.len() < MAX_CONNECTIONS {
+            let stream = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    return;
+                }
+            };
+            let peer = match Peer::of(&stream) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read peer credentials; closing");
+                    continue;
+                }
+            };
+            if !may_connect(&self.cfg, &peer) {
+                self.counters.refused_peer += 1;
+                tracing::warn!(uid = %peer.uid, gid = %peer.gid, pid = %peer.pid, "refused connection from unauthorized peer");
+                refuse(stream);
+                continue;
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let id = self.next_conn;
+            self.next_conn += 1;
+            self.conns.insert(
+                id,
+                Conn::new(stream, peer, Instant::now() + HANDSHAKE_TIMEOUT),
+            );
+        }
+    }
+
+    fn on_conn(&mut self, id: u64, revents: PollFlags) {
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
+        };
+        if revents.intersects(PollFlags::POLLOUT) {
+            conn.flush();
+        }
+        if revents.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            match conn.read() {
+                Incoming::Messages(msgs) => {
+                    for msg in msgs {
+                        self.handle(&mut conn, msg);
+                        if matches!(conn.state, State::Closing) {
+                            break;
+                        }
+                    }
+                }
+                Incoming::Closed => self.peer_gone(&mut conn),
+                Incoming::Malformed(e) => {
+                    self.counters.protocol_errors += 1;
+                    tracing::warn!(uid = %conn.peer.uid, error = %e, "malformed frame; closing");
+                    self.abort_conn(&mut conn, ErrorCode::MalformedFrame, e);
+                }
+            }
+        }
+        self.conns.insert(id, conn);
+    }
+
+    /// The peer closed: a running job is cancelled, anything else is dropped.
+    fn peer_gone(&mut self, conn: &mut Conn) {
+        conn.stream = None;
+        match std::mem::replace(&mut conn.state, State::Closing) {
+            State::Running(mut job) => {
+                tracing::info!(job = %job.id, "client went away; killing the job");
+                job.kill(ExitReason::Cancelled);
+                conn.state = State::Running(job);
+            }
+            State::Bundle { slot, .. } => self.slots[slot as usize] = false,
+            _ => {}
+        }
+    }
+
+    /// A protocol violation: kill what runs, send the error, close.
+    fn abort_conn(&mut self, conn: &mut Conn, code: ErrorCode, msg: String) {
+        match std::mem::replace(&mut conn.state, State::Closing) {
+            State::Running(mut job) => {
+                job.kill(ExitReason::Cancelled);
+                conn.send(&Response::Error(sandrun_ipc::IpcError::new(code, msg)));
+                conn.state = State::Running(job);
+                return;
+            }
+            State::Bundle { slot, .. } => self.slots[slot as usize] = false,
+            _ => {}
+        }
+        conn.fail(code, msg);
+    }
+
+    fn handle(&mut self, conn: &mut Conn, msg: Request) {
+        let state = std::mem::replace(&mut conn.state, State::Closing);
+        match (state, msg) {
+            (State::AwaitHello, Request::Hello(h)) => self.on_hello(conn, h),
+            (State::Idle(Role::Submitter), Request::Submit(spec)) => self.on_submit(conn, *spec),
+            (State::Idle(Role::Admin), Request::Admin(req)) => {
+                conn.state = State::Idle(Role::Admin);
+                conn.deadline = Some(Instant::now() + IDLE_TIMEOUT);
+                let resp = self.on_admin(req);
+                conn.send(&resp);
+            }
+            (
+                State::Bundle {
+                    job,
+                    id,
+                    slot,
+                    mut data,
+                },
+                Request::BundleChunk(chunk),
+            ) => {
+                if data.len() as u64 + chunk.len() as u64 > job.bundle_bytes {
+                    self.slots[slot as usize] = false;
+                    self.protocol_error(conn, "bundle data exceeds the declared file sizes");
+                    return;
+                }
+                data.extend_from_slice(&chunk);
+                conn.state = State::Bundle {
+                    job,
+                    id,
+                    slot,
+                    data,
+                };
+            }
+            (
+                State::Bundle {
+                    job,
+                    id,
+                    slot,
+                    data,
+                },
+                Request::BundleEnd,
+            ) => {
+                if data.len() as u64 != job.bundle_bytes {
+                    self.slots[slot as usize] = false;
+                    self.protocol_error(
+                        conn,
+                        "bundle data is shorter than the declared file sizes",
+                    );
+                    return;
+                }
+                self.start_job(conn, *job, id, slot, data);
+            }
+            (State::Running(mut job), Request::Cancel) => {
+                job.kill(ExitReason::Cancelled);
+                conn.state = State::Running(job);
+            }
+            (state, msg) => {
+                conn.state = state;
+                let what = request_name(&msg);
+                self.counters.protocol_errors += 1;
+                tracing::warn!(uid = %conn.peer.uid, message = what, "unexpected message; closing");
+                self.abort_conn(
+                    conn,
+                    ErrorCode::UnexpectedMessage,
+                    format!("unexpected {what} message"),
+                );
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, conn: &mut Conn, msg: &str) {
+        self.counters.protocol_errors += 1;
+        tracing::warn!(uid = %conn.peer.uid, "{msg}");
+        conn.fail(ErrorCode::InvalidRequest, msg);
+    }
+
+    fn on_hello(&mut self, conn: &mut Conn, hello: Hello) {
+        if hello.protocol_version != PROTOCOL_VERSION {
+            self.counters.protocol_errors += 1;
+            conn.fail(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "helper speaks protocol {PROTOCOL_VERSION}, peer {}",
+                    hello.protocol_version
+                ),
+            );
+            return;
+        }
+        if !authorize(&self.cfg, &conn.peer, hello.role) {
+            self.counters.refused_peer += 1;
+            tracing::warn!(uid = %conn.peer.uid, role = ?hello.role, "role refused for peer");
+            conn.fail(
+                ErrorCode::NotAuthorized,
+                format!("uid {} may not act as {:?}", conn.peer.uid, hello.role),
+            );
+            return;
+        }
+        conn.send(&Response::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: hello.role,
+        }));
+        conn.state = State::Idle(hello.role);
+        conn.deadline = Some(Instant::now() + IDLE_TIMEOUT);
+    }
+
+    fn on_submit(&mut self, conn: &mut Conn, spec: sandrun_ipc::JobSpec) {
+        if self.draining {
+            conn.fail(
+                ErrorCode::Draining,
+                "the helper is draining and accepts no new jobs",
+            );
+            return;
+        }
+        let job = match validate(&self.cfg, spec) {
+            Ok(j) => j,
+            Err(RequestError::Invalid(m)) => return conn.fail(ErrorCode::InvalidRequest, m),
+            Err(RequestError::NotFound(m)) => return conn.fail(ErrorCode::NotFound, m),
+        };
+        let Some(slot) = self.reserve_slot() else {
+            self.counters.refused_busy += 1;
+            conn.fail(
+                ErrorCode::Busy,
+                format!("all {} sandbox slots are busy", self.cfg.max_concurrent),
+            );
+            return;
+        };
+        let id = JobId(self.next_job);
+        self.next_job += 1;
+        conn.send(&Response::Accepted {
+            job_id: id,
+            limits: job.limits.clone(),
+        });
+        conn.deadline = Some(Instant::now() + BUNDLE_TIMEOUT);
+        let cap = usize::try_from(job.bundle_bytes)
+            .unwrap_or(usize::MAX)
+            .min(16 << 20);
+        conn.state = State::Bundle {
+            job: Box::new(job),
+            id,
+            slot,
+            data: Vec::with_capacity(cap),
+        };
+    }
+
+    /// A free slot, if fewer than `max_concurrent` are in use.
+    fn reserve_slot(&mut self) -> Option<u32> {
+        let used = self.slots.iter().filter(|s| **s).count();
+        if used >= self.cfg.max_concurrent as usize {
+            return None;
+        }
+        let i = self.slots.iter().position(|s| !s)?;
+        self.slots[i] = true;
+        u32::try_from(i).ok()
+    }
+
+    fn start_job(
+        &mut self,
+        conn: &mut Conn,
+        job: request::ValidJob,
+        id: JobId,
+        slot: u32,
+        data: Vec<u8>,
+    ) {
+        conn.deadline = None;
+        let limits = CgroupLimits {
+            memory_bytes: job.limits.memory_bytes,
+            pids: job.limits.pids,
+            cpu_quota_us: CPU_PERIOD_US,
+            cpu_period_us: CPU_PERIOD_US,
+        };
+        let cgroup = match self.cgroups.create(&format!("job-{}", id.0), &limits) {
+            Ok(c) => c,
+            Err(e) => {
+                self.slots[slot as usize] = false;
+                self.counters.setup_failures += 1;
+                tracing::error!(job = %id, error = %e, "cgroup setup failed");
+                conn.fail(ErrorCode::SandboxSetup, format!("cgroup: {e}"));
+                return;
+            }
+        };
+        let uid = self.cfg.slot_uid_base + slot;
+        let plan = JobPlan {
+            argv: job.argv,
+            env: job.env,
+            workdir: job.workdir,
+            uid: UserId(uid),
+            gid: GroupId(uid),
+            limits: &job.limits,
+            bundle: &job.bundle,
+            bundle_data: &data,
+            template: job.template,
+            cgroup_join: cgroup.join_fds().iter().map(|f| f.as_fd()).collect(),
+        };
+        let spawned = sandbox::spawn(&self.settings, &plan, &self.filter);
+        drop(plan);
+        drop(data);
+        match spawned {
+            Ok(sb) => {
+                let us = u64::try_from(sb.spawn_time.as_micros()).unwrap_or(u64::MAX);
+                self.record_spawn(us);
+                tracing::info!(job = %id, label = %job.label, slot, spawn_us = us, "job started");
+                conn.send(&Response::Started { spawn_us: us });
+                let j = Job::new(id, job.label, slot, job.limits, job.outputs, cgroup, sb);
+                conn.state = State::Running(Box::new(j));
+            }
+            Err(e) => {
+                self.counters.setup_failures += 1;
+                tracing::error!(job = %id, error = %e, "sandbox setup failed");
+                let code = if e.step == SetupStep::Exec {
+                    ErrorCode::ExecFailed
+                } else {
+                    ErrorCode::SandboxSetup
+                };
+                conn.fail(code, e.to_string());
+                self.teardown(cgroup, slot);
+            }
+        }
+    }
+
+    fn record_spawn(&mut self, us: u64) {
+        self.counters.jobs_started += 1;
+        if self.counters.spawn_us.len() == LATENCY_SAMPLES {
+            self.counters.spawn_us.pop_front();
+        }
+        self.counters.spawn_us.push_back(us);
+    }
+
+    fn on_pipe(&mut self, id: u64, stdout: bool) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let State::Running(job) = &mut conn.state else {
+            return;
+        };
+        let cap = job.limits.output_bytes;
+        let mut buf = vec![0u8; 64 * 1024];
+        let pipe = if stdout {
+            &mut job.stdout
+        } else {
+            &mut job.stderr
+        };
+        if let Some(chunk) = pipe.read_chunk(cap, &mut buf) {
+            let msg = if stdout {
+                Response::Stdout(chunk)
+            } else {
+                Response::Stderr(chunk)
+            };
+            conn.send(&msg);
+        }
+    }
+
+    fn on_exit(&mut self, id: u64) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            if let State::Running(job) = &mut conn.state {
+                job.reap();
+            }
+        }
+    }
+
+    /// Moves every connection forward where it can: finished jobs report and stream outputs,
+    /// output streams fill the send buffer, buffers are flushed, finished connections dropped.
+    fn progress_all(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<u64> = self.conns.keys().copied().collect();
+        for id in ids {
+            let Some(mut conn) = self.conns.remove(&id) else {
+                continue;
+            };
+            self.progress(&mut conn, now);
+            conn.flush();
+            if !conn.is_done() {
+                self.conns.insert(id, conn);
+            }
+        }
+    }
+
+    fn progress(&mut self, conn: &mut Conn, now: Instant) {
+        match std::mem::replace(&mut conn.state, State::Closing) {
+            State::Running(mut job) => {
+                if job.is_finished(now) {
+                    self.finish(conn, *job);
+                } else {
+                    conn.state = State::Running(job);
+                }
+            }
+            State::Outputs(mut out) => {
+                while conn.pending_out() < HIGH_WATER && conn.stream.is_some() {
+                    match out.next_message() {
+                        Some(m) => conn.send(&m),
+                        None => {
+                            conn.send(&Response::Done);
+                            return;
+                        }
+                    }
+                }
+                if conn.stream.is_some() {
+                    conn.state = State::Outputs(out);
+                }
+            }
+            other => conn.state = other,
+        }
+    }
+
+    /// The job ended: report, start streaming outputs, release the cgroup and the slot.
+    fn finish(&mut self, conn: &mut Conn, mut job: Job) {
+        let report = job.report();
+        let entry = self
+            .counters
+            .by_reason
+            .entry(report.reason.as_str())
+            .or_insert((report.reason, 0));
+        entry.1 += 1;
+        tracing::info!(
+            job = %job.id, label = %job.label, reason = report.reason.as_str(),
+            exit_code = ?report.exit_code, signal = ?report.signal, cpu_ms = report.cpu_ms,
+            wall_ms = report.wall_ms, "job ended"
+        );
+        let client_here = conn.stream.is_some();
+        if client_here {
+            conn.send(&Response::Exited(report));
+        }
+        let items = if client_here {
+            job.collect_outputs()
+        } else {
+            Vec::new()
+        };
+        let workdir = job.workdir.take();
+        let Job { cgroup, slot, .. } = job;
+        self.teardown(cgroup, slot);
+        match (client_here, workdir) {
+            (true, Some(w)) => conn.state = State::Outputs(Box::new(OutputStream::new(items, w))),
+            (true, None) => conn.send(&Response::Done),
+            _ => {}
+        }
+    }
+
+    /// Kills and removes a job cgroup, freeing the slot; retried on later ticks if the kernel
+    /// still reports members.
+    fn teardown(&mut self, cgroup: Box<dyn JobCgroup>, slot: u32) {
+        let mut t = Teardown {
+            cgroup,
+            slot,
+            since: Instant::now(),
+        };
+        if !self.try_teardown(&mut t) {
+            self.teardowns.push(t);
+        }
+    }
+
+    fn try_teardown(&mut self, t: &mut Teardown) -> bool {
+        let _ = t.cgroup.kill_all();
+        match t.cgroup.remove() {
+            Ok(()) => {
+                self.slots[t.slot as usize] = false;
+                true
+            }
+            Err(e) => {
+                if t.since.elapsed() > Duration::from_secs(10) {
+                    tracing::error!(slot = t.slot, error = %e, "job cgroup still not removable");
+                }
+                false
+            }
+        }
+    }
+
+    fn tick(&mut self, now: Instant) {
+        for conn in self.conns.values_mut() {
+            if let State::Running(job) = &mut conn.state {
+                job.check_limits(now);
+            } else if conn.deadline.is_some_and(|d| now >= d) {
+                tracing::warn!(uid = %conn.peer.uid, "conversation timed out; closing");
+                if let State::Bundle { slot, .. } = conn.state {
+                    self.slots[slot as usize] = false;
+                }
+                conn.fail(
+                    ErrorCode::UnexpectedMessage,
+                    "timed out waiting for the next message",
+                );
+            }
+        }
+        let pending = std::mem::take(&mut self.teardowns);
+        for mut t in pending {
+            if !self.try_teardown(&mut t) {
+                self.teardowns.push(t);
+            }
+        }
+    }
+
+    fn on_admin(&mut self, req: AdminRequest) -> Response {
+        let resp = match req {
+            AdminRequest::List => AdminResponse::List(self.list()),
+            AdminRequest::Kill(id) => {
+                let found = self.conns.values_mut().find_map(|c| match &mut c.state {
+                    State::Running(j) if j.id == id => Some(j),
+                    _ => None,
+                });
+                match found {
+                    Some(job) => {
+                        tracing::info!(job = %id, "killed by admin");
+                        job.kill(ExitReason::Cancelled);
+                        AdminResponse::Killed(id)
+                    }
+                    None => {
+                        return Response::Error(sandrun_ipc::IpcError::new(
+                            ErrorCode::NotFound,
+                            format!("no running job {id}"),
+                        ))
+                    }
+                }
+            }
+            AdminRequest::Stats => AdminResponse::Stats(self.stats()),
+            AdminRequest::Drain => {
+                self.draining = true;
+                tracing::info!("draining: no new jobs accepted");
+                AdminResponse::Draining {
+                    running: self.running(),
+                }
+            }
+        };
+        Response::Admin(resp)
+    }
+
+    fn running(&self) -> u32 {
+        let n = self
+            .conns
+            .values()
+            .filter(|c| matches!(c.state, State::Running(_)))
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    fn list(&self) -> Vec<SandboxInfo> {
+        self.conns
+            .values()
+            .filter_map(|c| match &c.state {
+                State::Running(j) => Some(SandboxInfo {
+                    job_id: j.id,
+                    label: j.label.clone(),
+                    uid_slot: j.slot,
+                    pid: j.pid.0,
+                    age_ms: u64::try_from(j.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    cpu_ms: j.last_stats.cpu_ns / 1_000_000,
+                    memory_bytes: j.last_stats.memory_current_bytes,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn stats(&self) -> Stats {
+        let c = &self.counters;
+        Stats {
+            running: self.running(),
+            max_concurrent: self.cfg.max_concurrent,
+            draining: self.draining,
+            jobs_started: c.jobs_started,
+            jobs_by_reason: ExitReason::ALL
+                .iter()
+                .map(|r| (*r, c.by_reason.get(r.as_str()).map_or(0, |e| e.1)))
+                .collect(),
+            refused_busy: c.refused_busy,
+            refused_peer: c.refused_peer,
+            protocol_errors: c.protocol_errors,
+            setup_failures: c.setup_failures,
+            spawn_latency: summarize(&c.spawn_us),
+        }
+    }
+
+    /// Kills every sandbox and waits (bounded) for their teardown.
+    fn shutdown(&mut self) {
+        for conn in self.conns.values_mut() {
+            if let State::Running(job) = &mut conn.state {
+                job.kill(ExitReason::Internal);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let mut any = false;
+            let ids: Vec<u64> = self.conns.keys().copied().collect();
+            for id in ids {
+                let Some(mut conn) = self.conns.remove(&id) else {
+                    continue;
+                };
+                if let State::Running(mut job) = std::mem::replace(&mut conn.state, State::Closing)
+                {
+                    job.reap();
+                    if job.is_finished(Instant::now()) {
+                        let Job { cgroup, slot, .. } = *job;
+                        self.teardown(cgroup, slot);
+                    } else {
+                        any = true;
+                        conn.state = State::Running(job);
+                        self.conns.insert(id, conn);
+                    }
+                }
+            }
+            self.tick(Instant::now());
+            if !any && self.teardowns.is_empty() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tracing::error!("some sandboxes did not finish tearing down before exit");
+    }
+}
+
+/// Best effort: tell a refused peer why, then drop the connection.
+fn refuse(stream: std::os::unix::net::UnixStream) {
+    let _ = stream.set_nonblocking(true);
+    if let Ok(frame) = sandrun_ipc::encode(&Response::Error(sandrun_ipc::IpcError::new(
+        ErrorCode::NotAuthorized,
+        "this uid may not use sandrund",
+    ))) {
+        let _ = std::io::Write::write(&mut &stream, &frame);
+    }
+}
+
+fn request_name(r: &Request) -> &'static str {
+    match r {
+        Request::Hello(_) => "Hello",
+        Request::Submit(_) => "Submit",
+        Request::BundleChunk(_) => "BundleChunk",
+        Request::BundleEnd => "BundleEnd",
+        Request::Cancel => "Cancel",
+        Request::Admin(_) => "Admin",
+    }
+}
+
+fn summarize(samples: &VecDeque<u64>) -> LatencySummary {
+    if samples.is_empty() {
+        return LatencySummary::default();
+    }
+    let mut v: Vec<u64> = samples.iter().copied().collect();
+    v.sort_unstable();
+    let at = |q: usize| v[(v.len() - 1) * q / 100];
+    LatencySummary {
+        count: v.len() as u64,
+        p50_us: at(50),
+        p99_us: at(99),
+        max_us: v[v.len() - 1],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_latency_samples_then_percentiles_are_computed() {
+        let s: VecDeque<u64> = (1..=100).collect();
+        let l = summarize(&s);
+        assert_eq!((l.count, l.p50_us, l.p99_us, l.max_us), (100, 50, 99, 100));
+        assert_eq!(summarize(&VecDeque::new()), LatencySummary::default());
+    }
+}

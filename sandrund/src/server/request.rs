@@ -1,0 +1,428 @@
+//! Validation of a job request, again, in the helper: the gateway's checks are not trusted.
+//! Produces a [`ValidJob`] with every limit clamped to the configured maxima.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::path::PathBuf;
+
+use sandrun_ipc::{BundleEntry, GrantedLimits, JobSpec, Limits, OutputPattern};
+
+use crate::config::{Config, LimitSet};
+
+/// Most arguments, environment variables and output patterns a job may have.
+pub const MAX_ARGS: usize = 1024;
+pub const MAX_ENV: usize = 128;
+pub const MAX_OUTPUT_PATTERNS: usize = 64;
+/// Most bytes of argv plus environment.
+pub const MAX_ARGV_ENV_BYTES: usize = 128 * 1024;
+
+/// Variables the sandbox sets and a request may not override.
+const RESERVED_ENV: &[&str] = &[
+    "PATH", "HOME", "TMPDIR", "USER", "LOGNAME", "LANG", "PWD", "SHELL", "HOSTNAME", "TERM",
+];
+
+/// A request that passed validation.
+#[derive(Debug)]
+pub struct ValidJob {
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+    pub workdir: String,
+    pub limits: GrantedLimits,
+    pub bundle: Vec<BundleEntry>,
+    /// Sum of the bundle's file sizes: exactly this many bytes must follow.
+    pub bundle_bytes: u64,
+    pub outputs: Vec<OutputPattern>,
+    pub template: Option<PathBuf>,
+    pub label: String,
+}
+
+/// Why a request was refused, and whose fault: the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    Invalid(String),
+    NotFound(String),
+}
+
+fn invalid(msg: impl Into<String>) -> RequestError {
+    RequestError::Invalid(msg.into())
+}
+
+/// Validates and clamps `spec`.
+pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
+    let limits = clamp(&spec.limits, &cfg.defaults, &cfg.maxima)?;
+    let argv = validate_argv(cfg, &spec.argv)?;
+    let env = build_env(&spec.env)?;
+    let argv_env_bytes: usize = argv
+        .iter()
+        .chain(env.iter())
+        .map(|s| s.as_bytes_with_nul().len())
+        .sum();
+    if argv_env_bytes > MAX_ARGV_ENV_BYTES {
+        return Err(invalid(format!(
+            "argv and env exceed {MAX_ARGV_ENV_BYTES} bytes"
+        )));
+    }
+    if !spec.workdir.is_empty() {
+        sandrun_ipc::BundlePath::new(spec.workdir.clone())
+            .map_err(|e| invalid(format!("workdir: {e}")))?;
+    }
+    let bundle_bytes = validate_bundle(&spec.bundle, &limits)?;
+    if spec.outputs.len() > MAX_OUTPUT_PATTERNS {
+        return Err(invalid(format!(
+            "more than {MAX_OUTPUT_PATTERNS} output patterns"
+        )));
+    }
+    let template = match &spec.template {
+        None => None,
+        Some(name) => Some(template_path(cfg, name)?),
+    };
+    let label: String = spec
+        .label
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    Ok(ValidJob {
+        argv,
+        env,
+        workdir: spec.workdir,
+        limits,
+        bundle: spec.bundle,
+        bundle_bytes,
+        outputs: spec.outputs,
+        template,
+        label,
+    })
+}
+
+/// Requested values, or the defaults, never above the maxima. A zero request is refused.
+pub fn clamp(req: &Limits, def: &LimitSet, max: &LimitSet) -> Result<GrantedLimits, RequestError> {
+    fn pick<T: Ord + Copy + Default>(
+        name: &str,
+        req: Option<T>,
+        def: T,
+        max: T,
+    ) -> Result<T, RequestError> {
+        match req {
+            Some(v) if v == T::default() => Err(invalid(format!("limits.{name} must be positive"))),
+            Some(v) => Ok(v.min(max)),
+            None => Ok(def.min(max)),
+        }
+    }
+    Ok(GrantedLimits {
+        wall_ms: pick("wall_ms", req.wall_ms, def.wall_ms, max.wall_ms)?,
+        memory_bytes: pick(
+            "memory_bytes",
+            req.memory_bytes,
+            def.memory_bytes,
+            max.memory_bytes,
+        )?
+        .max(8 << 20),
+        cpu_ms: pick("cpu_ms", req.cpu_ms, def.cpu_ms, max.cpu_ms)?,
+        pids: pick("pids", req.pids, def.pids, max.pids)?.max(2),
+        output_bytes: pick(
+            "output_bytes",
+            req.output_bytes,
+            def.output_bytes,
+            max.output_bytes,
+        )?,
+        tmpfs_bytes: pick(
+            "tmpfs_bytes",
+            req.tmpfs_bytes,
+            def.tmpfs_bytes,
+            max.tmpfs_bytes,
+        )?,
+        file_count: pick("file_count", req.file_count, def.file_count, max.file_count)?.max(64),
+    })
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString, RequestError> {
+    CString::new(s).map_err(|_| invalid(format!("{what} contains a NUL byte")))
+}
+
+fn validate_argv(cfg: &Config, argv: &[String]) -> Result<Vec<CString>, RequestError> {
+    let Some(first) = argv.first() else {
+        return Err(invalid("argv is empty"));
+    };
+    if argv.len() > MAX_ARGS {
+        return Err(invalid(format!("argv has more than {MAX_ARGS} entries")));
+    }
+    let program = if let Some(path) = cfg.interpreters.get(first) {
+        path.to_string_lossy().into_owned()
+    } else if first.starts_with('/') && !first.split('/').any(|c| c == "..") {
+        first.clone()
+    } else {
+        return Err(RequestError::NotFound(format!(
+            "argv[0] {first:?} is neither an allowed interpreter ({}) nor an absolute path",
+            cfg.interpreters
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    };
+    let mut out = vec![cstring("argv[0]", &program)?];
+    for (i, a) in argv.iter().enumerate().skip(1) {
+        out.push(cstring(&format!("argv[{i}]"), a)?);
+    }
+    Ok(out)
+}
+
+fn valid_env_key(k: &str) -> bool {
+    let mut chars = k.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && k.len() <= 128
+}
+
+/// The sandbox's fixed variables plus the request's allowed ones. Nothing from the helper's own
+/// environment is passed.
+fn build_env(extra: &[(String, String)]) -> Result<Vec<CString>, RequestError> {
+    if extra.len() > MAX_ENV {
+        return Err(invalid(format!(
+            "more than {MAX_ENV} environment variables"
+        )));
+    }
+    let mut env = vec![
+        "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+        "HOME=/work".to_owned(),
+        "TMPDIR=/tmp".to_owned(),
+        "USER=sandbox".to_owned(),
+        "LOGNAME=sandbox".to_owned(),
+        "LANG=C.UTF-8".to_owned(),
+        "PWD=/work".to_owned(),
+    ];
+    let mut seen = HashSet::new();
+    for (k, v) in extra {
+        if !valid_env_key(k) {
+            return Err(invalid(format!("env key {k:?} is not a valid name")));
+        }
+        if k.starts_with("LD_") || RESERVED_ENV.contains(&k.as_str()) {
+            return Err(invalid(format!("env key {k} may not be set")));
+        }
+        if !seen.insert(k.as_str()) {
+            return Err(invalid(format!("env key {k} is repeated")));
+        }
+        env.push(format!("{k}={v}"));
+    }
+    env.iter().map(|e| cstring("env", e)).collect()
+}
+
+/// Checks the bundle's shape and returns the number of content bytes that must follow: entry
+/// count within `file_count`, total within `tmpfs_bytes`, no duplicates, every parent directory
+/// declared before its children, and modes without special bits.
+fn validate_bundle(entries: &[BundleEntry], limits: &GrantedLimits) -> Result<u64, RequestError> {
+    if entries.len() > limits.file_count as usize {
+        return Err(invalid(format!(
+            "bundle has more than {} entries",
+            limits.file_count
+        )));
+    }
+    let mut dirs: HashSet<&str> = HashSet::new();
+    let mut all: HashSet<&str> = HashSet::new();
+    let mut total: u64 = 0;
+    for e in entries {
+        let (path, mode) = match e {
+            BundleEntry::Dir { path, mode } => (path, *mode),
+            BundleEntry::File { path, mode, size } => {
+                total = total.saturating_add(*size);
+                (path, *mode)
+            }
+        };
+        if mode & !sandrun_ipc::ALLOWED_MODE_BITS != 0 {
+            return Err(invalid(format!(
+                "bundle entry {path}: mode {mode:o} has special bits"
+            )));
+        }
+        if let Some(parent) = path.as_str().rsplit_once('/').map(|(p, _)| p) {
+            if !dirs.contains(parent) {
+                return Err(invalid(format!(
+                    "bundle entry {path}: parent directory not declared first"
+                )));
+            }
+        }
+        if !all.insert(path.as_str()) {
+            return Err(invalid(format!("bundle entry {path} is repeated")));
+        }
+        if matches!(e, BundleEntry::Dir { .. }) {
+            dirs.insert(path.as_str());
+        }
+    }
+    if total > limits.tmpfs_bytes {
+        return Err(invalid(format!(
+            "bundle of {total} bytes exceeds the tmpfs size of {} bytes",
+            limits.tmpfs_bytes
+        )));
+    }
+    Ok(total)
+}
+
+fn template_path(cfg: &Config, name: &str) -> Result<PathBuf, RequestError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok {
+        return Err(invalid(format!("template name {name:?} is not valid")));
+    }
+    let path = cfg.template_dir.join(name);
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => Ok(path),
+        _ => Err(RequestError::NotFound(format!(
+            "template {name:?} does not exist"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UserDb;
+    use crate::ids::{GroupId, UserId};
+    use sandrun_ipc::{BundlePath, NetworkPolicy};
+
+    struct NoUsers;
+    impl UserDb for NoUsers {
+        fn user(&self, _: &str) -> Option<(UserId, GroupId)> {
+            None
+        }
+        fn group(&self, _: &str) -> Option<GroupId> {
+            None
+        }
+    }
+
+    fn cfg() -> Config {
+        Config::from_text("", &NoUsers).unwrap()
+    }
+
+    fn spec(argv: &[&str]) -> JobSpec {
+        JobSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
+            workdir: String::new(),
+            bundle: vec![],
+            limits: Limits::default(),
+            outputs: vec![],
+            template: None,
+            network: NetworkPolicy::None,
+            label: "t".into(),
+        }
+    }
+
+    fn file(p: &str, size: u64) -> BundleEntry {
+        BundleEntry::File {
+            path: BundlePath::new(p).unwrap(),
+            mode: 0o644,
+            size,
+        }
+    }
+
+    fn dir(p: &str) -> BundleEntry {
+        BundleEntry::Dir {
+            path: BundlePath::new(p).unwrap(),
+            mode: 0o755,
+        }
+    }
+
+    #[test]
+    fn given_huge_limits_then_they_are_clamped_to_the_maxima() {
+        let mut s = spec(&["python3", "x.py"]);
+        s.limits = Limits {
+            wall_ms: Some(u64::MAX),
+            memory_bytes: Some(100 << 30),
+            cpu_ms: Some(u64::MAX),
+            pids: Some(u32::MAX),
+            output_bytes: Some(u64::MAX),
+            tmpfs_bytes: Some(u64::MAX),
+            file_count: Some(u32::MAX),
+        };
+        let c = cfg();
+        let j = validate(&c, s).unwrap();
+        assert_eq!(j.limits.wall_ms, c.maxima.wall_ms);
+        assert_eq!(j.limits.memory_bytes, c.maxima.memory_bytes);
+        assert_eq!(j.limits.pids, c.maxima.pids);
+        assert_eq!(j.limits.tmpfs_bytes, c.maxima.tmpfs_bytes);
+        assert_eq!(j.argv[0].to_str().unwrap(), "/usr/bin/python3");
+    }
+
+    #[test]
+    fn given_zero_limits_then_the_field_is_named() {
+        let mut s = spec(&["/bin/true"]);
+        s.limits.memory_bytes = Some(0);
+        assert_eq!(
+            validate(&cfg(), s).unwrap_err(),
+            RequestError::Invalid("limits.memory_bytes must be positive".into())
+        );
+    }
+
+    #[test]
+    fn given_unknown_or_relative_programs_then_they_are_refused() {
+        assert!(matches!(
+            validate(&cfg(), spec(&["perl"])),
+            Err(RequestError::NotFound(_))
+        ));
+        assert!(validate(&cfg(), spec(&["bin/true"])).is_err());
+        assert!(validate(&cfg(), spec(&["/usr/../bin/true"])).is_err());
+        assert!(validate(&cfg(), spec(&[])).is_err());
+        assert!(validate(&cfg(), spec(&["/bin/true", "a\0b"])).is_err());
+    }
+
+    #[test]
+    fn given_dangerous_env_then_it_is_refused() {
+        for (k, v) in [
+            ("LD_PRELOAD", "/x.so"),
+            ("PATH", "/evil"),
+            ("HOME", "/"),
+            ("1X", "y"),
+            ("A=B", "c"),
+        ] {
+            let mut s = spec(&["/bin/true"]);
+            s.env = vec![(k.into(), v.into())];
+            assert!(validate(&cfg(), s).is_err(), "{k} accepted");
+        }
+        let mut s = spec(&["/bin/true"]);
+        s.env = vec![("GREETING".into(), "hi".into())];
+        let j = validate(&cfg(), s).unwrap();
+        assert!(j.env.iter().any(|e| e.to_bytes() == b"GREETING=hi"));
+        assert!(!j.env.iter().any(|e| e.to_bytes().starts_with(b"SANDRUN")));
+    }
+
+    #[test]
+    fn given_bundles_then_shape_rules_are_enforced() {
+        let mut s = spec(&["/bin/true"]);
+        s.bundle = vec![dir("src"), file("src/a.py", 10), file("main.py", 5)];
+        assert_eq!(validate(&cfg(), s).unwrap().bundle_bytes, 15);
+
+        let mut s = spec(&["/bin/true"]);
+        s.bundle = vec![file("src/a.py", 10)];
+        assert!(validate(&cfg(), s).is_err(), "undeclared parent accepted");
+
+        let mut s = spec(&["/bin/true"]);
+        s.bundle = vec![file("a", 1), file("a", 1)];
+        assert!(validate(&cfg(), s).is_err(), "duplicate accepted");
+
+        let mut s = spec(&["/bin/true"]);
+        s.bundle = vec![BundleEntry::File {
+            path: BundlePath::new("x").unwrap(),
+            mode: 0o4755,
+            size: 1,
+        }];
+        assert!(validate(&cfg(), s).is_err(), "setuid accepted");
+
+        let mut s = spec(&["/bin/true"]);
+        s.limits.tmpfs_bytes = Some(1 << 20);
+        s.bundle = vec![file("big", 2 << 20)];
+        assert!(validate(&cfg(), s).is_err(), "oversized bundle accepted");
+    }
+
+    #[test]
+    fn given_bad_template_names_then_they_are_refused() {
+        for name in ["../etc", ".hidden", "a/b", "", "x y"] {
+            let mut s = spec(&["/bin/true"]);
+            s.template = Some(name.into());
+            assert!(validate(&cfg(), s).is_err(), "{name:?} accepted");
+        }
+    }
+}

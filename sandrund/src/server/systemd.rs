@@ -1,0 +1,99 @@
+//! The two pieces of systemd integration the helper needs, written out instead of linking
+//! libsystemd into a root process: socket activation (`LISTEN_FDS`) and readiness
+//! (`sd_notify`).
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+
+use nix::sys::socket::{getsockopt, sockopt};
+
+/// The first descriptor systemd passes.
+const SD_LISTEN_FDS_START: i32 = 3;
+
+/// Takes the listening socket passed by systemd socket activation, if this process was started
+/// that way. The variables are removed so children never see them. Fails if the passed fd is not
+/// a listening Unix stream socket.
+pub fn take_activated_listener() -> Result<Option<UnixListener>, String> {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let fds = std::env::var("LISTEN_FDS").ok();
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    let (Some(pid), Some(fds)) = (pid, fds) else {
+        return Ok(None);
+    };
+    if pid.parse::<u32>().ok() != Some(std::process::id()) {
+        return Ok(None);
+    }
+    let n: i32 = fds
+        .parse()
+        .map_err(|_| format!("LISTEN_FDS={fds:?} is not a number"))?;
+    if n != 1 {
+        return Err(format!("expected exactly one socket from systemd, got {n}"));
+    }
+    check_listener(SD_LISTEN_FDS_START)?;
+    // SAFETY: systemd passed fd 3 to this process (LISTEN_PID matched and LISTEN_FDS=1), nothing
+    // else in the process has taken ownership of it, and it was just checked to be a listening
+    // socket, so it is valid and owned exactly once here.
+    let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
+    let listener = UnixListener::from(fd);
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(&listener),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| format!("cannot set FD_CLOEXEC on the activated socket: {e}"))?;
+    Ok(Some(listener))
+}
+
+fn check_listener(raw: i32) -> Result<(), String> {
+    // SAFETY: `raw` is only borrowed for the duration of the two getsockopt calls below; if it is
+    // not an open socket they fail with EBADF/ENOTSOCK, which we report.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+    let listening = getsockopt(&fd, sockopt::AcceptConn)
+        .map_err(|e| format!("fd {raw} from systemd is not a socket: {e}"))?;
+    let ty =
+        getsockopt(&fd, sockopt::SockType).map_err(|e| format!("fd {raw} from systemd: {e}"))?;
+    if !listening || ty != nix::sys::socket::SockType::Stream {
+        return Err(format!(
+            "fd {raw} from systemd is not a listening stream socket"
+        ));
+    }
+    Ok(())
+}
+
+/// Sends a state string (`READY=1`, `STOPPING=1`, `STATUS=...`) to systemd if `NOTIFY_SOCKET` is
+/// set. Errors are returned for logging; they never stop the helper.
+pub fn notify(state: &str) -> Result<(), String> {
+    let Ok(path) = std::env::var("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let sock = UnixDatagram::unbound().map_err(|e| e.to_string())?;
+    let sent = if let Some(name) = path.strip_prefix('@') {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+            .map_err(|e| e.to_string())?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    sent.map(|_| ())
+        .map_err(|e| format!("sd_notify to {path}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_a_notify_socket_then_ready_is_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let rx = UnixDatagram::bind(&path).unwrap();
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        notify("READY=1").unwrap();
+        std::env::remove_var("NOTIFY_SOCKET");
+        let mut buf = [0u8; 64];
+        let n = rx.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+    }
+}
