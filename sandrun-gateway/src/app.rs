@@ -1,0 +1,223 @@
+//! The binary's start-up, as one list of steps:
+//! 1. parse the command line and load the configuration;
+//! 2. load TLS material and the worker key (from flags, the config, or systemd credentials);
+//! 3. take the listener from systemd or bind it;
+//! 4. if root, drop to the `sandrun` user for good (before any thread or untrusted byte);
+//! 5. start the runtime, serve, and tell systemd we are ready;
+//! 6. on SIGTERM or SIGINT, stop accepting and let open requests finish.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use rustls::ServerConfig;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::gateway::AppState;
+use crate::server::{self, tls};
+use crate::signing::WorkerKey;
+use crate::{privdrop, systemd};
+
+#[derive(Debug, Parser)]
+#[command(name = "sandrun-gateway", version, about = "sandrun's HTTPS gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Address to listen on (default 127.0.0.1:8443). Port 0 picks a free port.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// sandrund's Unix socket.
+    #[arg(long)]
+    helper_socket: Option<PathBuf>,
+    /// TLS certificate chain (PEM).
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Development mode: a self-signed certificate for localhost, generated in memory.
+    #[arg(long, conflicts_with_all = ["cert", "key"])]
+    dev: bool,
+    /// With --dev: also write the (public) development certificate to this file, for clients.
+    #[arg(long, requires = "dev")]
+    dev_cert_out: Option<PathBuf>,
+    /// Ed25519 worker key (PKCS#8 PEM) that signs results.
+    #[arg(long)]
+    worker_key: Option<PathBuf>,
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// User to become when started as root.
+    #[arg(long)]
+    user: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generates a worker key.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("sandrun-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error>;
+
+fn run(cli: Cli) -> Result<(), BoxError> {
+    if let Some(Command::Keygen { out }) = &cli.command {
+        let key = WorkerKey::generate();
+        key.save(out)?;
+        println!(
+            "worker key written to {}; worker_id {}",
+            out.display(),
+            key.worker_id()
+        );
+        return Ok(());
+    }
+    let config = load_config(&cli)?;
+    let tls = load_tls(&cli, &config)?;
+    let worker_key = load_worker_key(&config)?;
+    let listener = match systemd::activated_listener() {
+        Some(listener) => listener,
+        None => std::net::TcpListener::bind(config.listen)
+            .map_err(|e| format!("binding {}: {e}", config.listen))?,
+    };
+    if let Some((uid, gid)) = privdrop::drop_privileges_if_root(&config.user)? {
+        tracing::info!(
+            uid = uid.as_raw(),
+            gid = gid.as_raw(),
+            "dropped root privileges"
+        );
+    }
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(listener, tls, AppState::new(config, worker_key)))
+}
+
+fn load_config(cli: &Cli) -> Result<Config, BoxError> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let cred = systemd::credential;
+    config.listen = cli.listen.unwrap_or(config.listen);
+    config.helper_socket = cli.helper_socket.clone().unwrap_or(config.helper_socket);
+    config.cert = cli
+        .cert
+        .clone()
+        .or(config.cert)
+        .or_else(|| cred("cert.pem"));
+    config.key = cli.key.clone().or(config.key).or_else(|| cred("key.pem"));
+    config.worker_key = cli
+        .worker_key
+        .clone()
+        .or(config.worker_key)
+        .or_else(|| cred("worker.key"));
+    config.user = cli.user.clone().unwrap_or(config.user);
+    config.validate()?;
+    Ok(config)
+}
+
+fn load_tls(cli: &Cli, config: &Config) -> Result<Arc<ServerConfig>, BoxError> {
+    if cli.dev {
+        let dev = tls::dangerous_dev_cert()?;
+        let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&dev.cert_der));
+        tracing::warn!(
+            sha256 = %fingerprint,
+            "DEVELOPMENT MODE: using a self-signed certificate for localhost generated in memory; \
+             do not use --dev in production"
+        );
+        if let Some(out) = &cli.dev_cert_out {
+            std::fs::write(out, &dev.cert_pem)
+                .map_err(|e| format!("writing the dev certificate to {}: {e}", out.display()))?;
+        }
+        return Ok(dev.config);
+    }
+    match (&config.cert, &config.key) {
+        (Some(cert), Some(key)) => Ok(tls::load(cert, key)?),
+        _ => Err(
+            "no TLS certificate: pass --cert and --key (or credentials cert.pem and key.pem), \
+                  or --dev for a local self-signed one"
+                .into(),
+        ),
+    }
+}
+
+fn load_worker_key(config: &Config) -> Result<WorkerKey, BoxError> {
+    match &config.worker_key {
+        Some(path) => Ok(WorkerKey::load(path)?),
+        None => {
+            let key = WorkerKey::generate();
+            tracing::warn!(
+                worker_id = %key.worker_id(),
+                "no --worker-key: signing results with an ephemeral key that dies with this process"
+            );
+            Ok(key)
+        }
+    }
+}
+
+async fn serve(
+    listener: std::net::TcpListener,
+    tls: Arc<ServerConfig>,
+    state: Arc<AppState>,
+) -> Result<(), BoxError> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, helper = %state.config.helper_socket.display(), "listening");
+    // A machine-readable line for scripts and tests.
+    println!("listening on {addr}");
+    let (stop, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        systemd::notify_stopping();
+        let _ = stop.send(true);
+    });
+    systemd::notify_ready();
+    server::run(listener, tls, state, shutdown).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still dies on SIGTERM by default.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

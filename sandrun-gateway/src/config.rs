@@ -1,0 +1,296 @@
+//! The gateway's configuration: an optional TOML file (`--config`), then command-line flags on top.
+//! Every key has a built-in default, so the gateway runs with no file at all. Unknown keys are an
+//! error, so a typo never silently leaves a limit at its default.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+/// Default path of the root helper's socket.
+pub const DEFAULT_HELPER_SOCKET: &str = "/run/sandrun/sandrund.sock";
+/// Default unprivileged user the gateway drops to when started as root.
+pub const DEFAULT_USER: &str = "sandrun";
+
+/// Per-client quotas (a client is an IPv4 address or an IPv6 /64).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientLimits {
+    /// CPU seconds a client's finished jobs may use in any sliding minute.
+    pub cpu_seconds_per_minute: u64,
+    /// Jobs a client may have queued or running at once.
+    pub concurrent_jobs: u32,
+    /// Submissions a client may make in any sliding hour.
+    pub jobs_per_hour: u32,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            cpu_seconds_per_minute: 10,
+            concurrent_jobs: 2,
+            jobs_per_hour: 20,
+        }
+    }
+}
+
+/// How long results are kept and how much memory they may use.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// Seconds a finished job is kept (completed jobs).
+    pub ttl_s: u64,
+    /// Seconds a failed job is kept.
+    pub failed_ttl_s: u64,
+    /// Bytes of logs, outputs and pending inputs the gateway holds in memory at most, all jobs
+    /// together.
+    pub memory_budget_bytes: u64,
+    /// Bytes of stdout (and, separately, stderr) kept per job; the rest is dropped and flagged.
+    pub log_bytes: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            ttl_s: 3600,
+            failed_ttl_s: 300,
+            memory_budget_bytes: 1 << 30,
+            log_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Connection-level protections.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Milliseconds a client has to send a complete request head (slowloris).
+    pub header_timeout_ms: u64,
+    /// Milliseconds a request body may stall between two chunks.
+    pub body_idle_timeout_ms: u64,
+    /// Seconds a connection may live (uploads included; WebSockets are not limited by this).
+    pub max_connection_s: u64,
+    /// Bytes of request head accepted.
+    pub max_header_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            max_connections: 256,
+            header_timeout_ms: 10_000,
+            body_idle_timeout_ms: 30_000,
+            max_connection_s: 600,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// What a manifest may ask for; mirrors `manifest::ManifestPolicy` in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    pub interpreters: Vec<String>,
+    pub environments: Vec<String>,
+    pub max_timeout_s: u64,
+    pub max_memory_mb: u64,
+    pub max_cpu_seconds: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            interpreters: ["python3", "node", "bash", "sh"].map(String::from).to_vec(),
+            environments: Vec::new(),
+            max_timeout_s: 3600,
+            max_memory_mb: 2048,
+            max_cpu_seconds: 60,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub helper_socket: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub worker_key: Option<PathBuf>,
+    /// The user to drop to when started as root.
+    pub user: String,
+    /// Identifier reported by `/health` when there is no worker key.
+    pub worker_id: Option<String>,
+    /// Jobs sent to the helper at once (the helper's `max_concurrent`).
+    pub max_running: usize,
+    /// Jobs waiting in the global queue at most.
+    pub queue_capacity: usize,
+    /// Seconds to wait before retrying a job the helper refused as busy.
+    pub busy_retry_ms: u64,
+    /// Peers whose `X-Forwarded-For` header is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Upload body size cap in bytes.
+    pub max_body_bytes: u64,
+    pub client_limits: ClientLimits,
+    pub retention: Retention,
+    pub http: HttpLimits,
+    pub policy: PolicyConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            // Invariant: the constant is a valid socket address literal.
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("DEFAULT_LISTEN is a valid address"),
+            helper_socket: PathBuf::from(DEFAULT_HELPER_SOCKET),
+            cert: None,
+            key: None,
+            worker_key: None,
+            user: DEFAULT_USER.to_owned(),
+            worker_id: None,
+            max_running: 8,
+            queue_capacity: 64,
+            busy_retry_ms: 500,
+            trusted_proxies: Vec::new(),
+            max_body_bytes: 100 << 20,
+            client_limits: ClientLimits::default(),
+            retention: Retention::default(),
+            http: HttpLimits::default(),
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+/// Failure to load the configuration file. (Local configuration's fault.)
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ConfigError {
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    Parse {
+        path: PathBuf,
+        message: String,
+    },
+    Invalid {
+        message: String,
+    },
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::Read { path, source } => {
+                write!(f, "reading config file {}: {source}", path.display())
+            }
+            ConfigError::Parse { path, message } => {
+                write!(f, "parsing config file {}: {message}", path.display())
+            }
+            ConfigError::Invalid { message } => write!(f, "invalid configuration: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and parses a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that would make the gateway useless or unsafe.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let checks = [
+            (self.max_running == 0, "max_running must be at least 1"),
+            (
+                self.queue_capacity == 0,
+                "queue_capacity must be at least 1",
+            ),
+            (
+                self.http.max_connections == 0,
+                "http.max_connections must be at least 1",
+            ),
+            (
+                self.client_limits.concurrent_jobs == 0,
+                "client_limits.concurrent_jobs must be >= 1",
+            ),
+            (
+                self.retention.log_bytes == 0,
+                "retention.log_bytes must be at least 1",
+            ),
+        ];
+        match checks.iter().find(|(bad, _)| *bad) {
+            Some((_, message)) => Err(ConfigError::Invalid {
+                message: (*message).to_owned(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn ttl(&self, failed: bool) -> Duration {
+        let secs = if failed {
+            self.retention.failed_ttl_s
+        } else {
+            self.retention.ttl_s
+        };
+        Duration::from_secs(secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_no_keys_then_defaults_match_the_documented_values() {
+        let config: Config = toml::from_str("").unwrap();
+        assert_eq!(config, Config::default());
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(config.client_limits.cpu_seconds_per_minute, 10);
+        assert_eq!(config.client_limits.concurrent_jobs, 2);
+        assert_eq!(config.client_limits.jobs_per_hour, 20);
+        assert_eq!(config.retention.ttl_s, 3600);
+        assert_eq!(config.retention.failed_ttl_s, 300);
+    }
+
+    #[test]
+    fn given_unknown_key_then_parsing_fails_naming_it() {
+        let err = toml::from_str::<Config>("[client_limits]\njobs_per_day = 3\n").unwrap_err();
+        assert!(err.to_string().contains("jobs_per_day"), "{err}");
+    }
+
+    #[test]
+    fn given_partial_section_then_other_keys_keep_defaults() {
+        let config: Config = toml::from_str("[client_limits]\nconcurrent_jobs = 5\n").unwrap();
+        assert_eq!(config.client_limits.concurrent_jobs, 5);
+        assert_eq!(config.client_limits.jobs_per_hour, 20);
+    }
+
+    #[test]
+    fn given_zero_queue_capacity_then_validation_refuses_it() {
+        let config = Config {
+            queue_capacity: 0,
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,372 @@
+//! The gateway's side of the conversation with `sandrund`: one Unix-socket connection per job.
+//!
+//! Hello → Submit → BundleChunk* → BundleEnd, then Accepted, Started, Stdout/Stderr*, Exited,
+//! (OutputFile OutputChunk*)* and OutputSkipped*, Done. A `Response::Error` at any point ends the
+//! job (`Busy` means "queue it again"). Cancelling drops the connection, which makes the helper
+//! kill the sandbox. The connection closing before `Done` is a failure with reason `internal`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sandrun_ipc::tokio_adapter::AsyncClientChannel;
+use sandrun_ipc::{
+    ChannelError, ErrorCode, ExitReport, GrantedLimits, Hello, IpcError, JobSpec, Limits,
+    NetworkPolicy, OutputFileHeader, Request, Response, Role, SkipKind, MAX_CHUNK_BYTES,
+    PROTOCOL_VERSION,
+};
+use sha2::{Digest, Sha256};
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+
+use crate::bundle::Bundle;
+use crate::jobs::{MemoryBudget, OutputFile, PendingJob, Reservation, SkippedOutput};
+use crate::manifest::Manifest;
+
+/// Live events of a running job, delivered as they arrive.
+#[derive(Debug)]
+pub enum HelperEvent {
+    Accepted(GrantedLimits),
+    Started { spawn_us: u64 },
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+/// Everything the helper returned after the job's exit.
+#[derive(Debug)]
+pub struct HelperResult {
+    pub exit: ExitReport,
+    pub outputs: Vec<OutputFile>,
+    pub skipped: Vec<SkippedOutput>,
+    /// The memory charged for `outputs`.
+    pub reservation: Reservation,
+}
+
+/// Why a job's conversation ended without a result.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HelperError {
+    /// The socket could not be opened. (Host or configuration.)
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Every sandbox slot is busy; the job should wait in the queue again. (Load.)
+    Busy(IpcError),
+    /// The helper refused or failed the job with a typed error.
+    Refused(IpcError),
+    /// The connection broke or carried something unexpected, at the named step. (Helper's fault.)
+    Protocol { step: &'static str, message: String },
+    /// The job was cancelled by the client.
+    Cancelled,
+}
+
+impl std::fmt::Display for HelperError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HelperError::Connect { path, source } => {
+                write!(
+                    f,
+                    "cannot connect to sandrund at {}: {source}",
+                    path.display()
+                )
+            }
+            HelperError::Busy(e) => write!(f, "sandrund is busy: {e}"),
+            HelperError::Refused(e) => write!(f, "sandrund refused the job: {e}"),
+            HelperError::Protocol { step, message } => {
+                write!(f, "connection to sandrund failed while {step}: {message}")
+            }
+            HelperError::Cancelled => write!(f, "cancelled"),
+        }
+    }
+}
+
+impl std::error::Error for HelperError {}
+
+/// Builds the helper's job spec from a validated manifest and bundle. Returns the spec and the
+/// file contents in entry order.
+pub fn job_spec(manifest: &Manifest, bundle: &Bundle, label: String) -> (JobSpec, Vec<Bytes>) {
+    let limits = Limits {
+        wall_ms: Some(manifest.timeout_s.saturating_mul(1000)),
+        memory_bytes: Some(manifest.memory_mb.saturating_mul(1 << 20)),
+        cpu_ms: Some(manifest.cpu_seconds.saturating_mul(1000)),
+        ..Limits::default()
+    };
+    let spec = JobSpec {
+        argv: manifest.argv(),
+        env: manifest.env.clone(),
+        workdir: String::new(),
+        bundle: bundle.entries(),
+        limits,
+        outputs: manifest.outputs.clone(),
+        template: manifest.environment.clone(),
+        network: NetworkPolicy::None,
+        label,
+    };
+    let files = bundle.files().iter().map(|f| f.data.clone()).collect();
+    (spec, files)
+}
+
+/// Runs one job to its end. `on_event` sees live events in order; `cancel` aborts the job by
+/// dropping the connection.
+pub async fn run_job(
+    socket: &Path,
+    pending: &PendingJob,
+    budget: &Arc<MemoryBudget>,
+    cancel: &Notify,
+    on_event: impl FnMut(HelperEvent),
+) -> Result<HelperResult, HelperError> {
+    tokio::select! {
+        result = converse(socket, pending, budget, on_event) => result,
+        () = cancel.notified() => Err(HelperError::Cancelled),
+    }
+}
+
+async fn converse(
+    socket: &Path,
+    pending: &PendingJob,
+    budget: &Arc<MemoryBudget>,
+    mut on_event: impl FnMut(HelperEvent),
+) -> Result<HelperResult, HelperError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| HelperError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let mut channel = AsyncClientChannel::new(stream);
+    handshake(&mut channel).await?;
+    send_job(&mut channel, pending).await?;
+    let exit = receive_run(&mut channel, &mut on_event).await?;
+    receive_outputs(&mut channel, exit, budget).await
+}
+
+async fn handshake(channel: &mut AsyncClientChannel<UnixStream>) -> Result<(), HelperError> {
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: Role::Submitter,
+    };
+    send(channel, Request::Hello(hello), "sending hello").await?;
+    match recv(channel, "waiting for hello").await? {
+        Response::Hello(h) if h.protocol_version == PROTOCOL_VERSION => Ok(()),
+        Response::Hello(h) => Err(protocol(
+            "waiting for hello",
+            format!(
+                "helper speaks protocol {}, we speak {PROTOCOL_VERSION}",
+                h.protocol_version
+            ),
+        )),
+        other => Err(unexpected("waiting for hello", &other)),
+    }
+}
+
+async fn send_job(
+    channel: &mut AsyncClientChannel<UnixStream>,
+    pending: &PendingJob,
+) -> Result<(), HelperError> {
+    let spec = Box::new(pending.spec.clone());
+    send(channel, Request::Submit(spec), "sending the job spec").await?;
+    for file in &pending.files {
+        for chunk in file.chunks(MAX_CHUNK_BYTES) {
+            send(
+                channel,
+                Request::BundleChunk(chunk.to_vec()),
+                "sending the bundle",
+            )
+            .await?;
+        }
+    }
+    send(channel, Request::BundleEnd, "ending the bundle").await
+}
+
+/// Receives everything up to and including `Exited`.
+async fn receive_run(
+    channel: &mut AsyncClientChannel<UnixStream>,
+    on_event: &mut impl FnMut(HelperEvent),
+) -> Result<ExitReport, HelperError> {
+    const STEP: &str = "waiting for the job to run";
+    loop {
+        match recv(channel, STEP).await? {
+            Response::Accepted { limits, .. } => on_event(HelperEvent::Accepted(limits)),
+            Response::Started { spawn_us } => on_event(HelperEvent::Started { spawn_us }),
+            Response::Stdout(data) => on_event(HelperEvent::Stdout(Bytes::from(data))),
+            Response::Stderr(data) => on_event(HelperEvent::Stderr(Bytes::from(data))),
+            Response::Exited(report) => return Ok(report),
+            Response::Error(e) if e.code == ErrorCode::Busy => return Err(HelperError::Busy(e)),
+            Response::Error(e) => return Err(HelperError::Refused(e)),
+            other => return Err(unexpected(STEP, &other)),
+        }
+    }
+}
+
+/// An output file being received.
+struct Incoming {
+    header: OutputFileHeader,
+    data: Vec<u8>,
+    received: u64,
+    /// The memory budget refused it: its bytes are read and dropped.
+    dropped: bool,
+}
+
+/// Receives the output files up to `Done`.
+async fn receive_outputs(
+    channel: &mut AsyncClientChannel<UnixStream>,
+    exit: ExitReport,
+    budget: &Arc<MemoryBudget>,
+) -> Result<HelperResult, HelperError> {
+    const STEP: &str = "receiving outputs";
+    let mut reservation = budget
+        .try_reserve(0)
+        .ok_or_else(|| protocol(STEP, "memory budget accounting failed".to_owned()))?;
+    let mut outputs = Vec::new();
+    let mut skipped = Vec::new();
+    let mut current: Option<Incoming> = None;
+    loop {
+        let message = recv(channel, STEP).await?;
+        if !matches!(message, Response::OutputChunk(_)) {
+            if let Some(done) = current.take() {
+                finish_output(done, &mut outputs, &mut skipped)?;
+            }
+        }
+        match message {
+            Response::OutputFile(header) => {
+                let dropped = !reservation.grow(header.size);
+                let capacity = if dropped {
+                    0
+                } else {
+                    usize::try_from(header.size).unwrap_or(0)
+                };
+                current = Some(Incoming {
+                    header,
+                    data: Vec::with_capacity(capacity),
+                    received: 0,
+                    dropped,
+                });
+            }
+            Response::OutputChunk(chunk) => append_chunk(current.as_mut(), &chunk)?,
+            Response::OutputSkipped { path, kind } => {
+                skipped.push(SkippedOutput {
+                    path: path.to_string(),
+                    kind: skip_name(kind),
+                });
+            }
+            Response::Done => {
+                return Ok(HelperResult {
+                    exit,
+                    outputs,
+                    skipped,
+                    reservation,
+                })
+            }
+            Response::Error(e) => return Err(HelperError::Refused(e)),
+            other => return Err(unexpected(STEP, &other)),
+        }
+    }
+}
+
+fn append_chunk(current: Option<&mut Incoming>, chunk: &[u8]) -> Result<(), HelperError> {
+    const STEP: &str = "receiving outputs";
+    let incoming =
+        current.ok_or_else(|| protocol(STEP, "output chunk without a file header".to_owned()))?;
+    incoming.received += chunk.len() as u64;
+    if incoming.received > incoming.header.size {
+        return Err(protocol(
+            STEP,
+            format!("{} is longer than announced", incoming.header.path),
+        ));
+    }
+    if !incoming.dropped {
+        incoming.data.extend_from_slice(chunk);
+    }
+    Ok(())
+}
+
+fn finish_output(
+    incoming: Incoming,
+    outputs: &mut Vec<OutputFile>,
+    skipped: &mut Vec<SkippedOutput>,
+) -> Result<(), HelperError> {
+    const STEP: &str = "receiving outputs";
+    let path = incoming.header.path.to_string();
+    if incoming.received != incoming.header.size {
+        return Err(protocol(STEP, format!("{path} is shorter than announced")));
+    }
+    if incoming.dropped {
+        skipped.push(SkippedOutput {
+            path,
+            kind: "memory_budget".to_owned(),
+        });
+        return Ok(());
+    }
+    let digest: [u8; 32] = Sha256::digest(&incoming.data).into();
+    if digest != incoming.header.sha256 {
+        return Err(protocol(STEP, format!("{path} does not match its sha256")));
+    }
+    outputs.push(OutputFile {
+        path,
+        sha256: digest,
+        data: Bytes::from(incoming.data),
+    });
+    Ok(())
+}
+
+fn skip_name(kind: SkipKind) -> String {
+    let name = match kind {
+        SkipKind::Symlink => "symlink",
+        SkipKind::Fifo => "fifo",
+        SkipKind::Socket => "socket",
+        SkipKind::Device => "device",
+        SkipKind::TooLarge => "too_large",
+        SkipKind::TooMany => "too_many",
+        SkipKind::Unreadable => "unreadable",
+    };
+    name.to_owned()
+}
+
+async fn send(
+    channel: &mut AsyncClientChannel<UnixStream>,
+    request: Request,
+    step: &'static str,
+) -> Result<(), HelperError> {
+    channel
+        .send(&request)
+        .await
+        .map_err(|e| channel_error(step, e))
+}
+
+async fn recv(
+    channel: &mut AsyncClientChannel<UnixStream>,
+    step: &'static str,
+) -> Result<Response, HelperError> {
+    channel.recv().await.map_err(|e| channel_error(step, e))
+}
+
+fn channel_error(step: &'static str, e: ChannelError) -> HelperError {
+    let message = match e {
+        ChannelError::Closed => "sandrund closed the connection".to_owned(),
+        other => other.to_string(),
+    };
+    HelperError::Protocol { step, message }
+}
+
+fn protocol(step: &'static str, message: String) -> HelperError {
+    HelperError::Protocol { step, message }
+}
+
+fn unexpected(step: &'static str, got: &Response) -> HelperError {
+    let name = match got {
+        Response::Hello(_) => "Hello",
+        Response::Accepted { .. } => "Accepted",
+        Response::Started { .. } => "Started",
+        Response::Stdout(_) => "Stdout",
+        Response::Stderr(_) => "Stderr",
+        Response::Exited(_) => "Exited",
+        Response::OutputFile(_) => "OutputFile",
+        Response::OutputChunk(_) => "OutputChunk",
+        Response::OutputSkipped { .. } => "OutputSkipped",
+        Response::Done => "Done",
+        Response::Error(_) => "Error",
+        Response::Admin(_) => "Admin",
+    };
+    protocol(step, format!("unexpected {name} message"))
+}

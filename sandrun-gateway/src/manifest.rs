@@ -1,0 +1,600 @@
+//! The job manifest: strict JSON in, a validated [`Manifest`] out (see `docs/manifest.md`).
+//!
+//! Parsing happens in two steps. [`RawManifest`] mirrors the JSON with `deny_unknown_fields`, and
+//! `serde_path_to_error` names the field of any type error. [`Manifest::from_raw`] then checks
+//! every value against the [`ManifestPolicy`] and the uploaded files. Every error message starts
+//! with `manifest.<field>`.
+
+use std::collections::BTreeMap;
+
+use sandrun_ipc::{BundlePath, OutputPattern};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::BundleBuilder;
+
+/// Default wall-clock timeout in seconds.
+pub const DEFAULT_TIMEOUT_S: u64 = 300;
+/// Default memory limit in MiB.
+pub const DEFAULT_MEMORY_MB: u64 = 512;
+/// Default CPU time in seconds.
+pub const DEFAULT_CPU_SECONDS: u64 = 10;
+/// Largest manifest accepted, in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 64 * 1024;
+/// Most arguments accepted.
+pub const MAX_ARGS: usize = 256;
+/// Most environment variables accepted.
+pub const MAX_ENV: usize = 64;
+/// Most output patterns accepted.
+pub const MAX_OUTPUTS: usize = 64;
+/// Longest argument, environment name or value, in bytes.
+pub const MAX_STRING_BYTES: usize = 4096;
+
+/// Entry points tried, in order, when the manifest names none, with their interpreters.
+pub const AUTO_ENTRYPOINTS: [(&str, &str); 3] = [
+    ("main.py", "python3"),
+    ("index.js", "node"),
+    ("run.sh", "bash"),
+];
+
+/// Environment names the sandbox sets itself; a manifest cannot override them.
+pub const RESERVED_ENV: [&str; 8] = [
+    "PATH", "HOME", "TMPDIR", "USER", "LANG", "PWD", "SHELL", "HOSTNAME",
+];
+
+/// What the deployment allows. The helper clamps again; this gives the client a clear 400 first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestPolicy {
+    /// Interpreter names the helper allows (`python3`, `node`, `bash`).
+    pub interpreters: Vec<String>,
+    /// Environment template names.
+    pub environments: Vec<String>,
+    pub max_timeout_s: u64,
+    pub max_memory_mb: u64,
+    pub max_cpu_seconds: u64,
+}
+
+impl Default for ManifestPolicy {
+    fn default() -> Self {
+        ManifestPolicy {
+            interpreters: ["python3", "node", "bash"].map(String::from).to_vec(),
+            environments: Vec::new(),
+            max_timeout_s: 3600,
+            max_memory_mb: 2048,
+            max_cpu_seconds: 60,
+        }
+    }
+}
+
+/// A validated manifest. Every default is filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// A file present in the upload.
+    pub entrypoint: BundlePath,
+    /// A name from [`ManifestPolicy::interpreters`].
+    pub interpreter: String,
+    /// A name from [`ManifestPolicy::environments`].
+    pub environment: Option<String>,
+    pub args: Vec<String>,
+    /// Sorted by name, names unique.
+    pub env: Vec<(String, String)>,
+    pub outputs: Vec<OutputPattern>,
+    pub timeout_s: u64,
+    pub memory_mb: u64,
+    pub cpu_seconds: u64,
+}
+
+/// A manifest the client got wrong. The message names the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    /// The field, as `manifest.<name>` (or `manifest` for the document as a whole).
+    pub field: String,
+    pub problem: String,
+}
+
+impl ManifestError {
+    fn new(field: &str, problem: impl Into<String>) -> Self {
+        let field = if field.is_empty() {
+            "manifest".to_owned()
+        } else {
+            format!("manifest.{field}")
+        };
+        ManifestError {
+            field,
+            problem: problem.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// The manifest exactly as the client wrote it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManifest {
+    entrypoint: Option<String>,
+    interpreter: Option<String>,
+    environment: Option<String>,
+    args: Option<Vec<String>>,
+    env: Option<BTreeMap<String, String>>,
+    outputs: Option<Vec<String>>,
+    timeout: Option<u64>,
+    memory_mb: Option<u64>,
+    cpu_seconds: Option<u64>,
+    requirements: Option<serde_json::Value>,
+}
+
+impl RawManifest {
+    /// Parses JSON, naming the field of any error.
+    pub fn parse(json: &[u8]) -> Result<RawManifest, ManifestError> {
+        if json.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::new(
+                "",
+                format!("larger than {MAX_MANIFEST_BYTES} bytes"),
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(json);
+        let raw: RawManifest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            ManifestError::new(&field, e.into_inner().to_string())
+        })?;
+        de.end()
+            .map_err(|e| ManifestError::new("", e.to_string()))?;
+        Ok(raw)
+    }
+}
+
+impl Manifest {
+    /// Checks `raw` against `policy` and the uploaded files.
+    pub fn from_raw(
+        raw: RawManifest,
+        policy: &ManifestPolicy,
+        files: &BundleBuilder,
+    ) -> Result<Manifest, ManifestError> {
+        if raw.requirements.as_ref().is_some_and(requirements_asked) {
+            return Err(ManifestError::new(
+                "requirements",
+                "requirements are not supported yet",
+            ));
+        }
+        let (entrypoint, auto_interpreter) = entrypoint(raw.entrypoint, files)?;
+        let interpreter = interpreter(raw.interpreter, &entrypoint, auto_interpreter, policy)?;
+        Ok(Manifest {
+            entrypoint,
+            interpreter,
+            environment: environment(raw.environment, policy)?,
+            args: args(raw.args.unwrap_or_default())?,
+            env: env(raw.env.unwrap_or_default())?,
+            outputs: outputs(raw.outputs.unwrap_or_default())?,
+            timeout_s: ranged(
+                "timeout",
+                raw.timeout,
+                DEFAULT_TIMEOUT_S,
+                policy.max_timeout_s,
+            )?,
+            memory_mb: ranged(
+                "memory_mb",
+                raw.memory_mb,
+                DEFAULT_MEMORY_MB,
+                policy.max_memory_mb,
+            )?,
+            cpu_seconds: ranged(
+                "cpu_seconds",
+                raw.cpu_seconds,
+                DEFAULT_CPU_SECONDS,
+                policy.max_cpu_seconds,
+            )?,
+        })
+    }
+
+    /// The canonical JSON form hashed into the job hash: every field present, in the fixed order
+    /// of `docs/manifest.md`, `env` as an object sorted by name, no whitespace.
+    pub fn canonical_json(&self) -> Vec<u8> {
+        let canonical = CanonicalManifest {
+            entrypoint: self.entrypoint.as_str(),
+            interpreter: &self.interpreter,
+            environment: self.environment.as_deref(),
+            args: &self.args,
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            outputs: self.outputs.iter().map(OutputPattern::as_str).collect(),
+            timeout: self.timeout_s,
+            memory_mb: self.memory_mb,
+            cpu_seconds: self.cpu_seconds,
+        };
+        // Invariant: the struct holds only strings, integers, sequences and string-keyed maps,
+        // which serde_json always serializes.
+        serde_json::to_vec(&canonical).expect("canonical manifest serializes")
+    }
+
+    /// The command line: `[interpreter, entrypoint, args...]`.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv = vec![self.interpreter.clone(), self.entrypoint.to_string()];
+        argv.extend(self.args.iter().cloned());
+        argv
+    }
+}
+
+#[derive(Serialize)]
+struct CanonicalManifest<'a> {
+    entrypoint: &'a str,
+    interpreter: &'a str,
+    environment: Option<&'a str>,
+    args: &'a [String],
+    env: BTreeMap<&'a str, &'a str>,
+    outputs: Vec<&'a str>,
+    timeout: u64,
+    memory_mb: u64,
+    cpu_seconds: u64,
+}
+
+/// `null`, `[]`, `""` and `{}` ask for nothing; anything else asks for packages.
+fn requirements_asked(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => false,
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::String(s) => !s.trim().is_empty(),
+        serde_json::Value::Object(o) => !o.is_empty(),
+        _ => true,
+    }
+}
+
+/// The entry point and, when it was auto-detected, its interpreter.
+fn entrypoint(
+    given: Option<String>,
+    files: &BundleBuilder,
+) -> Result<(BundlePath, Option<&'static str>), ManifestError> {
+    let Some(given) = given else {
+        return AUTO_ENTRYPOINTS
+            .iter()
+            .find(|(name, _)| files.has_file(name))
+            .map(|(name, interp)| BundlePath::new(*name).map(|p| (p, Some(*interp))))
+            .transpose()
+            .map_err(|e| ManifestError::new("entrypoint", e.to_string()))?
+            .ok_or_else(|| {
+                ManifestError::new(
+                    "entrypoint",
+                    "required: the upload has no main.py, index.js or run.sh to default to",
+                )
+            });
+    };
+    let trimmed = given.strip_prefix("./").unwrap_or(&given);
+    let path = BundlePath::new(trimmed)
+        .map_err(|e| ManifestError::new("entrypoint", format!("{given:?}: {e}")))?;
+    if !files.has_file(path.as_str()) {
+        return Err(ManifestError::new(
+            "entrypoint",
+            format!("{given:?} is not a file in the upload"),
+        ));
+    }
+    Ok((path, None))
+}
+
+/// The interpreter named, or the default for the entry point's extension; it must be allowed.
+fn interpreter(
+    given: Option<String>,
+    entrypoint: &BundlePath,
+    auto: Option<&'static str>,
+    policy: &ManifestPolicy,
+) -> Result<String, ManifestError> {
+    let name = match given
+        .as_deref()
+        .or(auto)
+        .or_else(|| default_interpreter(entrypoint))
+    {
+        Some(name) => name.to_owned(),
+        None => {
+            return Err(ManifestError::new(
+                "interpreter",
+                format!(
+                    "required: no default interpreter for {:?}",
+                    entrypoint.as_str()
+                ),
+            ))
+        }
+    };
+    if !policy.interpreters.contains(&name) {
+        return Err(ManifestError::new(
+            "interpreter",
+            format!("{name:?} is not one of {:?}", policy.interpreters),
+        ));
+    }
+    Ok(name)
+}
+
+/// `.py` → python3, `.js` → node, `.sh` → bash.
+pub fn default_interpreter(entrypoint: &BundlePath) -> Option<&'static str> {
+    let (_, ext) = entrypoint.as_str().rsplit_once('.')?;
+    match ext {
+        "py" => Some("python3"),
+        "js" | "mjs" | "cjs" => Some("node"),
+        "sh" => Some("bash"),
+        _ => None,
+    }
+}
+
+fn environment(
+    given: Option<String>,
+    policy: &ManifestPolicy,
+) -> Result<Option<String>, ManifestError> {
+    match given {
+        Some(name) if !policy.environments.contains(&name) => Err(ManifestError::new(
+            "environment",
+            format!("{name:?} is not one of {:?}", policy.environments),
+        )),
+        other => Ok(other),
+    }
+}
+
+fn args(args: Vec<String>) -> Result<Vec<String>, ManifestError> {
+    if args.len() > MAX_ARGS {
+        return Err(ManifestError::new(
+            "args",
+            format!("more than {MAX_ARGS} arguments"),
+        ));
+    }
+    for (i, arg) in args.iter().enumerate() {
+        check_string(&format!("args[{i}]"), arg)?;
+    }
+    Ok(args)
+}
+
+fn env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>, ManifestError> {
+    if env.len() > MAX_ENV {
+        return Err(ManifestError::new(
+            "env",
+            format!("more than {MAX_ENV} variables"),
+        ));
+    }
+    for (name, value) in &env {
+        let field = format!("env.{name}");
+        check_env_name(&field, name)?;
+        check_string(&field, value)?;
+    }
+    Ok(env.into_iter().collect())
+}
+
+fn check_env_name(field: &str, name: &str) -> Result<(), ManifestError> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') || name.len() > 255 {
+        return Err(ManifestError::new(
+            field,
+            "names must match [A-Za-z_][A-Za-z0-9_]{0,254}",
+        ));
+    }
+    if name.starts_with("LD_") {
+        return Err(ManifestError::new(field, "LD_* variables are not allowed"));
+    }
+    if RESERVED_ENV.contains(&name) {
+        return Err(ManifestError::new(
+            field,
+            "set by the sandbox, it cannot be overridden",
+        ));
+    }
+    Ok(())
+}
+
+fn check_string(field: &str, s: &str) -> Result<(), ManifestError> {
+    if s.len() > MAX_STRING_BYTES {
+        return Err(ManifestError::new(
+            field,
+            format!("longer than {MAX_STRING_BYTES} bytes"),
+        ));
+    }
+    if s.contains('\0') {
+        return Err(ManifestError::new(field, "contains a NUL byte"));
+    }
+    Ok(())
+}
+
+fn outputs(patterns: Vec<String>) -> Result<Vec<OutputPattern>, ManifestError> {
+    if patterns.len() > MAX_OUTPUTS {
+        return Err(ManifestError::new(
+            "outputs",
+            format!("more than {MAX_OUTPUTS} patterns"),
+        ));
+    }
+    patterns
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            OutputPattern::new(p.clone())
+                .map_err(|e| ManifestError::new(&format!("outputs[{i}]"), format!("{p:?}: {e}")))
+        })
+        .collect()
+}
+
+/// `given` or the default (lowered to `max` if the policy is stricter), within `1..=max`.
+fn ranged(field: &str, given: Option<u64>, default: u64, max: u64) -> Result<u64, ManifestError> {
+    let value = given.unwrap_or(default.min(max));
+    if value == 0 || value > max {
+        return Err(ManifestError::new(
+            field,
+            format!("must be between 1 and {max}"),
+        ));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::bundle::BundleCaps;
+
+    fn files(names: &[&str]) -> BundleBuilder {
+        let mut b = BundleBuilder::new(BundleCaps {
+            max_entries: 100,
+            max_bytes: 1 << 20,
+        });
+        for n in names {
+            b.add_file(BundlePath::new(*n).unwrap(), 0o644, Bytes::new())
+                .unwrap();
+        }
+        b
+    }
+
+    fn parse(json: &str, names: &[&str]) -> Result<Manifest, ManifestError> {
+        let raw = RawManifest::parse(json.as_bytes())?;
+        Manifest::from_raw(raw, &ManifestPolicy::default(), &files(names))
+    }
+
+    fn err(json: &str) -> String {
+        parse(json, &["main.py", "tool.rb"])
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn given_a_minimal_manifest_then_defaults_are_filled_in() {
+        let m = parse(r#"{"entrypoint":"main.py"}"#, &["main.py"]).unwrap();
+        assert_eq!(m.interpreter, "python3");
+        assert_eq!((m.timeout_s, m.memory_mb, m.cpu_seconds), (300, 512, 10));
+        assert_eq!(m.argv(), ["python3", "main.py"]);
+    }
+
+    #[test]
+    fn given_no_entrypoint_then_main_py_index_js_run_sh_are_detected_in_order() {
+        assert_eq!(
+            parse("{}", &["run.sh", "index.js"]).unwrap().argv(),
+            ["node", "index.js"]
+        );
+        assert_eq!(
+            parse("{}", &["run.sh", "x.py"]).unwrap().argv(),
+            ["bash", "run.sh"]
+        );
+        assert_eq!(
+            parse("{}", &["main.py", "run.sh"]).unwrap().interpreter,
+            "python3"
+        );
+        let e = parse("{}", &["x.py"]).unwrap_err();
+        assert_eq!(e.field, "manifest.entrypoint");
+    }
+
+    #[test]
+    fn given_an_unknown_field_then_the_error_names_it() {
+        let e = err(r#"{"entrypoint":"main.py","memory":5}"#);
+        assert!(e.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn given_a_wrong_type_then_the_error_names_the_field() {
+        let e = err(r#"{"entrypoint":"main.py","timeout":"60"}"#);
+        assert!(e.starts_with("manifest.timeout:"), "{e}");
+        let e = err(r#"{"entrypoint":"main.py","args":[1]}"#);
+        assert!(e.starts_with("manifest.args"), "{e}");
+        let e = err(r#"{"entrypoint":"main.py","memory_mb":-1}"#);
+        assert!(e.starts_with("manifest.memory_mb:"), "{e}");
+    }
+
+    #[test]
+    fn given_out_of_range_limits_then_the_error_names_the_field_and_range() {
+        assert_eq!(
+            err(r#"{"entrypoint":"main.py","memory_mb":4096}"#),
+            "manifest.memory_mb: must be between 1 and 2048"
+        );
+        assert_eq!(
+            err(r#"{"entrypoint":"main.py","timeout":3601}"#),
+            "manifest.timeout: must be between 1 and 3600"
+        );
+        assert_eq!(
+            err(r#"{"entrypoint":"main.py","cpu_seconds":0}"#),
+            "manifest.cpu_seconds: must be between 1 and 60"
+        );
+    }
+
+    #[test]
+    fn given_forbidden_env_names_then_each_is_refused_naming_it() {
+        for name in ["LD_PRELOAD", "PATH", "HOME", "HOSTNAME", "1X", "A-B", ""] {
+            let e = err(&format!(
+                r#"{{"entrypoint":"main.py","env":{{"{name}":"x"}}}}"#
+            ));
+            assert!(e.starts_with(&format!("manifest.env.{name}:")), "{e}");
+        }
+        let m = parse(
+            r#"{"entrypoint":"main.py","env":{"B":"2","A_1":"1"}}"#,
+            &["main.py"],
+        );
+        assert_eq!(
+            m.unwrap().env,
+            [("A_1".into(), "1".into()), ("B".into(), "2".into())]
+        );
+    }
+
+    #[test]
+    fn given_requirements_then_they_are_refused_clearly() {
+        assert_eq!(
+            err(r#"{"entrypoint":"main.py","requirements":["numpy"]}"#),
+            "manifest.requirements: requirements are not supported yet"
+        );
+        assert!(parse(
+            r#"{"entrypoint":"main.py","requirements":[]}"#,
+            &["main.py"]
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn given_an_entrypoint_not_in_the_upload_then_it_is_refused() {
+        let e = err(r#"{"entrypoint":"missing.py"}"#);
+        assert!(
+            e.starts_with("manifest.entrypoint:") && e.contains("missing.py"),
+            "{e}"
+        );
+        let e = err(r#"{"entrypoint":"../main.py"}"#);
+        assert!(e.starts_with("manifest.entrypoint:"), "{e}");
+    }
+
+    #[test]
+    fn given_an_interpreter_not_allowed_or_unknown_extension_then_it_is_refused() {
+        assert!(err(r#"{"entrypoint":"main.py","interpreter":"perl"}"#)
+            .starts_with("manifest.interpreter:"));
+        assert!(err(r#"{"entrypoint":"tool.rb"}"#).starts_with("manifest.interpreter: required"));
+    }
+
+    #[test]
+    fn given_bad_output_patterns_or_environment_then_the_field_is_named() {
+        assert!(err(r#"{"entrypoint":"main.py","outputs":["ok/","../x"]}"#)
+            .starts_with("manifest.outputs[1]:"));
+        assert!(err(r#"{"entrypoint":"main.py","environment":"nope"}"#)
+            .starts_with("manifest.environment:"));
+    }
+
+    #[test]
+    fn given_two_equal_manifests_then_canonical_json_is_identical_and_complete() {
+        let a = parse(
+            r#"{"entrypoint":"main.py","env":{"B":"1","A":"2"}}"#,
+            &["main.py"],
+        );
+        let b = parse(
+            r#"{ "env": {"A":"2","B":"1"}, "entrypoint": "./main.py" }"#,
+            &["main.py"],
+        );
+        let (a, b) = (a.unwrap().canonical_json(), b.unwrap().canonical_json());
+        assert_eq!(a, b);
+        assert_eq!(
+            String::from_utf8(a).unwrap(),
+            r#"{"entrypoint":"main.py","interpreter":"python3","environment":null,"args":[],"env":{"A":"2","B":"1"},"outputs":[],"timeout":300,"memory_mb":512,"cpu_seconds":10}"#
+        );
+    }
+
+    #[test]
+    fn given_trailing_garbage_or_a_non_object_then_the_manifest_is_refused() {
+        assert!(RawManifest::parse(br#"{} x"#).is_err());
+        assert!(RawManifest::parse(br#"[]"#).is_err());
+        assert!(RawManifest::parse(br#"{"timeout":1,"timeout":2}"#).is_err());
+    }
+}

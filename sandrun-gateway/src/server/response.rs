@@ -1,0 +1,132 @@
+//! Responses: every body is JSON built by serde (never by hand), and every error is
+//! `{"error": "..."}` with the status that says whose fault it is.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use hyper::{Response, StatusCode};
+use serde::Serialize;
+
+use crate::ratelimit::QuotaHeader;
+
+pub type Body = Full<Bytes>;
+
+/// An error answer. 4xx: the caller's fault; 503: load; 500: a bug in the gateway.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, format!("{what} not found"))
+    }
+
+    pub fn method_not_allowed(allow: &'static str) -> ApiError {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            .with_header(hyper::header::ALLOW, HeaderValue::from_static(allow))
+    }
+
+    /// 503 with `Retry-After`.
+    pub fn unavailable(message: impl Into<String>, retry_after: Duration) -> ApiError {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message).with_retry_after(retry_after)
+    }
+
+    /// A bug: the message goes to the log, the client sees a generic text.
+    pub fn internal(context: &str) -> ApiError {
+        tracing::error!(context, "internal error while answering a request");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn with_retry_after(self, after: Duration) -> ApiError {
+        let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        self.with_header(RETRY_AFTER, HeaderValue::from(seconds.max(1)))
+    }
+
+    pub fn with_quota(mut self, quota: QuotaHeader) -> ApiError {
+        self.headers.extend(quota_headers(quota));
+        self
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        #[derive(Serialize)]
+        struct ErrorBody<'a> {
+            error: &'a str,
+        }
+        let mut response = json(
+            self.status,
+            &ErrorBody {
+                error: &self.message,
+            },
+        );
+        response.headers_mut().extend(self.headers);
+        response
+    }
+}
+
+/// The `RateLimit-*` headers (IETF draft: limit, remaining, seconds to reset).
+pub fn quota_headers(quota: QuotaHeader) -> Vec<(HeaderName, HeaderValue)> {
+    vec![
+        (
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderValue::from(quota.limit),
+        ),
+        (
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderValue::from(quota.remaining),
+        ),
+        (
+            HeaderName::from_static("ratelimit-reset"),
+            HeaderValue::from(quota.reset_s),
+        ),
+    ]
+}
+
+/// A JSON response. Serialization of our own types cannot fail; if it did, that is a 500.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(body) => bytes_response(status, "application/json", Bytes::from(body)),
+        Err(e) => {
+            tracing::error!(error = %e, "serializing a response");
+            let body = Bytes::from_static(br#"{"error":"internal error"}"#);
+            bytes_response(StatusCode::INTERNAL_SERVER_ERROR, "application/json", body)
+        }
+    }
+}
+
+pub fn bytes_response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    let value = HeaderValue::from_str(content_type)
+        .unwrap_or(HeaderValue::from_static("application/octet-stream"));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, value);
+    headers.insert(
+        HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+pub type ApiResult = Result<Response<Body>, ApiError>;

@@ -1,0 +1,415 @@
+//! The router and the JSON endpoints. Paths and field names follow the original Sandrun API so
+//! its clients keep working; `docs/api.md` documents each one.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::gateway::AppState;
+use crate::helper_client::job_spec;
+use crate::jobs::{DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind};
+use crate::ratelimit::{client_ip, ClientKey};
+use crate::server::body::timed_body;
+use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
+use crate::server::{outputs, ws, ConnInfo};
+use crate::upload::parse_submission;
+
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Retry hint when the queue or the memory budget is full.
+const LOAD_RETRY: Duration = Duration::from_secs(10);
+
+/// Answers one request. Never fails: errors become JSON responses.
+pub async fn handle(
+    state: Arc<AppState>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match route(state, conn, req).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> ApiResult {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
+    let method = req.method().clone();
+    match (segments.as_slice(), method) {
+        ([""], Method::GET) => Ok(service_info(&state)),
+        (["submit"], Method::POST) => submit(&state, conn.peer, req).await,
+        (["status", id], Method::GET) => status(&state, id),
+        (["logs", id], Method::GET) => logs(&state, id),
+        (["outputs", id], Method::GET) => outputs::list(&state, id),
+        (["download", id], Method::GET) => outputs::tarball(&state, id).await,
+        (["download", id, file], Method::GET) => outputs::file(&state, id, file),
+        (["jobs", id], Method::DELETE) => delete(&state, id),
+        (["stats"], Method::GET) => Ok(stats(&state, &client_key(&state, conn.peer, &req))),
+        (["environments"], Method::GET) => Ok(environments(&state)),
+        (["health"], Method::GET) => Ok(health(&state)),
+        (["metrics"], Method::GET) => Ok(metrics(&state)),
+        (["ws" | "stream", id], Method::GET) => ws::upgrade(&state, conn, id, req),
+        (known, _) => Err(wrong_method_or_unknown(known)),
+    }
+}
+
+fn wrong_method_or_unknown(segments: &[&str]) -> ApiError {
+    let allow = match segments {
+        [""] | ["stats" | "environments" | "health" | "metrics"] => "GET",
+        ["submit"] => "POST",
+        ["status" | "logs" | "outputs" | "ws" | "stream", _] => "GET",
+        ["download", _] | ["download", _, _] => "GET",
+        ["jobs", _] => "DELETE",
+        _ => return ApiError::not_found("endpoint"),
+    };
+    ApiError::method_not_allowed(allow)
+}
+
+/// Parses a job id from the path; an id that cannot exist is simply not found.
+pub fn job_id(text: &str) -> Result<JobId, ApiError> {
+    JobId::parse(text).ok_or_else(|| ApiError::not_found("job"))
+}
+
+pub fn client_key<B>(state: &AppState, peer: SocketAddr, req: &Request<B>) -> ClientKey {
+    let forwarded = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    ClientKey::from_ip(client_ip(
+        peer.ip(),
+        forwarded,
+        &state.config.trusted_proxies,
+    ))
+}
+
+fn service_info(state: &AppState) -> Response<Body> {
+    let c = &state.config;
+    let body = json!({
+        "service": "sandrun-gateway",
+        "version": VERSION,
+        "worker_id": state.worker_key.worker_id(),
+        "limits": {
+            "max_upload_bytes": c.max_body_bytes,
+            "max_timeout_s": c.policy.max_timeout_s,
+            "max_memory_mb": c.policy.max_memory_mb,
+            "max_cpu_seconds": c.policy.max_cpu_seconds,
+            "cpu_seconds_per_minute": c.client_limits.cpu_seconds_per_minute,
+            "concurrent_jobs": c.client_limits.concurrent_jobs,
+            "jobs_per_hour": c.client_limits.jobs_per_hour,
+            "queue_capacity": c.queue_capacity,
+            "result_ttl_s": c.retention.ttl_s,
+            "failed_result_ttl_s": c.retention.failed_ttl_s,
+        },
+        "interpreters": c.policy.interpreters,
+        "environments": c.policy.environments,
+        "endpoints": [
+            "GET /", "POST /submit", "GET /status/{id}", "GET /logs/{id}", "GET /outputs/{id}",
+            "GET /download/{id}", "GET /download/{id}/{path}", "DELETE /jobs/{id}", "GET /stats",
+            "GET /environments", "GET /health", "GET /metrics", "GET /ws/{id}", "GET /stream/{id}",
+        ],
+    });
+    json(StatusCode::OK, &body)
+}
+
+fn environments(state: &AppState) -> Response<Body> {
+    let c = &state.config.policy;
+    json(
+        StatusCode::OK,
+        &json!({ "environments": c.environments, "interpreters": c.interpreters }),
+    )
+}
+
+fn health(state: &AppState) -> Response<Body> {
+    let body = json!({
+        "status": "ok",
+        "worker_id": state.worker_key.worker_id(),
+        "version": VERSION,
+    });
+    json(StatusCode::OK, &body)
+}
+
+fn metrics(state: &AppState) -> Response<Body> {
+    let text = state.metrics.render(state.gauges());
+    bytes_response(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        Bytes::from(text),
+    )
+}
+
+fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
+    let quota = state.limiter().quota(*client, Instant::now());
+    let counts = state.jobs.counts();
+    let body = json!({
+        "client": client.to_string(),
+        "quota": quota,
+        "system": {
+            "queue_length": counts.queued,
+            "queue_capacity": counts.queue_capacity,
+            "running": counts.running,
+            "max_running": state.config.max_running,
+            "finished_held": counts.finished,
+            "memory_used_bytes": state.jobs.budget().used(),
+            "memory_budget_bytes": state.jobs.budget().limit(),
+        },
+    });
+    json(StatusCode::OK, &body)
+}
+
+/// `POST /submit`: quotas first (cheap), then the upload, then the queue.
+async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> ApiResult {
+    let client = client_key(state, peer, &req);
+    check_quota(state, client)?;
+    check_queue_room(state)?;
+    check_declared_length(state, &req)?;
+    let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
+    let idle = Duration::from_millis(state.config.http.body_idle_timeout_ms);
+    let body = timed_body(req.into_body(), idle);
+    let submission = parse_submission(
+        content_type.as_deref(),
+        body,
+        &state.upload_limits,
+        &state.policy,
+    )
+    .await
+    .map_err(|e| {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        state.metrics.rejected(upload_cause(status));
+        ApiError::new(status, e.message())
+    })?;
+    let Some(reservation) = state
+        .jobs
+        .budget()
+        .try_reserve(submission.bundle.total_bytes())
+    else {
+        state.metrics.rejected("memory_budget");
+        return Err(ApiError::unavailable(
+            "the gateway's memory budget is full",
+            LOAD_RETRY,
+        ));
+    };
+    let id = JobId::random();
+    let (spec, files) = job_spec(&submission.manifest, &submission.bundle, id.to_string());
+    let info = JobInfo {
+        interpreter: submission.manifest.interpreter.clone(),
+        environment: submission.manifest.environment.clone(),
+        job_hash: submission.job_hash,
+    };
+    let held = state
+        .jobs
+        .budget()
+        .try_reserve(0)
+        .ok_or_else(|| ApiError::internal("budget"))?;
+    let job = Job::new(
+        id,
+        client,
+        info,
+        PendingJob {
+            spec,
+            files,
+            reservation,
+        },
+        held,
+    );
+    enqueue(state, client, job)
+}
+
+fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
+    let id = job.id;
+    let quota = state
+        .limiter()
+        .admit(client, Instant::now())
+        .map_err(|refusal| {
+            state.metrics.rejected(refusal.kind.as_str());
+            quota_error(refusal)
+        })?;
+    let Ok(position) = state.jobs.enqueue(job) else {
+        state.limiter().unadmit(client);
+        state.metrics.rejected("queue_full");
+        return Err(ApiError::unavailable("the queue is full", LOAD_RETRY));
+    };
+    state.metrics.job_submitted();
+    state.wake_scheduler();
+    tracing::info!(job = %id, "job queued");
+    let body = json!({ "job_id": id.to_string(), "status": "queued", "queue_position": position });
+    let mut response = json(StatusCode::OK, &body);
+    response.headers_mut().extend(quota_headers(quota));
+    Ok(response)
+}
+
+fn check_quota(state: &AppState, client: ClientKey) -> Result<(), ApiError> {
+    let refusal = state.limiter().check(client, Instant::now()).err();
+    match refusal {
+        None => Ok(()),
+        Some(refusal) => {
+            state.metrics.rejected(refusal.kind.as_str());
+            Err(quota_error(refusal))
+        }
+    }
+}
+
+fn quota_error(refusal: crate::ratelimit::Refusal) -> ApiError {
+    let message = format!("quota exceeded: {}", refusal.kind.as_str());
+    ApiError::new(StatusCode::TOO_MANY_REQUESTS, message)
+        .with_retry_after(refusal.retry_after)
+        .with_quota(refusal.header)
+}
+
+fn check_queue_room(state: &AppState) -> Result<(), ApiError> {
+    let counts = state.jobs.counts();
+    if counts.queued >= counts.queue_capacity {
+        state.metrics.rejected("queue_full");
+        return Err(ApiError::unavailable("the queue is full", LOAD_RETRY));
+    }
+    Ok(())
+}
+
+fn check_declared_length(state: &AppState, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let declared = header_text(req, CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.config.max_body_bytes) {
+        state.metrics.rejected("upload_too_large");
+        let limit = state.config.max_body_bytes;
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the limit of {limit} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn upload_cause(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "upload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "upload_media_type",
+        _ => "upload_invalid",
+    }
+}
+
+fn header_text<B>(req: &Request<B>, name: hyper::header::HeaderName) -> Option<&str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+#[derive(Serialize)]
+struct ExecutionMetadata<'a> {
+    cpu_seconds: Option<f64>,
+    memory_peak_bytes: Option<u64>,
+    memory_peak_mb: Option<f64>,
+    wall_time_ms: Option<u64>,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    environment: Option<&'a str>,
+    interpreter: &'a str,
+}
+
+#[derive(Serialize)]
+struct OutputFileInfo {
+    size_bytes: u64,
+    sha256: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+fn status(state: &AppState, id: &str) -> ApiResult {
+    let id = job_id(id)?;
+    let worker_id = state.worker_key.worker_id();
+    state
+        .jobs
+        .with_job(id, |job, position| {
+            json(StatusCode::OK, &status_body(job, position, &worker_id))
+        })
+        .ok_or_else(|| ApiError::not_found("job"))
+}
+
+fn status_body(job: &Job, position: Option<usize>, worker_id: &str) -> serde_json::Value {
+    let exit = job.exit.as_ref();
+    #[allow(clippy::cast_precision_loss)] // display values; exact integers are alongside
+    let metadata = ExecutionMetadata {
+        cpu_seconds: exit.map(|e| e.cpu_ms as f64 / 1000.0),
+        memory_peak_bytes: exit.map(|e| e.memory_peak_bytes),
+        memory_peak_mb: exit.map(|e| e.memory_peak_bytes as f64 / f64::from(1 << 20)),
+        wall_time_ms: exit.map(|e| e.wall_ms),
+        exit_code: exit.and_then(|e| e.exit_code),
+        signal: exit.and_then(|e| e.signal),
+        environment: job.info.environment.as_deref(),
+        interpreter: &job.info.interpreter,
+    };
+    let output_files: serde_json::Map<String, serde_json::Value> = job
+        .outputs
+        .iter()
+        .map(|o| {
+            let info = OutputFileInfo {
+                size_bytes: o.data.len() as u64,
+                sha256: hex::encode(o.sha256),
+                kind: outputs::file_kind(&o.path),
+            };
+            (
+                o.path.clone(),
+                serde_json::to_value(info).unwrap_or_default(),
+            )
+        })
+        .collect();
+    json!({
+        "job_id": job.id.to_string(),
+        "status": job.status,
+        "reason": job.reason.map(sandrun_ipc::ExitReason::as_str),
+        "message": job.message,
+        "queue_position": position,
+        "execution_metadata": metadata,
+        "cpu_ms": exit.map(|e| e.cpu_ms),
+        "job_hash": hex::encode(job.info.job_hash),
+        "output_files": output_files,
+        "skipped_outputs": job.skipped,
+        "completed_at": job.completed_at_unix,
+        "worker_metadata": {
+            "worker_id": worker_id,
+            "signature": job.signature,
+        },
+    })
+}
+
+fn logs(state: &AppState, id: &str) -> ApiResult {
+    let id = job_id(id)?;
+    state
+        .jobs
+        .with_job(id, |job, _| {
+            let body = json!({
+                "job_id": job.id.to_string(),
+                "status": job.status,
+                "stdout": job.log_text(StreamKind::Stdout),
+                "stderr": job.log_text(StreamKind::Stderr),
+                "stdout_truncated": job.stdout_truncated,
+                "stderr_truncated": job.stderr_truncated,
+            });
+            json(StatusCode::OK, &body)
+        })
+        .ok_or_else(|| ApiError::not_found("job"))
+}
+
+fn delete(state: &AppState, id: &str) -> ApiResult {
+    let id = job_id(id)?;
+    let failed_ttl = state.config.ttl(true);
+    let (status, action) = match state.jobs.cancel_or_delete(id, failed_ttl) {
+        DeleteOutcome::NotFound => return Err(ApiError::not_found("job")),
+        DeleteOutcome::CancelledQueued(client) => {
+            state.limiter().finish(client, 0, Instant::now());
+            state
+                .metrics
+                .job_finished("failed", "cancelled", Duration::ZERO);
+            (Some(JobStatus::Failed), "cancelled")
+        }
+        DeleteOutcome::CancellingRunning => (Some(JobStatus::Running), "cancelling"),
+        DeleteOutcome::Deleted => (None, "deleted"),
+    };
+    let body = json!({ "job_id": id.to_string(), "action": action, "status": status });
+    let mut response = json(StatusCode::OK, &body);
+    response
+        .headers_mut()
+        .insert("cache-control", HeaderValue::from_static("no-store"));
+    Ok(response)
+}

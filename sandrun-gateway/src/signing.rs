@@ -1,0 +1,375 @@
+//! Signed results: the worker's Ed25519 key, the job hash and the canonical result message.
+//!
+//! The formats here are a public contract, documented in `docs/signatures.md`: a client rebuilds
+//! the job hash from what it uploaded, and the signed message from the `/status` fields, then
+//! verifies the signature with any Ed25519 tool.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, EncodePublicKey, KeypairBytes};
+use ed25519_dalek::{Signer, SigningKey};
+use sha2::{Digest, Sha256};
+
+use crate::bundle::Bundle;
+use crate::manifest::Manifest;
+
+/// First line of the job hash input.
+pub const JOB_HASH_DOMAIN: &str = "sandrun-job-v1";
+/// First line of the signed result message.
+pub const RESULT_DOMAIN: &str = "sandrun-result-v1";
+/// Largest key file read, in bytes (a PKCS#8 Ed25519 PEM is about 120).
+const MAX_KEY_FILE_BYTES: u64 = 16 * 1024;
+
+/// A failure loading or saving the worker key, naming the step and the path.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Opening, reading or writing the file failed.
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is readable or writable by group or others (local configuration).
+    InsecureMode { path: PathBuf, mode: u32 },
+    /// The file is not an Ed25519 PKCS#8 PEM key.
+    Format { path: PathBuf, reason: String },
+}
+
+impl std::fmt::Display for KeyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyError::Io { step, path, source } => {
+                write!(f, "{step} worker key {}: {source}", path.display())
+            }
+            KeyError::InsecureMode { path, mode } => write!(
+                f,
+                "worker key {} has mode {mode:o}: group and others must have no access (chmod 600)",
+                path.display()
+            ),
+            KeyError::Format { path, reason } => {
+                write!(
+                    f,
+                    "worker key {} is not an Ed25519 PKCS#8 PEM key: {reason}",
+                    path.display()
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for KeyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            KeyError::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// The worker's Ed25519 signing key.
+pub struct WorkerKey {
+    key: SigningKey,
+}
+
+impl std::fmt::Debug for WorkerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("WorkerKey")
+            .field("worker_id", &self.worker_id())
+            .finish()
+    }
+}
+
+impl WorkerKey {
+    /// A fresh key from the operating system's random number generator.
+    pub fn generate() -> Self {
+        WorkerKey {
+            key: SigningKey::generate(&mut rand::rngs::OsRng),
+        }
+    }
+
+    /// Loads a PKCS#8 PEM key. Refuses a file that group or others can access.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, KeyError> {
+        let path = path.as_ref();
+        let io = |step| {
+            move |source| KeyError::Io {
+                step,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        let file = std::fs::File::open(path).map_err(io("open"))?;
+        let mode = file.metadata().map_err(io("stat"))?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(KeyError::InsecureMode {
+                path: path.to_owned(),
+                mode: mode & 0o7777,
+            });
+        }
+        let mut pem = String::new();
+        file.take(MAX_KEY_FILE_BYTES)
+            .read_to_string(&mut pem)
+            .map_err(io("read"))?;
+        let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| KeyError::Format {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(WorkerKey { key })
+    }
+
+    /// Writes the key as PKCS#8 v1 PEM (`openssl pkey` reads it) to a new file with mode 0600.
+    /// Never overwrites a file.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<(), KeyError> {
+        let path = path.as_ref();
+        let io = |step| {
+            move |source| KeyError::Io {
+                step,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        // PKCS#8 v1 (secret only): OpenSSL 3.0 cannot read the v2 form that embeds the public key.
+        let keypair = KeypairBytes {
+            secret_key: self.key.to_bytes(),
+            public_key: None,
+        };
+        let pem = keypair
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| KeyError::Format {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io("create"))?;
+        file.write_all(pem.as_bytes()).map_err(io("write"))?;
+        file.sync_all().map_err(io("sync"))
+    }
+
+    /// The public key in lowercase hex (64 characters): the worker's identity in `/status`.
+    pub fn worker_id(&self) -> String {
+        hex::encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// The public key as an SPKI PEM (`-----BEGIN PUBLIC KEY-----`), as `openssl` reads it.
+    pub fn public_key_pem(&self) -> String {
+        // Invariant: encoding a valid 32-byte Ed25519 public key as SPKI DER/PEM cannot fail.
+        self.key
+            .verifying_key()
+            .to_public_key_pem(LineEnding::LF)
+            .expect("an Ed25519 public key always encodes")
+    }
+
+    /// Signs `msg` (pure Ed25519, no prehash); returns the 64-byte signature in standard base64.
+    pub fn sign(&self, msg: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(self.key.sign(msg).to_bytes())
+    }
+}
+
+/// What a signature vouches for. Every field appears in `/status`.
+#[derive(Debug, Clone, Copy)]
+pub struct ResultClaim<'a> {
+    pub job_id: &'a str,
+    pub job_hash: &'a [u8; 32],
+    /// `None` when the job was killed by a signal or never ran to an exit.
+    pub exit_code: Option<i32>,
+    pub cpu_ms: u64,
+    pub memory_peak_bytes: u64,
+    /// Output files as (relative path, sha256 of the content), in any order.
+    pub outputs: &'a [(String, [u8; 32])],
+    /// Unix time in seconds.
+    pub completed_at: u64,
+}
+
+/// The exact bytes signed for a result (see `docs/signatures.md`):
+///
+/// ```text
+/// sandrun-result-v1
+/// job_id=<job id>
+/// job_hash=<64 hex>
+/// exit_code=<decimal, or "none">
+/// cpu_ms=<decimal>
+/// memory_peak_bytes=<decimal>
+/// completed_at=<decimal unix seconds>
+/// outputs=<count>
+/// output=<64 hex sha256> <path>      (one line per output, sorted by path bytes)
+/// ```
+///
+/// Every line ends with `\n`. In `job_id` and paths, `\` is written `\\` and a newline `\n`;
+/// validated paths contain neither, so for them the text is the path itself.
+pub fn canonical_message(c: &ResultClaim) -> Vec<u8> {
+    let exit_code = c
+        .exit_code
+        .map_or_else(|| "none".to_owned(), |code| code.to_string());
+    let mut out = format!(
+        "{RESULT_DOMAIN}\njob_id={}\njob_hash={}\nexit_code={exit_code}\ncpu_ms={}\n\
+         memory_peak_bytes={}\ncompleted_at={}\noutputs={}\n",
+        escape_line(c.job_id),
+        hex::encode(c.job_hash),
+        c.cpu_ms,
+        c.memory_peak_bytes,
+        c.completed_at,
+        c.outputs.len(),
+    );
+    let mut outputs: Vec<&(String, [u8; 32])> = c.outputs.iter().collect();
+    outputs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    for (path, digest) in outputs {
+        out.push_str(&format!(
+            "output={} {}\n",
+            hex::encode(digest),
+            escape_line(path)
+        ));
+    }
+    out.into_bytes()
+}
+
+/// The job hash (see `docs/signatures.md`): sha256 of
+///
+/// ```text
+/// sandrun-job-v1
+/// manifest <byte length of the canonical JSON>
+/// <canonical manifest JSON>
+/// files <count>
+/// file <64 hex sha256 of content> <path>      (one line per file, sorted by path bytes)
+/// ```
+///
+/// Every line ends with `\n`.
+pub fn job_hash(manifest: &Manifest, bundle: &Bundle) -> [u8; 32] {
+    let json = manifest.canonical_json();
+    let mut h = Sha256::new();
+    h.update(format!("{JOB_HASH_DOMAIN}\nmanifest {}\n", json.len()));
+    h.update(&json);
+    h.update(format!("\nfiles {}\n", bundle.files().len()));
+    // `Bundle::files` is sorted by path, and `BundlePath` orders by its bytes.
+    for file in bundle.files() {
+        let digest = Sha256::digest(&file.data);
+        h.update(format!(
+            "file {} {}\n",
+            hex::encode(digest),
+            escape_line(file.path.as_str())
+        ));
+    }
+    h.finalize().into()
+}
+
+/// Makes a value safe to end a line with: `\` → `\\`, newline → `\n`.
+fn escape_line(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::pkcs8::DecodePublicKey;
+    use ed25519_dalek::{Signature, Verifier, VerifyingKey};
+
+    use super::*;
+
+    fn claim<'a>(outputs: &'a [(String, [u8; 32])], hash: &'a [u8; 32]) -> ResultClaim<'a> {
+        ResultClaim {
+            job_id: "0123abcd",
+            job_hash: hash,
+            exit_code: Some(0),
+            cpu_ms: 1234,
+            memory_peak_bytes: 5_000_000,
+            outputs,
+            completed_at: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn given_a_claim_then_the_message_is_the_documented_text_with_sorted_outputs() {
+        let outputs = vec![
+            ("z.txt".to_owned(), [0xbb; 32]),
+            ("a/b.png".to_owned(), [0xaa; 32]),
+        ];
+        let msg = String::from_utf8(canonical_message(&claim(&outputs, &[1; 32]))).unwrap();
+        let expected = format!(
+            "sandrun-result-v1\njob_id=0123abcd\njob_hash={}\nexit_code=0\ncpu_ms=1234\n\
+             memory_peak_bytes=5000000\ncompleted_at=1700000000\noutputs=2\n\
+             output={} a/b.png\noutput={} z.txt\n",
+            "01".repeat(32),
+            "aa".repeat(32),
+            "bb".repeat(32)
+        );
+        assert_eq!(msg, expected);
+    }
+
+    #[test]
+    fn given_no_exit_code_then_the_message_says_none() {
+        let mut c = claim(&[], &[0; 32]);
+        c.exit_code = None;
+        let msg = String::from_utf8(canonical_message(&c)).unwrap();
+        assert!(msg.contains("\nexit_code=none\n"));
+        assert!(msg.ends_with("outputs=0\n"));
+    }
+
+    #[test]
+    fn given_a_path_with_a_newline_then_it_cannot_forge_an_extra_line() {
+        let evil = vec![("a\noutput=00 b".to_owned(), [0; 32])];
+        let msg = String::from_utf8(canonical_message(&claim(&evil, &[0; 32]))).unwrap();
+        assert_eq!(msg.lines().filter(|l| l.starts_with("output=")).count(), 1);
+    }
+
+    #[test]
+    fn given_a_signature_then_the_public_key_pem_verifies_it_and_not_a_changed_message() {
+        let key = WorkerKey::generate();
+        let msg = canonical_message(&claim(&[], &[7; 32]));
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(key.sign(&msg))
+            .unwrap();
+        let sig = Signature::from_slice(&sig).unwrap();
+        let public = VerifyingKey::from_public_key_pem(&key.public_key_pem()).unwrap();
+        assert!(public.verify(&msg, &sig).is_ok());
+        let mut changed = msg.clone();
+        changed[20] ^= 1;
+        assert!(public.verify(&changed, &sig).is_err());
+        assert_eq!(key.worker_id(), hex::encode(public.as_bytes()));
+    }
+
+    #[test]
+    fn given_a_saved_key_then_it_has_mode_0600_and_loads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.pem");
+        let key = WorkerKey::generate();
+        key.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(WorkerKey::load(&path).unwrap().worker_id(), key.worker_id());
+        assert!(matches!(
+            key.save(&path),
+            Err(KeyError::Io { step: "create", .. })
+        ));
+    }
+
+    #[test]
+    fn given_a_key_readable_by_others_then_loading_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.pem");
+        WorkerKey::generate().save(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            WorkerKey::load(&path),
+            Err(KeyError::InsecureMode { .. })
+        ));
+    }
+
+    #[test]
+    fn given_garbage_in_the_key_file_then_loading_fails_with_a_format_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("worker.pem");
+        std::fs::write(&path, "not a key").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            WorkerKey::load(&path),
+            Err(KeyError::Format { .. })
+        ));
+    }
+}

@@ -1,0 +1,104 @@
+//! Per-client quotas (429 with Retry-After and RateLimit-*) and the global queue (503).
+
+mod support;
+
+use hyper::StatusCode;
+use support::TestGateway;
+
+#[tokio::test]
+async fn given_two_running_jobs_when_third_submitted_then_429_with_headers() {
+    let gw = TestGateway::start().await;
+    let a = gw.submit_script("sleep 30000").await;
+    let b = gw.submit_script("sleep 30000").await;
+    let reply = gw.submit(&support::Multipart::script("out x")).await;
+    let message = reply.assert_error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("concurrent_jobs"), "{message}");
+    assert!(reply.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(reply.header("ratelimit-limit"), Some("2"));
+    assert_eq!(reply.header("ratelimit-remaining"), Some("0"));
+    assert!(reply.header("ratelimit-reset").is_some());
+    gw.delete(&format!("/jobs/{a}")).await;
+    gw.wait_finished(&a).await;
+    let c = gw.submit_script("out now allowed").await;
+    assert_eq!(gw.wait_finished(&c).await["status"], "completed");
+    gw.delete(&format!("/jobs/{b}")).await;
+    assert!(gw.state.metrics.rejections("concurrent_jobs") >= 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn given_hourly_quota_used_then_429_says_when_to_retry() {
+    let gw = TestGateway::start_with(|c| c.client_limits.jobs_per_hour = 2).await;
+    for _ in 0..2 {
+        let id = gw.submit_script("out x").await;
+        gw.wait_finished(&id).await;
+    }
+    let reply = gw.submit(&support::Multipart::script("out x")).await;
+    let message = reply.assert_error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("jobs_per_hour"), "{message}");
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry > 3500 && retry <= 3600, "{retry}");
+    assert_eq!(reply.header("ratelimit-limit"), Some("2"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn given_cpu_minute_used_then_429_until_it_ages_out() {
+    let gw = TestGateway::start().await;
+    let id = gw.submit_script("cpu 10000").await;
+    gw.wait_finished(&id).await;
+    let reply = gw.submit(&support::Multipart::script("out x")).await;
+    let message = reply.assert_error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("cpu_seconds_per_minute"), "{message}");
+    let retry: u64 = reply.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 60);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn given_trusted_proxy_then_each_forwarded_client_has_its_own_quota() {
+    let gw = TestGateway::start_with(|c| {
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        c.client_limits.concurrent_jobs = 1;
+    })
+    .await;
+    let form = support::Multipart::script("sleep 30000");
+    let ct = format!("multipart/form-data; boundary={}", form.boundary);
+    for (client, expected) in [
+        ("198.51.100.1", 200),
+        ("198.51.100.2", 200),
+        ("198.51.100.1", 429),
+    ] {
+        let headers = [("content-type", ct.as_str()), ("x-forwarded-for", client)];
+        let req = support::build(hyper::Method::POST, "/submit", &headers, form.body());
+        assert_eq!(gw.request(req).await.status.as_u16(), expected, "{client}");
+    }
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn given_full_queue_then_503_with_retry_after_and_gateway_keeps_serving() {
+    let gw = TestGateway::start_with(|c| {
+        c.max_running = 1;
+        c.queue_capacity = 1;
+        c.client_limits.concurrent_jobs = 10;
+    })
+    .await;
+    let running = gw.submit_script("sleep 30000").await;
+    // Wait until it left the queue for the helper.
+    for _ in 0..100 {
+        if gw.get(&format!("/status/{running}")).await.json()["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let queued = gw.submit_script("out queued").await;
+    let reply = gw.submit(&support::Multipart::script("out refused")).await;
+    let message = reply.assert_error(StatusCode::SERVICE_UNAVAILABLE);
+    assert!(message.contains("queue is full"), "{message}");
+    assert!(reply.header("retry-after").is_some());
+    assert!(gw.state.metrics.rejections("queue_full") >= 1);
+    gw.delete(&format!("/jobs/{running}")).await;
+    assert_eq!(gw.wait_finished(&queued).await["status"], "completed");
+    gw.shutdown().await;
+}

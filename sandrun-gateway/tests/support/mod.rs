@@ -1,0 +1,561 @@
+//! Test support: a real gateway on 127.0.0.1:0 with real TLS (the --dev certificate), a fake
+//! `sandrund` speaking the real protocol, an HTTPS client and a WebSocket client.
+//!
+//! The fake helper "runs" a job by interpreting its entrypoint file as a tiny script, one command
+//! per line: `out TEXT`, `err TEXT`, `sleep MS`, `exit N`, `reason NAME`, `cpu MS`,
+//! `file PATH CONTENT`, `skip PATH`, `drop` (close the connection mid-job), `busy` (answer
+//! `Busy` once per job).
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName};
+use sandrun_gateway::config::Config;
+use sandrun_gateway::gateway::AppState;
+use sandrun_gateway::server;
+use sandrun_gateway::signing::WorkerKey;
+use sandrun_ipc::tokio_adapter::AsyncChannel;
+use sandrun_ipc::{
+    BundleEntry, BundlePath, ErrorCode, ExitReason, ExitReport, GrantedLimits, Hello, IpcError,
+    JobId, JobSpec, OutputFileHeader, Request as IpcRequest, Response as IpcResponse, Role,
+    SkipKind, PROTOCOL_VERSION,
+};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpStream, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+/// What the fake helper saw.
+#[derive(Debug, Default)]
+pub struct HelperLog {
+    pub specs: Vec<JobSpec>,
+    /// Labels of jobs whose connection the gateway closed before `Done` (cancel).
+    pub closed_early: Vec<String>,
+    busy_done: HashSet<String>,
+}
+
+pub struct FakeHelper {
+    pub socket: PathBuf,
+    pub log: Arc<Mutex<HelperLog>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeHelper {
+    pub async fn start(dir: &std::path::Path) -> FakeHelper {
+        let socket = dir.join("sandrund.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let log = Arc::new(Mutex::new(HelperLog::default()));
+        let shared = Arc::clone(&log);
+        let task = tokio::spawn(async move {
+            let mut next_id = 1;
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_job(stream, Arc::clone(&shared), next_id));
+                next_id += 1;
+            }
+        });
+        FakeHelper { socket, log, task }
+    }
+
+    /// Kills the helper: no more connections are accepted (existing ones finish).
+    pub fn stop_accepting(&self) {
+        self.task.abort();
+    }
+
+    pub fn specs(&self) -> Vec<JobSpec> {
+        self.log.lock().unwrap().specs.clone()
+    }
+
+    pub fn closed_early(&self) -> Vec<String> {
+        self.log.lock().unwrap().closed_early.clone()
+    }
+}
+
+type HelperChannel = AsyncChannel<IpcResponse, IpcRequest, UnixStream>;
+
+async fn serve_job(stream: UnixStream, log: Arc<Mutex<HelperLog>>, id: u64) {
+    let mut ch: HelperChannel = AsyncChannel::new(stream);
+    let Ok(IpcRequest::Hello(_)) = ch.recv().await else {
+        return;
+    };
+    let hello = Hello {
+        protocol_version: PROTOCOL_VERSION,
+        role: Role::Submitter,
+    };
+    ch.send(&IpcResponse::Hello(hello)).await.unwrap();
+    let Ok(IpcRequest::Submit(spec)) = ch.recv().await else {
+        return;
+    };
+    let mut bundle = Vec::new();
+    loop {
+        match ch.recv().await {
+            Ok(IpcRequest::BundleChunk(c)) => bundle.extend_from_slice(&c),
+            Ok(IpcRequest::BundleEnd) => break,
+            _ => return,
+        }
+    }
+    let declared: u64 = spec
+        .bundle
+        .iter()
+        .map(|e| match e {
+            BundleEntry::File { size, .. } => *size,
+            BundleEntry::Dir { .. } => 0,
+        })
+        .sum();
+    assert_eq!(
+        declared,
+        bundle.len() as u64,
+        "bundle bytes match the declared sizes"
+    );
+    let script = entrypoint_text(&spec, &bundle);
+    let label = spec.label.clone();
+    log.lock().unwrap().specs.push((*spec).clone());
+    if script.lines().any(|l| l.trim() == "busy")
+        && log.lock().unwrap().busy_done.insert(label.clone())
+    {
+        let busy = IpcError::new(ErrorCode::Busy, "all slots busy");
+        let _ = ch.send(&IpcResponse::Error(busy)).await;
+        return;
+    }
+    let finished = run_script(&mut ch, &script, id).await;
+    if !finished {
+        log.lock().unwrap().closed_early.push(label);
+    }
+}
+
+fn entrypoint_text(spec: &JobSpec, bundle: &[u8]) -> String {
+    // argv = [interpreter, entrypoint, args...]
+    let entry = spec.argv.get(1).cloned().unwrap_or_default();
+    let mut offset = 0usize;
+    for e in &spec.bundle {
+        if let BundleEntry::File { path, size, .. } = e {
+            let size = usize::try_from(*size).unwrap();
+            if path.as_str() == entry {
+                return String::from_utf8_lossy(&bundle[offset..offset + size]).into_owned();
+            }
+            offset += size;
+        }
+    }
+    String::new()
+}
+
+/// Returns false if the gateway closed the connection before the job finished.
+async fn run_script(ch: &mut HelperChannel, script: &str, id: u64) -> bool {
+    let limits = GrantedLimits {
+        wall_ms: 1000,
+        memory_bytes: 1 << 20,
+        cpu_ms: 1000,
+        pids: 8,
+        output_bytes: 1 << 20,
+        tmpfs_bytes: 1 << 20,
+        file_count: 100,
+    };
+    if ch
+        .send(&IpcResponse::Accepted {
+            job_id: JobId(id),
+            limits,
+        })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    if ch
+        .send(&IpcResponse::Started { spawn_us: 1500 })
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut report = ExitReport {
+        exit_code: Some(0),
+        signal: None,
+        reason: ExitReason::None,
+        cpu_ms: 5,
+        wall_ms: 10,
+        memory_peak_bytes: 3 << 20,
+        stdout_truncated: false,
+        stderr_truncated: false,
+    };
+    let mut tail: Vec<IpcResponse> = Vec::new();
+    for line in script.lines() {
+        let (cmd, rest) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+        let msg = match cmd {
+            "out" => Some(IpcResponse::Stdout(format!("{rest}\n").into_bytes())),
+            "err" => Some(IpcResponse::Stderr(format!("{rest}\n").into_bytes())),
+            "sleep" => {
+                let ms: u64 = rest.parse().unwrap();
+                // Notice a closed connection while "running".
+                if sleep_or_closed(ch, Duration::from_millis(ms)).await {
+                    return false;
+                }
+                None
+            }
+            "exit" => {
+                report.exit_code = Some(rest.parse().unwrap());
+                None
+            }
+            "cpu" => {
+                report.cpu_ms = rest.parse().unwrap();
+                None
+            }
+            "reason" => {
+                report.reason = *ExitReason::ALL.iter().find(|r| r.as_str() == rest).unwrap();
+                report.exit_code = None;
+                report.signal = Some(9);
+                None
+            }
+            "file" => {
+                let (path, content) = rest.split_once(' ').unwrap_or((rest, ""));
+                let data = content.as_bytes().to_vec();
+                tail.push(IpcResponse::OutputFile(OutputFileHeader {
+                    path: BundlePath::new(path).unwrap(),
+                    size: data.len() as u64,
+                    sha256: Sha256::digest(&data).into(),
+                }));
+                tail.push(IpcResponse::OutputChunk(data));
+                None
+            }
+            "skip" => {
+                let path = BundlePath::new(rest).unwrap();
+                tail.push(IpcResponse::OutputSkipped {
+                    path,
+                    kind: SkipKind::Symlink,
+                });
+                None
+            }
+            "drop" => return true,
+            _ => None,
+        };
+        if let Some(msg) = msg {
+            if ch.send(&msg).await.is_err() {
+                return false;
+            }
+        }
+    }
+    let mut all = vec![IpcResponse::Exited(report)];
+    all.extend(tail);
+    all.push(IpcResponse::Done);
+    for msg in all {
+        if ch.send(&msg).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Sleeps; returns true if the peer closed the connection (or sent Cancel) meanwhile.
+async fn sleep_or_closed(ch: &mut HelperChannel, d: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        _ = ch.recv() => true,
+    }
+}
+
+/// A running gateway.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub ca: CertificateDer<'static>,
+    pub ca_pem: String,
+    pub helper: FakeHelper,
+    pub state: Arc<AppState>,
+    pub dir: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        TestGateway::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let helper = FakeHelper::start(dir.path()).await;
+        let mut config = Config {
+            helper_socket: helper.socket.clone(),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let dev = server::tls::dangerous_dev_cert().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = AppState::new(config, WorkerKey::generate());
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(server::run(
+            listener,
+            dev.config,
+            Arc::clone(&state),
+            shutdown,
+        ));
+        TestGateway {
+            addr,
+            ca: dev.cert_der,
+            ca_pem: dev.cert_pem,
+            helper,
+            state,
+            dir,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+
+    pub async fn tls(&self) -> TlsStream<TcpStream> {
+        tls_connect(self.addr, self.ca.clone()).await
+    }
+
+    /// One request on a fresh connection.
+    pub async fn request(&self, req: Request<Full<Bytes>>) -> Reply {
+        send(self.tls().await, req).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.request(build(Method::GET, path, &[], Bytes::new()))
+            .await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.request(build(Method::DELETE, path, &[], Bytes::new()))
+            .await
+    }
+
+    /// Submits a multipart body; returns the reply.
+    pub async fn submit(&self, form: &Multipart) -> Reply {
+        let ct = format!("multipart/form-data; boundary={}", form.boundary);
+        let headers = [("content-type", ct.as_str())];
+        self.request(build(Method::POST, "/submit", &headers, form.body()))
+            .await
+    }
+
+    /// Submits a single `main.py` with this fake-helper script; returns the job id.
+    pub async fn submit_script(&self, script: &str) -> String {
+        let reply = self.submit(&Multipart::script(script)).await;
+        assert_eq!(reply.status, StatusCode::OK, "submit: {}", reply.text());
+        reply.json()["job_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls `/status` until the job is finished (completed or failed).
+    pub async fn wait_finished(&self, id: &str) -> serde_json::Value {
+        for _ in 0..500 {
+            let status = self.get(&format!("/status/{id}")).await.json();
+            if matches!(status["status"].as_str(), Some("completed" | "failed")) {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("job {id} did not finish");
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+}
+
+/// A TLS connection to `addr` that trusts only `ca` (the gateway's dev certificate).
+pub async fn tls_connect(addr: SocketAddr, ca: CertificateDer<'static>) -> TlsStream<TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends one request over an established TLS connection.
+pub async fn send(tls: TlsStream<TcpStream>, req: Request<Full<Bytes>>) -> Reply {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let response = sender.send_request(req).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+pub fn build(
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost");
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(Full::new(body)).unwrap()
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("invalid JSON ({e}): {}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an error reply: the status and a JSON `{"error": ...}` body.
+    pub fn assert_error(&self, status: StatusCode) -> String {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        let json = self.json();
+        json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {json}"))
+            .to_owned()
+    }
+}
+
+/// A multipart/form-data body built by hand.
+pub struct Multipart {
+    pub boundary: String,
+    parts: Vec<(String, Option<String>, Vec<u8>)>,
+}
+
+impl Multipart {
+    pub fn new() -> Multipart {
+        Multipart {
+            boundary: "sandrunTestBoundary7MA4YWxk".to_owned(),
+            parts: Vec::new(),
+        }
+    }
+
+    pub fn file(mut self, filename: &str, data: &[u8]) -> Multipart {
+        self.parts
+            .push(("files".into(), Some(filename.into()), data.to_vec()));
+        self
+    }
+
+    pub fn manifest(mut self, json: &str) -> Multipart {
+        self.parts
+            .push(("manifest".into(), None, json.as_bytes().to_vec()));
+        self
+    }
+
+    /// `main.py` holding a fake-helper script, with `outputs: ["**"]`.
+    pub fn script(script: &str) -> Multipart {
+        Multipart::new()
+            .file("main.py", script.as_bytes())
+            .manifest(r#"{"entrypoint": "main.py", "outputs": ["**"]}"#)
+    }
+
+    pub fn body(&self) -> Bytes {
+        let mut out = Vec::new();
+        for (name, filename, data) in &self.parts {
+            out.extend_from_slice(format!("--{}\r\n", self.boundary).as_bytes());
+            let disposition = match filename {
+                Some(f) => format!("form-data; name=\"{name}\"; filename=\"{f}\""),
+                None => format!("form-data; name=\"{name}\""),
+            };
+            out.extend_from_slice(format!("Content-Disposition: {disposition}\r\n").as_bytes());
+            out.extend_from_slice(b"Content-Type: application/octet-stream\r\n\r\n");
+            out.extend_from_slice(data);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(format!("--{}--\r\n", self.boundary).as_bytes());
+        Bytes::from(out)
+    }
+}
+
+/// Opens a WebSocket to `path` over TLS.
+pub async fn websocket(
+    gw: &TestGateway,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
+    let url = format!("wss://localhost:{}{path}", gw.addr.port());
+    let (ws, response) = tokio_tungstenite::client_async(url, gw.tls().await)
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
+}
+
+/// Reads WebSocket text events until the server closes; returns them as JSON.
+pub async fn read_events(
+    ws: &mut tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
+) -> Vec<serde_json::Value> {
+    use futures_util::StreamExt;
+    let mut events = Vec::new();
+    while let Some(msg) = ws.next().await {
+        match msg.unwrap() {
+            tokio_tungstenite::tungstenite::Message::Text(t) => {
+                events.push(serde_json::from_str(&t).unwrap())
+            }
+            tokio_tungstenite::tungstenite::Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    events
+}
+
+/// A tar.gz holding the given files.
+pub fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    for (path, data) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, path, *data).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+/// A zip holding the given files.
+pub fn zip(files: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = std::io::Cursor::new(Vec::new());
+    let mut zip = zip::ZipWriter::new(&mut out);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (path, data) in files {
+        zip.start_file(*path, options).unwrap();
+        zip.write_all(data).unwrap();
+    }
+    zip.finish().unwrap();
+    out.into_inner()
+}

@@ -1,0 +1,277 @@
+//! Helpers shared by the `upload_*` integration tests: body builders, lazy streams that count
+//! what the parser pulled, and archive builders that can write hostile entries.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flate2::{Compress, Compression, FlushCompress};
+use futures_util::stream::{self, Stream};
+use sandrun_gateway::manifest::ManifestPolicy;
+use sandrun_gateway::upload::{parse_submission, Submission, UploadError, UploadLimits};
+
+pub const BOUNDARY: &str = "----sandrunTestBoundary7MA4YWxk";
+
+pub fn multipart_ct() -> String {
+    format!("multipart/form-data; boundary={BOUNDARY}")
+}
+
+/// A part: (name, filename, content).
+pub type Part<'a> = (&'a str, Option<&'a str>, &'a [u8]);
+
+pub fn multipart_body(parts: &[Part]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        write!(
+            body,
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\""
+        )
+        .unwrap();
+        if let Some(f) = filename {
+            write!(body, "; filename=\"{f}\"").unwrap();
+        }
+        body.extend_from_slice(b"\r\nContent-Type: application/octet-stream\r\n\r\n");
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n");
+    }
+    write!(body, "--{BOUNDARY}--\r\n").unwrap();
+    body
+}
+
+/// The body as a stream of 7000-byte chunks, so every parser sees chunk boundaries.
+pub fn chunked(body: Vec<u8>) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin {
+    let body = Bytes::from(body);
+    let chunks: Vec<_> = (0..body.len())
+        .step_by(7000)
+        .map(|i| Ok(body.slice(i..body.len().min(i + 7000))))
+        .collect();
+    stream::iter(chunks)
+}
+
+/// A stream of `chunk`-byte pieces produced on demand by `next(index)`, counting bytes pulled.
+pub fn lazy(
+    pulled: Arc<AtomicU64>,
+    mut next: impl FnMut(u64) -> Option<Vec<u8>> + Send + 'static,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Unpin {
+    let mut index = 0u64;
+    stream::iter(std::iter::from_fn(move || {
+        let chunk = next(index)?;
+        index += 1;
+        pulled.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        Some(Ok(Bytes::from(chunk)))
+    }))
+}
+
+pub fn policy() -> ManifestPolicy {
+    ManifestPolicy {
+        environments: vec!["python-data".into()],
+        ..ManifestPolicy::default()
+    }
+}
+
+pub async fn submit_with(
+    limits: &UploadLimits,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Result<Submission, UploadError> {
+    parse_submission(content_type, chunked(body), limits, &policy()).await
+}
+
+pub async fn submit(parts: &[Part<'_>]) -> Result<Submission, UploadError> {
+    submit_with(
+        &UploadLimits::default(),
+        Some(&multipart_ct()),
+        multipart_body(parts),
+    )
+    .await
+}
+
+/// Submits one archive as the only `files` part.
+pub async fn submit_archive(
+    limits: &UploadLimits,
+    filename: &str,
+    archive: &[u8],
+) -> Result<Submission, UploadError> {
+    let body = multipart_body(&[("files", Some(filename), archive)]);
+    submit_with(limits, Some(&multipart_ct()), body).await
+}
+
+pub fn file_names(s: &Submission) -> Vec<&str> {
+    s.bundle.files().iter().map(|f| f.path.as_str()).collect()
+}
+
+/// A tar entry with any name and type, written raw so the test can build hostile archives.
+pub struct TarEntry<'a> {
+    pub name: &'a [u8],
+    pub kind: tar::EntryType,
+    pub mode: u32,
+    pub data: &'a [u8],
+    pub link: Option<&'a str>,
+}
+
+impl<'a> TarEntry<'a> {
+    pub fn file(name: &'a str, data: &'a [u8]) -> Self {
+        TarEntry {
+            name: name.as_bytes(),
+            kind: tar::EntryType::Regular,
+            mode: 0o644,
+            data,
+            link: None,
+        }
+    }
+
+    pub fn of(name: &'a str, kind: tar::EntryType) -> Self {
+        TarEntry {
+            name: name.as_bytes(),
+            kind,
+            mode: 0o644,
+            data: b"",
+            link: None,
+        }
+    }
+}
+
+pub fn tar_bytes(entries: &[TarEntry]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        let name = &mut h.as_old_mut().name;
+        name[..e.name.len()].copy_from_slice(e.name);
+        h.set_entry_type(e.kind);
+        h.set_mode(e.mode);
+        h.set_size(e.data.len() as u64);
+        if let Some(link) = e.link {
+            h.set_link_name_literal(link).unwrap();
+        }
+        h.set_cksum();
+        builder.append(&h, e.data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+pub fn tar_gz(entries: &[TarEntry]) -> Vec<u8> {
+    gzip(&tar_bytes(entries))
+}
+
+/// Builds a gzip stream holding huge runs of zeros cheaply: one MiB of zeros is compressed once
+/// with a full window of zeros, and that deflate segment is repeated. Each repetition decodes to
+/// another MiB of zeros. The gzip trailer is omitted: a parser that reaches it has already lost.
+pub struct ZeroGz {
+    comp: Compress,
+    out: Vec<u8>,
+}
+
+impl ZeroGz {
+    pub fn new() -> Self {
+        let header = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        ZeroGz {
+            comp: Compress::new(Compression::best(), false),
+            out: header,
+        }
+    }
+
+    fn segment(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut seg = Vec::with_capacity(data.len() / 100 + 1024);
+        let start = self.comp.total_in();
+        while self.comp.total_in() - start < data.len() as u64 {
+            let done = usize::try_from(self.comp.total_in() - start).unwrap();
+            seg.reserve(64 * 1024);
+            self.comp
+                .compress_vec(&data[done..], &mut seg, FlushCompress::None)
+                .unwrap();
+        }
+        loop {
+            seg.reserve(64 * 1024);
+            let before = seg.len();
+            self.comp
+                .compress_vec(&[], &mut seg, FlushCompress::Sync)
+                .unwrap();
+            if seg.len() == before || seg.len() < seg.capacity() {
+                break;
+            }
+        }
+        seg
+    }
+
+    /// Appends literal bytes (a tar header, say).
+    pub fn bytes(&mut self, data: &[u8]) -> &mut Self {
+        let seg = self.segment(data);
+        self.out.extend_from_slice(&seg);
+        self
+    }
+
+    /// Appends `mib` MiB of zeros (at least 2).
+    pub fn zeros_mib(&mut self, mib: u64) -> &mut Self {
+        assert!(mib >= 2);
+        let zeros = vec![0u8; 1 << 20];
+        let first = self.segment(&zeros);
+        self.out.extend_from_slice(&first);
+        let steady = self.segment(&zeros);
+        for _ in 1..mib {
+            self.out.extend_from_slice(&steady);
+        }
+        self
+    }
+
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.out)
+    }
+}
+
+impl Default for ZeroGz {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A 512-byte GNU tar header for a regular file of `size` bytes (base-256 size when huge).
+pub fn tar_header(name: &str, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(name).unwrap();
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+/// Builds a zip with the `zip` crate: (name, unix mode, data).
+pub fn zip_bytes(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, mode, data) in entries {
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated)
+            .unix_permissions(*mode);
+        if name.ends_with('/') {
+            w.add_directory(name.trim_end_matches('/'), opts).unwrap();
+        } else {
+            w.start_file(*name, opts).unwrap();
+            w.write_all(data).unwrap();
+        }
+    }
+    w.finish().unwrap().into_inner()
+}
+
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+pub fn put_le32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+pub fn put_le16(b: &mut [u8], at: usize, v: u16) {
+    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
