@@ -15,6 +15,8 @@ use super::request::ValidJob;
 pub const HIGH_WATER: usize = 1 << 20;
 /// Bytes read from a socket per wake-up.
 const READ_CHUNK: usize = 64 * 1024;
+/// Reads per wake-up, at most.
+const READS_PER_WAKE: usize = 16;
 
 /// Where a connection is in the conversation.
 pub enum State {
@@ -75,23 +77,32 @@ impl Conn {
             return Incoming::Closed;
         };
         let mut buf = [0u8; READ_CHUNK];
-        let n = match stream.read(&mut buf) {
-            Ok(0) => return Incoming::Closed,
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                return Incoming::Messages(Vec::new())
-            }
-            Err(_) => return Incoming::Closed,
-        };
-        self.decoder.push(&buf[..n]);
         let mut msgs = Vec::new();
-        loop {
-            match self.decoder.next_message::<Request>() {
-                Ok(Some(m)) => msgs.push(m),
-                Ok(None) => return Incoming::Messages(msgs),
-                Err(e) => return Incoming::Malformed(e.to_string()),
+        // A few reads per wake-up keep large bundles fast without letting one client starve
+        // the others; the decoder never holds more than one frame plus one read.
+        for _ in 0..READS_PER_WAKE {
+            let n = match stream.read(&mut buf) {
+                Ok(0) if msgs.is_empty() => return Incoming::Closed,
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) if msgs.is_empty() => return Incoming::Closed,
+                Err(_) => break,
+            };
+            self.decoder.push(&buf[..n]);
+            loop {
+                match self.decoder.next_message::<Request>() {
+                    Ok(Some(m)) => msgs.push(m),
+                    Ok(None) => break,
+                    Err(e) => return Incoming::Malformed(e.to_string()),
+                }
+            }
+            if n < READ_CHUNK {
+                break;
             }
         }
+        Incoming::Messages(msgs)
     }
 
     /// Queues one message. Encoding cannot fail for messages the helper builds (their chunks are

@@ -660,6 +660,8 @@ impl Server {
         } else {
             Vec::new()
         };
+        // A client that stops reading must not pin the job's tmpfs forever.
+        conn.deadline = Some(Instant::now() + BUNDLE_TIMEOUT);
         let workdir = job.workdir.take();
         let Job { cgroup, slot, .. } = job;
         self.teardown(cgroup, slot);

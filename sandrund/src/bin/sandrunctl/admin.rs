@@ -81,7 +81,7 @@ fn print_jobs(jobs: &[SandboxInfo]) {
     for j in jobs {
         println!(
             "{:>8} {:>6} {:>8} {:>10.1} {:>10} {:>10}  {}",
-            j.job_id,
+            j.job_id.0,
             j.uid_slot,
             j.pid,
             ms_as_secs(j.age_ms),
@@ -104,7 +104,7 @@ fn print_stats(s: &Stats) {
     println!("draining         {}", s.draining);
     println!("jobs started     {}", s.jobs_started);
     for (reason, n) in &s.jobs_by_reason {
-        println!("  ended {:<10} {n}", reason.as_str());
+        println!("  ended {:<14} {n}", reason.as_str());
     }
     println!("refused busy     {}", s.refused_busy);
     println!("refused peer     {}", s.refused_peer);

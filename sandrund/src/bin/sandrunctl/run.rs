@@ -2,6 +2,8 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
 use sandrun_ipc::{
@@ -29,8 +31,10 @@ pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlE
     };
     let signals = block_interrupts();
     let mut chan = conn::connect(socket, Role::Submitter)?;
-    spawn_canceller(signals, chan.get_ref().writer());
+    let submitted = Arc::new(AtomicBool::new(false));
+    spawn_canceller(signals, chan.get_ref().writer(), Arc::clone(&submitted));
     upload(&mut chan, spec, &bundle)?;
+    submitted.store(true, Ordering::SeqCst);
     let mut job = JobResult::new(json, out_dir);
     job.receive(&mut chan)?;
     job.finish()
@@ -79,21 +83,24 @@ fn block_interrupts() -> SigSet {
     set
 }
 
-/// The first Ctrl-C sends `Cancel` (the helper then reports the job as cancelled); a second one
-/// exits at once (closing the connection also kills the job).
-fn spawn_canceller(signals: SigSet, writer: SharedWriter) {
+/// The first Ctrl-C sends `Cancel` once the job is fully submitted (the helper then reports it
+/// as cancelled); before that, or on a second Ctrl-C, the client exits at once, and closing the
+/// connection kills the job too.
+fn spawn_canceller(signals: SigSet, writer: SharedWriter, submitted: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut cancelled = false;
         while let Ok(sig) = signals.wait() {
-            if cancelled {
-                std::process::exit(128 + sig as i32);
+            let code = 128 + sig as i32;
+            if cancelled || !submitted.load(Ordering::SeqCst) {
+                std::process::exit(code);
             }
             cancelled = true;
             eprintln!("sandrunctl: cancelling the job (again to quit at once)");
-            if let Ok(frame) = sandrun_ipc::encode(&Request::Cancel) {
-                if writer.write_frame(&frame).is_err() {
-                    std::process::exit(128 + sig as i32);
-                }
+            let sent = sandrun_ipc::encode(&Request::Cancel)
+                .ok()
+                .is_some_and(|frame| writer.write_frame(&frame).is_ok());
+            if !sent {
+                std::process::exit(code);
             }
         }
     });
