@@ -5,14 +5,15 @@
 //! job (`Busy` means "queue it again"). Cancelling drops the connection, which makes the helper
 //! kill the sandbox. The connection closing before `Done` is a failure with reason `internal`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use sandrun_ipc::tokio_adapter::AsyncClientChannel;
 use sandrun_ipc::{
-    ChannelError, ErrorCode, ExitReport, GrantedLimits, Hello, IpcError, JobSpec, Limits,
-    NetworkPolicy, OutputFileHeader, Request, Response, Role, SkipKind, MAX_CHUNK_BYTES,
+    BundleEntry, ChannelError, ErrorCode, ExitReport, GrantedLimits, Hello, IpcError, JobSpec,
+    Limits, NetworkPolicy, OutputFileHeader, Request, Response, Role, SkipKind, MAX_CHUNK_BYTES,
     PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
@@ -138,7 +139,18 @@ async fn converse(
     handshake(&mut channel).await?;
     send_job(&mut channel, pending).await?;
     let exit = receive_run(&mut channel, &mut on_event).await?;
-    receive_outputs(&mut channel, exit, budget).await
+    let inputs = input_files(pending);
+    receive_outputs(&mut channel, exit, budget, &inputs).await
+}
+
+/// The job's input files by path. An output identical to an input is the input coming back
+/// unchanged (a pattern such as `*.py` also matches the uploaded code): it is not an output.
+fn input_files(pending: &PendingJob) -> HashMap<&str, &Bytes> {
+    let paths = pending.spec.bundle.iter().filter_map(|e| match e {
+        BundleEntry::File { path, .. } => Some(path.as_str()),
+        BundleEntry::Dir { .. } => None,
+    });
+    paths.zip(pending.files.iter()).collect()
 }
 
 async fn handshake(channel: &mut AsyncClientChannel<UnixStream>) -> Result<(), HelperError> {
@@ -213,6 +225,7 @@ async fn receive_outputs(
     channel: &mut AsyncClientChannel<UnixStream>,
     exit: ExitReport,
     budget: &Arc<MemoryBudget>,
+    inputs: &HashMap<&str, &Bytes>,
 ) -> Result<HelperResult, HelperError> {
     const STEP: &str = "receiving outputs";
     let mut reservation = budget
@@ -225,7 +238,7 @@ async fn receive_outputs(
         let message = recv(channel, STEP).await?;
         if !matches!(message, Response::OutputChunk(_)) {
             if let Some(done) = current.take() {
-                finish_output(done, &mut outputs, &mut skipped)?;
+                finish_output(done, inputs, &mut outputs, &mut skipped)?;
             }
         }
         match message {
@@ -283,6 +296,7 @@ fn append_chunk(current: Option<&mut Incoming>, chunk: &[u8]) -> Result<(), Help
 
 fn finish_output(
     incoming: Incoming,
+    inputs: &HashMap<&str, &Bytes>,
     outputs: &mut Vec<OutputFile>,
     skipped: &mut Vec<SkippedOutput>,
 ) -> Result<(), HelperError> {
@@ -301,6 +315,12 @@ fn finish_output(
     let digest: [u8; 32] = Sha256::digest(&incoming.data).into();
     if digest != incoming.header.sha256 {
         return Err(protocol(STEP, format!("{path} does not match its sha256")));
+    }
+    if inputs
+        .get(path.as_str())
+        .is_some_and(|input| input.as_ref() == incoming.data.as_slice())
+    {
+        return Ok(());
     }
     outputs.push(OutputFile {
         path,
