@@ -165,24 +165,32 @@ fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
 /// `POST /submit`: quotas first (cheap), then the upload, then the queue.
 async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> ApiResult {
     let client = client_key(state, peer, &req);
-    check_quota(state, client)?;
-    check_queue_room(state)?;
-    check_declared_length(state, &req)?;
-    let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
     let idle = Duration::from_millis(state.config.http.body_idle_timeout_ms);
-    let body = timed_body(req.into_body(), idle);
-    let submission = parse_submission(
+    let early = check_quota(state, client)
+        .and_then(|()| check_queue_room(state))
+        .and_then(|()| check_declared_length(state, &req));
+    if let Err(refusal) = early {
+        drain_small_body(&mut timed_body(req.into_body(), idle)).await;
+        return Err(refusal);
+    }
+    let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
+    let mut body = timed_body(req.into_body(), idle);
+    let parsed = parse_submission(
         content_type.as_deref(),
-        body,
+        &mut body,
         &state.upload_limits,
         &state.policy,
     )
-    .await
-    .map_err(|e| {
-        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
-        state.metrics.rejected(upload_cause(status));
-        ApiError::new(status, e.message())
-    })?;
+    .await;
+    let submission = match parsed {
+        Ok(s) => s,
+        Err(e) => {
+            drain_small_body(&mut body).await;
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            state.metrics.rejected(upload_cause(status));
+            return Err(ApiError::new(status, e.message()));
+        }
+    };
     let Some(reservation) = state
         .jobs
         .budget()
@@ -218,6 +226,24 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         held,
     );
     enqueue(state, client, job)
+}
+
+/// Reads what is left of a small refused body (at most 64 KiB, for at most one second) before the
+/// refusal is sent. Answering while the client is still sending makes HTTP/2 reset the stream
+/// after the response, which some clients (curl 7.88) report as an error instead of showing it.
+async fn drain_small_body(body: &mut crate::server::body::TimedBody) {
+    use futures_util::StreamExt;
+    const MAX: usize = 64 * 1024;
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(chunk)) = body.next().await {
+            seen += chunk.len();
+            if seen > MAX {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
