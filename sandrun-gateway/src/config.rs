@@ -69,6 +69,9 @@ impl Default for Retention {
 pub struct HttpLimits {
     /// Connections served at once; more wait in the kernel's backlog.
     pub max_connections: usize,
+    /// Connections one client (an IPv4 address or an IPv6 /64) may hold at once; more are
+    /// closed at accept, so one slow client cannot take every slot. Trusted proxies are exempt.
+    pub max_connections_per_client: usize,
     /// Milliseconds a client has to send a complete request head (slowloris).
     pub header_timeout_ms: u64,
     /// Milliseconds a request body may stall between two chunks.
@@ -83,6 +86,7 @@ impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             max_connections: 256,
+            max_connections_per_client: 32,
             header_timeout_ms: 10_000,
             body_idle_timeout_ms: 30_000,
             max_connection_s: 600,
@@ -228,6 +232,10 @@ impl Config {
             (
                 self.http.max_connections == 0,
                 "http.max_connections must be at least 1",
+            ),
+            (
+                self.http.max_connections_per_client == 0,
+                "http.max_connections_per_client must be at least 1",
             ),
             (
                 self.client_limits.concurrent_jobs == 0,

@@ -23,6 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::ratelimit::ClientKey;
+
 use crate::gateway::{run_scheduler, stopped, AppState};
 
 /// How long shutdown waits for open connections to finish.
@@ -34,6 +36,74 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Held by every task serving this connection, including an upgraded WebSocket.
     pub permit: Arc<OwnedSemaphorePermit>,
+    /// This connection's place in its client's connection count (released on drop).
+    pub client_slot: Arc<Option<ClientConnection>>,
+}
+
+/// Open connections per client, so one client cannot hold every connection slot.
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    counts: std::sync::Mutex<std::collections::HashMap<ClientKey, usize>>,
+}
+
+/// One counted connection; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct ClientConnection {
+    counts: Arc<ConnectionCounts>,
+    key: ClientKey,
+}
+
+impl ConnectionCounts {
+    /// Counts a new connection of `key`, unless it already holds `max`.
+    fn try_add(self: &Arc<Self>, key: ClientKey, max: usize) -> Option<ClientConnection> {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(key).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientConnection {
+            counts: Arc::clone(self),
+            key,
+        })
+    }
+}
+
+impl Drop for ClientConnection {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Counts the connection against its client, or `Err` if the client is at its cap. Trusted
+/// proxies carry many clients' traffic and are not counted.
+fn admit_connection(
+    state: &AppState,
+    counts: &Arc<ConnectionCounts>,
+    peer: SocketAddr,
+) -> Result<Option<ClientConnection>, ()> {
+    let limits = &state.config;
+    if limits.trusted_proxies.contains(&peer.ip()) {
+        return Ok(None);
+    }
+    let key = ClientKey::from_ip(peer.ip());
+    counts
+        .try_add(key, limits.http.max_connections_per_client)
+        .map(Some)
+        .ok_or(())
 }
 
 /// Serves HTTPS on `listener` and runs the job scheduler until `shutdown` turns true, then stops
@@ -47,6 +117,7 @@ pub async fn run(
     let max = state.config.http.max_connections;
     let slots = Arc::new(Semaphore::new(max));
     let acceptor = TlsAcceptor::from(tls);
+    let counts = Arc::new(ConnectionCounts::default());
     let scheduler = tokio::spawn(run_scheduler(Arc::clone(&state), shutdown.clone()));
     loop {
         let permit = tokio::select! {
@@ -61,9 +132,16 @@ pub async fn run(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                let Ok(client_slot) = admit_connection(&state, &counts, peer) else {
+                    // Closing at once frees the slot for everyone else.
+                    state.metrics.rejected("connections_per_client");
+                    drop(tcp);
+                    continue;
+                };
                 let conn = ConnInfo {
                     peer,
                     permit: Arc::new(permit),
+                    client_slot: Arc::new(client_slot),
                 };
                 let task = serve_connection(tcp, acceptor.clone(), Arc::clone(&state), conn);
                 tokio::spawn(task.with_shutdown(shutdown.clone()));

@@ -174,7 +174,8 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         return Err(refusal);
     }
     let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
-    let mut body = timed_body(req.into_body(), idle);
+    // Fused: after a refusal the parser may already have read the body to its end.
+    let mut body = futures_util::StreamExt::fuse(timed_body(req.into_body(), idle));
     let parsed = parse_submission(
         content_type.as_deref(),
         &mut body,
@@ -231,7 +232,10 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
 /// Reads what is left of a small refused body (at most 64 KiB, for at most one second) before the
 /// refusal is sent. Answering while the client is still sending makes HTTP/2 reset the stream
 /// after the response, which some clients (curl 7.88) report as an error instead of showing it.
-async fn drain_small_body(body: &mut crate::server::body::TimedBody) {
+async fn drain_small_body<S>(body: &mut S)
+where
+    S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>> + Unpin,
+{
     use futures_util::StreamExt;
     const MAX: usize = 64 * 1024;
     let drain = async {

@@ -268,6 +268,13 @@ fn extract_zip(
 ) -> Result<(), UploadError> {
     let mut zip = zip::ZipArchive::new(Cursor::new(&data[..]))
         .map_err(|e| UploadError::Malformed(format!("{upload}: not a readable zip: {e}")))?;
+    if central_directory_records(data, zip.central_directory_start(), zip.len()) > zip.len() {
+        return Err(UploadError::entry(
+            upload,
+            "<central directory>",
+            "two entries have the same name",
+        ));
+    }
     if zip.len() > builder.remaining_entries().min(limits.max_files) {
         return Err(UploadError::entry(
             upload,
@@ -301,6 +308,28 @@ fn extract_zip(
         builder.add_file(path, item.mode, bytes)?;
     }
     Ok(())
+}
+
+/// Counts central directory records from `start`, stopping after `limit + 1`. The zip crate
+/// keys entries by name, so a later entry with the same name silently replaced an earlier one
+/// (found by fuzzing): more records than entries means a duplicate name.
+fn central_directory_records(data: &[u8], start: u64, limit: usize) -> usize {
+    const HEADER: usize = 46;
+    let field = |h: &[u8], at: usize| usize::from(u16::from_le_bytes([h[at], h[at + 1]]));
+    let mut pos = usize::try_from(start).unwrap_or(usize::MAX);
+    let mut count = 0;
+    while count <= limit {
+        let Some(h) = data.get(pos..pos.saturating_add(HEADER)) else {
+            break;
+        };
+        if !h.starts_with(b"PK\x01\x02") {
+            break;
+        }
+        // Name, extra field and comment lengths follow the fixed part.
+        pos = pos.saturating_add(HEADER + field(h, 28) + field(h, 30) + field(h, 32));
+        count += 1;
+    }
+    count
 }
 
 /// Checks the whole central directory before anything is decompressed.
