@@ -111,10 +111,13 @@ pub fn decode<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)>, Cod
 }
 
 /// An incremental decoder for non-blocking readers: push bytes as they arrive, pop messages.
-/// Its buffer never holds more than one frame plus one read's worth of bytes.
+/// Its buffer never holds more than one frame plus one read's worth of bytes. Popping advances an
+/// offset and a push compacts once, so a burst of many small frames costs linear time.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Start of the first undecoded byte in `buf`.
+    start: usize,
 }
 
 impl FrameDecoder {
@@ -124,15 +127,19 @@ impl FrameDecoder {
 
     /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Pops the next complete message, if any. After an error the stream is unusable.
     pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
-        match decode(&self.buf)? {
+        match decode(&self.buf[self.start..])? {
             None => Ok(None),
             Some((msg, used)) => {
-                self.buf.drain(..used);
+                self.start += used;
                 Ok(Some(msg))
             }
         }
@@ -140,6 +147,6 @@ impl FrameDecoder {
 
     /// Bytes buffered but not yet decoded.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 }

@@ -97,7 +97,18 @@ pub fn sanitize_process() -> Result<(), String> {
     }
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    Ok(())
+    restrict_self()
+}
+
+/// What the helper can take away from itself without hindering its work: it never executes
+/// anything, so no exec may ever gain privileges (`NO_NEW_PRIVS`, inherited by every sandbox);
+/// and the descriptor soft limit goes up to the hard limit, since each job holds several.
+fn restrict_self() -> Result<(), String> {
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("cannot set NO_NEW_PRIVS: {e}"))?;
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+        .map_err(|e| format!("cannot raise RLIMIT_NOFILE to {hard}: {e}"))
 }
 
 /// Creates the socket directory and binds the socket with mode 0660 and the gateway's group. The

@@ -25,6 +25,9 @@ pub(super) const DEVICES: [&str; 5] = ["null", "zero", "full", "random", "urando
 /// Inodes the skeleton itself uses (directories, `/etc` files, mount points), added to the
 /// job's `file_count` so the job gets its whole allowance.
 pub(super) const SKELETON_INODES: u64 = 64;
+/// Bytes added to the job's tmpfs size for the skeleton (generated /etc files, /dev entries),
+/// rounded up generously: a few pages are used.
+pub(super) const SKELETON_BYTES: u64 = 1 << 20;
 
 const NONE: Option<&str> = None;
 
@@ -87,10 +90,9 @@ pub(super) fn tmpfs_options(limits: &GrantedLimits) -> Result<String, SetupError
         ));
     }
     let inodes = u64::from(limits.file_count) + SKELETON_INODES;
-    Ok(format!(
-        "size={},nr_inodes={inodes},mode=0755",
-        limits.tmpfs_bytes
-    ))
+    // The skeleton's own files (/etc, /dev entries) must not eat the job's allowance.
+    let size = limits.tmpfs_bytes.saturating_add(SKELETON_BYTES);
+    Ok(format!("size={size},nr_inodes={inodes},mode=0755"))
 }
 
 fn mount_tmpfs_root(root: &Path, limits: &GrantedLimits) -> Result<(), SetupError> {
@@ -288,7 +290,7 @@ mod tests {
         let options = tmpfs_options(&limits(1 << 20, 100));
         assert_eq!(
             options,
-            Ok("size=1048576,nr_inodes=164,mode=0755".to_owned())
+            Ok("size=2097152,nr_inodes=164,mode=0755".to_owned())
         );
     }
 

@@ -234,12 +234,13 @@ fn given_bundle_with_dir_and_setuid_file_when_spawned_then_they_belong_to_the_jo
 #[test]
 fn given_bundle_larger_than_the_tmpfs_when_spawned_then_write_bundle_fails_with_enospc() {
     let mut job = Job::new(&["/usr/bin/true"]);
+    // Larger than the job's allowance plus the skeleton's (mounts::SKELETON_BYTES).
     job.limits.tmpfs_bytes = 256 << 10;
-    job.data = vec![b'x'; 1 << 20];
+    job.data = vec![b'x'; 2 << 20];
     job.bundle = vec![BundleEntry::File {
         path: path("big"),
         mode: 0o644,
-        size: 1 << 20,
+        size: 2 << 20,
     }];
     let err = job.spawn().expect_err("the bundle cannot fit");
     assert_eq!(

@@ -24,14 +24,21 @@ pub struct CollectLimits {
     pub max_visited: usize,
     /// Total bytes of returned files.
     pub max_total_bytes: u64,
+    /// When the walk and the hashing must stop: collection runs in the helper's only thread, so
+    /// hostile patterns, deep trees or huge sparse files must not hold it for long. What is not
+    /// reached by then is reported once as `TooMany`.
+    pub deadline: std::time::Instant,
 }
 
-/// One result of the walk.
+/// Bytes hashed between two deadline checks.
+const HASH_SLICE: u64 = 1 << 20;
+
+/// One result of the walk. Files are not kept open (a job may return a thousand of them): the
+/// stream re-opens each with [`open_regular`] and checks it again when it is sent.
 #[derive(Debug)]
 pub enum Collected {
     File {
         path: BundlePath,
-        file: std::fs::File,
         size: u64,
         sha256: [u8; 32],
     },
@@ -96,6 +103,7 @@ pub fn collect(
         total: 0,
         files: 0,
         out: Vec::new(),
+        out_of_time: false,
     };
     if patterns.is_empty() {
         return walk.out;
@@ -113,9 +121,24 @@ struct Walk<'a> {
     total: u64,
     files: usize,
     out: Vec<Collected>,
+    out_of_time: bool,
 }
 
 impl Walk<'_> {
+    /// Whether the time budget is spent; the first time, says so once in the results.
+    fn expired(&mut self, rel: &str) -> bool {
+        if self.out_of_time {
+            return true;
+        }
+        if std::time::Instant::now() < self.limits.deadline {
+            return false;
+        }
+        self.out_of_time = true;
+        tracing::warn!("output collection ran out of time; the rest is skipped");
+        self.skip(rel, SkipKind::TooMany);
+        true
+    }
+
     fn matches(&self, rel: &str) -> bool {
         self.patterns.iter().any(|p| p.matches(rel))
     }
@@ -147,6 +170,10 @@ impl Walk<'_> {
             } else {
                 format!("{prefix}/{name_str}")
             };
+            // A path no output may have is not worth matching.
+            if rel.len() > sandrun_ipc::MAX_PATH_BYTES || self.expired(&rel) {
+                continue;
+            }
             let Ok(st) = fstatat(
                 Some(fd.as_raw_fd()),
                 name.as_c_str(),
@@ -183,16 +210,11 @@ impl Walk<'_> {
             return self.skip(rel, SkipKind::TooMany);
         }
         match self.read_file(dir, name) {
-            Ok((file, size, sha256)) => {
+            Ok((size, sha256)) => {
                 if let Ok(path) = BundlePath::new(rel) {
                     self.files += 1;
                     self.total += size;
-                    self.out.push(Collected::File {
-                        path,
-                        file,
-                        size,
-                        sha256,
-                    });
+                    self.out.push(Collected::File { path, size, sha256 });
                 }
             }
             Err(k) => self.skip(rel, k),
@@ -201,30 +223,15 @@ impl Walk<'_> {
 
     /// Opens a regular file beneath `dir` without following anything, checks it again with
     /// `fstat`, and hashes it. The job is dead, so the file cannot change afterwards.
-    fn read_file(
-        &self,
-        dir: BorrowedFd<'_>,
-        name: &CStr,
-    ) -> Result<(std::fs::File, u64, [u8; 32]), SkipKind> {
-        let fd = open_beneath(dir, name, OFlag::O_RDONLY | OFlag::O_NONBLOCK).map_err(|e| {
-            if e == nix::errno::Errno::ELOOP {
-                SkipKind::Symlink
-            } else {
-                SkipKind::Unreadable
-            }
-        })?;
-        let st = fstat(fd.as_raw_fd()).map_err(|_| SkipKind::Unreadable)?;
-        if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-            return Err(SkipKind::Unreadable);
-        }
-        let size = u64::try_from(st.st_size).map_err(|_| SkipKind::Unreadable)?;
+    fn read_file(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<(u64, [u8; 32]), SkipKind> {
+        let (mut file, size) = open_regular(dir, name)?;
         if self.total.saturating_add(size) > self.limits.max_total_bytes {
             return Err(SkipKind::TooLarge);
         }
-        let mut file = std::fs::File::from(fd);
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 64 * 1024];
         let mut seen = 0u64;
+        let mut next_check = HASH_SLICE;
         loop {
             let n = file.read(&mut buf).map_err(|_| SkipKind::Unreadable)?;
             if n == 0 {
@@ -232,12 +239,37 @@ impl Walk<'_> {
             }
             seen += n as u64;
             hasher.update(&buf[..n]);
+            // A huge (perhaps sparse) file must not hold the loop past the deadline.
+            if seen >= next_check {
+                next_check += HASH_SLICE;
+                if std::time::Instant::now() >= self.limits.deadline {
+                    return Err(SkipKind::TooLarge);
+                }
+            }
         }
         if seen != size {
             return Err(SkipKind::Unreadable);
         }
-        Ok((file, size, hasher.finalize().into()))
+        Ok((size, hasher.finalize().into()))
     }
+}
+
+/// Opens `path` beneath `dir` without following anything and checks with `fstat` that it is a
+/// regular file. Returns the file and its size.
+pub fn open_regular(dir: BorrowedFd<'_>, path: &CStr) -> Result<(std::fs::File, u64), SkipKind> {
+    let fd = open_beneath(dir, path, OFlag::O_RDONLY | OFlag::O_NONBLOCK).map_err(|e| {
+        if e == nix::errno::Errno::ELOOP {
+            SkipKind::Symlink
+        } else {
+            SkipKind::Unreadable
+        }
+    })?;
+    let st = fstat(fd.as_raw_fd()).map_err(|_| SkipKind::Unreadable)?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
+        return Err(SkipKind::Unreadable);
+    }
+    let size = u64::try_from(st.st_size).map_err(|_| SkipKind::Unreadable)?;
+    Ok((std::fs::File::from(fd), size))
 }
 
 /// Names in a directory (without `.` and `..`), sorted for a stable order.
@@ -270,6 +302,7 @@ mod tests {
         CollectLimits {
             max_visited: 10_000,
             max_total_bytes: 1 << 20,
+            deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
         }
     }
 
@@ -341,10 +374,26 @@ mod tests {
             CollectLimits {
                 max_visited: 100,
                 max_total_bytes: 1000,
+                ..limits()
             },
         );
         assert_eq!(files(&out), vec!["a.bin"]);
         assert_eq!(skipped(&out), vec![("b.bin".into(), SkipKind::TooLarge)]);
+    }
+
+    #[test]
+    fn given_no_time_left_then_the_walk_stops_and_says_so_once() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..5 {
+            std::fs::write(d.path().join(format!("{i}.txt")), b"x").unwrap();
+        }
+        let past = CollectLimits {
+            deadline: std::time::Instant::now(),
+            ..limits()
+        };
+        let out = run(d.path(), &["*.txt"], past);
+        assert!(files(&out).is_empty());
+        assert_eq!(skipped(&out), vec![("0.txt".into(), SkipKind::TooMany)]);
     }
 
     #[test]

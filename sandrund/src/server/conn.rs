@@ -11,6 +11,8 @@ use super::job::{Job, OutputStream};
 use super::peer::Peer;
 use super::request::ValidJob;
 
+/// Time a closing connection has to take its last messages before it is dropped.
+pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Stop reading a job's pipes while this many bytes wait to be sent to its client.
 pub const HIGH_WATER: usize = 1 << 20;
 /// Bytes read from a socket per wake-up.
@@ -124,6 +126,9 @@ impl Conn {
     pub fn fail(&mut self, code: ErrorCode, message: impl Into<String>) {
         self.send(&Response::Error(IpcError::new(code, message)));
         self.state = State::Closing;
+        // The error gets a short grace period to be read; then the connection is dropped
+        // whether or not the peer reads.
+        self.deadline = Some(Instant::now() + CLOSE_GRACE);
     }
 
     /// Writes as much of the outgoing buffer as the socket takes.

@@ -1,6 +1,7 @@
 //! Supervision of one running sandbox: its output pipes, its limits, its end.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::ffi::CString;
+use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
@@ -9,10 +10,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use sandrun_ipc::{
     ExitReason, ExitReport, GrantedLimits, JobId, OutputFileHeader, OutputPattern, Response,
-    MAX_CHUNK_BYTES,
+    SkipKind, MAX_CHUNK_BYTES,
 };
 
-use super::collect::{collect, CollectLimits, Collected};
+use super::collect::{collect, open_regular, CollectLimits, Collected};
 use crate::cgroup::{CgroupStats, JobCgroup};
 use crate::sandbox::Spawned;
 
@@ -39,6 +40,19 @@ impl Pipe {
 
     pub fn is_open(&self) -> bool {
         self.fd.is_some()
+    }
+
+    /// Bytes waiting in the pipe (`FIONREAD`); 0 when closed or unknown.
+    pub fn unread(&self) -> usize {
+        let Some(fd) = self.fd.as_ref() else { return 0 };
+        let mut n: libc::c_int = 0;
+        // SAFETY: fd is an open pipe owned by this struct; FIONREAD writes one int to `n`.
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if r == 0 {
+            usize::try_from(n).unwrap_or(0)
+        } else {
+            0
+        }
     }
 
     /// Reads once. Returns the bytes to forward (within `cap`); past the cap bytes are read and
@@ -93,6 +107,8 @@ pub struct Job {
     /// Why the helper killed the job, if it did.
     pub kill_reason: Option<ExitReason>,
     pub last_stats: CgroupStats,
+    /// Consecutive failed reads of the cgroup's figures.
+    stats_failures: u32,
     /// When C exited; pipes still open long after that are closed by force.
     reaped_at: Option<Instant>,
 }
@@ -134,16 +150,18 @@ impl Job {
             status: None,
             kill_reason: None,
             last_stats: CgroupStats::default(),
+            stats_failures: 0,
             reaped_at: None,
         }
     }
 
     /// Kills every process of the job and remembers why (the first reason wins).
     pub fn kill(&mut self, reason: ExitReason) {
-        if self.reaped {
+        // Once signalled, repeating it (a flood of Cancel, every tick past a limit) only costs.
+        if self.reaped || self.kill_reason.is_some() {
             return;
         }
-        self.kill_reason.get_or_insert(reason);
+        self.kill_reason = Some(reason);
         // SIGKILL to C ends the whole pid namespace; the cgroup kill catches anything that is
         // mid-fork. Errors are fine here: the process may already be gone.
         let _ = pidfd_kill(self.pidfd.as_fd());
@@ -161,10 +179,21 @@ impl Job {
             self.kill(ExitReason::Timeout);
             return;
         }
-        if let Ok(stats) = self.cgroup.stats() {
-            self.last_stats = stats;
-            if stats.cpu_ns / 1_000_000 >= self.limits.cpu_ms {
-                self.kill(ExitReason::CpuLimit);
+        match self.cgroup.stats() {
+            Ok(stats) => {
+                self.stats_failures = 0;
+                self.last_stats = stats;
+                if stats.cpu_ns / 1_000_000 >= self.limits.cpu_ms {
+                    self.kill(ExitReason::CpuLimit);
+                }
+            }
+            // Fail closed: a job whose CPU use cannot be read cannot be held to its limit.
+            Err(e) => {
+                self.stats_failures += 1;
+                if self.stats_failures >= MAX_STATS_FAILURES {
+                    tracing::error!(job = %self.id, error = %e, "cannot read the job's cgroup; killing it");
+                    self.kill(ExitReason::Internal);
+                }
             }
         }
     }
@@ -206,18 +235,28 @@ impl Job {
             return false;
         }
         if self.stdout.is_open() || self.stderr.is_open() {
-            // Every writer died with the namespace; a pipe still open after a second means
-            // something holds it that should not. Stop waiting rather than hang the job.
-            if self
+            // Every writer died with the namespace, so the pipes end once drained. Unread data
+            // means the client is slow (backpressure): wait for it, but not forever. An empty
+            // pipe still open after a second means something holds it that should not.
+            let since = self
                 .reaped_at
-                .is_some_and(|t| now.duration_since(t) > Duration::from_secs(1))
-            {
-                self.stdout.fd = None;
-                self.stderr.fd = None;
-                tracing::warn!(job = %self.id, "output pipes still open after exit; closed");
+                .map_or(Duration::ZERO, |t| now.duration_since(t));
+            let unread = self.stdout.unread() + self.stderr.unread();
+            let limit = if unread > 0 {
+                DRAIN_TIMEOUT
             } else {
+                Duration::from_secs(1)
+            };
+            if since <= limit {
                 return false;
             }
+            for pipe in [&mut self.stdout, &mut self.stderr] {
+                if pipe.unread() > 0 {
+                    pipe.truncated = true;
+                }
+                pipe.fd = None;
+            }
+            tracing::warn!(job = %self.id, unread, "output pipes still open after exit; closed");
         }
         true
     }
@@ -265,6 +304,7 @@ impl Job {
         let limits = CollectLimits {
             max_visited: usize::try_from(self.limits.file_count).unwrap_or(usize::MAX),
             max_total_bytes: self.limits.tmpfs_bytes,
+            deadline: Instant::now() + COLLECT_BUDGET,
         };
         match &self.workdir {
             Some(w) => collect(w.as_fd(), &self.outputs, limits),
@@ -272,6 +312,13 @@ impl Job {
         }
     }
 }
+
+/// Consecutive failed cgroup reads after which a job is killed (reason `internal`).
+const MAX_STATS_FAILURES: u32 = 10;
+/// How long the pipes of an exited job wait for a client that does not read.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
+/// The longest output collection may hold the event loop.
+const COLLECT_BUDGET: Duration = Duration::from_secs(2);
 
 /// Splits a raw wait status into exit code or signal. No status (C died first): SIGKILL.
 pub fn decode_status(status: Option<i32>) -> (Option<i32>, Option<i32>) {
@@ -304,9 +351,10 @@ fn pidfd_kill(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
 /// Streams collected outputs to the client, a chunk at a time, under backpressure.
 pub struct OutputStream {
     items: std::vec::IntoIter<Collected>,
+    /// The file being sent (the only output fd open at any time) and the bytes left.
     current: Option<(std::fs::File, u64)>,
-    /// Keeps the job's tmpfs alive until every file is sent.
-    _workdir: OwnedFd,
+    /// Keeps the job's tmpfs alive until every file is sent; files are re-opened beneath it.
+    workdir: OwnedFd,
     buf: Vec<u8>,
 }
 
@@ -315,7 +363,7 @@ impl OutputStream {
         OutputStream {
             items: items.into_iter(),
             current: None,
-            _workdir: workdir,
+            workdir,
             buf: Vec::new(),
         }
     }
@@ -351,18 +399,22 @@ impl OutputStream {
                 Collected::Skipped { path, kind } => {
                     return Some(Response::OutputSkipped { path, kind })
                 }
-                Collected::File {
-                    path,
-                    mut file,
-                    size,
-                    sha256,
-                } => {
-                    if file.seek(SeekFrom::Start(0)).is_err() {
-                        return Some(Response::OutputSkipped {
-                            path,
-                            kind: sandrun_ipc::SkipKind::Unreadable,
-                        });
-                    }
+                Collected::File { path, size, sha256 } => {
+                    // Re-open and check again: the job is dead, so nothing can have changed it,
+                    // but the helper trusts the descriptor, not its memory of the walk.
+                    let reopened = CString::new(path.as_str())
+                        .map_err(|_| SkipKind::Unreadable)
+                        .and_then(|p| open_regular(self.workdir.as_fd(), &p));
+                    let file = match reopened {
+                        Ok((file, now)) if now == size => file,
+                        Ok(_) => {
+                            return Some(Response::OutputSkipped {
+                                path,
+                                kind: SkipKind::Unreadable,
+                            })
+                        }
+                        Err(kind) => return Some(Response::OutputSkipped { path, kind }),
+                    };
                     self.current = Some((file, size));
                     return Some(Response::OutputFile(OutputFileHeader {
                         path,

@@ -77,6 +77,8 @@ pub struct Server {
     slots: Vec<bool>,
     teardowns: Vec<Teardown>,
     draining: bool,
+    /// Set after an accept error (such as EMFILE) until the next tick.
+    accept_paused: bool,
     counters: Counters,
     signal_pipe: OwnedFd,
 }
@@ -151,6 +153,7 @@ impl Server {
             slots,
             teardowns: Vec::new(),
             draining: false,
+            accept_paused: false,
             counters: Counters::default(),
             signal_pipe: install_signal_pipe()?,
         })
@@ -191,7 +194,7 @@ impl Server {
     fn wait(&mut self) -> std::io::Result<Vec<(Token, PollFlags)>> {
         let mut tokens = Vec::new();
         let mut fds: Vec<PollFd<'_>> = Vec::new();
-        let full = self.conns.len() >= MAX_CONNECTIONS;
+        let full = self.conns.len() >= MAX_CONNECTIONS || self.accept_paused;
         if !full {
             fds.push(PollFd::new(self.listener.as_fd(), PollFlags::POLLIN));
             tokens.push(Token::Listener);
@@ -200,7 +203,12 @@ impl Server {
         tokens.push(Token::Signal);
         for (&id, c) in &self.conns {
             if let Some(s) = &c.stream {
-                let mut ev = PollFlags::POLLIN;
+                // A peer that does not read what it is sent is not read from either (hang-ups
+                // are reported regardless), so it cannot make the helper queue without bound.
+                let mut ev = PollFlags::empty();
+                if c.pending_out() < HIGH_WATER {
+                    ev |= PollFlags::POLLIN;
+                }
                 if c.pending_out() > 0 {
                     ev |= PollFlags::POLLOUT;
                 }
@@ -224,7 +232,7 @@ impl Server {
                 }
             }
         }
-        let busy = !self.conns.is_empty() || !self.teardowns.is_empty();
+        let busy = !self.conns.is_empty() || !self.teardowns.is_empty() || self.accept_paused;
         let timeout = if busy {
             PollTimeout::from(100u16)
         } else {
@@ -248,7 +256,10 @@ impl Server {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    // EMFILE and friends: stop polling the listener until the next tick
+                    // instead of spinning on it.
+                    tracing::warn!(error = %e, "accept failed; pausing accepts for a tick");
+                    self.accept_paused = true;
                     return;
                 }
             };
@@ -480,7 +491,14 @@ impl Server {
 
     /// A free slot, if fewer than `max_concurrent` are in use.
     fn reserve_slot(&mut self) -> Option<u32> {
-        let used = self.slots.iter().filter(|s| **s).count();
+        // A finished job whose outputs are still being sent holds its tmpfs: it counts against
+        // the concurrency cap until the stream ends, so at most max_concurrent tmpfs exist.
+        let streaming = self
+            .conns
+            .values()
+            .filter(|c| matches!(c.state, State::Outputs(_)))
+            .count();
+        let used = self.slots.iter().filter(|s| **s).count() + streaming;
         if used >= self.cfg.max_concurrent as usize {
             return None;
         }
@@ -615,6 +633,11 @@ impl Server {
             State::Running(mut job) => {
                 if job.is_finished(now) {
                     self.finish(conn, *job);
+                    // Start streaming the outputs (or send `Done`) now: waiting for the next
+                    // wake-up would cost up to one tick (100 ms) of every job's latency.
+                    if matches!(conn.state, State::Outputs(_)) {
+                        self.progress(conn, now);
+                    }
                 } else {
                     conn.state = State::Running(job);
                 }
@@ -702,10 +725,16 @@ impl Server {
     }
 
     fn tick(&mut self, now: Instant) {
+        self.accept_paused = false;
         for conn in self.conns.values_mut() {
             if let State::Running(job) = &mut conn.state {
                 job.check_limits(now);
             } else if conn.deadline.is_some_and(|d| now >= d) {
+                if matches!(conn.state, State::Closing) {
+                    // It had its grace period and did not read: drop it.
+                    conn.stream = None;
+                    continue;
+                }
                 tracing::warn!(uid = %conn.peer.uid, "conversation timed out; closing");
                 if let State::Bundle { slot, .. } = conn.state {
                     self.slots[slot as usize] = false;
