@@ -104,6 +104,7 @@ pub fn sanitize_process() -> Result<(), String> {
 /// anything, so no exec may ever gain privileges (`NO_NEW_PRIVS`, inherited by every sandbox);
 /// and the descriptor soft limit goes up to the hard limit, since each job holds several.
 fn restrict_self() -> Result<(), String> {
+    pin_malloc_thresholds();
     nix::sys::prctl::set_no_new_privs().map_err(|e| format!("cannot set NO_NEW_PRIVS: {e}"))?;
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
@@ -153,6 +154,20 @@ fn prepare_mount_point(path: &Path) -> Result<(), String> {
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| e.to_string())
+}
+
+/// Jobs make the helper allocate and free megabyte buffers (output bursts, bundles). glibc raises
+/// its mmap threshold after such frees, so later large buffers come from the heap, fragment it
+/// and keep the RSS high. Fixed thresholds keep large buffers in their own mappings, returned to
+/// the kernel on free, so the helper's RSS stays flat over thousands of jobs.
+fn pin_malloc_thresholds() {
+    const THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt only tunes the allocator; it is called once, while the process is
+    // single-threaded and before any large allocation. A zero return (refused) is harmless.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, THRESHOLD);
+    }
 }
 
 /// The whole start-up, then the loop. Returns the process exit code.

@@ -1,7 +1,8 @@
 //! The control channel from the sandbox's init process C to the helper: a `SOCK_SEQPACKET`
 //! socketpair carrying fixed-size binary messages (no serde). C sends, in order, the work
 //! directory fd (`WorkDir`, with the fd attached through `SCM_RIGHTS`) and then `Ready`, or a
-//! `Failed` message naming the step at any point. The same `Failed` encoding travels on the
+//! `Failed` message naming the step at any point. The helper sends one message the other way:
+//! `Joined`, once it has moved C into the job's cgroup. The same `Failed` encoding travels on the
 //! exec-error pipe from the job process J to C.
 //!
 //! Message layout (`MESSAGE_LEN` bytes): kind (u8), step index (u8), errno (i32, little
@@ -27,6 +28,7 @@ pub(super) const DETAIL_MAX: usize = MESSAGE_LEN - HEADER_LEN;
 const KIND_WORKDIR: u8 = 1;
 const KIND_READY: u8 = 2;
 const KIND_FAILED: u8 = 3;
+const KIND_JOINED: u8 = 4;
 
 /// One message from C (or, `Failed` only, from J).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +36,8 @@ pub(super) enum Message {
     WorkDir,
     Ready,
     Failed(SetupError),
+    /// From the helper to C: C is in the job's cgroup now.
+    Joined,
 }
 
 /// Encodes a message.
@@ -41,6 +45,7 @@ pub(super) fn encode(msg: &Message) -> [u8; MESSAGE_LEN] {
     match msg {
         Message::WorkDir => header(KIND_WORKDIR),
         Message::Ready => header(KIND_READY),
+        Message::Joined => header(KIND_JOINED),
         Message::Failed(e) => encode_failure(e.step, e.errno, &e.detail),
     }
 }
@@ -66,6 +71,7 @@ pub(super) fn decode(buf: &[u8]) -> Result<Message, SetupError> {
     match buf[0] {
         KIND_WORKDIR => Ok(Message::WorkDir),
         KIND_READY => Ok(Message::Ready),
+        KIND_JOINED => Ok(Message::Joined),
         KIND_FAILED => decode_failure(buf),
         _ => Err(protocol(libc::EPROTO, "unknown control message kind")),
     }
@@ -122,6 +128,36 @@ pub(super) fn send_ready(sock: RawFd) -> Result<(), i32> {
 /// C's side: reports the failed step.
 pub(super) fn send_failure(sock: RawFd, err: &SetupError) -> Result<(), i32> {
     send(sock, &Message::Failed(err.clone()), None)
+}
+
+/// The helper's side: tells C that it has been moved into the job's cgroup.
+pub(super) fn send_joined(sock: RawFd) -> Result<(), i32> {
+    send(sock, &Message::Joined, None)
+}
+
+/// C's side: blocks until the helper reports that C is in the job's cgroup. Any other message,
+/// or the helper closing the channel, is a `JoinCgroup` failure.
+pub(super) fn wait_for_joined(sock: RawFd) -> Result<(), SetupError> {
+    let mut buf = [0u8; MESSAGE_LEN];
+    let n = loop {
+        // SAFETY: buf is a valid writable buffer of MESSAGE_LEN bytes.
+        let n = unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 && super::sys::errno() == libc::EINTR {
+            continue;
+        }
+        break n;
+    };
+    if n < 0 {
+        return Err(fail(
+            SetupStep::JoinCgroup,
+            super::sys::errno(),
+            "wait for join",
+        ));
+    }
+    match decode(&buf[..usize::try_from(n).unwrap_or(0)]) {
+        Ok(Message::Joined) => Ok(()),
+        _ => Err(fail(SetupStep::JoinCgroup, libc::EPROTO, "wait for join")),
+    }
 }
 
 fn send(sock: RawFd, msg: &Message, fd: Option<RawFd>) -> Result<(), i32> {

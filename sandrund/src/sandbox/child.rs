@@ -37,7 +37,6 @@ pub(super) struct InitFds {
     pub(super) stdout: RawFd,
     pub(super) stderr: RawFd,
     pub(super) status: RawFd,
-    pub(super) cgroup: Vec<RawFd>,
 }
 
 /// C's private copies of its ends except the control socket (every other fd is closed).
@@ -45,7 +44,6 @@ struct Owned {
     stdout: OwnedFd,
     stderr: OwnedFd,
     status: OwnedFd,
-    cgroup: Vec<OwnedFd>,
 }
 
 /// C's entry point, right after the clone. Reports the first failed step to the helper.
@@ -84,20 +82,13 @@ fn take_fds(fds: &InitFds) -> Result<(OwnedFd, Owned), SetupError> {
         stdout: sys::relocate(fds.stdout).map_err(err)?,
         stderr: sys::relocate(fds.stderr).map_err(err)?,
         status: sys::relocate(fds.status).map_err(err)?,
-        cgroup: fds
-            .cgroup
-            .iter()
-            .map(|&fd| sys::relocate(fd))
-            .collect::<Result<_, _>>()
-            .map_err(err)?,
     };
-    let mut keep = vec![
+    let keep = [
         ctrl.as_raw_fd(),
         owned.stdout.as_raw_fd(),
         owned.stderr.as_raw_fd(),
         owned.status.as_raw_fd(),
     ];
-    keep.extend(owned.cgroup.iter().map(AsRawFd::as_raw_fd));
     sys::close_all_except(&keep).map_err(err)?;
     Ok((ctrl, owned))
 }
@@ -112,14 +103,16 @@ fn init(
 ) -> Result<Infallible, SetupError> {
     umask(Mode::empty());
     sys::reset_signals().map_err(|e| fail(SetupStep::Signals, e, "init"))?;
-    join_cgroup(fds.cgroup)?;
-    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
     let layout = mounts::build_root(&settings.mount_point, plan)?;
     sethostname(etc::HOSTNAME).map_err(at(SetupStep::Hostname, etc::HOSTNAME))?;
     net::loopback_up()?;
     let work = open_work()?;
     channel::send_workdir(ctrl.as_raw_fd(), work.as_raw_fd())
         .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
+    // The helper moved C into the job's cgroup while C built its root; nothing of the job runs
+    // and no job data is written before this point.
+    channel::wait_for_joined(ctrl.as_raw_fd())?;
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
     identity::drop_privileges(plan.uid, plan.gid)?;
     apply_landlock(&layout)?;
     bundle::write_bundle(work.as_raw_fd(), plan.bundle, plan.bundle_data)?;
@@ -132,15 +125,6 @@ fn init(
         exit_now(EXIT_SETUP_FAILED);
     }
     supervise(job, fds.status)
-}
-
-/// Writes "0" (this process) to each of the job cgroup's `cgroup.procs`.
-fn join_cgroup(fds: Vec<OwnedFd>) -> Result<(), SetupError> {
-    for fd in fds {
-        sys::write_all(fd.as_raw_fd(), b"0")
-            .map_err(|e| fail(SetupStep::JoinCgroup, e, "cgroup.procs"))?;
-    }
-    Ok(())
 }
 
 fn open_work() -> Result<OwnedFd, SetupError> {

@@ -5,10 +5,12 @@
 //! Process model:
 //! - the helper `clone`s child **C** with new pid, mount, ipc, uts and net namespaces; C is pid 1
 //!   of the job's pid namespace and acts as its init;
-//! - C joins the job's cgroup (through the fds the helper opened), unshares the cgroup namespace,
-//!   builds the tmpfs root and `pivot_root`s into it, drops to the slot's uid/gid, drops every
-//!   capability, sets `NO_NEW_PRIVS`, applies Landlock, writes the input bundle into `/work` as the
-//!   job's uid, then forks the job process **J**;
+//! - while the helper moves C into the job's cgroup (writing C's pid to the `cgroup.procs` fds it
+//!   opened; on cgroup v1 that waits for an RCU grace period, so it overlaps with C's work), C
+//!   builds the tmpfs root and `pivot_root`s into it; then C waits for the helper's `Joined`,
+//!   unshares the cgroup namespace, drops to the slot's uid/gid, drops every capability, sets
+//!   `NO_NEW_PRIVS`, applies Landlock, writes the input bundle into `/work` as the job's uid,
+//!   then forks the job process **J**;
 //! - J sets up stdio, rlimits, `setsid`, closes every other fd, installs the seccomp filter that
 //!   the helper compiled once at start-up, and `execve`s the program;
 //! - C reaps every process of the namespace and, when J exits, writes J's wait status to the
@@ -236,7 +238,6 @@ pub fn spawn(
         stdout: ends.stdout_w.as_raw_fd(),
         stderr: ends.stderr_w.as_raw_fd(),
         status: ends.status_w.as_raw_fd(),
-        cgroup: plan.cgroup_join.iter().map(AsRawFd::as_raw_fd).collect(),
     };
     // SAFETY: spawn's documented precondition is a single-threaded caller (the helper's design);
     // C only runs `run_init`, which never returns.
@@ -248,6 +249,10 @@ pub fn spawn(
     let guard = InitGuard(pid);
     let (ctrl, stdout, stderr, status) = ends.into_parent_ends();
     let pidfd = sys::pidfd_open(pid).map_err(|e| sys::fail(SetupStep::Clone, e, "pidfd_open"))?;
+    // The migration waits for an RCU grace period on cgroup v1; C builds its root meanwhile.
+    join_cgroup(&plan.cgroup_join, pid)?;
+    // If C already failed, its report is waiting on the channel: wait_for_ready returns it.
+    let _ = channel::send_joined(ctrl.as_raw_fd());
     let workdir = channel::wait_for_ready(&ctrl, started + SETUP_TIMEOUT)?;
     guard.release();
     Ok(Spawned {
@@ -259,6 +264,16 @@ pub fn spawn(
         workdir,
         spawn_time: started.elapsed(),
     })
+}
+
+/// Moves C into the job's cgroup: writes its pid to each of the cgroup's `cgroup.procs` fds.
+fn join_cgroup(fds: &[BorrowedFd<'_>], pid: libc::pid_t) -> Result<(), SetupError> {
+    let pid = pid.to_string();
+    for fd in fds {
+        sys::write_all(fd.as_raw_fd(), pid.as_bytes())
+            .map_err(|e| sys::fail(SetupStep::JoinCgroup, e, "cgroup.procs"))?;
+    }
+    Ok(())
 }
 
 /// Refuses plans no sandbox may run, before anything is created.

@@ -101,7 +101,6 @@ impl Job {
 }
 
 struct Finished {
-    pid: i32,
     status: i32,
     stdout: String,
     stderr: String,
@@ -132,7 +131,6 @@ fn finish(spawned: Spawned) -> Finished {
     assert_eq!(n, 4, "C exited without reporting J's status");
     waitpid(Pid::from_raw(spawned.pid.0), None).expect("reap C");
     Finished {
-        pid: spawned.pid.0,
         status: i32::from_ne_bytes(status),
         stdout: drain(&spawned.stdout),
         stderr: drain(&spawned.stderr),
@@ -364,26 +362,54 @@ fn given_job_with_a_background_child_when_the_job_ends_then_no_process_of_it_is_
     );
     let spawned = Job::shell(&script).spawn().expect("the sandbox starts");
     wait_readable(&spawned.stdout);
-    let sleeper = find_process(&["sleep", &tag]).expect("the background sleep runs");
+    // The host's /proc may lag the job's own view briefly: look again for a while.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let sleeper = loop {
+        if let Some(pid) = find_process(&["sleep", &tag]) {
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the background sleep never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
     let job = parent_of(sleeper).expect("the sleep's parent is J");
+    // pidfds, not pids: once reaped, a pid may already belong to another test's process.
+    let sleeper_fd = pidfd_of(sleeper);
+    let job_fd = pidfd_of(job);
     // End the job itself (J), not its child: the sandbox must clean up the rest.
     nix::sys::signal::kill(Pid::from_raw(job), nix::sys::signal::SIGKILL).expect("kill J");
     let done = finish(spawned);
     assert!(libc::WIFSIGNALED(done.status), "{done:?}");
     assert_eq!(libc::WTERMSIG(done.status), libc::SIGKILL);
     drop(done.workdir);
-    // C is reaped, and with it every process of the job's pid namespace.
-    assert_eq!(
-        find_process(&["sleep", &tag]),
-        None,
-        "the background sleep is left"
+    // C is reaped (by `finish`), and with it every process of the job's pid namespace: the
+    // kernel reaps the namespace before its init's exit completes.
+    assert!(has_exited(&sleeper_fd), "the background sleep is left");
+    assert!(has_exited(&job_fd), "J is left");
+}
+
+/// A pidfd of `pid` (which must be alive now).
+fn pidfd_of(pid: i32) -> OwnedFd {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).expect("pidfd_open result fits an fd");
+    assert!(
+        fd >= 0,
+        "pidfd_open({pid}): {}",
+        std::io::Error::last_os_error()
     );
-    for (who, pid) in [("J", job), ("C", done.pid)] {
-        assert!(
-            !Path::new(&format!("/proc/{pid}")).exists(),
-            "{who} is left"
-        );
-    }
+    // SAFETY: pidfd_open just returned this new fd; nothing else owns it.
+    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+}
+
+/// Whether the process behind `pidfd` has exited (its pidfd is readable).
+fn has_exited(pidfd: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).expect("poll pidfd") == 1
 }
 
 /// Blocks (poll, no timeout: the job prints a line or the test hangs visibly) until the

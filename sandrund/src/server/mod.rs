@@ -79,6 +79,8 @@ pub struct Server {
     draining: bool,
     /// Set after an accept error (such as EMFILE) until the next tick.
     accept_paused: bool,
+    /// One read buffer for every job's pipes (the loop reads one pipe at a time).
+    pipe_buf: Vec<u8>,
     counters: Counters,
     signal_pipe: OwnedFd,
 }
@@ -154,6 +156,7 @@ impl Server {
             teardowns: Vec::new(),
             draining: false,
             accept_paused: false,
+            pipe_buf: vec![0u8; 64 * 1024],
             counters: Counters::default(),
             signal_pipe: install_signal_pipe()?,
         })
@@ -587,13 +590,12 @@ impl Server {
             return;
         };
         let cap = job.limits.output_bytes;
-        let mut buf = vec![0u8; 64 * 1024];
         let pipe = if stdout {
             &mut job.stdout
         } else {
             &mut job.stderr
         };
-        if let Some(chunk) = pipe.read_chunk(cap, &mut buf) {
+        if let Some(chunk) = pipe.read_chunk(cap, &mut self.pipe_buf) {
             let msg = if stdout {
                 Response::Stdout(chunk)
             } else {

@@ -1,0 +1,184 @@
+//! Figures 1 (spawn) and 7 (scaling): a full-isolation `/bin/true` through the helper's socket,
+//! exactly as `sandrunctl run` submits it, against bubblewrap and a plain fork+exec.
+//!
+//! A sandrun sample runs from `connect()` to the `Exited` frame (so it includes the handshake,
+//! which the "request sent" does not ask for). The job's outputs and `Done` are read
+//! after the clock stops. Samples of the three kinds are interleaved, so that noise from other
+//! work on the machine hits them alike.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sandrun_ipc::blocking::ClientChannel;
+use sandrun_ipc::{Hello, JobSpec, Limits, NetworkPolicy, Request, Response, Role};
+
+use crate::stats::{Row, Summary};
+use crate::BenchError;
+
+/// The bubblewrap reference: every namespace, read-only `/usr`, the usual symlinks, tmpfs
+/// `/tmp`, fresh `/proc` and `/dev`.
+pub const BWRAP_ARGS: [&str; 20] = [
+    "--unshare-all",
+    "--die-with-parent",
+    "--ro-bind",
+    "/usr",
+    "/usr",
+    "--symlink",
+    "usr/lib",
+    "/lib",
+    "--symlink",
+    "usr/lib64",
+    "/lib64",
+    "--symlink",
+    "usr/bin",
+    "/bin",
+    "--tmpfs",
+    "/tmp",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+];
+
+/// One sandrun job running `/bin/true`; returns the time from connect to `Exited`.
+pub fn sandrun_true(socket: &Path) -> Result<Duration, BenchError> {
+    let started = Instant::now();
+    let stream = UnixStream::connect(socket).map_err(|e| BenchError::io("connect", e))?;
+    let mut ch: ClientChannel<UnixStream> = ClientChannel::new(stream);
+    let hello = Hello {
+        protocol_version: sandrun_ipc::PROTOCOL_VERSION,
+        role: Role::Submitter,
+    };
+    send(&mut ch, &Request::Hello(hello))?;
+    send(&mut ch, &Request::Submit(Box::new(true_spec())))?;
+    send(&mut ch, &Request::BundleEnd)?;
+    let elapsed = loop {
+        match recv(&mut ch)? {
+            Response::Exited(r) if r.exit_code == Some(0) => break started.elapsed(),
+            Response::Exited(r) => return Err(BenchError::job(format!("/bin/true: {r:?}"))),
+            Response::Error(e) => return Err(BenchError::job(format!("helper: {e}"))),
+            _ => {}
+        }
+    };
+    while !matches!(recv(&mut ch)?, Response::Done) {}
+    Ok(elapsed)
+}
+
+fn true_spec() -> JobSpec {
+    JobSpec {
+        argv: vec!["/bin/true".to_owned()],
+        env: Vec::new(),
+        workdir: String::new(),
+        bundle: Vec::new(),
+        limits: Limits::default(),
+        outputs: Vec::new(),
+        template: None,
+        network: NetworkPolicy::None,
+        label: "bench".to_owned(),
+    }
+}
+
+fn send(ch: &mut ClientChannel<UnixStream>, req: &Request) -> Result<(), BenchError> {
+    ch.send(req)
+        .map_err(|e| BenchError::job(format!("sending to the helper: {e}")))
+}
+
+fn recv(ch: &mut ClientChannel<UnixStream>) -> Result<Response, BenchError> {
+    ch.recv()
+        .map_err(|e| BenchError::job(format!("reading from the helper: {e}")))
+}
+
+/// `bwrap ... /bin/true`, start to exit.
+pub fn bwrap_true() -> Result<Duration, BenchError> {
+    let mut cmd = Command::new("bwrap");
+    cmd.args(BWRAP_ARGS).arg("/bin/true");
+    run_timed(cmd, "bwrap")
+}
+
+/// Plain fork+exec of `/bin/true`, start to exit.
+pub fn fork_exec_true() -> Result<Duration, BenchError> {
+    run_timed(Command::new("/bin/true"), "/bin/true")
+}
+
+fn run_timed(mut cmd: Command, what: &str) -> Result<Duration, BenchError> {
+    cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    let started = Instant::now();
+    let status = cmd.status().map_err(|e| BenchError::io("spawn", e))?;
+    let elapsed = started.elapsed();
+    if !status.success() {
+        return Err(BenchError::job(format!("{what} exited with {status}")));
+    }
+    Ok(elapsed)
+}
+
+/// Figure 1: `runs` samples of each kind, interleaved, after a short warm-up.
+pub fn figure_spawn(socket: &Path, runs: usize) -> Result<Vec<Row>, BenchError> {
+    for _ in 0..10 {
+        sandrun_true(socket)?;
+        bwrap_true()?;
+    }
+    let (mut ours, mut bwrap, mut fork) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        ours.push(sandrun_true(socket)?);
+        bwrap.push(bwrap_true()?);
+        fork.push(fork_exec_true()?);
+    }
+    let ours = Summary::of_ms(&ours);
+    let row = |reference: &str, s: Summary, target: &str| Row {
+        figure: "1 spawn".into(),
+        what: "sandrun /bin/true, connect → Exited".into(),
+        unit: "ms",
+        value: ours,
+        reference: Some((reference.into(), s)),
+        target: target.into(),
+    };
+    Ok(vec![
+        row(
+            "bwrap --unshare-all",
+            Summary::of_ms(&bwrap),
+            "p50 ≤ 0.4 × bwrap, p99 < 10 ms",
+        ),
+        row("fork+exec /bin/true", Summary::of_ms(&fork), ""),
+    ])
+}
+
+/// Figure 7: `per_level` samples at each concurrency, sandrun and bwrap.
+pub fn figure_scaling(socket: &Path, per_level: usize) -> Result<Vec<Row>, BenchError> {
+    let mut rows = Vec::new();
+    for level in [1usize, 2, 4, 8] {
+        let ours = concurrent(level, per_level, || sandrun_true(socket))?;
+        let bwrap = concurrent(level, per_level, bwrap_true)?;
+        rows.push(Row {
+            figure: "7 scaling".into(),
+            what: format!("spawn at concurrency {level}"),
+            unit: "ms",
+            value: Summary::of_ms(&ours),
+            reference: Some(("bwrap, same concurrency".into(), Summary::of_ms(&bwrap))),
+            target: String::new(),
+        });
+    }
+    Ok(rows)
+}
+
+/// Runs `f` on `level` threads until `total` samples are taken; returns them.
+fn concurrent<F>(level: usize, total: usize, f: F) -> Result<Vec<Duration>, BenchError>
+where
+    F: Fn() -> Result<Duration, BenchError> + Sync,
+{
+    let per_thread = total.div_ceil(level);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..level)
+            .map(|_| s.spawn(|| (0..per_thread).map(|_| f()).collect::<Result<Vec<_>, _>>()))
+            .collect();
+        let mut all = Vec::with_capacity(total);
+        for h in handles {
+            let samples = h
+                .join()
+                .map_err(|_| BenchError::job("a scaling thread panicked".to_owned()))??;
+            all.extend(samples);
+        }
+        Ok(all)
+    })
+}
