@@ -169,7 +169,7 @@ impl OutputPattern {
         if let Some(dir) = self.0.strip_suffix('/') {
             let pat: Vec<&str> = dir.split('/').collect();
             // Everything strictly below a directory matching `dir`.
-            return (1..path.len()).any(|n| match_components(&pat, &path[..n]));
+            return prefixes_matched(&pat, &path)[1..path.len()].contains(&true);
         }
         if !self.0.contains('/') {
             return path
@@ -177,7 +177,7 @@ impl OutputPattern {
                 .is_some_and(|name| glob_component(self.0.as_bytes(), name.as_bytes()));
         }
         let pat: Vec<&str> = self.0.split('/').collect();
-        match_components(&pat, &path)
+        prefixes_matched(&pat, &path)[path.len()]
     }
 
     /// The fixed directory prefix of an anchored pattern (no glob characters), used to avoid
@@ -218,17 +218,31 @@ impl From<OutputPattern> for String {
     }
 }
 
-fn match_components(pat: &[&str], path: &[&str]) -> bool {
-    match pat.split_first() {
-        None => path.is_empty(),
-        Some((&"**", rest)) => (0..=path.len()).any(|skip| match_components(rest, &path[skip..])),
-        Some((p, rest)) => match path.split_first() {
-            Some((c, tail)) => {
-                glob_component(p.as_bytes(), c.as_bytes()) && match_components(rest, tail)
+/// Entry `j` tells whether `pat` matches exactly the first `j` components of `path`.
+///
+/// Dynamic programming over (pattern component, path component): each pair is compared at most
+/// once, whatever the number of `**` components. Backtracking over `**` is exponential in their
+/// number (`**/**/.../x` against a deep tree never finished), and the helper runs this on names
+/// a job created (regression: `ipc/tests/fuzz_regressions.rs`).
+fn prefixes_matched(pat: &[&str], path: &[&str]) -> Vec<bool> {
+    let mut reach = vec![false; path.len() + 1];
+    reach[0] = true;
+    for p in pat {
+        if *p == "**" {
+            // Zero or more components: every position at or after a reachable one is reachable.
+            let mut seen = false;
+            for r in &mut reach {
+                seen |= *r;
+                *r = seen;
             }
-            None => false,
-        },
+        } else {
+            for j in (1..=path.len()).rev() {
+                reach[j] = reach[j - 1] && glob_component(p.as_bytes(), path[j - 1].as_bytes());
+            }
+            reach[0] = false;
+        }
     }
+    reach
 }
 
 /// Matches one component against a glob with `*` (any run) and `?` (one byte). Iterative with a
@@ -237,12 +251,14 @@ fn glob_component(pat: &[u8], s: &[u8]) -> bool {
     let (mut p, mut i) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while i < s.len() {
-        if p < pat.len() && (pat[p] == b'?' || pat[p] == s[i]) {
-            p += 1;
-            i += 1;
-        } else if p < pat.len() && pat[p] == b'*' {
+        // `*` first: a name may itself contain `*`, which must not be taken as a literal match
+        // of the pattern's star (found by fuzzing: `*` did not select a file named `**`).
+        if p < pat.len() && pat[p] == b'*' {
             star = Some((p, i));
             p += 1;
+        } else if p < pat.len() && (pat[p] == b'?' || pat[p] == s[i]) {
+            p += 1;
+            i += 1;
         } else if let Some((sp, si)) = star {
             p = sp + 1;
             i = si + 1;

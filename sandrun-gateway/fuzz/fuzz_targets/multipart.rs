@@ -1,0 +1,14 @@
+//! Fuzz target `multipart`: see [`sandrun_gateway_fuzz::checks::multipart`] for the input format and the
+//! properties checked. Built with plain `cargo build` it replays files:
+//! `multipart FILE_OR_DIR...` (or bytes on stdin).
+#![cfg_attr(fuzzing, no_main)]
+
+#[cfg(fuzzing)]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = sandrun_gateway_fuzz::checks::multipart(data);
+});
+
+#[cfg(not(fuzzing))]
+fn main() -> std::process::ExitCode {
+    sandrun_gateway_fuzz::replay::run("multipart", sandrun_gateway_fuzz::checks::multipart)
+}
