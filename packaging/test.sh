@@ -12,5 +12,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The integration tests start target/debug/sandrund and friends: build every binary first.
 cargo build --workspace --bins --locked
-cargo test --workspace --locked --all-features 2>&1 | tee /tmp/sandrun-test.log
+cargo test --workspace --locked --all-features
+# A bounded smoke run of every fuzz target (docs/security-testing.md#fuzzing).
+FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash packaging/fuzz-smoke.sh
 echo "all tests passed"

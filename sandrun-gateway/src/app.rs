@@ -1,4 +1,6 @@
 //! The binary's start-up, as one list of steps:
+//! 0. have the allocator return large freed buffers to the system (see
+//!    [`return_large_buffers_to_the_system`]);
 //! 1. parse the command line and load the configuration;
 //! 2. load TLS material and the worker key (from flags, the config, or systemd credentials);
 //! 3. take the listener from systemd or bind it;
@@ -67,6 +69,7 @@ enum Command {
 /// The binary's entry point.
 pub fn main() -> ExitCode {
     init_logging();
+    return_large_buffers_to_the_system();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -79,6 +82,67 @@ pub fn main() -> ExitCode {
 }
 
 type BoxError = Box<dyn std::error::Error>;
+
+/// Allocations from this size up get their own mapping, unmapped when freed.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const LARGE_BUFFER_BYTES: libc::c_int = 128 * 1024;
+
+/// Logs, outputs, uploads and `/logs` answers are large and short-lived, and glibc keeps freed
+/// memory in its heaps, where fragmentation holds RSS at past peaks: in the 2,000-job soak the
+/// gateway grew from 18.5 to 22.3 MB with nothing held. So: large buffers get their own mappings
+/// (fixed mmap and trim thresholds, instead of glibc raising them after the first large free),
+/// and one arena serves every thread instead of one heap per thread that each fragment (the
+/// runtime has a handful of threads; per-thread caches still serve small allocations).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn return_large_buffers_to_the_system() {
+    for (param, value, name) in [
+        (
+            libc::M_MMAP_THRESHOLD,
+            LARGE_BUFFER_BYTES,
+            "M_MMAP_THRESHOLD",
+        ),
+        (
+            libc::M_TRIM_THRESHOLD,
+            LARGE_BUFFER_BYTES,
+            "M_TRIM_THRESHOLD",
+        ),
+        (libc::M_ARENA_MAX, 1, "M_ARENA_MAX"),
+    ] {
+        // SAFETY: mallopt only sets a glibc tuning parameter (no pointer is passed), and it runs
+        // in `main` before any other thread exists, so no allocation races with the change.
+        if unsafe { libc::mallopt(param, value) } != 1 {
+            tracing::warn!(
+                param = name,
+                "mallopt refused; freed memory may stay in the heap"
+            );
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_large_buffers_to_the_system() {}
+
+/// Every connection is a descriptor: raises the soft limit to the hard one, and warns if that is
+/// still below what `http.max_connections` needs (then accepts fail and back off).
+fn raise_fd_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        tracing::warn!(error = %e, "cannot raise the descriptor limit");
+    }
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(256);
+    if hard < needed {
+        tracing::warn!(
+            limit = hard,
+            needed,
+            "descriptor limit below http.max_connections"
+        );
+    }
+}
 
 fn run(cli: Cli) -> Result<(), BoxError> {
     if let Some(Command::Keygen { out }) = &cli.command {
@@ -99,6 +163,7 @@ fn run(cli: Cli) -> Result<(), BoxError> {
         None => std::net::TcpListener::bind(config.listen)
             .map_err(|e| format!("binding {}: {e}", config.listen))?,
     };
+    raise_fd_limit(config.http.max_connections);
     if let Some((uid, gid)) = privdrop::drop_privileges_if_root(&config.user)? {
         tracing::info!(
             uid = uid.as_raw(),

@@ -85,7 +85,7 @@ pub struct HttpLimits {
 impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
-            max_connections: 256,
+            max_connections: 4096,
             max_connections_per_client: 32,
             header_timeout_ms: 10_000,
             body_idle_timeout_ms: 30_000,

@@ -208,9 +208,13 @@ impl Job {
         }
     }
 
-    /// The retained bytes of one stream, lossily decoded.
-    pub fn log_text(&self, kind: StreamKind) -> String {
-        let mut bytes = Vec::new();
+    /// The retained bytes of one stream, exactly as the job wrote them.
+    pub fn log_bytes(&self, kind: StreamKind) -> Vec<u8> {
+        let held = match kind {
+            StreamKind::Stdout => self.stdout_bytes,
+            StreamKind::Stderr => self.stderr_bytes,
+        };
+        let mut bytes = Vec::with_capacity(usize::try_from(held).unwrap_or(0));
         for event in &self.events {
             if let JobEvent::Output(k, chunk) = event {
                 if *k == kind {
@@ -218,7 +222,12 @@ impl Job {
                 }
             }
         }
-        String::from_utf8_lossy(&bytes).into_owned()
+        bytes
+    }
+
+    /// The retained bytes of one stream, lossily decoded (invalid UTF-8 becomes U+FFFD).
+    pub fn log_text(&self, kind: StreamKind) -> String {
+        String::from_utf8_lossy(&self.log_bytes(kind)).into_owned()
     }
 
     fn push_event(&mut self, event: JobEvent) {

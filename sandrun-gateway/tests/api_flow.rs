@@ -44,6 +44,8 @@ async fn given_a_job_when_it_completes_then_status_logs_outputs_and_signature_ar
     let logs = gw.get(&format!("/logs/{id}")).await.json();
     assert_eq!(logs["stdout"], "hello\n");
     assert_eq!(logs["stderr"], "warning\n");
+    assert_eq!(logs["stdout_base64"], "aGVsbG8K");
+    assert_eq!(logs["stderr_base64"], "d2FybmluZwo=");
     assert_eq!(logs["stdout_truncated"], false);
 
     let listing = gw.get(&format!("/outputs/{id}")).await.json();
@@ -376,5 +378,27 @@ async fn given_info_endpoints_then_each_answers_json_with_its_fields() {
     assert!(text.contains("sandrun_gateway_spawn_seconds_count 1"));
     assert!(text.contains("sandrun_gateway_job_seconds_count 1"));
     assert!(text.contains("sandrun_gateway_queue_length 0"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn given_output_that_is_not_utf8_then_logs_text_is_lossy_and_base64_is_exact() {
+    use base64::Engine;
+    let gw = TestGateway::start().await;
+    let id = gw
+        .submit_script("outhex 61f09f\nouthex 988062ffc080\nerrhex e282\nouthex 0a")
+        .await;
+    gw.wait_finished(&id).await;
+    let logs = gw.get(&format!("/logs/{id}")).await.json();
+    assert_eq!(logs["stdout"], "a\u{1F600}b\u{FFFD}\u{FFFD}\u{FFFD}\n");
+    assert_eq!(logs["stderr"], "\u{FFFD}");
+    let decode = |field: &str| {
+        let text = logs[field].as_str().unwrap();
+        base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .unwrap()
+    };
+    assert_eq!(decode("stdout_base64"), b"a\xf0\x9f\x98\x80b\xff\xc0\x80\n");
+    assert_eq!(decode("stderr_base64"), b"\xe2\x82");
     gw.shutdown().await;
 }

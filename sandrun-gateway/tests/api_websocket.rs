@@ -106,3 +106,48 @@ async fn given_unknown_job_then_websocket_path_is_404_json() {
     assert!(message.contains("WebSocket"), "{message}");
     gw.shutdown().await;
 }
+
+/// The stdout events' `data` and `data_base64` fields, in order.
+fn stdout_fields(events: &[serde_json::Value]) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine;
+    events
+        .iter()
+        .filter(|e| e["type"] == "stdout")
+        .map(|e| {
+            let text = e["data"].as_str().unwrap().to_owned();
+            let b64 = e["data_base64"].as_str().unwrap();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            (text, bytes)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn given_a_char_split_between_chunks_then_text_carries_it_whole_and_base64_has_the_exact_bytes(
+) {
+    let gw = TestGateway::start().await;
+    // "a" + the first two bytes of U+1F600, then its last two bytes + "b" + an invalid byte,
+    // then a stderr line, then a truncated U+20AC that never completes.
+    let id = gw
+        .submit_script("outhex 61f09f\nouthex 988062ff\nerr e\nouthex e282")
+        .await;
+    gw.wait_finished(&id).await;
+    let mut ws = websocket(&gw, &format!("/ws/{id}")).await;
+    let events = read_events(&mut ws).await;
+    let expected: Vec<(String, Vec<u8>)> = vec![
+        ("a".into(), b"a\xf0\x9f".to_vec()),
+        ("\u{1F600}b\u{FFFD}".into(), b"\x98\x80b\xff".to_vec()),
+        (String::new(), b"\xe2\x82".to_vec()),
+        // Flushed before `exit`: the text of the incomplete sequence, no new bytes.
+        ("\u{FFFD}".into(), Vec::new()),
+    ];
+    assert_eq!(stdout_fields(&events), expected, "{events:?}");
+    let stderr: Vec<&serde_json::Value> = events.iter().filter(|e| e["type"] == "stderr").collect();
+    assert_eq!(stderr.len(), 1);
+    assert_eq!(stderr[0]["data"], "e\n");
+    assert_eq!(stderr[0]["data_base64"], "ZQo=");
+    assert_eq!(events.last().unwrap()["type"], "exit");
+    gw.shutdown().await;
+}

@@ -8,6 +8,7 @@ mod body;
 mod outputs;
 pub mod response;
 mod routes;
+mod text;
 pub mod tls;
 mod ws;
 

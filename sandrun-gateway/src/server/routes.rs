@@ -18,6 +18,7 @@ use crate::jobs::{DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, Str
 use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::timed_body;
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
+use crate::server::text::base64;
 use crate::server::{outputs, ws, ConnInfo};
 use crate::upload::parse_submission;
 
@@ -405,20 +406,52 @@ fn status_body(job: &Job, position: Option<usize>, worker_id: &str) -> serde_jso
 
 fn logs(state: &AppState, id: &str) -> ApiResult {
     let id = job_id(id)?;
-    state
+    // Copy the bytes under the table lock; encode them after releasing it.
+    let (status, [stdout, stderr], truncated) = state
         .jobs
         .with_job(id, |job, _| {
-            let body = json!({
-                "job_id": job.id.to_string(),
-                "status": job.status,
-                "stdout": job.log_text(StreamKind::Stdout),
-                "stderr": job.log_text(StreamKind::Stderr),
-                "stdout_truncated": job.stdout_truncated,
-                "stderr_truncated": job.stderr_truncated,
-            });
-            json(StatusCode::OK, &body)
+            let bytes = [StreamKind::Stdout, StreamKind::Stderr].map(|k| job.log_bytes(k));
+            (
+                job.status,
+                bytes,
+                [job.stdout_truncated, job.stderr_truncated],
+            )
         })
-        .ok_or_else(|| ApiError::not_found("job"))
+        .ok_or_else(|| ApiError::not_found("job"))?;
+    let body = LogsBody {
+        job_id: id.to_string(),
+        status,
+        stdout: String::from_utf8_lossy(&stdout),
+        stderr: String::from_utf8_lossy(&stderr),
+        stdout_base64: base64(&stdout),
+        stderr_base64: base64(&stderr),
+        stdout_truncated: truncated[0],
+        stderr_truncated: truncated[1],
+    };
+    // Up to 2 MiB of logs: serialize once into a buffer sized for it, without a JSON tree copy.
+    let size = 256 + 2 * (stdout.len() + stderr.len()) + body.stdout_base64.len();
+    let mut out = Vec::with_capacity(size + body.stderr_base64.len());
+    match serde_json::to_writer(&mut out, &body) {
+        Ok(()) => Ok(bytes_response(
+            StatusCode::OK,
+            "application/json",
+            Bytes::from(out),
+        )),
+        Err(e) => Err(ApiError::internal(&format!("serializing logs: {e}"))),
+    }
+}
+
+/// The `/logs` answer: each stream as lossy text and as exact bytes in base64.
+#[derive(Serialize)]
+struct LogsBody<'a> {
+    job_id: String,
+    status: JobStatus,
+    stdout: std::borrow::Cow<'a, str>,
+    stderr: std::borrow::Cow<'a, str>,
+    stdout_base64: String,
+    stderr_base64: String,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
 }
 
 fn delete(state: &AppState, id: &str) -> ApiResult {

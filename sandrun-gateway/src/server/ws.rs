@@ -2,9 +2,16 @@
 //!
 //! A subscriber first gets the backlog (every event since the job was queued), then each new
 //! event as it happens; after the `exit` event the server closes. Pings are answered. Events:
-//! `{"type":"status","status":...}`, `{"type":"stdout"|"stderr","data":...}`,
+//! `{"type":"status","status":...}`, `{"type":"stdout"|"stderr","data":...,"data_base64":...}`,
 //! `{"type":"exit","status":...,"reason":...,"exit_code":...,"signal":...}`,
 //! `{"type":"error","error":...}`.
+//!
+//! An output event's `data_base64` is exactly the chunk's bytes; `data` is the chunk as lossy
+//! UTF-8 text, decoded per subscriber with [`Utf8Carry`]: a multi-byte sequence left incomplete at
+//! the end of a chunk is held back and decoded with the next chunk of the same stream, so a
+//! character split between chunks arrives whole in the later event. A sequence still incomplete
+//! when the job ends is sent before `exit` as one more event with `data` U+FFFD and an empty
+//! `data_base64`.
 
 use std::sync::Arc;
 
@@ -20,6 +27,7 @@ use crate::gateway::AppState;
 use crate::jobs::{JobEvent, JobId, StreamKind};
 use crate::server::response::{ApiError, ApiResult};
 use crate::server::routes::job_id;
+use crate::server::text::{base64, Utf8Carry};
 use crate::server::ConnInfo;
 
 /// Clients only send control frames; anything big is refused by the codec.
@@ -66,6 +74,7 @@ async fn stream_events(
     mut changes: tokio::sync::watch::Receiver<u64>,
 ) {
     let mut cursor = 0;
+    let mut text = TextDecoders::default();
     loop {
         let Some((events, _finished)) = state.jobs.events_since(id, cursor) else {
             let gone = json!({"type": "error", "error": "the job was deleted"});
@@ -74,11 +83,15 @@ async fn stream_events(
         };
         cursor += events.len();
         for event in &events {
-            if ws
-                .send(Message::text(event_json(event).to_string()))
-                .await
-                .is_err()
-            {
+            if matches!(event, JobEvent::Exit(_)) {
+                for tail in text.flush() {
+                    if ws.send(Message::text(tail.to_string())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let message = Message::text(text.event_json(event).to_string());
+            if ws.send(message).await.is_err() {
                 return;
             }
             if matches!(event, JobEvent::Exit(_)) {
@@ -104,23 +117,51 @@ async fn stream_events(
     let _ = ws.close(None).await;
 }
 
-fn event_json(event: &JobEvent) -> serde_json::Value {
-    match event {
-        JobEvent::Status(status) => json!({"type": "status", "status": status}),
-        JobEvent::Output(kind, data) => {
-            let kind = match kind {
-                StreamKind::Stdout => "stdout",
-                StreamKind::Stderr => "stderr",
-            };
-            json!({"type": kind, "data": String::from_utf8_lossy(data)})
+/// One subscriber's text decoders, one per stream.
+#[derive(Debug, Default)]
+struct TextDecoders {
+    stdout: Utf8Carry,
+    stderr: Utf8Carry,
+}
+
+impl TextDecoders {
+    fn event_json(&mut self, event: &JobEvent) -> serde_json::Value {
+        match event {
+            JobEvent::Status(status) => json!({"type": "status", "status": status}),
+            JobEvent::Output(kind, bytes) => {
+                let text = match kind {
+                    StreamKind::Stdout => self.stdout.decode(bytes),
+                    StreamKind::Stderr => self.stderr.decode(bytes),
+                };
+                output_json(*kind, &text, &base64(bytes))
+            }
+            JobEvent::Exit(summary) => json!({
+                "type": "exit",
+                "status": summary.status,
+                "reason": summary.reason.map(sandrun_ipc::ExitReason::as_str),
+                "exit_code": summary.exit_code,
+                "signal": summary.signal,
+            }),
+            JobEvent::Error(message) => json!({"type": "error", "error": message}),
         }
-        JobEvent::Exit(summary) => json!({
-            "type": "exit",
-            "status": summary.status,
-            "reason": summary.reason.map(sandrun_ipc::ExitReason::as_str),
-            "exit_code": summary.exit_code,
-            "signal": summary.signal,
-        }),
-        JobEvent::Error(message) => json!({"type": "error", "error": message}),
     }
+
+    /// The incomplete sequences the streams ended in, as output events with no bytes.
+    fn flush(&mut self) -> Vec<serde_json::Value> {
+        [
+            (StreamKind::Stdout, self.stdout.flush()),
+            (StreamKind::Stderr, self.stderr.flush()),
+        ]
+        .into_iter()
+        .filter_map(|(kind, tail)| tail.map(|text| output_json(kind, &text, "")))
+        .collect()
+    }
+}
+
+fn output_json(kind: StreamKind, text: &str, bytes_base64: &str) -> serde_json::Value {
+    let kind = match kind {
+        StreamKind::Stdout => "stdout",
+        StreamKind::Stderr => "stderr",
+    };
+    json!({"type": kind, "data": text, "data_base64": bytes_base64})
 }

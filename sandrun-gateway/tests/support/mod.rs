@@ -192,6 +192,9 @@ async fn run_script(ch: &mut HelperChannel, script: &str, id: u64) -> bool {
         let msg = match cmd {
             "out" => Some(IpcResponse::Stdout(format!("{rest}\n").into_bytes())),
             "err" => Some(IpcResponse::Stderr(format!("{rest}\n").into_bytes())),
+            // Raw bytes, given in hex, with no newline: `outhex f09f` sends two bytes.
+            "outhex" => Some(IpcResponse::Stdout(hex::decode(rest).unwrap())),
+            "errhex" => Some(IpcResponse::Stderr(hex::decode(rest).unwrap())),
             "sleep" => {
                 let ms: u64 = rest.parse().unwrap();
                 // Notice a closed connection while "running".

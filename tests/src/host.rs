@@ -1,0 +1,70 @@
+//! Looking at the host from outside the sandboxes: processes, mounts, descriptors, memory.
+
+use std::fs;
+use std::ops::Range;
+use std::path::Path;
+
+/// Host processes whose real or effective uid is in `uids`, as (pid, uid, name).
+pub fn processes_with_uids(uids: &Range<u32>) -> Vec<(i32, u32, String)> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(status) = fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let name = field(&status, "Name").unwrap_or_default().to_owned();
+        let ids: Vec<u32> = field(&status, "Uid")
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(uid) = ids.iter().take(2).find(|u| uids.contains(u)) {
+            out.push((pid, *uid, name));
+        }
+    }
+    out
+}
+
+/// Lines of this process's mountinfo that mention `needle`.
+pub fn mounts_mentioning(needle: &str) -> Vec<String> {
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Number of open descriptors of `pid`.
+pub fn fd_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Resident set size of `pid` in KiB.
+pub fn vm_rss_kib(pid: i32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    field(&status, "VmRSS")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `pid` exists on the host.
+pub fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn field<'a>(status: &'a str, key: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == key).then_some(v.trim())
+    })
+}

@@ -1,0 +1,130 @@
+//! The helper's single thread stays available and bounded whatever one client does: findings of
+//! the security review of `sandrund`, each reproduced against the real daemon.
+
+use std::io::{ErrorKind, Write};
+use std::time::{Duration, Instant};
+
+use sandrun_ipc::{AdminRequest, AdminResponse, ExitReason, Request, Response, Role};
+use sandrun_tests::client::{frame, hello_frame};
+use sandrun_tests::host::{fd_count, vm_rss_kib};
+use sandrun_tests::{config, Helper, Job};
+
+/// Polls `cond` until it holds; a hang guard, not a timing assertion.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn running(helper: &Helper) -> usize {
+    match helper.admin(AdminRequest::List) {
+        Response::Admin(AdminResponse::List(l)) => l.len(),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn given_a_client_that_stops_reading_a_thousand_outputs_then_the_helper_holds_no_fd_per_file() {
+    let helper = Helper::start(&config(200, ""));
+    let baseline = fd_count(helper.pid());
+    let job = Job::new(&[
+        "/bin/sh",
+        "-c",
+        "for i in $(seq 1000); do echo $i > f$i.txt; done",
+    ])
+    .output("*.txt");
+    // Submit, then never read: the helper collects the outputs and must stream them lazily.
+    let mut stalled = helper.submit(&job);
+    stalled.wait_started().expect("job started");
+    wait_until("the job to end", || running(&helper) == 0);
+    let held = fd_count(helper.pid());
+    assert!(
+        held <= baseline + 16,
+        "helper holds {held} fds with a stalled output stream (baseline {baseline})"
+    );
+    // Other jobs still start and finish meanwhile.
+    let other = helper.run(&Job::new(&["/bin/true"]));
+    assert_eq!(other.report().exit_code, Some(0), "{}", other.describe());
+    // And the stalled client still gets every file once it reads.
+    let outcome = stalled.finish();
+    assert!(outcome.done, "{}", outcome.describe());
+    assert_eq!(outcome.outputs.len(), 1000);
+}
+
+#[test]
+fn given_an_admin_flood_that_never_reads_then_the_helper_stops_reading_and_memory_stays_bounded() {
+    let helper = Helper::start(&config(201, ""));
+    let before = vm_rss_kib(helper.pid());
+    let mut stream = helper.raw();
+    stream.write_all(&hello_frame(Role::Admin)).expect("hello");
+    stream.set_nonblocking(true).expect("non-blocking");
+    let stats = frame(&Request::Admin(AdminRequest::Stats));
+    let burst: Vec<u8> = stats
+        .iter()
+        .copied()
+        .cycle()
+        .take(stats.len() * 4096)
+        .collect();
+    // Write until the helper has not taken a byte for a whole second (it stopped reading).
+    let mut last_progress = Instant::now();
+    let mut sent = 0usize;
+    while last_progress.elapsed() < Duration::from_secs(1) && sent < (64 << 20) {
+        match stream.write(&burst) {
+            Ok(n) => {
+                sent += n;
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    let after = vm_rss_kib(helper.pid());
+    assert!(
+        after < before + 16 * 1024,
+        "helper RSS grew from {before} KiB to {after} KiB after {sent} bytes of requests"
+    );
+    assert!(
+        sent < (64 << 20),
+        "the helper kept reading {sent} bytes without replies being read"
+    );
+    // Everyone else is still served.
+    assert!(matches!(
+        helper.admin(AdminRequest::Stats),
+        Response::Admin(AdminResponse::Stats(_))
+    ));
+}
+
+#[test]
+fn given_pathological_output_patterns_then_other_jobs_limits_are_still_enforced() {
+    let helper = Helper::start(&config(202, ""));
+    let deep = (0..24)
+        .map(|i| format!("d{i}"))
+        .collect::<Vec<_>>()
+        .join("/");
+    let script =
+        format!("mkdir -p {deep} && : > {deep}/y && for i in $(seq 500); do : > {deep}/n$i; done");
+    let pattern = format!("{}x", "**/".repeat(22));
+    let mut nasty = Job::new(&["/bin/sh", "-c", &script]);
+    for _ in 0..64 {
+        nasty = nasty.output(&pattern);
+    }
+    let sleeper = Job::new(&["/bin/sleep", "60"]).limits(|l| l.wall_ms = Some(1_000));
+    let mut sleeping = helper.submit(&sleeper);
+    sleeping.wait_started().expect("sleeper started");
+    let nasty_outcome = helper.run(&nasty);
+    assert!(nasty_outcome.done, "{}", nasty_outcome.describe());
+    let outcome = sleeping.finish();
+    let report = outcome.report();
+    assert_eq!(report.reason, ExitReason::Timeout, "{}", outcome.describe());
+    // The 1 s limit held while the other job's outputs were matched (generous bound: the loop
+    // may be busy for at most the collection budget).
+    assert!(
+        report.wall_ms < 10_000,
+        "timeout enforced only after {} ms",
+        report.wall_ms
+    );
+}

@@ -1,0 +1,166 @@
+//! Isolation seen from inside: the probe runs in a real sandbox and reports what it can see.
+//! Each test starts its own helper with its own slot uid range (`config(k, ..)`).
+
+use std::net::TcpListener;
+
+use sandrun_tests::helper::SECRET_ENV;
+use sandrun_tests::{config, Helper, Job};
+
+fn probe(k: u32, args: &[&str]) -> serde_json::Value {
+    let helper = Helper::start(&config(k, ""));
+    let outcome = helper.run(&Job::probe(args));
+    assert_eq!(
+        outcome.report().exit_code,
+        Some(0),
+        "{}",
+        outcome.describe()
+    );
+    outcome.probe()
+}
+
+#[test]
+fn given_job_when_listing_proc_then_only_its_own_processes_are_visible() {
+    let r = probe(1, &["pids"]);
+    let pids: Vec<u64> = serde_json::from_value(r["pids"].clone()).expect("pid list");
+    let me = r["self"].as_u64().expect("own pid");
+    assert!(pids.contains(&me), "own pid {me} missing from {pids:?}");
+    // A fresh pid namespace: the probe (and at most an init process) only.
+    assert!(pids.len() <= 2, "host processes are visible: {pids:?}");
+    assert!(
+        pids.iter().all(|p| *p <= 2),
+        "pids outside a fresh namespace: {pids:?}"
+    );
+}
+
+#[test]
+fn given_job_when_reading_hostname_then_it_differs_from_the_host() {
+    let r = probe(2, &["hostname"]);
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("host hostname");
+    assert_ne!(r["hostname"].as_str(), Some(host.trim()), "{r}");
+    assert_eq!(r["hostname"], "sandrun");
+}
+
+#[test]
+fn given_job_when_listing_interfaces_then_only_loopback_exists() {
+    let r = probe(3, &["ifaces"]);
+    assert_eq!(r["ioctl"], serde_json::json!(["lo"]), "{r}");
+    assert_eq!(r["proc_net_dev"], serde_json::json!(["lo"]), "{r}");
+    let sysfs = r["sysfs"].as_array().expect("sysfs list");
+    assert!(sysfs.iter().all(|n| n == "lo"), "interfaces in /sys: {r}");
+}
+
+#[test]
+fn given_listener_on_host_loopback_when_job_connects_then_it_is_unreachable() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind host listener");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let port = listener.local_addr().expect("addr").port().to_string();
+    let r = probe(4, &["tcp", &port]);
+    assert_eq!(r["connected"], false, "{r}");
+    assert_eq!(
+        r["errno"],
+        libc::ECONNREFUSED,
+        "the job's loopback is its own: {r}"
+    );
+    let accepted = listener.accept();
+    assert!(
+        matches!(&accepted, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a connection reached the host listener: {accepted:?}"
+    );
+}
+
+#[test]
+fn given_job_then_it_runs_unprivileged_with_no_capabilities_no_new_privs_and_seccomp() {
+    let helper = Helper::start(&config(5, ""));
+    let outcome = helper.run(&Job::probe(&["ids"]));
+    let r = outcome.probe();
+    let uid = u32::try_from(r["uid"].as_u64().expect("uid")).expect("uid fits");
+    assert_ne!(uid, 0, "{r}");
+    assert!(
+        helper.slot_uids().contains(&uid),
+        "uid {uid} is not a slot uid: {r}"
+    );
+    assert_eq!(r["euid"], r["uid"]);
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(r[set], "0000000000000000", "{set} is not empty: {r}");
+    }
+    assert_eq!(r["NoNewPrivs"], "1", "{r}");
+    assert_eq!(r["Seccomp"], "2", "seccomp filter mode expected: {r}");
+    assert_eq!(r["Groups"], "", "supplementary groups kept: {r}");
+}
+
+#[test]
+fn given_job_when_writing_usr_then_it_is_refused() {
+    let name = format!("sandrun-probe-{}", std::process::id());
+    let target = format!("/usr/{name}");
+    let r = probe(6, &["write", &target]);
+    assert_eq!(r["ok"], false, "{r}");
+    let errno = r["errno"].as_i64().expect("errno");
+    assert!(
+        errno == i64::from(libc::EROFS) || errno == i64::from(libc::EACCES),
+        "{r}"
+    );
+    assert!(
+        !std::path::Path::new(&target).exists(),
+        "the write reached the host"
+    );
+}
+
+#[test]
+fn given_marker_files_in_host_tmp_and_root_then_the_job_cannot_see_them() {
+    let helper = Helper::start(&config(7, ""));
+    let name = format!("sandrun-marker-{}", std::process::id());
+    for dir in ["/tmp", "/root"] {
+        let path = format!("{dir}/{name}");
+        std::fs::write(&path, b"host secret").expect("write marker");
+        let outcome = helper.run(&Job::probe(&["read", &path]));
+        let _ = std::fs::remove_file(&path);
+        let r = outcome.probe();
+        assert_eq!(r["ok"], false, "{path} is visible in the sandbox: {r}");
+        let errno = r["errno"].as_i64().expect("errno");
+        assert!(
+            errno == i64::from(libc::ENOENT) || errno == i64::from(libc::EACCES),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn given_secret_in_helper_environment_then_the_job_does_not_see_it() {
+    let helper = Helper::start(&config(8, ""));
+    let outcome = helper.run(&Job::probe(&["env"]).env("SANDRUN_JOB_VAR", "visible"));
+    let r = outcome.probe();
+    assert!(r.get(SECRET_ENV.0).is_none(), "helper env leaked: {r}");
+    assert_eq!(
+        r["SANDRUN_JOB_VAR"], "visible",
+        "requested env missing: {r}"
+    );
+    assert_eq!(r["HOME"], "/work", "{r}");
+    let leaked: Vec<&String> = r
+        .as_object()
+        .expect("env object")
+        .keys()
+        .filter(|k| {
+            ![
+                "HOME",
+                "PATH",
+                "TMPDIR",
+                "LANG",
+                "SANDRUN_JOB_VAR",
+                "USER",
+                "LOGNAME",
+                "PWD",
+                "HOSTNAME",
+                "SHELL",
+                "TERM",
+            ]
+            .contains(&k.as_str())
+        })
+        .collect();
+    assert!(leaked.is_empty(), "unexpected variables: {leaked:?} in {r}");
+}
+
+#[test]
+fn given_job_then_only_stdio_descriptors_are_open() {
+    let r = probe(9, &["fds"]);
+    assert_eq!(r["fds"], serde_json::json!([0, 1, 2]), "{r}");
+}
