@@ -116,11 +116,7 @@ fn restrict_self() -> Result<(), String> {
 /// socket is created under umask 0177 so it is never more open than 0600 before the chmod.
 fn bind_socket(path: &Path, cfg: &Config) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        create_public_dirs(dir)?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -141,19 +137,64 @@ fn bind_socket(path: &Path, cfg: &Config) -> Result<UnixListener, String> {
     Ok(listener)
 }
 
-/// The root-owned, private directory that job mount namespaces mount their tmpfs on.
-fn prepare_mount_point(path: &Path) -> Result<(), String> {
-    std::fs::DirBuilder::new()
+/// Creates `dir` and its missing parents with mode 0755, whatever the process umask (077 after
+/// `sanitize_process`) would make of it.
+fn create_public_dirs(dir: &Path) -> Result<(), String> {
+    use nix::sys::stat::{umask, Mode};
+    let old = umask(Mode::from_bits_truncate(0o022));
+    let made = std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        .mode(0o755)
+        .create(dir);
+    umask(old);
+    made.map_err(|e| format!("cannot create {}: {e}", dir.display()))
+}
+
+/// The root-owned, private directory that job mount namespaces mount their tmpfs on. Its parents
+/// (often the socket's directory, `/run/sandrun`) are created 0755: only the mount point itself
+/// is private.
+fn prepare_mount_point(path: &Path) -> Result<(), String> {
+    if let Some(parent) = path.parent() {
+        create_public_dirs(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+    }
     let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
     if !meta.is_dir() {
         return Err(format!("{} is not a directory", path.display()));
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| e.to_string())
+}
+
+/// The gateway must be able to reach the socket: every directory above it must be searchable
+/// by others (or by the socket's group). Fails with a clear message instead of a gateway that
+/// gets "permission denied" on every job.
+fn check_socket_reachable(path: &Path, cfg: &Config) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    if cfg.gateway_uid.is_none() {
+        // Root-only use (sandrunctl): a private directory is fine.
+        return Ok(());
+    }
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        let meta = std::fs::metadata(d).map_err(|e| format!("cannot stat {}: {e}", d.display()))?;
+        let mode = meta.mode();
+        let by_group = cfg.socket_gid.is_some_and(|g| g.0 == meta.gid()) && mode & 0o010 != 0;
+        if mode & 0o001 == 0 && !by_group {
+            return Err(format!(
+                "{} (mode {:o}) is not searchable by the gateway: it could not reach {}",
+                d.display(),
+                mode & 0o7777,
+                path.display()
+            ));
+        }
+        dir = d.parent();
+    }
+    Ok(())
 }
 
 /// Jobs make the helper allocate and free megabyte buffers (output bursts, bundles). glibc raises
@@ -204,6 +245,7 @@ fn run(args: &[String]) -> Result<(), String> {
         None => {
             let path = opts.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
             let l = bind_socket(&path, &cfg)?;
+            check_socket_reachable(&path, &cfg)?;
             tracing::info!(socket = %path.display(), "listening");
             l
         }
@@ -239,6 +281,26 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn given_a_default_layout_then_the_socket_directory_stays_searchable() {
+        use std::os::unix::fs::MetadataExt;
+        // As after sanitize_process.
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let run = dir.path().join("run-sandrun");
+        prepare_mount_point(&run.join("root")).unwrap();
+        assert_eq!(std::fs::metadata(&run).unwrap().mode() & 0o777, 0o755);
+        assert_eq!(
+            std::fs::metadata(run.join("root")).unwrap().mode() & 0o777,
+            0o700
+        );
+        let cfg = Config::from_text("gateway_user = \"0\"", &crate::config::SystemUsers).unwrap();
+        assert!(check_socket_reachable(&run.join("s.sock"), &cfg).is_ok());
+        assert!(check_socket_reachable(&run.join("root").join("s.sock"), &cfg).is_err());
+        nix::sys::stat::umask(old);
     }
 
     #[test]
