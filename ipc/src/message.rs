@@ -135,6 +135,20 @@ pub enum Request {
     Admin(AdminRequest),
 }
 
+impl Request {
+    /// The variant's name, for logs and error messages (never its contents).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello(_) => "Hello",
+            Request::Submit(_) => "Submit",
+            Request::BundleChunk(_) => "BundleChunk",
+            Request::BundleEnd => "BundleEnd",
+            Request::Cancel => "Cancel",
+            Request::Admin(_) => "Admin",
+        }
+    }
+}
+
 /// Why a job ended the way it did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ExitReason {
@@ -282,4 +296,24 @@ pub enum Response {
     Done,
     Error(IpcError),
     Admin(AdminResponse),
+}
+
+impl Response {
+    /// The variant's name, for logs and error messages (never its contents).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Response::Hello(_) => "Hello",
+            Response::Accepted { .. } => "Accepted",
+            Response::Started { .. } => "Started",
+            Response::Stdout(_) => "Stdout",
+            Response::Stderr(_) => "Stderr",
+            Response::Exited(_) => "Exited",
+            Response::OutputFile(_) => "OutputFile",
+            Response::OutputChunk(_) => "OutputChunk",
+            Response::OutputSkipped { .. } => "OutputSkipped",
+            Response::Done => "Done",
+            Response::Error(_) => "Error",
+            Response::Admin(_) => "Admin",
+        }
+    }
 }

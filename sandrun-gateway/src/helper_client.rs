@@ -374,19 +374,5 @@ fn protocol(step: &'static str, message: String) -> HelperError {
 }
 
 fn unexpected(step: &'static str, got: &Response) -> HelperError {
-    let name = match got {
-        Response::Hello(_) => "Hello",
-        Response::Accepted { .. } => "Accepted",
-        Response::Started { .. } => "Started",
-        Response::Stdout(_) => "Stdout",
-        Response::Stderr(_) => "Stderr",
-        Response::Exited(_) => "Exited",
-        Response::OutputFile(_) => "OutputFile",
-        Response::OutputChunk(_) => "OutputChunk",
-        Response::OutputSkipped { .. } => "OutputSkipped",
-        Response::Done => "Done",
-        Response::Error(_) => "Error",
-        Response::Admin(_) => "Admin",
-    };
-    protocol(step, format!("unexpected {name} message"))
+    protocol(step, format!("unexpected {} message", got.name()))
 }

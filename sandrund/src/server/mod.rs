@@ -406,7 +406,7 @@ impl Server {
             }
             (state, msg) => {
                 conn.state = state;
-                let what = request_name(&msg);
+                let what = msg.name();
                 self.counters.protocol_errors += 1;
                 tracing::warn!(uid = %conn.peer.uid, message = what, "unexpected message; closing");
                 self.abort_conn(
@@ -881,17 +881,6 @@ fn refuse(stream: std::os::unix::net::UnixStream) {
         "this uid may not use sandrund",
     ))) {
         let _ = std::io::Write::write(&mut &stream, &frame);
-    }
-}
-
-fn request_name(r: &Request) -> &'static str {
-    match r {
-        Request::Hello(_) => "Hello",
-        Request::Submit(_) => "Submit",
-        Request::BundleChunk(_) => "BundleChunk",
-        Request::BundleEnd => "BundleEnd",
-        Request::Cancel => "Cancel",
-        Request::Admin(_) => "Admin",
     }
 }
 

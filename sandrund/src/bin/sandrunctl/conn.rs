@@ -110,23 +110,6 @@ pub(crate) fn recv(chan: &mut Channel, step: &'static str) -> Result<Response, C
 pub(crate) fn unexpected(step: &'static str, got: &Response) -> CtlError {
     CtlError::Protocol {
         step,
-        detail: format!("unexpected {}", response_name(got)),
-    }
-}
-
-fn response_name(r: &Response) -> &'static str {
-    match r {
-        Response::Hello(_) => "Hello",
-        Response::Accepted { .. } => "Accepted",
-        Response::Started { .. } => "Started",
-        Response::Stdout(_) => "Stdout",
-        Response::Stderr(_) => "Stderr",
-        Response::Exited(_) => "Exited",
-        Response::OutputFile(_) => "OutputFile",
-        Response::OutputChunk(_) => "OutputChunk",
-        Response::OutputSkipped { .. } => "OutputSkipped",
-        Response::Done => "Done",
-        Response::Error(_) => "Error",
-        Response::Admin(_) => "Admin",
+        detail: format!("unexpected {}", got.name()),
     }
 }
