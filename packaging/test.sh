@@ -12,7 +12,10 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The integration tests start target/debug/sandrund and friends: build every binary first.
 cargo build --workspace --bins --locked
-cargo test --workspace --locked --all-features
+# The harness would otherwise run `cargo build -p sandrund` per test binary, which builds ipc
+# without the workspace's features and relinks the very binaries other tests are executing
+# (seen as ETXTBSY). Everything was just built with the workspace's features.
+SANDRUN_TESTS_SKIP_BUILD=1 cargo test --workspace --locked --all-features
 # A bounded smoke run of every fuzz target (docs/security-testing.md#fuzzing).
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash packaging/fuzz-smoke.sh
 echo "all tests passed"

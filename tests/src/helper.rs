@@ -105,7 +105,17 @@ impl Helper {
 
     /// Runs `sandrunctl --socket <socket> ARGS` and returns its output.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        self.ctl_command(args).output().expect("run sandrunctl")
+        // A copied binary can be briefly "busy" while another test thread's fork still holds
+        // the copy's write descriptor; that clears as soon as that child execs.
+        for _ in 0..100 {
+            match self.ctl_command(args).output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => return other.expect("run sandrunctl"),
+            }
+        }
+        panic!("sandrunctl stayed busy (ETXTBSY)");
     }
 
     /// A `sandrunctl` command for this helper, to customise (uid, current dir) before running.
@@ -119,8 +129,13 @@ impl Helper {
     fn ctl_binary(&self) -> PathBuf {
         let copy = self.dir.path().join("sandrunctl");
         if !copy.exists() {
-            fs::copy(bin_dir().join("sandrunctl"), &copy).expect("copy sandrunctl");
-            fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");
+            // A hard link opens nothing for writing, so no concurrent fork can make the binary
+            // "busy" (ETXTBSY); copy only across file systems.
+            let original = bin_dir().join("sandrunctl");
+            if fs::hard_link(&original, &copy).is_err() {
+                fs::copy(&original, &copy).expect("copy sandrunctl");
+                fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod");
+            }
         }
         copy
     }
