@@ -759,3 +759,71 @@ fn given_garbage_proc_cgroup_when_detected_then_parse_error() {
     let error = detect_from("not a cgroup file", HYBRID_MOUNTINFO, tmp.path()).unwrap_err();
     assert!(matches!(error, CgroupError::Parse { .. }));
 }
+
+#[test]
+fn given_v1_job_when_only_memory_changes_then_only_the_memory_files_are_rewritten() {
+    let fake = Fake::new(V1_FILES, &[], false);
+    let manager = fake.v1();
+    let mut job = manager.create("job-1", &limits()).unwrap();
+    let [memory, pids, cpu, _, _] = job_dirs(&fake, "job-1").try_into().unwrap();
+    // Markers: a file that is rewritten loses its marker.
+    for file in [pids.join("pids.max"), cpu.join("cpu.cfs_quota_us")] {
+        fs::write(&file, "untouched").unwrap();
+    }
+    let raised = CgroupLimits {
+        memory_bytes: 256 << 20,
+        ..limits()
+    };
+    job.set_limits(&raised).unwrap();
+    assert_eq!(read(&memory.join("memory.limit_in_bytes")), "268435456");
+    assert_eq!(
+        read(&memory.join("memory.memsw.limit_in_bytes")),
+        "268435456"
+    );
+    assert_eq!(read(&pids.join("pids.max")), "untouched");
+    assert_eq!(read(&cpu.join("cpu.cfs_quota_us")), "untouched");
+    let more_pids = CgroupLimits { pids: 99, ..raised };
+    job.set_limits(&more_pids).unwrap();
+    assert_eq!(read(&pids.join("pids.max")), "99");
+    job.remove().unwrap();
+}
+
+#[test]
+fn given_v1_job_when_set_limits_gets_a_zero_limit_then_refused_and_nothing_written() {
+    let fake = Fake::new(V1_FILES, &[], false);
+    let manager = fake.v1();
+    let mut job = manager.create("job-1", &limits()).unwrap();
+    let memory = job_dirs(&fake, "job-1").swap_remove(0);
+    let zero = CgroupLimits {
+        memory_bytes: 0,
+        ..limits()
+    };
+    assert!(matches!(
+        job.set_limits(&zero),
+        Err(CgroupError::Invalid { .. })
+    ));
+    assert_eq!(read(&memory.join("memory.limit_in_bytes")), "67108864");
+    job.remove().unwrap();
+}
+
+#[test]
+fn given_v2_job_when_set_limits_then_the_new_limits_are_written_and_cpu_ns_read_alone() {
+    let fake = Fake::new(V2_FILES, &[], false);
+    let (helper, manager) = fake.v2();
+    let mut job = manager.create("job-1", &limits()).unwrap();
+    let dir = helper.join("sandrun/job-1");
+    let new = CgroupLimits {
+        memory_bytes: 128 << 20,
+        pids: 32,
+        cpu_quota_us: 100_000,
+        cpu_period_us: 100_000,
+    };
+    job.set_limits(&new).unwrap();
+    assert_eq!(read(&dir.join("memory.max")), "134217728");
+    assert_eq!(read(&dir.join("memory.swap.max")), "0");
+    assert_eq!(read(&dir.join("pids.max")), "32");
+    assert_eq!(read(&dir.join("cpu.max")), "100000 100000");
+    fs::write(dir.join("cpu.stat"), "usage_usec 1500\nuser_usec 1000\n").unwrap();
+    assert_eq!(job.cpu_ns().unwrap(), 1_500_000);
+    job.remove().unwrap();
+}

@@ -27,7 +27,7 @@ pub use v2::{V2Job, V2Manager};
 use parse::{MountEntry, ProcCgroupEntry};
 
 /// Limits applied to one job's cgroup.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CgroupLimits {
     /// memory limit; swap is set to 0 (v1: memsw = memory; v2: memory.swap.max = 0).
     pub memory_bytes: u64,
@@ -121,6 +121,11 @@ pub trait JobCgroup {
     /// Files opened `O_WRONLY|O_CLOEXEC` before fork: the sandbox child writes `0` into each to
     /// move itself into the job's cgroup before it unshares its cgroup namespace.
     fn join_fds(&self) -> &[OwnedFd];
+    /// Replaces the limits (a warm sandbox's cgroup gets the job's limits just before the job
+    /// starts). Fails if any limit cannot be written; the cgroup must then not run the job.
+    fn set_limits(&mut self, limits: &CgroupLimits) -> Result<(), CgroupError>;
+    /// CPU time used so far (the `cpu_ns` of [`JobCgroup::stats`], read alone).
+    fn cpu_ns(&self) -> Result<u64, CgroupError>;
     /// Current usage.
     fn stats(&self) -> Result<CgroupStats, CgroupError>;
     /// Kills every process in the cgroup, including double-forked ones (v2 `cgroup.kill`; v1

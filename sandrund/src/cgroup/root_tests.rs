@@ -427,3 +427,59 @@ fn given_stale_job_with_process_when_cleanup_stale_then_it_is_killed_and_removed
         );
     }
 }
+
+#[test]
+fn given_a_job_when_its_memory_is_raised_then_cut_then_the_kernel_holds_each_value() {
+    let tree = TestTree::new();
+    let name = tree.job_name();
+    let mut job = tree.manager.create(&name, &limits()).unwrap();
+    let memory = tree.dir(tree.hierarchy("memory"), &name);
+    let read_limits = || {
+        (
+            read_file(&memory.join("memory.limit_in_bytes")),
+            read_file(&memory.join("memory.memsw.limit_in_bytes")),
+        )
+    };
+    // A raise must write memsw first (the kernel refuses memory > memsw)...
+    let raised = CgroupLimits {
+        memory_bytes: 512 * MIB,
+        pids: 64,
+        ..limits()
+    };
+    job.set_limits(&raised).unwrap();
+    let want = format!("{}\n", 512 * MIB);
+    assert_eq!(read_limits(), (want.clone(), want));
+    let pids = tree.dir(tree.hierarchy("pids"), &name);
+    assert_eq!(read_file(&pids.join("pids.max")).trim(), "64");
+    // ...and a cut must write memory first (the kernel refuses memsw < memory).
+    let cut = CgroupLimits {
+        memory_bytes: 32 * MIB,
+        ..limits()
+    };
+    job.set_limits(&cut).unwrap();
+    let want = format!("{}\n", 32 * MIB);
+    assert_eq!(read_limits(), (want.clone(), want));
+    assert_eq!(read_file(&pids.join("pids.max")).trim(), "16");
+    job.remove().unwrap();
+}
+
+#[test]
+fn given_a_job_cut_to_64_mib_after_creation_when_a_child_allocates_200_mib_then_it_is_oom_killed() {
+    let tree = TestTree::new();
+    let generous = CgroupLimits {
+        memory_bytes: 1024 * MIB,
+        ..limits()
+    };
+    let mut job = tree.manager.create(&tree.job_name(), &generous).unwrap();
+    job.set_limits(&limits()).unwrap();
+    let child = spawn_in(job.as_ref(), allocate_200_mib);
+    assert_eq!(
+        wait_status(child),
+        WaitStatus::Signaled(child, Signal::SIGKILL, false)
+    );
+    let stats = job.stats().unwrap();
+    assert!(stats.oom_kills >= 1, "{stats:?}");
+    assert!(stats.memory_peak_bytes <= 64 * MIB, "{stats:?}");
+    assert_eq!(job.cpu_ns().unwrap(), stats.cpu_ns);
+    job.remove().unwrap();
+}

@@ -64,6 +64,74 @@ impl V1Dirs {
     }
 }
 
+/// Writes `limits` into a job's directories: all of them for a new cgroup (`previous` is
+/// `None`), only those that changed otherwise. memsw may never be below memory, so a raise
+/// writes memsw first and a cut writes memory first.
+fn apply_limits(
+    host: &Host,
+    job: &V1Dirs,
+    limits: &CgroupLimits,
+    previous: Option<&CgroupLimits>,
+) -> Result<(), CgroupError> {
+    let changed = |f: fn(&CgroupLimits) -> u64| previous.is_none_or(|p| f(p) != f(limits));
+    if changed(|l| l.memory_bytes) {
+        let memory = limits.memory_bytes.to_string();
+        let limit_file = job.memory.join("memory.limit_in_bytes");
+        if previous.is_some_and(|p| limits.memory_bytes > p.memory_bytes) {
+            forbid_swap(host, &job.memory, &memory)?;
+            host.write("set memory limit", &limit_file, &memory)?;
+        } else {
+            host.write("set memory limit", &limit_file, &memory)?;
+            forbid_swap(host, &job.memory, &memory)?;
+        }
+    }
+    if previous.is_none() {
+        host.write(
+            "keep OOM killer on",
+            &job.memory.join("memory.oom_control"),
+            "0",
+        )?;
+    }
+    if changed(|l| u64::from(l.pids)) {
+        host.write(
+            "set pids limit",
+            &job.pids.join("pids.max"),
+            &limits.pids.to_string(),
+        )?;
+    }
+    if changed(|l| l.cpu_period_us) || changed(|l| l.cpu_quota_us) {
+        let period = limits.cpu_period_us.to_string();
+        host.write(
+            "set cpu period",
+            &job.cpu.join("cpu.cfs_period_us"),
+            &period,
+        )?;
+        let quota = limits.cpu_quota_us.to_string();
+        host.write("set cpu quota", &job.cpu.join("cpu.cfs_quota_us"), &quota)?;
+    }
+    Ok(())
+}
+
+/// memsw = memory when swap accounting exists; otherwise only a host without swap is safe.
+fn forbid_swap(host: &Host, memory_dir: &Path, memory: &str) -> Result<(), CgroupError> {
+    let memsw = memory_dir.join("memory.memsw.limit_in_bytes");
+    if host.exists("check swap accounting", &memsw)? {
+        return host.write("set memory+swap limit", &memsw, memory);
+    }
+    if host.swap_present() {
+        return Err(CgroupError::MissingController {
+            controller: "memory.memsw",
+            detail: format!(
+                "{} is absent (swap accounting off) and the host has swap, so a job could \
+                 exceed its memory limit in swap; boot with swapaccount=1 or disable swap",
+                memsw.display()
+            ),
+        });
+    }
+    let swappiness = memory_dir.join("memory.swappiness");
+    host.write("set swappiness", &swappiness, "0")
+}
+
 impl V1Manager {
     /// A manager for a `CgroupLayout::V1`; creates nothing until the first job.
     pub fn new(layout: CgroupLayout, host: Host) -> Result<Self, CgroupError> {
@@ -92,55 +160,6 @@ impl V1Manager {
         })
     }
 
-    fn apply_limits(&self, job: &V1Dirs, limits: &CgroupLimits) -> Result<(), CgroupError> {
-        let host = &self.host;
-        let memory = limits.memory_bytes.to_string();
-        host.write(
-            "set memory limit",
-            &job.memory.join("memory.limit_in_bytes"),
-            &memory,
-        )?;
-        self.forbid_swap(&job.memory, &memory)?;
-        host.write(
-            "keep OOM killer on",
-            &job.memory.join("memory.oom_control"),
-            "0",
-        )?;
-        host.write(
-            "set pids limit",
-            &job.pids.join("pids.max"),
-            &limits.pids.to_string(),
-        )?;
-        let period = limits.cpu_period_us.to_string();
-        host.write(
-            "set cpu period",
-            &job.cpu.join("cpu.cfs_period_us"),
-            &period,
-        )?;
-        let quota = limits.cpu_quota_us.to_string();
-        host.write("set cpu quota", &job.cpu.join("cpu.cfs_quota_us"), &quota)
-    }
-
-    /// memsw = memory when swap accounting exists; otherwise only a host without swap is safe.
-    fn forbid_swap(&self, memory_dir: &Path, memory: &str) -> Result<(), CgroupError> {
-        let memsw = memory_dir.join("memory.memsw.limit_in_bytes");
-        if self.host.exists("check swap accounting", &memsw)? {
-            return self.host.write("set memory+swap limit", &memsw, memory);
-        }
-        if self.host.swap_present() {
-            return Err(CgroupError::MissingController {
-                controller: "memory.memsw",
-                detail: format!(
-                    "{} is absent (swap accounting off) and the host has swap, so a job could \
-                     exceed its memory limit in swap; boot with swapaccount=1 or disable swap",
-                    memsw.display()
-                ),
-            });
-        }
-        let swappiness = memory_dir.join("memory.swappiness");
-        self.host.write("set swappiness", &swappiness, "0")
-    }
-
     fn open_join_fds(&self, job: &V1Dirs) -> Result<Vec<OwnedFd>, CgroupError> {
         job.unique()
             .iter()
@@ -154,11 +173,12 @@ impl V1Manager {
             .collect()
     }
 
-    fn job(&self, name: &str, join: Vec<OwnedFd>) -> V1Job {
+    fn job(&self, name: &str, join: Vec<OwnedFd>, limits: CgroupLimits) -> V1Job {
         V1Job {
             dirs: self.helper.join(SANDRUN_DIR).join(name),
             join,
             host: self.host.clone(),
+            limits,
             removed: false,
         }
     }
@@ -178,10 +198,10 @@ impl CgroupManager for V1Manager {
         }
         let dirs = parent.join(name);
         let join = common::create_with_rollback(&self.host, &dirs.unique(), || {
-            self.apply_limits(&dirs, limits)?;
+            apply_limits(&self.host, &dirs, limits, None)?;
             self.open_join_fds(&dirs)
         })?;
-        Ok(Box::new(self.job(name, join)))
+        Ok(Box::new(self.job(name, join, limits.clone())))
     }
 
     fn cleanup_stale(&self) -> Result<usize, CgroupError> {
@@ -200,7 +220,9 @@ impl CgroupManager for V1Manager {
         }
         let mut first_error = None;
         for name in &names {
-            if let Err(e) = common::remove_stale(&mut self.job(name, Vec::new())) {
+            if let Err(e) =
+                common::remove_stale(&mut self.job(name, Vec::new(), CgroupLimits::default()))
+            {
                 tracing::warn!(cgroup = %name, error = %e, "cannot remove stale job cgroup");
                 first_error.get_or_insert(e);
             }
@@ -215,6 +237,8 @@ pub struct V1Job {
     dirs: V1Dirs,
     join: Vec<OwnedFd>,
     host: Host,
+    /// The limits in force.
+    limits: CgroupLimits,
     removed: bool,
 }
 
@@ -235,6 +259,18 @@ impl V1Job {
 impl JobCgroup for V1Job {
     fn join_fds(&self) -> &[OwnedFd] {
         &self.join
+    }
+
+    fn set_limits(&mut self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        common::validate_limits(limits)?;
+        apply_limits(&self.host, &self.dirs, limits, Some(&self.limits))?;
+        self.limits = limits.clone();
+        Ok(())
+    }
+
+    fn cpu_ns(&self) -> Result<u64, CgroupError> {
+        let usage = self.dirs.cpuacct.join("cpuacct.usage");
+        self.host.read_u64("read cpu usage", &usage)
     }
 
     fn stats(&self) -> Result<CgroupStats, CgroupError> {

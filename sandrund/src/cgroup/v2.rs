@@ -58,42 +58,6 @@ impl V2Manager {
         Ok(V2Manager { layout, base, host })
     }
 
-    fn apply_limits(&self, dir: &Path, limits: &CgroupLimits) -> Result<(), CgroupError> {
-        let host = &self.host;
-        host.write(
-            "set memory limit",
-            &dir.join("memory.max"),
-            &limits.memory_bytes.to_string(),
-        )?;
-        self.forbid_swap(dir)?;
-        host.write("kill whole job on OOM", &dir.join("memory.oom.group"), "1")?;
-        host.write(
-            "set pids limit",
-            &dir.join("pids.max"),
-            &limits.pids.to_string(),
-        )?;
-        let cpu_max = format!("{} {}", limits.cpu_quota_us, limits.cpu_period_us);
-        host.write("set cpu quota", &dir.join("cpu.max"), &cpu_max)
-    }
-
-    fn forbid_swap(&self, dir: &Path) -> Result<(), CgroupError> {
-        let swap_max = dir.join("memory.swap.max");
-        if self.host.exists("check swap controller", &swap_max)? {
-            return self.host.write("forbid swap", &swap_max, "0");
-        }
-        if self.host.swap_present() {
-            return Err(CgroupError::MissingController {
-                controller: "memory.swap",
-                detail: format!(
-                    "{} is absent and the host has swap, so a job could exceed its memory \
-                     limit in swap; enable swap accounting or disable swap",
-                    swap_max.display()
-                ),
-            });
-        }
-        Ok(())
-    }
-
     fn job(&self, name: &str, join: Vec<OwnedFd>) -> V2Job {
         V2Job {
             dir: self.base.join(name),
@@ -103,6 +67,43 @@ impl V2Manager {
             removed: false,
         }
     }
+}
+
+/// Writes `limits` into a job's directory (`memory.max` has no ordering constraint).
+fn apply_limits(host: &Host, dir: &Path, limits: &CgroupLimits) -> Result<(), CgroupError> {
+    host.write(
+        "set memory limit",
+        &dir.join("memory.max"),
+        &limits.memory_bytes.to_string(),
+    )?;
+    forbid_swap(host, dir)?;
+    host.write("kill whole job on OOM", &dir.join("memory.oom.group"), "1")?;
+    host.write(
+        "set pids limit",
+        &dir.join("pids.max"),
+        &limits.pids.to_string(),
+    )?;
+    let cpu_max = format!("{} {}", limits.cpu_quota_us, limits.cpu_period_us);
+    host.write("set cpu quota", &dir.join("cpu.max"), &cpu_max)
+}
+
+/// `memory.swap.max` = 0, or a host without swap.
+fn forbid_swap(host: &Host, dir: &Path) -> Result<(), CgroupError> {
+    let swap_max = dir.join("memory.swap.max");
+    if host.exists("check swap controller", &swap_max)? {
+        return host.write("forbid swap", &swap_max, "0");
+    }
+    if host.swap_present() {
+        return Err(CgroupError::MissingController {
+            controller: "memory.swap",
+            detail: format!(
+                "{} is absent and the host has swap, so a job could exceed its memory \
+                 limit in swap; enable swap accounting or disable swap",
+                swap_max.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 impl CgroupManager for V2Manager {
@@ -115,7 +116,7 @@ impl CgroupManager for V2Manager {
         common::validate_limits(limits)?;
         let dir = self.base.join(name);
         let join = common::create_with_rollback(&self.host, std::slice::from_ref(&dir), || {
-            self.apply_limits(&dir, limits)?;
+            apply_limits(&self.host, &dir, limits)?;
             let procs = dir.join("cgroup.procs");
             self.host
                 .fs
@@ -173,6 +174,17 @@ impl V2Job {
 impl JobCgroup for V2Job {
     fn join_fds(&self) -> &[OwnedFd] {
         &self.join
+    }
+
+    fn set_limits(&mut self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        common::validate_limits(limits)?;
+        apply_limits(&self.host, &self.dir, limits)
+    }
+
+    fn cpu_ns(&self) -> Result<u64, CgroupError> {
+        let stat = self.dir.join("cpu.stat");
+        let usage_usec = self.host.read_key("read cpu usage", &stat, "usage_usec")?;
+        Ok(usage_usec.saturating_mul(1000))
     }
 
     fn stats(&self) -> Result<CgroupStats, CgroupError> {
