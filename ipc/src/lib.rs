@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod blocking;
+mod bytes;
 pub mod codec;
 mod error;
 mod message;

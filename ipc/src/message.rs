@@ -128,7 +128,7 @@ pub enum Request {
     /// Starts a job. Followed by exactly as many bundle bytes as the spec's files declare, in
     /// [`Request::BundleChunk`]s, then [`Request::BundleEnd`].
     Submit(Box<JobSpec>),
-    BundleChunk(Vec<u8>),
+    BundleChunk(#[serde(with = "crate::bytes")] Vec<u8>),
     BundleEnd,
     /// Kills the job of this connection (reason `cancelled`). Closing the connection does too.
     Cancel,
@@ -283,11 +283,11 @@ pub enum Response {
     Started {
         spawn_us: u64,
     },
-    Stdout(Vec<u8>),
-    Stderr(Vec<u8>),
+    Stdout(#[serde(with = "crate::bytes")] Vec<u8>),
+    Stderr(#[serde(with = "crate::bytes")] Vec<u8>),
     Exited(ExitReport),
     OutputFile(OutputFileHeader),
-    OutputChunk(Vec<u8>),
+    OutputChunk(#[serde(with = "crate::bytes")] Vec<u8>),
     OutputSkipped {
         path: BundlePath,
         kind: SkipKind,
