@@ -66,6 +66,11 @@ impl LimitSet {
     }
 }
 
+/// Prepared sandboxes kept by default: enough for a burst of two jobs on a small host.
+pub const DEFAULT_WARM_SANDBOXES: u32 = 2;
+/// Each prepared sandbox holds a process, a tmpfs, a network namespace and a cgroup.
+pub const MAX_WARM_SANDBOXES: u32 = 32;
+
 /// The file as written; every key optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,6 +79,7 @@ struct RawConfig {
     gateway_group: Option<String>,
     admin_group: Option<String>,
     max_concurrent: Option<u32>,
+    warm_sandboxes: Option<u32>,
     slot_uid_base: Option<u32>,
     slot_count: Option<u32>,
     mount_point: Option<PathBuf>,
@@ -93,6 +99,9 @@ pub struct Config {
     /// Members of this group may send admin requests (root always may).
     pub admin_gid: Option<GroupId>,
     pub max_concurrent: u32,
+    /// Sandboxes kept prepared ahead of jobs (namespaces, cgroup, root skeleton), each used for
+    /// one job; 0 prepares every sandbox when its job arrives.
+    pub warm_sandboxes: u32,
     pub slot_uid_base: u32,
     pub slot_count: u32,
     pub mount_point: PathBuf,
@@ -173,6 +182,7 @@ impl Config {
             .unwrap_or_else(LimitSet::builtin_defaults)
             .min(&maxima);
         let max_concurrent = raw.max_concurrent.unwrap_or(8);
+        let warm_sandboxes = raw.warm_sandboxes.unwrap_or(DEFAULT_WARM_SANDBOXES);
         let slot_count = raw.slot_count.unwrap_or(64);
         let slot_uid_base = raw.slot_uid_base.unwrap_or(200_000);
         let interpreters = raw.interpreters.unwrap_or_else(default_interpreters);
@@ -181,6 +191,7 @@ impl Config {
             socket_gid,
             admin_gid,
             max_concurrent,
+            warm_sandboxes,
             slot_uid_base,
             slot_count,
             mount_point: raw
@@ -200,6 +211,11 @@ impl Config {
     fn check(&self) -> Result<(), ConfigError> {
         if self.max_concurrent == 0 {
             return Err(err("max_concurrent must be at least 1"));
+        }
+        if self.warm_sandboxes > MAX_WARM_SANDBOXES {
+            return Err(err(format!(
+                "warm_sandboxes must be at most {MAX_WARM_SANDBOXES}"
+            )));
         }
         if self.slot_count < self.max_concurrent {
             return Err(err("slot_count must be at least max_concurrent"));

@@ -8,7 +8,8 @@
 //!
 //! The process is single-threaded: a `poll` loop over the listening socket, client connections,
 //! pidfds, output pipes and one tick timer ([`server`]). That is what makes `fork` safe here.
-//! See `docs/sandrund.md` for the sandbox steps in the order [`sandbox::spawn`] performs them.
+//! See `docs/sandrund.md` for the sandbox steps in the order [`sandbox::prepare`] and
+//! [`sandbox::start`] perform them.
 
 pub mod cgroup;
 pub mod config;

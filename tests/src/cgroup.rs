@@ -46,11 +46,16 @@ impl TestCgroup {
             .collect()
     }
 
-    /// Every directory below the test cgroups whose name starts with `job-`.
+    /// Every job cgroup directory below the test cgroups (see [`job_dirs_below`]).
     pub fn job_dirs(&self) -> Vec<PathBuf> {
+        job_dirs_below(&self.dirs)
+    }
+
+    /// The cgroup directories of the helper's idle warm sandboxes (see [`is_idle_warm`]).
+    pub fn idle_warm_dirs(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for d in &self.dirs {
-            collect_job_dirs(d, &mut out);
+            collect(d, &mut out, &|p: &Path| is_idle_warm(p));
         }
         out
     }
@@ -138,16 +143,57 @@ fn find_mount(mountinfo: &str, want: impl Fn(&str, &str) -> bool) -> Option<(Str
     None
 }
 
-fn collect_job_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+/// Every directory below `roots` whose name starts with `job-`, except the cgroups of idle warm
+/// sandboxes: those are the helper's prepared sandboxes, which it keeps by design (at most
+/// `warm_sandboxes` of them). A warm sandbox that ran a job is not idle, so a job's leftover
+/// cgroup is always listed.
+pub fn job_dirs_below(roots: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for root in roots {
+        collect(root, &mut out, &|p: &Path| {
+            name_starts_with(p, "job-") && !is_idle_warm(p)
+        });
+    }
+    out
+}
+
+/// Whether `dir` is the cgroup of a warm sandbox that has not been given a job yet: named
+/// `job-w<n>`, and its only process is the sandbox's init still running as root (an init drops
+/// to the job's uid as soon as it gets a job, and its cgroup is removed when the job ends).
+pub fn is_idle_warm(dir: &Path) -> bool {
+    if !name_starts_with(dir, "job-w") {
+        return false;
+    }
+    let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) else {
+        return false;
+    };
+    let pids: Vec<&str> = procs.split_whitespace().collect();
+    let [pid] = pids.as_slice() else {
+        return false;
+    };
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .is_some_and(|ids| ids.split_whitespace().all(|id| id == "0"))
+}
+
+fn name_starts_with(dir: &Path, prefix: &str) -> bool {
+    dir.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>, wanted: &dyn Fn(&Path) -> bool) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         if e.file_type().is_ok_and(|t| t.is_dir()) {
-            if e.file_name().to_string_lossy().starts_with("job-") {
-                out.push(e.path());
+            let path = e.path();
+            if wanted(&path) {
+                out.push(path.clone());
             }
-            collect_job_dirs(&e.path(), out);
+            collect(&path, out, wanted);
         }
     }
 }

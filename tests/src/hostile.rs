@@ -86,8 +86,28 @@ pub fn host_shmem_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether `pid` is an idle warm sandbox init: a child of a helper (both named `sandrund`, as C
+/// is a fork of the helper) still running as root. An init drops to its job's uid as soon as it
+/// gets a job, so a sandbox that ran a job never counts as idle.
+pub fn is_idle_warm_init(pid: &str) -> bool {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let root = field("Uid:").split_whitespace().all(|id| id == "0");
+    let parent = field("PPid:");
+    let parent_name = fs::read_to_string(format!("/proc/{parent}/comm")).unwrap_or_default();
+    field("Name:") == "sandrund" && root && parent_name.trim() == "sandrund"
+}
+
 /// Mount points in any mount namespace (every process's mountinfo) whose line mentions
-/// `needle`, as "pid: line". A sandbox that outlived its job shows up here.
+/// `needle`, as "pid: line". A sandbox that outlived its job shows up here; the helper's idle
+/// warm sandboxes, which it keeps by design, do not.
 pub fn mounts_anywhere_mentioning(needle: &str) -> Vec<String> {
     let mut out = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
@@ -101,6 +121,9 @@ pub fn mounts_anywhere_mentioning(needle: &str) -> Vec<String> {
         else {
             continue;
         };
+        if is_idle_warm_init(pid) {
+            continue;
+        }
         let Ok(text) = fs::read_to_string(e.path().join("mountinfo")) else {
             continue;
         };
@@ -117,25 +140,7 @@ pub fn mounts_anywhere_mentioning(needle: &str) -> Vec<String> {
 
 /// Job cgroups (`job-*`) left below any of `roots`.
 pub fn job_cgroups_below(roots: &[PathBuf]) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for root in roots {
-        collect_job_dirs(root, &mut out);
-    }
-    out
-}
-
-fn collect_job_dirs(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            if e.file_name().to_string_lossy().starts_with("job-") {
-                out.push(e.path());
-            }
-            collect_job_dirs(&e.path(), out);
-        }
-    }
+    crate::cgroup::job_dirs_below(roots)
 }
 
 /// The lowest of a few samples of `pid`'s descriptor count (a connection being closed right

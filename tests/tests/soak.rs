@@ -345,6 +345,10 @@ fn given_2000_mixed_jobs_at_concurrency_8_then_all_finish_counters_agree_and_not
 
 fn assert_nothing_leaked(stack: &Stack, fds_idle: usize, shmem_start: u64) {
     let helper = stack.helper();
+    // The last job's init exits just after reporting.
+    eventually(Duration::from_secs(1), || {
+        live_processes_with_uids(&helper.slot_uids()).is_empty()
+    });
     let procs = live_processes_with_uids(&helper.slot_uids());
     assert!(procs.is_empty(), "slot processes left: {procs:?}");
     let roots = helper.cgroup().dirs().to_vec();

@@ -1,9 +1,10 @@
 //! The control channel from the sandbox's init process C to the helper: a `SOCK_SEQPACKET`
 //! socketpair carrying fixed-size binary messages (no serde). C sends, in order, the work
 //! directory fd (`WorkDir`, with the fd attached through `SCM_RIGHTS`) and then `Ready`, or a
-//! `Failed` message naming the step at any point. The helper sends one message the other way:
-//! `Joined`, once it has moved C into the job's cgroup. The same `Failed` encoding travels on the
-//! exec-error pipe from the job process J to C.
+//! `Failed` message naming the step at any point. C sends `WorkDir` once its job-independent
+//! setup is done (it is then a prepared, "warm" sandbox); the helper sends one message the other
+//! way, `Go`, with the job order's memfd attached (see `order.rs`), when a job is assigned to
+//! C. The same `Failed` encoding travels on the exec-error pipe from the job process J to C.
 //!
 //! Message layout (`MESSAGE_LEN` bytes): kind (u8), step index (u8), errno (i32, little
 //! endian), detail length (u8), detail (UTF-8, at most `DETAIL_MAX` bytes, zero padded).
@@ -28,7 +29,7 @@ pub(super) const DETAIL_MAX: usize = MESSAGE_LEN - HEADER_LEN;
 const KIND_WORKDIR: u8 = 1;
 const KIND_READY: u8 = 2;
 const KIND_FAILED: u8 = 3;
-const KIND_JOINED: u8 = 4;
+const KIND_GO: u8 = 4;
 
 /// One message from C (or, `Failed` only, from J).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +37,8 @@ pub(super) enum Message {
     WorkDir,
     Ready,
     Failed(SetupError),
-    /// From the helper to C: C is in the job's cgroup now.
-    Joined,
+    /// From the helper to C: here is your job (the order's memfd is attached).
+    Go,
 }
 
 /// Encodes a message.
@@ -45,7 +46,7 @@ pub(super) fn encode(msg: &Message) -> [u8; MESSAGE_LEN] {
     match msg {
         Message::WorkDir => header(KIND_WORKDIR),
         Message::Ready => header(KIND_READY),
-        Message::Joined => header(KIND_JOINED),
+        Message::Go => header(KIND_GO),
         Message::Failed(e) => encode_failure(e.step, e.errno, &e.detail),
     }
 }
@@ -71,7 +72,7 @@ pub(super) fn decode(buf: &[u8]) -> Result<Message, SetupError> {
     match buf[0] {
         KIND_WORKDIR => Ok(Message::WorkDir),
         KIND_READY => Ok(Message::Ready),
-        KIND_JOINED => Ok(Message::Joined),
+        KIND_GO => Ok(Message::Go),
         KIND_FAILED => decode_failure(buf),
         _ => Err(protocol(libc::EPROTO, "unknown control message kind")),
     }
@@ -130,33 +131,17 @@ pub(super) fn send_failure(sock: RawFd, err: &SetupError) -> Result<(), i32> {
     send(sock, &Message::Failed(err.clone()), None)
 }
 
-/// The helper's side: tells C that it has been moved into the job's cgroup.
-pub(super) fn send_joined(sock: RawFd) -> Result<(), i32> {
-    send(sock, &Message::Joined, None)
+/// The helper's side: hands C its job order.
+pub(super) fn send_go(sock: RawFd, order: RawFd) -> Result<(), i32> {
+    send(sock, &Message::Go, Some(order))
 }
 
-/// C's side: blocks until the helper reports that C is in the job's cgroup. Any other message,
-/// or the helper closing the channel, is a `JoinCgroup` failure.
-pub(super) fn wait_for_joined(sock: RawFd) -> Result<(), SetupError> {
-    let mut buf = [0u8; MESSAGE_LEN];
-    let n = loop {
-        // SAFETY: buf is a valid writable buffer of MESSAGE_LEN bytes.
-        let n = unsafe { libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 && super::sys::errno() == libc::EINTR {
-            continue;
-        }
-        break n;
-    };
-    if n < 0 {
-        return Err(fail(
-            SetupStep::JoinCgroup,
-            super::sys::errno(),
-            "wait for join",
-        ));
-    }
-    match decode(&buf[..usize::try_from(n).unwrap_or(0)]) {
-        Ok(Message::Joined) => Ok(()),
-        _ => Err(fail(SetupStep::JoinCgroup, libc::EPROTO, "wait for join")),
+/// C's side: blocks until the helper sends `Go` and returns the order's fd. The helper closing
+/// the channel (it dropped this prepared sandbox) or any other message is a `Protocol` failure.
+pub(super) fn wait_for_go(sock: &OwnedFd) -> Result<OwnedFd, SetupError> {
+    match recv(sock, None)? {
+        (Message::Go, Some(order)) => Ok(order),
+        _ => Err(protocol(libc::EPROTO, "expected the job order")),
     }
 }
 
@@ -178,25 +163,42 @@ fn send(sock: RawFd, msg: &Message, fd: Option<RawFd>) -> Result<(), i32> {
     }
 }
 
+/// A failure reported while the helper waited for `Ready`, and whether C had finished its
+/// job-independent preparation (sent `WorkDir`) before it.
+#[derive(Debug)]
+pub(super) struct ReadyFailure {
+    pub(super) error: SetupError,
+    pub(super) prepared: bool,
+}
+
 /// The helper's side: waits for the work directory fd and then `Ready`, or the failure C
 /// reports, until `deadline`. C exiting without a word is a `Protocol` error.
-pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedFd, SetupError> {
+pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedFd, ReadyFailure> {
     let mut workdir = None;
     loop {
-        let (msg, fd) = recv(sock, deadline)?;
-        match (msg, fd, workdir.is_some()) {
-            (Message::Failed(e), _, _) => return Err(e),
+        let prepared = workdir.is_some();
+        let failed = |error| ReadyFailure { error, prepared };
+        let (msg, fd) = recv(sock, Some(deadline)).map_err(failed)?;
+        match (msg, fd, prepared) {
+            (Message::Failed(e), _, _) => return Err(failed(e)),
             (Message::WorkDir, Some(fd), false) => workdir = Some(fd),
             (Message::Ready, None, true) => {
-                return workdir.ok_or_else(|| protocol(libc::EPROTO, "ready before work dir"));
+                return workdir.ok_or_else(|| failed(protocol(libc::EPROTO, "no work dir")));
             }
-            _ => return Err(protocol(libc::EPROTO, "unexpected control message")),
+            _ => return Err(failed(protocol(libc::EPROTO, "unexpected control message"))),
         }
     }
 }
 
-fn recv(sock: &OwnedFd, deadline: Instant) -> Result<(Message, Option<OwnedFd>), SetupError> {
-    wait_readable(sock, deadline)?;
+/// Receives one message and at most one fd; without a deadline it blocks until one arrives or
+/// the peer closes.
+fn recv(
+    sock: &OwnedFd,
+    deadline: Option<Instant>,
+) -> Result<(Message, Option<OwnedFd>), SetupError> {
+    if let Some(deadline) = deadline {
+        wait_readable(sock, deadline)?;
+    }
     let mut buf = [0u8; MESSAGE_LEN + 1];
     let mut cmsg = nix::cmsg_space!([RawFd; 2]);
     let (bytes, fds, truncated) = {
@@ -228,7 +230,7 @@ fn recv(sock: &OwnedFd, deadline: Instant) -> Result<(Message, Option<OwnedFd>),
         (r.bytes, fds, truncated)
     };
     if bytes == 0 {
-        return Err(protocol(0, "sandbox init exited during setup"));
+        return Err(protocol(0, "the other end of the sandbox channel closed"));
     }
     if truncated || fds.len() > 1 {
         return Err(protocol(libc::EPROTO, "oversized control message"));

@@ -19,8 +19,9 @@ use super::landlock::{restrict_self, LandlockRules};
 use super::mounts::{self, RootLayout, DEVICES};
 use super::seccomp::SeccompProgram;
 use super::sys::{self, at, exit_now, fail};
-use super::{bundle, channel, etc, identity, net};
-use super::{JobPlan, SandboxSettings, SetupError, SetupStep};
+use super::{bundle, channel, etc, identity, net, order};
+use super::{SandboxSettings, SetupError, SetupStep};
+use crate::ids::{GroupId, UserId};
 
 /// Exit code of C or J when it panicked (a bug).
 const EXIT_PANIC: i32 = 101;
@@ -32,11 +33,13 @@ const STACK_BYTES: u64 = 8 << 20;
 const MAX_OPEN_FILES: u64 = 1024;
 
 /// C's ends of the channels, as numbers in the helper's fd table at the time of the clone.
-pub(super) struct InitFds {
+pub(super) struct InitFds<'a> {
     pub(super) ctrl: RawFd,
     pub(super) stdout: RawFd,
     pub(super) stderr: RawFd,
     pub(super) status: RawFd,
+    /// The job cgroup's `cgroup.procs` files, opened for writing.
+    pub(super) cgroup: &'a [RawFd],
 }
 
 /// C's private copies of its ends except the control socket (every other fd is closed).
@@ -44,15 +47,11 @@ struct Owned {
     stdout: OwnedFd,
     stderr: OwnedFd,
     status: OwnedFd,
+    cgroup: Vec<OwnedFd>,
 }
 
 /// C's entry point, right after the clone. Reports the first failed step to the helper.
-pub(super) fn run_init(
-    settings: &SandboxSettings,
-    plan: &JobPlan<'_>,
-    filter: &SeccompProgram,
-    fds: InitFds,
-) -> ! {
+pub(super) fn run_init(settings: &SandboxSettings, filter: &SeccompProgram, fds: InitFds<'_>) -> ! {
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let (ctrl, owned) = match take_fds(&fds) {
             Ok(taken) => taken,
@@ -61,7 +60,7 @@ pub(super) fn run_init(
                 return;
             }
         };
-        let err = match init(settings, plan, filter, &ctrl, owned) {
+        let err = match init(settings, filter, &ctrl, owned) {
             Ok(never) => match never {},
             Err(err) => err,
         };
@@ -82,44 +81,62 @@ fn take_fds(fds: &InitFds) -> Result<(OwnedFd, Owned), SetupError> {
         stdout: sys::relocate(fds.stdout).map_err(err)?,
         stderr: sys::relocate(fds.stderr).map_err(err)?,
         status: sys::relocate(fds.status).map_err(err)?,
+        cgroup: (fds.cgroup.iter())
+            .map(|&fd| sys::relocate(fd))
+            .collect::<Result<_, _>>()
+            .map_err(err)?,
     };
-    let keep = [
+    let mut keep = vec![
         ctrl.as_raw_fd(),
         owned.stdout.as_raw_fd(),
         owned.stderr.as_raw_fd(),
         owned.status.as_raw_fd(),
     ];
+    keep.extend(owned.cgroup.iter().map(AsRawFd::as_raw_fd));
     sys::close_all_except(&keep).map_err(err)?;
     Ok((ctrl, owned))
 }
 
 /// Every step of C, in order (the list in `docs/sandrund.md`). Only returns on failure.
+///
+/// The first part does not depend on the job, so the helper can run it ahead of time (a warm
+/// sandbox); C then waits for the job order and finishes.
 fn init(
     settings: &SandboxSettings,
-    plan: &JobPlan<'_>,
     filter: &SeccompProgram,
     ctrl: &OwnedFd,
-    fds: Owned,
+    mut fds: Owned,
 ) -> Result<Infallible, SetupError> {
     umask(Mode::empty());
     sys::reset_signals().map_err(|e| fail(SetupStep::Signals, e, "init"))?;
-    let layout = mounts::build_root(&settings.mount_point, plan)?;
+    join_cgroup(std::mem::take(&mut fds.cgroup))?;
+    let root = settings.mount_point.as_path();
+    let bound_dirs = mounts::prepare_root(root)?;
     sethostname(etc::HOSTNAME).map_err(at(SetupStep::Hostname, etc::HOSTNAME))?;
     net::loopback_up()?;
-    let work = open_work()?;
+    let work = open_work(root)?;
     channel::send_workdir(ctrl.as_raw_fd(), work.as_raw_fd())
         .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
-    // The helper moved C into the job's cgroup while C built its root; nothing of the job runs
-    // and no job data is written before this point.
-    channel::wait_for_joined(ctrl.as_raw_fd())?;
+    // Prepared. Nothing of any job has been seen, run or written before this point.
+    let order_fd = channel::wait_for_go(ctrl)?;
+    let mapped = order::Mapped::new(&order_fd)?;
+    drop(order_fd);
+    let (order, data) = order::read(mapped.bytes())?;
+    let (uid, gid) = (UserId(order.uid), GroupId(order.gid));
+    check_identity(uid, gid)?;
+    let has_env = mounts::finish_root(root, &order.limits, uid, gid, order.template.as_deref())?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
-    identity::drop_privileges(plan.uid, plan.gid)?;
-    apply_landlock(&layout)?;
-    bundle::write_bundle(work.as_raw_fd(), plan.bundle, plan.bundle_data)?;
-    let dir = bundle::open_workdir(work.as_raw_fd(), &plan.workdir)?;
+    identity::drop_privileges(uid, gid)?;
+    apply_landlock(&RootLayout {
+        bound_dirs,
+        has_env,
+    })?;
+    bundle::write_bundle(work.as_raw_fd(), &order.bundle, data)?;
+    drop(mapped);
+    let dir = bundle::open_workdir(work.as_raw_fd(), &order.workdir)?;
     fchdir(dir.as_raw_fd()).map_err(at(SetupStep::WorkDir, "fchdir"))?;
     drop((dir, work));
-    let job = start_job(plan, filter, fds.stdout, fds.stderr)?;
+    let job = start_job(&order, filter, fds.stdout, fds.stderr)?;
     if channel::send_ready(ctrl.as_raw_fd()).is_err() {
         // The helper is gone: exiting kills J with the whole pid namespace.
         exit_now(EXIT_SETUP_FAILED);
@@ -127,9 +144,32 @@ fn init(
     supervise(job, fds.status)
 }
 
-fn open_work() -> Result<OwnedFd, SetupError> {
+/// Moves C into the job's cgroup (`0` = the writing process). On cgroup v1 each write waits for
+/// an RCU grace period; C pays it while it is being prepared, not the job.
+fn join_cgroup(fds: Vec<OwnedFd>) -> Result<(), SetupError> {
+    for fd in fds {
+        sys::write_all(fd.as_raw_fd(), b"0")
+            .map_err(|e| fail(SetupStep::JoinCgroup, e, "cgroup.procs"))?;
+    }
+    Ok(())
+}
+
+/// The helper checks the plan before writing the order; C checks again what it would be
+/// dangerous to get wrong.
+fn check_identity(uid: UserId, gid: GroupId) -> Result<(), SetupError> {
+    if uid.0 == 0 {
+        return Err(fail(SetupStep::SetUid, libc::EINVAL, "job uid 0"));
+    }
+    if gid.0 == 0 {
+        return Err(fail(SetupStep::SetGid, libc::EINVAL, "job gid 0"));
+    }
+    Ok(())
+}
+
+fn open_work(root: &Path) -> Result<OwnedFd, SetupError> {
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let raw = nix::fcntl::open("/work", flags, Mode::empty())
+    let path = root.join("work");
+    let raw = nix::fcntl::open(&path, flags, Mode::empty())
         .map_err(at(SetupStep::MakeWorkDirs, "/work"))?;
     // SAFETY: open just returned this fd; nothing else owns it.
     Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
@@ -170,7 +210,7 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
 /// Forks J and waits until it has `execve`d (the exec-error pipe reaches end of file) or
 /// reported its failed step.
 fn start_job(
-    plan: &JobPlan<'_>,
+    plan: &order::Order,
     filter: &SeccompProgram,
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -185,7 +225,7 @@ fn start_job(
         argv: null_terminated(&plan.argv),
         env: null_terminated(&plan.env),
         filter,
-        limits: plan.limits,
+        limits: &plan.limits,
     };
     // SAFETY: C is a fresh single-threaded process, so forking it is safe; J only runs
     // `run_job`, which never returns.
@@ -217,19 +257,44 @@ fn wait_for_exec(report: &OwnedFd, job: libc::pid_t) -> Result<libc::pid_t, Setu
     Err(err)
 }
 
-/// C after J's `execve`: reap every process of the namespace; J's wait status goes to the
-/// helper, then C exits, which makes the kernel kill whatever is left in the namespace.
+/// C after J's `execve`: reap every process of the namespace. When J exits, C kills whatever
+/// else of the job is left (everything in the pid namespace runs as the job's uid, like C) and
+/// reaps it, and only then writes J's wait status: a status on the pipe tells the helper that
+/// nothing of the job runs any more, so it can report the end without waiting for C's own exit
+/// (which tears down the namespaces). Then C exits.
 fn supervise(job: libc::pid_t, status: OwnedFd) -> ! {
     loop {
         let mut wstatus: libc::c_int = 0;
         // SAFETY: wstatus is a valid, writable c_int.
         let pid = unsafe { libc::waitpid(-1, &mut wstatus, 0) };
         if pid == job {
-            let _ = sys::write_all(status.as_raw_fd(), &wstatus.to_ne_bytes());
+            if kill_the_rest().is_ok() {
+                let _ = sys::write_all(status.as_raw_fd(), &wstatus.to_ne_bytes());
+            }
             exit_now(0);
         }
         if pid < 0 && sys::errno() != libc::EINTR {
             exit_now(EXIT_SETUP_FAILED);
+        }
+    }
+}
+
+/// SIGKILLs every other process of the pid namespace and reaps them all (orphans are C's
+/// children too). A fork racing with the kill is refused by the kernel (the forking process
+/// has a fatal signal pending), and the loop repeats until nothing is left.
+fn kill_the_rest() -> Result<(), i32> {
+    loop {
+        // SAFETY: kill(-1) only sends a signal (to every process C may signal in its namespace).
+        unsafe { libc::kill(-1, libc::SIGKILL) };
+        let mut wstatus: libc::c_int = 0;
+        // SAFETY: wstatus is a valid, writable c_int.
+        let pid = unsafe { libc::waitpid(-1, &mut wstatus, 0) };
+        if pid < 0 {
+            match sys::errno() {
+                libc::ECHILD => return Ok(()),
+                libc::EINTR => continue,
+                e => return Err(e),
+            }
         }
     }
 }

@@ -42,15 +42,19 @@ pub(super) fn nsswitch() -> String {
         .to_owned()
 }
 
-/// Every generated file, by name inside `/etc`.
-pub(super) fn generated(uid: UserId, gid: GroupId) -> [(&'static str, String); 5] {
+/// The generated files that are the same for every job, by name inside `/etc` (written while
+/// the sandbox is prepared, before its job is known).
+pub(super) fn fixed() -> [(&'static str, String); 3] {
     [
-        ("passwd", passwd(uid, gid)),
-        ("group", group(gid)),
         ("hosts", hosts()),
         ("hostname", hostname()),
         ("nsswitch.conf", nsswitch()),
     ]
+}
+
+/// The generated files that name the job's user and group (written once the job is known).
+pub(super) fn identity(uid: UserId, gid: GroupId) -> [(&'static str, String); 2] {
+    [("passwd", passwd(uid, gid)), ("group", group(gid))]
 }
 
 /// Host files and directories mirrored read-only into `/etc` when they exist, so the dynamic
@@ -90,7 +94,7 @@ mod tests {
 
     #[test]
     fn given_generated_etc_then_hostname_and_hosts_name_the_sandbox_and_lookups_use_files() {
-        let files = generated(UserId(1000), GroupId(1000));
+        let files = fixed();
         let get = |name: &str| {
             files
                 .iter()

@@ -2,13 +2,17 @@
 //! (the list in `docs/sandrund.md`); every step that fails becomes a [`SetupError`] naming the
 //! step, and the job does not run.
 //!
-//! Process model:
-//! - the helper `clone`s child **C** with new pid, mount, ipc, uts and net namespaces; C is pid 1
-//!   of the job's pid namespace and acts as its init;
-//! - while the helper moves C into the job's cgroup (writing C's pid to the `cgroup.procs` fds it
-//!   opened; on cgroup v1 that waits for an RCU grace period, so it overlaps with C's work), C
-//!   builds the tmpfs root and `pivot_root`s into it; then C waits for the helper's `Joined`,
-//!   unshares the cgroup namespace, drops to the slot's uid/gid, drops every capability, sets
+//! Process model, in two phases so that the costly part runs before a job arrives:
+//! - [`prepare`]: the helper `clone`s child **C** with new pid, mount, ipc, uts and net
+//!   namespaces; C is pid 1 of the job's pid namespace and acts as its init. C moves itself into
+//!   the job's cgroup (on cgroup v1 that waits for an RCU grace period), builds the
+//!   job-independent part of its tmpfs root (system binds, `/etc`, `/proc`, `/dev`), brings up
+//!   `lo`, sends the helper its `/work` fd, and waits. This is a *warm* sandbox; the helper keeps
+//!   a few ready, each used for exactly one job;
+//! - [`start`]: the helper writes the job's limits into the sandbox's cgroup and sends C the job
+//!   order (a sealed memfd: argv, env, ids, limits, bundle). C resizes its tmpfs to the job's
+//!   caps, writes `/etc/passwd` and `/etc/group`, binds the template, `pivot_root`s, unshares the
+//!   cgroup namespace, drops to the slot's uid/gid, drops every capability, sets
 //!   `NO_NEW_PRIVS`, applies Landlock, writes the input bundle into `/work` as the job's uid,
 //!   then forks the job process **J**;
 //! - J sets up stdio, rlimits, `setsid`, closes every other fd, installs the seccomp filter that
@@ -24,13 +28,14 @@ mod identity;
 pub mod landlock;
 mod mounts;
 mod net;
+mod order;
 pub mod seccomp;
 mod sys;
 #[cfg(test)]
 mod tests;
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -68,8 +73,6 @@ pub struct JobPlan<'a> {
     pub bundle_data: &'a [u8],
     /// Host path of the template directory to bind read-only at `/env`, if any.
     pub template: Option<PathBuf>,
-    /// The job cgroup's `cgroup.procs` files, opened for writing.
-    pub cgroup_join: Vec<BorrowedFd<'a>>,
 }
 
 /// A running sandbox, as the helper supervises it.
@@ -90,8 +93,39 @@ pub struct Spawned {
     /// after the job's mount namespace is gone, so outputs can be collected; dropping it frees
     /// the tmpfs.
     pub workdir: OwnedFd,
-    /// Time from the start of `spawn` to J's successful `execve`.
+    /// Time from the start of [`start`] (or [`spawn`]) to J's successful `execve`.
     pub spawn_time: Duration,
+}
+
+/// A prepared sandbox waiting for its job (see the module docs): C is cloned, and is joining its
+/// cgroup and building its root, or has done so. Dropping it kills and reaps C.
+#[derive(Debug)]
+pub struct Warm {
+    guard: InitGuard,
+    pidfd: OwnedFd,
+    ctrl: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    status: OwnedFd,
+    /// When C was cloned.
+    pub created: Instant,
+}
+
+impl Warm {
+    /// C's pid, as seen from the helper.
+    pub fn pid(&self) -> ProcessId {
+        ProcessId(self.guard.0)
+    }
+}
+
+/// Why [`start`] failed, and in which phase.
+#[derive(Debug)]
+pub struct StartError {
+    pub error: SetupError,
+    /// `false` when C failed or died before it got the job (it had not finished its
+    /// job-independent preparation, or the job order could not be sent to it): the job had no
+    /// part in it, and another sandbox may well succeed.
+    pub prepared: bool,
 }
 
 /// The sandbox setup steps, in order. Each failure names one.
@@ -218,42 +252,93 @@ const NAMESPACES: libc::c_int = libc::CLONE_NEWPID
     | libc::CLONE_NEWUTS
     | libc::CLONE_NEWNET;
 
-/// Runs every setup step and starts the job. Returns once J has `execve`d, or the first failure
-/// (after killing and reaping C, so nothing of the job is left).
-///
-/// Must be called from a single-threaded process (C is created with a raw `clone`), and the
-/// calling thread must outlive the job: C gets `SIGKILL` when the thread that created it exits
-/// (`PR_SET_PDEATHSIG`), so a dead helper leaves nothing running. The helper must not ignore
-/// `SIGCHLD`, so it can reap C (`waitid(P_PIDFD)` or `waitpid`).
+/// Runs every setup step and starts the job: [`prepare`] then [`start`] at once. Returns once J
+/// has `execve`d, or the first failure (after killing and reaping C, so nothing of the job is
+/// left). The preconditions are those of [`prepare`].
 pub fn spawn(
     settings: &SandboxSettings,
     plan: &JobPlan<'_>,
     filter: &seccomp::SeccompProgram,
+    cgroup_join: &[BorrowedFd<'_>],
 ) -> Result<Spawned, SetupError> {
-    let started = Instant::now();
-    check_plan(plan)?;
+    let warm = prepare(settings, filter, cgroup_join)?;
+    start(warm, plan).map_err(|e| e.error)
+}
+
+/// Clones a new C and lets it prepare everything that does not depend on a job (see the module
+/// docs) while the helper goes on: returns at once, without waiting for C.
+///
+/// Must be called from a single-threaded process (C is created with a raw `clone`), and the
+/// calling thread must outlive the sandbox: C gets `SIGKILL` when the thread that created it
+/// exits (`PR_SET_PDEATHSIG`), so a dead helper leaves nothing running. The helper must not
+/// ignore `SIGCHLD`, so it can reap C (`waitid(P_PIDFD)` or `waitpid`). `cgroup_join` are the
+/// job cgroup's `cgroup.procs` files, opened for writing; C writes itself into each.
+pub fn prepare(
+    settings: &SandboxSettings,
+    filter: &seccomp::SeccompProgram,
+    cgroup_join: &[BorrowedFd<'_>],
+) -> Result<Warm, SetupError> {
+    let created = Instant::now();
     let ends = Ends::create()?;
+    let cgroup: Vec<RawFd> = cgroup_join.iter().map(AsRawFd::as_raw_fd).collect();
     let fds = child::InitFds {
         ctrl: ends.ctrl_child.as_raw_fd(),
         stdout: ends.stdout_w.as_raw_fd(),
         stderr: ends.stderr_w.as_raw_fd(),
         status: ends.status_w.as_raw_fd(),
+        cgroup: &cgroup,
     };
-    // SAFETY: spawn's documented precondition is a single-threaded caller (the helper's design);
-    // C only runs `run_init`, which never returns.
+    // SAFETY: prepare's documented precondition is a single-threaded caller (the helper's
+    // design); C only runs `run_init`, which never returns.
     let pid = unsafe { sys::fork_raw(NAMESPACES) }
         .map_err(|e| sys::fail(SetupStep::Clone, e, "clone"))?;
     if pid == 0 {
-        child::run_init(settings, plan, filter, fds);
+        child::run_init(settings, filter, fds);
     }
     let guard = InitGuard(pid);
     let (ctrl, stdout, stderr, status) = ends.into_parent_ends();
     let pidfd = sys::pidfd_open(pid).map_err(|e| sys::fail(SetupStep::Clone, e, "pidfd_open"))?;
-    // The migration waits for an RCU grace period on cgroup v1; C builds its root meanwhile.
-    join_cgroup(&plan.cgroup_join, pid)?;
-    // If C already failed, its report is waiting on the channel: wait_for_ready returns it.
-    let _ = channel::send_joined(ctrl.as_raw_fd());
-    let workdir = channel::wait_for_ready(&ctrl, started + SETUP_TIMEOUT)?;
+    Ok(Warm {
+        guard,
+        pidfd,
+        ctrl,
+        stdout,
+        stderr,
+        status,
+        created,
+    })
+}
+
+/// Gives a prepared sandbox its job: sends C the order and waits until J has `execve`d (or C
+/// reports a failure, which kills and reaps C). The caller must have written the job's limits
+/// into the sandbox's cgroup first.
+pub fn start(warm: Warm, plan: &JobPlan<'_>) -> Result<Spawned, StartError> {
+    let started = Instant::now();
+    let job_error = |error| StartError {
+        error,
+        prepared: true,
+    };
+    check_plan(plan).map_err(job_error)?;
+    let order = order::write(plan).map_err(job_error)?;
+    let sent = channel::send_go(warm.ctrl.as_raw_fd(), order.as_raw_fd());
+    drop(order);
+    // If C already failed or died, its report (or the closed channel) is waiting on the
+    // channel, and wait_for_ready returns it. A `Go` that could not even be sent means C was
+    // gone before it got the job: the job had no part in that failure.
+    let workdir =
+        channel::wait_for_ready(&warm.ctrl, started + SETUP_TIMEOUT).map_err(|f| StartError {
+            error: f.error,
+            prepared: f.prepared && sent.is_ok(),
+        })?;
+    let Warm {
+        guard,
+        pidfd,
+        stdout,
+        stderr,
+        status,
+        ..
+    } = warm;
+    let pid = guard.0;
     guard.release();
     Ok(Spawned {
         pid: ProcessId(pid),
@@ -264,16 +349,6 @@ pub fn spawn(
         workdir,
         spawn_time: started.elapsed(),
     })
-}
-
-/// Moves C into the job's cgroup: writes its pid to each of the cgroup's `cgroup.procs` fds.
-fn join_cgroup(fds: &[BorrowedFd<'_>], pid: libc::pid_t) -> Result<(), SetupError> {
-    let pid = pid.to_string();
-    for fd in fds {
-        sys::write_all(fd.as_raw_fd(), pid.as_bytes())
-            .map_err(|e| sys::fail(SetupStep::JoinCgroup, e, "cgroup.procs"))?;
-    }
-    Ok(())
 }
 
 /// Refuses plans no sandbox may run, before anything is created.
@@ -355,6 +430,7 @@ fn output_pipe() -> Result<(OwnedFd, OwnedFd), SetupError> {
 
 /// Kills and reaps C unless released: a failed spawn leaves no process behind (C is pid 1 of
 /// the job's namespace, so its death takes every other process of the job with it).
+#[derive(Debug)]
 struct InitGuard(libc::pid_t);
 
 impl InitGuard {

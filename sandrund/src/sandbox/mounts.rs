@@ -13,7 +13,7 @@ use nix::unistd::{chdir, mkdir, pivot_root};
 use sandrun_ipc::GrantedLimits;
 
 use super::sys::{at, fail};
-use super::{etc, JobPlan, SetupError, SetupStep};
+use super::{etc, SetupError, SetupStep};
 use crate::ids::{GroupId, UserId};
 
 /// Host directories that are recreated as the same symlink, or bound read-only, when present.
@@ -49,30 +49,48 @@ enum Mirrored {
     File,
 }
 
-/// Builds the root on `root` and pivots into it. The caller's umask must be 0.
-pub(super) fn build_root(root: &Path, plan: &JobPlan<'_>) -> Result<RootLayout, SetupError> {
+/// Builds every part of the root on `root` that is the same for every job, while the sandbox
+/// is prepared (before its job is known). Returns the `SYSTEM_DIRS` entries bound as
+/// directories. The caller's umask must be 0.
+pub(super) fn prepare_root(root: &Path) -> Result<Vec<&'static str>, SetupError> {
     // 1. Nothing we mount may propagate back to the host.
     make_root_private()?;
-    // 2. The size- and inode-capped tmpfs that becomes `/`.
-    mount_tmpfs_root(root, plan.limits)?;
+    // 2. The tmpfs that becomes `/`, sized for the skeleton only until the job is known.
+    mount_tmpfs_root(root)?;
     // 3. `/usr` and the `/bin`, `/sbin`, `/lib*` links or directories, read-only.
     let bound_dirs = bind_system_dirs(root)?;
-    // 4. A minimal `/etc`.
-    write_etc(root, plan.uid, plan.gid)?;
+    // 4. A minimal `/etc` (the user and group files come with the job).
+    write_etc(root)?;
     // 5. A fresh `/proc` for the job's pid namespace.
     mount_proc(root)?;
     // 6. A minimal `/dev`.
     make_dev(root)?;
-    // 7. The environment template at `/env`.
-    let has_env = bind_template(root, plan.template.as_deref())?;
-    // 8. `/tmp` and `/work`.
-    make_work_dirs(root, plan.uid, plan.gid)?;
-    // 9. Switch to the new root and detach the host's.
+    // 7. `/tmp` and `/work` (owned by root until the job is known).
+    make_work_dirs(root)?;
+    Ok(bound_dirs)
+}
+
+/// The job's part of the root, once the job is known, then the switch into it: the tmpfs gets
+/// the job's size and inode caps, `/etc` its user and group, `/env` its template, `/work` its
+/// owner. Returns whether a template is bound.
+pub(super) fn finish_root(
+    root: &Path,
+    limits: &GrantedLimits,
+    uid: UserId,
+    gid: GroupId,
+    template: Option<&Path>,
+) -> Result<bool, SetupError> {
+    // 8. The job's size and inode caps.
+    resize_tmpfs_root(root, limits)?;
+    // 9. `/etc/passwd` and `/etc/group` naming the job's user.
+    write_identity(root, uid, gid)?;
+    // 10. The environment template at `/env`.
+    let has_env = bind_template(root, template)?;
+    // 11. `/work` belongs to the job's user.
+    own_work_dir(root, uid, gid)?;
+    // 12. Switch to the new root and detach the host's.
     pivot_into(root)?;
-    Ok(RootLayout {
-        bound_dirs,
-        has_env,
-    })
+    Ok(has_env)
 }
 
 fn make_root_private() -> Result<(), SetupError> {
@@ -92,12 +110,14 @@ pub(super) fn tmpfs_options(limits: &GrantedLimits) -> Result<String, SetupError
     let inodes = u64::from(limits.file_count) + SKELETON_INODES;
     // The skeleton's own files (/etc, /dev entries) must not eat the job's allowance.
     let size = limits.tmpfs_bytes.saturating_add(SKELETON_BYTES);
-    Ok(format!("size={size},nr_inodes={inodes},mode=0755"))
+    Ok(format!("size={size},nr_inodes={inodes}"))
 }
 
-fn mount_tmpfs_root(root: &Path, limits: &GrantedLimits) -> Result<(), SetupError> {
+/// Mounts the root tmpfs with room for the skeleton only; [`resize_tmpfs_root`] gives it the
+/// job's caps.
+fn mount_tmpfs_root(root: &Path) -> Result<(), SetupError> {
     let step = SetupStep::MountTmpfsRoot;
-    let options = tmpfs_options(limits)?;
+    let options = format!("size={SKELETON_BYTES},nr_inodes={SKELETON_INODES},mode=0755");
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let detail = root.display().to_string();
     mount(
@@ -108,6 +128,14 @@ fn mount_tmpfs_root(root: &Path, limits: &GrantedLimits) -> Result<(), SetupErro
         Some(options.as_str()),
     )
     .map_err(at(step, &detail))
+}
+
+/// Remounts the root tmpfs with the job's size and inode caps (same per-mount flags).
+fn resize_tmpfs_root(root: &Path, limits: &GrantedLimits) -> Result<(), SetupError> {
+    let options = tmpfs_options(limits)?;
+    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(NONE, root, NONE, flags, Some(options.as_str()))
+        .map_err(at(SetupStep::MountTmpfsRoot, "resize to the job's limits"))
 }
 
 fn bind_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
@@ -127,15 +155,23 @@ fn bind_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
     Ok(bound)
 }
 
-fn write_etc(root: &Path, uid: UserId, gid: GroupId) -> Result<(), SetupError> {
+fn write_etc(root: &Path) -> Result<(), SetupError> {
     let step = SetupStep::WriteEtc;
     let dir = root.join("etc");
     make_dir(&dir, 0o755, step)?;
-    for (name, text) in etc::generated(uid, gid) {
+    for (name, text) in etc::fixed() {
         write_new_file(&dir.join(name), text.as_bytes(), step)?;
     }
     for name in etc::MIRRORED {
         mirror(&Path::new("/etc").join(name), &dir.join(name), step)?;
+    }
+    Ok(())
+}
+
+fn write_identity(root: &Path, uid: UserId, gid: GroupId) -> Result<(), SetupError> {
+    let dir = root.join("etc");
+    for (name, text) in etc::identity(uid, gid) {
+        write_new_file(&dir.join(name), text.as_bytes(), SetupStep::WriteEtc)?;
     }
     Ok(())
 }
@@ -188,12 +224,15 @@ fn bind_template(root: &Path, template: Option<&Path>) -> Result<bool, SetupErro
     Ok(true)
 }
 
-fn make_work_dirs(root: &Path, uid: UserId, gid: GroupId) -> Result<(), SetupError> {
+fn make_work_dirs(root: &Path) -> Result<(), SetupError> {
     let step = SetupStep::MakeWorkDirs;
     make_dir(&root.join("tmp"), 0o1777, step)?;
+    make_dir(&root.join("work"), 0o755, step)
+}
+
+fn own_work_dir(root: &Path, uid: UserId, gid: GroupId) -> Result<(), SetupError> {
     let work = root.join("work");
-    make_dir(&work, 0o755, step)?;
-    lchown(&work, Some(uid.0), Some(gid.0)).map_err(io_at(step, &work))
+    lchown(&work, Some(uid.0), Some(gid.0)).map_err(io_at(SetupStep::MakeWorkDirs, &work))
 }
 
 fn pivot_into(root: &Path) -> Result<(), SetupError> {
@@ -288,10 +327,7 @@ mod tests {
     #[test]
     fn given_limits_when_tmpfs_options_are_built_then_size_and_inodes_are_capped() {
         let options = tmpfs_options(&limits(1 << 20, 100));
-        assert_eq!(
-            options,
-            Ok("size=2097152,nr_inodes=164,mode=0755".to_owned())
-        );
+        assert_eq!(options, Ok("size=2097152,nr_inodes=164".to_owned()));
     }
 
     #[test]

@@ -89,10 +89,9 @@ impl Job {
             bundle: &self.bundle,
             bundle_data: &self.data,
             template: self.template.clone(),
-            cgroup_join: Vec::new(),
         };
         let filter = SeccompProgram::compile().expect("the job filter compiles");
-        spawn(&settings, &plan, &filter)
+        spawn(&settings, &plan, &filter, &[])
     }
 
     fn run(&self) -> Finished {

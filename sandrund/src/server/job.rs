@@ -94,7 +94,7 @@ pub struct Job {
     /// C's pid and pidfd.
     pub pid: crate::ids::ProcessId,
     pidfd: OwnedFd,
-    /// Read end of the status pipe, until C is reaped.
+    /// Read end of the status pipe (non-blocking), until the status is read or C is reaped.
     status_pipe: Option<OwnedFd>,
     /// `/work` of the job's tmpfs; taken when outputs are streamed.
     pub workdir: Option<OwnedFd>,
@@ -107,6 +107,9 @@ pub struct Job {
     /// Why the helper killed the job, if it did.
     pub kill_reason: Option<ExitReason>,
     pub last_stats: CgroupStats,
+    /// CPU time the cgroup had used before the job was started (a warm sandbox's preparation),
+    /// subtracted from every reading so the job is charged only its own.
+    pub cpu_base_ns: u64,
     /// Consecutive failed reads of the cgroup's figures.
     stats_failures: u32,
     /// When C exited; pipes still open long after that are closed by force.
@@ -132,6 +135,11 @@ impl Job {
             workdir,
             ..
         } = sandbox;
+        // Read when poll says so (`on_status`); a blocking read could stall the loop.
+        let _ = nix::fcntl::fcntl(
+            status.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
         Job {
             id,
             label,
@@ -150,6 +158,7 @@ impl Job {
             status: None,
             kill_reason: None,
             last_stats: CgroupStats::default(),
+            cpu_base_ns: 0,
             stats_failures: 0,
             reaped_at: None,
         }
@@ -158,7 +167,7 @@ impl Job {
     /// Kills every process of the job and remembers why (the first reason wins).
     pub fn kill(&mut self, reason: ExitReason) {
         // Once signalled, repeating it (a flood of Cancel, every tick past a limit) only costs.
-        if self.reaped || self.kill_reason.is_some() {
+        if self.ended() || self.kill_reason.is_some() {
             return;
         }
         self.kill_reason = Some(reason);
@@ -172,14 +181,14 @@ impl Job {
 
     /// Periodic check of the wall-clock and CPU limits.
     pub fn check_limits(&mut self, now: Instant) {
-        if self.reaped {
+        if self.ended() {
             return;
         }
         if now.duration_since(self.started) >= Duration::from_millis(self.limits.wall_ms) {
             self.kill(ExitReason::Timeout);
             return;
         }
-        match self.cgroup.stats() {
+        match self.stats() {
             Ok(stats) => {
                 self.stats_failures = 0;
                 self.last_stats = stats;
@@ -198,6 +207,44 @@ impl Job {
         }
     }
 
+    /// The cgroup's figures, with the CPU time used before the job started taken out.
+    fn stats(&self) -> Result<CgroupStats, crate::cgroup::CgroupError> {
+        let mut stats = self.cgroup.stats()?;
+        stats.cpu_ns = stats.cpu_ns.saturating_sub(self.cpu_base_ns);
+        Ok(stats)
+    }
+
+    /// The status pipe, while the job has not ended.
+    pub fn status_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.status_pipe.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Called when the status pipe is readable. C writes J's status only after it has killed
+    /// and reaped every other process of the job, so a status means nothing of the job runs any
+    /// more (C itself is on its way out and is reaped later): the job has ended. End of file
+    /// without a status means C died (killed): its exit is what ends the job, seen on the pidfd.
+    pub fn on_status(&mut self) {
+        let Some(fd) = self.status_pipe.take() else {
+            return;
+        };
+        let mut buf = [0u8; 4];
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            Ok(4) => {
+                self.status = Some(i32::from_ne_bytes(buf));
+                self.reaped_at = Some(Instant::now());
+            }
+            // Not ready after all (spurious wake-up): keep waiting.
+            Err(Errno::EAGAIN | Errno::EINTR) => self.status_pipe = Some(fd),
+            // End of file or a short read: C died without reporting; the pidfd tells when.
+            _ => {}
+        }
+    }
+
+    /// Whether nothing of the job runs any more except, perhaps, C on its way out.
+    pub fn ended(&self) -> bool {
+        self.reaped || self.status.is_some()
+    }
+
     /// Called when C's pidfd is readable: reaps C and reads J's status.
     pub fn reap(&mut self) {
         if self.reaped {
@@ -209,13 +256,9 @@ impl Job {
             return;
         }
         self.reaped = true;
-        self.reaped_at = Some(Instant::now());
+        self.reaped_at.get_or_insert_with(Instant::now);
         let mut buf = [0u8; 4];
         if let Some(fd) = self.status_pipe.take() {
-            let _ = nix::fcntl::fcntl(
-                fd.as_raw_fd(),
-                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-            );
             if std::fs::File::from(fd).read_exact(&mut buf).is_ok() {
                 self.status = Some(i32::from_ne_bytes(buf));
             }
@@ -229,9 +272,10 @@ impl Job {
         self.pidfd.as_fd()
     }
 
-    /// Whether the job has fully ended: C reaped and both pipes at EOF (or given up on).
+    /// Whether the job has fully ended: nothing of it runs (see [`Job::ended`]) and both pipes
+    /// are at EOF (or given up on).
     pub fn is_finished(&mut self, now: Instant) -> bool {
-        if !self.reaped {
+        if !self.ended() {
             return false;
         }
         if self.stdout.is_open() || self.stderr.is_open() {
@@ -263,7 +307,7 @@ impl Job {
 
     /// Builds the exit report from the status and the cgroup's figures.
     pub fn report(&mut self) -> ExitReport {
-        if let Ok(stats) = self.cgroup.stats() {
+        if let Ok(stats) = self.stats() {
             self.last_stats = stats;
         }
         let s = self.last_stats;
@@ -310,6 +354,65 @@ impl Job {
             Some(w) => collect(w.as_fd(), &self.outputs, limits),
             None => Vec::new(),
         }
+    }
+}
+
+/// What is left of a job once it has been reported: its cgroup and slot, free now if C has been
+/// reaped, or once C (already past the end of the job) has exited.
+pub enum Released {
+    Free(Box<dyn JobCgroup>, u32),
+    Exiting(Exiting),
+}
+
+/// C after the end of its job, on its way out; its cgroup and slot are released once it is
+/// reaped.
+pub struct Exiting {
+    pub pid: crate::ids::ProcessId,
+    pidfd: OwnedFd,
+    pub cgroup: Box<dyn JobCgroup>,
+    pub slot: u32,
+    pub since: Instant,
+}
+
+impl Exiting {
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// Reaps C if it has exited.
+    pub fn try_reap(&self) -> bool {
+        let pid = Pid::from_raw(self.pid.0);
+        !matches!(
+            waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+            Ok(WaitStatus::StillAlive)
+        )
+    }
+
+    /// Kills C (it should have exited on its own).
+    pub fn kill(&self) {
+        let _ = pidfd_kill(self.pidfd.as_fd());
+    }
+
+    /// Kills C and waits for it.
+    pub fn kill_and_reap(&self) {
+        self.kill();
+        let _ = waitpid(Pid::from_raw(self.pid.0), None);
+    }
+}
+
+impl Job {
+    /// Gives back the cgroup and slot, or what must be waited for before they are free.
+    pub fn release(self) -> Released {
+        if self.reaped {
+            return Released::Free(self.cgroup, self.slot);
+        }
+        Released::Exiting(Exiting {
+            pid: self.pid,
+            pidfd: self.pidfd,
+            cgroup: self.cgroup,
+            slot: self.slot,
+            since: Instant::now(),
+        })
     }
 }
 

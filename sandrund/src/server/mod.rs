@@ -7,6 +7,7 @@ mod collect;
 mod conn;
 mod job;
 mod peer;
+mod pool;
 mod request;
 pub mod systemd;
 
@@ -27,8 +28,9 @@ use crate::config::Config;
 use crate::ids::{GroupId, UserId};
 use crate::sandbox::{self, seccomp::SeccompProgram, JobPlan, SandboxSettings, SetupStep};
 use conn::{Conn, Incoming, State, HIGH_WATER};
-use job::{Job, OutputStream};
+use job::{Exiting, Job, OutputStream, Released};
 use peer::{authorize, may_connect, Peer};
+use pool::{Pool, WarmSandbox};
 use request::{validate, RequestError};
 
 /// Most client connections at once; more are closed at accept.
@@ -56,10 +58,11 @@ struct Counters {
     spawn_us: VecDeque<u64>,
 }
 
-/// A job cgroup whose removal must be retried, and the slot it holds until then.
+/// A job cgroup whose removal must be retried, and the slot it holds until then (a warm
+/// sandbox that never ran a job holds none).
 struct Teardown {
     cgroup: Box<dyn JobCgroup>,
-    slot: u32,
+    slot: Option<u32>,
     since: Instant,
 }
 
@@ -76,6 +79,11 @@ pub struct Server {
     /// `true` while a slot's uid may still own a process or a cgroup.
     slots: Vec<bool>,
     teardowns: Vec<Teardown>,
+    /// Inits of jobs already reported, until they are reaped.
+    exiting: BTreeMap<u64, Exiting>,
+    next_exiting: u64,
+    /// Sandboxes prepared ahead of jobs.
+    pool: Pool,
     draining: bool,
     /// Set after an accept error (such as EMFILE) until the next tick.
     accept_paused: bool,
@@ -94,6 +102,9 @@ enum Token {
     Stdout(u64),
     Stderr(u64),
     Pidfd(u64),
+    Status(u64),
+    /// C of a job already reported, on its way out.
+    Exiting(u64),
 }
 
 static SIGNAL_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -143,6 +154,7 @@ impl Server {
             template_dir: cfg.template_dir.clone(),
         };
         let slots = vec![false; cfg.slot_count as usize];
+        let pool = Pool::new(cfg.warm_sandboxes);
         Ok(Server {
             cfg,
             listener,
@@ -154,6 +166,9 @@ impl Server {
             next_job: 1,
             slots,
             teardowns: Vec::new(),
+            exiting: BTreeMap::new(),
+            next_exiting: 0,
+            pool,
             draining: false,
             accept_paused: false,
             pipe_buf: vec![0u8; 64 * 1024],
@@ -166,7 +181,12 @@ impl Server {
     pub fn run(&mut self) -> std::io::Result<()> {
         let mut last_tick = Instant::now();
         loop {
-            let events = self.wait()?;
+            let refill = self.wants_refill(Instant::now());
+            let events = self.wait(refill)?;
+            if refill && events.is_empty() {
+                // Nothing else to do: prepare one more sandbox ahead of the next job.
+                self.refill_one();
+            }
             let mut stop = false;
             for (token, revents) in events {
                 match token {
@@ -176,6 +196,8 @@ impl Server {
                     Token::Stdout(id) => self.on_pipe(id, true),
                     Token::Stderr(id) => self.on_pipe(id, false),
                     Token::Pidfd(id) => self.on_exit(id),
+                    Token::Status(id) => self.on_status(id),
+                    Token::Exiting(id) => self.on_exiting(id),
                 }
             }
             if stop {
@@ -193,8 +215,9 @@ impl Server {
         }
     }
 
-    /// Builds the poll set from the current state and waits.
-    fn wait(&mut self) -> std::io::Result<Vec<(Token, PollFlags)>> {
+    /// Builds the poll set from the current state and waits (not at all with `refill`: the
+    /// caller prepares a sandbox if nothing is ready).
+    fn wait(&mut self, refill: bool) -> std::io::Result<Vec<(Token, PollFlags)>> {
         let mut tokens = Vec::new();
         let mut fds: Vec<PollFd<'_>> = Vec::new();
         let full = self.conns.len() >= MAX_CONNECTIONS || self.accept_paused;
@@ -233,10 +256,23 @@ impl Server {
                     fds.push(PollFd::new(job.pidfd(), PollFlags::POLLIN));
                     tokens.push(Token::Pidfd(id));
                 }
+                if let Some(fd) = job.status_fd() {
+                    fds.push(PollFd::new(fd, PollFlags::POLLIN));
+                    tokens.push(Token::Status(id));
+                }
             }
         }
-        let busy = !self.conns.is_empty() || !self.teardowns.is_empty() || self.accept_paused;
-        let timeout = if busy {
+        for (&id, e) in &self.exiting {
+            fds.push(PollFd::new(e.pidfd(), PollFlags::POLLIN));
+            tokens.push(Token::Exiting(id));
+        }
+        let busy = !self.conns.is_empty()
+            || !self.teardowns.is_empty()
+            || !self.exiting.is_empty()
+            || self.accept_paused;
+        let timeout = if refill {
+            PollTimeout::ZERO
+        } else if busy {
             PollTimeout::from(100u16)
         } else {
             PollTimeout::NONE
@@ -525,16 +561,6 @@ impl Server {
             cpu_quota_us: CPU_PERIOD_US,
             cpu_period_us: CPU_PERIOD_US,
         };
-        let cgroup = match self.cgroups.create(&format!("job-{}", id.0), &limits) {
-            Ok(c) => c,
-            Err(e) => {
-                self.slots[slot as usize] = false;
-                self.counters.setup_failures += 1;
-                tracing::error!(job = %id, error = %e, "cgroup setup failed");
-                conn.fail(ErrorCode::SandboxSetup, format!("cgroup: {e}"));
-                return;
-            }
-        };
         let uid = self.cfg.slot_uid_base + slot;
         let plan = JobPlan {
             argv: job.argv,
@@ -546,31 +572,128 @@ impl Server {
             bundle: &job.bundle,
             bundle_data: &data,
             template: job.template,
-            cgroup_join: cgroup.join_fds().iter().map(|f| f.as_fd()).collect(),
         };
-        let spawned = sandbox::spawn(&self.settings, &plan, &self.filter);
+        let started = self.start_sandbox(id, &plan, &limits);
         drop(plan);
         drop(data);
-        match spawned {
-            Ok(sb) => {
+        match started {
+            Ok((sb, cgroup, cpu_base_ns)) => {
                 let us = u64::try_from(sb.spawn_time.as_micros()).unwrap_or(u64::MAX);
                 self.record_spawn(us);
                 tracing::info!(job = %id, label = %job.label, slot, spawn_us = us, "job started");
                 conn.send(&Response::Started { spawn_us: us });
-                let j = Job::new(id, job.label, slot, job.limits, job.outputs, cgroup, sb);
+                let mut j = Job::new(id, job.label, slot, job.limits, job.outputs, cgroup, sb);
+                j.cpu_base_ns = cpu_base_ns;
                 conn.state = State::Running(Box::new(j));
             }
-            Err(e) => {
+            Err((code, msg)) => {
                 self.counters.setup_failures += 1;
-                tracing::error!(job = %id, error = %e, "sandbox setup failed");
-                let code = if e.step == SetupStep::Exec {
-                    ErrorCode::ExecFailed
-                } else {
-                    ErrorCode::SandboxSetup
-                };
-                conn.fail(code, e.to_string());
-                self.teardown(cgroup, slot);
+                tracing::error!(job = %id, error = %msg, "sandbox setup failed");
+                self.slots[slot as usize] = false;
+                conn.fail(code, msg);
             }
+        }
+    }
+
+    /// Starts `plan` in a warm sandbox, or in one prepared now if the pool is empty (or its
+    /// sandbox turns out broken before the job had any part in it: then once more, fresh).
+    /// Returns the running sandbox, its cgroup and the CPU time the cgroup had used before.
+    fn start_sandbox(
+        &mut self,
+        id: JobId,
+        plan: &JobPlan<'_>,
+        limits: &CgroupLimits,
+    ) -> Result<StartedSandbox, (ErrorCode, String)> {
+        let mut warm = self.pool.take();
+        loop {
+            let was_warm = warm.is_some();
+            let ws = match warm.take() {
+                Some(ws) => ws,
+                None => self.prepare_now(id, limits)?,
+            };
+            let WarmSandbox {
+                warm: sb,
+                mut cgroup,
+            } = ws;
+            let base = match set_job_limits(cgroup.as_mut(), limits) {
+                Ok(base) => base,
+                Err(msg) => {
+                    drop(sb);
+                    self.teardown(cgroup, None);
+                    return Err((ErrorCode::SandboxSetup, msg));
+                }
+            };
+            match sandbox::start(sb, plan) {
+                Ok(spawned) => return Ok((spawned, cgroup, base)),
+                Err(e) => {
+                    self.teardown(cgroup, None);
+                    if was_warm && !e.prepared {
+                        tracing::warn!(job = %id, error = %e.error,
+                            "a warm sandbox had failed; preparing a fresh one");
+                        self.pool.pause(Instant::now());
+                        continue;
+                    }
+                    let code = if e.error.step == SetupStep::Exec {
+                        ErrorCode::ExecFailed
+                    } else {
+                        ErrorCode::SandboxSetup
+                    };
+                    return Err((code, e.error.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Prepares a sandbox for job `id` at once (the pool was empty).
+    fn prepare_now(
+        &mut self,
+        id: JobId,
+        limits: &CgroupLimits,
+    ) -> Result<WarmSandbox, (ErrorCode, String)> {
+        let name = format!("job-{}", id.0);
+        pool::prepare(&name, &*self.cgroups, &self.settings, &self.filter, limits)
+            .map_err(|msg| (ErrorCode::SandboxSetup, msg))
+    }
+
+    /// Whether the loop should prepare a sandbox ahead when it is idle. While jobs run, only an
+    /// empty pool is refilled: cloning takes about a millisecond of the loop, which a job that
+    /// is about to end would otherwise wait for before its exit is reported.
+    fn wants_refill(&self, now: Instant) -> bool {
+        if self.draining || !self.pool.wants_more(now) {
+            return false;
+        }
+        let running = self
+            .conns
+            .values()
+            .any(|c| matches!(c.state, State::Running(_)));
+        !running || self.pool.is_empty()
+    }
+
+    /// Prepares one sandbox for the pool, with the default limits (each job's own are written
+    /// when it starts).
+    fn refill_one(&mut self) {
+        let d = &self.cfg.defaults;
+        let limits = CgroupLimits {
+            memory_bytes: d.memory_bytes,
+            pids: d.pids,
+            cpu_quota_us: CPU_PERIOD_US,
+            cpu_period_us: CPU_PERIOD_US,
+        };
+        if let Err(msg) = self
+            .pool
+            .fill_one(&*self.cgroups, &self.settings, &self.filter, &limits)
+        {
+            self.counters.setup_failures += 1;
+            tracing::error!(error = %msg, "cannot prepare a warm sandbox; retrying in 1 s");
+            self.pool.pause(Instant::now());
+        }
+    }
+
+    /// Kills the warm sandboxes and removes their cgroups.
+    fn empty_pool(&mut self) {
+        for ws in self.pool.take_all() {
+            drop(ws.warm);
+            self.teardown(ws.cgroup, None);
         }
     }
 
@@ -602,6 +725,34 @@ impl Server {
                 Response::Stderr(chunk)
             };
             conn.send(&msg);
+        }
+    }
+
+    fn on_status(&mut self, id: u64) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            if let State::Running(job) = &mut conn.state {
+                job.on_status();
+            }
+        }
+    }
+
+    /// The init of a reported job has exited: reap it, then free its cgroup and slot.
+    fn on_exiting(&mut self, id: u64) {
+        if self.exiting.get(&id).is_some_and(Exiting::try_reap) {
+            if let Some(e) = self.exiting.remove(&id) {
+                self.teardown(e.cgroup, Some(e.slot));
+            }
+        }
+    }
+
+    /// Frees a reported job's cgroup and slot now, or once its init has exited.
+    fn release(&mut self, job: Job) {
+        match job.release() {
+            Released::Free(cgroup, slot) => self.teardown(cgroup, Some(slot)),
+            Released::Exiting(e) => {
+                self.next_exiting += 1;
+                self.exiting.insert(self.next_exiting, e);
+            }
         }
     }
 
@@ -679,6 +830,9 @@ impl Server {
         let client_here = conn.stream.is_some();
         if client_here {
             conn.send(&Response::Exited(report));
+            // The client learns the result now, not after the outputs are listed and the
+            // cgroup is removed.
+            conn.flush();
         }
         let items = if client_here {
             job.collect_outputs()
@@ -688,8 +842,7 @@ impl Server {
         // A client that stops reading must not pin the job's tmpfs forever.
         conn.deadline = Some(Instant::now() + BUNDLE_TIMEOUT);
         let workdir = job.workdir.take();
-        let Job { cgroup, slot, .. } = job;
-        self.teardown(cgroup, slot);
+        self.release(job);
         match (client_here, workdir) {
             (true, Some(w)) => conn.state = State::Outputs(Box::new(OutputStream::new(items, w))),
             (true, None) => conn.send(&Response::Done),
@@ -699,7 +852,7 @@ impl Server {
 
     /// Kills and removes a job cgroup, freeing the slot; retried on later ticks if the kernel
     /// still reports members.
-    fn teardown(&mut self, cgroup: Box<dyn JobCgroup>, slot: u32) {
+    fn teardown(&mut self, cgroup: Box<dyn JobCgroup>, slot: Option<u32>) {
         let mut t = Teardown {
             cgroup,
             slot,
@@ -714,12 +867,14 @@ impl Server {
         let _ = t.cgroup.kill_all();
         match t.cgroup.remove() {
             Ok(()) => {
-                self.slots[t.slot as usize] = false;
+                if let Some(slot) = t.slot {
+                    self.slots[slot as usize] = false;
+                }
                 true
             }
             Err(e) => {
                 if t.since.elapsed() > Duration::from_secs(10) {
-                    tracing::error!(slot = t.slot, error = %e, "job cgroup still not removable");
+                    tracing::error!(slot = ?t.slot, error = %e, "job cgroup still not removable");
                 }
                 false
             }
@@ -745,6 +900,13 @@ impl Server {
                     ErrorCode::UnexpectedMessage,
                     "timed out waiting for the next message",
                 );
+            }
+        }
+        // An init that reported its job's end exits at once; one still there a second later is
+        // stuck: kill it (its pidfd then wakes the loop).
+        for e in self.exiting.values() {
+            if now.duration_since(e.since) > Duration::from_secs(1) {
+                e.kill();
             }
         }
         let pending = std::mem::take(&mut self.teardowns);
@@ -780,6 +942,7 @@ impl Server {
             AdminRequest::Stats => AdminResponse::Stats(self.stats()),
             AdminRequest::Drain => {
                 self.draining = true;
+                self.empty_pool();
                 tracing::info!("draining: no new jobs accepted");
                 AdminResponse::Draining {
                     running: self.running(),
@@ -837,6 +1000,7 @@ impl Server {
 
     /// Kills every sandbox and waits (bounded) for their teardown.
     fn shutdown(&mut self) {
+        self.empty_pool();
         for conn in self.conns.values_mut() {
             if let State::Running(job) = &mut conn.state {
                 job.kill(ExitReason::Internal);
@@ -854,14 +1018,17 @@ impl Server {
                 {
                     job.reap();
                     if job.is_finished(Instant::now()) {
-                        let Job { cgroup, slot, .. } = *job;
-                        self.teardown(cgroup, slot);
+                        self.release(*job);
                     } else {
                         any = true;
                         conn.state = State::Running(job);
                         self.conns.insert(id, conn);
                     }
                 }
+            }
+            for (_, e) in std::mem::take(&mut self.exiting) {
+                e.kill_and_reap();
+                self.teardown(e.cgroup, Some(e.slot));
             }
             self.tick(Instant::now());
             if !any && self.teardowns.is_empty() {
@@ -897,6 +1064,18 @@ fn summarize(samples: &VecDeque<u64>) -> LatencySummary {
         p99_us: at(99),
         max_us: v[v.len() - 1],
     }
+}
+
+/// A started sandbox, its cgroup, and the CPU time the cgroup had used before the job.
+type StartedSandbox = (sandbox::Spawned, Box<dyn JobCgroup>, u64);
+
+/// Writes the job's limits into a (warm) sandbox's cgroup and returns the CPU time the cgroup
+/// has used so far, which is not the job's.
+fn set_job_limits(cgroup: &mut dyn JobCgroup, limits: &CgroupLimits) -> Result<u64, String> {
+    cgroup
+        .set_limits(limits)
+        .map_err(|e| format!("cgroup: {e}"))?;
+    cgroup.cpu_ns().map_err(|e| format!("cgroup: {e}"))
 }
 
 #[cfg(test)]

@@ -1,0 +1,114 @@
+//! Warm sandboxes: a few sandboxes prepared ahead of jobs (namespaces cloned, cgroup joined,
+//! root skeleton built; see `sandbox::prepare`), so a job only pays for its own part. Each is
+//! used for exactly one job and then destroyed like any other; nothing is ever reused.
+//!
+//! The loop refills the pool only when it has nothing else to do (see `Server::wait`), so
+//! preparing sandboxes never delays a running job's events.
+
+use std::collections::VecDeque;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use crate::cgroup::{CgroupLimits, CgroupManager, JobCgroup};
+use crate::sandbox::{self, seccomp::SeccompProgram, SandboxSettings, Warm};
+
+/// How long refilling stops after a failure, so a broken host does not spin the loop.
+pub const BACKOFF: Duration = Duration::from_secs(1);
+
+/// A prepared sandbox and the cgroup it has joined.
+pub struct WarmSandbox {
+    pub warm: Warm,
+    pub cgroup: Box<dyn JobCgroup>,
+}
+
+/// The prepared sandboxes, oldest (most likely ready) first.
+pub struct Pool {
+    target: usize,
+    ready: VecDeque<WarmSandbox>,
+    next: u64,
+    paused_until: Option<Instant>,
+}
+
+impl Pool {
+    pub fn new(target: u32) -> Pool {
+        Pool {
+            target: target as usize,
+            ready: VecDeque::new(),
+            next: 0,
+            paused_until: None,
+        }
+    }
+
+    /// Whether the loop should prepare another sandbox now.
+    pub fn wants_more(&self, now: Instant) -> bool {
+        self.ready.len() < self.target && self.paused_until.is_none_or(|t| now >= t)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ready.is_empty()
+    }
+
+    /// The oldest prepared sandbox, if any.
+    pub fn take(&mut self) -> Option<WarmSandbox> {
+        self.ready.pop_front()
+    }
+
+    /// Stops refilling for [`BACKOFF`].
+    pub fn pause(&mut self, now: Instant) {
+        self.paused_until = Some(now + BACKOFF);
+    }
+
+    /// Empties the pool (drain, shutdown); the caller kills and tears them down.
+    pub fn take_all(&mut self) -> Vec<WarmSandbox> {
+        self.ready.drain(..).collect()
+    }
+
+    /// A fresh cgroup name for a sandbox prepared ahead (`job-w<n>`: the prefix makes a crashed
+    /// helper's leftovers stale cgroups like any job's).
+    fn next_name(&mut self) -> String {
+        self.next += 1;
+        format!("job-w{}", self.next)
+    }
+
+    /// Prepares one sandbox and adds it to the pool.
+    pub fn fill_one(
+        &mut self,
+        cgroups: &dyn CgroupManager,
+        settings: &SandboxSettings,
+        filter: &SeccompProgram,
+        limits: &CgroupLimits,
+    ) -> Result<(), String> {
+        let name = self.next_name();
+        let sandbox = prepare(&name, cgroups, settings, filter, limits)?;
+        self.ready.push_back(sandbox);
+        Ok(())
+    }
+}
+
+/// Creates cgroup `name` with `limits` and prepares a sandbox in it. On failure nothing is left
+/// (the cgroup is removed, C killed and reaped).
+pub fn prepare(
+    name: &str,
+    cgroups: &dyn CgroupManager,
+    settings: &SandboxSettings,
+    filter: &SeccompProgram,
+    limits: &CgroupLimits,
+) -> Result<WarmSandbox, String> {
+    let mut cgroup = cgroups
+        .create(name, limits)
+        .map_err(|e| format!("cgroup: {e}"))?;
+    let join: Vec<_> = cgroup.join_fds().iter().map(AsFd::as_fd).collect();
+    match sandbox::prepare(settings, filter, &join) {
+        Ok(warm) => {
+            drop(join);
+            Ok(WarmSandbox { warm, cgroup })
+        }
+        Err(e) => {
+            drop(join);
+            if let Err(err) = cgroup.remove() {
+                tracing::warn!(cgroup = name, error = %err, "cannot remove a failed sandbox's cgroup");
+            }
+            Err(e.to_string())
+        }
+    }
+}

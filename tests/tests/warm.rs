@@ -1,0 +1,157 @@
+//! Warm sandboxes: the helper prepares a few sandboxes ahead of jobs. Each must be used for one
+//! job only, must not be reachable by any job, and a broken one must not fail a job.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::time::Duration;
+
+use sandrun_tests::hostile::eventually;
+use sandrun_tests::{config, Helper, Job};
+
+/// The helper's children that are idle warm sandbox inits (still root: an init drops to the
+/// job's uid as soon as it gets its job).
+fn idle_warm_inits(helper: &Helper) -> Vec<i32> {
+    let pid = helper.pid();
+    let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .is_some_and(|ids| ids.split_whitespace().all(|id| id == "0"))
+        })
+        .collect()
+}
+
+fn ns(pid: i32, kind: &str) -> String {
+    fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+#[test]
+fn given_a_started_helper_then_it_keeps_its_warm_sandboxes_each_in_namespaces_of_its_own() {
+    let helper = Helper::start(&config(210, "warm_sandboxes = 3"));
+    assert!(
+        eventually(Duration::from_secs(10), || idle_warm_inits(&helper).len()
+            == 3),
+        "expected 3 warm sandboxes, found {:?}",
+        idle_warm_inits(&helper)
+    );
+    let inits = idle_warm_inits(&helper);
+    for kind in ["net", "pid_for_children", "mnt", "ipc", "uts"] {
+        let mut seen: BTreeSet<String> = inits.iter().map(|&p| ns(p, kind)).collect();
+        assert_eq!(
+            seen.len(),
+            3,
+            "{kind} namespaces shared between warm sandboxes"
+        );
+        assert!(
+            seen.insert(ns(std::process::id() as i32, kind)),
+            "a warm sandbox shares the host's {kind} namespace"
+        );
+    }
+    let names: BTreeSet<String> = (helper.cgroup().idle_warm_dirs().iter())
+        .filter_map(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    assert_eq!(names.len(), 3, "one cgroup per warm sandbox: {names:?}");
+}
+
+#[test]
+fn given_back_to_back_jobs_then_none_sees_anything_the_previous_one_left() {
+    let helper = Helper::start(&config(211, "warm_sandboxes = 1"));
+    let leave_traces = "echo x > /work/mark && echo x > /tmp/mark && echo x > /dev/shm/mark \
+                        && (sleep 300 &) && echo $$";
+    let look =
+        "for f in /work/mark /tmp/mark /dev/shm/mark; do test -e $f && echo found $f; done; \
+                ps -e -o comm= 2>/dev/null | grep -c sleep || true; ls /proc | grep -c '^[0-9]'";
+    for _ in 0..3 {
+        let first = helper.run(&Job::new(&["/bin/sh", "-c", leave_traces]));
+        assert_eq!(first.report().exit_code, Some(0), "{}", first.describe());
+        let second = helper.run(&Job::new(&["/bin/sh", "-c", look]));
+        assert_eq!(second.report().exit_code, Some(0), "{}", second.describe());
+        let out = String::from_utf8_lossy(&second.stdout).into_owned();
+        assert!(!out.contains("found"), "a trace of the previous job: {out}");
+        let lines: Vec<&str> = out.lines().collect();
+        // No `sleep` of the previous job, and only this job's processes in /proc (sh, ls,
+        // grep and the init).
+        assert_eq!(lines.first(), Some(&"0"), "{out}");
+        let procs: u32 = lines.last().and_then(|n| n.parse().ok()).unwrap_or(99);
+        assert!(procs <= 4, "other processes visible: {out}");
+    }
+}
+
+#[test]
+fn given_warm_sandboxes_killed_before_use_when_a_job_arrives_then_it_runs_in_a_fresh_one() {
+    let helper = Helper::start(&config(212, "warm_sandboxes = 2"));
+    assert!(eventually(Duration::from_secs(10), || idle_warm_inits(
+        &helper
+    )
+    .len()
+        == 2));
+    let inits = idle_warm_inits(&helper);
+    for &pid in &inits {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    // Dead, not yet reaped (the helper notices when it hands them a job).
+    let zombie = |pid: i32| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+    };
+    assert!(eventually(Duration::from_secs(5), || inits
+        .iter()
+        .all(|&p| zombie(p))));
+    let outcome = helper.run(&Job::new(&["/bin/sh", "-c", "echo ran"]));
+    assert_eq!(
+        outcome.report().exit_code,
+        Some(0),
+        "{}",
+        outcome.describe()
+    );
+    assert_eq!(outcome.stdout, b"ran\n");
+    assert!(
+        helper.log().contains("a warm sandbox had failed"),
+        "the broken warm sandbox was not noticed: {}",
+        helper.log()
+    );
+}
+
+#[test]
+fn given_a_job_with_lower_limits_than_the_warm_default_then_its_own_limits_hold() {
+    let helper = Helper::start(&config(213, "warm_sandboxes = 1"));
+    // The warm sandbox was prepared with the default limits (512 MiB, 64 pids): 200 MiB fits
+    // there, so only the job's own 64 MiB, written when it started, can stop it.
+    let job = Job::probe(&["membomb", "200"]).limits(|l| {
+        l.memory_bytes = Some(64 << 20);
+        l.pids = Some(8);
+    });
+    let outcome = helper.run(&job);
+    assert_eq!(
+        outcome.report().reason,
+        sandrun_ipc::ExitReason::MemoryLimit,
+        "{}",
+        outcome.describe()
+    );
+    let forks = helper.run(
+        &Job::new(&[
+            "/bin/sh",
+            "-c",
+            "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 5 & done; wait",
+        ])
+        .limits(|l| l.pids = Some(4)),
+    );
+    assert!(
+        String::from_utf8_lossy(&forks.stderr).contains("fork")
+            || forks.report().reason == sandrun_ipc::ExitReason::PidsLimit,
+        "more than 4 processes ran: {}",
+        forks.describe()
+    );
+}
