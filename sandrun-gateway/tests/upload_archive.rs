@@ -218,6 +218,59 @@ async fn given_a_gzip_bomb_under_the_upload_cap_then_memory_and_work_stay_bounde
     );
 }
 
+/// Bytes that deflate cannot shrink (xorshift), without a random number generator.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn given_a_tar_gz_whose_start_is_far_above_the_ratio_then_the_whole_archive_decides() {
+    // 8 MiB of zeros first (about 1000:1), then 300 KiB of noise: the whole archive is about
+    // 28:1, under the ratio cap. It arrives in 7000-byte chunks, so the zeros expand faster
+    // than the ratio of what has arrived allows: the expansion waits instead of refusing.
+    let zeros = vec![0u8; 8 << 20];
+    let noisy = noise(300 << 10);
+    let archive = tar_gz(&[
+        TarEntry::file("zeros.bin", &zeros),
+        TarEntry::file("noise.bin", &noisy),
+        TarEntry::file("main.py", b"pass\n"),
+    ]);
+    assert!((archive.len() as u64) * 100 > 9 << 20, "ratio over the cap");
+    let s = submit_archive(&limits(), "job.tar.gz", &archive)
+        .await
+        .unwrap();
+    let data = |p: &str| s.bundle.file(p).unwrap().data.clone();
+    assert_eq!(data("zeros.bin").as_ref(), &zeros[..]);
+    assert_eq!(data("noise.bin").as_ref(), &noisy[..]);
+}
+
+#[tokio::test]
+async fn given_a_tar_gz_then_streamed_and_in_memory_expansion_give_the_same_bundle_and_hash() {
+    let noisy = noise(100 << 10);
+    let archive = tar_gz(&[
+        TarEntry::file("src/a.py", b"print(1)\n"),
+        TarEntry::file("noise.bin", &noisy),
+        TarEntry::file("main.py", b"pass\n"),
+    ]);
+    let streamed = submit_archive(&limits(), "job.tar.gz", &archive)
+        .await
+        .unwrap();
+    // The same archive as a legacy record is gathered whole, then expanded in memory.
+    let mut legacy = format!("----Tar\nPath: job.tar.gz\nSize: {}\n\n", archive.len()).into_bytes();
+    legacy.extend_from_slice(&archive);
+    let whole = submit_with(&limits(), None, legacy).await.unwrap();
+    assert_eq!(streamed.bundle, whole.bundle);
+    assert_eq!(streamed.job_hash, whole.job_hash);
+}
+
 #[tokio::test]
 async fn given_ten_thousand_tiny_entries_then_the_entry_cap_decides() {
     let names: Vec<String> = (0..10_000).map(|i| format!("f{i:05}")).collect();

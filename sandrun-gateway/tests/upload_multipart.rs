@@ -221,10 +221,14 @@ async fn given_an_endless_preamble_then_it_is_refused_at_the_header_cap() {
 
 #[tokio::test]
 async fn given_a_hundred_thousand_parts_then_it_is_refused_by_the_part_cap() {
-    let part = format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f\"\r\n\r\n\r\n");
+    // Distinct names: parts are expanded as they arrive, so a repeated name would be refused as
+    // a duplicate before the part cap is reached.
+    let part = |i: u64| {
+        format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"f{i}\"\r\n\r\n\r\n")
+    };
     let pulled = Arc::new(AtomicU64::new(0));
     let body = lazy(pulled.clone(), move |i| {
-        (i < 100_000).then(|| part.clone().into_bytes())
+        (i < 100_000).then(|| part(i).into_bytes())
     });
     let ct = multipart_ct();
     let err = parse_submission(Some(&ct), body, &UploadLimits::default(), &policy())

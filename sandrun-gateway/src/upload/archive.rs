@@ -4,16 +4,21 @@
 //! setuid, setgid and sticky bits are stripped. The decompressed bytes of one archive pass
 //! through a [`Meter`] that fails once they exceed
 //! `min(max_uncompressed_bytes, max(max_ratio * compressed size, RATIO_FLOOR_BYTES))`, so a bomb
-//! costs at most that much work. For zip the central directory (entry count, names, types,
+//! costs at most that much work. A `.tar.gz` part is expanded while it is still arriving
+//! ([`extract_tar_gz_streaming`]): its meter's cap is then computed from the compressed bytes
+//! received so far, and a reader at that cap waits for more of them instead of failing, so the
+//! work done is never more than the cap of what has arrived, and the archives accepted are
+//! exactly those accepted when the whole part is in memory. For zip the central directory (entry count, names, types,
 //! declared sizes and ratio) is checked before anything is decompressed; the declared sizes are
 //! then enforced while decompressing, because they can lie. Archives inside archives stay files.
 
-use std::cell::Cell;
-use std::io::{Cursor, Read};
+use std::cell::{Cell, RefCell};
+use std::io::{BufRead, Cursor, Read};
 
 use bytes::Bytes;
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 
+use super::feed::{Feed, PartReader};
 use super::{entry_path, UploadError, UploadLimits};
 use crate::bundle::{BundleBuilder, DEFAULT_DIR_MODE, DEFAULT_FILE_MODE};
 
@@ -68,9 +73,22 @@ pub fn extract(
     }
     let meter = Meter::new(expansion_cap(data.len() as u64, limits));
     match kind {
-        ArchiveKind::TarGz => extract_tar_gz(upload, data, builder, limits, &meter),
+        ArchiveKind::TarGz => extract_tar_gz(upload, &data[..], None, builder, limits, &meter),
         ArchiveKind::Zip => extract_zip(upload, data, builder, limits, &meter),
     }
+}
+
+/// Expands the `.tar.gz` part that `reader` is reading while the rest of it arrives through
+/// `feed`. The caller has checked the gzip magic.
+pub(crate) fn extract_tar_gz_streaming(
+    upload: &str,
+    reader: PartReader<'_>,
+    feed: &RefCell<Feed>,
+    builder: &mut BundleBuilder,
+    limits: &UploadLimits,
+) -> Result<(), UploadError> {
+    let meter = Meter::provisional(limits);
+    extract_tar_gz(upload, reader, Some(feed), builder, limits, &meter)
 }
 
 /// The most decompressed bytes one archive of `compressed` bytes may produce.
@@ -84,18 +102,47 @@ pub fn expansion_cap(compressed: u64, limits: &UploadLimits) -> u64 {
 /// Counts decompressed bytes against a cap shared by all readers of one archive.
 #[derive(Debug)]
 pub struct Meter {
-    cap: u64,
+    cap: Cell<u64>,
+    /// Whether `cap` is final: all the compressed bytes have arrived.
+    settled: Cell<bool>,
+    /// `max_ratio` and `max_uncompressed_bytes`, to recompute a provisional cap.
+    ratio_and_max: (u64, u64),
     used: Cell<u64>,
     exceeded: Cell<bool>,
 }
 
 impl Meter {
+    /// A meter with a final cap.
     pub fn new(cap: u64) -> Self {
         Meter {
-            cap,
+            cap: Cell::new(cap),
+            settled: Cell::new(true),
+            ratio_and_max: (0, cap),
             used: Cell::new(0),
             exceeded: Cell::new(false),
         }
+    }
+
+    /// A meter for an archive still arriving: its cap follows [`Meter::set_input`].
+    fn provisional(limits: &UploadLimits) -> Self {
+        Meter {
+            cap: Cell::new(expansion_cap(0, limits)),
+            settled: Cell::new(false),
+            ratio_and_max: (limits.max_ratio, limits.max_uncompressed_bytes),
+            used: Cell::new(0),
+            exceeded: Cell::new(false),
+        }
+    }
+
+    /// `received` compressed bytes have arrived; `complete` once that is all of them.
+    fn set_input(&self, received: u64, complete: bool) {
+        if self.settled.get() {
+            return;
+        }
+        let (max_ratio, max_bytes) = self.ratio_and_max;
+        let by_ratio = received.saturating_mul(max_ratio).max(RATIO_FLOOR_BYTES);
+        self.cap.set(by_ratio.min(max_bytes));
+        self.settled.set(complete);
     }
 
     /// Whether a reader went past the cap (its read then failed).
@@ -106,22 +153,57 @@ impl Meter {
     fn problem(&self) -> String {
         format!(
             "expands past {} bytes (size or compression ratio limit)",
-            self.cap
+            self.cap.get()
         )
     }
 }
 
-/// A reader that fails once its [`Meter`] is past the cap.
+/// A reader that fails once its [`Meter`] is past the cap. With a `feed`, the archive is still
+/// arriving: at a provisional cap it waits for more compressed bytes rather than failing.
 struct Metered<'m, R> {
     inner: R,
     meter: &'m Meter,
+    feed: Option<&'m RefCell<Feed>>,
+}
+
+impl<R> Metered<'_, R> {
+    /// Bytes that may still be produced, once the cap is final or leaves room; waits for more
+    /// input while a provisional cap is reached.
+    fn room(&self) -> u64 {
+        loop {
+            if let Some(feed) = self.feed {
+                let (received, complete) = feed.borrow().progress();
+                self.meter.set_input(received, complete);
+            }
+            let left = self.meter.cap.get().saturating_sub(self.meter.used.get());
+            if left > 0 || self.meter.settled.get() {
+                return left;
+            }
+            match self.feed {
+                Some(feed) => {
+                    feed.borrow_mut().pull();
+                }
+                // Only provisional meters have a feed; without one, treat the cap as final.
+                None => return left,
+            }
+        }
+    }
 }
 
 impl<R: Read> Read for Metered<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let left = self.meter.cap - self.meter.used.get();
-        // One byte past the cap is enough to know it is exceeded.
-        let want = usize::try_from(left.saturating_add(1))
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let left = self.room();
+        // One byte past a final cap is enough to know it is exceeded; a provisional cap is
+        // never read past.
+        let allowed = if self.meter.settled.get() {
+            left.saturating_add(1)
+        } else {
+            left
+        };
+        let want = usize::try_from(allowed)
             .unwrap_or(usize::MAX)
             .min(buf.len());
         let n = self.inner.read(&mut buf[..want])?;
@@ -134,16 +216,18 @@ impl<R: Read> Read for Metered<'_, R> {
     }
 }
 
-fn extract_tar_gz(
+fn extract_tar_gz<'m, R: BufRead>(
     upload: &str,
-    data: &Bytes,
+    compressed: R,
+    feed: Option<&'m RefCell<Feed>>,
     builder: &mut BundleBuilder,
     limits: &UploadLimits,
-    meter: &Meter,
+    meter: &'m Meter,
 ) -> Result<(), UploadError> {
     let reader = Metered {
-        inner: GzDecoder::new(&data[..]),
+        inner: GzDecoder::new(compressed),
         meter,
+        feed,
     };
     let mut archive = tar::Archive::new(reader);
     let mut last = String::from("<start of archive>");
@@ -297,7 +381,11 @@ fn extract_zip(
         let file = zip
             .by_index(item.index)
             .map_err(|e| refuse(format!("unreadable: {e}")))?;
-        let mut reader = Metered { inner: file, meter };
+        let mut reader = Metered {
+            inner: file,
+            meter,
+            feed: None,
+        };
         let bytes = read_exact_size(&mut reader, item.size).map_err(|e| {
             refuse(if meter.exceeded() {
                 meter.problem()
@@ -340,7 +428,7 @@ fn plan_zip<R: Read + std::io::Seek>(
     limits: &UploadLimits,
     meter: &Meter,
 ) -> Result<Vec<ZipItem>, UploadError> {
-    let budget = meter.cap.min(builder.remaining_bytes());
+    let budget = meter.cap.get().min(builder.remaining_bytes());
     let mut declared = 0u64;
     let mut items = Vec::with_capacity(zip.len());
     for index in 0..zip.len() {
@@ -418,6 +506,7 @@ mod tests {
         let mut ok = Metered {
             inner: &[7u8; 10][..],
             meter: &meter,
+            feed: None,
         };
         let mut out = Vec::new();
         assert_eq!(ok.read_to_end(&mut out).unwrap(), 10);
@@ -426,9 +515,76 @@ mod tests {
         let mut over = Metered {
             inner: &[7u8; 11][..],
             meter: &meter,
+            feed: None,
         };
         assert!(over.read_to_end(&mut Vec::new()).is_err());
         assert!(meter.exceeded());
+    }
+
+    /// A "decompressed" stream that checks, at every read, that the output never runs ahead
+    /// of the provisional cap of the compressed bytes received so far.
+    struct AheadCheck<'f> {
+        out: &'f [u8],
+        pos: usize,
+        feed: &'f RefCell<Feed>,
+    }
+
+    impl Read for AheadCheck<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.out.len() - self.pos);
+            self.pos += n;
+            let (received, complete) = self.feed.borrow().progress();
+            // Ratio 1 in these tests: the cap is max(received, floor).
+            assert!(
+                complete || self.pos as u64 <= received.max(RATIO_FLOOR_BYTES),
+                "produced {} with {received} received",
+                self.pos
+            );
+            Ok(n)
+        }
+    }
+
+    fn arriving(compressed_chunks: usize) -> RefCell<Feed> {
+        let (tx, feed) = super::super::feed::channel();
+        use super::super::feed::PartMsg;
+        tx.try_send(PartMsg::FileStart { filename: None }).unwrap();
+        for _ in 0..compressed_chunks {
+            tx.try_send(PartMsg::Data(Bytes::from(vec![0u8; 512 << 10])))
+                .unwrap();
+        }
+        tx.try_send(PartMsg::FileEnd).unwrap();
+        let feed = RefCell::new(feed);
+        feed.borrow_mut().next_message();
+        feed
+    }
+
+    fn read_arriving(feed: &RefCell<Feed>, out: &[u8], meter: &Meter) -> std::io::Result<usize> {
+        let mut reader = Metered {
+            inner: AheadCheck { out, pos: 0, feed },
+            meter,
+            feed: Some(feed),
+        };
+        reader.read_to_end(&mut Vec::new())
+    }
+
+    #[test]
+    fn given_an_archive_still_arriving_then_output_waits_for_input_and_the_final_cap_decides() {
+        let limits = UploadLimits {
+            max_ratio: 1,
+            ..UploadLimits::default()
+        };
+        let out = vec![1u8; 3 << 20];
+        // 3 MiB of input allow 3 MiB of output at ratio 1, however early it is produced.
+        let feed = arriving(6);
+        let meter = Meter::provisional(&limits);
+        assert_eq!(read_arriving(&feed, &out, &meter).unwrap(), 3 << 20);
+        assert!(!meter.exceeded());
+        // 2 MiB of input do not: refused once the input is complete, as if it were in memory.
+        let feed = arriving(4);
+        let meter = Meter::provisional(&limits);
+        assert!(read_arriving(&feed, &out, &meter).is_err());
+        assert!(meter.exceeded());
+        assert!(meter.problem().contains(&(2u64 << 20).to_string()));
     }
 
     #[test]

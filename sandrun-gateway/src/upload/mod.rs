@@ -10,11 +10,16 @@
 //!    auto-detected entry point) is validated against the policy and the files.
 //! 4. The job hash is computed over the canonical manifest and every input file.
 //!
-//! Steps 2 to 4 are CPU-bound and run on tokio's blocking pool.
+//! Steps 2 to 4 are CPU-bound and run on tokio's blocking pool, at the same time as step 1: the
+//! body reader hands each part over as it arrives ([`feed`]), and a `.tar.gz` part is expanded
+//! while its bytes are still coming in. Any other part is gathered whole, then expanded.
 
 pub mod archive;
+mod feed;
 pub mod legacy;
 pub mod multipart;
+
+use std::cell::RefCell;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -177,11 +182,21 @@ pub(crate) struct FilePart {
     pub data: Bytes,
 }
 
-/// The parts of a body, before any of them is interpreted.
-#[derive(Debug, Default)]
-pub(crate) struct Collected {
-    pub manifest: Option<Bytes>,
-    pub files: Vec<FilePart>,
+/// How the body reader ended when it did not fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// The body was read to its end and handed over.
+    Complete,
+    /// The assembler stopped (it refused the upload): its error is the answer.
+    AssemblerStopped,
+}
+
+/// Hands `msg` to the assembler; `false` if it has stopped.
+pub(crate) async fn hand_over(
+    tx: &tokio::sync::mpsc::Sender<feed::PartMsg>,
+    msg: feed::PartMsg,
+) -> bool {
+    tx.send(msg).await.is_ok()
 }
 
 /// Parses a `POST /submit` body. `content_type` is the request's Content-Type header.
@@ -195,14 +210,23 @@ where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
     E: std::fmt::Display,
 {
-    let collected = match body_kind(content_type)? {
-        BodyKind::Multipart(boundary) => multipart::collect(&boundary, body, limits).await?,
-        BodyKind::Legacy => collect_legacy(content_type, body, limits).await?,
+    let kind = body_kind(content_type)?;
+    let (tx, feed) = feed::channel();
+    let (limits_owned, policy) = (limits.clone(), policy.clone());
+    let assembler = tokio::task::spawn_blocking(move || assemble(feed, &limits_owned, &policy));
+    let read = match kind {
+        BodyKind::Multipart(boundary) => multipart::collect(&boundary, body, limits, &tx).await,
+        BodyKind::Legacy => collect_legacy(content_type, body, limits, &tx).await,
     };
-    let (limits, policy) = (limits.clone(), policy.clone());
-    tokio::task::spawn_blocking(move || assemble(collected, &limits, &policy))
+    // The assembler sees the channel close: after `BodyEnd` it finishes, otherwise it stops.
+    drop(tx);
+    let assembled = assembler
         .await
-        .map_err(|e| UploadError::Internal(format!("upload worker failed: {e}")))?
+        .map_err(|e| UploadError::Internal(format!("upload worker failed: {e}")));
+    match read {
+        Err(e) => Err(e),
+        Ok(Flow::Complete | Flow::AssemblerStopped) => assembled?,
+    }
 }
 
 enum BodyKind {
@@ -233,16 +257,19 @@ fn body_kind(content_type: Option<&str>) -> Result<BodyKind, UploadError> {
     }
 }
 
-/// Reads a legacy body, counting bytes and checking the magic as soon as it has arrived.
+/// Reads a legacy body, counting bytes and checking the magic as soon as it has arrived, and
+/// hands it over as one `files` part without a name.
 async fn collect_legacy<S, E>(
     content_type: Option<&str>,
     mut body: S,
     limits: &UploadLimits,
-) -> Result<Collected, UploadError>
+    tx: &tokio::sync::mpsc::Sender<feed::PartMsg>,
+) -> Result<Flow, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
     E: std::fmt::Display,
 {
+    use feed::PartMsg;
     let unsupported = || UploadError::UnsupportedMediaType(content_type.unwrap_or("").to_owned());
     let mut buf = BytesMut::new();
     while let Some(chunk) = body.next().await {
@@ -261,30 +288,92 @@ where
     if !legacy::is_legacy(&buf) {
         return Err(unsupported());
     }
-    Ok(Collected {
-        manifest: None,
-        files: vec![FilePart {
-            filename: None,
-            data: buf.freeze(),
-        }],
-    })
+    let messages = [
+        PartMsg::FileStart { filename: None },
+        PartMsg::Data(buf.freeze()),
+        PartMsg::FileEnd,
+        PartMsg::BodyEnd,
+    ];
+    for msg in messages {
+        if !hand_over(tx, msg).await {
+            return Ok(Flow::AssemblerStopped);
+        }
+    }
+    Ok(Flow::Complete)
 }
 
-/// Expands the parts into a bundle, validates the manifest and hashes the job.
+/// Expands the parts as they arrive, then validates the manifest and hashes the job.
 fn assemble(
-    collected: Collected,
+    feed: feed::Feed,
     limits: &UploadLimits,
     policy: &ManifestPolicy,
 ) -> Result<Submission, UploadError> {
+    use feed::PartMsg;
     let caps = BundleCaps {
         max_entries: limits.max_files,
         max_bytes: limits.max_uncompressed_bytes,
     };
     let mut builder = BundleBuilder::new(caps);
-    for (index, part) in collected.files.into_iter().enumerate() {
-        add_part(&mut builder, index, part, limits)?;
+    let feed = RefCell::new(feed);
+    let mut manifest = None;
+    let mut index = 0;
+    loop {
+        let msg = feed.borrow_mut().next_message();
+        match msg {
+            Some(PartMsg::FileStart { filename }) => {
+                add_arriving_part(&mut builder, index, filename, &feed, limits)?;
+                index += 1;
+            }
+            Some(PartMsg::Manifest(json)) => manifest = Some(json),
+            Some(PartMsg::BodyEnd) => break,
+            // The body reader failed; its error is the answer.
+            None => return Err(UploadError::BodyRead("the request body ended early".into())),
+            Some(PartMsg::Data(_) | PartMsg::FileEnd) => {
+                return Err(UploadError::Internal("part data outside a part".into()))
+            }
+        }
     }
-    let raw = match (&collected.manifest, builder.file_data("job.json")) {
+    finish(manifest, builder, policy)
+}
+
+/// Adds one `files` part while it arrives: a `.tar.gz` is expanded from the stream, anything
+/// else is gathered whole first.
+fn add_arriving_part(
+    builder: &mut BundleBuilder,
+    index: usize,
+    filename: Option<String>,
+    feed: &RefCell<feed::Feed>,
+    limits: &UploadLimits,
+) -> Result<(), UploadError> {
+    let mut reader = feed::PartReader::new(feed);
+    let body_ended = |e: std::io::Error| UploadError::BodyRead(e.to_string());
+    let streamable = match filename.as_deref() {
+        Some(name) if archive::kind_by_name(name) == Some(archive::ArchiveKind::TarGz) => {
+            let start = reader.peek(2).map_err(body_ended)?;
+            archive::has_magic(archive::ArchiveKind::TarGz, start).then_some(name)
+        }
+        _ => None,
+    };
+    let Some(name) = streamable else {
+        let data = reader.into_rest().map_err(body_ended)?;
+        return add_part(builder, index, FilePart { filename, data }, limits);
+    };
+    archive::extract_tar_gz_streaming(name, reader, feed, builder, limits)?;
+    // What follows the archive's end (gzip trailer, padding) is not expanded.
+    feed.borrow_mut().skip_part();
+    if feed.borrow().truncated() {
+        return Err(UploadError::BodyRead("the request body ended early".into()));
+    }
+    Ok(())
+}
+
+/// Validates the manifest against the bundle and hashes the job.
+fn finish(
+    manifest: Option<Bytes>,
+    builder: BundleBuilder,
+    policy: &ManifestPolicy,
+) -> Result<Submission, UploadError> {
+    let raw = match (&manifest, builder.file_data("job.json")) {
         (Some(json), _) => RawManifest::parse(json)?,
         (None, Some(json)) => RawManifest::parse(json)?,
         (None, None) => RawManifest::default(),

@@ -13,16 +13,20 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use multer::{Constraints, Multipart, SizeLimit};
+use tokio::sync::mpsc::Sender;
 
-use super::{Collected, FilePart, UploadError, UploadLimits};
+use super::feed::PartMsg;
+use super::{hand_over, Flow, UploadError, UploadLimits};
 use crate::manifest::MAX_MANIFEST_BYTES;
 
-/// Reads every part of a multipart body. Only `files` (repeatable) and `manifest` (once) exist.
+/// Reads every part of a multipart body and hands each one over as it arrives. Only `files`
+/// (repeatable) and `manifest` (once) exist.
 pub(crate) async fn collect<S, E>(
     boundary: &str,
     body: S,
     limits: &UploadLimits,
-) -> Result<Collected, UploadError>
+    tx: &Sender<PartMsg>,
+) -> Result<Flow, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
     E: std::fmt::Display,
@@ -35,7 +39,7 @@ where
         .for_field("manifest", MAX_MANIFEST_BYTES as u64);
     let mut multipart =
         Multipart::with_constraints(guarded, boundary, Constraints::new().size_limit(sizes));
-    let mut collected = Collected::default();
+    let mut seen_manifest = false;
     let mut parts = 0usize;
     while let Some(mut field) = multipart.next_field().await.map_err(map_multer)? {
         parts += 1;
@@ -44,22 +48,46 @@ where
                 limit: limits.max_parts,
             });
         }
-        match field.name() {
-            Some("manifest") if collected.manifest.is_some() => {
+        let handed = match field.name() {
+            Some("manifest") if seen_manifest => {
                 return Err(UploadError::Malformed(
                     "more than one manifest part".to_owned(),
                 ))
             }
-            Some("manifest") => collected.manifest = Some(read_field(&mut field).await?),
-            Some("files") => {
-                let filename = field.file_name().map(str::to_owned);
-                let data = read_field(&mut field).await?;
-                collected.files.push(FilePart { filename, data });
+            Some("manifest") => {
+                seen_manifest = true;
+                let json = read_field(&mut field).await?;
+                hand_over(tx, PartMsg::Manifest(json)).await
             }
+            Some("files") => forward_file(&mut field, tx).await?,
             other => return Err(UploadError::UnexpectedPart(other.unwrap_or("").to_owned())),
+        };
+        if !handed {
+            return Ok(Flow::AssemblerStopped);
         }
     }
-    Ok(collected)
+    if hand_over(tx, PartMsg::BodyEnd).await {
+        Ok(Flow::Complete)
+    } else {
+        Ok(Flow::AssemblerStopped)
+    }
+}
+
+/// Hands a `files` part over chunk by chunk; `false` if the assembler has stopped.
+async fn forward_file(
+    field: &mut multer::Field<'_>,
+    tx: &Sender<PartMsg>,
+) -> Result<bool, UploadError> {
+    let filename = field.file_name().map(str::to_owned);
+    if !hand_over(tx, PartMsg::FileStart { filename }).await {
+        return Ok(false);
+    }
+    while let Some(chunk) = field.chunk().await.map_err(map_multer)? {
+        if !hand_over(tx, PartMsg::Data(chunk)).await {
+            return Ok(false);
+        }
+    }
+    Ok(hand_over(tx, PartMsg::FileEnd).await)
 }
 
 async fn read_field(field: &mut multer::Field<'_>) -> Result<Bytes, UploadError> {
