@@ -187,7 +187,11 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
     let submission = match parsed {
         Ok(s) => s,
         Err(e) => {
-            drain_small_body(&mut body).await;
+            // Archives are expanded while they arrive, so a refusal (a bomb, a bad entry) can
+            // come long before the end of the body: read and discard the rest, within the body
+            // cap and a time bound, so the client sees the answer instead of a reset stream.
+            let cap = usize::try_from(state.upload_limits.max_body_bytes).unwrap_or(usize::MAX);
+            drain_body(&mut body, cap, REFUSED_BODY_DRAIN).await;
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
             state.metrics.rejected(upload_cause(status));
             return Err(ApiError::new(status, e.message()));
@@ -237,18 +241,28 @@ async fn drain_small_body<S>(body: &mut S)
 where
     S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>> + Unpin,
 {
+    drain_body(body, 64 * 1024, Duration::from_secs(1)).await;
+}
+
+/// How long the rest of a body refused during parsing may take to arrive (and be discarded).
+const REFUSED_BODY_DRAIN: Duration = Duration::from_secs(10);
+
+/// Reads and discards at most `max` bytes of what is left of `body`, for at most `time`.
+async fn drain_body<S>(body: &mut S, max: usize, time: Duration)
+where
+    S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>> + Unpin,
+{
     use futures_util::StreamExt;
-    const MAX: usize = 64 * 1024;
     let drain = async {
         let mut seen = 0usize;
         while let Some(Ok(chunk)) = body.next().await {
-            seen += chunk.len();
-            if seen > MAX {
+            seen = seen.saturating_add(chunk.len());
+            if seen > max {
                 break;
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    let _ = tokio::time::timeout(time, drain).await;
 }
 
 fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
