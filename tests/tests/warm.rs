@@ -155,3 +155,31 @@ fn given_a_job_with_lower_limits_than_the_warm_default_then_its_own_limits_hold(
         forks.describe()
     );
 }
+
+#[test]
+fn given_warm_sandboxes_whose_cgroups_were_removed_when_a_job_arrives_then_it_runs_in_a_fresh_one()
+{
+    let helper = Helper::start(&config(214, "warm_sandboxes = 2"));
+    assert!(eventually(Duration::from_secs(10), || {
+        idle_warm_inits(&helper).len() == 2
+    }));
+    // What another helper's stale-cgroup cleanup would do: kill what is inside, remove the dirs.
+    let dirs = helper.cgroup().idle_warm_dirs();
+    for pid in idle_warm_inits(&helper) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(5), || dirs
+        .iter()
+        .all(|d| fs::remove_dir(d).is_ok() || !d.exists())));
+    let outcome = helper.run(&Job::new(&["/bin/sh", "-c", "echo ran"]));
+    assert_eq!(outcome.stdout, b"ran\n", "{}", outcome.describe());
+    assert!(
+        helper.log().contains("cgroup had failed"),
+        "the broken warm sandbox was not noticed: {}",
+        helper.log()
+    );
+}

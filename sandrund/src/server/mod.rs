@@ -620,6 +620,14 @@ impl Server {
                 Err(msg) => {
                     drop(sb);
                     self.teardown(cgroup, None);
+                    if was_warm {
+                        // Its cgroup broke while it waited (removed by hand, or by another
+                        // helper's stale-cgroup cleanup): the job had no part in it.
+                        tracing::warn!(job = %id, error = %msg,
+                            "a warm sandbox's cgroup had failed; preparing a fresh one");
+                        self.pool.pause(Instant::now());
+                        continue;
+                    }
                     return Err((ErrorCode::SandboxSetup, msg));
                 }
             };
