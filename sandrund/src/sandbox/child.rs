@@ -110,12 +110,10 @@ fn init(
     umask(Mode::empty());
     sys::reset_signals().map_err(|e| fail(SetupStep::Signals, e, "init"))?;
     join_cgroup(std::mem::take(&mut fds.cgroup))?;
-    let root = settings.mount_point.as_path();
-    let bound_dirs = mounts::prepare_root(root)?;
+    let mut prepared = mounts::prepare_root(&settings.mount_point, &settings.template_dir)?;
     sethostname(etc::HOSTNAME).map_err(at(SetupStep::Hostname, etc::HOSTNAME))?;
     net::loopback_up()?;
-    let work = open_work(root)?;
-    channel::send_workdir(ctrl.as_raw_fd(), work.as_raw_fd())
+    channel::send_workdir(ctrl.as_raw_fd(), prepared.work.as_raw_fd())
         .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
     // Prepared. Nothing of any job has been seen, run or written before this point.
     let order_fd = channel::wait_for_go(ctrl)?;
@@ -124,13 +122,20 @@ fn init(
     let (order, data) = order::read(mapped.bytes())?;
     let (uid, gid) = (UserId(order.uid), GroupId(order.gid));
     check_identity(uid, gid)?;
-    let has_env = mounts::finish_root(root, &order.limits, uid, gid, order.template.as_deref())?;
+    let has_env = mounts::finish_root(
+        &mut prepared,
+        &order.limits,
+        uid,
+        gid,
+        order.template.as_deref(),
+    )?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
     identity::drop_privileges(uid, gid)?;
     apply_landlock(&RootLayout {
-        bound_dirs,
+        bound_dirs: std::mem::take(&mut prepared.bound_dirs),
         has_env,
     })?;
+    let work = prepared.work;
     bundle::write_bundle(work.as_raw_fd(), &order.bundle, data)?;
     drop(mapped);
     let dir = bundle::open_workdir(work.as_raw_fd(), &order.workdir)?;
@@ -164,15 +169,6 @@ fn check_identity(uid: UserId, gid: GroupId) -> Result<(), SetupError> {
         return Err(fail(SetupStep::SetGid, libc::EINVAL, "job gid 0"));
     }
     Ok(())
-}
-
-fn open_work(root: &Path) -> Result<OwnedFd, SetupError> {
-    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let path = root.join("work");
-    let raw = nix::fcntl::open(&path, flags, Mode::empty())
-        .map_err(at(SetupStep::MakeWorkDirs, "/work"))?;
-    // SAFETY: open just returned this fd; nothing else owns it.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
 }
 
 fn apply_landlock(layout: &RootLayout) -> Result<(), SetupError> {
@@ -227,17 +223,12 @@ fn start_job(
         filter,
         limits: &plan.limits,
     };
-    // SAFETY: C is a fresh single-threaded process, so forking it is safe; J only runs
-    // `run_job`, which never returns.
-    let pid = unsafe { sys::fork_raw(0) }.map_err(|e| fail(step, e, "fork"))?;
-    if pid == 0 {
-        run_job(
-            &exec,
-            stdout.as_raw_fd(),
-            stderr.as_raw_fd(),
-            report_w.as_raw_fd(),
-        );
-    }
+    let (out, err, report) = (stdout.as_raw_fd(), stderr.as_raw_fd(), report_w.as_raw_fd());
+    // SAFETY: C is single-threaded. J runs `run_job`, which ends in execve or _exit; its only
+    // allocation (in close_all_except) is freed before either, and the rest of its changes
+    // (signal dispositions, stdio, limits, session, seccomp) belong to J's own process.
+    let pid = unsafe { sys::vfork_run(|| run_job(&exec, out, err, report)) }
+        .map_err(|e| fail(step, e, "fork"))?;
     drop((report_w, stdout, stderr));
     wait_for_exec(&report_r, pid)
 }

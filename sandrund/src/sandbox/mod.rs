@@ -71,8 +71,9 @@ pub struct JobPlan<'a> {
     /// Bundle entries in order, and the concatenated contents of their files.
     pub bundle: &'a [BundleEntry],
     pub bundle_data: &'a [u8],
-    /// Host path of the template directory to bind read-only at `/env`, if any.
-    pub template: Option<PathBuf>,
+    /// Name of the template (a directory below `SandboxSettings::template_dir`) to bind
+    /// read-only at `/env`, if any.
+    pub template: Option<String>,
 }
 
 /// A running sandbox, as the helper supervises it.

@@ -4,6 +4,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{lchown, symlink, OpenOptionsExt};
 use std::path::Path;
 
@@ -12,7 +13,7 @@ use nix::sys::stat::Mode;
 use nix::unistd::{chdir, mkdir, pivot_root};
 use sandrun_ipc::GrantedLimits;
 
-use super::sys::{at, fail};
+use super::sys::{self, at, fail};
 use super::{etc, SetupError, SetupStep};
 use crate::ids::{GroupId, UserId};
 
@@ -49,10 +50,22 @@ enum Mirrored {
     File,
 }
 
-/// Builds every part of the root on `root` that is the same for every job, while the sandbox
-/// is prepared (before its job is known). Returns the `SYSTEM_DIRS` entries bound as
-/// directories. The caller's umask must be 0.
-pub(super) fn prepare_root(root: &Path) -> Result<Vec<&'static str>, SetupError> {
+/// The root's job-independent part, built while the sandbox is prepared (before its job is
+/// known), and what the job's part needs from the host afterwards.
+pub(super) struct Prepared {
+    /// `SYSTEM_DIRS` entries bound as directories.
+    pub(super) bound_dirs: Vec<&'static str>,
+    /// A detached clone of the host's template directory (`open_tree(OPEN_TREE_CLONE)`),
+    /// taken before the host's root was detached; `None` if the host has no template
+    /// directory. Held by C only; close-on-exec.
+    pub(super) templates: Option<OwnedFd>,
+    /// `O_PATH` fd of `/work`.
+    pub(super) work: OwnedFd,
+}
+
+/// Builds every part of the root on `root` that is the same for every job and switches into
+/// it, while the sandbox is prepared (before its job is known). The caller's umask must be 0.
+pub(super) fn prepare_root(root: &Path, template_dir: &Path) -> Result<Prepared, SetupError> {
     // 1. Nothing we mount may propagate back to the host.
     make_root_private()?;
     // 2. The tmpfs that becomes `/`, sized for the skeleton only until the job is known.
@@ -67,29 +80,43 @@ pub(super) fn prepare_root(root: &Path) -> Result<Vec<&'static str>, SetupError>
     make_dev(root)?;
     // 7. `/tmp` and `/work` (owned by root until the job is known).
     make_work_dirs(root)?;
-    Ok(bound_dirs)
+    let work = open_dir_path(&root.join("work"), SetupStep::MakeWorkDirs)?;
+    // 8. The templates, as a detached tree, for the job that asks for one.
+    let templates = clone_templates(template_dir)?;
+    // 9. Switch to the new root and detach the host's.
+    pivot_into(root)?;
+    Ok(Prepared {
+        bound_dirs,
+        templates,
+        work,
+    })
 }
 
-/// The job's part of the root, once the job is known, then the switch into it: the tmpfs gets
-/// the job's size and inode caps, `/etc` its user and group, `/env` its template, `/work` its
-/// owner. Returns whether a template is bound.
+/// The job's part of the root (now `/`), once the job is known: the tmpfs gets the job's size
+/// and inode caps, `/etc` its user and group, `/env` its template, `/work` its owner. Returns
+/// whether a template is bound.
 pub(super) fn finish_root(
-    root: &Path,
+    prepared: &mut Prepared,
     limits: &GrantedLimits,
     uid: UserId,
     gid: GroupId,
-    template: Option<&Path>,
+    template: Option<&str>,
 ) -> Result<bool, SetupError> {
-    // 8. The job's size and inode caps.
+    let root = Path::new("/");
+    // 10. The job's size and inode caps.
     resize_tmpfs_root(root, limits)?;
-    // 9. `/etc/passwd` and `/etc/group` naming the job's user.
+    // 11. `/etc/passwd` and `/etc/group` naming the job's user.
     write_identity(root, uid, gid)?;
-    // 10. The environment template at `/env`.
-    let has_env = bind_template(root, template)?;
-    // 11. `/work` belongs to the job's user.
+    // 12. The environment template at `/env`.
+    let has_env = match template {
+        Some(name) => {
+            bind_template(prepared.templates.take(), name)?;
+            true
+        }
+        None => false,
+    };
+    // 13. `/work` belongs to the job's user.
     own_work_dir(root, uid, gid)?;
-    // 12. Switch to the new root and detach the host's.
-    pivot_into(root)?;
     Ok(has_env)
 }
 
@@ -209,19 +236,65 @@ fn make_dev(root: &Path) -> Result<(), SetupError> {
     make_dir(&dev.join("shm"), 0o1777, step)
 }
 
-fn bind_template(root: &Path, template: Option<&Path>) -> Result<bool, SetupError> {
+/// Where the templates' tree is attached while the job's template is bound from it.
+const TEMPLATES_MOUNT: &str = "/.sandrun-templates";
+
+/// `open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)` of the host's template directory, if it exists.
+fn clone_templates(template_dir: &Path) -> Result<Option<OwnedFd>, SetupError> {
     let step = SetupStep::BindTemplate;
-    let Some(host) = template else {
-        return Ok(false);
-    };
-    let meta = std::fs::metadata(host).map_err(io_at(step, host))?;
-    if !meta.is_dir() {
-        return Err(fail(step, libc::ENOTDIR, host.display().to_string()));
+    match std::fs::symlink_metadata(template_dir) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(fail(
+                step,
+                libc::ENOTDIR,
+                template_dir.display().to_string(),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_at(step, template_dir)(e)),
     }
-    let target = root.join("env");
-    make_dir(&target, 0o755, step)?;
-    bind_readonly(host, &target, step)?;
-    Ok(true)
+    let detail = template_dir.display().to_string();
+    sys::open_tree_clone(template_dir)
+        .map(Some)
+        .map_err(|e| fail(step, e, detail))
+}
+
+/// Binds template `name` read-only at `/env`: the templates' tree is attached at a hidden
+/// mount point, `<name>` (one plain component, not a symlink) is bound from it, and the tree is
+/// detached and its mount point removed again before anything of the job runs.
+fn bind_template(templates: Option<OwnedFd>, name: &str) -> Result<(), SetupError> {
+    let step = SetupStep::BindTemplate;
+    let mut components = Path::new(name).components();
+    let (Some(std::path::Component::Normal(_)), None) = (components.next(), components.next())
+    else {
+        return Err(fail(step, libc::EINVAL, "template name"));
+    };
+    let tree = templates.ok_or_else(|| fail(step, libc::ENOENT, "no template directory"))?;
+    let mount_point = Path::new(TEMPLATES_MOUNT);
+    make_dir(mount_point, 0o700, step)?;
+    sys::move_mount_here(&tree, mount_point).map_err(|e| fail(step, e, "attach templates"))?;
+    drop(tree);
+    let source = mount_point.join(name);
+    let meta = std::fs::symlink_metadata(&source).map_err(io_at(step, &source))?;
+    let bound = if meta.is_dir() {
+        let target = Path::new("/env");
+        make_dir(target, 0o755, step).and_then(|()| bind_readonly(&source, target, step))
+    } else {
+        Err(fail(step, libc::ENOTDIR, format!("template {name}")))
+    };
+    umount2(mount_point, MntFlags::MNT_DETACH).map_err(at(step, "detach templates"))?;
+    std::fs::remove_dir(mount_point).map_err(io_at(step, mount_point))?;
+    bound
+}
+
+fn open_dir_path(path: &Path, step: SetupStep) -> Result<OwnedFd, SetupError> {
+    use nix::fcntl::OFlag;
+    let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let detail = path.display().to_string();
+    let raw = nix::fcntl::open(path, flags, Mode::empty()).map_err(at(step, &detail))?;
+    // SAFETY: open just returned this fd; nothing else owns it.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
 }
 
 fn make_work_dirs(root: &Path) -> Result<(), SetupError> {

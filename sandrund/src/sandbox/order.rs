@@ -3,7 +3,7 @@
 //! and passes the fd with the `Go` control message; C maps it read-only.
 //!
 //! Layout of the memfd: header length (u64, little endian), the header (bincode 2, standard
-//! configuration: argv, env, work dir, uid, gid, limits, bundle entries, template path), then
+//! configuration: argv, env, work dir, uid, gid, limits, bundle entries, template name), then
 //! the bundle's file contents, concatenated. The seals (`F_SEAL_WRITE | F_SEAL_SHRINK |
 //! F_SEAL_GROW | F_SEAL_SEAL`) make the contents immutable before C sees them, so C's mapping
 //! can be read as a plain byte slice.
@@ -12,7 +12,6 @@ use std::ffi::CString;
 use std::io::Write;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
@@ -41,7 +40,7 @@ struct HeaderRef<'a> {
     gid: u32,
     limits: &'a GrantedLimits,
     bundle: &'a [BundleEntry],
-    template: Option<&'a Path>,
+    template: Option<&'a str>,
 }
 
 /// The header as C reads it. Field order matches [`HeaderRef`].
@@ -54,7 +53,7 @@ pub(super) struct Order {
     pub(super) gid: u32,
     pub(super) limits: GrantedLimits,
     pub(super) bundle: Vec<BundleEntry>,
-    pub(super) template: Option<PathBuf>,
+    pub(super) template: Option<String>,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -215,7 +214,7 @@ mod tests {
             limits: &limits,
             bundle: &bundle,
             bundle_data: b"hello",
-            template: Some(PathBuf::from("/srv/t/python")),
+            template: Some("python".to_owned()),
         };
         let fd = write(&plan).expect("written");
         let mapped = Mapped::new(&fd).expect("mapped");

@@ -297,6 +297,12 @@ fn build_filter() -> Result<ScmpFilterContext, SeccompError> {
         .map_err(lib("create filter"))?;
     ctx.set_act_badarch(ScmpAction::KillProcess)
         .map_err(lib("set bad-arch action"))?;
+    // A binary tree over the syscall numbers instead of a linear list: each syscall is decided
+    // in a few comparisons, which matters twice: at run time, and when the kernel installs the
+    // filter, since it then evaluates the filter for every syscall number to build its cache of
+    // always-allowed calls (that took 0.6 ms per job with the linear list).
+    ctx.set_ctl_optimize(2)
+        .map_err(lib("set binary-tree optimization"))?;
     for &name in ALLOWED {
         let syscall = resolve(name)?;
         ctx.add_rule_exact(ScmpAction::Allow, syscall)

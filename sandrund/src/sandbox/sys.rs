@@ -1,7 +1,7 @@
 //! Small syscall wrappers for the sandbox's processes, and the helpers that turn a failed
 //! syscall into a [`SetupError`] naming the step.
 
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
 
@@ -193,4 +193,113 @@ pub(super) fn prctl(
         return Err(errno());
     }
     Ok(ret)
+}
+
+/// `open_tree(path, OPEN_TREE_CLONE | AT_RECURSIVE | OPEN_TREE_CLOEXEC)`: a detached copy of
+/// the mount tree at `path`, held by the returned fd.
+pub(super) fn open_tree_clone(path: &std::path::Path) -> Result<OwnedFd, i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| libc::EINVAL)?;
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call; open_tree
+    // returns a new fd or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
+    if ret < 0 {
+        return Err(errno());
+    }
+    let fd = RawFd::try_from(ret).map_err(|_| libc::EBADF)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `move_mount(tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)`: attaches a detached mount
+/// tree at `target` in the caller's mount namespace.
+pub(super) fn move_mount_here(tree: &OwnedFd, target: &std::path::Path) -> Result<(), i32> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(target.as_os_str().as_bytes()).map_err(|_| libc::EINVAL)?;
+    // SAFETY: both strings are valid and NUL-terminated for the duration of the call, and
+    // `tree` is an open fd; move_mount only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if ret < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+/// Size of the stack J runs on until its `execve` (its setup needs a few KiB).
+const VFORK_STACK_BYTES: usize = 256 << 10;
+
+/// Runs `child` in a new process that shares this process's memory (`CLONE_VM |
+/// CLONE_VFORK`), on a stack of its own, like `posix_spawn`: there is no page-table copy and no
+/// copy-on-write fault, and the caller is suspended until the child has `execve`d or exited.
+/// Returns the child's pid.
+///
+/// # Safety
+/// The caller must be single-threaded. `child` runs in the caller's address space while the
+/// caller is suspended: it must end in `execve` or [`exit_now`] (it cannot return), must not
+/// leave allocations or locks half-done, and everything it changes in memory is seen by the
+/// caller afterwards. Its own file table, signal handlers, limits and seccomp filter are its
+/// own (no `CLONE_FILES`, `CLONE_SIGHAND`, `CLONE_THREAD`).
+pub(super) unsafe fn vfork_run<F: FnOnce()>(child: F) -> Result<libc::pid_t, i32> {
+    extern "C" fn trampoline<F: FnOnce()>(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `Option<F>` on the suspended parent's stack, alive until the
+        // child has exec'd or exited (CLONE_VFORK), and only the child touches it meanwhile.
+        let child = unsafe { (*arg.cast::<Option<F>>()).take() };
+        if let Some(f) = child {
+            f();
+        }
+        // `child` must not return; if it does (a bug), the child still must not go on.
+        exit_now(101)
+    }
+    // SAFETY: a fresh private anonymous mapping; the kernel picks the address.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            VFORK_STACK_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(errno());
+    }
+    // The lowest page is a guard: an overflow faults instead of writing into other memory.
+    // SAFETY: the first page of the mapping just created.
+    if unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) } != 0 {
+        return Err(errno());
+    }
+    let mut slot = Some(child);
+    // SAFETY: the stack top is the end of the mapping (16-byte aligned: mmap is page aligned);
+    // `slot` outlives the child's use of it (see the trampoline); the caller guarantees the
+    // conditions documented above.
+    let pid = unsafe {
+        libc::clone(
+            trampoline::<F>,
+            stack.cast::<u8>().add(VFORK_STACK_BYTES).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::addr_of_mut!(slot).cast(),
+        )
+    };
+    // The child has exec'd or exited: its stack is free again.
+    // SAFETY: the mapping created above, no longer used by anyone.
+    unsafe { libc::munmap(stack, VFORK_STACK_BYTES) };
+    if pid < 0 {
+        return Err(errno());
+    }
+    Ok(pid)
 }

@@ -49,7 +49,8 @@ struct Job {
     bundle: Vec<BundleEntry>,
     data: Vec<u8>,
     workdir: String,
-    template: Option<PathBuf>,
+    template: Option<String>,
+    template_dir: PathBuf,
 }
 
 impl Job {
@@ -61,6 +62,7 @@ impl Job {
             data: Vec::new(),
             workdir: String::new(),
             template: None,
+            template_dir: PathBuf::from("/nonexistent"),
         }
     }
 
@@ -73,7 +75,7 @@ impl Job {
         let root = tempfile::tempdir().expect("temp dir for the mount point");
         let settings = SandboxSettings {
             mount_point: root.path().to_owned(),
-            template_dir: PathBuf::from("/nonexistent"),
+            template_dir: self.template_dir.clone(),
         };
         let plan = JobPlan {
             argv: self.argv.clone(),
@@ -344,12 +346,51 @@ fn given_job_when_it_reads_its_namespace_ids_then_none_is_the_helpers() {
 
 #[test]
 fn given_template_when_spawned_then_it_is_readable_at_env_and_read_only() {
-    let template = tempfile::tempdir().expect("template dir");
-    std::fs::write(template.path().join("hello.txt"), "from template\n").expect("write");
-    let mut job = Job::shell("cat /env/hello.txt; touch /env/x 2>/dev/null || echo env-readonly");
-    job.template = Some(template.path().to_owned());
+    let templates = tempfile::tempdir().expect("template dir");
+    std::fs::create_dir(templates.path().join("py")).expect("mkdir");
+    std::fs::create_dir(templates.path().join("other")).expect("mkdir");
+    std::fs::write(templates.path().join("py/hello.txt"), "from template\n").expect("write");
+    std::fs::write(templates.path().join("other/secret.txt"), "other\n").expect("write");
+    // Only the job's template is there: not the others, not the tree it was bound from.
+    let mut job = Job::shell(
+        "cat /env/hello.txt; touch /env/x 2>/dev/null || echo env-readonly; \
+         ls -a / | grep -c sandrun-templates; grep -rs other / --include=secret.txt | wc -l",
+    );
+    job.template = Some("py".to_owned());
+    job.template_dir = templates.path().to_owned();
     let done = job.run();
-    assert_eq!(done.stdout, "from template\nenv-readonly\n", "{done:?}");
+    assert_eq!(
+        done.stdout, "from template\nenv-readonly\n0\n0\n",
+        "{done:?}"
+    );
+}
+
+#[test]
+fn given_a_template_that_is_a_symlink_when_spawned_then_it_is_refused() {
+    let templates = tempfile::tempdir().expect("template dir");
+    std::os::unix::fs::symlink("/etc", templates.path().join("evil")).expect("symlink");
+    let mut job = Job::shell("ls /env");
+    job.template = Some("evil".to_owned());
+    job.template_dir = templates.path().to_owned();
+    let err = job.spawn().expect_err("refused");
+    assert_eq!(
+        (err.step, err.errno),
+        (SetupStep::BindTemplate, libc::ENOTDIR)
+    );
+}
+
+#[test]
+fn given_no_template_when_spawned_then_neither_env_nor_the_templates_tree_is_there() {
+    let templates = tempfile::tempdir().expect("template dir");
+    std::fs::create_dir(templates.path().join("py")).expect("mkdir");
+    let mut job = Job::shell("ls -a / | tr '\\n' ' '");
+    job.template_dir = templates.path().to_owned();
+    let done = job.run();
+    assert_eq!(done.exit_code(), 0, "{done:?}");
+    assert!(!done.stdout.contains("env"), "{done:?}");
+    assert!(!done.stdout.contains("templates"), "{done:?}");
+    let mounts = Job::shell("cat /proc/self/mountinfo").run().stdout;
+    assert!(!mounts.contains("/py"), "{mounts}");
 }
 
 #[test]

@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::ffi::CString;
-use std::path::PathBuf;
 
 use sandrun_ipc::{BundleEntry, GrantedLimits, JobSpec, Limits, OutputPattern};
 
@@ -32,7 +31,8 @@ pub struct ValidJob {
     /// Sum of the bundle's file sizes: exactly this many bytes must follow.
     pub bundle_bytes: u64,
     pub outputs: Vec<OutputPattern>,
-    pub template: Option<PathBuf>,
+    /// A template name checked to exist below the configured template directory.
+    pub template: Option<String>,
     pub label: String,
 }
 
@@ -74,7 +74,7 @@ pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
     }
     let template = match &spec.template {
         None => None,
-        Some(name) => Some(template_path(cfg, name)?),
+        Some(name) => Some(template_name(cfg, name)?),
     };
     let label: String = spec
         .label
@@ -257,7 +257,7 @@ fn validate_bundle(entries: &[BundleEntry], limits: &GrantedLimits) -> Result<u6
     Ok(total)
 }
 
-fn template_path(cfg: &Config, name: &str) -> Result<PathBuf, RequestError> {
+fn template_name(cfg: &Config, name: &str) -> Result<String, RequestError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -269,7 +269,7 @@ fn template_path(cfg: &Config, name: &str) -> Result<PathBuf, RequestError> {
     }
     let path = cfg.template_dir.join(name);
     match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.is_dir() => Ok(path),
+        Ok(m) if m.is_dir() => Ok(name.to_owned()),
         _ => Err(RequestError::NotFound(format!(
             "template {name:?} does not exist"
         ))),
