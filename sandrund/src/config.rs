@@ -66,8 +66,9 @@ impl LimitSet {
     }
 }
 
-/// Prepared sandboxes kept by default: enough for a burst of two jobs on a small host.
-pub const DEFAULT_WARM_SANDBOXES: u32 = 2;
+/// Prepared sandboxes kept by default: a preparation can take 20 ms when the kernel is slow to
+/// migrate a task into a cgroup (v1), so a few are kept for jobs arriving back to back.
+pub const DEFAULT_WARM_SANDBOXES: u32 = 4;
 /// Each prepared sandbox holds a process, a tmpfs, a network namespace and a cgroup.
 pub const MAX_WARM_SANDBOXES: u32 = 32;
 

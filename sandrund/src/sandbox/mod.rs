@@ -117,6 +117,15 @@ impl Warm {
     pub fn pid(&self) -> ProcessId {
         ProcessId(self.guard.0)
     }
+
+    /// Whether C has finished its preparation (or failed): its first message is waiting on the
+    /// control socket. Does not block.
+    pub fn is_prepared(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.ctrl.as_fd(), PollFlags::POLLIN)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+    }
 }
 
 /// Why [`start`] failed, and in which phase.

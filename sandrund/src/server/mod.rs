@@ -663,9 +663,10 @@ impl Server {
             .map_err(|msg| (ErrorCode::SandboxSetup, msg))
     }
 
-    /// Whether the loop should prepare a sandbox ahead when it is idle. While jobs run, only an
-    /// empty pool is refilled: cloning takes about a millisecond of the loop, which a job that
-    /// is about to end would otherwise wait for before its exit is reported.
+    /// Whether the loop should prepare a sandbox ahead when it is idle. While jobs run, only a
+    /// pool down to its last half is refilled: cloning takes most of a millisecond of the loop,
+    /// which a job that is about to end would otherwise wait for before its end is reported;
+    /// under a steady load the pool still never runs dry.
     fn wants_refill(&self, now: Instant) -> bool {
         if self.draining || !self.pool.wants_more(now) {
             return false;
@@ -674,7 +675,7 @@ impl Server {
             .conns
             .values()
             .any(|c| matches!(c.state, State::Running(_)));
-        !running || self.pool.is_empty()
+        !running || self.pool.is_low()
     }
 
     /// Prepares one sandbox for the pool, with the default limits (each job's own are written

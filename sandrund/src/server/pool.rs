@@ -44,13 +44,18 @@ impl Pool {
         self.ready.len() < self.target && self.paused_until.is_none_or(|t| now >= t)
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ready.is_empty()
+    /// Whether at most half of the target is left.
+    pub fn is_low(&self) -> bool {
+        self.ready.len() * 2 <= self.target
     }
 
-    /// The oldest prepared sandbox, if any.
+    /// The oldest sandbox that has finished its preparation, or else the oldest one (the job
+    /// then waits for the rest of its preparation).
     pub fn take(&mut self) -> Option<WarmSandbox> {
-        self.ready.pop_front()
+        let i = (self.ready.iter())
+            .position(|w| w.warm.is_prepared())
+            .unwrap_or(0);
+        self.ready.remove(i)
     }
 
     /// Stops refilling for [`BACKOFF`].
