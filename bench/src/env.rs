@@ -277,6 +277,46 @@ pub fn rss_kib(pid: u32) -> Result<(u64, u64), EnvError> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time of a process so far, in milliseconds: its own (user + system) and that of its reaped
+/// children (for `sandrund`, the sandboxes it forked).
+pub fn cpu_ms(pid: u32) -> Result<(f64, f64), EnvError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| env_err("reading stat", e))?;
+    parse_cpu_ms(&text, clock_ticks_per_second())
+        .ok_or_else(|| env_err("parsing stat", format!("{path}: no CPU times")))
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf takes a plain integer and reads no memory of ours.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    // Display only: tick rates are small integers.
+    #[allow(clippy::cast_precision_loss)]
+    let ticks = ticks as f64;
+    if ticks > 0.0 {
+        ticks
+    } else {
+        100.0
+    }
+}
+
+/// Fields 14 to 17 of `/proc/<pid>/stat` (utime, stime, cutime, cstime), counted after the
+/// command name, which may hold spaces and parentheses.
+fn parse_cpu_ms(stat: &str, ticks_per_s: f64) -> Option<(f64, f64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(str::parse::<f64>)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let ms = |ticks: f64| ticks * 1000.0 / ticks_per_s;
+    match fields.as_slice() {
+        [utime, stime, cutime, cstime] => Some((ms(utime + stime), ms(cutime + cstime))),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,5 +327,12 @@ mod tests {
         assert_eq!(own_cgroup(text, "memory"), Some("/a/b"));
         assert_eq!(own_cgroup(text, "cpuacct"), Some("/"));
         assert_eq!(own_cgroup(text, "pids"), None);
+    }
+
+    #[test]
+    fn given_a_stat_line_with_a_spaced_name_then_cpu_times_are_read_after_it() {
+        let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 100 0 0 0 30 20 7 3 20 0 4 0";
+        assert_eq!(parse_cpu_ms(stat, 100.0), Some((500.0, 100.0)));
+        assert_eq!(parse_cpu_ms("42 (x) S 1", 100.0), None);
     }
 }

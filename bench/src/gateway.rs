@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::RngCore;
 
-use crate::env::{rss_kib, Daemons};
+use crate::env::{cpu_ms, rss_kib, Daemons};
 use crate::https::{wait_exit, Client, Conn, Multipart};
 use crate::spawn::BWRAP_ARGS;
 use crate::stats::{Row, Summary};
@@ -141,8 +141,13 @@ fn python_direct() -> Result<Duration, BenchError> {
 }
 
 /// Figure 3: `jobs` trivial `sh` jobs over HTTPS by 16 keep-alive clients; against bubblewrap
-/// running the same `sh` with 16 threads.
-pub async fn figure_throughput(client: &Client, jobs: usize) -> Result<Vec<Row>, BenchError> {
+/// running the same `sh` with 16 threads. Also the CPU time each daemon spent per job.
+pub async fn figure_throughput(
+    client: &Client,
+    daemons: &Daemons,
+    jobs: usize,
+) -> Result<Vec<Row>, BenchError> {
+    let cpu_before = DaemonCpu::read(daemons)?;
     let form = Arc::new(Multipart::new(
         &[("run.sh", b"exit 0\n")],
         Some(r#"{"entrypoint":"run.sh","interpreter":"sh"}"#),
@@ -179,6 +184,7 @@ pub async fn figure_throughput(client: &Client, jobs: usize) -> Result<Vec<Row>,
             .map_err(|e| BenchError::job(format!("throughput task: {e}")))??;
     }
     let rate = rate(jobs, started.elapsed());
+    let cpu = DaemonCpu::read(daemons)?.per_job_since(&cpu_before, jobs);
     let reference = bwrap_rate(jobs / 5)?;
     let lat = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     let errors = errors.load(Ordering::Relaxed);
@@ -210,7 +216,57 @@ pub async fn figure_throughput(client: &Client, jobs: usize) -> Result<Vec<Row>,
             reference: None,
             target: String::new(),
         },
+        cpu.row("sandrun-gateway CPU (user + system) per job", cpu.gateway),
+        cpu.row("sandrund CPU per job (its own)", cpu.helper),
+        cpu.row(
+            "sandbox processes' CPU per job (reaped by sandrund)",
+            cpu.sandboxes,
+        ),
     ])
+}
+
+/// CPU milliseconds of the daemons: the gateway's, the helper's own, and the sandboxes' it reaped.
+#[derive(Debug, Clone, Copy)]
+struct DaemonCpu {
+    gateway: f64,
+    helper: f64,
+    sandboxes: f64,
+}
+
+impl DaemonCpu {
+    fn read(daemons: &Daemons) -> Result<DaemonCpu, BenchError> {
+        let (gateway, _) = cpu_ms(daemons.gateway.pid())?;
+        let (helper, sandboxes) = cpu_ms(daemons.helper.pid())?;
+        Ok(DaemonCpu {
+            gateway,
+            helper,
+            sandboxes,
+        })
+    }
+
+    fn per_job_since(&self, before: &DaemonCpu, jobs: usize) -> DaemonCpu {
+        let n = usize_as_f64(jobs.max(1));
+        DaemonCpu {
+            gateway: (self.gateway - before.gateway) / n,
+            helper: (self.helper - before.helper) / n,
+            sandboxes: (self.sandboxes - before.sandboxes) / n,
+        }
+    }
+
+    fn row(&self, what: &str, ms: f64) -> Row {
+        Row {
+            figure: "3 throughput".into(),
+            what: what.into(),
+            unit: "ms",
+            value: Summary {
+                median: ms,
+                p99: ms,
+                count: 1,
+            },
+            reference: None,
+            target: String::new(),
+        }
+    }
 }
 
 fn push(samples: &Mutex<Vec<Duration>>, d: Duration) {

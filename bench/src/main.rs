@@ -205,7 +205,11 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
         rt.block_on(gateway::figure_log_latency(&client, sizes.log_jobs))
     })?;
     step(3, "throughput", &mut || {
-        rt.block_on(gateway::figure_throughput(&client, sizes.throughput_jobs))
+        rt.block_on(gateway::figure_throughput(
+            &client,
+            &daemons,
+            sizes.throughput_jobs,
+        ))
     })?;
     step(6, "subscribers", &mut || {
         rt.block_on(gateway::figure_subscribers(

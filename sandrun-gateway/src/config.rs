@@ -141,6 +141,11 @@ pub struct Config {
     pub trusted_proxies: Vec<IpAddr>,
     /// Upload body size cap in bytes.
     pub max_body_bytes: u64,
+    /// Uploads read and expanded at once (each holds a thread of the blocking pool while its
+    /// body arrives); more wait for a slot.
+    pub max_concurrent_uploads: usize,
+    /// Milliseconds an upload waits for a slot before it is refused with 503 and `Retry-After`.
+    pub upload_wait_ms: u64,
     pub client_limits: ClientLimits,
     pub retention: Retention,
     pub http: HttpLimits,
@@ -165,6 +170,8 @@ impl Default for Config {
             busy_retry_ms: 500,
             trusted_proxies: Vec::new(),
             max_body_bytes: 100 << 20,
+            max_concurrent_uploads: 32,
+            upload_wait_ms: 10_000,
             client_limits: ClientLimits::default(),
             retention: Retention::default(),
             http: HttpLimits::default(),
@@ -228,6 +235,10 @@ impl Config {
             (
                 self.queue_capacity == 0,
                 "queue_capacity must be at least 1",
+            ),
+            (
+                self.max_concurrent_uploads == 0,
+                "max_concurrent_uploads must be at least 1",
             ),
             (
                 self.http.max_connections == 0,

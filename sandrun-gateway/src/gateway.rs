@@ -16,6 +16,7 @@ use crate::manifest::ManifestPolicy;
 use crate::metrics::{Gauges, Metrics};
 use crate::ratelimit::RateLimiter;
 use crate::signing::{canonical_message, ResultClaim, WorkerKey};
+use crate::upload::slots::UploadSlots;
 use crate::upload::UploadLimits;
 
 /// How often expired jobs and idle quota entries are swept.
@@ -27,6 +28,8 @@ pub struct AppState {
     pub config: Config,
     pub policy: ManifestPolicy,
     pub upload_limits: UploadLimits,
+    /// Uploads in progress at once.
+    pub uploads: UploadSlots,
     pub jobs: JobTable,
     pub limiter: Mutex<RateLimiter>,
     pub metrics: Metrics,
@@ -45,6 +48,10 @@ impl AppState {
                 max_body_bytes: config.max_body_bytes,
                 ..UploadLimits::default()
             },
+            uploads: UploadSlots::new(
+                config.max_concurrent_uploads,
+                Duration::from_millis(config.upload_wait_ms),
+            ),
             jobs,
             limiter: Mutex::new(RateLimiter::new(config.client_limits.clone())),
             metrics: Metrics::new(),
@@ -73,6 +80,8 @@ impl AppState {
             finished_held: counts.finished,
             memory_used_bytes: self.jobs.budget().used(),
             memory_budget_bytes: self.jobs.budget().limit(),
+            uploads_in_progress: self.uploads.in_progress(),
+            uploads_waiting: self.uploads.waiting(),
         }
     }
 

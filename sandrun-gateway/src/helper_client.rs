@@ -17,12 +17,17 @@ use sandrun_ipc::{
     PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
+use tokio::io::BufReader;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
 use crate::bundle::Bundle;
 use crate::jobs::{MemoryBudget, OutputFile, PendingJob, Reservation, SkippedOutput};
 use crate::manifest::Manifest;
+
+/// The helper connection. Reads are buffered: the helper often writes several frames at once
+/// (`Accepted` and `Started`, `Exited` and `Done`), which then take one system call, not four.
+type Channel = AsyncClientChannel<BufReader<UnixStream>>;
 
 /// Live events of a running job, delivered as they arrive.
 #[derive(Debug)]
@@ -135,7 +140,7 @@ async fn converse(
             path: socket.to_owned(),
             source,
         })?;
-    let mut channel = AsyncClientChannel::new(stream);
+    let mut channel = AsyncClientChannel::new(BufReader::new(stream));
     handshake(&mut channel).await?;
     send_job(&mut channel, pending).await?;
     let exit = receive_run(&mut channel, &mut on_event).await?;
@@ -153,7 +158,7 @@ fn input_files(pending: &PendingJob) -> HashMap<&str, &Bytes> {
     paths.zip(pending.files.iter()).collect()
 }
 
-async fn handshake(channel: &mut AsyncClientChannel<UnixStream>) -> Result<(), HelperError> {
+async fn handshake(channel: &mut Channel) -> Result<(), HelperError> {
     let hello = Hello {
         protocol_version: PROTOCOL_VERSION,
         role: Role::Submitter,
@@ -172,10 +177,7 @@ async fn handshake(channel: &mut AsyncClientChannel<UnixStream>) -> Result<(), H
     }
 }
 
-async fn send_job(
-    channel: &mut AsyncClientChannel<UnixStream>,
-    pending: &PendingJob,
-) -> Result<(), HelperError> {
+async fn send_job(channel: &mut Channel, pending: &PendingJob) -> Result<(), HelperError> {
     let spec = Box::new(pending.spec.clone());
     send(channel, Request::Submit(spec), "sending the job spec").await?;
     for file in &pending.files {
@@ -193,7 +195,7 @@ async fn send_job(
 
 /// Receives everything up to and including `Exited`.
 async fn receive_run(
-    channel: &mut AsyncClientChannel<UnixStream>,
+    channel: &mut Channel,
     on_event: &mut impl FnMut(HelperEvent),
 ) -> Result<ExitReport, HelperError> {
     const STEP: &str = "waiting for the job to run";
@@ -222,7 +224,7 @@ struct Incoming {
 
 /// Receives the output files up to `Done`.
 async fn receive_outputs(
-    channel: &mut AsyncClientChannel<UnixStream>,
+    channel: &mut Channel,
     exit: ExitReport,
     budget: &Arc<MemoryBudget>,
     inputs: &HashMap<&str, &Bytes>,
@@ -344,7 +346,7 @@ fn skip_name(kind: SkipKind) -> String {
 }
 
 async fn send(
-    channel: &mut AsyncClientChannel<UnixStream>,
+    channel: &mut Channel,
     request: Request,
     step: &'static str,
 ) -> Result<(), HelperError> {
@@ -354,10 +356,7 @@ async fn send(
         .map_err(|e| channel_error(step, e))
 }
 
-async fn recv(
-    channel: &mut AsyncClientChannel<UnixStream>,
-    step: &'static str,
-) -> Result<Response, HelperError> {
+async fn recv(channel: &mut Channel, step: &'static str) -> Result<Response, HelperError> {
     channel.recv().await.map_err(|e| channel_error(step, e))
 }
 

@@ -62,6 +62,8 @@ pub struct Gauges {
     pub finished_held: usize,
     pub memory_used_bytes: u64,
     pub memory_budget_bytes: u64,
+    pub uploads_in_progress: usize,
+    pub uploads_waiting: usize,
 }
 
 /// The gateway's metrics registry.
@@ -160,7 +162,7 @@ fn render_counters(out: &mut String, m: &Inner) {
 }
 
 fn render_gauges(out: &mut String, g: Gauges) {
-    let gauges: [(&str, &str, u64); 5] = [
+    let gauges: [(&str, &str, u64); 7] = [
         (
             "sandrun_gateway_queue_length",
             "Jobs waiting in the queue.",
@@ -185,6 +187,16 @@ fn render_gauges(out: &mut String, g: Gauges) {
             "sandrun_gateway_memory_budget_bytes",
             "Memory budget for job data.",
             g.memory_budget_bytes,
+        ),
+        (
+            "sandrun_gateway_uploads_in_progress",
+            "Uploads being read and expanded.",
+            g.uploads_in_progress as u64,
+        ),
+        (
+            "sandrun_gateway_uploads_waiting",
+            "Uploads waiting for a slot.",
+            g.uploads_waiting as u64,
         ),
     ];
     for (name, help, value) in gauges {

@@ -133,6 +133,11 @@ pub async fn run(
         };
         match accepted {
             Ok((tcp, peer)) => {
+                // Responses and WebSocket events are small writes that must leave at once; Nagle
+                // would hold one back until the previous one is acknowledged.
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
                 let Ok(client_slot) = admit_connection(&state, &counts, peer) else {
                     // Closing at once frees the slot for everyone else.
                     state.metrics.rejected("connections_per_client");

@@ -174,6 +174,15 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         drain_small_body(&mut timed_body(req.into_body(), idle)).await;
         return Err(refusal);
     }
+    // Before any of the body is read: an upload holds a blocking thread while it arrives.
+    let Ok(slot) = state.uploads.acquire().await else {
+        state.metrics.rejected("uploads_busy");
+        drain_small_body(&mut timed_body(req.into_body(), idle)).await;
+        return Err(ApiError::unavailable(
+            "too many uploads in progress",
+            LOAD_RETRY,
+        ));
+    };
     let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
     // Fused: after a refusal the parser may already have read the body to its end.
     let mut body = futures_util::StreamExt::fuse(timed_body(req.into_body(), idle));
@@ -184,6 +193,7 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         &state.policy,
     )
     .await;
+    drop(slot);
     let submission = match parsed {
         Ok(s) => s,
         Err(e) => {

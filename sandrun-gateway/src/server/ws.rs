@@ -82,22 +82,27 @@ async fn stream_events(
             break;
         };
         cursor += events.len();
+        // The new events are queued, then written together: one TLS record, one system call.
         for event in &events {
             if matches!(event, JobEvent::Exit(_)) {
                 for tail in text.flush() {
-                    if ws.send(Message::text(tail.to_string())).await.is_err() {
+                    if ws.feed(Message::text(tail.to_string())).await.is_err() {
                         return;
                     }
                 }
             }
             let message = Message::text(text.event_json(event).to_string());
-            if ws.send(message).await.is_err() {
+            if ws.feed(message).await.is_err() {
                 return;
             }
             if matches!(event, JobEvent::Exit(_)) {
+                // Closing flushes what is queued, the close frame included.
                 let _ = ws.close(None).await;
                 return;
             }
+        }
+        if ws.flush().await.is_err() {
+            return;
         }
         tokio::select! {
             // An error means the job was removed: the next round reports it.

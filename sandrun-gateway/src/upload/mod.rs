@@ -12,12 +12,15 @@
 //!
 //! Steps 2 to 4 are CPU-bound and run on tokio's blocking pool, at the same time as step 1: the
 //! body reader hands each part over as it arrives ([`feed`]), and a `.tar.gz` part is expanded
-//! while its bytes are still coming in. Any other part is gathered whole, then expanded.
+//! while its bytes are still coming in. Any other part is gathered whole, then expanded. Since an
+//! upload holds a blocking thread while its body arrives, uploads in progress at once are bounded
+//! ([`slots`]).
 
 pub mod archive;
 mod feed;
 pub mod legacy;
 pub mod multipart;
+pub mod slots;
 
 use std::cell::RefCell;
 
