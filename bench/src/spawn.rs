@@ -1,10 +1,11 @@
 //! Figures 1 (spawn) and 7 (scaling): a full-isolation `/bin/true` through the helper's socket,
 //! exactly as `sandrunctl run` submits it, against bubblewrap and a plain fork+exec.
 //!
-//! A sandrun sample runs from `connect()` to the `Exited` frame (so it includes the handshake,
-//! which the "request sent" does not ask for). The job's outputs and `Done` are read
-//! after the clock stops. Samples of the three kinds are interleaved, so that noise from other
-//! work on the machine hits them alike.
+//! A sandrun sample is timed twice: from the `Submit` frame sent to the `Exited` frame received
+//! (the "request sent → exit reported"; the connection and its `Hello` exchange are done
+//! first), and from `connect()` to `Exited` (handshake included). The job's outputs and `Done`
+//! are read after the clock stops. Samples of the three kinds are interleaved, so that noise
+//! from other work on the machine hits them alike.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -42,9 +43,18 @@ pub const BWRAP_ARGS: [&str; 20] = [
     "/dev",
 ];
 
-/// One sandrun job running `/bin/true`; returns the time from connect to `Exited`.
-pub fn sandrun_true(socket: &Path) -> Result<Duration, BenchError> {
-    let started = Instant::now();
+/// The two intervals of one sandrun sample.
+#[derive(Debug, Clone, Copy)]
+pub struct SpawnTiming {
+    /// `Submit` sent → `Exited` received.
+    pub request: Duration,
+    /// `connect()` → `Exited` received.
+    pub connection: Duration,
+}
+
+/// One sandrun job running `/bin/true`.
+pub fn sandrun_true(socket: &Path) -> Result<SpawnTiming, BenchError> {
+    let connected = Instant::now();
     let stream = UnixStream::connect(socket).map_err(|e| BenchError::io("connect", e))?;
     let mut ch: ClientChannel<UnixStream> = ClientChannel::new(stream);
     let hello = Hello {
@@ -52,18 +62,28 @@ pub fn sandrun_true(socket: &Path) -> Result<Duration, BenchError> {
         role: Role::Submitter,
     };
     send(&mut ch, &Request::Hello(hello))?;
+    match recv(&mut ch)? {
+        Response::Hello(_) => {}
+        other => return Err(BenchError::job(format!("helper greeted with {other:?}"))),
+    }
+    let requested = Instant::now();
     send(&mut ch, &Request::Submit(Box::new(true_spec())))?;
     send(&mut ch, &Request::BundleEnd)?;
-    let elapsed = loop {
+    let timing = loop {
         match recv(&mut ch)? {
-            Response::Exited(r) if r.exit_code == Some(0) => break started.elapsed(),
+            Response::Exited(r) if r.exit_code == Some(0) => {
+                break SpawnTiming {
+                    request: requested.elapsed(),
+                    connection: connected.elapsed(),
+                }
+            }
             Response::Exited(r) => return Err(BenchError::job(format!("/bin/true: {r:?}"))),
             Response::Error(e) => return Err(BenchError::job(format!("helper: {e}"))),
             _ => {}
         }
     };
     while !matches!(recv(&mut ch)?, Response::Done) {}
-    Ok(elapsed)
+    Ok(timing)
 }
 
 fn true_spec() -> JobSpec {
@@ -125,22 +145,30 @@ pub fn figure_spawn(socket: &Path, runs: usize) -> Result<Vec<Row>, BenchError> 
         bwrap.push(bwrap_true()?);
         fork.push(fork_exec_true()?);
     }
-    let ours = Summary::of_ms(&ours);
-    let row = |reference: &str, s: Summary, target: &str| Row {
+    let request: Vec<Duration> = ours.iter().map(|t| t.request).collect();
+    let connection: Vec<Duration> = ours.iter().map(|t| t.connection).collect();
+    let (bwrap, fork) = (Summary::of_ms(&bwrap), Summary::of_ms(&fork));
+    let row = |what: &str, value: Summary, reference: &str, s: Summary, target: &str| Row {
         figure: "1 spawn".into(),
-        what: "sandrun /bin/true, connect → Exited".into(),
+        what: what.into(),
         unit: "ms",
-        value: ours,
+        value,
         reference: Some((reference.into(), s)),
         target: target.into(),
     };
+    let (request, connection) = (Summary::of_ms(&request), Summary::of_ms(&connection));
+    let submit = "sandrun /bin/true, Submit sent → Exited";
+    let connect = "sandrun /bin/true, connect → Exited (handshake included)";
     Ok(vec![
         row(
+            submit,
+            request,
             "bwrap --unshare-all",
-            Summary::of_ms(&bwrap),
+            bwrap,
             "p50 ≤ 0.4 × bwrap, p99 < 10 ms",
         ),
-        row("fork+exec /bin/true", Summary::of_ms(&fork), ""),
+        row(submit, request, "fork+exec /bin/true", fork, ""),
+        row(connect, connection, "bwrap --unshare-all", bwrap, ""),
     ])
 }
 
@@ -148,7 +176,7 @@ pub fn figure_spawn(socket: &Path, runs: usize) -> Result<Vec<Row>, BenchError> 
 pub fn figure_scaling(socket: &Path, per_level: usize) -> Result<Vec<Row>, BenchError> {
     let mut rows = Vec::new();
     for level in [1usize, 2, 4, 8] {
-        let ours = concurrent(level, per_level, || sandrun_true(socket))?;
+        let ours = concurrent(level, per_level, || sandrun_true(socket).map(|t| t.request))?;
         let bwrap = concurrent(level, per_level, bwrap_true)?;
         rows.push(Row {
             figure: "7 scaling".into(),
