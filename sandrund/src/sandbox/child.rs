@@ -15,8 +15,8 @@ use nix::sys::stat::{umask, Mode};
 use nix::unistd::{fchdir, pipe2, sethostname, setsid};
 use sandrun_ipc::GrantedLimits;
 
-use super::landlock::{restrict_self, LandlockRules};
-use super::mounts::{self, RootLayout, DEVICES};
+use super::landlock::{self, LandlockRules, PreparedRuleset};
+use super::mounts::{self, DEVICES};
 use super::seccomp::SeccompProgram;
 use super::sys::{self, at, exit_now, fail};
 use super::{bundle, channel, etc, identity, net, order};
@@ -113,6 +113,7 @@ fn init(
     let mut prepared = mounts::prepare_root(&settings.mount_point, &settings.template_dir)?;
     sethostname(etc::HOSTNAME).map_err(at(SetupStep::Hostname, etc::HOSTNAME))?;
     net::loopback_up()?;
+    let ruleset = prepare_landlock(&prepared.bound_dirs)?;
     channel::send_workdir(ctrl.as_raw_fd(), prepared.work.as_raw_fd())
         .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
     // Prepared. Nothing of any job has been seen, run or written before this point.
@@ -131,10 +132,7 @@ fn init(
     )?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
     identity::drop_privileges(uid, gid)?;
-    apply_landlock(&RootLayout {
-        bound_dirs: std::mem::take(&mut prepared.bound_dirs),
-        has_env,
-    })?;
+    apply_landlock(ruleset, has_env)?;
     let work = prepared.work;
     bundle::write_bundle(work.as_raw_fd(), &order.bundle, data)?;
     drop(mapped);
@@ -171,12 +169,11 @@ fn check_identity(uid: UserId, gid: GroupId) -> Result<(), SetupError> {
     Ok(())
 }
 
-fn apply_landlock(layout: &RootLayout) -> Result<(), SetupError> {
+/// Builds the job's Landlock ruleset (as seen after `pivot_root`) while the sandbox is
+/// prepared; `/env` is added once the job's template is known.
+fn prepare_landlock(bound_dirs: &[&'static str]) -> Result<PreparedRuleset, SetupError> {
     let mut read_exec: Vec<PathBuf> = ["/usr", "/etc", "/proc"].map(PathBuf::from).into();
-    read_exec.extend(layout.bound_dirs.iter().map(|d| Path::new("/").join(d)));
-    if layout.has_env {
-        read_exec.push(PathBuf::from("/env"));
-    }
+    read_exec.extend(bound_dirs.iter().map(|d| Path::new("/").join(d)));
     let devices: Vec<PathBuf> = DEVICES.iter().map(|d| Path::new("/dev").join(d)).collect();
     let read_exec: Vec<&Path> = read_exec.iter().map(PathBuf::as_path).collect();
     let devices: Vec<&Path> = devices.iter().map(PathBuf::as_path).collect();
@@ -186,7 +183,18 @@ fn apply_landlock(layout: &RootLayout) -> Result<(), SetupError> {
         read_write: &read_write,
         devices: &devices,
     };
-    restrict_self(&rules).map_err(|msg| fail(SetupStep::Landlock, 0, msg))
+    landlock::prepare(&rules).map_err(|msg| fail(SetupStep::Landlock, 0, msg))
+}
+
+/// Enforces the prepared ruleset, with read and execute on `/env` if the job has a template.
+fn apply_landlock(ruleset: PreparedRuleset, has_env: bool) -> Result<(), SetupError> {
+    let ruleset = match has_env {
+        true => ruleset.allow_read_exec(&[Path::new("/env")]),
+        false => Ok(ruleset),
+    };
+    ruleset
+        .and_then(PreparedRuleset::restrict)
+        .map_err(|msg| fail(SetupStep::Landlock, 0, msg))
 }
 
 /// What J needs for `execve`, prepared by C so that J allocates nothing after seccomp.

@@ -29,22 +29,51 @@ pub struct LandlockRules<'a> {
 
 /// Restricts the calling process. `NO_NEW_PRIVS` must already be set.
 pub fn restrict_self(rules: &LandlockRules<'_>) -> Result<(), String> {
+    prepare(rules)?.restrict()
+}
+
+/// A ruleset built but not enforced yet: the sandbox builds it while it is prepared (its paths
+/// are the same before and after the job arrives) and enforces it once privileges are dropped.
+pub struct PreparedRuleset {
+    created: RulesetCreated,
+    abi: ABI,
+}
+
+/// Builds the ruleset for `rules` without enforcing it.
+pub fn prepare(rules: &LandlockRules<'_>) -> Result<PreparedRuleset, String> {
     let abi = kernel_abi()?;
     let mut created = create_ruleset(abi)?;
-    let read_exec = AccessFs::Execute | AccessFs::ReadFile | AccessFs::ReadDir;
-    created = add_rules(created, abi, rules.read_exec, read_exec)?;
+    created = add_rules(created, abi, rules.read_exec, read_exec_access())?;
     created = add_rules(created, abi, rules.read_write, AccessFs::from_all(abi))?;
     created = add_rules(created, abi, rules.devices, device_access(abi))?;
-    let status = created
-        .restrict_self()
-        .map_err(|e| format!("landlock: restrict_self: {e}"))?;
-    if status.ruleset != RulesetStatus::FullyEnforced || !status.no_new_privs {
-        return Err(format!(
-            "landlock: not fully enforced (ruleset {:?}, no_new_privs {})",
-            status.ruleset, status.no_new_privs
-        ));
+    Ok(PreparedRuleset { created, abi })
+}
+
+fn read_exec_access() -> BitFlags<AccessFs> {
+    AccessFs::Execute | AccessFs::ReadFile | AccessFs::ReadDir
+}
+
+impl PreparedRuleset {
+    /// Adds read and execute on more paths (the job's template).
+    pub fn allow_read_exec(self, paths: &[&Path]) -> Result<Self, String> {
+        let created = add_rules(self.created, self.abi, paths, read_exec_access())?;
+        Ok(PreparedRuleset { created, ..self })
     }
-    Ok(())
+
+    /// Enforces the ruleset on the calling process. `NO_NEW_PRIVS` must already be set.
+    pub fn restrict(self) -> Result<(), String> {
+        let status = self
+            .created
+            .restrict_self()
+            .map_err(|e| format!("landlock: restrict_self: {e}"))?;
+        if status.ruleset != RulesetStatus::FullyEnforced || !status.no_new_privs {
+            return Err(format!(
+                "landlock: not fully enforced (ruleset {:?}, no_new_privs {})",
+                status.ruleset, status.no_new_privs
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A ruleset handling every filesystem right and every scope of `abi`, in hard-requirement mode.

@@ -32,15 +32,6 @@ pub(super) const SKELETON_BYTES: u64 = 1 << 20;
 
 const NONE: Option<&str> = None;
 
-/// What the root contains besides the fixed layout, for the Landlock rules.
-#[derive(Debug, Default)]
-pub(super) struct RootLayout {
-    /// `SYSTEM_DIRS` entries that were bound as directories (not symlinks).
-    pub(super) bound_dirs: Vec<&'static str>,
-    /// Whether a template is bound at `/env`.
-    pub(super) has_env: bool,
-}
-
 /// How a host path was mirrored into the new root.
 #[derive(Debug, PartialEq, Eq)]
 enum Mirrored {
