@@ -51,6 +51,16 @@ impl TestCgroup {
         job_dirs_below(&self.dirs)
     }
 
+    /// How many idle warm sandboxes the helper keeps (their distinct cgroup names).
+    pub fn idle_warm_count(&self) -> usize {
+        let mut names: Vec<std::ffi::OsString> = (self.idle_warm_dirs().iter())
+            .filter_map(|d| d.file_name().map(ToOwned::to_owned))
+            .collect();
+        names.sort();
+        names.dedup();
+        names.len()
+    }
+
     /// The cgroup directories of the helper's idle warm sandboxes (see [`is_idle_warm`]).
     pub fn idle_warm_dirs(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();

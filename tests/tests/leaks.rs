@@ -93,6 +93,12 @@ fn given_500_sequential_jobs_then_no_cgroup_mount_process_fd_or_memory_leaks() {
     });
     let cgroups = helper.cgroup().job_dirs();
     assert!(gone, "job cgroups left: {cgroups:?}");
+    // The leak checks ignore idle warm sandboxes: there must be no more than the pool's size.
+    let warm = helper.cgroup().idle_warm_count();
+    assert!(
+        warm <= 4,
+        "{warm} idle warm sandboxes, more than warm_sandboxes = 4"
+    );
     assert_eq!(
         mounts_mentioning(&dir),
         mounts_at_start,

@@ -150,14 +150,26 @@ pub(crate) fn kill_by_procs(host: &Host, procs: &Path) -> Result<(), CgroupError
 
 /// Kills and removes one stale job cgroup left by a crashed helper.
 pub(crate) fn remove_stale(job: &mut dyn JobCgroup) -> Result<(), CgroupError> {
-    job.kill_all()?;
+    // A stale cgroup may be partly removed already (a crash between two hierarchies' rmdir, or
+    // another helper on the host removing it at the same time): a directory that is not there
+    // has no process to kill.
+    gone_is_done(job.kill_all())?;
     for _ in 0..EMPTY_ROUNDS {
-        if job.is_empty()? {
+        if gone_is_done(job.is_empty())?.unwrap_or(true) {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     job.remove()
+}
+
+/// `Ok(None)` for an I/O error saying the file is not there; the result otherwise.
+fn gone_is_done<T>(r: Result<T, CgroupError>) -> Result<Option<T>, CgroupError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(CgroupError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn open_pidfds(pids: &[i32]) -> Result<Vec<(i32, OwnedFd)>, CgroupError> {

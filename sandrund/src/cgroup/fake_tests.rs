@@ -827,3 +827,16 @@ fn given_v2_job_when_set_limits_then_the_new_limits_are_written_and_cpu_ns_read_
     assert_eq!(job.cpu_ns().unwrap(), 1_500_000);
     job.remove().unwrap();
 }
+
+#[test]
+fn given_v1_stale_job_missing_from_the_pids_hierarchy_when_cleanup_stale_then_the_rest_is_removed()
+{
+    let fake = Fake::new(V1_FILES, &[], false);
+    let manager = fake.v1();
+    // A crash (or another helper) removed the pids directory, where processes are listed.
+    fake.cgroup("memory/helper/sandrun/job-w2");
+    fake.cgroup("cpu/helper/sandrun/job-w2");
+    assert_eq!(manager.cleanup_stale().unwrap(), 1);
+    assert!(!fake.root.join("memory/helper/sandrun/job-w2").exists());
+    assert!(!fake.root.join("cpu/helper/sandrun/job-w2").exists());
+}

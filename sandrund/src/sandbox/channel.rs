@@ -131,28 +131,37 @@ pub(super) fn send_failure(sock: RawFd, err: &SetupError) -> Result<(), i32> {
     send(sock, &Message::Failed(err.clone()), None)
 }
 
-/// The helper's side: hands C its job order.
-pub(super) fn send_go(sock: RawFd, order: RawFd) -> Result<(), i32> {
-    send(sock, &Message::Go, Some(order))
+/// The helper's side: hands C its job order, and the detached mount of the job's template if
+/// it has one.
+pub(super) fn send_go(sock: RawFd, order: RawFd, template: Option<RawFd>) -> Result<(), i32> {
+    let fds: Vec<RawFd> = std::iter::once(order).chain(template).collect();
+    send_fds(sock, &Message::Go, &fds)
 }
 
-/// C's side: blocks until the helper sends `Go` and returns the order's fd. The helper closing
-/// the channel (it dropped this prepared sandbox) or any other message is a `Protocol` failure.
-pub(super) fn wait_for_go(sock: &OwnedFd) -> Result<OwnedFd, SetupError> {
-    match recv(sock, None)? {
-        (Message::Go, Some(order)) => Ok(order),
+/// C's side: blocks until the helper sends `Go` and returns the order's fd and the template's,
+/// if any. The helper closing the channel (it dropped this prepared sandbox) or any other
+/// message is a `Protocol` failure.
+pub(super) fn wait_for_go(sock: &OwnedFd) -> Result<(OwnedFd, Option<OwnedFd>), SetupError> {
+    let (msg, fds) = recv(sock, None)?;
+    let mut fds = fds.into_iter();
+    match (msg, fds.next()) {
+        (Message::Go, Some(order)) => Ok((order, fds.next())),
         _ => Err(protocol(libc::EPROTO, "expected the job order")),
     }
 }
 
 fn send(sock: RawFd, msg: &Message, fd: Option<RawFd>) -> Result<(), i32> {
+    let fds: Vec<RawFd> = fd.into_iter().collect();
+    send_fds(sock, msg, &fds)
+}
+
+fn send_fds(sock: RawFd, msg: &Message, fds: &[RawFd]) -> Result<(), i32> {
     let buf = encode(msg);
     let iov = [IoSlice::new(&buf)];
-    let fds: Vec<RawFd> = fd.into_iter().collect();
     let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
         Vec::new()
     } else {
-        vec![ControlMessage::ScmRights(&fds)]
+        vec![ControlMessage::ScmRights(fds)]
     };
     loop {
         match sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
@@ -178,8 +187,11 @@ pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedF
     loop {
         let prepared = workdir.is_some();
         let failed = |error| ReadyFailure { error, prepared };
-        let (msg, fd) = recv(sock, Some(deadline)).map_err(failed)?;
-        match (msg, fd, prepared) {
+        let (msg, fds) = recv(sock, Some(deadline)).map_err(failed)?;
+        if fds.len() > 1 {
+            return Err(failed(protocol(libc::EPROTO, "unexpected fds")));
+        }
+        match (msg, fds.into_iter().next(), prepared) {
             (Message::Failed(e), _, _) => return Err(failed(e)),
             (Message::WorkDir, Some(fd), false) => workdir = Some(fd),
             (Message::Ready, None, true) => {
@@ -190,12 +202,9 @@ pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedF
     }
 }
 
-/// Receives one message and at most one fd; without a deadline it blocks until one arrives or
+/// Receives one message and at most two fds; without a deadline it blocks until one arrives or
 /// the peer closes.
-fn recv(
-    sock: &OwnedFd,
-    deadline: Option<Instant>,
-) -> Result<(Message, Option<OwnedFd>), SetupError> {
+fn recv(sock: &OwnedFd, deadline: Option<Instant>) -> Result<(Message, Vec<OwnedFd>), SetupError> {
     if let Some(deadline) = deadline {
         wait_readable(sock, deadline)?;
     }
@@ -232,11 +241,11 @@ fn recv(
     if bytes == 0 {
         return Err(protocol(0, "the other end of the sandbox channel closed"));
     }
-    if truncated || fds.len() > 1 {
+    if truncated || fds.len() > 2 {
         return Err(protocol(libc::EPROTO, "oversized control message"));
     }
     let msg = decode(&buf[..bytes])?;
-    Ok((msg, fds.into_iter().next()))
+    Ok((msg, fds))
 }
 
 fn wait_readable(sock: &OwnedFd, deadline: Instant) -> Result<(), SetupError> {

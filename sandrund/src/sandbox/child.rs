@@ -110,26 +110,24 @@ fn init(
     umask(Mode::empty());
     sys::reset_signals().map_err(|e| fail(SetupStep::Signals, e, "init"))?;
     join_cgroup(std::mem::take(&mut fds.cgroup))?;
-    let mut prepared = mounts::prepare_root(&settings.mount_point, &settings.template_dir)?;
+    let prepared = mounts::prepare_root(&settings.mount_point)?;
     sethostname(etc::HOSTNAME).map_err(at(SetupStep::Hostname, etc::HOSTNAME))?;
     net::loopback_up()?;
     let ruleset = prepare_landlock(&prepared.bound_dirs)?;
     channel::send_workdir(ctrl.as_raw_fd(), prepared.work.as_raw_fd())
         .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
     // Prepared. Nothing of any job has been seen, run or written before this point.
-    let order_fd = channel::wait_for_go(ctrl)?;
+    let (order_fd, template) = channel::wait_for_go(ctrl)?;
     let mapped = order::Mapped::new(&order_fd)?;
     drop(order_fd);
     let (order, data) = order::read(mapped.bytes())?;
     let (uid, gid) = (UserId(order.uid), GroupId(order.gid));
     check_identity(uid, gid)?;
-    let has_env = mounts::finish_root(
-        &mut prepared,
-        &order.limits,
-        uid,
-        gid,
-        order.template.as_deref(),
-    )?;
+    if order.template.is_some() != template.is_some() {
+        let detail = "template in the order without its mount, or the reverse";
+        return Err(fail(SetupStep::Protocol, libc::EPROTO, detail));
+    }
+    let has_env = mounts::finish_root(&order.limits, uid, gid, template)?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
     identity::drop_privileges(uid, gid)?;
     apply_landlock(ruleset, has_env)?;
@@ -281,7 +279,7 @@ fn supervise(job: libc::pid_t, status: OwnedFd) -> ! {
 /// SIGKILLs every other process of the pid namespace and reaps them all (orphans are C's
 /// children too). A fork racing with the kill is refused by the kernel (the forking process
 /// has a fatal signal pending), and the loop repeats until nothing is left.
-fn kill_the_rest() -> Result<(), i32> {
+pub(super) fn kill_the_rest() -> Result<(), i32> {
     loop {
         // SAFETY: kill(-1) only sends a signal (to every process C may signal in its namespace).
         unsafe { libc::kill(-1, libc::SIGKILL) };

@@ -6,19 +6,24 @@
 //! - [`prepare`]: the helper `clone`s child **C** with new pid, mount, ipc, uts and net
 //!   namespaces; C is pid 1 of the job's pid namespace and acts as its init. C moves itself into
 //!   the job's cgroup (on cgroup v1 that waits for an RCU grace period), builds the
-//!   job-independent part of its tmpfs root (system binds, `/etc`, `/proc`, `/dev`), brings up
-//!   `lo`, sends the helper its `/work` fd, and waits. This is a *warm* sandbox; the helper keeps
-//!   a few ready, each used for exactly one job;
-//! - [`start`]: the helper writes the job's limits into the sandbox's cgroup and sends C the job
-//!   order (a sealed memfd: argv, env, ids, limits, bundle). C resizes its tmpfs to the job's
-//!   caps, writes `/etc/passwd` and `/etc/group`, binds the template, `pivot_root`s, unshares the
-//!   cgroup namespace, drops to the slot's uid/gid, drops every capability, sets
-//!   `NO_NEW_PRIVS`, applies Landlock, writes the input bundle into `/work` as the job's uid,
-//!   then forks the job process **J**;
+//!   job-independent part of its tmpfs root (system binds, `/etc`, `/proc`, `/dev`),
+//!   `pivot_root`s into it, brings up `lo`, builds its Landlock ruleset, sends the helper its
+//!   `/work` fd, and waits. This is a *warm* sandbox; the helper keeps a few ready, each used
+//!   for exactly one job;
+//! - [`start`]: the helper writes the job's limits into the sandbox's cgroup, clones the job's
+//!   template (if any) as a detached read-only mount, and sends C the job order (a sealed memfd:
+//!   argv, env, ids, limits, bundle) with it. C resizes its tmpfs to the job's caps, writes
+//!   `/etc/passwd` and `/etc/group`, attaches the template at `/env`, unshares the cgroup
+//!   namespace, drops to the slot's uid/gid, drops every capability, sets `NO_NEW_PRIVS`,
+//!   enforces Landlock, writes the input bundle into `/work` as the job's uid, then starts the
+//!   job process **J** (`CLONE_VM | CLONE_VFORK`);
 //! - J sets up stdio, rlimits, `setsid`, closes every other fd, installs the seccomp filter that
 //!   the helper compiled once at start-up, and `execve`s the program;
-//! - C reaps every process of the namespace and, when J exits, writes J's wait status to the
-//!   status pipe and exits (which kills whatever is left in the pid namespace).
+//! - C reaps every process of the namespace; when J exits, C kills and reaps the rest, writes
+//!   J's wait status to the status pipe and exits.
+//!
+//! An idle warm C exits when its control socket closes (the helper is gone); from its job on,
+//! `PR_SET_PDEATHSIG` kills it with the helper.
 
 mod bundle;
 mod channel;
@@ -272,17 +277,18 @@ pub fn spawn(
     cgroup_join: &[BorrowedFd<'_>],
 ) -> Result<Spawned, SetupError> {
     let warm = prepare(settings, filter, cgroup_join)?;
-    start(warm, plan).map_err(|e| e.error)
+    start(settings, warm, plan).map_err(|e| e.error)
 }
 
 /// Clones a new C and lets it prepare everything that does not depend on a job (see the module
 /// docs) while the helper goes on: returns at once, without waiting for C.
 ///
 /// Must be called from a single-threaded process (C is created with a raw `clone`), and the
-/// calling thread must outlive the sandbox: C gets `SIGKILL` when the thread that created it
-/// exits (`PR_SET_PDEATHSIG`), so a dead helper leaves nothing running. The helper must not
-/// ignore `SIGCHLD`, so it can reap C (`waitid(P_PIDFD)` or `waitpid`). `cgroup_join` are the
-/// job cgroup's `cgroup.procs` files, opened for writing; C writes itself into each.
+/// calling thread must outlive the sandbox: an idle C exits when its control socket closes,
+/// and from its job on C gets `SIGKILL` when the thread that created it exits
+/// (`PR_SET_PDEATHSIG`), so a dead helper leaves nothing running. The helper must not ignore
+/// `SIGCHLD`, so it can reap C (`waitid(P_PIDFD)` or `waitpid`). `cgroup_join` are the job
+/// cgroup's `cgroup.procs` files, opened for writing; C writes itself into each.
 pub fn prepare(
     settings: &SandboxSettings,
     filter: &seccomp::SeccompProgram,
@@ -322,16 +328,25 @@ pub fn prepare(
 /// Gives a prepared sandbox its job: sends C the order and waits until J has `execve`d (or C
 /// reports a failure, which kills and reaps C). The caller must have written the job's limits
 /// into the sandbox's cgroup first.
-pub fn start(warm: Warm, plan: &JobPlan<'_>) -> Result<Spawned, StartError> {
+pub fn start(
+    settings: &SandboxSettings,
+    warm: Warm,
+    plan: &JobPlan<'_>,
+) -> Result<Spawned, StartError> {
     let started = Instant::now();
     let job_error = |error| StartError {
         error,
         prepared: true,
     };
     check_plan(plan).map_err(job_error)?;
+    let template = match &plan.template {
+        Some(name) => Some(clone_template(&settings.template_dir, name).map_err(job_error)?),
+        None => None,
+    };
     let order = order::write(plan).map_err(job_error)?;
-    let sent = channel::send_go(warm.ctrl.as_raw_fd(), order.as_raw_fd());
-    drop(order);
+    let template_fd = template.as_ref().map(AsRawFd::as_raw_fd);
+    let sent = channel::send_go(warm.ctrl.as_raw_fd(), order.as_raw_fd(), template_fd);
+    drop((order, template));
     // If C already failed or died, its report (or the closed channel) is waiting on the
     // channel, and wait_for_ready returns it. A `Go` that could not even be sent means C was
     // gone before it got the job: the job had no part in that failure.
@@ -359,6 +374,26 @@ pub fn start(warm: Warm, plan: &JobPlan<'_>) -> Result<Spawned, StartError> {
         workdir,
         spawn_time: started.elapsed(),
     })
+}
+
+/// A detached, read-only, nosuid, nodev copy of the mount tree of template `name` (one plain
+/// path component below `template_dir`, a directory, not a symlink), taken in the helper's
+/// mount namespace now, for this job only: a template changed or mounted since the sandbox was
+/// prepared is the one the job gets, and C never holds more than the job's own template.
+fn clone_template(template_dir: &std::path::Path, name: &str) -> Result<OwnedFd, SetupError> {
+    let step = SetupStep::BindTemplate;
+    let mut parts = std::path::Path::new(name).components();
+    let (Some(std::path::Component::Normal(_)), None) = (parts.next(), parts.next()) else {
+        return Err(sys::fail(step, libc::EINVAL, "template name"));
+    };
+    let path = template_dir.join(name);
+    let tree = sys::open_tree_clone(&path).map_err(|e| sys::fail(step, e, name))?;
+    let stat = nix::sys::stat::fstat(tree.as_raw_fd()).map_err(sys::at(step, name))?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
+        return Err(sys::fail(step, libc::ENOTDIR, name));
+    }
+    sys::make_tree_readonly(&tree).map_err(|e| sys::fail(step, e, name))?;
+    Ok(tree)
 }
 
 /// Refuses plans no sandbox may run, before anything is created.

@@ -46,17 +46,13 @@ enum Mirrored {
 pub(super) struct Prepared {
     /// `SYSTEM_DIRS` entries bound as directories.
     pub(super) bound_dirs: Vec<&'static str>,
-    /// A detached clone of the host's template directory (`open_tree(OPEN_TREE_CLONE)`),
-    /// taken before the host's root was detached; `None` if the host has no template
-    /// directory. Held by C only; close-on-exec.
-    pub(super) templates: Option<OwnedFd>,
     /// `O_PATH` fd of `/work`.
     pub(super) work: OwnedFd,
 }
 
 /// Builds every part of the root on `root` that is the same for every job and switches into
 /// it, while the sandbox is prepared (before its job is known). The caller's umask must be 0.
-pub(super) fn prepare_root(root: &Path, template_dir: &Path) -> Result<Prepared, SetupError> {
+pub(super) fn prepare_root(root: &Path) -> Result<Prepared, SetupError> {
     // 1. Nothing we mount may propagate back to the host.
     make_root_private()?;
     // 2. The tmpfs that becomes `/`, sized for the skeleton only until the job is known.
@@ -72,41 +68,34 @@ pub(super) fn prepare_root(root: &Path, template_dir: &Path) -> Result<Prepared,
     // 7. `/tmp` and `/work` (owned by root until the job is known).
     make_work_dirs(root)?;
     let work = open_dir_path(&root.join("work"), SetupStep::MakeWorkDirs)?;
-    // 8. The templates, as a detached tree, for the job that asks for one.
-    let templates = clone_templates(template_dir)?;
-    // 9. Switch to the new root and detach the host's.
+    // 8. Switch to the new root and detach the host's.
     pivot_into(root)?;
-    Ok(Prepared {
-        bound_dirs,
-        templates,
-        work,
-    })
+    Ok(Prepared { bound_dirs, work })
 }
 
 /// The job's part of the root (now `/`), once the job is known: the tmpfs gets the job's size
 /// and inode caps, `/etc` its user and group, `/env` its template, `/work` its owner. Returns
 /// whether a template is bound.
 pub(super) fn finish_root(
-    prepared: &mut Prepared,
     limits: &GrantedLimits,
     uid: UserId,
     gid: GroupId,
-    template: Option<&str>,
+    template: Option<OwnedFd>,
 ) -> Result<bool, SetupError> {
     let root = Path::new("/");
-    // 10. The job's size and inode caps.
+    // 9. The job's size and inode caps.
     resize_tmpfs_root(root, limits)?;
-    // 11. `/etc/passwd` and `/etc/group` naming the job's user.
+    // 10. `/etc/passwd` and `/etc/group` naming the job's user.
     write_identity(root, uid, gid)?;
-    // 12. The environment template at `/env`.
+    // 11. The environment template at `/env`.
     let has_env = match template {
-        Some(name) => {
-            bind_template(prepared.templates.take(), name)?;
+        Some(tree) => {
+            attach_template(tree)?;
             true
         }
         None => false,
     };
-    // 13. `/work` belongs to the job's user.
+    // 12. `/work` belongs to the job's user.
     own_work_dir(root, uid, gid)?;
     Ok(has_env)
 }
@@ -227,56 +216,13 @@ fn make_dev(root: &Path) -> Result<(), SetupError> {
     make_dir(&dev.join("shm"), 0o1777, step)
 }
 
-/// Where the templates' tree is attached while the job's template is bound from it.
-const TEMPLATES_MOUNT: &str = "/.sandrun-templates";
-
-/// `open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)` of the host's template directory, if it exists.
-fn clone_templates(template_dir: &Path) -> Result<Option<OwnedFd>, SetupError> {
+/// Attaches the job's template at `/env`: a detached mount (`open_tree(OPEN_TREE_CLONE)`) the
+/// helper made of `<template_dir>/<name>` for this job, already read-only, nosuid and nodev.
+fn attach_template(tree: OwnedFd) -> Result<(), SetupError> {
     let step = SetupStep::BindTemplate;
-    match std::fs::symlink_metadata(template_dir) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(fail(
-                step,
-                libc::ENOTDIR,
-                template_dir.display().to_string(),
-            ))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_at(step, template_dir)(e)),
-    }
-    let detail = template_dir.display().to_string();
-    sys::open_tree_clone(template_dir)
-        .map(Some)
-        .map_err(|e| fail(step, e, detail))
-}
-
-/// Binds template `name` read-only at `/env`: the templates' tree is attached at a hidden
-/// mount point, `<name>` (one plain component, not a symlink) is bound from it, and the tree is
-/// detached and its mount point removed again before anything of the job runs.
-fn bind_template(templates: Option<OwnedFd>, name: &str) -> Result<(), SetupError> {
-    let step = SetupStep::BindTemplate;
-    let mut components = Path::new(name).components();
-    let (Some(std::path::Component::Normal(_)), None) = (components.next(), components.next())
-    else {
-        return Err(fail(step, libc::EINVAL, "template name"));
-    };
-    let tree = templates.ok_or_else(|| fail(step, libc::ENOENT, "no template directory"))?;
-    let mount_point = Path::new(TEMPLATES_MOUNT);
-    make_dir(mount_point, 0o700, step)?;
-    sys::move_mount_here(&tree, mount_point).map_err(|e| fail(step, e, "attach templates"))?;
-    drop(tree);
-    let source = mount_point.join(name);
-    let meta = std::fs::symlink_metadata(&source).map_err(io_at(step, &source))?;
-    let bound = if meta.is_dir() {
-        let target = Path::new("/env");
-        make_dir(target, 0o755, step).and_then(|()| bind_readonly(&source, target, step))
-    } else {
-        Err(fail(step, libc::ENOTDIR, format!("template {name}")))
-    };
-    umount2(mount_point, MntFlags::MNT_DETACH).map_err(at(step, "detach templates"))?;
-    std::fs::remove_dir(mount_point).map_err(io_at(step, mount_point))?;
-    bound
+    let target = Path::new("/env");
+    make_dir(target, 0o755, step)?;
+    sys::move_mount_here(&tree, target).map_err(|e| fail(step, e, "attach /env"))
 }
 
 fn open_dir_path(path: &Path, step: SetupStep) -> Result<OwnedFd, SetupError> {

@@ -195,13 +195,15 @@ pub(super) fn prctl(
     Ok(ret)
 }
 
-/// `open_tree(path, OPEN_TREE_CLONE | AT_RECURSIVE | OPEN_TREE_CLOEXEC)`: a detached copy of
-/// the mount tree at `path`, held by the returned fd.
+/// `open_tree(path, OPEN_TREE_CLONE | AT_RECURSIVE | OPEN_TREE_CLOEXEC | AT_SYMLINK_NOFOLLOW)`:
+/// a detached copy of the mount tree at `path`, held by the returned fd.
 pub(super) fn open_tree_clone(path: &std::path::Path) -> Result<OwnedFd, i32> {
     use std::os::unix::ffi::OsStrExt;
     let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| libc::EINVAL)?;
-    let flags =
-        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
+    let flags = OPEN_TREE_CLONE
+        | libc::O_CLOEXEC as libc::c_uint
+        | libc::AT_RECURSIVE as libc::c_uint
+        | libc::AT_SYMLINK_NOFOLLOW as libc::c_uint;
     // SAFETY: `path` is a valid NUL-terminated string for the duration of the call; open_tree
     // returns a new fd or -1.
     let ret = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) };
@@ -211,6 +213,45 @@ pub(super) fn open_tree_clone(path: &std::path::Path) -> Result<OwnedFd, i32> {
     let fd = RawFd::try_from(ret).map_err(|_| libc::EBADF)?;
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `mount_setattr(tree, "", AT_EMPTY_PATH | AT_RECURSIVE)` setting read-only, nosuid and nodev
+/// on every mount of a (detached) tree.
+pub(super) fn make_tree_readonly(tree: &OwnedFd) -> Result<(), i32> {
+    /// `struct mount_attr` of `<linux/mount.h>`.
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let flags = libc::AT_EMPTY_PATH | libc::AT_RECURSIVE;
+    // SAFETY: the path is an empty NUL-terminated string, `attr` is a valid `mount_attr` whose
+    // size is passed, and `tree` is an open fd; the kernel only reads them.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            std::ptr::addr_of!(attr),
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if ret < 0 {
+        return Err(errno());
+    }
+    Ok(())
 }
 
 /// `move_mount(tree, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)`: attaches a detached mount
@@ -281,7 +322,10 @@ pub(super) unsafe fn vfork_run<F: FnOnce()>(child: F) -> Result<libc::pid_t, i32
     // The lowest page is a guard: an overflow faults instead of writing into other memory.
     // SAFETY: the first page of the mapping just created.
     if unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) } != 0 {
-        return Err(errno());
+        let err = errno();
+        // SAFETY: the mapping created above, used by nobody.
+        unsafe { libc::munmap(stack, VFORK_STACK_BYTES) };
+        return Err(err);
     }
     let mut slot = Some(child);
     // SAFETY: the stack top is the end of the mapping (16-byte aligned: mmap is page aligned);
@@ -295,11 +339,12 @@ pub(super) unsafe fn vfork_run<F: FnOnce()>(child: F) -> Result<libc::pid_t, i32
             std::ptr::addr_of_mut!(slot).cast(),
         )
     };
+    let clone_errno = errno();
     // The child has exec'd or exited: its stack is free again.
     // SAFETY: the mapping created above, no longer used by anyone.
     unsafe { libc::munmap(stack, VFORK_STACK_BYTES) };
     if pid < 0 {
-        return Err(errno());
+        return Err(clone_errno);
     }
     Ok(pid)
 }

@@ -380,17 +380,40 @@ fn given_a_template_that_is_a_symlink_when_spawned_then_it_is_refused() {
 }
 
 #[test]
-fn given_no_template_when_spawned_then_neither_env_nor_the_templates_tree_is_there() {
+fn given_no_template_when_spawned_then_neither_env_nor_any_template_is_mounted() {
     let templates = tempfile::tempdir().expect("template dir");
     std::fs::create_dir(templates.path().join("py")).expect("mkdir");
-    let mut job = Job::shell("ls -a / | tr '\\n' ' '");
+    let mut job = Job::shell("ls -a / | tr '\\n' ' '; echo; cat /proc/self/mountinfo");
     job.template_dir = templates.path().to_owned();
     let done = job.run();
     assert_eq!(done.exit_code(), 0, "{done:?}");
-    assert!(!done.stdout.contains("env"), "{done:?}");
-    assert!(!done.stdout.contains("templates"), "{done:?}");
-    let mounts = Job::shell("cat /proc/self/mountinfo").run().stdout;
-    assert!(!mounts.contains("/py"), "{mounts}");
+    let (root, mounts) = done.stdout.split_once('\n').expect("two parts");
+    assert!(!root.split_whitespace().any(|e| e == "env"), "{root}");
+    let dir = templates.path().display().to_string();
+    assert!(
+        !mounts.contains(&dir),
+        "the template directory is mounted: {mounts}"
+    );
+    assert!(!mounts.contains(" /env "), "{mounts}");
+}
+
+#[test]
+fn given_a_template_when_spawned_then_its_mount_is_read_only_nosuid_nodev_and_it_is_the_only_one() {
+    let templates = tempfile::tempdir().expect("template dir");
+    std::fs::create_dir(templates.path().join("py")).expect("mkdir");
+    let mut job = Job::shell("grep ' /env ' /proc/self/mountinfo");
+    job.template = Some("py".to_owned());
+    job.template_dir = templates.path().to_owned();
+    let done = job.run();
+    let line = done.stdout.trim();
+    assert_eq!(done.stdout.lines().count(), 1, "{done:?}");
+    let options = line.split_whitespace().nth(5).unwrap_or_default();
+    for flag in ["ro", "nosuid", "nodev"] {
+        assert!(
+            options.split(',').any(|o| o == flag),
+            "{flag} missing: {line}"
+        );
+    }
 }
 
 #[test]
@@ -559,4 +582,106 @@ fn given_garbage_control_messages_then_they_are_protocol_errors() {
     assert_eq!(unknown_step, Some(SetupStep::Protocol));
     let short = channel::decode(&bytes[..10]).err().map(|e| e.step);
     assert_eq!(short, Some(SetupStep::Protocol));
+}
+
+/// Every host pid whose command line is exactly `argv`.
+fn find_processes(argv: &[&str]) -> Vec<i32> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            (cmdline == wanted).then_some(pid)
+        })
+        .collect()
+}
+
+/// In a process forked from the (multi-threaded) test: starts `/bin/sleep <tag>` as a child, or
+/// as an orphan (a child that forks it and exits, so it is reparented to the init). Raw system
+/// calls only.
+fn spawn_sleeper(argv: &[*const libc::c_char; 3], orphan: bool) {
+    let env: [*const libc::c_char; 1] = [std::ptr::null()];
+    // SAFETY: the caller is single-threaded (a fresh fork); the child only calls execve/_exit.
+    let pid = unsafe { sys::fork_raw(0) }.unwrap_or(-1);
+    if pid != 0 {
+        return;
+    }
+    if orphan {
+        // SAFETY: as above, in the middle process.
+        if unsafe { sys::fork_raw(0) }.unwrap_or(-1) != 0 {
+            sys::exit_now(0);
+        }
+    }
+    // SAFETY: argv and env are null-terminated arrays of valid C strings that outlive the call.
+    unsafe { libc::execve(argv[0], argv.as_ptr(), env.as_ptr()) };
+    sys::exit_now(127)
+}
+
+#[test]
+fn given_an_init_with_a_child_and_an_orphan_when_it_kills_the_rest_then_both_are_gone_before_it_exits(
+) {
+    require_root();
+    let tag = format!("2000.{}", std::process::id());
+    let sleep = CString::new("/bin/sleep").expect("no NUL");
+    let arg = CString::new(tag.clone()).expect("no NUL");
+    let argv: [*const libc::c_char; 3] = [sleep.as_ptr(), arg.as_ptr(), std::ptr::null()];
+    let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+    let (done_r, done_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).expect("pipe");
+    // SAFETY: the child (pid 1 of a new pid namespace) only makes raw system calls until it is
+    // killed; kill(-1) there reaches only that namespace, and it checks that it is pid 1.
+    let init = unsafe { sys::fork_raw(libc::CLONE_NEWPID) }.expect("clone a pid namespace");
+    if init == 0 {
+        // SAFETY: getpid has no preconditions.
+        if unsafe { libc::getpid() } != 1 {
+            sys::exit_now(2);
+        }
+        spawn_sleeper(&argv, false);
+        spawn_sleeper(&argv, true);
+        let mut byte = [0u8; 1];
+        let _ = sys::read_full(go_r.as_raw_fd(), &mut byte);
+        let answer: &[u8] = if super::child::kill_the_rest().is_ok() {
+            b"k"
+        } else {
+            b"e"
+        };
+        let _ = sys::write_all(done_w.as_raw_fd(), answer);
+        loop {
+            // SAFETY: pause has no preconditions; the test kills this process.
+            unsafe { libc::pause() };
+        }
+    }
+    drop((go_r, done_w));
+    let init_fd = pidfd_of(init);
+    let mut sleepers = Vec::new();
+    for _ in 0..500 {
+        sleepers = find_processes(&["/bin/sleep", &tag]);
+        if sleepers.len() == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(sleepers.len(), 2, "the child and the orphan never ran");
+    let sleeper_fds: Vec<OwnedFd> = sleepers.iter().map(|&p| pidfd_of(p)).collect();
+    sys::write_all(go_w.as_raw_fd(), b"g").expect("tell the init to kill");
+    let mut answer = [0u8; 1];
+    sys::read_full(done_r.as_raw_fd(), &mut answer).expect("the init's answer");
+    // The init still lives (it pauses): only its own kill-and-reap can have ended them.
+    let init_alive = !has_exited(&init_fd);
+    let all_gone = sleeper_fds.iter().all(has_exited);
+    // SAFETY: kill takes plain integers; init is our unreaped child.
+    unsafe { libc::kill(init, libc::SIGKILL) };
+    let _ = waitpid(Pid::from_raw(init), None);
+    assert_eq!(&answer, b"k");
+    assert!(init_alive, "the init died before the check");
+    assert!(
+        all_gone,
+        "processes of the namespace outlived kill_the_rest"
+    );
 }

@@ -631,7 +631,7 @@ impl Server {
                     return Err((ErrorCode::SandboxSetup, msg));
                 }
             };
-            match sandbox::start(sb, plan) {
+            match sandbox::start(&self.settings, sb, plan) {
                 Ok(spawned) => return Ok((spawned, cgroup, base)),
                 Err(e) => {
                     self.teardown(cgroup, None);
@@ -659,8 +659,13 @@ impl Server {
         limits: &CgroupLimits,
     ) -> Result<WarmSandbox, (ErrorCode, String)> {
         let name = format!("job-{}", id.0);
-        pool::prepare(&name, &*self.cgroups, &self.settings, &self.filter, limits)
-            .map_err(|msg| (ErrorCode::SandboxSetup, msg))
+        let prepared = pool::prepare(&name, &*self.cgroups, &self.settings, &self.filter, limits);
+        prepared.map_err(|f| {
+            if let Some(cgroup) = f.cgroup {
+                self.teardown(cgroup, None);
+            }
+            (ErrorCode::SandboxSetup, f.message)
+        })
     }
 
     /// Whether the loop should prepare a sandbox ahead when it is idle. While jobs run, only a
@@ -688,12 +693,15 @@ impl Server {
             cpu_quota_us: CPU_PERIOD_US,
             cpu_period_us: CPU_PERIOD_US,
         };
-        if let Err(msg) = self
+        if let Err(f) = self
             .pool
             .fill_one(&*self.cgroups, &self.settings, &self.filter, &limits)
         {
             self.counters.setup_failures += 1;
-            tracing::error!(error = %msg, "cannot prepare a warm sandbox; retrying in 1 s");
+            tracing::error!(error = %f.message, "cannot prepare a warm sandbox; retrying in 1 s");
+            if let Some(cgroup) = f.cgroup {
+                self.teardown(cgroup, None);
+            }
             self.pool.pause(Instant::now());
         }
     }

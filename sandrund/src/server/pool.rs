@@ -82,7 +82,7 @@ impl Pool {
         settings: &SandboxSettings,
         filter: &SeccompProgram,
         limits: &CgroupLimits,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failed> {
         let name = self.next_name();
         let sandbox = prepare(&name, cgroups, settings, filter, limits)?;
         self.ready.push_back(sandbox);
@@ -90,30 +90,33 @@ impl Pool {
     }
 }
 
-/// Creates cgroup `name` with `limits` and prepares a sandbox in it. On failure nothing is left
-/// (the cgroup is removed, C killed and reaped).
+/// A preparation that failed: why, and the cgroup to tear down if it was created (C is already
+/// killed and reaped).
+pub struct Failed {
+    pub message: String,
+    pub cgroup: Option<Box<dyn JobCgroup>>,
+}
+
+/// Creates cgroup `name` with `limits` and prepares a sandbox in it.
 pub fn prepare(
     name: &str,
     cgroups: &dyn CgroupManager,
     settings: &SandboxSettings,
     filter: &SeccompProgram,
     limits: &CgroupLimits,
-) -> Result<WarmSandbox, String> {
-    let mut cgroup = cgroups
-        .create(name, limits)
-        .map_err(|e| format!("cgroup: {e}"))?;
+) -> Result<WarmSandbox, Failed> {
+    let cgroup = cgroups.create(name, limits).map_err(|e| Failed {
+        message: format!("cgroup: {e}"),
+        cgroup: None,
+    })?;
     let join: Vec<_> = cgroup.join_fds().iter().map(AsFd::as_fd).collect();
-    match sandbox::prepare(settings, filter, &join) {
-        Ok(warm) => {
-            drop(join);
-            Ok(WarmSandbox { warm, cgroup })
-        }
-        Err(e) => {
-            drop(join);
-            if let Err(err) = cgroup.remove() {
-                tracing::warn!(cgroup = name, error = %err, "cannot remove a failed sandbox's cgroup");
-            }
-            Err(e.to_string())
-        }
+    let prepared = sandbox::prepare(settings, filter, &join);
+    drop(join);
+    match prepared {
+        Ok(warm) => Ok(WarmSandbox { warm, cgroup }),
+        Err(e) => Err(Failed {
+            message: e.to_string(),
+            cgroup: Some(cgroup),
+        }),
     }
 }
