@@ -840,3 +840,19 @@ fn given_v1_stale_job_missing_from_the_pids_hierarchy_when_cleanup_stale_then_th
     assert!(!fake.root.join("memory/helper/sandrun/job-w2").exists());
     assert!(!fake.root.join("cpu/helper/sandrun/job-w2").exists());
 }
+
+#[test]
+fn given_jobs_of_each_version_then_only_v2_offers_a_directory_to_clone_into() {
+    let fake = Fake::new(V2_FILES, &[], false);
+    let (_, manager) = fake.v2();
+    let mut job = manager.create("job-1", &limits()).unwrap();
+    assert!(
+        job.clone_into().is_some(),
+        "v2 jobs are cloned into their cgroup"
+    );
+    job.remove().unwrap();
+    let fake = Fake::new(V1_FILES, &[], false);
+    let mut job = fake.v1().create("job-1", &limits()).unwrap();
+    assert!(job.clone_into().is_none(), "v1 has no CLONE_INTO_CGROUP");
+    job.remove().unwrap();
+}

@@ -85,6 +85,14 @@ pub trait CgroupFs: fmt::Debug + Send + Sync {
         // std opens every file with O_CLOEXEC.
         open_nofollow(OpenOptions::new().write(true), path).map(OwnedFd::from)
     }
+
+    /// Opens a cgroup directory `O_RDONLY|O_DIRECTORY|O_CLOEXEC`, for `clone3`'s
+    /// `CLONE_INTO_CGROUP`.
+    fn open_dir(&self, path: &Path) -> io::Result<OwnedFd> {
+        let mut options = OpenOptions::new();
+        options.read(true).custom_flags(libc::O_DIRECTORY);
+        open_nofollow(&mut options, path).map(OwnedFd::from)
+    }
 }
 
 /// The real cgroup filesystem.

@@ -6,7 +6,7 @@
 //! Every function takes its root paths from a [`CgroupLayout`], so the v2 (and v1) code is
 //! unit-tested against a fake tree in a temporary directory.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 mod common;
@@ -121,6 +121,11 @@ pub trait JobCgroup {
     /// Files opened `O_WRONLY|O_CLOEXEC` before fork: the sandbox child writes `0` into each to
     /// move itself into the job's cgroup before it unshares its cgroup namespace.
     fn join_fds(&self) -> &[OwnedFd];
+    /// The job cgroup's directory fd, where the kernel can create a process directly in it
+    /// (`clone3` with `CLONE_INTO_CGROUP`, cgroup v2): no migration afterwards. `None` on v1.
+    fn clone_into(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
     /// Replaces the limits (a warm sandbox's cgroup gets the job's limits just before the job
     /// starts). Fails if any limit cannot be written; the cgroup must then not run the job.
     fn set_limits(&mut self, limits: &CgroupLimits) -> Result<(), CgroupError>;

@@ -18,7 +18,7 @@
 //! by `stats()`, which can miss a short spike between two reads.
 
 use std::cell::Cell;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use super::common::{self, STALE_PREFIX};
@@ -58,10 +58,11 @@ impl V2Manager {
         Ok(V2Manager { layout, base, host })
     }
 
-    fn job(&self, name: &str, join: Vec<OwnedFd>) -> V2Job {
+    fn job(&self, name: &str, join: Vec<OwnedFd>, dir_fd: Option<OwnedFd>) -> V2Job {
         V2Job {
             dir: self.base.join(name),
             join,
+            dir_fd,
             host: self.host.clone(),
             peak_seen: Cell::new(0),
             removed: false,
@@ -115,15 +116,17 @@ impl CgroupManager for V2Manager {
         common::validate_name(name)?;
         common::validate_limits(limits)?;
         let dir = self.base.join(name);
-        let join = common::create_with_rollback(&self.host, std::slice::from_ref(&dir), || {
-            apply_limits(&self.host, &dir, limits)?;
-            let procs = dir.join("cgroup.procs");
-            self.host
-                .fs
-                .open_join(&procs)
-                .map_err(|e| io_error("open cgroup.procs", &procs, e))
-        })?;
-        Ok(Box::new(self.job(name, vec![join])))
+        let (join, dir_fd) =
+            common::create_with_rollback(&self.host, std::slice::from_ref(&dir), || {
+                apply_limits(&self.host, &dir, limits)?;
+                let procs = dir.join("cgroup.procs");
+                let join = (self.host.fs.open_join(&procs))
+                    .map_err(|e| io_error("open cgroup.procs", &procs, e))?;
+                let dir_fd = (self.host.fs.open_dir(&dir))
+                    .map_err(|e| io_error("open the cgroup directory", &dir, e))?;
+                Ok((join, dir_fd))
+            })?;
+        Ok(Box::new(self.job(name, vec![join], Some(dir_fd))))
     }
 
     fn cleanup_stale(&self) -> Result<usize, CgroupError> {
@@ -138,7 +141,7 @@ impl CgroupManager for V2Manager {
             .collect();
         let mut first_error = None;
         for name in &stale {
-            if let Err(e) = common::remove_stale(&mut self.job(name, Vec::new())) {
+            if let Err(e) = common::remove_stale(&mut self.job(name, Vec::new(), None)) {
                 tracing::warn!(cgroup = %name, error = %e, "cannot remove stale job cgroup");
                 first_error.get_or_insert(e);
             }
@@ -152,6 +155,8 @@ impl CgroupManager for V2Manager {
 pub struct V2Job {
     dir: PathBuf,
     join: Vec<OwnedFd>,
+    /// The directory, for `CLONE_INTO_CGROUP`.
+    dir_fd: Option<OwnedFd>,
     host: Host,
     /// Largest `memory.current` seen, for kernels without `memory.peak`.
     peak_seen: Cell<u64>,
@@ -174,6 +179,10 @@ impl V2Job {
 impl JobCgroup for V2Job {
     fn join_fds(&self) -> &[OwnedFd] {
         &self.join
+    }
+
+    fn clone_into(&self) -> Option<BorrowedFd<'_>> {
+        self.dir_fd.as_ref().map(AsFd::as_fd)
     }
 
     fn set_limits(&mut self, limits: &CgroupLimits) -> Result<(), CgroupError> {

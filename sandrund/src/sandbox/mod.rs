@@ -103,6 +103,19 @@ pub struct Spawned {
     pub spawn_time: Duration,
 }
 
+/// How C gets into its job's cgroup.
+#[derive(Debug, Clone, Copy)]
+pub enum CgroupJoin<'a> {
+    /// cgroup v1: C writes itself into each `cgroup.procs` (opened for writing) before anything
+    /// else; on v1 each migration waits for an RCU grace period.
+    Procs(&'a [BorrowedFd<'a>]),
+    /// cgroup v2: the kernel creates C directly in the cgroup whose directory this is (`clone3`
+    /// with `CLONE_INTO_CGROUP`); nothing migrates.
+    Into(BorrowedFd<'a>),
+    /// No cgroup (tests of the sandbox alone).
+    None,
+}
+
 /// A prepared sandbox waiting for its job (see the module docs): C is cloned, and is joining its
 /// cgroup and building its root, or has done so. Dropping it kills and reaps C.
 #[derive(Debug)]
@@ -274,9 +287,9 @@ pub fn spawn(
     settings: &SandboxSettings,
     plan: &JobPlan<'_>,
     filter: &seccomp::SeccompProgram,
-    cgroup_join: &[BorrowedFd<'_>],
+    cgroup: CgroupJoin<'_>,
 ) -> Result<Spawned, SetupError> {
-    let warm = prepare(settings, filter, cgroup_join)?;
+    let warm = prepare(settings, filter, cgroup)?;
     start(settings, warm, plan).map_err(|e| e.error)
 }
 
@@ -287,27 +300,34 @@ pub fn spawn(
 /// calling thread must outlive the sandbox: an idle C exits when its control socket closes,
 /// and from its job on C gets `SIGKILL` when the thread that created it exits
 /// (`PR_SET_PDEATHSIG`), so a dead helper leaves nothing running. The helper must not ignore
-/// `SIGCHLD`, so it can reap C (`waitid(P_PIDFD)` or `waitpid`). `cgroup_join` are the job
-/// cgroup's `cgroup.procs` files, opened for writing; C writes itself into each.
+/// `SIGCHLD`, so it can reap C (`waitid(P_PIDFD)` or `waitpid`). `cgroup` says how C gets
+/// into the job's cgroup.
 pub fn prepare(
     settings: &SandboxSettings,
     filter: &seccomp::SeccompProgram,
-    cgroup_join: &[BorrowedFd<'_>],
+    cgroup: CgroupJoin<'_>,
 ) -> Result<Warm, SetupError> {
     let created = Instant::now();
     let ends = Ends::create()?;
-    let cgroup: Vec<RawFd> = cgroup_join.iter().map(AsRawFd::as_raw_fd).collect();
+    let procs: Vec<RawFd> = match &cgroup {
+        CgroupJoin::Procs(fds) => fds.iter().map(AsRawFd::as_raw_fd).collect(),
+        CgroupJoin::Into(_) | CgroupJoin::None => Vec::new(),
+    };
     let fds = child::InitFds {
         ctrl: ends.ctrl_child.as_raw_fd(),
         stdout: ends.stdout_w.as_raw_fd(),
         stderr: ends.stderr_w.as_raw_fd(),
         status: ends.status_w.as_raw_fd(),
-        cgroup: &cgroup,
+        cgroup: &procs,
     };
-    // SAFETY: prepare's documented precondition is a single-threaded caller (the helper's
-    // design); C only runs `run_init`, which never returns.
-    let pid = unsafe { sys::fork_raw(NAMESPACES) }
-        .map_err(|e| sys::fail(SetupStep::Clone, e, "clone"))?;
+    let pid = match cgroup {
+        // SAFETY: prepare's documented precondition is a single-threaded caller (the helper's
+        // design); C only runs `run_init`, which never returns.
+        CgroupJoin::Into(dir) => unsafe { sys::fork_into_cgroup(NAMESPACES, dir) },
+        // SAFETY: as above.
+        CgroupJoin::Procs(_) | CgroupJoin::None => unsafe { sys::fork_raw(NAMESPACES) },
+    }
+    .map_err(|e| sys::fail(SetupStep::Clone, e, "clone"))?;
     if pid == 0 {
         child::run_init(settings, filter, fds);
     }

@@ -54,6 +54,56 @@ pub(super) unsafe fn fork_raw(flags: libc::c_int) -> Result<libc::pid_t, i32> {
     libc::pid_t::try_from(ret).map_err(|_| libc::EOVERFLOW)
 }
 
+/// Like [`fork_raw`], through `clone3` with `CLONE_INTO_CGROUP`: the child is created directly
+/// in the cgroup (v2) whose directory is `cgroup`, so it never has to migrate there.
+///
+/// # Safety
+/// As [`fork_raw`].
+pub(super) unsafe fn fork_into_cgroup(
+    flags: libc::c_int,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+) -> Result<libc::pid_t, i32> {
+    /// `struct clone_args` of `<linux/sched.h>` (version 2, with `cgroup`).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let namespaces = u64::try_from(flags).map_err(|_| libc::EINVAL)?;
+    let cgroup = u64::try_from(cgroup.as_raw_fd()).map_err(|_| libc::EBADF)?;
+    let args = CloneArgs {
+        flags: namespaces | CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup,
+        ..CloneArgs::default()
+    };
+    // SAFETY: `args` is a valid `clone_args` of the size passed; with a zero stack the child
+    // continues on a copy-on-write copy of the caller's stack, exactly like fork(2). The caller
+    // guarantees the thread-safety conditions of `fork_raw`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::addr_of!(args),
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if ret < 0 {
+        return Err(errno());
+    }
+    libc::pid_t::try_from(ret).map_err(|_| libc::EOVERFLOW)
+}
+
 /// Leaves the current process at once, without running destructors or atexit handlers.
 pub(super) fn exit_now(code: i32) -> ! {
     // SAFETY: _exit has no preconditions; it never returns.

@@ -1,7 +1,7 @@
 //! Real sandbox spawns. They need root (as in CI) and fail loudly without it.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{openat, OFlag};
@@ -71,6 +71,10 @@ impl Job {
     }
 
     fn spawn(&self) -> Result<Spawned, SetupError> {
+        self.spawn_joining(CgroupJoin::None)
+    }
+
+    fn spawn_joining(&self, cgroup: CgroupJoin<'_>) -> Result<Spawned, SetupError> {
         require_root();
         let root = tempfile::tempdir().expect("temp dir for the mount point");
         let settings = SandboxSettings {
@@ -93,7 +97,7 @@ impl Job {
             template: self.template.clone(),
         };
         let filter = SeccompProgram::compile().expect("the job filter compiles");
-        spawn(&settings, &plan, &filter, &[])
+        spawn(&settings, &plan, &filter, cgroup)
     }
 
     fn run(&self) -> Finished {
@@ -683,5 +687,62 @@ fn given_an_init_with_a_child_and_an_orphan_when_it_kills_the_rest_then_both_are
     assert!(
         all_gone,
         "processes of the namespace outlived kill_the_rest"
+    );
+}
+
+/// This process's cgroup directory in the unified (v2) hierarchy, from `/proc/self/cgroup` and
+/// `/proc/self/mountinfo`. This host mounts an (empty) cgroup2 beside the v1 controllers; a
+/// v2-only host mounts it at `/sys/fs/cgroup`.
+fn own_unified_cgroup() -> PathBuf {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+    let rel = cgroup
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a unified hierarchy line in /proc/self/cgroup");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mount = mountinfo
+        .lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            post.starts_with("cgroup2 ")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .expect("a cgroup2 mount (the clone3 test needs one)");
+    mount.join(rel.trim_start_matches('/'))
+}
+
+#[test]
+fn given_a_v2_cgroup_when_a_sandbox_is_cloned_into_it_then_its_init_is_there_without_migrating() {
+    require_root();
+    let dir = own_unified_cgroup().join(format!("sandrun-clone3-{}", std::process::id()));
+    std::fs::create_dir(&dir).expect("create a v2 cgroup");
+    let dir_fd: OwnedFd = std::fs::File::open(&dir)
+        .expect("open the cgroup dir")
+        .into();
+    let job = Job::shell("read line; echo done");
+    let spawned = job.spawn_joining(CgroupJoin::Into(dir_fd.as_fd()));
+    let spawned = spawned.expect("the sandbox starts");
+    // The init runs (J waits for input that never comes until C is killed): where is it?
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let members: Vec<i32> = procs
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let init = spawned.pid.0;
+    let in_cgroup = members.contains(&init);
+    // SAFETY: kill takes plain integers; `init` is this test's unreaped child.
+    unsafe { libc::kill(init, libc::SIGKILL) };
+    let _ = waitpid(Pid::from_raw(init), None);
+    drop(spawned);
+    for _ in 0..100 {
+        if std::fs::remove_dir(&dir).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        in_cgroup,
+        "init {init} is not in {}: {members:?}",
+        dir.display()
     );
 }

@@ -10,7 +10,7 @@ use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{CgroupLimits, CgroupManager, JobCgroup};
-use crate::sandbox::{self, seccomp::SeccompProgram, SandboxSettings, Warm};
+use crate::sandbox::{self, seccomp::SeccompProgram, CgroupJoin, SandboxSettings, Warm};
 
 /// How long refilling stops after a failure, so a broken host does not spin the loop.
 pub const BACKOFF: Duration = Duration::from_secs(1);
@@ -110,7 +110,11 @@ pub fn prepare(
         cgroup: None,
     })?;
     let join: Vec<_> = cgroup.join_fds().iter().map(AsFd::as_fd).collect();
-    let prepared = sandbox::prepare(settings, filter, &join);
+    let how = match cgroup.clone_into() {
+        Some(dir) => CgroupJoin::Into(dir),
+        None => CgroupJoin::Procs(&join),
+    };
+    let prepared = sandbox::prepare(settings, filter, how);
     drop(join);
     match prepared {
         Ok(warm) => Ok(WarmSandbox { warm, cgroup }),
