@@ -181,11 +181,7 @@ pub fn is_idle_warm(dir: &Path) -> bool {
     let [pid] = pids.as_slice() else {
         return false;
     };
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .is_some_and(|ids| ids.split_whitespace().all(|id| id == "0"))
+    crate::host::runs_as_root(pid)
 }
 
 fn name_starts_with(dir: &Path, prefix: &str) -> bool {

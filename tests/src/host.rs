@@ -4,6 +4,18 @@ use std::fs;
 use std::ops::Range;
 use std::path::Path;
 
+/// One field of `/proc/<pid>/status` (`Name`, `PPid`, `Uid`, ...), trimmed; `None` if the process
+/// or the field is not there.
+pub fn status_field(pid: &str, key: &str) -> Option<String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    field(&status, key).map(str::to_owned)
+}
+
+/// Whether every uid (real, effective, saved, filesystem) of `pid` is 0.
+pub fn runs_as_root(pid: &str) -> bool {
+    status_field(pid, "Uid").is_some_and(|ids| ids.split_whitespace().all(|id| id == "0"))
+}
+
 /// Host processes whose real or effective uid is in `uids`, as (pid, uid, name).
 pub fn processes_with_uids(uids: &Range<u32>) -> Vec<(i32, u32, String)> {
     let mut out = Vec::new();

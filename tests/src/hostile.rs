@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use sandrun_ipc::{AdminRequest, AdminResponse, Response, Stats};
 
-use crate::host::processes_with_uids;
+use crate::host::{processes_with_uids, runs_as_root, status_field};
 use crate::Helper;
 
 /// Live (not zombie) host processes whose real or effective uid is in `uids`.
@@ -90,19 +90,10 @@ pub fn host_shmem_kib() -> u64 {
 /// is a fork of the helper) still running as root. An init drops to its job's uid as soon as it
 /// gets a job, so a sandbox that ran a job never counts as idle.
 pub fn is_idle_warm_init(pid: &str) -> bool {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let root = field("Uid:").split_whitespace().all(|id| id == "0");
-    let parent = field("PPid:");
-    let parent_name = fs::read_to_string(format!("/proc/{parent}/comm")).unwrap_or_default();
-    field("Name:") == "sandrund" && root && parent_name.trim() == "sandrund"
+    let named_sandrund = |pid: &str| status_field(pid, "Name").is_some_and(|n| n == "sandrund");
+    named_sandrund(pid)
+        && runs_as_root(pid)
+        && status_field(pid, "PPid").is_some_and(|parent| named_sandrund(&parent))
 }
 
 /// Mount points in any mount namespace (every process's mountinfo) whose line mentions

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::time::Duration;
 
-use sandrun_tests::hostile::eventually;
+use sandrun_tests::hostile::{eventually, is_idle_warm_init};
 use sandrun_tests::{config, Helper, Job};
 
 /// The helper's children that are idle warm sandbox inits (still root: an init drops to the
@@ -15,14 +15,8 @@ fn idle_warm_inits(helper: &Helper) -> Vec<i32> {
     let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
     children
         .split_whitespace()
+        .filter(|p| is_idle_warm_init(p))
         .filter_map(|p| p.parse::<i32>().ok())
-        .filter(|p| {
-            fs::read_to_string(format!("/proc/{p}/status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .is_some_and(|ids| ids.split_whitespace().all(|id| id == "0"))
-        })
         .collect()
 }
 

@@ -334,7 +334,15 @@ fn given_job_with_live_process_when_removed_then_ebusy_and_retry_after_kill_succ
 fn given_child_allocating_200_mib_in_64_mib_job_then_it_is_oom_killed_and_counted() {
     let tree = TestTree::new();
     let mut job = tree.manager.create(&tree.job_name(), &limits()).unwrap();
-    let child = spawn_in(job.as_ref(), allocate_200_mib);
+    let stats = allocate_200_mib_and_be_oom_killed(job.as_ref());
+    assert!(stats.memory_peak_bytes >= 32 * MIB, "{stats:?}");
+    job.remove().unwrap();
+}
+
+/// Runs a child allocating 200 MiB in `job` (64 MiB): it must die of SIGKILL, counted as an OOM
+/// kill, with the peak under the limit. Returns the job's figures.
+fn allocate_200_mib_and_be_oom_killed(job: &dyn JobCgroup) -> CgroupStats {
+    let child = spawn_in(job, allocate_200_mib);
     assert_eq!(
         wait_status(child),
         WaitStatus::Signaled(child, Signal::SIGKILL, false)
@@ -342,8 +350,7 @@ fn given_child_allocating_200_mib_in_64_mib_job_then_it_is_oom_killed_and_counte
     let stats = job.stats().unwrap();
     assert!(stats.oom_kills >= 1, "{stats:?}");
     assert!(stats.memory_peak_bytes <= 64 * MIB, "{stats:?}");
-    assert!(stats.memory_peak_bytes >= 32 * MIB, "{stats:?}");
-    job.remove().unwrap();
+    stats
 }
 
 #[test]
@@ -472,14 +479,7 @@ fn given_a_job_cut_to_64_mib_after_creation_when_a_child_allocates_200_mib_then_
     };
     let mut job = tree.manager.create(&tree.job_name(), &generous).unwrap();
     job.set_limits(&limits()).unwrap();
-    let child = spawn_in(job.as_ref(), allocate_200_mib);
-    assert_eq!(
-        wait_status(child),
-        WaitStatus::Signaled(child, Signal::SIGKILL, false)
-    );
-    let stats = job.stats().unwrap();
-    assert!(stats.oom_kills >= 1, "{stats:?}");
-    assert!(stats.memory_peak_bytes <= 64 * MIB, "{stats:?}");
+    let stats = allocate_200_mib_and_be_oom_killed(job.as_ref());
     assert_eq!(job.cpu_ns().unwrap(), stats.cpu_ns);
     job.remove().unwrap();
 }

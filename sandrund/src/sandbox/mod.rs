@@ -126,16 +126,9 @@ pub struct Warm {
     stdout: OwnedFd,
     stderr: OwnedFd,
     status: OwnedFd,
-    /// When C was cloned.
-    pub created: Instant,
 }
 
 impl Warm {
-    /// C's pid, as seen from the helper.
-    pub fn pid(&self) -> ProcessId {
-        ProcessId(self.guard.0)
-    }
-
     /// Whether C has finished its preparation (or failed): its first message is waiting on the
     /// control socket. Does not block.
     pub fn is_prepared(&self) -> bool {
@@ -307,7 +300,6 @@ pub fn prepare(
     filter: &seccomp::SeccompProgram,
     cgroup: CgroupJoin<'_>,
 ) -> Result<Warm, SetupError> {
-    let created = Instant::now();
     let ends = Ends::create()?;
     let procs: Vec<RawFd> = match &cgroup {
         CgroupJoin::Procs(fds) => fds.iter().map(AsRawFd::as_raw_fd).collect(),
@@ -341,7 +333,6 @@ pub fn prepare(
         stdout,
         stderr,
         status,
-        created,
     })
 }
 

@@ -488,20 +488,9 @@ fn wait_readable(fd: &OwnedFd) {
     poll(&mut fds, PollTimeout::NONE).expect("poll stdout");
 }
 
-/// The host pid of the process whose command line is exactly `argv`.
+/// The host pid of a process whose command line is exactly `argv`.
 fn find_process(argv: &[&str]) -> Option<i32> {
-    let wanted: Vec<u8> = argv
-        .iter()
-        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
-        .collect();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            (cmdline == wanted).then_some(pid)
-        })
+    find_processes(argv).first().copied()
 }
 
 fn parent_of(pid: i32) -> Option<i32> {

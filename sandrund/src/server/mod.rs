@@ -660,12 +660,7 @@ impl Server {
     ) -> Result<WarmSandbox, (ErrorCode, String)> {
         let name = format!("job-{}", id.0);
         let prepared = pool::prepare(&name, &*self.cgroups, &self.settings, &self.filter, limits);
-        prepared.map_err(|f| {
-            if let Some(cgroup) = f.cgroup {
-                self.teardown(cgroup, None);
-            }
-            (ErrorCode::SandboxSetup, f.message)
-        })
+        prepared.map_err(|f| (ErrorCode::SandboxSetup, self.discard(f)))
     }
 
     /// Whether the loop should prepare a sandbox ahead when it is idle. While jobs run, only a
@@ -698,12 +693,19 @@ impl Server {
             .fill_one(&*self.cgroups, &self.settings, &self.filter, &limits)
         {
             self.counters.setup_failures += 1;
-            tracing::error!(error = %f.message, "cannot prepare a warm sandbox; retrying in 1 s");
-            if let Some(cgroup) = f.cgroup {
-                self.teardown(cgroup, None);
-            }
+            let message = self.discard(f);
+            tracing::error!(error = %message, "cannot prepare a warm sandbox; retrying in 1 s");
             self.pool.pause(Instant::now());
         }
+    }
+
+    /// Tears down what a failed preparation left (its cgroup; C is already reaped) and returns
+    /// why it failed.
+    fn discard(&mut self, failed: pool::Failed) -> String {
+        if let Some(cgroup) = failed.cgroup {
+            self.teardown(cgroup, None);
+        }
+        failed.message
     }
 
     /// Kills the warm sandboxes and removes their cgroups.
