@@ -95,6 +95,60 @@ impl Default for HttpLimits {
     }
 }
 
+/// The share of each pooled resource one client (an IPv4 address or an IPv6 /64) may hold, in
+/// percent of the pool. The defaults (25) always leave room for at least three other clients.
+/// Trusted proxies carry many clients and are not held to a share.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientShares {
+    /// Of `http.max_connections`, upgraded WebSockets included. The per-client cap is the smaller
+    /// of this share and `http.max_connections_per_client`.
+    pub connections_percent: u8,
+    /// Of `max_concurrent_uploads`.
+    pub uploads_percent: u8,
+    /// Of `queue_capacity`.
+    pub queue_percent: u8,
+    /// Of `retention.memory_budget_bytes`: uploads being expanded, queued bundles, logs, outputs
+    /// awaiting download and WebSocket backlogs, all together.
+    pub memory_percent: u8,
+}
+
+impl Default for ClientShares {
+    fn default() -> Self {
+        ClientShares {
+            connections_percent: 25,
+            uploads_percent: 25,
+            queue_percent: 25,
+            memory_percent: 25,
+        }
+    }
+}
+
+impl ClientShares {
+    /// `percent` of `total`, rounded down but at least 1, so a small pool still serves everyone.
+    pub fn of(total: u64, percent: u8) -> u64 {
+        (total.saturating_mul(u64::from(percent)) / 100).max(1)
+    }
+
+    /// [`ClientShares::of`] for counts.
+    pub fn of_count(total: usize, percent: u8) -> usize {
+        let total = u64::try_from(total).unwrap_or(u64::MAX);
+        usize::try_from(Self::of(total, percent)).unwrap_or(usize::MAX)
+    }
+
+    fn invalid(&self) -> Option<&'static str> {
+        let all = [
+            self.connections_percent,
+            self.uploads_percent,
+            self.queue_percent,
+            self.memory_percent,
+        ];
+        all.iter()
+            .any(|p| !(1..=100).contains(p))
+            .then_some("client_shares: every share is a percentage from 1 to 100")
+    }
+}
+
 /// What a manifest may ask for; mirrors `manifest::ManifestPolicy` in the file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -147,6 +201,7 @@ pub struct Config {
     /// Milliseconds an upload waits for a slot before it is refused with 503 and `Retry-After`.
     pub upload_wait_ms: u64,
     pub client_limits: ClientLimits,
+    pub client_shares: ClientShares,
     pub retention: Retention,
     pub http: HttpLimits,
     pub policy: PolicyConfig,
@@ -173,6 +228,7 @@ impl Default for Config {
             max_concurrent_uploads: 32,
             upload_wait_ms: 10_000,
             client_limits: ClientLimits::default(),
+            client_shares: ClientShares::default(),
             retention: Retention::default(),
             http: HttpLimits::default(),
             policy: PolicyConfig::default(),
@@ -257,9 +313,10 @@ impl Config {
                 "retention.log_bytes must be at least 1",
             ),
         ];
-        match checks.iter().find(|(bad, _)| *bad) {
-            Some((_, message)) => Err(ConfigError::Invalid {
-                message: (*message).to_owned(),
+        let bad = checks.iter().find(|(bad, _)| *bad).map(|(_, m)| *m);
+        match bad.or_else(|| self.client_shares.invalid()) {
+            Some(message) => Err(ConfigError::Invalid {
+                message: message.to_owned(),
             }),
             None => Ok(()),
         }
@@ -302,6 +359,23 @@ mod tests {
         let config: Config = toml::from_str("[client_limits]\nconcurrent_jobs = 5\n").unwrap();
         assert_eq!(config.client_limits.concurrent_jobs, 5);
         assert_eq!(config.client_limits.jobs_per_hour, 20);
+    }
+
+    #[test]
+    fn given_a_share_of_zero_or_over_100_percent_then_validation_refuses_it() {
+        for p in [0u8, 101] {
+            let mut config = Config::default();
+            config.client_shares.uploads_percent = p;
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("client_shares"), "{err}");
+        }
+    }
+
+    #[test]
+    fn given_a_small_pool_then_a_share_is_at_least_one() {
+        assert_eq!(ClientShares::of_count(3, 25), 1);
+        assert_eq!(ClientShares::of_count(64, 25), 16);
+        assert_eq!(ClientShares::of(1 << 30, 25), 1 << 28);
     }
 
     #[test]
