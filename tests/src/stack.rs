@@ -267,6 +267,25 @@ impl Stack {
 
     /// `POST /submit` as `multipart/form-data` with `parts`.
     pub fn submit(&self, parts: &[Part]) -> HttpResponse {
+        self.submit_with(&[], parts)
+    }
+
+    /// `POST /submit` from the loopback source address `source` (`127.0.0.2`, ...), so the
+    /// gateway sees another client: curl binds its socket there (`--interface`).
+    pub fn submit_from(&self, source: std::net::Ipv4Addr, parts: &[Part]) -> HttpResponse {
+        let source = source.to_string();
+        self.submit_with(&["--interface", &source], parts)
+    }
+
+    /// `curl` from the loopback source address `source`: as [`Stack::curl`], from another client.
+    pub fn curl_from(&self, source: std::net::Ipv4Addr, args: &[&str], path: &str) -> HttpResponse {
+        let source = source.to_string();
+        let mut all = vec!["--interface", source.as_str()];
+        all.extend_from_slice(args);
+        self.curl(&all, path)
+    }
+
+    fn submit_with(&self, extra: &[&str], parts: &[Part]) -> HttpResponse {
         let files = tempfile::tempdir_in(self.dir.path()).expect("upload scratch dir");
         let mut args: Vec<String> = Vec::new();
         for (i, part) in parts.iter().enumerate() {
@@ -284,8 +303,9 @@ impl Stack {
             args.push("-F".to_owned());
             args.push(field);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.curl(&args, "/submit")
+        let mut all: Vec<&str> = extra.to_vec();
+        all.extend(args.iter().map(String::as_str));
+        self.curl(&all, "/submit")
     }
 
     /// Submits `parts` and returns the job id; panics unless the gateway accepted the job.
