@@ -360,15 +360,19 @@ fn given_a_symlink_in_the_out_dir_then_nothing_is_written_at_all() {
         "-c",
         "echo a > a.txt; echo b > b.txt; mkdir d; echo x > d/x.txt",
     ]);
-    assert_eq!(out.status.code(), Some(73), "{out:?}");
-    assert_eq!(json_of(&out)["code"], "out_dir_refused");
     assert_eq!(fs::read(&victim).expect("victim"), b"keep\n");
-    assert_eq!(entries(&out_dir), ["b.txt", "d"], "something was written");
+    assert_eq!(
+        entries(&out_dir),
+        ["b.txt", "d"],
+        "something was written: {out:?}"
+    );
     assert!(
         entries(&elsewhere).is_empty(),
         "written through the symlink"
     );
     assert_eq!(entries(work.path()), ["elsewhere", "out", "victim.txt"]);
+    assert_eq!(out.status.code(), Some(73), "{out:?}");
+    assert_eq!(json_of(&out)["code"], "out_dir_refused");
 }
 
 #[test]
