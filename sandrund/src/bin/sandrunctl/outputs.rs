@@ -3,7 +3,8 @@
 //! `sandrunctl` runs as root and every name in an `OutputFile` header comes from a job, so:
 //! - the output directory is new (`./sandrun-<job>/` by default) or an `--out-dir` that is absent
 //!   or empty; a symlink, a non-directory or a non-empty directory is refused before the job is
-//!   submitted ([`EXIT_OUT_DIR_REFUSED`](crate::error::EXIT_OUT_DIR_REFUSED));
+//!   submitted ([`EXIT_OUT_DIR_REFUSED`](crate::error::EXIT_OUT_DIR_REFUSED)), and the directory
+//!   is made (or checked again) only once the helper has accepted the job;
 //! - files are written into a private staging directory inside it (mode 0700), each created with
 //!   `openat(O_CREAT | O_EXCL | O_NOFOLLOW)` relative to its parent's descriptor, directories with
 //!   `mkdirat` and `O_NOFOLLOW | O_DIRECTORY` opens, so no name can reach outside it or reuse a
@@ -41,12 +42,15 @@ pub(crate) enum Outputs {
     NotAsked,
     /// A new `./sandrun-<job>/`, made once the helper has assigned the job's id.
     Default(Vec<OutputPattern>),
+    /// `--out-dir`, checked before the job is submitted and made (or checked again) once the
+    /// helper has accepted it, so a job refused or interrupted before that leaves nothing.
+    Given(PathBuf, Vec<OutputPattern>),
     /// The directory, made or checked empty, with its staging directory.
     Ready(OutDir),
 }
 
 impl Outputs {
-    /// Checks (and for an absent `--out-dir`, creates) the output directory before the job runs.
+    /// Checks the output directory before the job is submitted; creates nothing yet.
     pub(crate) fn plan(
         out_dir: Option<&Path>,
         patterns: Vec<OutputPattern>,
@@ -55,7 +59,10 @@ impl Outputs {
             return Ok(Outputs::NotAsked);
         }
         match out_dir {
-            Some(path) => Ok(Outputs::Ready(OutDir::given(path, patterns)?)),
+            Some(path) => {
+                inspect(path)?;
+                Ok(Outputs::Given(path.to_owned(), patterns))
+            }
             None => {
                 check_cwd_writable()?;
                 Ok(Outputs::Default(patterns))
@@ -63,12 +70,14 @@ impl Outputs {
         }
     }
 
-    /// Makes the default directory once the helper has named the job.
+    /// Makes the directory once the helper has accepted (and named) the job.
     pub(crate) fn accepted(&mut self, job: JobId) -> Result<(), CtlError> {
-        if let Outputs::Default(patterns) = self {
-            let patterns = std::mem::take(patterns);
-            *self = Outputs::Ready(OutDir::new_default(job, patterns)?);
-        }
+        let dir = match self {
+            Outputs::Default(patterns) => OutDir::new_default(job, std::mem::take(patterns))?,
+            Outputs::Given(path, patterns) => OutDir::given(path, std::mem::take(patterns))?,
+            Outputs::NotAsked | Outputs::Ready(_) => return Ok(()),
+        };
+        *self = Outputs::Ready(dir);
         Ok(())
     }
 
@@ -76,7 +85,7 @@ impl Outputs {
     pub(crate) fn dir(&mut self) -> Option<&mut OutDir> {
         match self {
             Outputs::Ready(dir) => Some(dir),
-            Outputs::NotAsked | Outputs::Default(_) => None,
+            Outputs::NotAsked | Outputs::Default(_) | Outputs::Given(..) => None,
         }
     }
 
@@ -89,7 +98,7 @@ impl Outputs {
     pub(crate) fn commit(self) -> Result<Option<PathBuf>, CtlError> {
         match self {
             Outputs::Ready(dir) => dir.commit().map(Some),
-            Outputs::NotAsked | Outputs::Default(_) => Ok(None),
+            Outputs::NotAsked | Outputs::Default(_) | Outputs::Given(..) => Ok(None),
         }
     }
 }
@@ -123,44 +132,19 @@ pub(crate) struct OutFile {
 impl OutDir {
     /// `--out-dir PATH`: created if absent, used if it is an empty directory, refused otherwise.
     pub(crate) fn given(path: &Path, patterns: Vec<OutputPattern>) -> Result<OutDir, CtlError> {
-        let refused = |reason: &str| out_dir_err(path, reason);
-        let name = path
-            .file_name()
-            .ok_or_else(|| refused("name a directory (not '.', '..' or '/')"))?;
-        let name = CString::new(name.as_encoded_bytes())
-            .map_err(|_| refused("the name contains a NUL byte"))?;
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let parent = open_dir(None, parent, false)
-            .map_err(|e| refused(&format!("cannot open its parent directory ({e})")))?;
-        let created = match fstatat(
-            Some(parent.as_raw_fd()),
-            name.as_c_str(),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        ) {
-            Err(Errno::ENOENT) => {
+        let (parent, name, existing) = inspect(path)?;
+        let (dir, created) = match existing {
+            Some(dir) => (dir, false),
+            None => {
                 mkdirat(
                     Some(parent.as_raw_fd()),
                     name.as_c_str(),
                     Mode::from_bits_truncate(0o755),
                 )
-                .map_err(|e| refused(&format!("cannot create it ({e})")))?;
-                true
-            }
-            Err(e) => return Err(refused(&e.to_string())),
-            Ok(st) => {
-                check_existing(st.st_mode).map_err(refused)?;
-                false
+                .map_err(|e| out_dir_err(path, &format!("cannot create it ({e})")))?;
+                (Self::open_target(&parent, &name, true, path)?, true)
             }
         };
-        let dir = Self::open_target(&parent, &name, created, path)?;
-        if !created && !is_empty(&dir).map_err(|e| refused(&e.to_string()))? {
-            return Err(refused(
-                "is not empty (sandrunctl never overwrites: name a new or empty directory)",
-            ));
-        }
         Self::with_staging(parent, name, created, dir, path.to_owned(), patterns)
     }
 
@@ -407,6 +391,51 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// Checks `--out-dir PATH` without creating anything: returns its parent, its name and, if it
+/// exists, the empty directory (held open); refuses anything else.
+fn inspect(path: &Path) -> Result<(OwnedFd, CString, Option<OwnedFd>), CtlError> {
+    let refused = |reason: &str| out_dir_err(path, reason);
+    let name = path
+        .file_name()
+        .ok_or_else(|| refused("name a directory (not '.', '..' or '/')"))?;
+    let name = CString::new(name.as_encoded_bytes())
+        .map_err(|_| refused("the name contains a NUL byte"))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent = open_dir(None, parent, false)
+        .map_err(|e| refused(&format!("cannot open its parent directory ({e})")))?;
+    match fstatat(
+        Some(parent.as_raw_fd()),
+        name.as_c_str(),
+        AtFlags::AT_SYMLINK_NOFOLLOW,
+    ) {
+        Err(Errno::ENOENT) => {
+            faccessat(
+                Some(parent.as_raw_fd()),
+                ".",
+                AccessFlags::W_OK | AccessFlags::X_OK,
+                AtFlags::empty(),
+            )
+            .map_err(|e| refused(&format!("its parent directory is not writable ({e})")))?;
+            Ok((parent, name, None))
+        }
+        Err(e) => Err(refused(&e.to_string())),
+        Ok(st) => {
+            check_existing(st.st_mode).map_err(refused)?;
+            let dir = open_dir(Some(&parent), name.as_c_str(), true)
+                .map_err(|e| refused(&format!("cannot open it ({e})")))?;
+            if !is_empty(&dir).map_err(|e| refused(&e.to_string()))? {
+                return Err(refused(
+                    "is not empty (sandrunctl never overwrites: name a new or empty directory)",
+                ));
+            }
+            Ok((parent, name, Some(dir)))
+        }
+    }
 }
 
 /// Refuses an existing out dir that is not a real directory (a symlink is refused, not followed).
@@ -674,6 +703,26 @@ mod tests {
         let mut out = OutDir::given(&tmp.path().join("o"), pats).unwrap();
         assert!(write(&mut out, "x.txt", b"1").is_ok());
         assert!(write(&mut out, ".ssh/authorized_keys", b"k").is_err());
+    }
+
+    #[test]
+    fn given_an_out_dir_then_planning_creates_nothing_and_acceptance_creates_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("o");
+        let mut plan = Outputs::plan(Some(&root), all()).unwrap();
+        assert!(!root.exists(), "created before the job was accepted");
+        plan.accepted(JobId(7)).unwrap();
+        assert!(plan.dir().is_some());
+        assert_eq!(plan.commit().unwrap(), Some(root.clone()));
+        assert!(names(&root).is_empty());
+        let e = Outputs::plan(Some(tmp.path()), all())
+            .err()
+            .expect("refused");
+        assert_eq!(e.code(), "out_dir_refused", "{e}");
+        assert!(matches!(
+            Outputs::plan(Some(&root), vec![]),
+            Ok(Outputs::NotAsked)
+        ));
     }
 
     #[test]
