@@ -2,6 +2,7 @@
 //! commands (`ps`, `kill`, `stats`, `drain`).
 
 use std::fs;
+use std::path::Path;
 use std::process::Output;
 
 use sandrun_ipc::{AdminRequest, AdminResponse, ErrorCode, ExitReason, Response};
@@ -237,4 +238,179 @@ fn given_ctrl_c_during_run_then_the_job_is_cancelled_and_reported() {
     let v = json_of(&out);
     assert_eq!(v["reason"], "cancelled", "{v}");
     assert_eq!(out.status.code(), Some(128 + libc::SIGKILL), "{out:?}");
+}
+
+/// Runs sandrunctl with `cwd` as its working directory (retrying a briefly busy binary).
+fn ctl_in(helper: &Helper, cwd: &Path, args: &[&str]) -> Output {
+    for _ in 0..100 {
+        match helper.ctl_command(args).current_dir(cwd).output() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.expect("run sandrunctl"),
+        }
+    }
+    panic!("sandrunctl stayed busy (ETXTBSY)");
+}
+
+/// The names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn jobs_started(helper: &Helper) -> u64 {
+    match helper.admin(AdminRequest::Stats) {
+        Response::Admin(AdminResponse::Stats(s)) => s.jobs_started,
+        other => panic!("stats: {other:?}"),
+    }
+}
+
+#[test]
+fn given_out_dir_holding_a_file_an_output_would_replace_then_run_is_refused_and_it_is_unchanged() {
+    let helper = Helper::start(&config(48, ""));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let victim = dir.path().join("victim.txt");
+    fs::write(&victim, b"precious\n").expect("write victim");
+    let out = helper.ctl(&[
+        "run",
+        "--json",
+        "--output",
+        "*.txt",
+        "--out-dir",
+        dir.path().to_str().expect("utf-8"),
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo pwned > victim.txt",
+    ]);
+    assert_eq!(out.status.code(), Some(73), "{out:?}");
+    let v = json_of(&out);
+    assert_eq!(v["code"], "out_dir_refused", "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("not empty")),
+        "{v}"
+    );
+    assert_eq!(fs::read(&victim).expect("victim"), b"precious\n");
+    assert_eq!(entries(dir.path()), ["victim.txt"]);
+    // Refused before anything was submitted: no job ran.
+    assert_eq!(jobs_started(&helper), 0);
+}
+
+#[test]
+fn given_output_dot_ssh_run_from_a_home_then_authorized_keys_lands_only_in_a_new_directory() {
+    let helper = Helper::start(&config(49, ""));
+    let home = tempfile::tempdir().expect("tempdir");
+    fs::write(home.path().join(".profile"), b"keep\n").expect("write .profile");
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIattacker attacker@job\n";
+    let script = format!(
+        "mkdir .ssh && printf '{}' > .ssh/authorized_keys",
+        key.trim_end()
+    );
+    let out = ctl_in(
+        &helper,
+        home.path(),
+        &[
+            "run", "--json", "--output", ".ssh/", "--", "/bin/sh", "-c", &script,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let v = json_of(&out);
+    assert!(
+        fs::symlink_metadata(home.path().join(".ssh")).is_err(),
+        "the job's .ssh/ was written into the directory sandrunctl ran in"
+    );
+    let out_dir = v["out_dir"].as_str().expect("out_dir named in the JSON");
+    assert!(
+        out_dir.starts_with("sandrun-") && !out_dir.contains('/'),
+        "{v}"
+    );
+    let keys = fs::read_to_string(home.path().join(out_dir).join(".ssh/authorized_keys"))
+        .expect("output in the new directory");
+    assert_eq!(keys, key.trim_end());
+    assert_eq!(entries(home.path()), [".profile", out_dir]);
+    assert_eq!(entries(&home.path().join(out_dir)), [".ssh"]);
+}
+
+#[test]
+fn given_a_symlink_in_the_out_dir_then_nothing_is_written_at_all() {
+    let helper = Helper::start(&config(61, ""));
+    let work = tempfile::tempdir().expect("tempdir");
+    let victim = work.path().join("victim.txt");
+    fs::write(&victim, b"keep\n").expect("write victim");
+    let elsewhere = work.path().join("elsewhere");
+    fs::create_dir(&elsewhere).expect("mkdir elsewhere");
+    let out_dir = work.path().join("out");
+    fs::create_dir(&out_dir).expect("mkdir out");
+    std::os::unix::fs::symlink(&victim, out_dir.join("b.txt")).expect("symlink b.txt");
+    std::os::unix::fs::symlink(&elsewhere, out_dir.join("d")).expect("symlink d");
+    let out = helper.ctl(&[
+        "run",
+        "--json",
+        "--output",
+        "*.txt",
+        "--out-dir",
+        out_dir.to_str().expect("utf-8"),
+        "--",
+        "/bin/sh",
+        "-c",
+        "echo a > a.txt; echo b > b.txt; mkdir d; echo x > d/x.txt",
+    ]);
+    assert_eq!(fs::read(&victim).expect("victim"), b"keep\n");
+    assert_eq!(
+        entries(&out_dir),
+        ["b.txt", "d"],
+        "something was written: {out:?}"
+    );
+    assert!(
+        entries(&elsewhere).is_empty(),
+        "written through the symlink"
+    );
+    assert_eq!(entries(work.path()), ["elsewhere", "out", "victim.txt"]);
+    assert_eq!(out.status.code(), Some(73), "{out:?}");
+    assert_eq!(json_of(&out)["code"], "out_dir_refused");
+}
+
+#[test]
+fn given_runs_without_out_dir_then_each_job_gets_a_fresh_directory_and_none_is_reused() {
+    let helper = Helper::start(&config(62, ""));
+    let cwd = tempfile::tempdir().expect("tempdir");
+    // A directory left by an earlier helper's job 1 (job ids restart with the helper).
+    let stale = cwd.path().join("sandrun-1");
+    fs::create_dir(&stale).expect("mkdir stale");
+    fs::write(stale.join("out.txt"), b"stale\n").expect("write stale");
+    let mut dirs = Vec::new();
+    for word in ["one", "two"] {
+        let script = format!("echo {word} > out.txt");
+        let args = [
+            "run", "--json", "--output", "out.txt", "--", "/bin/sh", "-c", &script,
+        ];
+        let out = ctl_in(&helper, cwd.path(), &args);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let v = json_of(&out);
+        let dir = v["out_dir"].as_str().expect("out_dir named").to_owned();
+        assert!(dir.starts_with("sandrun-") && !dir.contains('/'), "{v}");
+        let path = cwd.path().join(&dir);
+        assert_eq!(entries(&path), ["out.txt"], "{dir} is not fresh");
+        assert_eq!(
+            fs::read_to_string(path.join("out.txt")).expect("output"),
+            format!("{word}\n")
+        );
+        dirs.push(dir);
+    }
+    assert_ne!(dirs[0], dirs[1]);
+    assert!(!dirs.contains(&"sandrun-1".to_owned()), "{dirs:?}");
+    assert_eq!(fs::read(stale.join("out.txt")).expect("stale"), b"stale\n");
+    assert_eq!(entries(&stale), ["out.txt"]);
+    // Without --output no directory is made.
+    let plain = ctl_in(&helper, cwd.path(), &["run", "--json", "--", "/bin/true"]);
+    assert_eq!(plain.status.code(), Some(0), "{plain:?}");
+    assert_eq!(json_of(&plain)["out_dir"], Value::Null);
+    let mut expected = vec!["sandrun-1".to_owned(), dirs[0].clone(), dirs[1].clone()];
+    expected.sort();
+    assert_eq!(entries(cwd.path()), expected);
 }

@@ -63,9 +63,10 @@ pub(crate) struct RunArgs {
     /// A pattern of files to return after the job exits (repeatable).
     #[arg(long = "output")]
     pub(crate) outputs: Vec<String>,
-    /// Where returned files are written.
-    #[arg(long, default_value = ".")]
-    pub(crate) out_dir: PathBuf,
+    /// Where returned files are written: a directory that does not exist yet or is empty
+    /// (default: a new `./sandrun-<job>/`). Nothing existing is ever overwritten.
+    #[arg(long)]
+    pub(crate) out_dir: Option<PathBuf>,
     /// An extra environment variable, `KEY=VALUE` (repeatable).
     #[arg(long = "env", value_parser = parse_env)]
     pub(crate) env: Vec<(String, String)>,

@@ -7,6 +7,10 @@ use sandrun_ipc::{ChannelError, IpcError};
 
 /// Exit status when the helper refuses a request or the client itself fails.
 pub(crate) const EXIT_CLIENT_ERROR: i32 = 125;
+/// Exit status when the output directory is refused or cannot be made (`EX_CANTCREAT`): it
+/// exists and is not an empty directory, is a symlink, or something appeared in it during the
+/// job. Nothing was written.
+pub(crate) const EXIT_OUT_DIR_REFUSED: i32 = 73;
 
 #[derive(Debug)]
 #[non_exhaustive]
@@ -28,6 +32,8 @@ pub(crate) enum CtlError {
     InputIo { path: PathBuf, source: io::Error },
     /// An output file could not be written safely. (local filesystem or helper)
     Output { path: String, reason: String },
+    /// The output directory is refused or cannot be made. (caller or local filesystem)
+    OutDir { path: PathBuf, reason: String },
 }
 
 impl CtlError {
@@ -40,6 +46,7 @@ impl CtlError {
             CtlError::Protocol { .. } => "protocol_error",
             CtlError::Input { .. } | CtlError::InputIo { .. } => "invalid_input",
             CtlError::Output { .. } => "output_failed",
+            CtlError::OutDir { .. } => "out_dir_refused",
         }
     }
 
@@ -51,7 +58,10 @@ impl CtlError {
         } else {
             eprintln!("sandrunctl: {self}");
         }
-        EXIT_CLIENT_ERROR
+        match self {
+            CtlError::OutDir { .. } => EXIT_OUT_DIR_REFUSED,
+            _ => EXIT_CLIENT_ERROR,
+        }
     }
 }
 
@@ -71,6 +81,9 @@ impl std::fmt::Display for CtlError {
                 write!(f, "reading input {}: {source}", path.display())
             }
             CtlError::Output { path, reason } => write!(f, "output {path}: {reason}"),
+            CtlError::OutDir { path, reason } => {
+                write!(f, "output directory {}: {reason}", path.display())
+            }
         }
     }
 }

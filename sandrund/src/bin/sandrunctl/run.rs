@@ -15,7 +15,7 @@ use crate::bundle::{self, Bundle};
 use crate::cli::RunArgs;
 use crate::conn::{self, Channel, SharedWriter};
 use crate::error::CtlError;
-use crate::outputs::{hex, OutDir, OutFile};
+use crate::outputs::{hex, OutFile, Outputs};
 
 /// Runs the job described by `args` and returns the exit code to use.
 pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlError> {
@@ -24,18 +24,15 @@ pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlE
         None => Bundle::default(),
     };
     let spec = job_spec(args, &bundle)?;
-    let out_dir = if spec.outputs.is_empty() {
-        None
-    } else {
-        Some(OutDir::open(&args.out_dir)?)
-    };
+    // Before anything is submitted: a refused output directory costs no job.
+    let outputs = Outputs::plan(args.out_dir.as_deref(), spec.outputs.clone())?;
     let signals = block_interrupts();
     let mut chan = conn::connect(socket, Role::Submitter)?;
     let submitted = Arc::new(AtomicBool::new(false));
     spawn_canceller(signals, chan.get_ref().writer(), Arc::clone(&submitted));
     upload(&mut chan, spec, &bundle)?;
     submitted.store(true, Ordering::SeqCst);
-    let mut job = JobResult::new(json, out_dir);
+    let mut job = JobResult::new(json, outputs);
     job.receive(&mut chan)?;
     job.finish()
 }
@@ -117,7 +114,8 @@ fn upload(chan: &mut Channel, spec: JobSpec, bundle: &Bundle) -> Result<(), CtlE
 /// Everything received about the job.
 struct JobResult {
     json: bool,
-    out_dir: Option<OutDir>,
+    /// Where output files go; dropped without `commit`, it removes what it wrote.
+    out: Outputs,
     stdout: Vec<u8>,
     stderr: Vec<u8>,
     report: Option<ExitReport>,
@@ -127,10 +125,10 @@ struct JobResult {
 }
 
 impl JobResult {
-    fn new(json: bool, out_dir: Option<OutDir>) -> Self {
+    fn new(json: bool, out: Outputs) -> Self {
         JobResult {
             json,
-            out_dir,
+            out,
             stdout: Vec::new(),
             stderr: Vec::new(),
             report: None,
@@ -153,7 +151,8 @@ impl JobResult {
 
     fn handle(&mut self, resp: Response) -> Result<(), CtlError> {
         match resp {
-            Response::Accepted { .. } | Response::Started { .. } => Ok(()),
+            Response::Accepted { job_id, .. } => self.out.accepted(job_id),
+            Response::Started { .. } => Ok(()),
             Response::Stdout(data) => self.stream(&data, true),
             Response::Stderr(data) => self.stream(&data, false),
             Response::Exited(report) => {
@@ -199,10 +198,13 @@ impl JobResult {
                 "an output file started before the previous one ended",
             ));
         }
+        if !self.out.asked() {
+            return Err(protocol("output file not asked for"));
+        }
         let dir = self
-            .out_dir
-            .as_ref()
-            .ok_or_else(|| protocol("output file not asked for"))?;
+            .out
+            .dir()
+            .ok_or_else(|| protocol("output file before the job was accepted"))?;
         let file = dir.create(header)?;
         self.current = Some(file);
         self.close_if_complete()
@@ -221,7 +223,10 @@ impl JobResult {
         if let Some(file) = self.current.take_if(|f| f.is_complete()) {
             let header = file.finish()?;
             if !self.json {
-                eprintln!("sandrunctl: wrote {} ({} bytes)", header.path, header.size);
+                eprintln!(
+                    "sandrunctl: received {} ({} bytes)",
+                    header.path, header.size
+                );
             }
             self.outputs.push(header);
         }
@@ -239,21 +244,30 @@ impl JobResult {
     }
 
     /// Prints the JSON summary if asked and returns the exit code.
-    fn finish(self) -> Result<i32, CtlError> {
+    fn finish(mut self) -> Result<i32, CtlError> {
         let report = self
             .report
-            .as_ref()
+            .clone()
             .ok_or_else(|| protocol("no exit report"))?;
-        let code = exit_code(report);
+        let code = exit_code(&report);
+        // Every file has been verified: only now does anything appear in the output directory.
+        let out_dir = std::mem::replace(&mut self.out, Outputs::NotAsked).commit()?;
         if self.json {
-            println!("{}", self.to_json(report));
-        } else if report.reason != sandrun_ipc::ExitReason::None {
+            println!("{}", self.to_json(&report, out_dir.as_deref()));
+        } else if let Some(dir) = &out_dir {
+            eprintln!(
+                "sandrunctl: {} output files in {}",
+                self.outputs.len(),
+                dir.display()
+            );
+        }
+        if !self.json && report.reason != sandrun_ipc::ExitReason::None {
             eprintln!("sandrunctl: job ended: {}", report.reason.as_str());
         }
         Ok(code)
     }
 
-    fn to_json(&self, r: &ExitReport) -> serde_json::Value {
+    fn to_json(&self, r: &ExitReport, out_dir: Option<&Path>) -> serde_json::Value {
         let outputs: Vec<_> = self
             .outputs
             .iter()
@@ -275,6 +289,7 @@ impl JobResult {
             "cpu_ms": r.cpu_ms,
             "wall_ms": r.wall_ms,
             "memory_peak_bytes": r.memory_peak_bytes,
+            "out_dir": out_dir.map(|d| d.display().to_string()),
             "outputs": outputs,
             "skipped": skipped,
         })
