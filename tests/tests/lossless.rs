@@ -2,7 +2,8 @@
 //! addresses against a helper with two slots, in which every job the gateway accepted with 200
 //! completes (none ends `internal`) and the helper never answers `Busy`; every environment name
 //! the helper refuses is refused at `/submit` with 400; one address past its share of the queue
-//! gets 429 while another address is still accepted. Each test has its own stack
+//! gets 429 while another address is still accepted; with one slot, a job submitted right after
+//! the previous one's `Done` is never `Busy`. Each test has its own stack
 //! (`config(470 + k, ..)`).
 
 use std::collections::BTreeMap;
@@ -10,9 +11,10 @@ use std::net::Ipv4Addr;
 
 use serde_json::json;
 
-use sandrun_tests::config;
+use sandrun_ipc::ErrorCode;
 use sandrun_tests::hostile::helper_stats;
 use sandrun_tests::stack::{Part, Stack};
+use sandrun_tests::{config, Helper, Job};
 
 /// Source addresses of the flood, and submissions from each.
 const ADDRESSES: u8 = 30;
@@ -172,4 +174,30 @@ fn given_one_address_past_its_queue_share_then_429_while_another_address_is_acce
     assert_eq!(cancel.status, 200, "{}", cancel.text());
     let status = stack.wait_finished(&bystander);
     assert_eq!(status["status"], "completed", "{status}");
+}
+
+#[test]
+fn given_one_slot_when_each_job_is_submitted_right_after_the_previous_done_then_none_is_busy() {
+    sandrun_tests::require_root();
+    // The gateway's pattern with `max_running = max_concurrent`: `Done`, then at once the next
+    // `Submit`. The previous job may still be tearing down (C exiting, cgroup removal); that
+    // must not count against the one slot.
+    let helper = Helper::start(&config(473, "max_concurrent = 1\n"));
+    let mut busy = 0;
+    for i in 0..100 {
+        let out = helper.run(&Job::new(&["/bin/echo", &i.to_string()]));
+        match out.error.as_ref().map(|e| e.code) {
+            Some(ErrorCode::Busy) => busy += 1,
+            None => assert_eq!(
+                out.stdout,
+                format!("{i}\n").as_bytes(),
+                "{}",
+                out.describe()
+            ),
+            Some(other) => panic!("job {i} refused with {other:?}: {}", out.describe()),
+        }
+    }
+    let stats = helper_stats(&helper);
+    assert_eq!(busy, 0, "Busy right after Done: {stats:?}");
+    assert_eq!(stats.jobs_started, 100, "{stats:?}");
 }
