@@ -14,6 +14,8 @@
 //! - Large data (input bundle, logs, output files) travels in chunks of at most
 //!   [`MAX_CHUNK_BYTES`].
 //! - Errors carry stable codes ([`ErrorCode`]).
+//! - The rules both sides apply to environment names and to the size of a job's argv, env and
+//!   output list live once, in [`rules`].
 //!
 //! See `docs/protocol.md` for the conversation.
 
@@ -24,6 +26,7 @@ mod bytes;
 pub mod codec;
 mod error;
 mod message;
+pub mod rules;
 #[cfg(feature = "tokio")]
 pub mod tokio_adapter;
 mod validate;

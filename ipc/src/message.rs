@@ -9,7 +9,7 @@ use crate::error::IpcError;
 use crate::validate::{BundlePath, OutputPattern};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Who a connecting client claims to be. The helper checks the claim against `SO_PEERCRED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,10 +160,13 @@ pub enum ExitReason {
     PidsLimit,
     Cancelled,
     Internal,
+    /// The helper could not take the job (not running, busy or draining) on any of the
+    /// gateway's attempts. Set by the gateway; the helper never reports it.
+    Unavailable,
 }
 
 impl ExitReason {
-    pub const ALL: [ExitReason; 8] = [
+    pub const ALL: [ExitReason; 9] = [
         ExitReason::None,
         ExitReason::Timeout,
         ExitReason::MemoryLimit,
@@ -172,6 +175,7 @@ impl ExitReason {
         ExitReason::PidsLimit,
         ExitReason::Cancelled,
         ExitReason::Internal,
+        ExitReason::Unavailable,
     ];
 
     /// The stable snake_case name used in JSON and logs.
@@ -185,6 +189,7 @@ impl ExitReason {
             ExitReason::PidsLimit => "pids_limit",
             ExitReason::Cancelled => "cancelled",
             ExitReason::Internal => "internal",
+            ExitReason::Unavailable => "unavailable",
         }
     }
 }

@@ -189,8 +189,14 @@ pub struct Config {
     pub max_running: usize,
     /// Jobs waiting in the global queue at most.
     pub queue_capacity: usize,
-    /// Seconds to wait before retrying a job the helper refused as busy.
+    /// Milliseconds to wait before the queue is offered to the helper again after it did not take
+    /// a job (not running, busy, draining); doubled after each such pause in a row.
     pub busy_retry_ms: u64,
+    /// The longest of those pauses, in milliseconds.
+    pub busy_retry_max_ms: u64,
+    /// Attempts to hand a job to the helper; after this many the job fails with reason
+    /// `unavailable`.
+    pub helper_attempts: u32,
     /// Peers whose `X-Forwarded-For` header is believed.
     pub trusted_proxies: Vec<IpAddr>,
     /// Upload body size cap in bytes.
@@ -223,6 +229,8 @@ impl Default for Config {
             max_running: 8,
             queue_capacity: 64,
             busy_retry_ms: 500,
+            busy_retry_max_ms: 8000,
+            helper_attempts: 10,
             trusted_proxies: Vec::new(),
             max_body_bytes: 100 << 20,
             max_concurrent_uploads: 32,
@@ -291,6 +299,14 @@ impl Config {
             (
                 self.queue_capacity == 0,
                 "queue_capacity must be at least 1",
+            ),
+            (
+                self.helper_attempts == 0,
+                "helper_attempts must be at least 1",
+            ),
+            (
+                self.busy_retry_max_ms < self.busy_retry_ms,
+                "busy_retry_max_ms must be at least busy_retry_ms",
             ),
             (
                 self.max_concurrent_uploads == 0,

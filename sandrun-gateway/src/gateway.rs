@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sandrun_ipc::{ExitReason, ExitReport};
 use tokio::sync::{watch, Notify};
 
-use crate::config::Config;
+use crate::config::{ClientShares, Config};
 use crate::helper_client::{self, HelperError, HelperEvent, HelperResult};
 use crate::jobs::{Dispatch, ExitSummary, Finish, JobId, JobStatus, JobTable, MemoryBudget};
 use crate::jobs::{OutputFile, StreamKind};
@@ -35,13 +35,30 @@ pub struct AppState {
     pub metrics: Metrics,
     pub worker_key: WorkerKey,
     wake: Notify,
-    busy_until: Mutex<Option<Instant>>,
+    busy: Mutex<Backoff>,
+}
+
+/// The pause before the queue is offered to the helper again after it could not take a job:
+/// `busy_retry_ms`, doubled after each refusal that came after the last pause ended, up to
+/// `busy_retry_max_ms`; back to the start once the helper accepts a job.
+#[derive(Debug, Default)]
+struct Backoff {
+    until: Option<Instant>,
+    /// Refusals in a row (one per pause).
+    streak: u32,
 }
 
 impl AppState {
     pub fn new(config: Config, worker_key: WorkerKey) -> Arc<AppState> {
         let budget = MemoryBudget::new(config.retention.memory_budget_bytes);
-        let jobs = JobTable::new(config.queue_capacity, budget, config.retention.log_bytes);
+        let share =
+            ClientShares::of_count(config.queue_capacity, config.client_shares.queue_percent);
+        let jobs = JobTable::new(
+            config.queue_capacity,
+            share,
+            budget,
+            config.retention.log_bytes,
+        );
         Arc::new(AppState {
             policy: manifest_policy(&config),
             upload_limits: UploadLimits {
@@ -57,7 +74,7 @@ impl AppState {
             metrics: Metrics::new(),
             worker_key,
             wake: Notify::new(),
-            busy_until: Mutex::new(None),
+            busy: Mutex::new(Backoff::default()),
             config,
         })
     }
@@ -85,26 +102,47 @@ impl AppState {
         }
     }
 
+    fn backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
+        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn busy_pause(&self) -> Option<Duration> {
-        let mut guard = self
-            .busy_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let until = (*guard)?;
+        let mut backoff = self.backoff();
+        let until = backoff.until?;
         let left = until.checked_duration_since(Instant::now());
         if left.is_none() {
-            *guard = None;
+            backoff.until = None;
         }
         left
     }
 
+    /// The helper could not take a job: pause the queue, longer each time in a row. Refusals
+    /// during a pause (jobs sent just before it) do not lengthen it.
     fn set_busy(&self) {
-        let pause = Duration::from_millis(self.config.busy_retry_ms);
-        *self
-            .busy_until
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now() + pause);
+        let mut backoff = self.backoff();
+        let now = Instant::now();
+        if backoff.until.is_some_and(|until| until > now) {
+            return;
+        }
+        let pause = pause_ms(
+            self.config.busy_retry_ms,
+            self.config.busy_retry_max_ms,
+            backoff.streak,
+        );
+        backoff.streak = backoff.streak.saturating_add(1);
+        backoff.until = Some(now + Duration::from_millis(pause));
     }
+
+    /// The helper took a job: the next refusal starts the backoff from the beginning.
+    fn helper_accepted(&self) {
+        self.backoff().streak = 0;
+    }
+}
+
+/// The pause after `streak` earlier pauses in a row: `first` doubled each time, at most `max`.
+fn pause_ms(first: u64, max: u64, streak: u32) -> u64 {
+    let factor = 1u64 << streak.min(16);
+    first.saturating_mul(factor).min(max.max(first))
 }
 
 fn manifest_policy(config: &Config) -> ManifestPolicy {
@@ -139,7 +177,7 @@ pub async fn run_scheduler(state: Arc<AppState>, mut shutdown: watch::Receiver<b
 }
 
 /// Runs one job through the helper and records how it ended.
-async fn run_one(state: Arc<AppState>, dispatch: Dispatch) {
+async fn run_one(state: Arc<AppState>, mut dispatch: Dispatch) {
     let id = dispatch.id;
     let jobs = &state.jobs;
     let metrics = &state.metrics;
@@ -147,7 +185,7 @@ async fn run_one(state: Arc<AppState>, dispatch: Dispatch) {
         HelperEvent::Stdout(data) => jobs.push_output(id, StreamKind::Stdout, data),
         HelperEvent::Stderr(data) => jobs.push_output(id, StreamKind::Stderr, data),
         HelperEvent::Started { spawn_us } => metrics.job_spawned(Duration::from_micros(spawn_us)),
-        HelperEvent::Accepted(_) => {}
+        HelperEvent::Accepted(_) => state.helper_accepted(),
     };
     let socket = &state.config.helper_socket;
     let result = helper_client::run_job(
@@ -158,18 +196,34 @@ async fn run_one(state: Arc<AppState>, dispatch: Dispatch) {
         on_event,
     )
     .await;
-    if let Err(HelperError::Busy(_)) = result {
-        tracing::info!(job = %id, "sandrund is busy; job queued again");
-        state.set_busy();
-        state.jobs.requeue(dispatch);
-        state.wake_scheduler();
-        return;
-    }
     let finish = match result {
         Ok(done) => finish_from_result(&state, id, done),
+        Err(error) if error.is_retryable() => {
+            dispatch.attempts = dispatch.attempts.saturating_add(1);
+            let Some(finish) = retry_or_give_up(&state, dispatch.attempts, &error) else {
+                state.jobs.requeue(dispatch);
+                state.wake_scheduler();
+                return;
+            };
+            finish
+        }
         Err(error) => finish_from_error(&state, &error),
     };
     record_finish(&state, dispatch, finish);
+}
+
+/// The helper never took the job (`error` is retryable) on its `attempts`-th try: `None` if the
+/// job goes back to the front of its queue for another attempt after a pause, or its end (reason
+/// `unavailable`) once `helper_attempts` attempts have been refused.
+fn retry_or_give_up(state: &AppState, attempts: u32, error: &HelperError) -> Option<Finish> {
+    state.set_busy();
+    if attempts < state.config.helper_attempts {
+        tracing::info!(attempts, error = %error, "sandrund did not take the job; queued again");
+        return None;
+    }
+    tracing::warn!(attempts, error = %error, "sandrund did not take the job; giving up");
+    let message = format!("sandrund could not take the job in {attempts} attempts: {error}");
+    Some(failed(state, ExitReason::Unavailable, message))
 }
 
 fn record_finish(state: &AppState, dispatch: Dispatch, finish: Finish) {
@@ -232,6 +286,11 @@ fn finish_from_error(state: &AppState, error: &HelperError) -> Finish {
     if reason == ExitReason::Internal {
         tracing::warn!(error = %message, "job failed in the helper conversation");
     }
+    failed(state, reason, message)
+}
+
+/// A job that ended without a result from the helper.
+fn failed(state: &AppState, reason: ExitReason, message: String) -> Finish {
     let summary = ExitSummary {
         status: JobStatus::Failed,
         reason: Some(reason),
@@ -283,4 +342,17 @@ fn unix_now() -> u64 {
 /// Resolves once `shutdown` is true (or its sender is gone).
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pause_ms;
+
+    #[test]
+    fn given_refusals_in_a_row_then_the_pause_doubles_up_to_the_maximum() {
+        let pauses: Vec<u64> = (0..8).map(|n| pause_ms(500, 8000, n)).collect();
+        assert_eq!(pauses, [500, 1000, 2000, 4000, 8000, 8000, 8000, 8000]);
+        assert_eq!(pause_ms(500, 8000, u32::MAX), 8000);
+        assert_eq!(pause_ms(500, 100, 3), 500, "max below first: first");
+    }
 }

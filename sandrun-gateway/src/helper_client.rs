@@ -1,9 +1,14 @@
 //! The gateway's side of the conversation with `sandrund`: one Unix-socket connection per job.
 //!
-//! Hello → Submit → BundleChunk* → BundleEnd, then Accepted, Started, Stdout/Stderr*, Exited,
-//! (OutputFile OutputChunk*)* and OutputSkipped*, Done. A `Response::Error` at any point ends the
-//! job (`Busy` means "queue it again"). Cancelling drops the connection, which makes the helper
-//! kill the sandbox. The connection closing before `Done` is a failure with reason `internal`.
+//! Hello → Submit, then the helper's verdict: `Accepted` (a slot is reserved) or an error. Only
+//! after `Accepted` does the bundle follow: BundleChunk* → BundleEnd, then Started,
+//! Stdout/Stderr*, Exited, (OutputFile OutputChunk*)* and OutputSkipped*, Done.
+//!
+//! Everything that goes wrong before `Accepted` (no socket, `Busy`, `Draining`, the connection
+//! closing) means the helper never took the job: [`HelperError::is_retryable`] says so, and the
+//! scheduler puts the job back at the front of its queue. A `Response::Error` after that ends the
+//! job. Cancelling drops the connection, which makes the helper kill the sandbox. The connection
+//! closing after `Accepted` and before `Done` is a failure with reason `internal`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +64,11 @@ pub enum HelperError {
     },
     /// Every sandbox slot is busy; the job should wait in the queue again. (Load.)
     Busy(IpcError),
+    /// The helper is draining and takes no new jobs; another helper may. (Operations.)
+    Draining(IpcError),
+    /// The connection broke before the helper accepted the job, at the named step: the job
+    /// never started, so it may be sent again. (Helper restarting, or overloaded.)
+    NotAccepted { step: &'static str, message: String },
     /// The helper refused or failed the job with a typed error.
     Refused(IpcError),
     /// The connection broke or carried something unexpected, at the named step. (Helper's fault.)
@@ -78,6 +88,11 @@ impl std::fmt::Display for HelperError {
                 )
             }
             HelperError::Busy(e) => write!(f, "sandrund is busy: {e}"),
+            HelperError::Draining(e) => write!(f, "sandrund is draining: {e}"),
+            HelperError::NotAccepted { step, message } => write!(
+                f,
+                "connection to sandrund failed while {step}, before it took the job: {message}"
+            ),
             HelperError::Refused(e) => write!(f, "sandrund refused the job: {e}"),
             HelperError::Protocol { step, message } => {
                 write!(f, "connection to sandrund failed while {step}: {message}")
@@ -88,6 +103,20 @@ impl std::fmt::Display for HelperError {
 }
 
 impl std::error::Error for HelperError {}
+
+impl HelperError {
+    /// Whether the helper never took the job, so that sending it again later is safe and the
+    /// job must not be failed for it.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            HelperError::Connect { .. }
+                | HelperError::Busy(_)
+                | HelperError::Draining(_)
+                | HelperError::NotAccepted { .. }
+        )
+    }
+}
 
 /// Builds the helper's job spec from a validated manifest and bundle. Returns the spec and the
 /// file contents in entry order.
@@ -142,7 +171,9 @@ async fn converse(
         })?;
     let mut channel = AsyncClientChannel::new(BufReader::new(stream));
     handshake(&mut channel).await?;
-    send_job(&mut channel, pending).await?;
+    let limits = submit(&mut channel, pending).await?;
+    on_event(HelperEvent::Accepted(limits));
+    send_bundle(&mut channel, pending).await?;
     let exit = receive_run(&mut channel, &mut on_event).await?;
     let inputs = input_files(pending);
     receive_outputs(&mut channel, exit, budget, &inputs).await
@@ -163,8 +194,13 @@ async fn handshake(channel: &mut Channel) -> Result<(), HelperError> {
         protocol_version: PROTOCOL_VERSION,
         role: Role::Submitter,
     };
-    send(channel, Request::Hello(hello), "sending hello").await?;
-    match recv(channel, "waiting for hello").await? {
+    send(channel, Request::Hello(hello), "sending hello")
+        .await
+        .map_err(not_accepted)?;
+    match recv(channel, "waiting for hello")
+        .await
+        .map_err(not_accepted)?
+    {
         Response::Hello(h) if h.protocol_version == PROTOCOL_VERSION => Ok(()),
         Response::Hello(h) => Err(protocol(
             "waiting for hello",
@@ -177,9 +213,39 @@ async fn handshake(channel: &mut Channel) -> Result<(), HelperError> {
     }
 }
 
-async fn send_job(channel: &mut Channel, pending: &PendingJob) -> Result<(), HelperError> {
+/// Sends the job's spec and waits for the helper's verdict: the granted limits, or why not.
+async fn submit(channel: &mut Channel, pending: &PendingJob) -> Result<GrantedLimits, HelperError> {
+    const STEP: &str = "waiting for the helper to accept the job";
     let spec = Box::new(pending.spec.clone());
-    send(channel, Request::Submit(spec), "sending the job spec").await?;
+    send(channel, Request::Submit(spec), "sending the job spec")
+        .await
+        .map_err(not_accepted)?;
+    match recv(channel, STEP).await.map_err(not_accepted)? {
+        Response::Accepted { limits, .. } => Ok(limits),
+        Response::Error(e) => Err(refusal(e)),
+        other => Err(unexpected(STEP, &other)),
+    }
+}
+
+/// A channel failure before the helper accepted the job: it never started.
+fn not_accepted(e: HelperError) -> HelperError {
+    match e {
+        HelperError::Protocol { step, message } => HelperError::NotAccepted { step, message },
+        other => other,
+    }
+}
+
+/// The error a helper's typed refusal means.
+fn refusal(e: IpcError) -> HelperError {
+    match e.code {
+        ErrorCode::Busy => HelperError::Busy(e),
+        ErrorCode::Draining => HelperError::Draining(e),
+        _ => HelperError::Refused(e),
+    }
+}
+
+/// Sends the input files after `Accepted`.
+async fn send_bundle(channel: &mut Channel, pending: &PendingJob) -> Result<(), HelperError> {
     for file in &pending.files {
         for chunk in file.chunks(MAX_CHUNK_BYTES) {
             send(
@@ -201,12 +267,12 @@ async fn receive_run(
     const STEP: &str = "waiting for the job to run";
     loop {
         match recv(channel, STEP).await? {
-            Response::Accepted { limits, .. } => on_event(HelperEvent::Accepted(limits)),
             Response::Started { spawn_us } => on_event(HelperEvent::Started { spawn_us }),
             Response::Stdout(data) => on_event(HelperEvent::Stdout(Bytes::from(data))),
             Response::Stderr(data) => on_event(HelperEvent::Stderr(Bytes::from(data))),
             Response::Exited(report) => return Ok(report),
-            Response::Error(e) if e.code == ErrorCode::Busy => return Err(HelperError::Busy(e)),
+            // A refusal before `Started` (a sandbox that could not be set up) is final: the
+            // helper had taken the job.
             Response::Error(e) => return Err(HelperError::Refused(e)),
             other => return Err(unexpected(STEP, &other)),
         }

@@ -171,6 +171,8 @@ pub struct Job {
     cancel: Arc<Notify>,
     changed: watch::Sender<u64>,
     held: Reservation,
+    /// Times the helper did not take the job (it waited in the queue again after each).
+    helper_attempts: u32,
 }
 
 impl Job {
@@ -205,6 +207,7 @@ impl Job {
             cancel: Arc::new(Notify::new()),
             changed: watch::channel(0).0,
             held,
+            helper_attempts: 0,
         }
     }
 
@@ -317,6 +320,8 @@ pub struct Dispatch {
     pub client: ClientKey,
     pub pending: PendingJob,
     pub cancel: Arc<Notify>,
+    /// Earlier attempts the helper did not take.
+    pub attempts: u32,
 }
 
 /// What `DELETE /jobs/{id}` did.
@@ -356,10 +361,16 @@ pub struct JobTable {
 }
 
 impl JobTable {
-    pub fn new(queue_capacity: usize, budget: Arc<MemoryBudget>, log_cap: u64) -> JobTable {
+    /// A table whose queue holds `queue_capacity` jobs, at most `client_share` of one client.
+    pub fn new(
+        queue_capacity: usize,
+        client_share: usize,
+        budget: Arc<MemoryBudget>,
+        log_cap: u64,
+    ) -> JobTable {
         let inner = Inner {
             jobs: HashMap::new(),
-            queue: FairQueue::new(queue_capacity),
+            queue: FairQueue::new(queue_capacity, client_share),
             running: 0,
         };
         JobTable {
@@ -371,6 +382,11 @@ impl JobTable {
 
     pub fn budget(&self) -> &Arc<MemoryBudget> {
         &self.budget
+    }
+
+    /// Whether `client` could queue one more job now (the global capacity and its share).
+    pub fn queue_room(&self, client: ClientKey) -> Result<(), QueueFull> {
+        self.lock().queue.check_room(&client)
     }
 
     /// Queues a new job; returns its 1-based queue position.
@@ -394,16 +410,19 @@ impl JobTable {
         job.status = JobStatus::Running;
         job.push_event(JobEvent::Status(JobStatus::Running));
         let cancel = Arc::clone(&job.cancel);
+        let attempts = job.helper_attempts;
         inner.running += 1;
         Some(Dispatch {
             id,
             client,
             pending,
             cancel,
+            attempts,
         })
     }
 
-    /// Puts a job the helper refused as busy back at the front of the queue.
+    /// Puts a job the helper did not take back at the front of its client's queue (it keeps its
+    /// place: neither the capacity nor the client's share applies).
     pub fn requeue(&self, dispatch: Dispatch) {
         let mut inner = self.lock();
         inner.running = inner.running.saturating_sub(1);
@@ -412,6 +431,7 @@ impl JobTable {
         };
         job.status = JobStatus::Queued;
         job.pending = Some(dispatch.pending);
+        job.helper_attempts = dispatch.attempts;
         job.push_event(JobEvent::Status(JobStatus::Queued));
         inner.queue.push_front(dispatch.client, dispatch.id);
     }
@@ -659,7 +679,7 @@ mod tests {
 
     #[test]
     fn given_log_cap_when_output_exceeds_it_then_it_is_truncated_and_flagged() {
-        let table = JobTable::new(4, MemoryBudget::new(1 << 20), 5);
+        let table = JobTable::new(4, 4, MemoryBudget::new(1 << 20), 5);
         let job = new_job(&table, client(1));
         let id = job.id;
         table.enqueue(job).unwrap();
@@ -677,7 +697,7 @@ mod tests {
 
     #[test]
     fn given_running_cap_then_take_next_waits_for_a_finish() {
-        let table = JobTable::new(4, MemoryBudget::new(1 << 20), 5);
+        let table = JobTable::new(4, 4, MemoryBudget::new(1 << 20), 5);
         for n in 1..=2 {
             table.enqueue(new_job(&table, client(n))).unwrap();
         }
@@ -709,7 +729,7 @@ mod tests {
 
     #[test]
     fn given_queued_job_when_deleted_then_it_fails_cancelled_and_a_second_delete_removes_it() {
-        let table = JobTable::new(4, MemoryBudget::new(1 << 20), 5);
+        let table = JobTable::new(4, 4, MemoryBudget::new(1 << 20), 5);
         let job = new_job(&table, client(1));
         let id = job.id;
         table.enqueue(job).unwrap();

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use sandrun_ipc::{BundlePath, OutputPattern};
+use sandrun_ipc::{rules, BundlePath, OutputPattern};
 use serde::{Deserialize, Serialize};
 
 use crate::bundle::BundleBuilder;
@@ -29,6 +29,14 @@ pub const MAX_OUTPUTS: usize = 64;
 /// Longest argument, environment name or value, in bytes.
 pub const MAX_STRING_BYTES: usize = 4096;
 
+// The gateway's counts are within the helper's ([`rules`]): argv is the interpreter, the
+// entrypoint and the args.
+const _: () = assert!(
+    MAX_ARGS + 2 <= rules::MAX_ARGS
+        && MAX_ENV <= rules::MAX_ENV
+        && MAX_OUTPUTS <= rules::MAX_OUTPUT_PATTERNS
+);
+
 /// Entry points tried, in order, when the manifest names none, with their interpreters.
 pub const AUTO_ENTRYPOINTS: [(&str, &str); 3] = [
     ("main.py", "python3"),
@@ -36,10 +44,9 @@ pub const AUTO_ENTRYPOINTS: [(&str, &str); 3] = [
     ("run.sh", "bash"),
 ];
 
-/// Environment names the sandbox sets itself; a manifest cannot override them.
-pub const RESERVED_ENV: [&str; 8] = [
-    "PATH", "HOME", "TMPDIR", "USER", "LANG", "PWD", "SHELL", "HOSTNAME",
-];
+/// Environment names the sandbox sets itself; a manifest cannot override them. The helper's
+/// list, from the one place both use.
+pub use sandrun_ipc::rules::RESERVED_ENV;
 
 /// What the deployment allows. The helper clamps again; this gives the client a clear 400 first.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,7 +172,7 @@ impl Manifest {
         }
         let (entrypoint, auto_interpreter) = entrypoint(raw.entrypoint, files)?;
         let interpreter = interpreter(raw.interpreter, &entrypoint, auto_interpreter, policy)?;
-        Ok(Manifest {
+        let manifest = Manifest {
             entrypoint,
             interpreter,
             environment: environment(raw.environment, policy)?,
@@ -190,7 +197,23 @@ impl Manifest {
                 DEFAULT_CPU_SECONDS,
                 policy.max_cpu_seconds,
             )?,
-        })
+        };
+        manifest.check_argv_env_size()?;
+        Ok(manifest)
+    }
+
+    /// The helper's bound on argv and env together ([`rules::MAX_ARGV_ENV_BYTES`]).
+    fn check_argv_env_size(&self) -> Result<(), ManifestError> {
+        if rules::argv_env_bytes(&self.argv(), &self.env) > rules::MAX_ARGV_ENV_BYTES {
+            return Err(ManifestError::new(
+                "args",
+                format!(
+                    "args and env together exceed {} bytes",
+                    rules::MAX_ARGV_ENV_BYTES
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The canonical JSON form hashed into the job hash: every field present, in the fixed order
@@ -363,27 +386,9 @@ fn env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>, ManifestE
     Ok(env.into_iter().collect())
 }
 
+/// The helper's rule for names ([`rules::check_env_name`]), so the two never disagree.
 fn check_env_name(field: &str, name: &str) -> Result<(), ManifestError> {
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') || name.len() > 255 {
-        return Err(ManifestError::new(
-            field,
-            "names must match [A-Za-z_][A-Za-z0-9_]{0,254}",
-        ));
-    }
-    if name.starts_with("LD_") {
-        return Err(ManifestError::new(field, "LD_* variables are not allowed"));
-    }
-    if RESERVED_ENV.contains(&name) {
-        return Err(ManifestError::new(
-            field,
-            "set by the sandbox, it cannot be overridden",
-        ));
-    }
-    Ok(())
+    rules::check_env_name(name).map_err(|e| ManifestError::new(field, e.to_string()))
 }
 
 fn check_string(field: &str, s: &str) -> Result<(), ManifestError> {
@@ -518,7 +523,8 @@ mod tests {
 
     #[test]
     fn given_forbidden_env_names_then_each_is_refused_naming_it() {
-        for name in ["LD_PRELOAD", "PATH", "HOME", "HOSTNAME", "1X", "A-B", ""] {
+        let reserved = sandrun_ipc::rules::RESERVED_ENV;
+        for name in ["LD_PRELOAD", "1X", "A-B", ""].iter().chain(&reserved) {
             let e = err(&format!(
                 r#"{{"entrypoint":"main.py","env":{{"{name}":"x"}}}}"#
             ));

@@ -158,3 +158,22 @@ async fn given_slow_header_sender_then_connection_is_closed_after_header_timeout
     still_healthy(&gw).await;
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn given_every_env_name_the_helper_refuses_then_submit_answers_400_naming_it() {
+    let gw = TestGateway::start().await;
+    let names = sandrun_ipc::rules::RESERVED_ENV
+        .iter()
+        .map(|n| (*n).to_owned())
+        .chain(["LD_AUDIT".to_owned(), "A".repeat(200)]);
+    for name in names {
+        let manifest = serde_json::json!({"entrypoint": "main.py", "env": {&name: "x"}});
+        let form = Multipart::new()
+            .file("main.py", b"out x")
+            .manifest(&manifest.to_string());
+        let message = gw.submit(&form).await.assert_error(StatusCode::BAD_REQUEST);
+        assert!(message.contains(&format!("env.{name}")), "{message}");
+    }
+    assert!(gw.helper.specs().is_empty(), "nothing reached the helper");
+    gw.shutdown().await;
+}

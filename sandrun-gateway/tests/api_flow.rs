@@ -9,8 +9,8 @@ use base64::Engine as _;
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use hyper::StatusCode;
 use sandrun_gateway::signing::{canonical_message, ResultClaim};
-use sandrun_ipc::BundleEntry;
-use support::{Multipart, TestGateway};
+use sandrun_ipc::{BundleEntry, ErrorCode};
+use support::{Multipart, Refusal, TestGateway};
 
 fn bundle_paths(spec: &sandrun_ipc::JobSpec) -> Vec<String> {
     spec.bundle
@@ -253,29 +253,73 @@ async fn given_helper_drops_mid_job_then_job_fails_internal_and_next_job_runs() 
 }
 
 #[tokio::test]
-async fn given_no_helper_listening_then_job_fails_internal_naming_the_socket() {
-    let gw =
-        TestGateway::start_with(|c| c.helper_socket = "/nonexistent/sandrund.sock".into()).await;
+async fn given_no_helper_listening_then_job_is_retried_and_fails_unavailable_naming_the_socket() {
+    let gw = TestGateway::start_with(|c| {
+        c.helper_socket = "/nonexistent/sandrund.sock".into();
+        c.busy_retry_ms = 10;
+        c.busy_retry_max_ms = 20;
+        c.helper_attempts = 3;
+    })
+    .await;
     let id = gw.submit_script("out x").await;
     let status = gw.wait_finished(&id).await;
-    assert_eq!(status["reason"], "internal");
-    assert!(status["message"]
-        .as_str()
-        .unwrap()
-        .contains("/nonexistent/sandrund.sock"));
+    assert_eq!(status["reason"], "unavailable", "{status}");
+    let message = status["message"].as_str().unwrap();
+    assert!(message.contains("/nonexistent/sandrund.sock"), "{message}");
+    assert!(message.contains("3 attempts"), "{message}");
     gw.shutdown().await;
 }
 
 #[tokio::test]
-async fn given_busy_helper_then_job_is_retried_and_completes() {
-    let gw = TestGateway::start_with(|c| c.busy_retry_ms = 50).await;
-    let id = gw.submit_script("busy\nout after busy").await;
-    assert_eq!(gw.wait_finished(&id).await["status"], "completed");
+async fn given_a_helper_that_is_busy_draining_or_closes_before_accepting_then_the_job_waits_and_completes(
+) {
+    let gw = TestGateway::start_with(|c| {
+        c.busy_retry_ms = 10;
+        c.busy_retry_max_ms = 40;
+    })
+    .await;
+    gw.helper.refuse_next([
+        Refusal::Error(ErrorCode::Busy),
+        Refusal::Close,
+        Refusal::Error(ErrorCode::Draining),
+    ]);
+    let id = gw.submit_script("out after refusals").await;
+    let status = gw.wait_finished(&id).await;
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(gw.helper.specs().len(), 4, "three refusals, then the run");
+    let logs = gw.get(&format!("/logs/{id}")).await.json();
+    assert_eq!(logs["stdout"], "after refusals\n", "{logs}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn given_a_helper_that_never_takes_the_job_then_it_fails_unavailable_after_the_attempts() {
+    let gw = TestGateway::start_with(|c| {
+        c.busy_retry_ms = 10;
+        c.busy_retry_max_ms = 20;
+        c.helper_attempts = 3;
+    })
+    .await;
+    gw.helper.refuse_next([
+        Refusal::Close,
+        Refusal::Error(ErrorCode::Busy),
+        Refusal::Close,
+    ]);
+    let id = gw.submit_script("out never").await;
+    let status = gw.wait_finished(&id).await;
+    assert_eq!(
+        (status["status"].as_str(), status["reason"].as_str()),
+        (Some("failed"), Some("unavailable")),
+        "{status}"
+    );
     assert_eq!(
         gw.helper.specs().len(),
-        2,
-        "submitted twice: busy, then run"
+        3,
+        "exactly helper_attempts attempts"
     );
+    // The helper takes jobs again: the next one runs.
+    let next = gw.submit_script("out next").await;
+    assert_eq!(gw.wait_finished(&next).await["status"], "completed");
     gw.shutdown().await;
 }
 

@@ -102,3 +102,48 @@ async fn given_full_queue_then_503_with_retry_after_and_gateway_keeps_serving() 
     assert_eq!(gw.wait_finished(&queued).await["status"], "completed");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn given_a_client_holding_its_queue_share_then_it_gets_429_while_another_client_is_queued() {
+    // 8 positions, 25 % each: a client may hold 2 queued jobs.
+    let gw = TestGateway::start_with(|c| {
+        c.trusted_proxies = vec!["127.0.0.1".parse().unwrap()];
+        c.max_running = 1;
+        c.queue_capacity = 8;
+        c.client_shares.queue_percent = 25;
+        c.client_limits.concurrent_jobs = 100;
+    })
+    .await;
+    let submit_as = |client: &'static str, script: &'static str| {
+        let form = support::Multipart::script(script);
+        let ct = format!("multipart/form-data; boundary={}", form.boundary);
+        let headers = [("content-type", ct.as_str()), ("x-forwarded-for", client)];
+        support::build(hyper::Method::POST, "/submit", &headers, form.body())
+    };
+    let running = gw.request(submit_as("198.51.100.1", "sleep 30000")).await;
+    assert_eq!(running.status, StatusCode::OK, "{}", running.text());
+    let running = running.json()["job_id"].as_str().unwrap().to_owned();
+    for _ in 0..100 {
+        if gw.get(&format!("/status/{running}")).await.json()["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for _ in 0..2 {
+        let queued = gw.request(submit_as("198.51.100.1", "out queued")).await;
+        assert_eq!(queued.status, StatusCode::OK, "{}", queued.text());
+    }
+    let refused = gw.request(submit_as("198.51.100.1", "out refused")).await;
+    let message = refused.assert_error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(message.contains("queue share"), "{message}");
+    assert!(message.contains("queue_percent"), "{message}");
+    assert!(refused.header("retry-after").is_some());
+    assert!(gw.state.metrics.rejections("queue_share") >= 1);
+    let other = gw.request(submit_as("198.51.100.2", "out bystander")).await;
+    assert_eq!(other.status, StatusCode::OK, "{}", other.text());
+    assert_eq!(other.json()["queue_position"], 2, "{}", other.text());
+    gw.delete(&format!("/jobs/{running}")).await;
+    let bystander = other.json()["job_id"].as_str().unwrap().to_owned();
+    assert_eq!(gw.wait_finished(&bystander).await["status"], "completed");
+    gw.shutdown().await;
+}

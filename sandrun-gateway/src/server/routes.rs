@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::gateway::AppState;
 use crate::helper_client::job_spec;
 use crate::jobs::{DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind};
+use crate::queue::QueueFull;
 use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::timed_body;
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
@@ -168,7 +169,7 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
     let client = client_key(state, peer, &req);
     let idle = Duration::from_millis(state.config.http.body_idle_timeout_ms);
     let early = check_quota(state, client)
-        .and_then(|()| check_queue_room(state))
+        .and_then(|()| check_queue_room(state, client))
         .and_then(|()| check_declared_length(state, &req));
     if let Err(refusal) = early {
         drain_small_body(&mut timed_body(req.into_body(), idle)).await;
@@ -284,10 +285,12 @@ fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
             state.metrics.rejected(refusal.kind.as_str());
             quota_error(refusal)
         })?;
-    let Ok(position) = state.jobs.enqueue(job) else {
-        state.limiter().unadmit(client);
-        state.metrics.rejected("queue_full");
-        return Err(ApiError::unavailable("the queue is full", LOAD_RETRY));
+    let position = match state.jobs.enqueue(job) {
+        Ok(position) => position,
+        Err(full) => {
+            state.limiter().unadmit(client);
+            return Err(queue_refusal(state, full));
+        }
     };
     state.metrics.job_submitted();
     state.wake_scheduler();
@@ -316,13 +319,31 @@ fn quota_error(refusal: crate::ratelimit::Refusal) -> ApiError {
         .with_quota(refusal.header)
 }
 
-fn check_queue_room(state: &AppState) -> Result<(), ApiError> {
-    let counts = state.jobs.counts();
-    if counts.queued >= counts.queue_capacity {
-        state.metrics.rejected("queue_full");
-        return Err(ApiError::unavailable("the queue is full", LOAD_RETRY));
+fn check_queue_room(state: &AppState, client: ClientKey) -> Result<(), ApiError> {
+    state
+        .jobs
+        .queue_room(client)
+        .map_err(|full| queue_refusal(state, full))
+}
+
+/// The answer to a job the queue cannot take: 503 when it is full for everyone, 429 when this
+/// client already holds its share of it.
+fn queue_refusal(state: &AppState, full: QueueFull) -> ApiError {
+    match full {
+        QueueFull::Total => {
+            state.metrics.rejected("queue_full");
+            ApiError::unavailable("the queue is full", LOAD_RETRY)
+        }
+        QueueFull::ClientShare(share) => {
+            state.metrics.rejected("queue_share");
+            let capacity = state.config.queue_capacity;
+            let message = format!(
+                "queue share exceeded: this client already has {share} of the queue's {capacity} \
+                 positions (client_shares.queue_percent); wait for one of its jobs to start"
+            );
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, message).with_retry_after(LOAD_RETRY)
+        }
     }
-    Ok(())
 }
 
 fn check_declared_length(state: &AppState, req: &Request<Incoming>) -> Result<(), ApiError> {

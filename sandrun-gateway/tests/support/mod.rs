@@ -3,12 +3,13 @@
 //!
 //! The fake helper "runs" a job by interpreting its entrypoint file as a tiny script, one command
 //! per line: `out TEXT`, `err TEXT`, `sleep MS`, `exit N`, `reason NAME`, `cpu MS`,
-//! `file PATH CONTENT`, `skip PATH`, `drop` (close the connection mid-job), `busy` (answer
-//! `Busy` once per job).
+//! `file PATH CONTENT`, `skip PATH`, `drop` (close the connection mid-job). Like `sandrund`, it
+//! gives its verdict on a `Submit` before the bundle: `Accepted`, or the next of the refusals a
+//! test queued with [`FakeHelper::refuse_next`].
 
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -41,7 +42,16 @@ pub struct HelperLog {
     pub specs: Vec<JobSpec>,
     /// Labels of jobs whose connection the gateway closed before `Done` (cancel).
     pub closed_early: Vec<String>,
-    busy_done: HashSet<String>,
+    refusals: VecDeque<Refusal>,
+}
+
+/// How the fake helper turns a `Submit` down.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    /// Answers this error and closes, as `sandrund` does when it is busy or draining.
+    Error(ErrorCode),
+    /// Closes without an answer, as a helper that dies or restarts does.
+    Close,
 }
 
 pub struct FakeHelper {
@@ -71,6 +81,12 @@ impl FakeHelper {
         self.task.abort();
     }
 
+    /// Turns the next submissions down, one refusal each, in order.
+    pub fn refuse_next(&self, refusals: impl IntoIterator<Item = Refusal>) {
+        self.log.lock().unwrap().refusals.extend(refusals);
+    }
+
+    /// Specs of every `Submit` seen, refused or not.
     pub fn specs(&self) -> Vec<JobSpec> {
         self.log.lock().unwrap().specs.clone()
     }
@@ -95,6 +111,37 @@ async fn serve_job(stream: UnixStream, log: Arc<Mutex<HelperLog>>, id: u64) {
     let Ok(IpcRequest::Submit(spec)) = ch.recv().await else {
         return;
     };
+    log.lock().unwrap().specs.push((*spec).clone());
+    let refusal = log.lock().unwrap().refusals.pop_front();
+    match refusal {
+        Some(Refusal::Error(code)) => {
+            let _ = ch
+                .send(&IpcResponse::Error(IpcError::new(
+                    code,
+                    "refused by the fake",
+                )))
+                .await;
+            return;
+        }
+        Some(Refusal::Close) => return,
+        None => {}
+    }
+    let limits = GrantedLimits {
+        wall_ms: 1000,
+        memory_bytes: 1 << 20,
+        cpu_ms: 1000,
+        pids: 8,
+        output_bytes: 1 << 20,
+        tmpfs_bytes: 1 << 20,
+        file_count: 100,
+    };
+    let accepted = IpcResponse::Accepted {
+        job_id: JobId(id),
+        limits,
+    };
+    if ch.send(&accepted).await.is_err() {
+        return;
+    }
     let mut bundle = Vec::new();
     loop {
         match ch.recv().await {
@@ -118,15 +165,7 @@ async fn serve_job(stream: UnixStream, log: Arc<Mutex<HelperLog>>, id: u64) {
     );
     let script = entrypoint_text(&spec, &bundle);
     let label = spec.label.clone();
-    log.lock().unwrap().specs.push((*spec).clone());
-    if script.lines().any(|l| l.trim() == "busy")
-        && log.lock().unwrap().busy_done.insert(label.clone())
-    {
-        let busy = IpcError::new(ErrorCode::Busy, "all slots busy");
-        let _ = ch.send(&IpcResponse::Error(busy)).await;
-        return;
-    }
-    let finished = run_script(&mut ch, &script, id).await;
+    let finished = run_script(&mut ch, &script).await;
     if !finished {
         log.lock().unwrap().closed_early.push(label);
     }
@@ -149,26 +188,7 @@ fn entrypoint_text(spec: &JobSpec, bundle: &[u8]) -> String {
 }
 
 /// Returns false if the gateway closed the connection before the job finished.
-async fn run_script(ch: &mut HelperChannel, script: &str, id: u64) -> bool {
-    let limits = GrantedLimits {
-        wall_ms: 1000,
-        memory_bytes: 1 << 20,
-        cpu_ms: 1000,
-        pids: 8,
-        output_bytes: 1 << 20,
-        tmpfs_bytes: 1 << 20,
-        file_count: 100,
-    };
-    if ch
-        .send(&IpcResponse::Accepted {
-            job_id: JobId(id),
-            limits,
-        })
-        .await
-        .is_err()
-    {
-        return false;
-    }
+async fn run_script(ch: &mut HelperChannel, script: &str) -> bool {
     if ch
         .send(&IpcResponse::Started { spawn_us: 1500 })
         .await

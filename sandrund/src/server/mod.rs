@@ -528,22 +528,36 @@ impl Server {
         };
     }
 
-    /// A free slot, if fewer than `max_concurrent` are in use.
+    /// A free slot, if fewer than `max_concurrent` jobs are live.
+    ///
+    /// A live job is one receiving its bundle, running, or streaming its outputs (it still holds
+    /// its tmpfs): at most `max_concurrent` of them exist. A job whose `Done` has been sent is
+    /// not live: its processes are all gone (C reports the status only after it has killed and
+    /// reaped the rest), and only its cgroup's removal, or C's own exit, may still be pending.
+    /// Such a slot keeps its uid until then (a uid is never reused while it may own anything),
+    /// but it does not count against the cap, so a client that got `Done` and submits at once
+    /// is not told `Busy`. The uids (`slot_count >= max_concurrent`) run out only if teardowns
+    /// are stuck.
     fn reserve_slot(&mut self) -> Option<u32> {
-        // A finished job whose outputs are still being sent holds its tmpfs: it counts against
-        // the concurrency cap until the stream ends, so at most max_concurrent tmpfs exist.
-        let streaming = self
-            .conns
-            .values()
-            .filter(|c| matches!(c.state, State::Outputs(_)))
-            .count();
-        let used = self.slots.iter().filter(|s| **s).count() + streaming;
-        if used >= self.cfg.max_concurrent as usize {
+        if self.live_jobs() >= self.cfg.max_concurrent as usize {
             return None;
         }
         let i = self.slots.iter().position(|s| !s)?;
         self.slots[i] = true;
         u32::try_from(i).ok()
+    }
+
+    /// Jobs that count against `max_concurrent` (see [`Server::reserve_slot`]).
+    fn live_jobs(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|c| {
+                matches!(
+                    c.state,
+                    State::Bundle { .. } | State::Running(_) | State::Outputs(_)
+                )
+            })
+            .count()
     }
 
     fn start_job(

@@ -8,17 +8,7 @@ use sandrun_ipc::{BundleEntry, GrantedLimits, JobSpec, Limits, OutputPattern};
 
 use crate::config::{Config, LimitSet};
 
-/// Most arguments, environment variables and output patterns a job may have.
-pub const MAX_ARGS: usize = 1024;
-pub const MAX_ENV: usize = 128;
-pub const MAX_OUTPUT_PATTERNS: usize = 64;
-/// Most bytes of argv plus environment.
-pub const MAX_ARGV_ENV_BYTES: usize = 128 * 1024;
-
-/// Variables the sandbox sets and a request may not override.
-const RESERVED_ENV: &[&str] = &[
-    "PATH", "HOME", "TMPDIR", "USER", "LOGNAME", "LANG", "PWD", "SHELL", "HOSTNAME", "TERM",
-];
+use sandrun_ipc::rules::{self, MAX_ARGS, MAX_ARGV_ENV_BYTES, MAX_ENV, MAX_OUTPUT_PATTERNS};
 
 /// A request that passed validation.
 #[derive(Debug)]
@@ -52,12 +42,9 @@ pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
     let limits = clamp(&spec.limits, &cfg.defaults, &cfg.maxima)?;
     let argv = validate_argv(cfg, &spec.argv)?;
     let env = build_env(&spec.env)?;
-    let argv_env_bytes: usize = argv
-        .iter()
-        .chain(env.iter())
-        .map(|s| s.as_bytes_with_nul().len())
-        .sum();
-    if argv_env_bytes > MAX_ARGV_ENV_BYTES {
+    // The job's own argv and env, as the gateway counted them (the same rule): the interpreter's
+    // path and the sandbox's fixed variables are the helper's, and small.
+    if rules::argv_env_bytes(&spec.argv, &spec.env) > MAX_ARGV_ENV_BYTES {
         return Err(invalid(format!(
             "argv and env exceed {MAX_ARGV_ENV_BYTES} bytes"
         )));
@@ -168,13 +155,6 @@ fn validate_argv(cfg: &Config, argv: &[String]) -> Result<Vec<CString>, RequestE
     Ok(out)
 }
 
-fn valid_env_key(k: &str) -> bool {
-    let mut chars = k.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && k.len() <= 128
-}
-
 /// The sandbox's fixed variables plus the request's allowed ones. Nothing from the helper's own
 /// environment is passed.
 fn build_env(extra: &[(String, String)]) -> Result<Vec<CString>, RequestError> {
@@ -194,11 +174,8 @@ fn build_env(extra: &[(String, String)]) -> Result<Vec<CString>, RequestError> {
     ];
     let mut seen = HashSet::new();
     for (k, v) in extra {
-        if !valid_env_key(k) {
-            return Err(invalid(format!("env key {k:?} is not a valid name")));
-        }
-        if k.starts_with("LD_") || RESERVED_ENV.contains(&k.as_str()) {
-            return Err(invalid(format!("env key {k} may not be set")));
+        if let Err(e) = rules::check_env_name(k) {
+            return Err(invalid(format!("env key {k:?} may not be set: {e}")));
         }
         if !seen.insert(k.as_str()) {
             return Err(invalid(format!("env key {k} is repeated")));
@@ -380,6 +357,11 @@ mod tests {
         ] {
             let mut s = spec(&["/bin/true"]);
             s.env = vec![(k.into(), v.into())];
+            assert!(validate(&cfg(), s).is_err(), "{k} accepted");
+        }
+        for k in sandrun_ipc::rules::RESERVED_ENV {
+            let mut s = spec(&["/bin/true"]);
+            s.env = vec![(k.into(), "x".into())];
             assert!(validate(&cfg(), s).is_err(), "{k} accepted");
         }
         let mut s = spec(&["/bin/true"]);

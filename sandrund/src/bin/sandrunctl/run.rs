@@ -103,8 +103,15 @@ fn spawn_canceller(signals: SigSet, writer: SharedWriter, submitted: Arc<AtomicB
     });
 }
 
+/// Sends the job, waits for the helper's verdict (`Accepted`, or its error such as `busy`), and
+/// only then the input files.
 fn upload(chan: &mut Channel, spec: JobSpec, bundle: &Bundle) -> Result<(), CtlError> {
+    const STEP: &str = "waiting for the helper to accept the job";
     conn::send(chan, &Request::Submit(Box::new(spec)), "sending the job")?;
+    match conn::recv(chan, STEP)? {
+        Response::Accepted { .. } => {}
+        other => return Err(conn::unexpected(STEP, &other)),
+    }
     bundle::stream_files(&bundle.files, |chunk| {
         conn::send(chan, &Request::BundleChunk(chunk), "sending input files")
     })?;

@@ -1,0 +1,139 @@
+//! The one place for the rules both sides apply to the names in a job: environment variable
+//! names, and the number and size of arguments, variables and output patterns. Paths and output
+//! patterns are their own validated types ([`crate::BundlePath`], [`crate::OutputPattern`]).
+//!
+//! The gateway checks a manifest against these rules so that a job the helper would refuse is
+//! refused at `/submit` with a 400; the helper checks every request against the same rules again,
+//! because it trusts nobody. Keeping one list here is what makes the two agree.
+
+/// Variables the sandbox sets itself (or that describe the sandbox's terminal and user); a job
+/// may not set them.
+pub const RESERVED_ENV: [&str; 10] = [
+    "PATH", "HOME", "TMPDIR", "USER", "LOGNAME", "LANG", "PWD", "SHELL", "HOSTNAME", "TERM",
+];
+
+/// Prefixes of variable names a job may not set (the dynamic loader's `LD_PRELOAD` and kin).
+pub const RESERVED_ENV_PREFIXES: [&str; 1] = ["LD_"];
+
+/// Longest environment variable name, in bytes.
+pub const MAX_ENV_NAME_BYTES: usize = 128;
+
+/// Most arguments (`argv`, including `argv[0]`) a job may have.
+pub const MAX_ARGS: usize = 1024;
+
+/// Most extra environment variables a job may have.
+pub const MAX_ENV: usize = 128;
+
+/// Most output patterns a job may have.
+pub const MAX_OUTPUT_PATTERNS: usize = 64;
+
+/// Most bytes of the job's own arguments and variables together, counted as the kernel does
+/// (`arg\0` and `NAME=value\0`). The helper adds its few fixed variables and the interpreter's
+/// path on top, which it controls.
+pub const MAX_ARGV_ENV_BYTES: usize = 128 * 1024;
+
+/// Why an environment variable name is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EnvNameError {
+    /// Not `[A-Za-z_][A-Za-z0-9_]*` of at most [`MAX_ENV_NAME_BYTES`] bytes.
+    Malformed,
+    /// One of [`RESERVED_ENV`].
+    Reserved,
+    /// Starts with one of [`RESERVED_ENV_PREFIXES`].
+    ReservedPrefix(&'static str),
+}
+
+impl std::fmt::Display for EnvNameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnvNameError::Malformed => write!(
+                f,
+                "names must match [A-Za-z_][A-Za-z0-9_]* and be at most {MAX_ENV_NAME_BYTES} bytes"
+            ),
+            EnvNameError::Reserved => write!(f, "set by the sandbox, it cannot be overridden"),
+            EnvNameError::ReservedPrefix(p) => write!(f, "{p}* variables are not allowed"),
+        }
+    }
+}
+
+impl std::error::Error for EnvNameError {}
+
+/// Checks one environment variable name a job asks for.
+///
+/// ```
+/// use sandrun_ipc::rules::{check_env_name, EnvNameError};
+/// assert_eq!(check_env_name("GREETING"), Ok(()));
+/// assert_eq!(check_env_name("TERM"), Err(EnvNameError::Reserved));
+/// assert_eq!(check_env_name("LD_PRELOAD"), Err(EnvNameError::ReservedPrefix("LD_")));
+/// assert_eq!(check_env_name("A=B"), Err(EnvNameError::Malformed));
+/// ```
+pub fn check_env_name(name: &str) -> Result<(), EnvNameError> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !first_ok || !rest_ok || name.len() > MAX_ENV_NAME_BYTES {
+        return Err(EnvNameError::Malformed);
+    }
+    if let Some(p) = RESERVED_ENV_PREFIXES.iter().find(|p| name.starts_with(*p)) {
+        return Err(EnvNameError::ReservedPrefix(p));
+    }
+    if RESERVED_ENV.contains(&name) {
+        return Err(EnvNameError::Reserved);
+    }
+    Ok(())
+}
+
+/// The bytes `argv` and `env` take as the kernel counts them (each with its NUL, a variable as
+/// `NAME=value`), to compare with [`MAX_ARGV_ENV_BYTES`].
+pub fn argv_env_bytes(argv: &[String], env: &[(String, String)]) -> usize {
+    let args: usize = argv.iter().map(|a| a.len() + 1).sum();
+    let vars: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+    args.saturating_add(vars)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_every_reserved_name_then_it_is_refused_and_ordinary_names_pass() {
+        for name in RESERVED_ENV {
+            assert_eq!(check_env_name(name), Err(EnvNameError::Reserved), "{name}");
+        }
+        for name in ["LD_PRELOAD", "LD_LIBRARY_PATH", "LD_"] {
+            assert_eq!(
+                check_env_name(name),
+                Err(EnvNameError::ReservedPrefix("LD_"))
+            );
+        }
+        for name in [
+            "",
+            "1X",
+            "A-B",
+            "A=B",
+            "É",
+            &"A".repeat(MAX_ENV_NAME_BYTES + 1),
+        ] {
+            assert_eq!(check_env_name(name), Err(EnvNameError::Malformed), "{name}");
+        }
+        for name in [
+            "GREETING",
+            "_X",
+            "term",
+            "A_1",
+            &"A".repeat(MAX_ENV_NAME_BYTES),
+        ] {
+            assert_eq!(check_env_name(name), Ok(()), "{name}");
+        }
+    }
+
+    #[test]
+    fn given_argv_and_env_then_bytes_are_counted_with_their_nuls() {
+        let argv = vec!["python3".to_owned(), "main.py".to_owned()];
+        let env = vec![("A".to_owned(), "xy".to_owned())];
+        assert_eq!(argv_env_bytes(&argv, &env), 8 + 8 + 5);
+    }
+}
