@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
 use sandrun_ipc::{
-    BundlePath, ExitReport, JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern,
+    BundlePath, ExitReport, JobId, JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern,
     Request, Response, Role, SkipKind,
 };
 
@@ -30,7 +30,8 @@ pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlE
     let mut chan = conn::connect(socket, Role::Submitter)?;
     let submitted = Arc::new(AtomicBool::new(false));
     spawn_canceller(signals, chan.get_ref().writer(), Arc::clone(&submitted));
-    upload(&mut chan, spec, &bundle)?;
+    let mut outputs = outputs;
+    upload(&mut chan, spec, &bundle, |job_id| outputs.accepted(job_id))?;
     submitted.store(true, Ordering::SeqCst);
     let mut job = JobResult::new(json, outputs);
     job.receive(&mut chan)?;
@@ -103,13 +104,19 @@ fn spawn_canceller(signals: SigSet, writer: SharedWriter, submitted: Arc<AtomicB
     });
 }
 
-/// Sends the job, waits for the helper's verdict (`Accepted`, or its error such as `busy`), and
-/// only then the input files.
-fn upload(chan: &mut Channel, spec: JobSpec, bundle: &Bundle) -> Result<(), CtlError> {
+/// Sends the job, waits for the helper's verdict (`Accepted`, or its error such as `busy`),
+/// hands the accepted job's id to `accepted` (which makes the output directory), and only then
+/// sends the input files.
+fn upload(
+    chan: &mut Channel,
+    spec: JobSpec,
+    bundle: &Bundle,
+    accepted: impl FnOnce(JobId) -> Result<(), CtlError>,
+) -> Result<(), CtlError> {
     const STEP: &str = "waiting for the helper to accept the job";
     conn::send(chan, &Request::Submit(Box::new(spec)), "sending the job")?;
     match conn::recv(chan, STEP)? {
-        Response::Accepted { .. } => {}
+        Response::Accepted { job_id, .. } => accepted(job_id)?,
         other => return Err(conn::unexpected(STEP, &other)),
     }
     bundle::stream_files(&bundle.files, |chunk| {
@@ -158,7 +165,6 @@ impl JobResult {
 
     fn handle(&mut self, resp: Response) -> Result<(), CtlError> {
         match resp {
-            Response::Accepted { job_id, .. } => self.out.accepted(job_id),
             Response::Started { .. } => Ok(()),
             Response::Stdout(data) => self.stream(&data, true),
             Response::Stderr(data) => self.stream(&data, false),
