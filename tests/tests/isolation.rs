@@ -210,6 +210,22 @@ fn given_job_watching_a_system_dir_when_another_job_opens_a_file_there_then_no_e
 }
 
 #[test]
+fn given_job_watching_dev_null_when_another_job_opens_it_then_no_event_reaches_it() {
+    let helper = Helper::start(&config(14, ""));
+    let watch = Job::probe(&["inotify", "/dev/null", ".", "4000"]);
+    // Every job's stdin is /dev/null; the probe opens it once more.
+    let open = Job::probe(&["open", "/dev/null"]);
+    let (watcher, opener) = concurrently(&helper, &watch, &open);
+    assert_eq!(opener["ok"], true, "{opener}");
+    assert_eq!(watcher["control_seen"], true, "{watcher}");
+    assert_eq!(
+        watcher["foreign"],
+        serde_json::json!([]),
+        "another job's (or the host's) opens of /dev/null reached the watcher: {watcher}"
+    );
+}
+
+#[test]
 fn given_job_holding_flock_on_a_system_file_then_another_jobs_flock_still_succeeds() {
     let helper = Helper::start(&config(11, ""));
     let hold = Job::probe(&["flock", "/usr/bin/env", "4000"]);

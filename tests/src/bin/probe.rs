@@ -496,6 +496,7 @@ fn millis(arg: Option<&String>) -> std::time::Duration {
 /// Watches `dir` with inotify (open, access, close) for `ms` milliseconds (or until an event for
 /// `file` arrives) and reports the names it saw (`foreign`: not caused by this job). Then, as a
 /// control that the watch works, opens `dir/file` itself and reports whether that was seen.
+/// `file` `.` watches `dir` as a file itself (a device, say): its events carry the name `.`.
 fn inotify(dir: &str, file: Option<&String>, ms: Option<&String>) -> Value {
     let Some(file) = file else {
         return json!({ "error": "inotify <dir> <file> <ms>" });
@@ -520,7 +521,11 @@ fn inotify(dir: &str, file: Option<&String>, ms: Option<&String>) -> Value {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     foreign.extend(inotify_names(fd));
-    let control_opened = std::fs::read(format!("{dir}/{file}")).is_ok();
+    let control_path = match file.as_str() {
+        "." => dir.to_owned(),
+        name => format!("{dir}/{name}"),
+    };
+    let control_opened = std::fs::File::open(control_path).is_ok();
     let control = inotify_names(fd);
     json!({
         "ok": true,
@@ -555,7 +560,12 @@ fn inotify_names(fd: i32) -> Vec<String> {
             let len = usize::try_from(len).unwrap_or(0);
             let name = &buf[at + header..(at + header + len).min(n)];
             let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
-            names.push(String::from_utf8_lossy(&name[..end]).into_owned());
+            let name = match end {
+                // An event on the watched file itself.
+                0 => ".".to_owned(),
+                _ => String::from_utf8_lossy(&name[..end]).into_owned(),
+            };
+            names.push(name);
             at += header + len;
         }
     }
