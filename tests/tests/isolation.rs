@@ -292,3 +292,25 @@ fn given_job_when_reading_init_cmdline_then_it_is_not_the_helpers() {
     assert_eq!(r["init_cmdline"], "sandrun-init\0", "{r}");
     assert_eq!(r["init_comm"], "sandrun-init\n", "{r}");
 }
+
+#[test]
+fn given_two_jobs_with_the_same_template_when_one_holds_flock_on_its_file_then_the_others_succeeds()
+{
+    let templates = tempfile::tempdir().expect("template dir");
+    std::fs::create_dir(templates.path().join("py")).expect("mkdir");
+    std::fs::write(templates.path().join("py/lib.py"), "x = 1\n").expect("write");
+    let extra = format!("template_dir = \"{}\"", templates.path().display());
+    let helper = Helper::start(&config(15, &extra));
+    let with_template = |args: &[&str]| {
+        let mut job = Job::probe(args);
+        job.spec.template = Some("py".to_owned());
+        job
+    };
+    let hold = with_template(&["flock", "/env/lib.py", "4000"]);
+    let try_lock = with_template(&["flock", "/env/lib.py", "0"]);
+    let (holder, other) = concurrently(&helper, &hold, &try_lock);
+    for r in [&holder, &other] {
+        assert_eq!(r["first"], 0, "flock(LOCK_EX|LOCK_NB) failed: {r}");
+        assert_eq!(r["second"], libc::EWOULDBLOCK, "{r}");
+    }
+}

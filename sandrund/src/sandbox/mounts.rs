@@ -156,7 +156,7 @@ fn resize_tmpfs_root(root: &Path, limits: &GrantedLimits) -> Result<(), SetupErr
 
 fn overlay_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
     let step = SetupStep::OverlaySystemDirs;
-    let empty = EmptyLayer::create(root)?;
+    let empty = EmptyLayer::create(root, step)?;
     if mirror(Path::new("/usr"), &root.join("usr"), &empty, step)? != Mirrored::Dir {
         return Err(fail(step, libc::ENOTDIR, "/usr"));
     }
@@ -178,17 +178,18 @@ fn overlay_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
 /// reference, and the job never sees it.
 struct EmptyLayer {
     path: std::path::PathBuf,
+    step: SetupStep,
 }
 
 impl EmptyLayer {
-    fn create(root: &Path) -> Result<EmptyLayer, SetupError> {
+    fn create(root: &Path, step: SetupStep) -> Result<EmptyLayer, SetupError> {
         let path = root.join(".sandrun-empty");
-        make_dir(&path, 0o555, SetupStep::OverlaySystemDirs)?;
-        Ok(EmptyLayer { path })
+        make_dir(&path, 0o555, step)?;
+        Ok(EmptyLayer { path, step })
     }
 
     fn remove(self) -> Result<(), SetupError> {
-        std::fs::remove_dir(&self.path).map_err(io_at(SetupStep::OverlaySystemDirs, &self.path))
+        std::fs::remove_dir(&self.path).map_err(io_at(self.step, &self.path))
     }
 }
 
@@ -235,7 +236,7 @@ fn write_etc(root: &Path) -> Result<(), SetupError> {
     for (name, text) in etc::fixed() {
         write_new_file(&dir.join(name), text.as_bytes(), step)?;
     }
-    let empty = EmptyLayer::create(root)?;
+    let empty = EmptyLayer::create(root, step)?;
     for name in etc::MIRRORED {
         mirror(&Path::new("/etc").join(name), &dir.join(name), &empty, step)?;
     }
@@ -413,11 +414,24 @@ impl DeviceNodes {
 
 /// Attaches the job's template at `/env`: a detached mount (`open_tree(OPEN_TREE_CLONE)`) the
 /// helper made of `<template_dir>/<name>` for this job, already read-only, nosuid and nodev.
+/// The job gets a private read-only overlay of it, like the system directories: jobs with the
+/// same template see the same files but not the same inodes. The tree is attached at a
+/// temporary point, overlaid, then detached (the overlay keeps its own reference); a mount
+/// nested inside the template is not part of the overlay (overlayfs does not cross mounts).
 fn attach_template(tree: OwnedFd) -> Result<(), SetupError> {
     let step = SetupStep::BindTemplate;
-    let target = Path::new("/env");
-    make_dir(target, 0o755, step)?;
-    sys::move_mount_here(&tree, target).map_err(|e| fail(step, e, "attach /env"))
+    let root = Path::new("/");
+    let target = root.join("env");
+    make_dir(&target, 0o755, step)?;
+    let lower = root.join(".sandrun-template");
+    make_dir(&lower, 0o700, step)?;
+    sys::move_mount_here(&tree, &lower).map_err(|e| fail(step, e, "attach the template"))?;
+    drop(tree);
+    let empty = EmptyLayer::create(root, step)?;
+    overlay_readonly(&lower, &target, &empty, step)?;
+    empty.remove()?;
+    umount2(&lower, MntFlags::MNT_DETACH).map_err(at(step, "detach the template"))?;
+    std::fs::remove_dir(&lower).map_err(io_at(step, &lower))
 }
 
 fn open_dir_path(path: &Path, step: SetupStep) -> Result<OwnedFd, SetupError> {
