@@ -574,6 +574,43 @@ mod tests {
     }
 
     #[test]
+    fn given_plain_paths_when_overlay_options_are_built_then_both_layers_and_no_redirects() {
+        let options = overlay_options(Path::new("/usr"), Path::new("/run/r/.sandrun-empty"));
+        assert_eq!(
+            options.as_deref(),
+            Some(
+                "lowerdir=/usr:/run/r/.sandrun-empty,redirect_dir=nofollow,metacopy=off,\
+                 index=off,xino=off"
+            )
+        );
+    }
+
+    #[test]
+    fn given_a_layer_path_with_an_option_separator_then_overlay_options_are_refused() {
+        for bad in ["/a,b", "/a:b", "/a\\b"] {
+            assert_eq!(
+                overlay_options(Path::new(bad), Path::new("/e")),
+                None,
+                "{bad}"
+            );
+            assert_eq!(
+                overlay_options(Path::new("/usr"), Path::new(bad)),
+                None,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn given_the_proc_masks_then_each_entry_is_one_plain_name_listed_once() {
+        let mut names: Vec<&str> = PROC_MASKS.iter().map(|(n, _)| *n).collect();
+        assert!(names.iter().all(|n| !n.is_empty() && !n.contains('/')));
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PROC_MASKS.len());
+    }
+
+    #[test]
     fn given_zero_tmpfs_size_when_tmpfs_options_are_built_then_it_is_refused_not_unlimited() {
         let err = tmpfs_options(&limits(0, 100)).err();
         assert_eq!(
