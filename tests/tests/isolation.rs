@@ -239,6 +239,24 @@ fn given_job_holding_flock_on_a_system_file_then_another_jobs_flock_still_succee
 }
 
 #[test]
+fn given_job_holding_an_ofd_read_lock_on_a_system_file_then_another_job_cannot_see_it() {
+    let helper = Helper::start(&config(16, ""));
+    let hold = Job::probe(&["ofdlock", "/usr/bin/env", "4000"]);
+    let look = Job::probe(&["ofdlock", "/usr/bin/env", "0"]);
+    let (holder, other) = concurrently(&helper, &hold, &look);
+    // Each job took a read lock and sees its own (the check works)...
+    for r in [&holder, &other] {
+        assert_eq!(r["taken"], true, "{r}");
+        assert_eq!(r["conflict"], true, "{r}");
+    }
+    // ...but the second saw no lock before taking its own: not the first job's.
+    assert_eq!(
+        other["foreign"], false,
+        "another job's lock on /usr/bin/env is visible: {other}"
+    );
+}
+
+#[test]
 fn given_job_when_reading_host_wide_proc_files_then_they_are_masked() {
     // A host lock that /proc/locks would show (an OFD lock is shown whatever the pid namespace).
     let file = tempfile::tempfile().expect("temp file");

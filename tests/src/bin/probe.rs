@@ -38,6 +38,7 @@ fn main() {
         ("inotify", Some(dir)) => inotify(dir, args.get(2), args.get(3)),
         ("open", Some(path)) => open_file(path),
         ("flock", Some(path)) => flock(path, args.get(2)),
+        ("ofdlock", Some(path)) => ofd_lock(path, args.get(2)),
         ("proc", _) => proc_masks(),
         _ => {
             eprintln!("sandrun-probe: unknown check or missing argument: {args:?}");
@@ -669,4 +670,41 @@ fn proc_masks() -> Value {
         "init_cmdline": text("/proc/1/cmdline"),
         "init_comm": text("/proc/1/comm"),
     })
+}
+
+/// An OFD read lock on `path` (a read-only descriptor is enough), then `F_OFD_GETLK` for a write
+/// lock on a second descriptor: `conflict` is whether any lock is seen there (this job's own
+/// read lock at least, so `true` shows the check works; `foreign` is whether a lock was seen
+/// before taking our own). Then holds the lock for `ms` milliseconds.
+fn ofd_lock(path: &str, ms: Option<&String>) -> Value {
+    use std::os::fd::AsRawFd;
+    let query = |f: &std::fs::File, cmd: libc::c_int, kind: libc::c_int| {
+        let mut lock = libc::flock {
+            l_type: libc::c_short::try_from(kind).unwrap_or(0),
+            l_whence: 0,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        // SAFETY: fcntl on a descriptor we own with a valid, writable `struct flock`.
+        let ret = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut lock) };
+        if ret < 0 {
+            Err(errno())
+        } else {
+            Ok(i32::from(lock.l_type) != libc::F_UNLCK)
+        }
+    };
+    let (mine, probe) = match (std::fs::File::open(path), std::fs::File::open(path)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return json!({ "error": e.raw_os_error() }),
+    };
+    let foreign = query(&probe, libc::F_OFD_GETLK, libc::F_WRLCK);
+    let taken = query(&mine, libc::F_OFD_SETLK, libc::F_RDLCK);
+    let conflict = query(&probe, libc::F_OFD_GETLK, libc::F_WRLCK);
+    std::thread::sleep(millis(ms));
+    let show = |r: Result<bool, i32>| match r {
+        Ok(seen) => json!(seen),
+        Err(e) => json!({ "errno": e }),
+    };
+    json!({ "foreign": show(foreign), "taken": taken.is_ok(), "conflict": show(conflict) })
 }
