@@ -86,15 +86,20 @@ pub fn host_shmem_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether `pid` is an idle warm sandbox init: a child of a helper (both named `sandrund`, as C
-/// is a fork of the helper) still running as root. An init drops to its job's uid as soon as it
+/// Whether `pid` is an idle warm sandbox init: a child of a helper named `sandrun-init` (C, a
+/// fork of the helper, renames itself first thing)
+/// still running as root. An init drops to its job's uid as soon as it
 /// gets a job, so a sandbox that ran a job never counts as idle.
 pub fn is_idle_warm_init(pid: &str) -> bool {
-    let named_sandrund = |pid: &str| status_field(pid, "Name").is_some_and(|n| n == "sandrund");
-    named_sandrund(pid)
+    let named = |pid: &str, name: &str| status_field(pid, "Name").is_some_and(|n| n == name);
+    named(pid, INIT_NAME)
         && runs_as_root(pid)
-        && status_field(pid, "PPid").is_some_and(|parent| named_sandrund(&parent))
+        && status_field(pid, "PPid").is_some_and(|parent| named(&parent, "sandrund"))
 }
+
+/// The name a sandbox's init (a fork of the helper) gives itself at once, so that the job does
+/// not see the helper's command line as `/proc/1/cmdline`.
+pub const INIT_NAME: &str = "sandrun-init";
 
 /// Mount points in any mount namespace (every process's mountinfo) whose line mentions
 /// `needle`, as "pid: line". A sandbox that outlived its job shows up here; the helper's idle

@@ -4,7 +4,7 @@ use sandrun_ipc::{ExitReason, SkipKind};
 use std::time::Duration;
 
 use sandrun_tests::host::{mounts_mentioning, processes_with_uids};
-use sandrun_tests::hostile::eventually;
+use sandrun_tests::hostile::{eventually, INIT_NAME};
 use sandrun_tests::{config, Helper, Job, Outcome};
 
 /// Live (non-zombie) host processes running as one of the helper's slot uids.
@@ -23,11 +23,11 @@ fn live_slot_processes(helper: &Helper) -> Vec<(i32, u32, String)> {
 
 /// Checks that nothing of a finished job runs: at once, no job process is left (the sandbox's
 /// init kills and reaps the rest before it reports the end); within a second the init itself
-/// (a fork of the helper, so named `sandrund`, on its way out) is gone too.
+/// (a fork of the helper, named `sandrun-init`, on its way out) is gone too.
 fn assert_nothing_of_the_job_left(helper: &Helper) {
     let jobs: Vec<_> = live_slot_processes(helper)
         .into_iter()
-        .filter(|(_, _, name)| name != "sandrund")
+        .filter(|(_, _, name)| name != INIT_NAME)
         .collect();
     assert!(jobs.is_empty(), "processes outlived their job: {jobs:?}");
     assert!(

@@ -27,7 +27,12 @@ fn running(helper: &Helper) -> usize {
 
 #[test]
 fn given_a_client_that_stops_reading_a_thousand_outputs_then_the_helper_holds_no_fd_per_file() {
-    let helper = Helper::start(&config(200, ""));
+    let helper = Helper::start(&config(200, "warm_sandboxes = 2"));
+    // The baseline counts the warm pool's descriptors too: wait until it is full (it fills
+    // after the helper is ready; a baseline taken earlier made this test flaky).
+    wait_until("the warm pool to fill", || {
+        helper.cgroup().idle_warm_count() == 2
+    });
     let baseline = fd_count(helper.pid());
     let job = Job::new(&[
         "/bin/sh",

@@ -164,3 +164,171 @@ fn given_job_then_only_stdio_descriptors_are_open() {
     let r = probe(9, &["fds"]);
     assert_eq!(r["fds"], serde_json::json!([0, 1, 2]), "{r}");
 }
+
+/// Starts `first` on `helper`, waits until it runs, then runs `second` to its end while `first`
+/// still runs (panics if `first` ended first: the test would prove nothing), then waits for
+/// `first`. Returns both probe reports.
+fn concurrently(
+    helper: &Helper,
+    first: &Job,
+    second: &Job,
+) -> (serde_json::Value, serde_json::Value) {
+    let mut running = helper.submit(first);
+    assert!(
+        running.wait_started().is_some(),
+        "{}",
+        running.outcome.describe()
+    );
+    // Let the first job set up its watch or lock (microseconds after its exec).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let other = helper.run(second);
+    assert_eq!(other.report().exit_code, Some(0), "{}", other.describe());
+    assert!(
+        running.outcome.exit.is_none(),
+        "the first job ended before the second ran: inconclusive"
+    );
+    let first = running.finish();
+    assert_eq!(first.report().exit_code, Some(0), "{}", first.describe());
+    (first.probe(), other.probe())
+}
+
+#[test]
+fn given_job_watching_a_system_dir_when_another_job_opens_a_file_there_then_no_event_reaches_it() {
+    let helper = Helper::start(&config(10, ""));
+    let watch = Job::probe(&["inotify", "/usr/bin", "env", "4000"]);
+    let open = Job::probe(&["open", "/usr/bin/env"]);
+    let (watcher, opener) = concurrently(&helper, &watch, &open);
+    assert_eq!(opener["ok"], true, "{opener}");
+    assert_eq!(watcher["ok"], true, "{watcher}");
+    // The watch itself works: the watcher sees its own open.
+    assert_eq!(watcher["control_seen"], true, "{watcher}");
+    assert_eq!(
+        watcher["foreign"],
+        serde_json::json!([]),
+        "another job's (or the host's) accesses to /usr/bin reached the watcher: {watcher}"
+    );
+}
+
+#[test]
+fn given_job_watching_dev_null_when_another_job_opens_it_then_no_event_reaches_it() {
+    let helper = Helper::start(&config(14, ""));
+    let watch = Job::probe(&["inotify", "/dev/null", ".", "4000"]);
+    // Every job's stdin is /dev/null; the probe opens it once more.
+    let open = Job::probe(&["open", "/dev/null"]);
+    let (watcher, opener) = concurrently(&helper, &watch, &open);
+    assert_eq!(opener["ok"], true, "{opener}");
+    assert_eq!(watcher["control_seen"], true, "{watcher}");
+    assert_eq!(
+        watcher["foreign"],
+        serde_json::json!([]),
+        "another job's (or the host's) opens of /dev/null reached the watcher: {watcher}"
+    );
+}
+
+#[test]
+fn given_job_holding_flock_on_a_system_file_then_another_jobs_flock_still_succeeds() {
+    let helper = Helper::start(&config(11, ""));
+    let hold = Job::probe(&["flock", "/usr/bin/env", "4000"]);
+    let try_lock = Job::probe(&["flock", "/usr/bin/env", "0"]);
+    let (holder, other) = concurrently(&helper, &hold, &try_lock);
+    // Both jobs took the lock, and in each a second descriptor conflicts (locks do work).
+    for r in [&holder, &other] {
+        assert_eq!(r["first"], 0, "flock(LOCK_EX|LOCK_NB) failed: {r}");
+        assert_eq!(r["second"], libc::EWOULDBLOCK, "{r}");
+    }
+}
+
+#[test]
+fn given_job_holding_an_ofd_read_lock_on_a_system_file_then_another_job_cannot_see_it() {
+    let helper = Helper::start(&config(16, ""));
+    let hold = Job::probe(&["ofdlock", "/usr/bin/env", "4000"]);
+    let look = Job::probe(&["ofdlock", "/usr/bin/env", "0"]);
+    let (holder, other) = concurrently(&helper, &hold, &look);
+    // Each job took a read lock and sees its own (the check works)...
+    for r in [&holder, &other] {
+        assert_eq!(r["taken"], true, "{r}");
+        assert_eq!(r["conflict"], true, "{r}");
+    }
+    // ...but the second saw no lock before taking its own: not the first job's.
+    assert_eq!(
+        other["foreign"], false,
+        "another job's lock on /usr/bin/env is visible: {other}"
+    );
+}
+
+#[test]
+fn given_job_when_reading_host_wide_proc_files_then_they_are_masked() {
+    // A host lock that /proc/locks would show (an OFD lock is shown whatever the pid namespace).
+    let file = tempfile::tempfile().expect("temp file");
+    let lock = libc::flock {
+        l_type: libc::c_short::try_from(libc::F_WRLCK).expect("fits"),
+        l_whence: libc::c_short::try_from(libc::SEEK_SET).expect("fits"),
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_SETLK on our own descriptor with a valid `struct flock`.
+    let ret = unsafe {
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::F_OFD_SETLK,
+            &lock,
+        )
+    };
+    assert_eq!(ret, 0, "host OFD lock: {}", std::io::Error::last_os_error());
+    let host_locks = std::fs::read_to_string("/proc/locks").expect("host /proc/locks");
+    assert!(host_locks.contains("OFDLCK"), "{host_locks}");
+    let r = probe(12, &["proc"]);
+    for (name, report) in r["files"].as_object().expect("files") {
+        if report["exists"] == true {
+            let empty = report["bytes"] == 0 || report["errno"].is_number();
+            assert!(empty, "/proc/{name} is readable: {r}");
+        }
+    }
+    assert_eq!(r["locks"], "", "/proc/locks shows locks: {r}");
+    for (name, report) in r["dirs"].as_object().expect("dirs") {
+        if report["exists"] == true {
+            assert_eq!(report["entries"], 0, "/proc/{name} is not empty: {r}");
+        }
+    }
+    for (name, read_only) in r["read_only"].as_object().expect("read_only") {
+        assert!(
+            read_only == true || read_only["errno"] == libc::ENOENT,
+            "/proc/{name} is writable: {r}"
+        );
+    }
+    drop(file);
+}
+
+#[test]
+fn given_job_when_reading_init_cmdline_then_it_is_not_the_helpers() {
+    let helper = Helper::start(&config(13, ""));
+    let r = helper.run(&Job::probe(&["proc"])).probe();
+    let helper_cmdline =
+        std::fs::read_to_string(format!("/proc/{}/cmdline", helper.pid())).expect("cmdline");
+    assert_ne!(r["init_cmdline"], helper_cmdline.as_str(), "{r}");
+    assert_eq!(r["init_cmdline"], "sandrun-init\0", "{r}");
+    assert_eq!(r["init_comm"], "sandrun-init\n", "{r}");
+}
+
+#[test]
+fn given_two_jobs_with_the_same_template_when_one_holds_flock_on_its_file_then_the_others_succeeds()
+{
+    let templates = tempfile::tempdir().expect("template dir");
+    std::fs::create_dir(templates.path().join("py")).expect("mkdir");
+    std::fs::write(templates.path().join("py/lib.py"), "x = 1\n").expect("write");
+    let extra = format!("template_dir = \"{}\"", templates.path().display());
+    let helper = Helper::start(&config(15, &extra));
+    let with_template = |args: &[&str]| {
+        let mut job = Job::probe(args);
+        job.spec.template = Some("py".to_owned());
+        job
+    };
+    let hold = with_template(&["flock", "/env/lib.py", "4000"]);
+    let try_lock = with_template(&["flock", "/env/lib.py", "0"]);
+    let (holder, other) = concurrently(&helper, &hold, &try_lock);
+    for r in [&holder, &other] {
+        assert_eq!(r["first"], 0, "flock(LOCK_EX|LOCK_NB) failed: {r}");
+        assert_eq!(r["second"], libc::EWOULDBLOCK, "{r}");
+    }
+}

@@ -20,6 +20,13 @@ fn idle_warm_inits(helper: &Helper) -> Vec<i32> {
         .collect()
 }
 
+/// Whether the warm init `pid` has finished preparing: it is blocked in `recvmsg` on its
+/// control socket, waiting for its job (`/proc/<pid>/syscall` starts with the call's number).
+fn waits_for_its_job(pid: i32) -> bool {
+    let syscall = fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+    syscall.split_whitespace().next() == Some(libc::SYS_recvmsg.to_string().as_str())
+}
+
 fn ns(pid: i32, kind: &str) -> String {
     fs::read_link(format!("/proc/{pid}/ns/{kind}"))
         .unwrap()
@@ -30,9 +37,12 @@ fn ns(pid: i32, kind: &str) -> String {
 #[test]
 fn given_a_started_helper_then_it_keeps_its_warm_sandboxes_each_in_namespaces_of_its_own() {
     let helper = Helper::start(&config(210, "warm_sandboxes = 3"));
+    // Prepared, so each is in its cgroup (on v1 an init joins it while it prepares).
     assert!(
-        eventually(Duration::from_secs(10), || idle_warm_inits(&helper).len()
-            == 3),
+        eventually(Duration::from_secs(10), || {
+            let inits = idle_warm_inits(&helper);
+            inits.len() == 3 && inits.iter().all(|&pid| waits_for_its_job(pid))
+        }),
         "expected 3 warm sandboxes, found {:?}",
         idle_warm_inits(&helper)
     );
@@ -154,8 +164,11 @@ fn given_a_job_with_lower_limits_than_the_warm_default_then_its_own_limits_hold(
 fn given_warm_sandboxes_whose_cgroups_were_removed_when_a_job_arrives_then_it_runs_in_a_fresh_one()
 {
     let helper = Helper::start(&config(214, "warm_sandboxes = 2"));
+    // Both prepared (an init killed while still preparing is noticed as a failed warm sandbox,
+    // before its cgroup is written to, which is not what this test is about).
     assert!(eventually(Duration::from_secs(10), || {
-        idle_warm_inits(&helper).len() == 2
+        let inits = idle_warm_inits(&helper);
+        inits.len() == 2 && inits.iter().all(|&pid| waits_for_its_job(pid))
     }));
     // What another helper's stale-cgroup cleanup would do: kill what is inside, remove the dirs.
     let dirs = helper.cgroup().idle_warm_dirs();

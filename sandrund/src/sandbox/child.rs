@@ -30,6 +30,9 @@ const EXIT_SETUP_FAILED: i32 = 1;
 /// Exit code of J after reporting a failed step (the shell's "cannot execute").
 const EXIT_EXEC_FAILED: i32 = 127;
 const STACK_BYTES: u64 = 8 << 20;
+/// C's name and command line as the job sees them (`/proc/1/comm`, `/proc/1/cmdline`): C is a
+/// clone of the helper, and would otherwise show the helper's command line.
+const INIT_NAME: &std::ffi::CStr = c"sandrun-init";
 const MAX_OPEN_FILES: u64 = 1024;
 
 /// C's ends of the channels, as numbers in the helper's fd table at the time of the clone.
@@ -109,6 +112,7 @@ fn init(
 ) -> Result<Infallible, SetupError> {
     umask(Mode::empty());
     sys::reset_signals().map_err(|e| fail(SetupStep::Signals, e, "init"))?;
+    sys::set_process_name(INIT_NAME).map_err(|e| fail(SetupStep::InitName, e, "command line"))?;
     join_cgroup(std::mem::take(&mut fds.cgroup))?;
     let prepared = mounts::prepare_root(&settings.mount_point)?;
     sethostname(etc::HOSTNAME).map_err(at(SetupStep::Hostname, etc::HOSTNAME))?;

@@ -6,7 +6,7 @@
 //! - [`prepare`]: the helper `clone`s child **C** with new pid, mount, ipc, uts and net
 //!   namespaces; C is pid 1 of the job's pid namespace and acts as its init. C moves itself into
 //!   the job's cgroup (on cgroup v1 that waits for an RCU grace period), builds the
-//!   job-independent part of its tmpfs root (system binds, `/etc`, `/proc`, `/dev`),
+//!   job-independent part of its tmpfs root (system overlays, `/etc`, masked `/proc`, `/dev`),
 //!   `pivot_root`s into it, brings up `lo`, builds its Landlock ruleset, sends the helper its
 //!   `/work` fd, and waits. This is a *warm* sandbox; the helper keeps a few ready, each used
 //!   for exactly one job;
@@ -162,7 +162,7 @@ pub enum SetupStep {
     UnshareCgroupNs,
     MakeRootPrivate,
     MountTmpfsRoot,
-    BindSystemDirs,
+    OverlaySystemDirs,
     WriteEtc,
     MountProc,
     MakeDev,
@@ -190,17 +190,21 @@ pub enum SetupStep {
     WorkDir,
     /// Resetting signal dispositions and the signal mask inherited from the helper.
     Signals,
+    /// Masking `/proc`'s host-wide files and making its kernel knobs read-only.
+    MaskProc,
+    /// Giving C its own name and command line, so the job does not see the helper's.
+    InitName,
 }
 
 impl SetupStep {
     /// Every step, indexed by its `repr(u8)` value (the wire encoding of the control channel).
-    const ALL: [SetupStep; 31] = [
+    const ALL: [SetupStep; 33] = [
         SetupStep::Clone,
         SetupStep::JoinCgroup,
         SetupStep::UnshareCgroupNs,
         SetupStep::MakeRootPrivate,
         SetupStep::MountTmpfsRoot,
-        SetupStep::BindSystemDirs,
+        SetupStep::OverlaySystemDirs,
         SetupStep::WriteEtc,
         SetupStep::MountProc,
         SetupStep::MakeDev,
@@ -226,6 +230,8 @@ impl SetupStep {
         SetupStep::Protocol,
         SetupStep::WorkDir,
         SetupStep::Signals,
+        SetupStep::MaskProc,
+        SetupStep::InitName,
     ];
 
     fn index(self) -> u8 {

@@ -1,6 +1,12 @@
 //! The job's root file system, built by C inside its private mount namespace: a size-capped
-//! tmpfs with read-only system binds, a generated `/etc`, a fresh `/proc`, a minimal `/dev`,
-//! `/tmp`, `/work` and the optional template at `/env`; then `pivot_root` into it.
+//! tmpfs with private read-only overlays of the system directories, a generated `/etc`, a fresh
+//! `/proc` with the host-wide files masked, a minimal `/dev`, `/tmp`, `/work` and the optional
+//! template at `/env`; then `pivot_root` into it.
+//!
+//! Nothing the job can open is an inode it shares with another job or the host, wherever that
+//! could be a channel: an inotify watch or a `flock` lives on an inode, so the system directories
+//! are overlays (each mount its own superblock, so its own inodes, over the host's read-only
+//! files), the `/etc` files are copies, and `/proc`'s host-wide files are masked.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -17,7 +23,8 @@ use super::sys::{self, at, fail};
 use super::{etc, SetupError, SetupStep};
 use crate::ids::{GroupId, UserId};
 
-/// Host directories that are recreated as the same symlink, or bound read-only, when present.
+/// Host directories that are recreated as the same symlink, or mounted as a private read-only
+/// overlay, when present.
 pub(super) const SYSTEM_DIRS: [&str; 6] = ["bin", "sbin", "lib", "lib64", "lib32", "libx32"];
 
 /// Devices bound from the host's `/dev`.
@@ -57,12 +64,14 @@ pub(super) fn prepare_root(root: &Path) -> Result<Prepared, SetupError> {
     make_root_private()?;
     // 2. The tmpfs that becomes `/`, sized for the skeleton only until the job is known.
     mount_tmpfs_root(root)?;
-    // 3. `/usr` and the `/bin`, `/sbin`, `/lib*` links or directories, read-only.
-    let bound_dirs = bind_system_dirs(root)?;
+    // 3. `/usr` and the `/bin`, `/sbin`, `/lib*` links or directories, as private read-only
+    //    overlays.
+    let bound_dirs = overlay_system_dirs(root)?;
     // 4. A minimal `/etc` (the user and group files come with the job).
     write_etc(root)?;
-    // 5. A fresh `/proc` for the job's pid namespace.
+    // 5. A fresh `/proc` for the job's pid namespace, its host-wide files masked.
     mount_proc(root)?;
+    mask_proc(root)?;
     // 6. A minimal `/dev`.
     make_dev(root)?;
     // 7. `/tmp` and `/work` (owned by root until the job is known).
@@ -145,21 +154,79 @@ fn resize_tmpfs_root(root: &Path, limits: &GrantedLimits) -> Result<(), SetupErr
         .map_err(at(SetupStep::MountTmpfsRoot, "resize to the job's limits"))
 }
 
-fn bind_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
-    let step = SetupStep::BindSystemDirs;
-    if mirror(Path::new("/usr"), &root.join("usr"), step)? != Mirrored::Dir {
+fn overlay_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
+    let step = SetupStep::OverlaySystemDirs;
+    let empty = EmptyLayer::create(root, step)?;
+    if mirror(Path::new("/usr"), &root.join("usr"), &empty, step)? != Mirrored::Dir {
         return Err(fail(step, libc::ENOTDIR, "/usr"));
     }
     let mut bound = Vec::new();
     for name in SYSTEM_DIRS {
         let host = Path::new("/").join(name);
-        match mirror(&host, &root.join(name), step)? {
+        match mirror(&host, &root.join(name), &empty, step)? {
             Mirrored::Dir => bound.push(name),
             Mirrored::File => return Err(fail(step, libc::ENOTDIR, host.display().to_string())),
             Mirrored::Absent | Mirrored::Symlink => {}
         }
     }
+    empty.remove()?;
     Ok(bound)
+}
+
+/// The empty directory that is every overlay's second lower layer (overlayfs needs two lower
+/// layers when it has no upper one). Removed once the overlays are mounted: each holds its own
+/// reference, and the job never sees it.
+struct EmptyLayer {
+    path: std::path::PathBuf,
+    step: SetupStep,
+}
+
+impl EmptyLayer {
+    fn create(root: &Path, step: SetupStep) -> Result<EmptyLayer, SetupError> {
+        let path = root.join(".sandrun-empty");
+        make_dir(&path, 0o555, step)?;
+        Ok(EmptyLayer { path, step })
+    }
+
+    fn remove(self) -> Result<(), SetupError> {
+        std::fs::remove_dir(&self.path).map_err(io_at(self.step, &self.path))
+    }
+}
+
+/// Mounts a read-only overlay of the host directory `host` on `dst`: the same files, but the
+/// overlay's own inodes, so inotify watches and locks on them reach no other job or the host.
+/// Redirects and metacopy (which would follow xattrs of the host's tree) are off.
+fn overlay_readonly(
+    host: &Path,
+    dst: &Path,
+    empty: &EmptyLayer,
+    step: SetupStep,
+) -> Result<(), SetupError> {
+    let detail = host.display().to_string();
+    let options =
+        overlay_options(host, &empty.path).ok_or_else(|| fail(step, libc::EINVAL, &*detail))?;
+    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(
+        Some("sandrun"),
+        dst,
+        Some("overlay"),
+        flags,
+        Some(options.as_str()),
+    )
+    .map_err(at(step, &detail))
+}
+
+/// The overlay's mount options, or `None` if a layer's path cannot be written in them (overlayfs
+/// splits the options on `,` and the layers on `:`, and `\` escapes).
+pub(super) fn overlay_options(lower: &Path, empty: &Path) -> Option<String> {
+    let (lower, empty) = (lower.to_str()?, empty.to_str()?);
+    let plain = |p: &str| !p.contains([',', ':', '\\']);
+    if !plain(lower) || !plain(empty) {
+        return None;
+    }
+    Some(format!(
+        "lowerdir={lower}:{empty},redirect_dir=nofollow,metacopy=off,index=off,xino=off"
+    ))
 }
 
 fn write_etc(root: &Path) -> Result<(), SetupError> {
@@ -169,10 +236,11 @@ fn write_etc(root: &Path) -> Result<(), SetupError> {
     for (name, text) in etc::fixed() {
         write_new_file(&dir.join(name), text.as_bytes(), step)?;
     }
+    let empty = EmptyLayer::create(root, step)?;
     for name in etc::MIRRORED {
-        mirror(&Path::new("/etc").join(name), &dir.join(name), step)?;
+        mirror(&Path::new("/etc").join(name), &dir.join(name), &empty, step)?;
     }
-    Ok(())
+    empty.remove()
 }
 
 fn write_identity(root: &Path, uid: UserId, gid: GroupId) -> Result<(), SetupError> {
@@ -192,17 +260,98 @@ fn mount_proc(root: &Path) -> Result<(), SetupError> {
     mount(Some("proc"), &target, Some("proc"), flags, NONE).map_err(at(step, &detail))
 }
 
+/// How one `/proc` entry is masked (the list runc and Docker mask, and a few more host-wide ones).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ProcMask {
+    /// `/dev/null` bound over a file: it reads as empty, writes vanish.
+    Null,
+    /// An empty read-only tmpfs over a directory.
+    Empty,
+    /// The entry bound read-only over itself.
+    ReadOnly,
+}
+
+/// The masked `/proc` entries. An entry the kernel does not have is skipped (nothing to hide);
+/// any other failure fails the job.
+pub(super) const PROC_MASKS: [(&str, ProcMask); 18] = [
+    ("kcore", ProcMask::Null),
+    ("keys", ProcMask::Null),
+    ("key-users", ProcMask::Null),
+    ("latency_stats", ProcMask::Null),
+    ("timer_list", ProcMask::Null),
+    ("timer_stats", ProcMask::Null),
+    ("sched_debug", ProcMask::Null),
+    ("locks", ProcMask::Null),
+    ("kallsyms", ProcMask::Null),
+    ("sysrq-trigger", ProcMask::Null),
+    ("kmsg", ProcMask::Null),
+    ("acpi", ProcMask::Empty),
+    ("asound", ProcMask::Empty),
+    ("scsi", ProcMask::Empty),
+    ("sys", ProcMask::ReadOnly),
+    ("bus", ProcMask::ReadOnly),
+    ("fs", ProcMask::ReadOnly),
+    ("irq", ProcMask::ReadOnly),
+];
+
+/// Masks [`PROC_MASKS`] on the fresh `/proc` under `root` (before the host's `/dev/null` is out
+/// of reach).
+fn mask_proc(root: &Path) -> Result<(), SetupError> {
+    let step = SetupStep::MaskProc;
+    let proc = root.join("proc");
+    for (name, mask) in PROC_MASKS {
+        let target = proc.join(name);
+        match std::fs::symlink_metadata(&target) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_at(step, &target)(e)),
+        }
+        match mask {
+            // Not nodev: the bound node is a device.
+            ProcMask::Null => bind(
+                Path::new("/dev/null"),
+                &target,
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+                step,
+            )?,
+            ProcMask::Empty => {
+                let flags = MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV
+                    | MsFlags::MS_NOEXEC;
+                let detail = target.display().to_string();
+                mount(
+                    Some("sandrun"),
+                    &target,
+                    Some("tmpfs"),
+                    flags,
+                    Some("size=4k,nr_inodes=1,mode=0555"),
+                )
+                .map_err(at(step, &detail))?;
+            }
+            ProcMask::ReadOnly => bind(
+                &target,
+                &target,
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                step,
+            )?,
+        }
+    }
+    Ok(())
+}
+
 fn make_dev(root: &Path) -> Result<(), SetupError> {
     let step = SetupStep::MakeDev;
     let dev = root.join("dev");
     make_dir(&dev, 0o755, step)?;
+    let nodes = DeviceNodes::create(root)?;
     for name in DEVICES {
         let target = dev.join(name);
         write_new_file(&target, b"", step)?;
-        let host = Path::new("/dev").join(name);
         let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-        bind(&host, &target, flags, step)?;
+        bind(&nodes.dir.join(name), &target, flags, step)?;
     }
+    nodes.remove()?;
     let links = [
         ("fd", "/proc/self/fd"),
         ("stdin", "/proc/self/fd/0"),
@@ -216,13 +365,73 @@ fn make_dev(root: &Path) -> Result<(), SetupError> {
     make_dir(&dev.join("shm"), 0o1777, step)
 }
 
+/// The job's own device nodes: a small tmpfs (the root one is nodev) with fresh nodes of the
+/// host's devices, each then bound into `/dev`. Fresh nodes, not the host's `/dev` entries, so
+/// an inotify watch on `/dev/null` sees no other job's (or the host's) opens. Detached once the
+/// nodes are bound (the binds keep it alive).
+struct DeviceNodes {
+    dir: std::path::PathBuf,
+}
+
+impl DeviceNodes {
+    fn create(root: &Path) -> Result<DeviceNodes, SetupError> {
+        let step = SetupStep::MakeDev;
+        let dir = root.join(".sandrun-dev");
+        make_dir(&dir, 0o755, step)?;
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+        let options = format!("size=4k,nr_inodes={},mode=0755", DEVICES.len() + 1);
+        let detail = dir.display().to_string();
+        mount(
+            Some("sandrun"),
+            &dir,
+            Some("tmpfs"),
+            flags,
+            Some(options.as_str()),
+        )
+        .map_err(at(step, &detail))?;
+        for name in DEVICES {
+            let host = Path::new("/dev").join(name);
+            let meta = std::fs::metadata(&host).map_err(io_at(step, &host))?;
+            if !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()) {
+                return Err(fail(step, libc::ENODEV, host.display().to_string()));
+            }
+            let rdev = std::os::unix::fs::MetadataExt::rdev(&meta);
+            let node = dir.join(name);
+            let mode = Mode::from_bits_truncate(0o666);
+            nix::sys::stat::mknod(&node, nix::sys::stat::SFlag::S_IFCHR, mode, rdev)
+                .map_err(at(step, &node.display().to_string()))?;
+        }
+        Ok(DeviceNodes { dir })
+    }
+
+    fn remove(self) -> Result<(), SetupError> {
+        let step = SetupStep::MakeDev;
+        let detail = self.dir.display().to_string();
+        umount2(&self.dir, MntFlags::MNT_DETACH).map_err(at(step, &detail))?;
+        std::fs::remove_dir(&self.dir).map_err(io_at(step, &self.dir))
+    }
+}
+
 /// Attaches the job's template at `/env`: a detached mount (`open_tree(OPEN_TREE_CLONE)`) the
 /// helper made of `<template_dir>/<name>` for this job, already read-only, nosuid and nodev.
+/// The job gets a private read-only overlay of it, like the system directories: jobs with the
+/// same template see the same files but not the same inodes. The tree is attached at a
+/// temporary point, overlaid, then detached (the overlay keeps its own reference); a mount
+/// nested inside the template is not part of the overlay (overlayfs does not cross mounts).
 fn attach_template(tree: OwnedFd) -> Result<(), SetupError> {
     let step = SetupStep::BindTemplate;
-    let target = Path::new("/env");
-    make_dir(target, 0o755, step)?;
-    sys::move_mount_here(&tree, target).map_err(|e| fail(step, e, "attach /env"))
+    let root = Path::new("/");
+    let target = root.join("env");
+    make_dir(&target, 0o755, step)?;
+    let lower = root.join(".sandrun-template");
+    make_dir(&lower, 0o700, step)?;
+    sys::move_mount_here(&tree, &lower).map_err(|e| fail(step, e, "attach the template"))?;
+    drop(tree);
+    let empty = EmptyLayer::create(root, step)?;
+    overlay_readonly(&lower, &target, &empty, step)?;
+    empty.remove()?;
+    umount2(&lower, MntFlags::MNT_DETACH).map_err(at(step, "detach the template"))?;
+    std::fs::remove_dir(&lower).map_err(io_at(step, &lower))
 }
 
 fn open_dir_path(path: &Path, step: SetupStep) -> Result<OwnedFd, SetupError> {
@@ -256,9 +465,15 @@ fn pivot_into(root: &Path) -> Result<(), SetupError> {
     chdir("/").map_err(at(step, "/"))
 }
 
-/// Recreates `host` at `dst`: a symlink as the same symlink, a directory or regular file as a
-/// read-only bind. Anything else, or nothing, is skipped.
-fn mirror(host: &Path, dst: &Path, step: SetupStep) -> Result<Mirrored, SetupError> {
+/// Recreates `host` at `dst`: a symlink as the same symlink, a directory as a private
+/// read-only overlay, a regular file as a copy (at most [`MAX_COPIED_BYTES`]). Anything else,
+/// or nothing, is skipped.
+fn mirror(
+    host: &Path,
+    dst: &Path,
+    empty: &EmptyLayer,
+    step: SetupStep,
+) -> Result<Mirrored, SetupError> {
     let meta = match std::fs::symlink_metadata(host) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Mirrored::Absent),
@@ -271,20 +486,38 @@ fn mirror(host: &Path, dst: &Path, step: SetupStep) -> Result<Mirrored, SetupErr
         Ok(Mirrored::Symlink)
     } else if kind.is_dir() {
         make_dir(dst, 0o755, step)?;
-        bind_readonly(host, dst, step)?;
+        overlay_readonly(host, dst, empty, step)?;
         Ok(Mirrored::Dir)
     } else if kind.is_file() {
-        write_new_file(dst, b"", step)?;
-        bind_readonly(host, dst, step)?;
+        copy_file(host, dst, step)?;
         Ok(Mirrored::File)
     } else {
         Ok(Mirrored::Absent)
     }
 }
 
-fn bind_readonly(host: &Path, dst: &Path, step: SetupStep) -> Result<(), SetupError> {
-    let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    bind(host, dst, flags, step)
+/// Largest host file copied into the root (`/etc/ld.so.cache` is the largest, tens of KiB): the
+/// skeleton's room on the tmpfs is [`SKELETON_BYTES`].
+const MAX_COPIED_BYTES: u64 = 256 << 10;
+
+/// Copies the host's regular file `host` to a new read-only file `dst` (mode 0444).
+fn copy_file(host: &Path, dst: &Path, step: SetupStep) -> Result<(), SetupError> {
+    use std::io::Read;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(host)
+        .map_err(io_at(step, host))?;
+    let mut contents = Vec::new();
+    file.take(MAX_COPIED_BYTES + 1)
+        .read_to_end(&mut contents)
+        .map_err(io_at(step, host))?;
+    if u64::try_from(contents.len()).map_or(true, |n| n > MAX_COPIED_BYTES) {
+        return Err(fail(step, libc::EFBIG, host.display().to_string()));
+    }
+    write_new_file(dst, &contents, step)?;
+    std::fs::set_permissions(dst, std::os::unix::fs::PermissionsExt::from_mode(0o444))
+        .map_err(io_at(step, dst))
 }
 
 /// A non-recursive bind of `host` on `dst`, then a remount that sets exactly `flags`.
@@ -338,6 +571,43 @@ mod tests {
     fn given_limits_when_tmpfs_options_are_built_then_size_and_inodes_are_capped() {
         let options = tmpfs_options(&limits(1 << 20, 100));
         assert_eq!(options, Ok("size=2097152,nr_inodes=164".to_owned()));
+    }
+
+    #[test]
+    fn given_plain_paths_when_overlay_options_are_built_then_both_layers_and_no_redirects() {
+        let options = overlay_options(Path::new("/usr"), Path::new("/run/r/.sandrun-empty"));
+        assert_eq!(
+            options.as_deref(),
+            Some(
+                "lowerdir=/usr:/run/r/.sandrun-empty,redirect_dir=nofollow,metacopy=off,\
+                 index=off,xino=off"
+            )
+        );
+    }
+
+    #[test]
+    fn given_a_layer_path_with_an_option_separator_then_overlay_options_are_refused() {
+        for bad in ["/a,b", "/a:b", "/a\\b"] {
+            assert_eq!(
+                overlay_options(Path::new(bad), Path::new("/e")),
+                None,
+                "{bad}"
+            );
+            assert_eq!(
+                overlay_options(Path::new("/usr"), Path::new(bad)),
+                None,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn given_the_proc_masks_then_each_entry_is_one_plain_name_listed_once() {
+        let mut names: Vec<&str> = PROC_MASKS.iter().map(|(n, _)| *n).collect();
+        assert!(names.iter().all(|n| !n.is_empty() && !n.contains('/')));
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PROC_MASKS.len());
     }
 
     #[test]

@@ -245,6 +245,57 @@ pub(super) fn prctl(
     Ok(ret)
 }
 
+/// Makes `name` the calling process's command name (`PR_SET_NAME`, `/proc/<pid>/comm`) and
+/// overwrites its command line in place (`/proc/<pid>/cmdline`), so that what it was started
+/// with is not shown. The command line area keeps its size: it gets `name` (cut to fit), a NUL,
+/// zeros and a non-NUL last byte, which makes the kernel show it up to that NUL (the
+/// `setproctitle` convention) rather than the whole area. Needs no capability
+/// (`PR_SET_MM_ARG_START` would need `CAP_SYS_RESOURCE`). Only for a process that shares its
+/// memory with no other (C is forked), and that no longer reads its `argv`.
+pub(super) fn set_process_name(name: &std::ffi::CStr) -> Result<(), i32> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: PR_SET_NAME reads at most 16 bytes of the NUL-terminated string `name`; the
+    // other arguments are integers.
+    let ret = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), zero, zero, zero) };
+    if ret < 0 {
+        return Err(errno());
+    }
+    let (start, end) = arg_area()?;
+    let len = end.checked_sub(start).ok_or(libc::EINVAL)?;
+    if len < 2 {
+        // An empty command line: nothing to hide.
+        return Ok(());
+    }
+    let name = name.to_bytes();
+    let keep = name.len().min(len - 2);
+    let area = start as *mut u8;
+    // SAFETY: [start, end) is this process's command line area as the kernel reports it: the
+    // argument strings on the initial stack, mapped and writable for the process's life. This
+    // process's memory is its own (forked, not CLONE_VM), so the helper's is not touched, and
+    // nothing here reads `argv` afterwards (what it would read is still NUL-terminated). The
+    // writes stay inside the area: `keep <= len - 2` and the last write is at `len - 1`.
+    unsafe {
+        std::ptr::write_bytes(area, 0, len);
+        std::ptr::copy_nonoverlapping(name.as_ptr(), area, keep);
+        area.add(len - 1).write(b' ');
+    }
+    Ok(())
+}
+
+/// `arg_start` and `arg_end` of the calling process (fields 48 and 49 of `/proc/self/stat`).
+fn arg_area() -> Result<(usize, usize), i32> {
+    let stat = std::fs::read_to_string("/proc/self/stat")
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    // The command name (field 2) is in parentheses and may hold anything: count from the last.
+    let rest = stat.rsplit_once(')').ok_or(libc::EPROTO)?.1;
+    let mut fields = rest.split_ascii_whitespace().skip(48 - 3);
+    let mut next = || -> Result<usize, i32> {
+        let field = fields.next().ok_or(libc::EPROTO)?;
+        field.parse().map_err(|_| libc::EPROTO)
+    };
+    Ok((next()?, next()?))
+}
+
 /// `open_tree(path, OPEN_TREE_CLONE | AT_RECURSIVE | OPEN_TREE_CLOEXEC | AT_SYMLINK_NOFOLLOW)`:
 /// a detached copy of the mount tree at `path`, held by the returned fd.
 pub(super) fn open_tree_clone(path: &std::path::Path) -> Result<OwnedFd, i32> {

@@ -35,6 +35,11 @@ fn main() {
         ("daemon", _) => daemon(),
         ("flood", Some(n)) => flood(n),
         ("fill", _) => fill(),
+        ("inotify", Some(dir)) => inotify(dir, args.get(2), args.get(3)),
+        ("open", Some(path)) => open_file(path),
+        ("flock", Some(path)) => flock(path, args.get(2)),
+        ("ofdlock", Some(path)) => ofd_lock(path, args.get(2)),
+        ("proc", _) => proc_masks(),
         _ => {
             eprintln!("sandrun-probe: unknown check or missing argument: {args:?}");
             std::process::exit(2);
@@ -482,4 +487,224 @@ fn nix_free_statfs_type(path: &str) -> i64 {
         return -1;
     }
     buf.f_type
+}
+
+/// Milliseconds from an optional argument (default 0).
+fn millis(arg: Option<&String>) -> std::time::Duration {
+    std::time::Duration::from_millis(arg.and_then(|a| a.parse().ok()).unwrap_or(0))
+}
+
+/// Watches `dir` with inotify (open, access, close) for `ms` milliseconds (or until an event for
+/// `file` arrives) and reports the names it saw (`foreign`: not caused by this job). Then, as a
+/// control that the watch works, opens `dir/file` itself and reports whether that was seen.
+/// `file` `.` watches `dir` as a file itself (a device, say): its events carry the name `.`.
+fn inotify(dir: &str, file: Option<&String>, ms: Option<&String>) -> Value {
+    let Some(file) = file else {
+        return json!({ "error": "inotify <dir> <file> <ms>" });
+    };
+    // SAFETY: inotify_init1 takes only flags.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    if fd < 0 {
+        return json!({ "ok": false, "errno": errno(), "step": "inotify_init1" });
+    }
+    let Ok(cdir) = CString::new(dir) else {
+        return json!({ "error": "dir" });
+    };
+    let mask = libc::IN_OPEN | libc::IN_ACCESS | libc::IN_CLOSE_NOWRITE;
+    // SAFETY: `fd` is our inotify fd and `cdir` a valid C string.
+    if unsafe { libc::inotify_add_watch(fd, cdir.as_ptr(), mask) } < 0 {
+        return json!({ "ok": false, "errno": errno(), "step": "inotify_add_watch" });
+    }
+    let deadline = std::time::Instant::now() + millis(ms);
+    let mut foreign = Vec::new();
+    while std::time::Instant::now() < deadline && !foreign.contains(file) {
+        foreign.extend(inotify_names(fd));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    foreign.extend(inotify_names(fd));
+    let control_path = match file.as_str() {
+        "." => dir.to_owned(),
+        name => format!("{dir}/{name}"),
+    };
+    let control_opened = std::fs::File::open(control_path).is_ok();
+    let control = inotify_names(fd);
+    json!({
+        "ok": true,
+        "foreign": foreign,
+        "control_opened": control_opened,
+        "control_seen": control.contains(file),
+    })
+}
+
+/// The names of the inotify events waiting on `fd` (non-blocking).
+fn inotify_names(fd: i32) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        // SAFETY: `buf` is a live, writable buffer of the given length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let Ok(n) = usize::try_from(n) else { break };
+        if n == 0 {
+            break;
+        }
+        let header = std::mem::size_of::<libc::inotify_event>();
+        let mut at = 0;
+        while at + header <= n {
+            // The kernel writes whole events; `len` is the padded name length after the header.
+            let len_at = at + header - 4;
+            let len = u32::from_ne_bytes([
+                buf[len_at],
+                buf[len_at + 1],
+                buf[len_at + 2],
+                buf[len_at + 3],
+            ]);
+            let len = usize::try_from(len).unwrap_or(0);
+            let name = &buf[at + header..(at + header + len).min(n)];
+            let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+            let name = match end {
+                // An event on the watched file itself.
+                0 => ".".to_owned(),
+                _ => String::from_utf8_lossy(&name[..end]).into_owned(),
+            };
+            names.push(name);
+            at += header + len;
+        }
+    }
+    names
+}
+
+/// Opens `path` and reads a little of it (what another job would see as an access).
+fn open_file(path: &str) -> Value {
+    use std::io::Read;
+    let mut buf = [0u8; 16];
+    match std::fs::File::open(path).and_then(|mut f| f.read(&mut buf)) {
+        Ok(n) => json!({ "ok": true, "read": n }),
+        Err(e) => json!({ "ok": false, "errno": e.raw_os_error().unwrap_or(0) }),
+    }
+}
+
+/// `flock(LOCK_EX | LOCK_NB)` on `path` (errno 0: taken), then, as a control that locks work
+/// here, the same on a second descriptor of the file (which must conflict with the first);
+/// then holds the lock for `ms` milliseconds.
+fn flock(path: &str, ms: Option<&String>) -> Value {
+    use std::os::fd::AsRawFd;
+    let try_lock = |f: &std::fs::File| {
+        // SAFETY: flock on a descriptor we own.
+        let ret = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if ret == 0 {
+            0
+        } else {
+            errno()
+        }
+    };
+    let (first, second) = match (std::fs::File::open(path), std::fs::File::open(path)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return json!({ "error": e.raw_os_error() }),
+    };
+    let first_errno = try_lock(&first);
+    let second_errno = try_lock(&second);
+    std::thread::sleep(millis(ms));
+    json!({ "first": first_errno, "second": second_errno })
+}
+
+/// The `/proc` entries a job must not learn the host from, as the job sees them.
+fn proc_masks() -> Value {
+    let mut files = serde_json::Map::new();
+    for name in [
+        "kcore",
+        "keys",
+        "key-users",
+        "latency_stats",
+        "timer_list",
+        "timer_stats",
+        "sched_debug",
+        "locks",
+        "kallsyms",
+        "sysrq-trigger",
+        "kmsg",
+    ] {
+        let path = format!("/proc/{name}");
+        let report = match std::fs::metadata(&path) {
+            Err(e) => json!({ "exists": false, "errno": e.raw_os_error() }),
+            Ok(_) => match std::fs::read(&path) {
+                Ok(data) => json!({ "exists": true, "bytes": data.len() }),
+                Err(e) => json!({ "exists": true, "errno": e.raw_os_error() }),
+            },
+        };
+        files.insert(name.into(), report);
+    }
+    let mut dirs = serde_json::Map::new();
+    for name in ["acpi", "asound", "scsi"] {
+        let entries = std::fs::read_dir(format!("/proc/{name}")).map(|d| d.count());
+        let report = match entries {
+            Ok(n) => json!({ "exists": true, "entries": n }),
+            Err(e) => json!({ "exists": false, "errno": e.raw_os_error() }),
+        };
+        dirs.insert(name.into(), report);
+    }
+    let mut read_only = serde_json::Map::new();
+    for name in ["sys", "bus", "fs", "irq"] {
+        let Ok(c) = CString::new(format!("/proc/{name}")) else {
+            continue;
+        };
+        // SAFETY: statvfs is plain data for which all-zero is valid.
+        let mut buf: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid C string and `buf` a live statvfs.
+        let report = if unsafe { libc::statvfs(c.as_ptr(), &mut buf) } == 0 {
+            json!(buf.f_flag & libc::ST_RDONLY != 0)
+        } else {
+            json!({ "errno": errno() })
+        };
+        read_only.insert(name.into(), report);
+    }
+    let text = |p: &str| {
+        std::fs::read(p)
+            .map(|d| String::from_utf8_lossy(&d).into_owned())
+            .ok()
+    };
+    json!({
+        "files": files,
+        "dirs": dirs,
+        "read_only": read_only,
+        "locks": text("/proc/locks"),
+        "init_cmdline": text("/proc/1/cmdline"),
+        "init_comm": text("/proc/1/comm"),
+    })
+}
+
+/// An OFD read lock on `path` (a read-only descriptor is enough), then `F_OFD_GETLK` for a write
+/// lock on a second descriptor: `conflict` is whether any lock is seen there (this job's own
+/// read lock at least, so `true` shows the check works; `foreign` is whether a lock was seen
+/// before taking our own). Then holds the lock for `ms` milliseconds.
+fn ofd_lock(path: &str, ms: Option<&String>) -> Value {
+    use std::os::fd::AsRawFd;
+    let query = |f: &std::fs::File, cmd: libc::c_int, kind: libc::c_int| {
+        let mut lock = libc::flock {
+            l_type: libc::c_short::try_from(kind).unwrap_or(0),
+            l_whence: 0,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        // SAFETY: fcntl on a descriptor we own with a valid, writable `struct flock`.
+        let ret = unsafe { libc::fcntl(f.as_raw_fd(), cmd, &mut lock) };
+        if ret < 0 {
+            Err(errno())
+        } else {
+            Ok(i32::from(lock.l_type) != libc::F_UNLCK)
+        }
+    };
+    let (mine, probe) = match (std::fs::File::open(path), std::fs::File::open(path)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => return json!({ "error": e.raw_os_error() }),
+    };
+    let foreign = query(&probe, libc::F_OFD_GETLK, libc::F_WRLCK);
+    let taken = query(&mine, libc::F_OFD_SETLK, libc::F_RDLCK);
+    let conflict = query(&probe, libc::F_OFD_GETLK, libc::F_WRLCK);
+    std::thread::sleep(millis(ms));
+    let show = |r: Result<bool, i32>| match r {
+        Ok(seen) => json!(seen),
+        Err(e) => json!({ "errno": e }),
+    };
+    json!({ "foreign": show(foreign), "taken": taken.is_ok(), "conflict": show(conflict) })
 }
