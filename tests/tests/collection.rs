@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sandrun_ipc::SkipKind;
 use sandrun_tests::{config, Helper, Job};
 
 /// The issue's bound on a trivial job's p99 latency while attackers collect.
@@ -38,15 +39,16 @@ fn attacker() -> Job {
         .limits(|l| l.wall_ms = Some(60_000))
 }
 
-/// The `q`-quantile of `samples` (nearest rank).
-fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+/// The `percent`-th percentile of `samples` (nearest rank).
+fn percentile(samples: &mut [Duration], percent: usize) -> Duration {
     samples.sort();
-    let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+    let rank = (samples.len() * percent)
+        .div_ceil(100)
+        .clamp(1, samples.len());
     samples[rank - 1]
 }
 
-/// Runs `/bin/echo` `n` times (or until `within` has passed: the old code needed seconds per
-/// run) and returns each run's latency (submit to `Done`).
+/// Runs `/bin/echo` `n` times (or until `within` has passed) and returns each run's latency (submit to `Done`).
 fn trivial_latencies(helper: &Helper, n: usize, within: Duration) -> Vec<Duration> {
     let start = Instant::now();
     let mut out = Vec::with_capacity(n);
@@ -66,7 +68,7 @@ fn given_four_attackers_collecting_hard_links_then_a_trivial_jobs_p99_stays_low(
     // Warm up (first exec of /bin/echo, page cache), then the control without attackers.
     trivial_latencies(&helper, 5, LONG);
     let mut control = trivial_latencies(&helper, 60, LONG);
-    let control_p99 = quantile(&mut control, 0.99);
+    let control_p99 = percentile(&mut control, 99);
 
     let stop = Arc::new(AtomicBool::new(false));
     let collections = Arc::new(AtomicU32::new(0));
@@ -85,18 +87,28 @@ fn given_four_attackers_collecting_hard_links_then_a_trivial_jobs_p99_stays_low(
         .collect();
     // Let every attacker reach its first collection before measuring.
     std::thread::sleep(Duration::from_secs(3));
+    // Measure for at least 100 runs and 4 complete attacker collections (at most 60 s: the old
+    // code needed seconds per run).
     let before = collections.load(Ordering::Relaxed);
-    let mut attacked = trivial_latencies(&helper, 100, Duration::from_secs(40));
+    let start = Instant::now();
+    let mut attacked = Vec::new();
+    while (attacked.len() < 100 || collections.load(Ordering::Relaxed) - before < 4)
+        && start.elapsed() < Duration::from_secs(60)
+    {
+        attacked.extend(trivial_latencies(&helper, 1, LONG));
+    }
     let during = collections.load(Ordering::Relaxed) - before;
     stop.store(true, Ordering::Relaxed);
     for a in attackers {
         a.join().expect("attacker thread");
     }
-    let attacked_p99 = quantile(&mut attacked, 0.99);
+    let attacked_p99 = percentile(&mut attacked, 99);
     let attacked_max = attacked.last().copied().unwrap_or_default();
     eprintln!(
         "trivial job latency: control p99 {control_p99:?}; under 4 attackers p99 \
-         {attacked_p99:?}, max {attacked_max:?}; {during} attacker collections meanwhile"
+         {attacked_p99:?}, max {attacked_max:?} ({} runs); {during} attacker collections \
+         meanwhile",
+        attacked.len()
     );
     assert!(
         during >= 4,
@@ -110,4 +122,73 @@ fn given_four_attackers_collecting_hard_links_then_a_trivial_jobs_p99_stays_low(
         "trivial job p99 {attacked_p99:?} under attack (bound {bound:?}, control p99 \
          {control_p99:?})"
     );
+}
+
+/// Two hard links with names that cannot travel, then a good name for the same 3 MiB file
+/// (`big`), a small file, bad names of every kind and a file deeper than 32 levels.
+const BAD_NAMES: &str = r#"
+import os
+with open('a\n0', 'wb') as f:
+    f.write(b'x' * (3 << 20))
+os.link('a\n0', 'a\n1')
+os.link('a\n0', 'big')
+with open('small', 'wb') as f:
+    f.write(b'y')
+for name in [b'star*', b'q?', b'back\\slash', b'tab\tx', b'bad\xff']:
+    with open(name, 'wb') as f:
+        f.write(b'z')
+deep = '/'.join(['d'] * 40)
+os.makedirs(deep)
+with open(deep + '/f', 'wb') as f:
+    f.write(b'z')
+"#;
+
+#[test]
+fn given_bad_names_and_hard_links_then_every_one_is_skipped_by_name_and_counted() {
+    let helper = Helper::start(&config(461, ""));
+    let job = Job::new(&["/usr/bin/python3", "-c", BAD_NAMES])
+        .output("*")
+        .limits(|l| l.tmpfs_bytes = Some(8 << 20));
+    let o = helper.run(&job);
+    assert_eq!(o.report().exit_code, Some(0), "{}", o.describe());
+    assert!(o.done, "{}", o.describe());
+    let kind_of = |name: &str| {
+        o.skipped
+            .iter()
+            .find(|(p, _)| p.as_str() == name)
+            .map(|s| s.1)
+    };
+    for name in [
+        "a\\n0",
+        "a\\n1",
+        "star*",
+        "q?",
+        "back\\\\slash",
+        "tab\\tx",
+        "bad\\xff",
+    ] {
+        assert_eq!(
+            kind_of(name),
+            Some(SkipKind::InvalidName),
+            "{name}: {}",
+            o.describe()
+        );
+    }
+    let at_limit = vec!["d"; sandrun_ipc::MAX_DEPTH].join("/");
+    assert_eq!(
+        kind_of(&at_limit),
+        Some(SkipKind::TooDeep),
+        "{}",
+        o.describe()
+    );
+    // 3 + 3 MiB of links that are not returned, then `big` (3 MiB more) is over the 8 MiB cap,
+    // and so is everything after it.
+    assert_eq!(kind_of("big"), Some(SkipKind::TooLarge), "{}", o.describe());
+    assert_eq!(
+        kind_of("small"),
+        Some(SkipKind::TooLarge),
+        "{}",
+        o.describe()
+    );
+    assert!(o.outputs.is_empty(), "{}", o.describe());
 }

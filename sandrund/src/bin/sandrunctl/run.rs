@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
 use sandrun_ipc::{
-    BundlePath, ExitReport, JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern,
+    ExitReport, JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern, PrintablePath,
     Request, Response, Role, SkipKind,
 };
 
@@ -123,7 +123,7 @@ struct JobResult {
     report: Option<ExitReport>,
     current: Option<OutFile>,
     outputs: Vec<OutputFileHeader>,
-    skipped: Vec<(BundlePath, SkipKind)>,
+    skipped: Vec<(PrintablePath, SkipKind)>,
 }
 
 impl JobResult {
@@ -300,6 +300,7 @@ pub(crate) fn skip_kind_str(k: SkipKind) -> &'static str {
         SkipKind::TooLarge => "too_large",
         SkipKind::TooMany => "too_many",
         SkipKind::Unreadable => "unreadable",
+        SkipKind::InvalidName | SkipKind::TooDeep => k.as_str(),
     }
 }
 
