@@ -433,9 +433,9 @@ fn spec_with(path: &str, pattern: &str) -> JobSpec {
 #[test]
 fn given_the_hello_example_of_docs_protocol_md_then_the_bytes_match() {
     let hello = sandrun_ipc::Hello {
-        protocol_version: 1,
+        protocol_version: 2,
         role: sandrun_ipc::Role::Submitter,
     };
     let frame = encode(&Request::Hello(hello)).expect("encodes");
-    assert_eq!(frame, [3, 0, 0, 0, 0, 1, 0]);
+    assert_eq!(frame, [3, 0, 0, 0, 0, 2, 0]);
 }
