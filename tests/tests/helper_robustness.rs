@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use sandrun_ipc::{AdminRequest, AdminResponse, ExitReason, Request, Response, Role};
 use sandrun_tests::client::{frame, hello_frame};
+use sandrun_tests::helper::HANG_GUARD;
 use sandrun_tests::host::{fd_count, vm_rss_kib};
 use sandrun_tests::{config, Helper, Job};
 
@@ -28,7 +29,18 @@ fn running(helper: &Helper) -> usize {
 #[test]
 fn given_a_client_that_stops_reading_a_thousand_outputs_then_the_helper_holds_no_fd_per_file() {
     let helper = Helper::start(&config(200, ""));
-    let baseline = fd_count(helper.pid());
+    // The baseline includes a full pool of warm sandboxes (about 8 descriptors each): it refills
+    // while the stream is stalled, and must not be mistaken for descriptors held per file.
+    let mut baseline = fd_count(helper.pid());
+    let (start, mut stable_since) = (Instant::now(), Instant::now());
+    while stable_since.elapsed() < Duration::from_secs(1) && start.elapsed() < HANG_GUARD {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = fd_count(helper.pid());
+        if now != baseline {
+            baseline = now;
+            stable_since = Instant::now();
+        }
+    }
     let job = Job::new(&[
         "/bin/sh",
         "-c",
