@@ -35,8 +35,8 @@ pub use codec::{decode, encode, CodecError, FrameDecoder, MAX_CHUNK_BYTES, MAX_F
 pub use error::{ErrorCode, IpcError, UnknownErrorCode};
 pub use message::*;
 pub use validate::{
-    sanitize_mode, BundlePath, OutputPattern, PathError, ALLOWED_MODE_BITS, MAX_COMPONENT_BYTES,
-    MAX_DEPTH, MAX_PATH_BYTES,
+    sanitize_mode, BundlePath, OutputPattern, PathError, PrintablePath, ALLOWED_MODE_BITS,
+    MAX_COMPONENT_BYTES, MAX_DEPTH, MAX_PATH_BYTES, MAX_PRINTABLE_BYTES,
 };
 
 /// Failure of a channel operation.

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::IpcError;
-use crate::validate::{BundlePath, OutputPattern};
+use crate::validate::{BundlePath, OutputPattern, PrintablePath};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -219,6 +219,40 @@ pub enum SkipKind {
     TooLarge,
     TooMany,
     Unreadable,
+    /// The name cannot travel as a [`BundlePath`]: newline or another control character, `*`,
+    /// `?`, `\`, invalid UTF-8, or longer than [`crate::MAX_PATH_BYTES`]. Nothing was read.
+    InvalidName,
+    /// A directory at [`crate::MAX_DEPTH`] components: nothing beneath it was examined.
+    TooDeep,
+}
+
+impl SkipKind {
+    pub const ALL: [SkipKind; 9] = [
+        SkipKind::Symlink,
+        SkipKind::Fifo,
+        SkipKind::Socket,
+        SkipKind::Device,
+        SkipKind::TooLarge,
+        SkipKind::TooMany,
+        SkipKind::Unreadable,
+        SkipKind::InvalidName,
+        SkipKind::TooDeep,
+    ];
+
+    /// The stable snake_case name used in JSON and messages (by the gateway and `sandrunctl`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipKind::Symlink => "symlink",
+            SkipKind::Fifo => "fifo",
+            SkipKind::Socket => "socket",
+            SkipKind::Device => "device",
+            SkipKind::TooLarge => "too_large",
+            SkipKind::TooMany => "too_many",
+            SkipKind::Unreadable => "unreadable",
+            SkipKind::InvalidName => "invalid_name",
+            SkipKind::TooDeep => "too_deep",
+        }
+    }
 }
 
 /// Header of one returned output file; its content follows as [`Response::OutputChunk`]s.
@@ -293,8 +327,10 @@ pub enum Response {
     Exited(ExitReport),
     OutputFile(OutputFileHeader),
     OutputChunk(#[serde(with = "crate::bytes")] Vec<u8>),
+    /// A matching entry that is not returned. Its name may be one no [`BundlePath`] can hold,
+    /// so it travels as a printable rendering ([`PrintablePath::render`]).
     OutputSkipped {
-        path: BundlePath,
+        path: PrintablePath,
         kind: SkipKind,
     },
     /// The last message of a job.

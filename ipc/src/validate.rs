@@ -142,6 +142,105 @@ impl std::fmt::Display for BundlePath {
     }
 }
 
+/// Longest [`PrintablePath`], in bytes: every byte of a [`MAX_PATH_BYTES`] path escaped as
+/// `\xNN`, plus the `...` that marks a longer name cut short.
+pub const MAX_PRINTABLE_BYTES: usize = 4 * MAX_PATH_BYTES + 3;
+
+/// A printable rendering of a name found on disk, which may be no valid [`BundlePath`] (newline,
+/// tab, `\`, invalid UTF-8, too long or too deep). Valid UTF-8 stays as it is except `\` (written
+/// `\\`) and control characters (`\n`, `\t`, `\r`, else `\xNN` or `\u{NNNN}`); a byte of
+/// invalid UTF-8 is written `\xNN`. Only the first [`MAX_PATH_BYTES`] bytes are rendered, then
+/// `...`. So the rendering of a valid [`BundlePath`] is the path itself, and a rendering never
+/// holds a control character. Decoding checks both bounds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PrintablePath(String);
+
+impl PrintablePath {
+    /// Renders raw name bytes.
+    pub fn render(raw: &[u8]) -> PrintablePath {
+        use std::fmt::Write;
+        let cut = raw.len() > MAX_PATH_BYTES;
+        let mut rest = &raw[..raw.len().min(MAX_PATH_BYTES)];
+        let mut out = String::with_capacity(rest.len());
+        while !rest.is_empty() {
+            let (valid, bad) = match std::str::from_utf8(rest) {
+                Ok(s) => (s, None),
+                Err(e) => {
+                    let (v, tail) = rest.split_at(e.valid_up_to());
+                    // The prefix was just checked; an empty string cannot happen.
+                    let v = std::str::from_utf8(v).unwrap_or_default();
+                    let n = e.error_len().unwrap_or(tail.len()).max(1).min(tail.len());
+                    (v, Some(&tail[..n]))
+                }
+            };
+            for c in valid.chars() {
+                let _ = match c {
+                    '\\' => write!(out, "\\\\"),
+                    '\n' => write!(out, "\\n"),
+                    '\t' => write!(out, "\\t"),
+                    '\r' => write!(out, "\\r"),
+                    c if c.is_control() && c.is_ascii() => write!(out, "\\x{:02x}", c as u32),
+                    c if c.is_control() => write!(out, "\\u{{{:04x}}}", c as u32),
+                    c => write!(out, "{c}"),
+                };
+            }
+            let used = valid.len();
+            match bad {
+                Some(b) => {
+                    for byte in b {
+                        let _ = write!(out, "\\x{byte:02x}");
+                    }
+                    rest = &rest[used + b.len()..];
+                }
+                None => rest = &rest[used..],
+            }
+        }
+        if cut {
+            out.push_str("...");
+        }
+        PrintablePath(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&BundlePath> for PrintablePath {
+    fn from(p: &BundlePath) -> PrintablePath {
+        PrintablePath::render(p.as_str().as_bytes())
+    }
+}
+
+impl TryFrom<String> for PrintablePath {
+    type Error = PathError;
+    fn try_from(s: String) -> Result<Self, PathError> {
+        if s.is_empty() {
+            return Err(PathError::Empty);
+        }
+        if s.len() > MAX_PRINTABLE_BYTES {
+            return Err(PathError::TooLong);
+        }
+        if let Some(c) = s.chars().find(|c| c.is_control()) {
+            return Err(PathError::ForbiddenChar(c));
+        }
+        Ok(PrintablePath(s))
+    }
+}
+
+impl From<PrintablePath> for String {
+    fn from(p: PrintablePath) -> String {
+        p.0
+    }
+}
+
+impl std::fmt::Display for PrintablePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// An output pattern (see `docs/manifest.md`):
 /// - no `/` (`*.png`, `result.txt`): matches the file name at any depth;
 /// - ends with `/` (`results/`): everything under that directory;
@@ -278,6 +377,29 @@ pub fn sanitize_mode(mode: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_names_that_cannot_travel_then_their_rendering_is_printable_and_escaped() {
+        let cases: [(&[u8], &str); 7] = [
+            (b"res/a.txt", "res/a.txt"),
+            (b"a\n1", "a\\n1"),
+            (b"tab\tx", "tab\\tx"),
+            (b"back\\slash", "back\\\\slash"),
+            (b"star*q?", "star*q?"),
+            (b"bad\xff\xfe!", "bad\\xff\\xfe!"),
+            (b"\x1b[2J\xc2\x85", "\\x1b[2J\\u{0085}"),
+        ];
+        for (raw, want) in cases {
+            let p = PrintablePath::render(raw);
+            assert_eq!(p.as_str(), want, "{raw:?}");
+            assert!(PrintablePath::try_from(p.as_str().to_owned()).is_ok());
+        }
+        let long = PrintablePath::render(&[0xff; MAX_PATH_BYTES + 10]);
+        assert_eq!(long.as_str().len(), MAX_PRINTABLE_BYTES);
+        assert!(long.as_str().ends_with("..."));
+        assert!(PrintablePath::try_from("a\nb".to_owned()).is_err());
+        assert!(PrintablePath::try_from(String::new()).is_err());
+    }
 
     #[test]
     fn given_traversal_or_absolute_paths_then_they_are_refused() {

@@ -247,18 +247,25 @@ fn given_a_response_with_a_bad_output_path_then_decoding_refuses_it() {
         sha256: [7; 32],
     };
     let skipped = Response::OutputSkipped {
-        path,
+        path: (&path).into(),
         kind: SkipKind::Symlink,
     };
-    for msg in [Response::OutputFile(header), skipped] {
+    // A skipped entry's path is a printable rendering, not a path: only what no rendering
+    // holds (control characters) is refused there.
+    let all = [
+        "../../etc",
+        "/etc/shad",
+        "a/\0/bcdef",
+        "a/./bcdef",
+        "a//bcdefg",
+    ];
+    let unprintable = ["a/\0/bcdef", "a/\n/bcdef", "\x1b[2Jabcde"];
+    for (msg, bads) in [
+        (Response::OutputFile(header), &all[..]),
+        (skipped, &unprintable[..]),
+    ] {
         let frame = encode(&msg).expect("encodes");
-        for bad in [
-            "../../etc",
-            "/etc/shad",
-            "a/\0/bcdef",
-            "a/./bcdef",
-            "a//bcdefg",
-        ] {
+        for &bad in bads {
             let spliced = splice(&frame, &marker, bad);
             assert!(
                 matches!(decode::<Response>(&spliced), Err(CodecError::Malformed(_))),

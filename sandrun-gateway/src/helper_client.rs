@@ -399,16 +399,7 @@ fn finish_output(
 }
 
 fn skip_name(kind: SkipKind) -> String {
-    let name = match kind {
-        SkipKind::Symlink => "symlink",
-        SkipKind::Fifo => "fifo",
-        SkipKind::Socket => "socket",
-        SkipKind::Device => "device",
-        SkipKind::TooLarge => "too_large",
-        SkipKind::TooMany => "too_many",
-        SkipKind::Unreadable => "unreadable",
-    };
-    name.to_owned()
+    kind.as_str().to_owned()
 }
 
 async fn send(

@@ -6,8 +6,8 @@ use std::os::unix::net::UnixStream;
 use sandrun_ipc::blocking::ClientChannel;
 use sandrun_ipc::{
     BundleEntry, BundlePath, ChannelError, ExitReport, GrantedLimits, Hello, IpcError, JobId,
-    JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern, Request, Response, Role,
-    SkipKind, MAX_CHUNK_BYTES, PROTOCOL_VERSION,
+    JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern, PrintablePath, Request,
+    Response, Role, SkipKind, MAX_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 
 use crate::helper::{probe_binary, Helper, HANG_GUARD};
@@ -96,7 +96,7 @@ pub struct Outcome {
     pub stderr: Vec<u8>,
     pub exit: Option<ExitReport>,
     pub outputs: Vec<(OutputFileHeader, Vec<u8>)>,
-    pub skipped: Vec<(BundlePath, SkipKind)>,
+    pub skipped: Vec<(PrintablePath, SkipKind)>,
     pub error: Option<IpcError>,
     pub done: bool,
     /// How the connection ended if not with `Done` or `Error` (closed, I/O error).

@@ -8,7 +8,8 @@ use proptest::prelude::*;
 use sandrun_ipc::{
     AdminRequest, AdminResponse, BundleEntry, BundlePath, ErrorCode, ExitReason, ExitReport,
     GrantedLimits, Hello, IpcError, JobId, JobSpec, LatencySummary, Limits, NetworkPolicy,
-    OutputFileHeader, OutputPattern, Request, Response, Role, SandboxInfo, SkipKind, Stats,
+    OutputFileHeader, OutputPattern, PrintablePath, Request, Response, Role, SandboxInfo, SkipKind,
+    Stats,
 };
 
 /// Free text (labels, argv, messages): any characters, including control characters.
@@ -238,6 +239,8 @@ pub fn skip_kind() -> impl Strategy<Value = SkipKind> {
         SkipKind::TooLarge,
         SkipKind::TooMany,
         SkipKind::Unreadable,
+        SkipKind::InvalidName,
+        SkipKind::TooDeep,
     ])
 }
 
@@ -348,8 +351,12 @@ pub fn response() -> impl Strategy<Value = Response> {
         exit_report().prop_map(Response::Exited),
         output_file_header().prop_map(Response::OutputFile),
         bytes().prop_map(Response::OutputChunk),
-        (bundle_path(), skip_kind())
-            .prop_map(|(path, kind)| Response::OutputSkipped { path, kind }),
+        (proptest::collection::vec(any::<u8>(), 1..64), skip_kind()).prop_map(|(raw, kind)| {
+            Response::OutputSkipped {
+                path: PrintablePath::render(&raw),
+                kind,
+            }
+        }),
         Just(Response::Done),
         ipc_error().prop_map(Response::Error),
         admin_response().prop_map(Response::Admin),

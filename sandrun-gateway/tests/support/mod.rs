@@ -251,7 +251,7 @@ async fn run_script(ch: &mut HelperChannel, script: &str) -> bool {
             "skip" => {
                 let path = BundlePath::new(rest).unwrap();
                 tail.push(IpcResponse::OutputSkipped {
-                    path,
+                    path: (&path).into(),
                     kind: SkipKind::Symlink,
                 });
                 None

@@ -2,16 +2,29 @@
 //! job's `/work` directory fd: `openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
 //! RESOLVE_NO_MAGICLINKS` and `O_NOFOLLOW | O_NONBLOCK`, and `fstat` must say "regular file".
 //! Symlinks, FIFOs, sockets and devices that match a pattern are reported as skipped, never
-//! opened (so a FIFO cannot block the helper). The walk and the bytes returned are capped.
+//! opened (so a FIFO cannot block the helper).
+//!
+//! A name is checked before any byte of its file is read: one that cannot travel as a
+//! [`BundlePath`] is reported as [`SkipKind::InvalidName`] with a printable rendering, and a
+//! directory too deep to descend as [`SkipKind::TooDeep`]. Every matched regular file's size
+//! counts toward the byte cap whether it is returned or not (so a thousand hard links to one big
+//! file count a thousand times).
+//!
+//! The helper has one thread, so a collection is a [`Collector`] that does its work in slices
+//! ([`Collector::step`]): the event loop gives each collecting job a slice of at most a few
+//! milliseconds per turn and serves every other connection in between. A collection's own
+//! working time (the sum of its slices, not the wall clock while others share the loop) is
+//! bounded too; what is not reached by then is reported once as `TooMany`.
 
 use std::ffi::{CStr, CString};
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
-use sandrun_ipc::{BundlePath, OutputPattern, SkipKind};
+use sandrun_ipc::{BundlePath, OutputPattern, PrintablePath, SkipKind};
 use sha2::{Digest, Sha256};
 
 /// Most output files returned per job.
@@ -20,18 +33,17 @@ pub const MAX_OUTPUT_FILES: usize = 1000;
 /// Bounds of one collection.
 #[derive(Debug, Clone, Copy)]
 pub struct CollectLimits {
-    /// Directory entries visited at most.
+    /// Directory entries visited at most (this also bounds the entries reported as skipped).
     pub max_visited: usize,
-    /// Total bytes of returned files.
+    /// Total bytes of matched regular files, returned or not.
     pub max_total_bytes: u64,
-    /// When the walk and the hashing must stop: collection runs in the helper's only thread, so
-    /// hostile patterns, deep trees or huge sparse files must not hold it for long. What is not
-    /// reached by then is reported once as `TooMany`.
-    pub deadline: std::time::Instant,
+    /// The collection's own working time, summed over its slices.
+    pub budget: Duration,
 }
 
-/// Bytes hashed between two deadline checks.
-const HASH_SLICE: u64 = 1 << 20;
+/// Bytes hashed per read, and so between two clock checks: small enough that one read and its
+/// hashing stay well under a slice even in an unoptimised build (16 KiB: ~0.5 ms there).
+const HASH_READ: usize = 16 * 1024;
 
 /// One result of the walk. Files are not kept open (a job may return a thousand of them): the
 /// stream re-opens each with [`open_regular`] and checks it again when it is sent.
@@ -43,7 +55,7 @@ pub enum Collected {
         sha256: [u8; 32],
     },
     Skipped {
-        path: BundlePath,
+        path: PrintablePath,
         kind: SkipKind,
     },
 }
@@ -89,111 +101,214 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: OFlag) -> nix::Resu
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Walks `/work` (through `workdir`, an `O_PATH` directory fd) and returns the matching files and
-/// the matching entries that were refused.
+/// Walks `/work` to the end in one go (tests; the helper uses [`Collector::step`]).
+#[cfg(test)]
 pub fn collect(
     workdir: BorrowedFd<'_>,
     patterns: &[OutputPattern],
     limits: CollectLimits,
 ) -> Vec<Collected> {
-    let mut walk = Walk {
-        patterns,
-        limits,
-        visited: 0,
-        total: 0,
-        files: 0,
-        out: Vec::new(),
-        out_of_time: false,
-    };
-    if patterns.is_empty() {
-        return walk.out;
-    }
-    if let Ok(root) = open_beneath(workdir, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
-        walk.dir(root, "", 0);
-    }
-    walk.out
+    let mut c = Collector::new(workdir, patterns.to_vec(), limits);
+    while !c.step(Duration::from_secs(3600)) {}
+    c.finish()
 }
 
-struct Walk<'a> {
-    patterns: &'a [OutputPattern],
+/// A directory being listed: its fd, its path relative to `/work` (raw bytes), its depth in
+/// components, and the names not visited yet.
+struct Frame {
+    fd: OwnedFd,
+    prefix: Vec<u8>,
+    depth: usize,
+    names: std::vec::IntoIter<CString>,
+}
+
+/// The file being hashed.
+struct Hashing {
+    file: std::fs::File,
+    path: BundlePath,
+    size: u64,
+    seen: u64,
+    hasher: Sha256,
+}
+
+/// An output collection in progress, advanced a slice at a time by [`Collector::step`].
+pub struct Collector {
+    patterns: Vec<OutputPattern>,
     limits: CollectLimits,
+    stack: Vec<Frame>,
+    hashing: Option<Hashing>,
     visited: usize,
     total: u64,
     files: usize,
+    spent: Duration,
     out: Vec<Collected>,
-    out_of_time: bool,
+    /// Set once a limit ended the walk early (it is reported once).
+    stopped: bool,
+    buf: Vec<u8>,
 }
 
-impl Walk<'_> {
-    /// Whether the time budget is spent; the first time, says so once in the results.
-    fn expired(&mut self, rel: &str) -> bool {
-        if self.out_of_time {
-            return true;
-        }
-        if std::time::Instant::now() < self.limits.deadline {
-            return false;
-        }
-        self.out_of_time = true;
-        tracing::warn!("output collection ran out of time; the rest is skipped");
-        self.skip(rel, SkipKind::TooMany);
-        true
-    }
-
-    fn matches(&self, rel: &str) -> bool {
-        self.patterns.iter().any(|p| p.matches(rel))
-    }
-
-    fn skip(&mut self, rel: &str, kind: SkipKind) {
-        if let Ok(path) = BundlePath::new(rel) {
-            self.out.push(Collected::Skipped { path, kind });
-        }
-    }
-
-    fn dir(&mut self, fd: OwnedFd, prefix: &str, depth: usize) {
-        if depth >= sandrun_ipc::MAX_DEPTH {
-            return;
-        }
-        let names = match list_dir(&fd) {
-            Ok(n) => n,
-            Err(_) => return,
+impl Collector {
+    /// Starts a collection of `/work` (through `workdir`, an `O_PATH` directory fd).
+    pub fn new(
+        workdir: BorrowedFd<'_>,
+        patterns: Vec<OutputPattern>,
+        limits: CollectLimits,
+    ) -> Collector {
+        let mut c = Collector {
+            patterns,
+            limits,
+            stack: Vec::new(),
+            hashing: None,
+            visited: 0,
+            total: 0,
+            files: 0,
+            spent: Duration::ZERO,
+            out: Vec::new(),
+            stopped: false,
+            buf: Vec::new(),
         };
-        for name in names {
-            self.visited += 1;
-            if self.visited > self.limits.max_visited {
-                return;
+        if !c.patterns.is_empty() {
+            if let Ok(root) = open_beneath(workdir, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+                c.push_dir(root, Vec::new(), 0);
             }
-            let Ok(name_str) = name.to_str() else {
-                continue;
-            };
-            let rel = if prefix.is_empty() {
-                name_str.to_owned()
+        }
+        c
+    }
+
+    /// Works for about `slice` (at least one unit, at most one unit past it: a read of
+    /// [`HASH_READ`] bytes or one directory entry). Returns
+    /// `true` once the collection is complete.
+    pub fn step(&mut self, slice: Duration) -> bool {
+        let start = Instant::now();
+        // At least one unit of work per step, so that even a tiny slice makes progress.
+        while !self.is_done() {
+            if self.spent + start.elapsed() >= self.limits.budget {
+                self.stop();
+                break;
+            }
+            if self.hashing.is_some() {
+                self.hash_some();
             } else {
-                format!("{prefix}/{name_str}")
-            };
-            // A path no output may have is not worth matching.
-            if rel.len() > sandrun_ipc::MAX_PATH_BYTES || self.expired(&rel) {
-                continue;
+                self.next_entry();
             }
-            let Ok(st) = fstatat(
-                Some(fd.as_raw_fd()),
-                name.as_c_str(),
-                AtFlags::AT_SYMLINK_NOFOLLOW,
-            ) else {
-                continue;
-            };
-            self.entry(fd.as_fd(), &name, &rel, &st, depth);
+            if start.elapsed() >= slice {
+                break;
+            }
+        }
+        self.spent += start.elapsed();
+        self.is_done()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.hashing.is_none() && self.stack.is_empty()
+    }
+
+    /// The results, in walk order.
+    pub fn finish(self) -> Vec<Collected> {
+        self.out
+    }
+
+    /// Ends the walk early: the file being hashed (if any) is too large for what is left, and
+    /// the rest is reported once as `TooMany`.
+    fn stop(&mut self) {
+        if let Some(h) = self.hashing.take() {
+            self.out.push(Collected::Skipped {
+                path: PrintablePath::from(&h.path),
+                kind: SkipKind::TooLarge,
+            });
+        }
+        let next = self
+            .stack
+            .last()
+            .map(|f| f.prefix.clone())
+            .unwrap_or_default();
+        self.stack.clear();
+        if !self.stopped {
+            self.stopped = true;
+            tracing::warn!("output collection reached its limits; the rest is skipped");
+            let at = if next.is_empty() { b".".to_vec() } else { next };
+            self.skip(&at, SkipKind::TooMany);
         }
     }
 
-    fn entry(&mut self, dir: BorrowedFd<'_>, name: &CStr, rel: &str, st: &FileStat, depth: usize) {
+    fn skip(&mut self, rel: &[u8], kind: SkipKind) {
+        self.out.push(Collected::Skipped {
+            path: PrintablePath::render(rel),
+            kind,
+        });
+    }
+
+    fn push_dir(&mut self, fd: OwnedFd, prefix: Vec<u8>, depth: usize) {
+        let Ok(names) = list_dir(&fd, self.limits.max_visited) else {
+            return;
+        };
+        self.stack.push(Frame {
+            fd,
+            prefix,
+            depth,
+            names: names.into_iter(),
+        });
+    }
+
+    /// Visits the next directory entry of the walk (depth first, names in byte order).
+    fn next_entry(&mut self) {
+        let Some(frame) = self.stack.last_mut() else {
+            return;
+        };
+        let Some(name) = frame.names.next() else {
+            self.stack.pop();
+            return;
+        };
+        let mut rel = frame.prefix.clone();
+        if !rel.is_empty() {
+            rel.push(b'/');
+        }
+        rel.extend_from_slice(name.as_bytes());
+        let depth = frame.depth + 1;
+        let dir = frame.fd.try_clone();
+        self.visited += 1;
+        if self.visited > self.limits.max_visited {
+            self.stack.clear();
+            self.stopped = true;
+            tracing::warn!("output collection visited its most entries; the rest is skipped");
+            return self.skip(&rel, SkipKind::TooMany);
+        }
+        let Ok(dir) = dir else {
+            return self.skip(&rel, SkipKind::Unreadable);
+        };
+        let Ok(st) = fstatat(
+            Some(dir.as_raw_fd()),
+            name.as_c_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) else {
+            return;
+        };
+        self.entry(dir.as_fd(), &name, rel, &st, depth);
+    }
+
+    /// One entry `rel` (`depth` components) of `dir`: descend, skip with a reason, or start
+    /// hashing. The name is checked, and its bytes counted, before anything is read.
+    fn entry(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        rel: Vec<u8>,
+        st: &FileStat,
+        depth: usize,
+    ) {
         let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
         if kind == SFlag::S_IFDIR {
+            if depth >= sandrun_ipc::MAX_DEPTH {
+                // Its entries would be deeper than any output path may be.
+                return self.skip(&rel, SkipKind::TooDeep);
+            }
             if let Ok(sub) = open_beneath(dir, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
-                self.dir(sub, rel, depth + 1);
+                self.push_dir(sub, rel, depth);
             }
             return;
         }
-        if !self.matches(rel) {
+        // Names that cannot travel are matched by what they would be with U+FFFD.
+        if !self.matches(&String::from_utf8_lossy(&rel)) {
             return;
         }
         let refused = match kind {
@@ -204,53 +319,76 @@ impl Walk<'_> {
             _ => Some(SkipKind::Device),
         };
         if let Some(k) = refused {
-            return self.skip(rel, k);
+            return self.skip(&rel, k);
         }
+        let size = u64::try_from(st.st_size).unwrap_or(u64::MAX);
+        self.total = self.total.saturating_add(size);
+        let Some(path) = std::str::from_utf8(&rel)
+            .ok()
+            .and_then(|s| BundlePath::new(s).ok())
+        else {
+            return self.skip(&rel, SkipKind::InvalidName);
+        };
         if self.files >= MAX_OUTPUT_FILES {
-            return self.skip(rel, SkipKind::TooMany);
+            return self.skip(&rel, SkipKind::TooMany);
         }
-        match self.read_file(dir, name) {
-            Ok((size, sha256)) => {
-                if let Ok(path) = BundlePath::new(rel) {
-                    self.files += 1;
-                    self.total += size;
-                    self.out.push(Collected::File { path, size, sha256 });
-                }
+        if self.total > self.limits.max_total_bytes {
+            return self.skip(&rel, SkipKind::TooLarge);
+        }
+        match open_regular(dir, name) {
+            // The job is dead, so the file cannot change; a size other than the walk's is a bug.
+            Ok((file, now)) if now == size => {
+                self.hashing = Some(Hashing {
+                    file,
+                    path,
+                    size,
+                    seen: 0,
+                    hasher: Sha256::new(),
+                });
             }
-            Err(k) => self.skip(rel, k),
+            Ok(_) => self.skip(&rel, SkipKind::Unreadable),
+            Err(k) => self.skip(&rel, k),
         }
     }
 
-    /// Opens a regular file beneath `dir` without following anything, checks it again with
-    /// `fstat`, and hashes it. The job is dead, so the file cannot change afterwards.
-    fn read_file(&self, dir: BorrowedFd<'_>, name: &CStr) -> Result<(u64, [u8; 32]), SkipKind> {
-        let (mut file, size) = open_regular(dir, name)?;
-        if self.total.saturating_add(size) > self.limits.max_total_bytes {
-            return Err(SkipKind::TooLarge);
-        }
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut seen = 0u64;
-        let mut next_check = HASH_SLICE;
-        loop {
-            let n = file.read(&mut buf).map_err(|_| SkipKind::Unreadable)?;
-            if n == 0 {
-                break;
-            }
-            seen += n as u64;
-            hasher.update(&buf[..n]);
-            // A huge (perhaps sparse) file must not hold the loop past the deadline.
-            if seen >= next_check {
-                next_check += HASH_SLICE;
-                if std::time::Instant::now() >= self.limits.deadline {
-                    return Err(SkipKind::TooLarge);
+    fn matches(&self, rel: &str) -> bool {
+        self.patterns.iter().any(|p| p.matches(rel))
+    }
+
+    /// Hashes one read's worth of the current file; at its end, records it.
+    fn hash_some(&mut self) {
+        let Some(h) = self.hashing.as_mut() else {
+            return;
+        };
+        self.buf.resize(HASH_READ, 0);
+        match h.file.read(&mut self.buf) {
+            Ok(0) => {}
+            Ok(n) => {
+                h.seen += n as u64;
+                h.hasher.update(&self.buf[..n]);
+                if h.seen <= h.size {
+                    return;
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
+            Err(_) => {}
         }
-        if seen != size {
-            return Err(SkipKind::Unreadable);
+        let Some(h) = self.hashing.take() else {
+            return;
+        };
+        if h.seen != h.size {
+            self.out.push(Collected::Skipped {
+                path: PrintablePath::from(&h.path),
+                kind: SkipKind::Unreadable,
+            });
+            return;
         }
-        Ok((size, hasher.finalize().into()))
+        self.files += 1;
+        self.out.push(Collected::File {
+            path: h.path,
+            size: h.size,
+            sha256: h.hasher.finalize().into(),
+        });
     }
 }
 
@@ -272,8 +410,9 @@ pub fn open_regular(dir: BorrowedFd<'_>, path: &CStr) -> Result<(std::fs::File, 
     Ok((std::fs::File::from(fd), size))
 }
 
-/// Names in a directory (without `.` and `..`), sorted for a stable order.
-fn list_dir(fd: &OwnedFd) -> nix::Result<Vec<CString>> {
+/// Names in a directory (without `.` and `..`), at most `max` (more could not be visited
+/// anyway), sorted for a stable order.
+fn list_dir(fd: &OwnedFd, max: usize) -> nix::Result<Vec<CString>> {
     let dup = fd.try_clone().map_err(|_| nix::errno::Errno::EMFILE)?;
     let mut dir = Dir::from_fd(dup.into_raw_fd())?;
     let mut names = Vec::new();
@@ -284,6 +423,9 @@ fn list_dir(fd: &OwnedFd) -> nix::Result<Vec<CString>> {
             continue;
         }
         names.push(name.to_owned());
+        if names.len() > max {
+            break;
+        }
     }
     names.sort();
     Ok(names)
@@ -302,7 +444,7 @@ mod tests {
         CollectLimits {
             max_visited: 10_000,
             max_total_bytes: 1 << 20,
-            deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
+            budget: Duration::from_secs(60),
         }
     }
 
@@ -388,12 +530,94 @@ mod tests {
             std::fs::write(d.path().join(format!("{i}.txt")), b"x").unwrap();
         }
         let past = CollectLimits {
-            deadline: std::time::Instant::now(),
+            budget: Duration::ZERO,
             ..limits()
         };
         let out = run(d.path(), &["*.txt"], past);
         assert!(files(&out).is_empty());
-        assert_eq!(skipped(&out), vec![("0.txt".into(), SkipKind::TooMany)]);
+        assert_eq!(skipped(&out), vec![(".".into(), SkipKind::TooMany)]);
+    }
+
+    #[test]
+    fn given_names_that_cannot_travel_then_they_are_skipped_by_name_and_nothing_is_read() {
+        use std::os::unix::ffi::OsStrExt;
+        let d = tempfile::tempdir().unwrap();
+        // Every name matches `*`; none may be returned, and each is named in `skipped`.
+        for name in [
+            &b"a\n1"[..],
+            b"star*",
+            b"q?",
+            b"back\\slash",
+            b"tab\tx",
+            b"bad\xff",
+        ] {
+            let p = d.path().join(std::ffi::OsStr::from_bytes(name));
+            std::fs::write(&p, b"x").unwrap();
+        }
+        let deep: std::path::PathBuf = (0..40).map(|_| "d").collect();
+        std::fs::create_dir_all(d.path().join(&deep)).unwrap();
+        std::fs::write(d.path().join(&deep).join("f"), b"x").unwrap();
+        let out = run(d.path(), &["*"], limits());
+        assert!(files(&out).is_empty(), "{:?}", files(&out));
+        let s = skipped(&out);
+        for want in [
+            "a\\n1",
+            "star*",
+            "q?",
+            "back\\\\slash",
+            "tab\\tx",
+            "bad\\xff",
+        ] {
+            assert!(
+                s.contains(&(want.into(), SkipKind::InvalidName)),
+                "{want}: {s:?}"
+            );
+        }
+        let at_limit = vec!["d"; sandrun_ipc::MAX_DEPTH].join("/");
+        assert!(s.contains(&(at_limit, SkipKind::TooDeep)), "{s:?}");
+    }
+
+    #[test]
+    fn given_hard_links_to_one_file_then_each_counts_toward_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a\n0"), vec![1u8; 400]).unwrap();
+        std::fs::hard_link(d.path().join("a\n0"), d.path().join("a\n1")).unwrap();
+        std::fs::hard_link(d.path().join("a\n0"), d.path().join("big")).unwrap();
+        std::fs::write(d.path().join("small"), b"x").unwrap();
+        let l = CollectLimits {
+            max_total_bytes: 1000,
+            ..limits()
+        };
+        let out = run(d.path(), &["*"], l);
+        // 400 + 400 (not returned) + 400 > 1000: `big` is over the cap, and so is `small`.
+        assert!(files(&out).is_empty(), "{:?}", files(&out));
+        let s = skipped(&out);
+        assert!(s.contains(&("big".into(), SkipKind::TooLarge)), "{s:?}");
+        assert!(s.contains(&("small".into(), SkipKind::TooLarge)), "{s:?}");
+    }
+
+    #[test]
+    fn given_a_big_file_then_each_step_returns_after_its_slice_with_the_same_result() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("big.bin"), vec![7u8; 4 << 20]).unwrap();
+        let fd: OwnedFd = std::fs::File::open(d.path()).unwrap().into();
+        let l = CollectLimits {
+            max_total_bytes: 8 << 20,
+            ..limits()
+        };
+        let mut c = Collector::new(fd.as_fd(), pats(&["*.bin"]), l);
+        let mut steps = 0;
+        while !c.step(Duration::ZERO) {
+            steps += 1;
+        }
+        // A zero slice still does one unit of work per step: one read of HASH_READ bytes.
+        assert!(steps >= (4 << 20) / HASH_READ, "{steps} steps");
+        let out = c.finish();
+        let Some(Collected::File { sha256, size, .. }) = out.first() else {
+            panic!("{out:?}")
+        };
+        assert_eq!(*size, 4 << 20);
+        assert_eq!(sha256.to_vec(), Sha256::digest(vec![7u8; 4 << 20]).to_vec());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use sandrun_ipc::{codec, ErrorCode, FrameDecoder, IpcError, JobId, Request, Response, Role};
 
-use super::job::{Job, OutputStream};
+use super::job::{Collecting, Job, OutputStream};
 use super::peer::Peer;
 use super::request::ValidJob;
 
@@ -35,6 +35,8 @@ pub enum State {
     },
     /// The sandbox runs.
     Running(Box<Job>),
+    /// Collecting outputs after `Exited`, a slice per turn of the loop.
+    Collecting(Box<Collecting>),
     /// Sending outputs after `Exited`.
     Outputs(Box<OutputStream>),
     /// Nothing more to do; closes once the outgoing buffer is flushed.

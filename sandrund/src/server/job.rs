@@ -9,11 +9,11 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use sandrun_ipc::{
-    ExitReason, ExitReport, GrantedLimits, JobId, OutputFileHeader, OutputPattern, Response,
-    SkipKind, MAX_CHUNK_BYTES,
+    ExitReason, ExitReport, GrantedLimits, JobId, OutputFileHeader, OutputPattern, PrintablePath,
+    Response, SkipKind, MAX_CHUNK_BYTES,
 };
 
-use super::collect::{collect, open_regular, CollectLimits, Collected};
+use super::collect::{open_regular, CollectLimits, Collected, Collector};
 use crate::cgroup::{CgroupStats, JobCgroup};
 use crate::sandbox::Spawned;
 
@@ -343,17 +343,15 @@ impl Job {
         }
     }
 
-    /// Collects the outputs through the work directory fd.
-    pub fn collect_outputs(&self) -> Vec<Collected> {
+    /// Starts collecting the outputs through the work directory fd `workdir` (taken from the
+    /// job); the event loop advances it a slice at a time.
+    pub fn collector(&mut self, workdir: BorrowedFd<'_>) -> Collector {
         let limits = CollectLimits {
             max_visited: usize::try_from(self.limits.file_count).unwrap_or(usize::MAX),
             max_total_bytes: self.limits.tmpfs_bytes,
-            deadline: Instant::now() + COLLECT_BUDGET,
+            budget: COLLECT_BUDGET,
         };
-        match &self.workdir {
-            Some(w) => collect(w.as_fd(), &self.outputs, limits),
-            None => Vec::new(),
-        }
+        Collector::new(workdir, std::mem::take(&mut self.outputs), limits)
     }
 }
 
@@ -420,7 +418,7 @@ impl Job {
 const MAX_STATS_FAILURES: u32 = 10;
 /// How long the pipes of an exited job wait for a client that does not read.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
-/// The longest output collection may hold the event loop.
+/// The most working time one output collection may take (the sum of its slices).
 const COLLECT_BUDGET: Duration = Duration::from_secs(2);
 
 /// Splits a raw wait status into exit code or signal. No status (C died first): SIGKILL.
@@ -449,6 +447,13 @@ fn pidfd_kill(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
     } else {
         Ok(())
     }
+}
+
+/// A finished job's outputs being collected, a slice per turn of the loop. Holds the work
+/// directory (and so the job's tmpfs) until the stream that follows is done.
+pub struct Collecting {
+    pub collector: Collector,
+    pub workdir: OwnedFd,
 }
 
 /// Streams collected outputs to the client, a chunk at a time, under backpressure.
@@ -512,11 +517,16 @@ impl OutputStream {
                         Ok((file, now)) if now == size => file,
                         Ok(_) => {
                             return Some(Response::OutputSkipped {
-                                path,
+                                path: PrintablePath::from(&path),
                                 kind: SkipKind::Unreadable,
                             })
                         }
-                        Err(kind) => return Some(Response::OutputSkipped { path, kind }),
+                        Err(kind) => {
+                            return Some(Response::OutputSkipped {
+                                path: PrintablePath::from(&path),
+                                kind,
+                            })
+                        }
                     };
                     self.current = Some((file, size));
                     return Some(Response::OutputFile(OutputFileHeader {

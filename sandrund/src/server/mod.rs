@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::ids::{GroupId, UserId};
 use crate::sandbox::{self, seccomp::SeccompProgram, JobPlan, SandboxSettings, SetupStep};
 use conn::{Conn, Incoming, State, HIGH_WATER};
-use job::{Exiting, Job, OutputStream, Released};
+use job::{Collecting, Exiting, Job, OutputStream, Released};
 use peer::{authorize, may_connect, Peer};
 use pool::{Pool, WarmSandbox};
 use request::{validate, RequestError};
@@ -43,6 +43,13 @@ const BUNDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const TICK: Duration = Duration::from_millis(100);
 /// CPU bandwidth of one job: one full CPU.
 const CPU_PERIOD_US: u64 = 100_000;
+/// Working time the loop gives all output collections together per turn: each collecting job
+/// gets its share, but never less than [`MIN_COLLECT_SLICE`]. With [`COLLECT_PAUSE_MS`] between
+/// turns, collections take about a quarter of one CPU at most, however many there are.
+const COLLECT_SLICE: Duration = Duration::from_millis(2);
+const MIN_COLLECT_SLICE: Duration = Duration::from_micros(250);
+/// The poll timeout between two rounds of collection slices, in milliseconds.
+const COLLECT_PAUSE_MS: u16 = 6;
 /// Spawn latency samples kept for the summary.
 const LATENCY_SAMPLES: usize = 1024;
 
@@ -266,12 +273,20 @@ impl Server {
             fds.push(PollFd::new(e.pidfd(), PollFlags::POLLIN));
             tokens.push(Token::Exiting(id));
         }
+        let collecting = self
+            .conns
+            .values()
+            .any(|c| matches!(c.state, State::Collecting(_)));
         let busy = !self.conns.is_empty()
             || !self.teardowns.is_empty()
             || !self.exiting.is_empty()
             || self.accept_paused;
+        // A collection in progress gets its next slice after a pause (cut short by any event):
+        // collections take about a quarter of one CPU, and other jobs' processes get the rest.
         let timeout = if refill {
             PollTimeout::ZERO
+        } else if collecting {
+            PollTimeout::from(COLLECT_PAUSE_MS)
         } else if busy {
             PollTimeout::from(100u16)
         } else {
@@ -530,10 +545,10 @@ impl Server {
 
     /// A free slot, if fewer than `max_concurrent` jobs are live.
     ///
-    /// A live job is one receiving its bundle, running, or streaming its outputs (it still holds
-    /// its tmpfs): at most `max_concurrent` of them exist. A job whose `Done` has been sent is
-    /// not live: its processes are all gone (C reports the status only after it has killed and
-    /// reaped the rest), and only its cgroup's removal, or C's own exit, may still be pending.
+    /// A live job is one receiving its bundle, running, or collecting or streaming its outputs
+    /// (it still holds its tmpfs): at most `max_concurrent` of them exist. A job whose `Done` has
+    /// been sent is not live: its processes are all gone (C reports the status only after it has
+    /// killed and reaped the rest), and only its cgroup's removal, or C's own exit, may still be pending.
     /// Such a slot keeps its uid until then (a uid is never reused while it may own anything),
     /// but it does not count against the cap, so a client that got `Done` and submits at once
     /// is not told `Busy`. The uids (`slot_count >= max_concurrent`) run out only if teardowns
@@ -554,7 +569,10 @@ impl Server {
             .filter(|c| {
                 matches!(
                     c.state,
-                    State::Bundle { .. } | State::Running(_) | State::Outputs(_)
+                    State::Bundle { .. }
+                        | State::Running(_)
+                        | State::Collecting(_)
+                        | State::Outputs(_)
                 )
             })
             .count()
@@ -801,12 +819,19 @@ impl Server {
     /// output streams fill the send buffer, buffers are flushed, finished connections dropped.
     fn progress_all(&mut self) {
         let now = Instant::now();
+        let collecting = self
+            .conns
+            .values()
+            .filter(|c| matches!(c.state, State::Collecting(_)))
+            .count();
+        let n = u32::try_from(collecting.max(1)).unwrap_or(u32::MAX);
+        let slice = (COLLECT_SLICE / n).max(MIN_COLLECT_SLICE);
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(mut conn) = self.conns.remove(&id) else {
                 continue;
             };
-            self.progress(&mut conn, now);
+            self.progress(&mut conn, now, slice);
             conn.flush();
             if !conn.is_done() {
                 self.conns.insert(id, conn);
@@ -814,18 +839,32 @@ impl Server {
         }
     }
 
-    fn progress(&mut self, conn: &mut Conn, now: Instant) {
+    fn progress(&mut self, conn: &mut Conn, now: Instant, slice: Duration) {
         match std::mem::replace(&mut conn.state, State::Closing) {
             State::Running(mut job) => {
                 if job.is_finished(now) {
                     self.finish(conn, *job);
-                    // Start streaming the outputs (or send `Done`) now: waiting for the next
-                    // wake-up would cost up to one tick (100 ms) of every job's latency.
-                    if matches!(conn.state, State::Outputs(_)) {
-                        self.progress(conn, now);
+                    // Start collecting the outputs now: waiting for the next wake-up would cost
+                    // up to one tick (100 ms) of every job's latency.
+                    if matches!(conn.state, State::Collecting(_)) {
+                        self.progress(conn, now, slice);
                     }
                 } else {
                     conn.state = State::Running(job);
+                }
+            }
+            State::Collecting(mut c) => {
+                if conn.stream.is_none() {
+                    // The client is gone: nobody wants the outputs (dropping frees the tmpfs).
+                    return;
+                }
+                if c.collector.step(slice) {
+                    let Collecting { collector, workdir } = *c;
+                    let stream = OutputStream::new(collector.finish(), workdir);
+                    conn.state = State::Outputs(Box::new(stream));
+                    self.progress(conn, now, slice);
+                } else {
+                    conn.state = State::Collecting(c);
                 }
             }
             State::Outputs(mut out) => {
@@ -867,19 +906,20 @@ impl Server {
             // cgroup is removed.
             conn.flush();
         }
-        let items = if client_here {
-            job.collect_outputs()
-        } else {
-            Vec::new()
-        };
         // A client that stops reading must not pin the job's tmpfs forever.
         conn.deadline = Some(Instant::now() + BUNDLE_TIMEOUT);
-        let workdir = job.workdir.take();
+        let collecting = match job.workdir.take() {
+            Some(workdir) if client_here => Some(Collecting {
+                collector: job.collector(workdir.as_fd()),
+                workdir,
+            }),
+            _ => None,
+        };
         self.release(job);
-        match (client_here, workdir) {
-            (true, Some(w)) => conn.state = State::Outputs(Box::new(OutputStream::new(items, w))),
-            (true, None) => conn.send(&Response::Done),
-            _ => {}
+        match collecting {
+            Some(c) => conn.state = State::Collecting(Box::new(c)),
+            None if client_here => conn.send(&Response::Done),
+            None => {}
         }
     }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use nix::sys::signal::{SigSet, Signal};
 use sandrun_ipc::{
-    BundlePath, ExitReport, JobId, JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern,
-    Request, Response, Role, SkipKind,
+    ExitReport, JobId, JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern,
+    PrintablePath, Request, Response, Role, SkipKind,
 };
 
 use crate::bundle::{self, Bundle};
@@ -135,7 +135,7 @@ struct JobResult {
     report: Option<ExitReport>,
     current: Option<OutFile>,
     outputs: Vec<OutputFileHeader>,
-    skipped: Vec<(BundlePath, SkipKind)>,
+    skipped: Vec<(PrintablePath, SkipKind)>,
 }
 
 impl JobResult {
@@ -328,6 +328,7 @@ pub(crate) fn skip_kind_str(k: SkipKind) -> &'static str {
         SkipKind::TooLarge => "too_large",
         SkipKind::TooMany => "too_many",
         SkipKind::Unreadable => "unreadable",
+        SkipKind::InvalidName | SkipKind::TooDeep => k.as_str(),
     }
 }
 
