@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sandrun_ipc::{ExitReason, ExitReport};
 use tokio::sync::{watch, Notify};
 
-use crate::config::Config;
+use crate::config::{ClientShares, Config};
 use crate::helper_client::{self, HelperError, HelperEvent, HelperResult};
 use crate::jobs::{Dispatch, ExitSummary, Finish, JobId, JobStatus, JobTable, MemoryBudget};
 use crate::jobs::{OutputFile, StreamKind};
@@ -40,7 +40,9 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config, worker_key: WorkerKey) -> Arc<AppState> {
-        let budget = MemoryBudget::new(config.retention.memory_budget_bytes);
+        let limit = config.retention.memory_budget_bytes;
+        let share = ClientShares::of(limit, config.client_shares.memory_percent);
+        let budget = MemoryBudget::new(limit, share);
         let jobs = JobTable::new(config.queue_capacity, budget, config.retention.log_bytes);
         Arc::new(AppState {
             policy: manifest_policy(&config),

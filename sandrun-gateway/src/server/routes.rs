@@ -14,7 +14,9 @@ use serde_json::json;
 
 use crate::gateway::AppState;
 use crate::helper_client::job_spec;
-use crate::jobs::{DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind};
+use crate::jobs::{
+    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind,
+};
 use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::timed_body;
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
@@ -159,6 +161,10 @@ fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
             "memory_used_bytes": state.jobs.budget().used(),
             "memory_budget_bytes": state.jobs.budget().limit(),
         },
+        "memory": {
+            "used_bytes": state.jobs.budget().used_by(client),
+            "share_bytes": state.jobs.budget().share(),
+        },
     });
     json(StatusCode::OK, &body)
 }
@@ -207,17 +213,11 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
             return Err(ApiError::new(status, e.message()));
         }
     };
-    let Some(reservation) = state
+    let reservation = state
         .jobs
         .budget()
-        .try_reserve(submission.bundle.total_bytes())
-    else {
-        state.metrics.rejected("memory_budget");
-        return Err(ApiError::unavailable(
-            "the gateway's memory budget is full",
-            LOAD_RETRY,
-        ));
-    };
+        .reserve(client, submission.bundle.total_bytes())
+        .map_err(|full| budget_refusal(state, full))?;
     let id = JobId::random();
     let (spec, files) = job_spec(&submission.manifest, &submission.bundle, id.to_string());
     let info = JobInfo {
@@ -225,11 +225,7 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         environment: submission.manifest.environment.clone(),
         job_hash: submission.job_hash,
     };
-    let held = state
-        .jobs
-        .budget()
-        .try_reserve(0)
-        .ok_or_else(|| ApiError::internal("budget"))?;
+    let held = state.jobs.budget().empty(client);
     let job = Job::new(
         id,
         client,
@@ -296,6 +292,38 @@ fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
     let mut response = json(StatusCode::OK, &body);
     response.headers_mut().extend(quota_headers(quota));
     Ok(response)
+}
+
+/// The answer to a refused memory reservation: 503 when the whole budget is taken, 429 when the
+/// client holds its share, 413 when one upload alone needs more than a share.
+pub fn budget_refusal(state: &AppState, full: BudgetFull) -> ApiError {
+    let share = state.jobs.budget().share();
+    let (cause, error) = match full {
+        BudgetFull::Global => (
+            "memory_budget",
+            ApiError::unavailable("the gateway's memory budget is full", LOAD_RETRY),
+        ),
+        BudgetFull::ClientShare => (
+            "memory_share",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "this client holds its share of the gateway's memory ({share} bytes): \
+                     download or delete finished jobs"
+                ),
+            )
+            .with_retry_after(LOAD_RETRY),
+        ),
+        BudgetFull::LargerThanShare => (
+            "upload_too_large",
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the upload needs more than one client's memory share of {share} bytes"),
+            ),
+        ),
+    };
+    state.metrics.rejected(cause);
+    error
 }
 
 fn check_quota(state: &AppState, client: ClientKey) -> Result<(), ApiError> {
