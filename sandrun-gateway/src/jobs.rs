@@ -421,6 +421,48 @@ impl Drop for Reservation {
     }
 }
 
+/// One upload's reservation, shared by its body reader (async) and its assembler (blocking
+/// pool): both charge the bytes they are about to hold. Released when the last clone is dropped
+/// (the request ended), unless [`UploadCharge::take`] moved the bytes into the job.
+#[derive(Debug, Clone)]
+pub struct UploadCharge(Arc<Mutex<Reservation>>);
+
+impl UploadCharge {
+    pub fn new(reservation: Reservation) -> UploadCharge {
+        UploadCharge(Arc::new(Mutex::new(reservation)))
+    }
+
+    /// A charge against a budget of its own with no limit: for parser tests and fuzzing.
+    pub fn unlimited() -> UploadCharge {
+        let budget = MemoryBudget::new(u64::MAX, u64::MAX);
+        UploadCharge::new(budget.empty(ClientKey::V4([127, 0, 0, 1])))
+    }
+
+    /// Charges `bytes` more, or says which limit that would cross.
+    pub fn try_grow(&self, bytes: u64) -> Result<(), BudgetFull> {
+        self.lock().try_grow(bytes)
+    }
+
+    /// Releases up to `bytes`.
+    pub fn shrink(&self, bytes: u64) {
+        self.lock().shrink(bytes);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.lock().bytes()
+    }
+
+    /// Moves everything charged so far into a reservation of its own.
+    pub fn take(&self) -> Reservation {
+        self.lock().take()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Reservation> {
+        // A reservation's fields are updated after the ledger call that can fail: consistent.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// A job taken from the queue to run.
 #[derive(Debug)]
 pub struct Dispatch {

@@ -12,17 +12,18 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::bundle::BundleError;
 use crate::gateway::AppState;
 use crate::helper_client::job_spec;
 use crate::jobs::{
-    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind,
+    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind, UploadCharge,
 };
 use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::timed_body;
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
 use crate::server::text::base64;
 use crate::server::{outputs, ws, ConnInfo};
-use crate::upload::parse_submission;
+use crate::upload::{parse_submission, UploadError};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Retry hint when the queue or the memory budget is full.
@@ -192,17 +193,31 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
     let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
     // Fused: after a refusal the parser may already have read the body to its end.
     let mut body = futures_util::StreamExt::fuse(timed_body(req.into_body(), idle));
+    // The upload's bytes are charged to the client as they arrive and expand, and released
+    // when this request ends unless they become the job's.
+    let charge = UploadCharge::new(state.jobs.budget().empty(client));
     let parsed = parse_submission(
         content_type.as_deref(),
         &mut body,
         &state.upload_limits,
         &state.policy,
+        &charge,
     )
     .await;
     drop(slot);
+    let mut reservation = charge.take();
+    drop(charge);
     let submission = match parsed {
         Ok(s) => s,
         Err(e) => {
+            // Nothing of a refused upload is held any more.
+            drop(reservation);
+            if let UploadError::Bundle(BundleError::Memory(full)) = e {
+                // A load refusal: answer at once, the client should retry later, not keep
+                // sending what cannot be held.
+                drain_small_body(&mut body).await;
+                return Err(budget_refusal(state, full));
+            }
             // Archives are expanded while they arrive, so a refusal (a bomb, a bad entry) can
             // come long before the end of the body: read and discard the rest, within the body
             // cap and a time bound, so the client sees the answer instead of a reset stream.
@@ -213,10 +228,12 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
             return Err(ApiError::new(status, e.message()));
         }
     };
-    let reservation = state
-        .jobs
-        .budget()
-        .reserve(client, submission.bundle.total_bytes())
+    // Exactly the bundle's bytes stay charged (the parser charged each of them once).
+    let total = submission.bundle.total_bytes();
+    let held = reservation.bytes();
+    reservation.shrink(held.saturating_sub(total));
+    reservation
+        .try_grow(total.saturating_sub(held))
         .map_err(|full| budget_refusal(state, full))?;
     let id = JobId::random();
     let (spec, files) = job_spec(&submission.manifest, &submission.bundle, id.to_string());
