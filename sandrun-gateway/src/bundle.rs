@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use sandrun_ipc::{sanitize_mode, BundleEntry, BundlePath};
 
-use crate::jobs::{BudgetFull, UploadCharge};
+use crate::jobs::{BudgetFull, SharedReservation};
 
 /// Mode of a plain uploaded file (no mode travels with a multipart part).
 pub const DEFAULT_FILE_MODE: u32 = 0o644;
@@ -147,7 +147,7 @@ pub struct BundleBuilder {
     dirs: BTreeMap<BundlePath, u32>,
     total: u64,
     /// Where file bytes are charged before they are held; `None` charges nothing (tests).
-    charge: Option<UploadCharge>,
+    charge: Option<SharedReservation>,
     /// Bytes charged ahead ([`BundleBuilder::charge`]) for the next file(s) added.
     precharged: u64,
 }
@@ -165,7 +165,7 @@ impl BundleBuilder {
     }
 
     /// A builder whose files are charged to `charge` before they are held.
-    pub fn with_charge(caps: BundleCaps, charge: UploadCharge) -> Self {
+    pub fn with_charge(caps: BundleCaps, charge: SharedReservation) -> Self {
         BundleBuilder {
             charge: Some(charge),
             ..BundleBuilder::new(caps)

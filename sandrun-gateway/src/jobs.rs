@@ -170,7 +170,8 @@ pub struct Job {
     pending: Option<PendingJob>,
     cancel: Arc<Notify>,
     changed: watch::Sender<u64>,
-    held: Reservation,
+    /// Logs and outputs; response bodies sending outputs hold it too.
+    held: SharedReservation,
 }
 
 impl Job {
@@ -204,7 +205,7 @@ impl Job {
             pending: Some(pending),
             cancel: Arc::new(Notify::new()),
             changed: watch::channel(0).0,
-            held,
+            held: SharedReservation::new(held),
         }
     }
 
@@ -228,6 +229,11 @@ impl Job {
     /// The retained bytes of one stream, lossily decoded (invalid UTF-8 becomes U+FFFD).
     pub fn log_text(&self, kind: StreamKind) -> String {
         String::from_utf8_lossy(&self.log_bytes(kind)).into_owned()
+    }
+
+    /// The charge for the job's data, for a response that sends some of it.
+    pub fn held(&self) -> SharedReservation {
+        self.held.clone()
     }
 
     fn push_event(&mut self, event: JobEvent) {
@@ -372,6 +378,16 @@ impl Reservation {
         Ok(())
     }
 
+    /// Charges `bytes` that are already held, even past the limits (see
+    /// [`SharedReservation::charge_held`]).
+    pub fn charge_held(&mut self, bytes: u64) {
+        let mut ledger = self.budget.ledger();
+        ledger.used = ledger.used.saturating_add(bytes);
+        *ledger.by_client.entry(self.client).or_insert(0) += bytes;
+        drop(ledger);
+        self.bytes += bytes;
+    }
+
     /// Releases up to `bytes` of this reservation.
     pub fn shrink(&mut self, bytes: u64) {
         let bytes = bytes.min(self.bytes);
@@ -421,21 +437,22 @@ impl Drop for Reservation {
     }
 }
 
-/// One upload's reservation, shared by its body reader (async) and its assembler (blocking
-/// pool): both charge the bytes they are about to hold. Released when the last clone is dropped
-/// (the request ended), unless [`UploadCharge::take`] moved the bytes into the job.
+/// A reservation shared by several holders, released when the last clone is dropped. An
+/// upload's body reader (async) and assembler (blocking pool) both charge the bytes they are
+/// about to hold to one; a job's data is charged to one that its table entry and every response
+/// body sending some of that data hold, so the charge lasts until the last byte is sent.
 #[derive(Debug, Clone)]
-pub struct UploadCharge(Arc<Mutex<Reservation>>);
+pub struct SharedReservation(Arc<Mutex<Reservation>>);
 
-impl UploadCharge {
-    pub fn new(reservation: Reservation) -> UploadCharge {
-        UploadCharge(Arc::new(Mutex::new(reservation)))
+impl SharedReservation {
+    pub fn new(reservation: Reservation) -> SharedReservation {
+        SharedReservation(Arc::new(Mutex::new(reservation)))
     }
 
     /// A charge against a budget of its own with no limit: for parser tests and fuzzing.
-    pub fn unlimited() -> UploadCharge {
+    pub fn unlimited() -> SharedReservation {
         let budget = MemoryBudget::new(u64::MAX, u64::MAX);
-        UploadCharge::new(budget.empty(ClientKey::V4([127, 0, 0, 1])))
+        SharedReservation::new(budget.empty(ClientKey::V4([127, 0, 0, 1])))
     }
 
     /// Charges `bytes` more, or says which limit that would cross.
@@ -455,6 +472,17 @@ impl UploadCharge {
     /// Moves everything charged so far into a reservation of its own.
     pub fn take(&self) -> Reservation {
         self.lock().take()
+    }
+
+    /// Moves another reservation's bytes into this one.
+    pub fn absorb(&self, other: Reservation) {
+        self.lock().absorb(other);
+    }
+
+    /// Charges `bytes` that are already held (they exist whether or not there is room), so the
+    /// budget counts them and refuses others until they are released.
+    pub fn charge_held(&self, bytes: u64) {
+        self.lock().charge_held(bytes);
     }
 
     fn lock(&self) -> MutexGuard<'_, Reservation> {
@@ -581,7 +609,7 @@ impl JobTable {
         };
         let room = self.log_cap.saturating_sub(held);
         let keep = room.min(data.len() as u64);
-        if truncated || keep == 0 || !job.held.grow(keep) {
+        if truncated || keep == 0 || job.held.try_grow(keep).is_err() {
             set_truncated(job, kind);
             return;
         }

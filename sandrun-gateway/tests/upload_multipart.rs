@@ -183,7 +183,7 @@ async fn given_a_body_over_the_limit_then_it_is_413_without_reading_much_past_it
         body,
         &limits,
         &policy(),
-        &sandrun_gateway::jobs::UploadCharge::unlimited(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
     )
     .await
     .unwrap_err();
@@ -206,7 +206,7 @@ async fn given_an_endless_part_header_then_it_is_refused_at_the_header_cap() {
         body,
         &limits,
         &policy(),
-        &sandrun_gateway::jobs::UploadCharge::unlimited(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
     )
     .await
     .unwrap_err();
@@ -229,7 +229,7 @@ async fn given_an_endless_preamble_then_it_is_refused_at_the_header_cap() {
         body,
         &UploadLimits::default(),
         &policy(),
-        &sandrun_gateway::jobs::UploadCharge::unlimited(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
     )
     .await
     .unwrap_err();
@@ -254,7 +254,7 @@ async fn given_a_hundred_thousand_parts_then_it_is_refused_by_the_part_cap() {
         body,
         &UploadLimits::default(),
         &policy(),
-        &sandrun_gateway::jobs::UploadCharge::unlimited(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
     )
     .await
     .unwrap_err();
@@ -309,7 +309,7 @@ fn given_the_parser_future_then_it_can_be_spawned_on_a_multi_threaded_runtime() 
     fn assert_send<T: Send>(_: &T) {}
     let limits = UploadLimits::default();
     let policy = policy();
-    let charge = sandrun_gateway::jobs::UploadCharge::unlimited();
+    let charge = sandrun_gateway::jobs::SharedReservation::unlimited();
     let fut = parse_submission(None, chunked(Vec::new()), &limits, &policy, &charge);
     assert_send(&fut);
 }
@@ -322,10 +322,11 @@ fn charged_parse(
     u64,
     u64,
 ) {
-    use sandrun_gateway::jobs::{MemoryBudget, UploadCharge};
+    use sandrun_gateway::jobs::{MemoryBudget, SharedReservation};
     let budget = MemoryBudget::new(budget_bytes * 4, budget_bytes);
-    let charge =
-        UploadCharge::new(budget.empty(sandrun_gateway::ratelimit::ClientKey::V4([10, 0, 0, 1])));
+    let charge = SharedReservation::new(
+        budget.empty(sandrun_gateway::ratelimit::ClientKey::V4([10, 0, 0, 1])),
+    );
     let body = multipart_body(parts);
     let limits = UploadLimits::default();
     let policy = policy();

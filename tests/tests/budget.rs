@@ -248,3 +248,44 @@ fn given_expanding_uploads_with_withheld_boundaries_then_they_are_charged_refuse
     let id = submit_from(&stack, BYSTANDER, &sh_job("mkdir -p out; echo ok > out/x"));
     assert_eq!(stack.wait_finished(&id)["status"], "completed");
 }
+
+/// Issue 9 item 1, downloads: `GET /download/{id}` deletes the job, and the old gateway
+/// released its charge before the tarball was even built, so stalled downloads held memory
+/// `/stats` no longer counted. Now the charge lasts until the last byte is handed to the
+/// connection or the client goes away.
+#[test]
+fn given_a_stalled_tarball_download_then_its_memory_stays_charged_until_the_client_disconnects() {
+    sandrun_tests::require_root();
+    // A 64 MiB budget: one client's share (16 MiB) holds the 7 MiB output.
+    let gateway = "[retention]\nmemory_budget_bytes = 67108864\nfailed_ttl_s = 3600\n";
+    let stack = Stack::start(&config(232, ""), gateway);
+    let used = |stack: &Stack| stats_from(stack, BYSTANDER)["system"]["memory_used_bytes"].clone();
+    let before = used(&stack);
+    // 7 MiB of noise (the helper's default output cap is 8 MiB): more than the kernel's socket
+    // buffers take from a client that reads nothing.
+    let script = "mkdir -p out; head -c 7340032 /dev/urandom > out/big";
+    let id = submit_from(&stack, ATTACKER, &sh_job(script));
+    let status = stack.wait_finished(&id);
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["skipped_outputs"], json!([]), "{status}");
+    let config = tls_client_config(&stack.ca_path());
+    let mut stalled = tls_connect(&config, ATTACKER, stack.addr()).expect("connect");
+    let request = format!("GET /download/{id} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    stalled
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    stalled.flush().expect("flush");
+    // Read nothing; give the gateway time to build the tarball and fill the socket buffers.
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, _) = stack.get_json(&format!("/status/{id}"));
+    assert_eq!(code, 404, "the download deleted the job");
+    let during = used(&stack).as_u64().unwrap_or(0);
+    eprintln!("stalled download: used {before} before, {during} while stalled");
+    assert!(
+        during >= before.as_u64().unwrap_or(0) + (6 << 20),
+        "a stalled 7 MiB download is charged: {during} bytes used"
+    );
+    drop(stalled);
+    let released = eventually(Duration::from_secs(10), || used(&stack) == before);
+    assert!(released, "after the disconnect: {}", used(&stack));
+}

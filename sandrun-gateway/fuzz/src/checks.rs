@@ -182,7 +182,7 @@ fn submit(
         body,
         limits,
         &policy(),
-        &sandrun_gateway::jobs::UploadCharge::unlimited(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
     ))
 }
 

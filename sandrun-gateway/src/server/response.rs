@@ -3,15 +3,69 @@
 
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use http_body_util::Full;
+use hyper::body::{Frame, SizeHint};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
+use crate::jobs::SharedReservation;
 use crate::ratelimit::QuotaHeader;
 
-pub type Body = Full<Bytes>;
+/// Bytes of a body handed to the connection at a time. The connection asks for the next chunk
+/// only when it has room, so a body's memory charge lasts until at most this much (plus the
+/// connection's write buffer) is left unsent.
+pub const BODY_CHUNK_BYTES: usize = 64 * 1024;
+
+/// A response body: bytes sent in [`BODY_CHUNK_BYTES`] chunks, optionally holding the memory
+/// charge of what it sends until it is finished or dropped (the connection closed).
+#[derive(Debug, Default)]
+pub struct Body {
+    data: Bytes,
+    held: Option<SharedReservation>,
+}
+
+impl Body {
+    pub fn new(data: Bytes) -> Body {
+        Body { data, held: None }
+    }
+
+    /// Keeps `held` charged until the last chunk is handed to the connection or the body is
+    /// dropped.
+    pub fn hold(&mut self, held: SharedReservation) {
+        self.held = Some(held);
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.data.is_empty() {
+            self.held = None;
+            return Poll::Ready(None);
+        }
+        let n = self.data.len().min(BODY_CHUNK_BYTES);
+        let chunk = self.data.split_to(n);
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.len() as u64)
+    }
+}
 
 /// An error answer. 4xx: the caller's fault; 503: load; 500: a bug in the gateway.
 #[derive(Debug)]
@@ -116,7 +170,7 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 }
 
 pub fn bytes_response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(Body::new(body));
     *response.status_mut() = status;
     let value = HeaderValue::from_str(content_type)
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));

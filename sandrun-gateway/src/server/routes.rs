@@ -16,7 +16,8 @@ use crate::bundle::BundleError;
 use crate::gateway::AppState;
 use crate::helper_client::job_spec;
 use crate::jobs::{
-    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind, UploadCharge,
+    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, SharedReservation,
+    StreamKind,
 };
 use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::timed_body;
@@ -195,7 +196,7 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
     let mut body = futures_util::StreamExt::fuse(timed_body(req.into_body(), idle));
     // The upload's bytes are charged to the client as they arrive and expand, and released
     // when this request ends unless they become the job's.
-    let charge = UploadCharge::new(state.jobs.budget().empty(client));
+    let charge = SharedReservation::new(state.jobs.budget().empty(client));
     let parsed = parse_submission(
         content_type.as_deref(),
         &mut body,

@@ -64,7 +64,8 @@ pub fn upgrade(
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
     });
-    Ok(response)
+    // The 101 answer has no body.
+    Ok(response.map(|_| crate::server::response::Body::default()))
 }
 
 async fn stream_events(

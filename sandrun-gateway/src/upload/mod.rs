@@ -29,7 +29,7 @@ use futures_util::{Stream, StreamExt};
 use sandrun_ipc::BundlePath;
 
 use crate::bundle::{Bundle, BundleBuilder, BundleCaps, BundleError, DEFAULT_FILE_MODE};
-use crate::jobs::{BudgetFull, UploadCharge};
+use crate::jobs::{BudgetFull, SharedReservation};
 use crate::manifest::{Manifest, ManifestError, ManifestPolicy, RawManifest};
 use crate::signing::job_hash;
 
@@ -217,7 +217,7 @@ pub async fn parse_submission<S, E>(
     body: S,
     limits: &UploadLimits,
     policy: &ManifestPolicy,
-    charge: &UploadCharge,
+    charge: &SharedReservation,
 ) -> Result<Submission, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -295,7 +295,7 @@ async fn collect_legacy<S, E>(
     mut body: S,
     limits: &UploadLimits,
     tx: &tokio::sync::mpsc::Sender<feed::PartMsg>,
-    charge: &UploadCharge,
+    charge: &SharedReservation,
 ) -> Result<Flow, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -345,7 +345,7 @@ fn assemble(
     feed: feed::Feed,
     limits: &UploadLimits,
     policy: &ManifestPolicy,
-    charge: UploadCharge,
+    charge: SharedReservation,
 ) -> Result<Submission, UploadError> {
     use feed::PartMsg;
     let caps = BundleCaps {

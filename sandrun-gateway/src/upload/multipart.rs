@@ -17,7 +17,7 @@ use tokio::sync::mpsc::Sender;
 
 use super::feed::PartMsg;
 use super::{hand_over, Flow, UploadError, UploadLimits};
-use crate::jobs::UploadCharge;
+use crate::jobs::SharedReservation;
 use crate::manifest::MAX_MANIFEST_BYTES;
 
 /// Reads every part of a multipart body and hands each one over as it arrives. Only `files`
@@ -27,7 +27,7 @@ pub(crate) async fn collect<S, E>(
     body: S,
     limits: &UploadLimits,
     tx: &Sender<PartMsg>,
-    charge: &UploadCharge,
+    charge: &SharedReservation,
 ) -> Result<Flow, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -80,7 +80,7 @@ where
 async fn forward_file(
     field: &mut multer::Field<'_>,
     tx: &Sender<PartMsg>,
-    charge: &UploadCharge,
+    charge: &SharedReservation,
 ) -> Result<bool, UploadError> {
     let filename = field.file_name().map(str::to_owned);
     if !hand_over(tx, PartMsg::FileStart { filename }).await {

@@ -81,7 +81,7 @@ pub async fn submit_with(
         chunked(body),
         limits,
         &policy(),
-        &sandrun_gateway::jobs::UploadCharge::unlimited(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
     )
     .await
 }
