@@ -681,8 +681,14 @@ impl JobTable {
         self.with_job(id, |job, _| job.changed.subscribe())
     }
 
-    /// Events from `cursor` on, and whether the job is finished. `None` once the job is gone.
-    pub fn events_since(&self, id: JobId, cursor: usize) -> Option<(Vec<JobEvent>, bool)> {
+    /// Events from `cursor` on, and the job's charge: the events share the job's bytes, so
+    /// whoever holds them holds the charge too (the job may be deleted meanwhile). `None` once
+    /// the job is gone.
+    pub fn events_since(
+        &self,
+        id: JobId,
+        cursor: usize,
+    ) -> Option<(Vec<JobEvent>, SharedReservation)> {
         let inner = self.lock();
         let job = inner.jobs.get(&id)?;
         let events = job
@@ -690,7 +696,7 @@ impl JobTable {
             .get(cursor..)
             .map(<[JobEvent]>::to_vec)
             .unwrap_or_default();
-        Some((events, job.status.is_finished()))
+        Some((events, job.held()))
     }
 
     /// Deletes expired jobs; returns how many.

@@ -289,3 +289,35 @@ fn given_a_stalled_tarball_download_then_its_memory_stays_charged_until_the_clie
     let released = eventually(Duration::from_secs(10), || used(&stack) == before);
     assert!(released, "after the disconnect: {}", used(&stack));
 }
+
+/// Issue 9 item 1, WebSocket backlogs: the event messages queued for a subscriber that reads
+/// nothing are bounded (256 KiB plus one message) and charged to the subscriber's share while
+/// they wait, and released when it goes away.
+#[test]
+fn given_a_websocket_subscriber_that_never_reads_then_its_backlog_is_bounded_and_charged() {
+    sandrun_tests::require_root();
+    let gateway = "[retention]\nlog_bytes = 16777216\nfailed_ttl_s = 3600\n";
+    let stack = Stack::start(&config(233, ""), gateway);
+    let script = "sleep 1; head -c 40000000 /dev/zero | tr '\\0' x";
+    let manifest = json!({"entrypoint": "run.sh", "interpreter": "sh", "timeout": 60});
+    let parts = [Part::file("run.sh", script), Part::manifest(&manifest)];
+    let id = submit_from(&stack, ATTACKER, &parts);
+    // The subscriber is 127.0.0.1, and never reads.
+    let stalled = stack.ws(&format!("/ws/{id}"));
+    // The helper stops it at its output cap (8 MiB, 19 MiB of event JSON): more than the
+    // kernel's socket buffers take.
+    stack.wait_finished(&id);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, stats) = stack.get_json("/stats");
+    let backlog = stats["memory"]["used_bytes"].as_u64().unwrap_or(0);
+    eprintln!("stalled subscriber: {backlog} bytes charged; {stats}");
+    assert!(
+        backlog > 0 && backlog <= (256 << 10) + (2 << 20),
+        "the subscriber's backlog charge is {backlog}: {stats}"
+    );
+    drop(stalled);
+    let released = eventually(Duration::from_secs(10), || {
+        stack.get_json("/stats").1["memory"]["used_bytes"] == 0
+    });
+    assert!(released, "{}", stack.get_json("/stats").1);
+}
