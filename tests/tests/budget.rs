@@ -178,7 +178,7 @@ fn answer_within(s: &mut TlsStream, wait: Duration) -> (u16, String) {
 /// connections, and the allocator's slack.
 const RSS_ABOVE_BUDGET_KIB: u64 = 16 << 10;
 
-/// Issue 9 item 1: 16 uploads from 8 addresses, each a 4.3 MB tar.gz of 5 MiB whose closing
+/// Issue 9 item 1: 16 uploads from 8 addresses, each a ~90 KB tar.gz of 5 MiB whose closing
 /// boundary is withheld. The old gateway held every expansion uncounted (80 MiB of RSS while
 /// `/stats` said 0); now each is charged as it expands, a second upload from an address is
 /// refused (429) once its share is held, the rest once the budget is full (503), RSS follows
