@@ -184,3 +184,49 @@ pub fn bytes_response(status: StatusCode, content_type: &str, body: Bytes) -> Re
 }
 
 pub type ApiResult = Result<Response<Body>, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::MemoryBudget;
+    use crate::ratelimit::ClientKey;
+    use http_body_util::BodyExt;
+
+    fn held_body(len: usize) -> (Body, std::sync::Arc<MemoryBudget>) {
+        let budget = MemoryBudget::new(1 << 30, 1 << 30);
+        let held =
+            SharedReservation::new(budget.reserve(ClientKey::V4([10, 0, 0, 1]), 1000).unwrap());
+        let mut body = Body::new(Bytes::from(vec![7u8; len]));
+        body.hold(held);
+        (body, budget)
+    }
+
+    #[test]
+    fn given_a_held_body_then_it_is_sent_in_chunks_and_the_charge_lasts_until_the_last_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (mut body, budget) = held_body(2 * BODY_CHUNK_BYTES + 1);
+        let mut sizes = Vec::new();
+        rt.block_on(async {
+            while let Some(frame) = body.frame().await {
+                assert_eq!(budget.used(), 1000, "charged while chunks are left");
+                sizes.push(frame.unwrap().into_data().unwrap().len());
+            }
+        });
+        assert_eq!(sizes, [BODY_CHUNK_BYTES, BODY_CHUNK_BYTES, 1]);
+        assert_eq!(budget.used(), 0, "released after the last chunk");
+    }
+
+    #[test]
+    fn given_a_held_body_dropped_midway_then_the_charge_is_released() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (mut body, budget) = held_body(3 * BODY_CHUNK_BYTES);
+        rt.block_on(async { body.frame().await });
+        assert_eq!(budget.used(), 1000);
+        drop(body);
+        assert_eq!(budget.used(), 0, "a dropped connection releases it");
+    }
+}
