@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use sandrun_ipc::{sanitize_mode, BundleEntry, BundlePath};
 
+use crate::jobs::{BudgetFull, SharedReservation};
+
 /// Mode of a plain uploaded file (no mode travels with a multipart part).
 pub const DEFAULT_FILE_MODE: u32 = 0o644;
 /// Mode of a directory implied by a file path, or listed without a mode.
@@ -83,6 +85,8 @@ pub enum BundleError {
     TooManyEntries { limit: usize, path: BundlePath },
     /// The files add up to more bytes than allowed; names the entry that crossed the cap.
     TooLarge { limit: u64, path: BundlePath },
+    /// The gateway's memory budget or the client's share of it cannot hold more.
+    Memory(BudgetFull),
 }
 
 impl std::fmt::Display for BundleError {
@@ -110,6 +114,16 @@ impl std::fmt::Display for BundleError {
                     "entry {path:?}: the upload's files exceed {limit} bytes in total"
                 )
             }
+            BundleError::Memory(BudgetFull::Global) => {
+                write!(f, "the gateway's memory budget is full")
+            }
+            BundleError::Memory(BudgetFull::ClientShare) => {
+                write!(f, "this client holds its share of the gateway's memory")
+            }
+            BundleError::Memory(BudgetFull::LargerThanShare) => write!(
+                f,
+                "the upload expands to more than one client's share of the gateway's memory"
+            ),
         }
     }
 }
@@ -132,6 +146,10 @@ pub struct BundleBuilder {
     files: BTreeMap<BundlePath, (u32, Bytes)>,
     dirs: BTreeMap<BundlePath, u32>,
     total: u64,
+    /// Where file bytes are charged before they are held; `None` charges nothing (tests).
+    charge: Option<SharedReservation>,
+    /// Bytes charged ahead ([`BundleBuilder::charge`]) for the next file(s) added.
+    precharged: u64,
 }
 
 impl BundleBuilder {
@@ -141,6 +159,40 @@ impl BundleBuilder {
             files: BTreeMap::new(),
             dirs: BTreeMap::new(),
             total: 0,
+            charge: None,
+            precharged: 0,
+        }
+    }
+
+    /// A builder whose files are charged to `charge` before they are held.
+    pub fn with_charge(caps: BundleCaps, charge: SharedReservation) -> Self {
+        BundleBuilder {
+            charge: Some(charge),
+            ..BundleBuilder::new(caps)
+        }
+    }
+
+    /// Charges `bytes` before they are read (a file about to be expanded); the next
+    /// [`BundleBuilder::add_file`] calls use this charge instead of charging again.
+    pub fn charge(&mut self, bytes: u64) -> Result<(), BundleError> {
+        if let Some(charge) = &self.charge {
+            charge.try_grow(bytes).map_err(BundleError::Memory)?;
+        }
+        self.precharged += bytes;
+        Ok(())
+    }
+
+    /// Counts `bytes` someone else already charged to this upload (a part read whole becoming
+    /// one file) as charged ahead for the next file.
+    pub fn already_charged(&mut self, bytes: u64) {
+        self.precharged += bytes;
+    }
+
+    /// Releases `bytes` charged to the upload for something no longer held (an archive's
+    /// compressed bytes once it is expanded).
+    pub fn release(&self, bytes: u64) {
+        if let Some(charge) = &self.charge {
+            charge.shrink(bytes);
         }
     }
 
@@ -187,6 +239,9 @@ impl BundleBuilder {
         }
         self.add_parents(&path)?;
         self.check_entry_cap(&path)?;
+        let ahead = size.min(self.precharged);
+        self.charge(size - ahead)?;
+        self.precharged -= size;
         self.total += size;
         self.files.insert(path, (normalize_file_mode(mode), data));
         Ok(())

@@ -50,12 +50,16 @@ struct Backoff {
 
 impl AppState {
     pub fn new(config: Config, worker_key: WorkerKey) -> Arc<AppState> {
-        let budget = MemoryBudget::new(config.retention.memory_budget_bytes);
-        let share =
+        let limit = config.retention.memory_budget_bytes;
+        let budget = MemoryBudget::new(
+            limit,
+            ClientShares::of(limit, config.client_shares.memory_percent),
+        );
+        let queue_share =
             ClientShares::of_count(config.queue_capacity, config.client_shares.queue_percent);
         let jobs = JobTable::new(
             config.queue_capacity,
-            share,
+            queue_share,
             budget,
             config.retention.log_bytes,
         );

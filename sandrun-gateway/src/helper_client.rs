@@ -176,7 +176,9 @@ async fn converse(
     send_bundle(&mut channel, pending).await?;
     let exit = receive_run(&mut channel, &mut on_event).await?;
     let inputs = input_files(pending);
-    receive_outputs(&mut channel, exit, budget, &inputs).await
+    // Outputs are charged to the job's client, like its bundle.
+    let reservation = budget.empty(pending.reservation.client());
+    receive_outputs(&mut channel, exit, reservation, &inputs).await
 }
 
 /// The job's input files by path. An output identical to an input is the input coming back
@@ -292,13 +294,10 @@ struct Incoming {
 async fn receive_outputs(
     channel: &mut Channel,
     exit: ExitReport,
-    budget: &Arc<MemoryBudget>,
+    mut reservation: Reservation,
     inputs: &HashMap<&str, &Bytes>,
 ) -> Result<HelperResult, HelperError> {
     const STEP: &str = "receiving outputs";
-    let mut reservation = budget
-        .try_reserve(0)
-        .ok_or_else(|| protocol(STEP, "memory budget accounting failed".to_owned()))?;
     let mut outputs = Vec::new();
     let mut skipped = Vec::new();
     let mut current: Option<Incoming> = None;

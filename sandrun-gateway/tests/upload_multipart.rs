@@ -178,9 +178,15 @@ async fn given_a_body_over_the_limit_then_it_is_413_without_reading_much_past_it
         _ => Some(vec![b'x'; 64 * 1024]), // Never ends.
     });
     let ct = multipart_ct();
-    let err = parse_submission(Some(&ct), body, &limits, &policy())
-        .await
-        .unwrap_err();
+    let err = parse_submission(
+        Some(&ct),
+        body,
+        &limits,
+        &policy(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.status(), 413);
     assert!(pulled.load(Ordering::SeqCst) <= (1 << 20) + 64 * 1024);
 }
@@ -195,9 +201,15 @@ async fn given_an_endless_part_header_then_it_is_refused_at_the_header_cap() {
         _ => Some(vec![b'a'; 1024]), // A header line that never ends.
     });
     let ct = multipart_ct();
-    let err = parse_submission(Some(&ct), body, &limits, &policy())
-        .await
-        .unwrap_err();
+    let err = parse_submission(
+        Some(&ct),
+        body,
+        &limits,
+        &policy(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.status(), 400);
     assert!(err.message().contains("headers"), "{}", err.message());
     let pulled = pulled.load(Ordering::SeqCst);
@@ -212,9 +224,15 @@ async fn given_an_endless_preamble_then_it_is_refused_at_the_header_cap() {
     let pulled = Arc::new(AtomicU64::new(0));
     let body = lazy(pulled.clone(), |_| Some(vec![b'-'; 1000]));
     let ct = multipart_ct();
-    let err = parse_submission(Some(&ct), body, &UploadLimits::default(), &policy())
-        .await
-        .unwrap_err();
+    let err = parse_submission(
+        Some(&ct),
+        body,
+        &UploadLimits::default(),
+        &policy(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.status(), 400);
     assert!(pulled.load(Ordering::SeqCst) < 16 * 1024);
 }
@@ -231,9 +249,15 @@ async fn given_a_hundred_thousand_parts_then_it_is_refused_by_the_part_cap() {
         (i < 100_000).then(|| part(i).into_bytes())
     });
     let ct = multipart_ct();
-    let err = parse_submission(Some(&ct), body, &UploadLimits::default(), &policy())
-        .await
-        .unwrap_err();
+    let err = parse_submission(
+        Some(&ct),
+        body,
+        &UploadLimits::default(),
+        &policy(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.status(), 400);
     assert!(
         err.message().contains("more than 10000 parts"),
@@ -285,6 +309,80 @@ fn given_the_parser_future_then_it_can_be_spawned_on_a_multi_threaded_runtime() 
     fn assert_send<T: Send>(_: &T) {}
     let limits = UploadLimits::default();
     let policy = policy();
-    let fut = parse_submission(None, chunked(Vec::new()), &limits, &policy);
+    let charge = sandrun_gateway::jobs::SharedReservation::unlimited();
+    let fut = parse_submission(None, chunked(Vec::new()), &limits, &policy, &charge);
     assert_send(&fut);
+}
+
+fn charged_parse(
+    budget_bytes: u64,
+    parts: &[Part<'_>],
+) -> (
+    Result<sandrun_gateway::upload::Submission, sandrun_gateway::upload::UploadError>,
+    u64,
+    u64,
+) {
+    use sandrun_gateway::jobs::{MemoryBudget, SharedReservation};
+    let budget = MemoryBudget::new(budget_bytes * 4, budget_bytes);
+    let charge = SharedReservation::new(
+        budget.empty(sandrun_gateway::ratelimit::ClientKey::V4([10, 0, 0, 1])),
+    );
+    let body = multipart_body(parts);
+    let limits = UploadLimits::default();
+    let policy = policy();
+    let result = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(parse_submission(
+            Some(&multipart_ct()),
+            chunked(body),
+            &limits,
+            &policy,
+            &charge,
+        ));
+    // Read while the charge is alive: dropping it (the request ends) releases everything.
+    let (charged, used) = (charge.bytes(), budget.used());
+    drop(charge);
+    assert_eq!(budget.used(), 0, "the charge is released with the request");
+    (result, charged, used)
+}
+
+#[test]
+fn given_an_upload_then_exactly_its_bundle_bytes_stay_charged() {
+    let archive = gzip(&tar_bytes(&[TarEntry::file("a.py", &[b'a'; 5000])]));
+    let plain = [b'p'; 3000];
+    let parts = [
+        ("files", Some("x.tar.gz"), &archive[..]),
+        ("files", Some("main.py"), &plain[..]),
+    ];
+    let (result, charged, used) = charged_parse(1 << 20, &parts);
+    let submission = result.unwrap();
+    assert_eq!(submission.bundle.total_bytes(), 8000);
+    assert_eq!((charged, used), (8000, 8000));
+}
+
+#[test]
+fn given_an_archive_expanding_past_the_client_share_then_it_is_refused_413_before_it_is_held() {
+    // Incompressible, so the archive stays inside the expansion ratio.
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    let big: Vec<u8> = (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect();
+    let archive = gzip(&tar_bytes(&[
+        TarEntry::file("a", &big),
+        TarEntry::file("b", &big),
+        TarEntry::file("c", &big),
+        TarEntry::file("d", &big),
+    ]));
+    let parts = [("files", Some("x.tar.gz"), &archive[..])];
+    let (result, charged, _) = charged_parse(1 << 20, &parts);
+    let error = result.unwrap_err();
+    assert_eq!(error.status(), 413, "{error}");
+    assert!(error.message().contains("share"), "{error}");
+    // At most the share was charged, and the charge was never above it.
+    assert!(charged <= 1 << 20, "{charged}");
 }

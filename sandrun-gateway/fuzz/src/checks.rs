@@ -177,7 +177,13 @@ fn submit(
     limits: &UploadLimits,
 ) -> Result<Submission, UploadError> {
     let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<Bytes, Infallible>));
-    runtime().block_on(parse_submission(content_type, body, limits, &policy()))
+    runtime().block_on(parse_submission(
+        content_type,
+        body,
+        limits,
+        &policy(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
+    ))
 }
 
 /// One current-thread runtime for every iteration; its blocking pool keeps its thread.

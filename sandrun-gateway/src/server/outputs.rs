@@ -72,11 +72,14 @@ pub fn file(state: &AppState, id: &str, raw_path: &str) -> ApiResult {
     let found = state
         .jobs
         .with_job(id, |job, _| {
-            job.outputs.iter().find(|o| o.path == path).cloned()
+            let output = job.outputs.iter().find(|o| o.path == path).cloned();
+            output.map(|o| (o, job.held()))
         })
         .ok_or_else(|| ApiError::not_found("job"))?;
-    let output = found.ok_or_else(|| ApiError::not_found("output file"))?;
+    let (output, held) = found.ok_or_else(|| ApiError::not_found("output file"))?;
     let mut response = bytes_response(StatusCode::OK, mime_type(&output.path), output.data);
+    // The job may be deleted while this is sent: its charge lasts until the body is done.
+    response.body_mut().hold(held);
     attach(&mut response, basename(&output.path));
     Ok(response)
 }
@@ -99,13 +102,20 @@ pub async fn tarball(state: &AppState, id: &str) -> ApiResult {
         .remove(id)
         .ok_or_else(|| ApiError::not_found("job"))?;
     let outputs = job.outputs.clone();
+    // The job's charge outlives its table entry: until the tarball's last byte is sent.
+    let held = job.held();
     drop(job);
     let archive = tokio::task::spawn_blocking(move || build_tarball(&outputs))
         .await
         .map_err(|_| ApiError::internal("tarball task"))?
         .map_err(|_| ApiError::internal("building the tarball"))?;
+    // Everything else of the job is gone now: the charge becomes the archive's size.
+    let (charged, size) = (held.bytes(), archive.len() as u64);
+    held.shrink(charged.saturating_sub(size));
+    held.charge_held(size.saturating_sub(charged));
     tracing::info!(job = %id, "outputs downloaded; job deleted");
     let mut response = bytes_response(StatusCode::OK, "application/gzip", Bytes::from(archive));
+    response.body_mut().hold(held);
     attach(&mut response, &format!("{id}-outputs.tar.gz"));
     Ok(response)
 }

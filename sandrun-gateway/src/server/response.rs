@@ -3,15 +3,69 @@
 
 use std::time::Duration;
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
-use http_body_util::Full;
+use hyper::body::{Frame, SizeHint};
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
+use crate::jobs::SharedReservation;
 use crate::ratelimit::QuotaHeader;
 
-pub type Body = Full<Bytes>;
+/// Bytes of a body handed to the connection at a time. The connection asks for the next chunk
+/// only when it has room, so a body's memory charge lasts until at most this much (plus the
+/// connection's write buffer) is left unsent.
+pub const BODY_CHUNK_BYTES: usize = 64 * 1024;
+
+/// A response body: bytes sent in [`BODY_CHUNK_BYTES`] chunks, optionally holding the memory
+/// charge of what it sends until it is finished or dropped (the connection closed).
+#[derive(Debug, Default)]
+pub struct Body {
+    data: Bytes,
+    held: Option<SharedReservation>,
+}
+
+impl Body {
+    pub fn new(data: Bytes) -> Body {
+        Body { data, held: None }
+    }
+
+    /// Keeps `held` charged until the last chunk is handed to the connection or the body is
+    /// dropped.
+    pub fn hold(&mut self, held: SharedReservation) {
+        self.held = Some(held);
+    }
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.data.is_empty() {
+            self.held = None;
+            return Poll::Ready(None);
+        }
+        let n = self.data.len().min(BODY_CHUNK_BYTES);
+        let chunk = self.data.split_to(n);
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.data.len() as u64)
+    }
+}
 
 /// An error answer. 4xx: the caller's fault; 503: load; 500: a bug in the gateway.
 #[derive(Debug)]
@@ -116,7 +170,7 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 }
 
 pub fn bytes_response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(Body::new(body));
     *response.status_mut() = status;
     let value = HeaderValue::from_str(content_type)
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));
@@ -130,3 +184,49 @@ pub fn bytes_response(status: StatusCode, content_type: &str, body: Bytes) -> Re
 }
 
 pub type ApiResult = Result<Response<Body>, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::MemoryBudget;
+    use crate::ratelimit::ClientKey;
+    use http_body_util::BodyExt;
+
+    fn held_body(len: usize) -> (Body, std::sync::Arc<MemoryBudget>) {
+        let budget = MemoryBudget::new(1 << 30, 1 << 30);
+        let held =
+            SharedReservation::new(budget.reserve(ClientKey::V4([10, 0, 0, 1]), 1000).unwrap());
+        let mut body = Body::new(Bytes::from(vec![7u8; len]));
+        body.hold(held);
+        (body, budget)
+    }
+
+    #[test]
+    fn given_a_held_body_then_it_is_sent_in_chunks_and_the_charge_lasts_until_the_last_one() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (mut body, budget) = held_body(2 * BODY_CHUNK_BYTES + 1);
+        let mut sizes = Vec::new();
+        rt.block_on(async {
+            while let Some(frame) = body.frame().await {
+                assert_eq!(budget.used(), 1000, "charged while chunks are left");
+                sizes.push(frame.unwrap().into_data().unwrap().len());
+            }
+        });
+        assert_eq!(sizes, [BODY_CHUNK_BYTES, BODY_CHUNK_BYTES, 1]);
+        assert_eq!(budget.used(), 0, "released after the last chunk");
+    }
+
+    #[test]
+    fn given_a_held_body_dropped_midway_then_the_charge_is_released() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (mut body, budget) = held_body(3 * BODY_CHUNK_BYTES);
+        rt.block_on(async { body.frame().await });
+        assert_eq!(budget.used(), 1000);
+        drop(body);
+        assert_eq!(budget.used(), 0, "a dropped connection releases it");
+    }
+}

@@ -12,16 +12,20 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::bundle::BundleError;
 use crate::gateway::AppState;
 use crate::helper_client::job_spec;
-use crate::jobs::{DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind};
+use crate::jobs::{
+    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, SharedReservation,
+    StreamKind,
+};
 use crate::queue::QueueFull;
 use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::timed_body;
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
 use crate::server::text::base64;
 use crate::server::{outputs, ws, ConnInfo};
-use crate::upload::parse_submission;
+use crate::upload::{parse_submission, UploadError};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Retry hint when the queue or the memory budget is full.
@@ -160,6 +164,10 @@ fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
             "memory_used_bytes": state.jobs.budget().used(),
             "memory_budget_bytes": state.jobs.budget().limit(),
         },
+        "memory": {
+            "used_bytes": state.jobs.budget().used_by(client),
+            "share_bytes": state.jobs.budget().share(),
+        },
     });
     json(StatusCode::OK, &body)
 }
@@ -187,17 +195,31 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
     let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
     // Fused: after a refusal the parser may already have read the body to its end.
     let mut body = futures_util::StreamExt::fuse(timed_body(req.into_body(), idle));
+    // The upload's bytes are charged to the client as they arrive and expand, and released
+    // when this request ends unless they become the job's.
+    let charge = SharedReservation::new(state.jobs.budget().empty(client));
     let parsed = parse_submission(
         content_type.as_deref(),
         &mut body,
         &state.upload_limits,
         &state.policy,
+        &charge,
     )
     .await;
     drop(slot);
+    let mut reservation = charge.take();
+    drop(charge);
     let submission = match parsed {
         Ok(s) => s,
         Err(e) => {
+            // Nothing of a refused upload is held any more.
+            drop(reservation);
+            if let UploadError::Bundle(BundleError::Memory(full)) = e {
+                // A load refusal: answer at once, the client should retry later, not keep
+                // sending what cannot be held.
+                drain_small_body(&mut body).await;
+                return Err(budget_refusal(state, full));
+            }
             // Archives are expanded while they arrive, so a refusal (a bomb, a bad entry) can
             // come long before the end of the body: read and discard the rest, within the body
             // cap and a time bound, so the client sees the answer instead of a reset stream.
@@ -208,17 +230,13 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
             return Err(ApiError::new(status, e.message()));
         }
     };
-    let Some(reservation) = state
-        .jobs
-        .budget()
-        .try_reserve(submission.bundle.total_bytes())
-    else {
-        state.metrics.rejected("memory_budget");
-        return Err(ApiError::unavailable(
-            "the gateway's memory budget is full",
-            LOAD_RETRY,
-        ));
-    };
+    // Exactly the bundle's bytes stay charged (the parser charged each of them once).
+    let total = submission.bundle.total_bytes();
+    let held = reservation.bytes();
+    reservation.shrink(held.saturating_sub(total));
+    reservation
+        .try_grow(total.saturating_sub(held))
+        .map_err(|full| budget_refusal(state, full))?;
     let id = JobId::random();
     let (spec, files) = job_spec(&submission.manifest, &submission.bundle, id.to_string());
     let info = JobInfo {
@@ -226,11 +244,7 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         environment: submission.manifest.environment.clone(),
         job_hash: submission.job_hash,
     };
-    let held = state
-        .jobs
-        .budget()
-        .try_reserve(0)
-        .ok_or_else(|| ApiError::internal("budget"))?;
+    let held = state.jobs.budget().empty(client);
     let job = Job::new(
         id,
         client,
@@ -299,6 +313,38 @@ fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
     let mut response = json(StatusCode::OK, &body);
     response.headers_mut().extend(quota_headers(quota));
     Ok(response)
+}
+
+/// The answer to a refused memory reservation: 503 when the whole budget is taken, 429 when the
+/// client holds its share, 413 when one upload alone needs more than a share.
+pub fn budget_refusal(state: &AppState, full: BudgetFull) -> ApiError {
+    let share = state.jobs.budget().share();
+    let (cause, error) = match full {
+        BudgetFull::Global => (
+            "memory_budget",
+            ApiError::unavailable("the gateway's memory budget is full", LOAD_RETRY),
+        ),
+        BudgetFull::ClientShare => (
+            "memory_share",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "this client holds its share of the gateway's memory ({share} bytes): \
+                     download or delete finished jobs"
+                ),
+            )
+            .with_retry_after(LOAD_RETRY),
+        ),
+        BudgetFull::LargerThanShare => (
+            "upload_too_large",
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the upload needs more than one client's memory share of {share} bytes"),
+            ),
+        ),
+    };
+    state.metrics.rejected(cause);
+    error
 }
 
 fn check_quota(state: &AppState, client: ClientKey) -> Result<(), ApiError> {

@@ -24,14 +24,22 @@ use hyper_tungstenite::HyperWebsocketStream;
 use serde_json::json;
 
 use crate::gateway::AppState;
-use crate::jobs::{JobEvent, JobId, StreamKind};
+use crate::jobs::{JobEvent, JobId, Reservation, StreamKind};
 use crate::server::response::{ApiError, ApiResult};
-use crate::server::routes::job_id;
+use crate::server::routes::{client_key, job_id};
 use crate::server::text::{base64, Utf8Carry};
 use crate::server::ConnInfo;
 
 /// Clients only send control frames; anything big is refused by the codec.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
+/// Event messages queued on one socket before they are flushed (and the charge for them
+/// released): the socket's backlog is at most this plus one message.
+pub const WS_BACKLOG_BYTES: usize = 256 * 1024;
+
+/// The hard cap on one socket's write buffer: the backlog bound plus the largest event message
+/// (a 256 KiB chunk of control characters is 1.5 MiB of JSON text plus 342 KiB of base64).
+pub const WS_MAX_WRITE_BUFFER: usize = WS_BACKLOG_BYTES + 2 * 1024 * 1024;
 
 pub fn upgrade(
     state: &Arc<AppState>,
@@ -51,8 +59,14 @@ pub fn upgrade(
     let config = WebSocketConfig {
         max_message_size: Some(MAX_CLIENT_MESSAGE),
         max_frame_size: Some(MAX_CLIENT_MESSAGE),
+        max_write_buffer_size: WS_MAX_WRITE_BUFFER,
         ..WebSocketConfig::default()
     };
+    // The messages queued for this socket are charged to the subscriber.
+    let backlog = state
+        .jobs
+        .budget()
+        .empty(client_key(state, conn.peer, &req));
     let (response, socket) = hyper_tungstenite::upgrade(&mut req, Some(config))
         .map_err(|e| ApiError::bad_request(format!("bad WebSocket upgrade: {e}")))?;
     let state = Arc::clone(state);
@@ -60,11 +74,12 @@ pub fn upgrade(
         // The connection slot stays taken while the socket lives.
         let _permit = conn.permit;
         match socket.await {
-            Ok(ws) => stream_events(&state, id, ws, changes).await,
+            Ok(ws) => stream_events(&state, id, ws, changes, backlog).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
     });
-    Ok(response)
+    // The 101 answer has no body.
+    Ok(response.map(|_| crate::server::response::Body::default()))
 }
 
 async fn stream_events(
@@ -72,27 +87,35 @@ async fn stream_events(
     id: JobId,
     mut ws: HyperWebsocketStream,
     mut changes: tokio::sync::watch::Receiver<u64>,
+    mut backlog: Reservation,
 ) {
     let mut cursor = 0;
     let mut text = TextDecoders::default();
     loop {
-        let Some((events, _finished)) = state.jobs.events_since(id, cursor) else {
+        // `_job_charge` keeps the job's data charged while this round holds its events.
+        let Some((events, _job_charge)) = state.jobs.events_since(id, cursor) else {
             let gone = json!({"type": "error", "error": "the job was deleted"});
             let _ = ws.send(Message::text(gone.to_string())).await;
             break;
         };
         cursor += events.len();
-        // The new events are queued, then written together: one TLS record, one system call.
+        // The new events are queued, then written together (one TLS record, one system call),
+        // up to WS_BACKLOG_BYTES at a time.
         for event in &events {
             if matches!(event, JobEvent::Exit(_)) {
                 for tail in text.flush() {
-                    if ws.feed(Message::text(tail.to_string())).await.is_err() {
+                    if queue(&mut ws, &mut backlog, tail.to_string())
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
             }
-            let message = Message::text(text.event_json(event).to_string());
-            if ws.feed(message).await.is_err() {
+            if queue(&mut ws, &mut backlog, text.event_json(event).to_string())
+                .await
+                .is_err()
+            {
                 return;
             }
             if matches!(event, JobEvent::Exit(_)) {
@@ -104,6 +127,7 @@ async fn stream_events(
         if ws.flush().await.is_err() {
             return;
         }
+        backlog.shrink(backlog.bytes());
         tokio::select! {
             // An error means the job was removed: the next round reports it.
             _ = changes.changed() => {}
@@ -120,6 +144,30 @@ async fn stream_events(
         }
     }
     let _ = ws.close(None).await;
+}
+
+/// Queues one message, charged to the subscriber first. When the backlog is full or the charge
+/// is refused, what is queued is flushed (and its charge released) first; a message the budget
+/// cannot hold even then ends the stream with an error event.
+async fn queue(
+    ws: &mut HyperWebsocketStream,
+    backlog: &mut Reservation,
+    message: String,
+) -> Result<(), ()> {
+    let size = message.len() as u64;
+    let full = backlog.bytes().saturating_add(size) > WS_BACKLOG_BYTES as u64;
+    if full || backlog.try_grow(size).is_err() {
+        ws.flush().await.map_err(|_| ())?;
+        backlog.shrink(backlog.bytes());
+        if backlog.try_grow(size).is_err() {
+            let full = json!({"type": "error",
+                              "error": "the gateway's memory budget is full: reconnect later"});
+            let _ = ws.send(Message::text(full.to_string())).await;
+            let _ = ws.close(None).await;
+            return Err(());
+        }
+    }
+    ws.feed(Message::text(message)).await.map_err(|_| ())
 }
 
 /// One subscriber's text decoders, one per stream.

@@ -312,6 +312,8 @@ fn add_tar_entry<R: Read>(
             limits.max_uncompressed_bytes
         )));
     }
+    // Charged before the bytes are expanded (and preallocated).
+    builder.charge(size).map_err(UploadError::from)?;
     let data = read_exact_size(entry, size).map_err(TarEntryError::Io)?;
     builder
         .add_file(path, mode, data)
@@ -381,6 +383,7 @@ fn extract_zip(
         let file = zip
             .by_index(item.index)
             .map_err(|e| refuse(format!("unreadable: {e}")))?;
+        builder.charge(item.size)?;
         let mut reader = Metered {
             inner: file,
             meter,

@@ -124,15 +124,19 @@ impl Feed {
         }
     }
 
-    /// Reads the rest of the current part into one buffer (no copy when it is one chunk).
+    /// Reads the rest of the current part into one buffer (no copy when it is one chunk). The
+    /// buffer is allocated once, at its exact size, so the part is held at most twice (its
+    /// chunks and the buffer) for the moment of the copy, never a growing buffer's slack.
     pub fn read_part(&mut self, first: Bytes) -> Bytes {
-        let Some(second) = self.next_chunk() else {
-            return first;
-        };
-        let mut all = BytesMut::with_capacity(first.len() + second.len());
-        all.extend_from_slice(&first);
-        all.extend_from_slice(&second);
+        let mut chunks = vec![first];
         while let Some(chunk) = self.next_chunk() {
+            chunks.push(chunk);
+        }
+        if chunks.len() == 1 {
+            return chunks.pop().unwrap_or_default();
+        }
+        let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+        for chunk in chunks {
             all.extend_from_slice(&chunk);
         }
         all.freeze()

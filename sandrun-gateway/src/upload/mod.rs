@@ -29,6 +29,7 @@ use futures_util::{Stream, StreamExt};
 use sandrun_ipc::BundlePath;
 
 use crate::bundle::{Bundle, BundleBuilder, BundleCaps, BundleError, DEFAULT_FILE_MODE};
+use crate::jobs::{BudgetFull, SharedReservation};
 use crate::manifest::{Manifest, ManifestError, ManifestPolicy, RawManifest};
 use crate::signing::job_hash;
 
@@ -113,6 +114,11 @@ impl UploadError {
         match self {
             UploadError::UnsupportedMediaType(_) => 415,
             UploadError::BodyTooLarge { .. } => 413,
+            UploadError::Bundle(BundleError::Memory(full)) => match full {
+                BudgetFull::Global => 503,
+                BudgetFull::ClientShare => 429,
+                BudgetFull::LargerThanShare => 413,
+            },
             UploadError::Internal(_) => 500,
             _ => 400,
         }
@@ -202,12 +208,16 @@ pub(crate) async fn hand_over(
     tx.send(msg).await.is_ok()
 }
 
-/// Parses a `POST /submit` body. `content_type` is the request's Content-Type header.
+/// Parses a `POST /submit` body. `content_type` is the request's Content-Type header. Every
+/// byte of a `files` part is charged to `charge` as it is read, and every expanded file before
+/// it is expanded; an archive's own bytes are released once it is expanded. On success `charge`
+/// holds exactly the bundle's bytes.
 pub async fn parse_submission<S, E>(
     content_type: Option<&str>,
     body: S,
     limits: &UploadLimits,
     policy: &ManifestPolicy,
+    charge: &SharedReservation,
 ) -> Result<Submission, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -215,20 +225,38 @@ where
 {
     let kind = body_kind(content_type)?;
     let (tx, feed) = feed::channel();
-    let (limits_owned, policy) = (limits.clone(), policy.clone());
-    let assembler = tokio::task::spawn_blocking(move || assemble(feed, &limits_owned, &policy));
-    let read = match kind {
-        BodyKind::Multipart(boundary) => multipart::collect(&boundary, body, limits, &tx).await,
-        BodyKind::Legacy => collect_legacy(content_type, body, limits, &tx).await,
+    let (limits_owned, policy, charged) = (limits.clone(), policy.clone(), charge.clone());
+    let assembler =
+        tokio::task::spawn_blocking(move || assemble(feed, &limits_owned, &policy, charged));
+    let read = async move {
+        let read = match kind {
+            BodyKind::Multipart(boundary) => {
+                multipart::collect(&boundary, body, limits, &tx, charge).await
+            }
+            BodyKind::Legacy => collect_legacy(content_type, body, limits, &tx, charge).await,
+        };
+        // The assembler sees the channel close: after `BodyEnd` it finishes, otherwise it stops.
+        drop(tx);
+        read
     };
-    // The assembler sees the channel close: after `BodyEnd` it finishes, otherwise it stops.
-    drop(tx);
-    let assembled = assembler
-        .await
-        .map_err(|e| UploadError::Internal(format!("upload worker failed: {e}")));
-    match read {
-        Err(e) => Err(e),
-        Ok(Flow::Complete | Flow::AssemblerStopped) => assembled?,
+    tokio::pin!(read);
+    let mut assembler = assembler;
+    let worker_failed =
+        |e: tokio::task::JoinError| UploadError::Internal(format!("upload worker failed: {e}"));
+    tokio::select! {
+        read = &mut read => {
+            let assembled = assembler.await.map_err(worker_failed)?;
+            match read {
+                Err(e) => Err(e),
+                Ok(Flow::Complete | Flow::AssemblerStopped) => assembled,
+            }
+        }
+        // The assembler refused the upload while the body reader waits for more of it (a
+        // client withholding the rest): answer now, do not wait for bytes that may never come.
+        assembled = &mut assembler => match assembled.map_err(worker_failed)? {
+            Err(e) => Err(e),
+            Ok(submission) => read.await.map(|_| submission),
+        },
     }
 }
 
@@ -267,6 +295,7 @@ async fn collect_legacy<S, E>(
     mut body: S,
     limits: &UploadLimits,
     tx: &tokio::sync::mpsc::Sender<feed::PartMsg>,
+    charge: &SharedReservation,
 ) -> Result<Flow, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -282,6 +311,7 @@ where
                 limit: limits.max_body_bytes,
             });
         }
+        charge.try_grow(chunk.len() as u64).map_err(memory_error)?;
         buf.extend_from_slice(&chunk);
         let n = buf.len().min(legacy::MAGIC.len());
         if buf[..n] != legacy::MAGIC[..n] {
@@ -305,18 +335,24 @@ where
     Ok(Flow::Complete)
 }
 
+/// A refused memory reservation as an upload error.
+pub(crate) fn memory_error(full: BudgetFull) -> UploadError {
+    UploadError::Bundle(BundleError::Memory(full))
+}
+
 /// Expands the parts as they arrive, then validates the manifest and hashes the job.
 fn assemble(
     feed: feed::Feed,
     limits: &UploadLimits,
     policy: &ManifestPolicy,
+    charge: SharedReservation,
 ) -> Result<Submission, UploadError> {
     use feed::PartMsg;
     let caps = BundleCaps {
         max_entries: limits.max_files,
         max_bytes: limits.max_uncompressed_bytes,
     };
-    let mut builder = BundleBuilder::new(caps);
+    let mut builder = BundleBuilder::with_charge(caps, charge);
     let feed = RefCell::new(feed);
     let mut manifest = None;
     let mut index = 0;
@@ -357,9 +393,23 @@ fn add_arriving_part(
         }
         _ => None,
     };
+    // The body reader charged the part's bytes as they arrived.
     let Some(name) = streamable else {
         let data = reader.into_rest().map_err(body_ended)?;
-        return add_part(builder, index, FilePart { filename, data }, limits);
+        let raw = data.len() as u64;
+        let plain = !legacy::is_legacy(&data)
+            && filename
+                .as_deref()
+                .and_then(archive::kind_by_name)
+                .is_none();
+        if plain {
+            // The part's bytes become the file: their charge is the file's.
+            builder.already_charged(raw);
+            return add_part(builder, index, FilePart { filename, data }, limits);
+        }
+        add_part(builder, index, FilePart { filename, data }, limits)?;
+        builder.release(raw);
+        return Ok(());
     };
     archive::extract_tar_gz_streaming(name, reader, feed, builder, limits)?;
     // What follows the archive's end (gzip trailer, padding) is not expanded.
@@ -367,6 +417,7 @@ fn add_arriving_part(
     if feed.borrow().truncated() {
         return Err(UploadError::BodyRead("the request body ended early".into()));
     }
+    builder.release(feed.borrow().progress().0);
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use tokio::sync::mpsc::Sender;
 
 use super::feed::PartMsg;
 use super::{hand_over, Flow, UploadError, UploadLimits};
+use crate::jobs::SharedReservation;
 use crate::manifest::MAX_MANIFEST_BYTES;
 
 /// Reads every part of a multipart body and hands each one over as it arrives. Only `files`
@@ -26,6 +27,7 @@ pub(crate) async fn collect<S, E>(
     body: S,
     limits: &UploadLimits,
     tx: &Sender<PartMsg>,
+    charge: &SharedReservation,
 ) -> Result<Flow, UploadError>
 where
     S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
@@ -59,7 +61,7 @@ where
                 let json = read_field(&mut field).await?;
                 hand_over(tx, PartMsg::Manifest(json)).await
             }
-            Some("files") => forward_file(&mut field, tx).await?,
+            Some("files") => forward_file(&mut field, tx, charge).await?,
             other => return Err(UploadError::UnexpectedPart(other.unwrap_or("").to_owned())),
         };
         if !handed {
@@ -73,16 +75,21 @@ where
     }
 }
 
-/// Hands a `files` part over chunk by chunk; `false` if the assembler has stopped.
+/// Hands a `files` part over chunk by chunk, each charged to the upload before it is queued;
+/// `false` if the assembler has stopped.
 async fn forward_file(
     field: &mut multer::Field<'_>,
     tx: &Sender<PartMsg>,
+    charge: &SharedReservation,
 ) -> Result<bool, UploadError> {
     let filename = field.file_name().map(str::to_owned);
     if !hand_over(tx, PartMsg::FileStart { filename }).await {
         return Ok(false);
     }
     while let Some(chunk) = field.chunk().await.map_err(map_multer)? {
+        charge
+            .try_grow(chunk.len() as u64)
+            .map_err(super::memory_error)?;
         if !hand_over(tx, PartMsg::Data(chunk)).await {
             return Ok(false);
         }

@@ -76,7 +76,14 @@ pub async fn submit_with(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> Result<Submission, UploadError> {
-    parse_submission(content_type, chunked(body), limits, &policy()).await
+    parse_submission(
+        content_type,
+        chunked(body),
+        limits,
+        &policy(),
+        &sandrun_gateway::jobs::SharedReservation::unlimited(),
+    )
+    .await
 }
 
 pub async fn submit(parts: &[Part<'_>]) -> Result<Submission, UploadError> {

@@ -1,0 +1,323 @@
+//! Issue 9, items 1 and 4: every byte the gateway holds for a client is charged to the memory
+//! budget and to that client's share of it (`[client_shares] memory_percent`), so one client
+//! cannot fill the budget and make another client's job lose its outputs or its upload.
+//! Real daemons over real TLS; each test has its own stack (`config(230 + k, ..)`).
+
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use sandrun_tests::config;
+use sandrun_tests::host::vm_rss_kib;
+use sandrun_tests::hostile::{eventually, http_status, tls_client_config, tls_connect, TlsStream};
+use sandrun_tests::stack::{Part, Stack};
+
+const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+const BYSTANDER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// A budget of 24 MiB: one client's share (25 %) is 6 MiB.
+const BUDGET_BYTES: u64 = 24 << 20;
+const SHARE_BYTES: u64 = BUDGET_BYTES / 4;
+
+fn stack(k: u32, retention: &str) -> Stack {
+    let gateway = format!(
+        "[retention]\nmemory_budget_bytes = {BUDGET_BYTES}\nfailed_ttl_s = 3600\n{retention}"
+    );
+    Stack::start(&config(230 + k, ""), &gateway)
+}
+
+/// A `/bin/sh` job: `run.sh` holding `script`, returning `out/`.
+fn sh_job(script: &str) -> Vec<Part> {
+    let manifest = json!({"entrypoint": "run.sh", "interpreter": "sh", "timeout": 60,
+                          "outputs": ["out/"]});
+    vec![Part::file("run.sh", script), Part::manifest(&manifest)]
+}
+
+fn submit_from(stack: &Stack, from: Ipv4Addr, parts: &[Part]) -> String {
+    let r = stack.submit_from(from, parts);
+    assert_eq!(r.status, 200, "submit from {from} refused: {}", r.text());
+    r.json()["job_id"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no job_id in {}", r.text()))
+}
+
+fn stats_from(stack: &Stack, from: Ipv4Addr) -> Value {
+    let r = stack.curl_from(from, &[], "/stats");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// Each attacker job writes seven outputs of 1 MiB + 4 KiB (within the helper's 8 MiB output
+/// cap): four such jobs (28 files) are more than the whole 24 MiB budget, and the old gateway
+/// kept 23 of them, leaving less than 1 MiB for anyone else for the results' whole TTL.
+#[test]
+fn given_one_client_filling_the_result_budget_then_another_client_still_gets_its_1_mib_output() {
+    sandrun_tests::require_root();
+    let stack = stack(0, "");
+    let big = "mkdir -p out; for i in 1 2 3 4 5 6 7; do head -c 1052672 /dev/zero > out/f$i; done";
+    let ids: Vec<String> = (0..4)
+        .map(|_| submit_from(&stack, ATTACKER, &sh_job(big)))
+        .collect();
+    let mut kept = 0u64;
+    let mut skipped = 0usize;
+    for id in &ids {
+        let status = stack.wait_finished(id);
+        assert_eq!(status["status"], "completed", "{status}");
+        kept += status["output_files"].as_object().map_or(0, |o| {
+            o.values()
+                .map(|f| f["size_bytes"].as_u64().unwrap_or(0))
+                .sum()
+        });
+        skipped += status["skipped_outputs"].as_array().map_or(0, Vec::len);
+    }
+    let attacker = stats_from(&stack, ATTACKER);
+    eprintln!("attacker kept {kept} bytes of outputs, {skipped} skipped; stats {attacker}");
+    assert!(
+        kept <= SHARE_BYTES,
+        "the attacker holds {kept} bytes of results"
+    );
+    assert!(
+        skipped > 0,
+        "the attacker's outputs past its share are listed as skipped"
+    );
+    let held = attacker["memory"]["used_bytes"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert!(
+        held >= kept && held <= SHARE_BYTES,
+        "the attacker's charge is {held}: {attacker}"
+    );
+
+    let small = "mkdir -p out; head -c 1048576 /dev/urandom > out/b";
+    let id = submit_from(&stack, BYSTANDER, &sh_job(small));
+    let status = stack.wait_finished(&id);
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(
+        status["output_files"]["out/b"]["size_bytes"], 1_048_576,
+        "the bystander's output is returned: {status}"
+    );
+    assert_eq!(status["skipped_outputs"], json!([]), "{status}");
+    let file = stack.curl_from(BYSTANDER, &[], &format!("/download/{id}/out/b"));
+    assert_eq!((file.status, file.body.len()), (200, 1_048_576));
+}
+
+/// A gzip'd tar of `files` files of 1 MiB (16 KiB of noise, then zeros: about 60:1, inside
+/// the gateway's 100:1 expansion ratio), followed by padding so that the parser has read the
+/// whole archive before it waits for the part's end.
+fn expanding_archive(files: usize) -> Vec<u8> {
+    let mut tar = tar::Builder::new(Vec::new());
+    for i in 0..files {
+        let mut data = sandrun_tests::hostile::noise(16 << 10, i as u64 + 1);
+        data.resize(1 << 20, 0);
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, format!("f{i}"), &data[..])
+            .expect("tar entry");
+    }
+    let tar = tar.into_inner().expect("tar");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&tar).expect("gzip");
+    let mut archive = gz.finish().expect("gzip");
+    archive.extend_from_slice(&[0u8; 8192]);
+    archive
+}
+
+const BOUNDARY: &str = "sandrunbudgetboundary";
+
+/// A `POST /submit` whose body is complete except for the closing boundary: headers and body
+/// as one request (Content-Length counts the withheld end, so the gateway waits for it).
+fn withheld_upload(archive: &[u8]) -> Vec<u8> {
+    let manifest = r#"{"entrypoint":"f0","interpreter":"sh"}"#;
+    let mut body = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"manifest\"\r\n\r\n{manifest}\r\n\
+         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.tar.gz\"\r\n\
+         Content-Type: application/gzip\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(archive);
+    let end = format!("\r\n--{BOUNDARY}--\r\n");
+    let mut request = format!(
+        "POST /submit HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n",
+        body.len() + end.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    request
+}
+
+/// Sends `request` over TLS from `from` and leaves the connection open.
+fn open_upload(stack: &Stack, from: Ipv4Addr, request: &[u8]) -> TlsStream {
+    let config = tls_client_config(&stack.ca_path());
+    let mut s = tls_connect(&config, from, stack.addr()).expect("connect to the gateway");
+    s.write_all(request).expect("send the upload");
+    s.flush().expect("flush");
+    s
+}
+
+/// The status of an answer that arrived within `wait`, or 0 if none did.
+fn answer_within(s: &mut TlsStream, wait: Duration) -> (u16, String) {
+    s.sock.set_read_timeout(Some(wait)).expect("read timeout");
+    let mut buf = vec![0u8; 4096];
+    match s.read(&mut buf) {
+        Ok(n) if n > 0 => {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            (http_status(&buf[..n]), text)
+        }
+        _ => (0, String::new()),
+    }
+}
+
+/// Gateway RSS growth allowed above what `/stats` says is held while the uploads wait: the
+/// fixed per-connection and per-upload buffers (TLS, HTTP, the hand-over channel) of 16
+/// connections, and the allocator's slack.
+const RSS_ABOVE_BUDGET_KIB: u64 = 16 << 10;
+
+/// Issue 9 item 1: 16 uploads from 8 addresses, each a ~90 KB tar.gz of 5 MiB whose closing
+/// boundary is withheld. The old gateway held every expansion uncounted (80 MiB of RSS while
+/// `/stats` said 0); now each is charged as it expands, a second upload from an address is
+/// refused (429) once its share is held, the rest once the budget is full (503), RSS follows
+/// `/stats`, and closing the connections releases everything.
+#[test]
+fn given_expanding_uploads_with_withheld_boundaries_then_they_are_charged_refused_and_released() {
+    sandrun_tests::require_root();
+    // The held uploads must outlive the test's checks (the default body idle timeout is 30 s).
+    let stack = stack(1, "[http]\nbody_idle_timeout_ms = 120000\n");
+    let warm = stack.submit_from(BYSTANDER, &sh_job("echo warm"));
+    assert_eq!(warm.status, 200, "{}", warm.text());
+    assert_eq!(
+        stack.wait_finished(warm.json()["job_id"].as_str().unwrap_or_default())["status"],
+        "completed"
+    );
+    // The warm job's log stays charged for its TTL.
+    let used_before = stats_from(&stack, BYSTANDER)["system"]["memory_used_bytes"].clone();
+    let rss_before = vm_rss_kib(stack.gateway_pid());
+    let request = withheld_upload(&expanding_archive(5));
+    let sources: Vec<Ipv4Addr> = (3..=10).map(|d| Ipv4Addr::new(127, 0, 0, d)).collect();
+    let mut uploads: Vec<(Ipv4Addr, TlsStream)> = Vec::new();
+    for &from in &sources {
+        for _ in 0..2 {
+            uploads.push((from, open_upload(&stack, from, &request)));
+            // One at a time, so each address's first upload is the one held.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let mut answers = Vec::new();
+    for (from, s) in &mut uploads {
+        answers.push((*from, answer_within(s, Duration::from_secs(3))));
+    }
+    let stats = stats_from(&stack, BYSTANDER);
+    let used = stats["system"]["memory_used_bytes"].as_u64().unwrap_or(0);
+    let rss = vm_rss_kib(stack.gateway_pid());
+    let codes: Vec<u16> = answers.iter().map(|(_, (code, _))| *code).collect();
+    eprintln!("withheld uploads: answers {codes:?}, used {used} B, rss {rss_before} -> {rss} KiB");
+    let held = codes.iter().filter(|c| **c == 0).count();
+    assert!((1..=4).contains(&held), "uploads held open: {codes:?}");
+    for (from, (code, text)) in &answers {
+        assert!(
+            [0, 429, 503].contains(code),
+            "upload from {from}: {code} {text}"
+        );
+        if *code != 0 {
+            assert!(text.contains("\"error\""), "{text}");
+        }
+    }
+    assert!(
+        used >= held as u64 * (5 << 20) && used <= BUDGET_BYTES,
+        "{held} held uploads, {used} bytes charged"
+    );
+    assert!(
+        rss <= rss_before + used / 1024 + RSS_ABOVE_BUDGET_KIB,
+        "gateway RSS {rss_before} -> {rss} KiB with {used} bytes charged"
+    );
+    // A further such upload is refused while the others wait.
+    let mut again = open_upload(&stack, sources[0], &request);
+    let (code, text) = answer_within(&mut again, Duration::from_secs(5));
+    assert!([429, 503].contains(&code), "another upload: {code} {text}");
+
+    drop((uploads, again));
+    let released = eventually(Duration::from_secs(10), || {
+        stats_from(&stack, BYSTANDER)["system"]["memory_used_bytes"] == used_before
+    });
+    assert!(released, "{}", stats_from(&stack, BYSTANDER));
+    let id = submit_from(&stack, BYSTANDER, &sh_job("mkdir -p out; echo ok > out/x"));
+    assert_eq!(stack.wait_finished(&id)["status"], "completed");
+}
+
+/// Issue 9 item 1, downloads: `GET /download/{id}` deletes the job, and the old gateway
+/// released its charge before the tarball was even built, so stalled downloads held memory
+/// `/stats` no longer counted. Now the charge lasts until the last byte is handed to the
+/// connection or the client goes away.
+#[test]
+fn given_a_stalled_tarball_download_then_its_memory_stays_charged_until_the_client_disconnects() {
+    sandrun_tests::require_root();
+    // A 64 MiB budget: one client's share (16 MiB) holds the 7 MiB output.
+    let gateway = "[retention]\nmemory_budget_bytes = 67108864\nfailed_ttl_s = 3600\n";
+    let stack = Stack::start(&config(232, ""), gateway);
+    let used = |stack: &Stack| stats_from(stack, BYSTANDER)["system"]["memory_used_bytes"].clone();
+    let before = used(&stack);
+    // 7 MiB of noise (the helper's default output cap is 8 MiB): more than the kernel's socket
+    // buffers take from a client that reads nothing.
+    let script = "mkdir -p out; head -c 7340032 /dev/urandom > out/big";
+    let id = submit_from(&stack, ATTACKER, &sh_job(script));
+    let status = stack.wait_finished(&id);
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(status["skipped_outputs"], json!([]), "{status}");
+    let config = tls_client_config(&stack.ca_path());
+    let mut stalled = tls_connect(&config, ATTACKER, stack.addr()).expect("connect");
+    let request = format!("GET /download/{id} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    stalled
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    stalled.flush().expect("flush");
+    // Read nothing; give the gateway time to build the tarball and fill the socket buffers.
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, _) = stack.get_json(&format!("/status/{id}"));
+    assert_eq!(code, 404, "the download deleted the job");
+    let during = used(&stack).as_u64().unwrap_or(0);
+    eprintln!("stalled download: used {before} before, {during} while stalled");
+    assert!(
+        during >= before.as_u64().unwrap_or(0) + (6 << 20),
+        "a stalled 7 MiB download is charged: {during} bytes used"
+    );
+    drop(stalled);
+    let released = eventually(Duration::from_secs(10), || used(&stack) == before);
+    assert!(released, "after the disconnect: {}", used(&stack));
+}
+
+/// Issue 9 item 1, WebSocket backlogs: the event messages queued for a subscriber that reads
+/// nothing are bounded (256 KiB plus one message) and charged to the subscriber's share while
+/// they wait, and released when it goes away.
+#[test]
+fn given_a_websocket_subscriber_that_never_reads_then_its_backlog_is_bounded_and_charged() {
+    sandrun_tests::require_root();
+    let gateway = "[retention]\nlog_bytes = 16777216\nfailed_ttl_s = 3600\n";
+    let stack = Stack::start(&config(233, ""), gateway);
+    let script = "sleep 1; head -c 40000000 /dev/zero | tr '\\0' x";
+    let manifest = json!({"entrypoint": "run.sh", "interpreter": "sh", "timeout": 60});
+    let parts = [Part::file("run.sh", script), Part::manifest(&manifest)];
+    let id = submit_from(&stack, ATTACKER, &parts);
+    // The subscriber is 127.0.0.1, and never reads.
+    let stalled = stack.ws(&format!("/ws/{id}"));
+    // The helper stops it at its output cap (8 MiB, 19 MiB of event JSON): more than the
+    // kernel's socket buffers take.
+    stack.wait_finished(&id);
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, stats) = stack.get_json("/stats");
+    let backlog = stats["memory"]["used_bytes"].as_u64().unwrap_or(0);
+    eprintln!("stalled subscriber: {backlog} bytes charged; {stats}");
+    assert!(
+        backlog > 0 && backlog <= (256 << 10) + (2 << 20),
+        "the subscriber's backlog charge is {backlog}: {stats}"
+    );
+    drop(stalled);
+    let released = eventually(Duration::from_secs(10), || {
+        stack.get_json("/stats").1["memory"]["used_bytes"] == 0
+    });
+    assert!(released, "{}", stack.get_json("/stats").1);
+}
