@@ -154,13 +154,16 @@ fn helper_config() -> String {
     )
 }
 
+/// The bench is one client (127.0.0.1) measuring throughput, not fairness: it may hold every
+/// connection (200 WebSocket subscribers) and every upload slot.
 fn gateway_config() -> String {
     format!(
         "max_running = {MAX_CONCURRENT}\nqueue_capacity = 8192\nmax_body_bytes = {body}\n\
          [client_limits]\ncpu_seconds_per_minute = 100000000\nconcurrent_jobs = 100000\n\
          jobs_per_hour = 100000000\n\
          [retention]\nttl_s = 900\nfailed_ttl_s = 900\nmemory_budget_bytes = {budget}\n\
-         [http]\nmax_connections = 4096\n",
+         [http]\nmax_connections = 4096\nmax_connections_per_client = 4096\n\
+         [client_shares]\nconnections_percent = 100\nuploads_percent = 100\n",
         body = 200u64 << 20,
         budget = 4u64 << 30,
     )

@@ -72,10 +72,28 @@ pub struct HttpLimits {
     /// Connections one client (an IPv4 address or an IPv6 /64) may hold at once; more are
     /// closed at accept, so one slow client cannot take every slot. Trusted proxies are exempt.
     pub max_connections_per_client: usize,
-    /// Milliseconds a client has to send a complete request head (slowloris).
+    /// Milliseconds from accept to a completed TLS handshake.
+    pub tls_handshake_timeout_ms: u64,
+    /// Milliseconds from the TLS handshake to the first byte of the first request (HTTP/1.1)
+    /// or the first stream (HTTP/2).
+    pub first_request_timeout_ms: u64,
+    /// Milliseconds a client has to send a complete request head once its first byte arrived
+    /// (slowloris).
     pub header_timeout_ms: u64,
+    /// Milliseconds an HTTP/1.1 connection may stay idle between the end of a response and the
+    /// first byte of the next request.
+    pub keep_alive_timeout_ms: u64,
+    /// Milliseconds an HTTP/2 connection may have no open stream (after its first) before it
+    /// gets GOAWAY and is closed; PINGs do not count as activity.
+    pub http2_idle_timeout_ms: u64,
     /// Milliseconds a request body may stall between two chunks.
     pub body_idle_timeout_ms: u64,
+    /// Bytes per second a request body must average once its grace period is over: after
+    /// `body_rate_grace_ms`, each byte buys `1 / min_body_bytes_per_s` seconds more; a body
+    /// that falls behind is answered 408.
+    pub min_body_bytes_per_s: u64,
+    /// Milliseconds a request body has before `min_body_bytes_per_s` applies.
+    pub body_rate_grace_ms: u64,
     /// Seconds a connection may live (uploads included; WebSockets are not limited by this).
     pub max_connection_s: u64,
     /// Bytes of request head accepted.
@@ -87,11 +105,32 @@ impl Default for HttpLimits {
         HttpLimits {
             max_connections: 4096,
             max_connections_per_client: 32,
+            tls_handshake_timeout_ms: 5_000,
+            first_request_timeout_ms: 10_000,
             header_timeout_ms: 10_000,
+            keep_alive_timeout_ms: 15_000,
+            http2_idle_timeout_ms: 30_000,
             body_idle_timeout_ms: 30_000,
+            min_body_bytes_per_s: 4096,
+            body_rate_grace_ms: 10_000,
             max_connection_s: 600,
             max_header_bytes: 16 * 1024,
         }
+    }
+}
+
+impl HttpLimits {
+    /// Every phase timeout, for validation.
+    fn timeouts(&self) -> [Duration; 6] {
+        [
+            self.tls_handshake_timeout_ms,
+            self.first_request_timeout_ms,
+            self.header_timeout_ms,
+            self.keep_alive_timeout_ms,
+            self.http2_idle_timeout_ms,
+            self.body_idle_timeout_ms,
+        ]
+        .map(Duration::from_millis)
     }
 }
 
@@ -321,6 +360,14 @@ impl Config {
                 "http.max_connections_per_client must be at least 1",
             ),
             (
+                self.http.timeouts().iter().any(|t| t.is_zero()),
+                "every http.*_timeout_ms must be at least 1",
+            ),
+            (
+                self.http.min_body_bytes_per_s == 0,
+                "http.min_body_bytes_per_s must be at least 1",
+            ),
+            (
                 self.client_limits.concurrent_jobs == 0,
                 "client_limits.concurrent_jobs must be >= 1",
             ),
@@ -336,6 +383,24 @@ impl Config {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Connections one client may hold at once: the smaller of
+    /// `http.max_connections_per_client` and its `client_shares.connections_percent`.
+    pub fn connections_per_client(&self) -> usize {
+        let share = ClientShares::of_count(
+            self.http.max_connections,
+            self.client_shares.connections_percent,
+        );
+        self.http.max_connections_per_client.min(share)
+    }
+
+    /// Uploads one client may have in progress (or waiting for a slot) at once.
+    pub fn uploads_per_client(&self) -> usize {
+        ClientShares::of_count(
+            self.max_concurrent_uploads,
+            self.client_shares.uploads_percent,
+        )
     }
 
     pub fn ttl(&self, failed: bool) -> Duration {
@@ -392,6 +457,26 @@ mod tests {
         assert_eq!(ClientShares::of_count(3, 25), 1);
         assert_eq!(ClientShares::of_count(64, 25), 16);
         assert_eq!(ClientShares::of(1 << 30, 25), 1 << 28);
+    }
+
+    #[test]
+    fn given_a_per_client_cap_above_its_share_then_the_share_is_the_cap() {
+        let mut config = Config::default();
+        config.http.max_connections = 64;
+        assert_eq!(config.connections_per_client(), 16);
+        config.http.max_connections = 4096;
+        assert_eq!(config.connections_per_client(), 32);
+        assert_eq!(config.uploads_per_client(), 8);
+    }
+
+    #[test]
+    fn given_a_zero_timeout_or_body_rate_then_validation_refuses_it() {
+        let mut config = Config::default();
+        config.http.keep_alive_timeout_ms = 0;
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.http.min_body_bytes_per_s = 0;
+        assert!(config.validate().is_err());
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl AppState {
             },
             uploads: UploadSlots::new(
                 config.max_concurrent_uploads,
+                config.uploads_per_client(),
                 Duration::from_millis(config.upload_wait_ms),
             ),
             jobs,

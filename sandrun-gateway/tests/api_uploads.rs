@@ -10,6 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+/// The test's own address, made a trusted proxy so that [`HalfSent`] can be another client
+/// (`X-Forwarded-For`): each client's share of one slot is the whole pool, and the global bound
+/// is what these tests are about.
+const PROXY: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 /// An upload whose body has only partly arrived: its connection and the rest of its body.
 struct HalfSent {
     tls: TlsStream<TcpStream>,
@@ -23,8 +28,8 @@ impl HalfSent {
         let body = form.body();
         let mut tls = gw.tls().await;
         let head = format!(
-            "POST /submit HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; \
-             boundary={}\r\nContent-Length: {}\r\n\r\n",
+            "POST /submit HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: 192.0.2.1\r\n\
+             Content-Type: multipart/form-data; boundary={}\r\nContent-Length: {}\r\n\r\n",
             form.boundary,
             body.len()
         );
@@ -63,6 +68,7 @@ async fn given_all_upload_slots_taken_when_none_frees_up_then_503_json_with_retr
         c.max_concurrent_uploads = 1;
         c.upload_wait_ms = 50;
         c.client_limits.concurrent_jobs = 10;
+        c.trusted_proxies = vec![PROXY];
     })
     .await;
     let slow = HalfSent::start(&gw, &Multipart::script("out slow")).await;
@@ -90,6 +96,7 @@ async fn given_an_upload_waiting_for_a_slot_when_one_frees_up_then_it_is_accepte
             c.max_concurrent_uploads = 1;
             c.upload_wait_ms = 3_600_000;
             c.client_limits.concurrent_jobs = 10;
+            c.trusted_proxies = vec![PROXY];
         })
         .await,
     );

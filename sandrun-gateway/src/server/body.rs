@@ -1,25 +1,46 @@
-//! The request body as a stream of data chunks, with a stall timeout between chunks (a client
-//! that trickles its upload is cut off instead of holding a connection forever).
+//! The request body as a stream of data chunks, with two clocks so that a client that trickles
+//! its upload is cut off instead of holding a connection (and an upload slot) forever:
+//! - a stall timeout between two chunks;
+//! - a minimum average rate after a grace period: the body must have sent `rate * (t - grace)`
+//!   bytes by time `t`, i.e. each byte received pushes the deadline back by `1 / rate` seconds.
+//!   A drip of one byte every few seconds, which never stalls, falls behind and is refused.
+//!
+//! Which clock stopped the body is kept in a [`BodyVerdict`], so the handler can answer 408
+//! even when the parser only saw an opaque read error.
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 /// Why reading the body stopped.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum BodyError {
     Stalled(Duration),
+    TooSlow { min_bytes_per_s: u64 },
     Read(String),
+}
+
+impl BodyError {
+    /// Whether the client was too slow (answered 408) rather than broken.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, BodyError::Stalled(_) | BodyError::TooSlow { .. })
+    }
 }
 
 impl std::fmt::Display for BodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BodyError::Stalled(d) => write!(f, "request body stalled for {} s", d.as_secs()),
+            BodyError::TooSlow { min_bytes_per_s } => write!(
+                f,
+                "request body too slow: below the minimum of {min_bytes_per_s} bytes per second"
+            ),
             BodyError::Read(e) => write!(f, "reading the request body: {e}"),
         }
     }
@@ -29,24 +50,111 @@ impl std::error::Error for BodyError {}
 
 pub type TimedBody = Pin<Box<dyn Stream<Item = Result<Bytes, BodyError>> + Send>>;
 
-/// Data frames of `body`; an error once no frame arrived for `idle`. Trailers are ignored.
-pub fn timed_body(body: Incoming, idle: Duration) -> TimedBody {
+/// How fast a body must arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyPace {
+    /// Longest gap between two chunks.
+    pub idle: Duration,
+    /// Time before the minimum rate applies.
+    pub grace: Duration,
+    /// Minimum average rate after the grace period (at least 1).
+    pub min_bytes_per_s: u64,
+}
+
+impl BodyPace {
+    /// A pace with no minimum rate worth speaking of: only the stall timeout applies (small
+    /// drains of refused bodies, bounded by their own time limit).
+    pub fn idle_only(idle: Duration) -> BodyPace {
+        BodyPace {
+            idle,
+            grace: Duration::MAX,
+            min_bytes_per_s: 1,
+        }
+    }
+
+    /// When a body that started at `start` and has sent `received` bytes falls behind.
+    fn rate_deadline(&self, start: Instant, received: u64) -> Option<Instant> {
+        let nanos = u128::from(received) * 1_000_000_000 / u128::from(self.min_bytes_per_s.max(1));
+        let earned = Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        start.checked_add(self.grace.checked_add(earned)?)
+    }
+}
+
+/// What stopped a body, set once by the body stream.
+#[derive(Debug, Clone, Default)]
+pub struct BodyVerdict(Arc<OnceLock<BodyError>>);
+
+impl BodyVerdict {
+    /// The error that ended the body, if one did.
+    pub fn error(&self) -> Option<&BodyError> {
+        self.0.get()
+    }
+}
+
+/// Data frames of `body` at `pace`; an error once a clock runs out. Trailers are ignored.
+pub fn timed_body(body: Incoming, pace: BodyPace, verdict: &BodyVerdict) -> TimedBody {
+    let verdict = verdict.clone();
+    let start = Instant::now();
     Box::pin(futures_util::stream::unfold(
-        Some(body),
-        move |state| async move {
-            let mut body = state?;
-            loop {
-                match tokio::time::timeout(idle, body.frame()).await {
-                    Err(_) => return Some((Err(BodyError::Stalled(idle)), None)),
-                    Ok(None) => return None,
-                    Ok(Some(Err(e))) => return Some((Err(BodyError::Read(e.to_string())), None)),
-                    Ok(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data() {
-                            return Some((Ok(data), Some(body)));
+        Some((body, 0u64)),
+        move |state| {
+            let verdict = verdict.clone();
+            async move {
+                let (mut body, mut received) = state?;
+                let fail = |e: BodyError| {
+                    let _ = verdict.0.set(e.clone());
+                    Some((Err(e), None))
+                };
+                loop {
+                    let idle_at = Instant::now() + pace.idle;
+                    let rate_at = pace.rate_deadline(start, received);
+                    let (at, slow) = match rate_at {
+                        Some(r) if r < idle_at => (r, true),
+                        _ => (idle_at, false),
+                    };
+                    match tokio::time::timeout_at(at, body.frame()).await {
+                        Err(_) if slow => {
+                            return fail(BodyError::TooSlow {
+                                min_bytes_per_s: pace.min_bytes_per_s,
+                            })
+                        }
+                        Err(_) => return fail(BodyError::Stalled(pace.idle)),
+                        Ok(None) => return None,
+                        Ok(Some(Err(e))) => return fail(BodyError::Read(e.to_string())),
+                        Ok(Some(Ok(frame))) => {
+                            if let Ok(data) = frame.into_data() {
+                                let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+                                received = received.saturating_add(len);
+                                return Some((Ok(data), Some((body, received))));
+                            }
                         }
                     }
                 }
             }
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_bytes_received_then_each_pushes_the_rate_deadline_back() {
+        let pace = BodyPace {
+            idle: Duration::from_secs(30),
+            grace: Duration::from_secs(10),
+            min_bytes_per_s: 1000,
+        };
+        let start = Instant::now();
+        assert_eq!(
+            pace.rate_deadline(start, 0),
+            Some(start + Duration::from_secs(10))
+        );
+        assert_eq!(
+            pace.rate_deadline(start, 2500),
+            Some(start + Duration::from_millis(12_500))
+        );
+        assert_eq!(BodyPace::idle_only(pace.idle).rate_deadline(start, 0), None);
+    }
 }

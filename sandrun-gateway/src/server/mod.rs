@@ -1,11 +1,14 @@
 //! The HTTPS server: a TCP listener, rustls, hyper 1 (HTTP/1.1 and HTTP/2), a semaphore capping
-//! connections, header and body timeouts, and graceful shutdown.
+//! connections, a per-client connection cap, a timeout for every phase of a connection (TLS
+//! handshake, first request, request head, keep-alive, HTTP/2 with no open stream, bodies) and
+//! graceful shutdown.
 //!
 //! [`run`] is a library function: the binary calls it with the configured listener, tests call it
 //! on `127.0.0.1:0`.
 
 mod body;
 mod outputs;
+mod phases;
 pub mod response;
 mod routes;
 mod text;
@@ -25,11 +28,15 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::ratelimit::ClientKey;
+use phases::{InFlightBody, PhaseTimeouts, Phases, Watched};
 
 use crate::gateway::{run_scheduler, stopped, AppState};
 
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a connection that ran out of an idle phase has to finish its HTTP/2 GOAWAY.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// What a handler knows about its connection.
 #[derive(Debug, Clone)]
@@ -37,8 +44,26 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// Held by every task serving this connection, including an upgraded WebSocket.
     pub permit: Arc<OwnedSemaphorePermit>,
-    /// This connection's place in its client's connection count (released on drop).
+    /// This connection's place in its client's connection count (released on drop), also
+    /// held by an upgraded WebSocket.
     pub client_slot: Arc<Option<ClientConnection>>,
+}
+
+/// A connection's places in the global pool and in its client's count, held together.
+#[derive(Debug)]
+pub struct ConnSlots {
+    _permit: Arc<OwnedSemaphorePermit>,
+    _client_slot: Arc<Option<ClientConnection>>,
+}
+
+impl ConnInfo {
+    /// Both places, for a task that outlives the HTTP connection (an upgraded WebSocket).
+    pub fn slots(&self) -> ConnSlots {
+        ConnSlots {
+            _permit: Arc::clone(&self.permit),
+            _client_slot: Arc::clone(&self.client_slot),
+        }
+    }
 }
 
 /// Open connections per client, so one client cannot hold every connection slot.
@@ -89,7 +114,8 @@ impl Drop for ClientConnection {
     }
 }
 
-/// Counts the connection against its client, or `Err` if the client is at its cap. Trusted
+/// Counts the connection against its client, or `Err` if the client is at its cap (the smaller
+/// of `http.max_connections_per_client` and its share of `http.max_connections`). Trusted
 /// proxies carry many clients' traffic and are not counted.
 fn admit_connection(
     state: &AppState,
@@ -102,7 +128,7 @@ fn admit_connection(
     }
     let key = ClientKey::from_ip(peer.ip());
     counts
-        .try_add(key, limits.http.max_connections_per_client)
+        .try_add(key, limits.connections_per_client())
         .map(Some)
         .ok_or(())
 }
@@ -165,7 +191,7 @@ pub async fn run(
     let _ = scheduler.await;
 }
 
-/// One connection: TLS handshake (bounded by the header timeout), then HTTP.
+/// One connection: TLS handshake (bounded by its timeout), then HTTP with a phase clock.
 struct Connection {
     tcp: tokio::net::TcpStream,
     acceptor: TlsAcceptor,
@@ -187,29 +213,52 @@ fn serve_connection(
     }
 }
 
+fn phase_timeouts(http: &crate::config::HttpLimits) -> PhaseTimeouts {
+    PhaseTimeouts {
+        first_request: Duration::from_millis(http.first_request_timeout_ms),
+        header: Duration::from_millis(http.header_timeout_ms),
+        keep_alive: Duration::from_millis(http.keep_alive_timeout_ms),
+        http2_idle: Duration::from_millis(http.http2_idle_timeout_ms),
+    }
+}
+
 impl Connection {
     async fn with_shutdown(self, mut shutdown: watch::Receiver<bool>) {
         let http = &self.state.config.http;
-        let header_timeout = Duration::from_millis(http.header_timeout_ms);
+        let handshake_timeout = Duration::from_millis(http.tls_handshake_timeout_ms);
         let lifetime = Duration::from_secs(http.max_connection_s);
         let max_header_bytes = http.max_header_bytes;
-        let handshake = tokio::time::timeout(header_timeout, self.acceptor.accept(self.tcp));
+        let timeouts = phase_timeouts(http);
+        let handshake = tokio::time::timeout(handshake_timeout, self.acceptor.accept(self.tcp));
         let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
             Err(_) => return tracing::debug!("TLS handshake timed out"),
         };
+        let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        let phases = Phases::new(timeouts, http2);
         let state = self.state;
         let conn = self.conn;
-        let service = service_fn(move |req| {
-            let (state, conn) = (Arc::clone(&state), conn.clone());
-            async move { Ok::<_, std::convert::Infallible>(routes::handle(state, conn, req).await) }
-        });
+        let service = {
+            let phases = Arc::clone(&phases);
+            service_fn(move |req| {
+                let (state, conn) = (Arc::clone(&state), conn.clone());
+                let in_flight = phases.request();
+                async move {
+                    let response = routes::handle(state, conn, req).await;
+                    Ok::<_, std::convert::Infallible>(
+                        response.map(|body| InFlightBody::new(body, in_flight)),
+                    )
+                }
+            })
+        };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
+            // The phase clock times heads from their first byte; hyper's own timer starts
+            // when the connection turns idle, so it is only a backstop for both phases.
+            .header_read_timeout(timeouts.keep_alive.max(timeouts.first_request) + timeouts.header)
             .max_buf_size(max_header_bytes.max(8192))
             .keep_alive(true);
         builder
@@ -218,7 +267,8 @@ impl Connection {
             .max_concurrent_streams(32)
             .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
             .keep_alive_interval(Some(Duration::from_secs(30)));
-        let served = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+        let io = TokioIo::new(Watched::new(tls, Arc::clone(&phases)));
+        let served = builder.serve_connection_with_upgrades(io, service);
         tokio::pin!(served);
         let deadline = tokio::time::sleep(lifetime);
         tokio::pin!(deadline);
@@ -229,6 +279,15 @@ impl Connection {
                 }
             }
             () = &mut deadline => tracing::debug!("connection reached its maximum lifetime"),
+            phase = phases.expired() => {
+                tracing::debug!(phase = phase.as_str(), "idle connection timed out");
+                // HTTP/2 gets GOAWAY first, and a moment to send it; HTTP/1.1 has nothing to
+                // say between requests and is simply closed.
+                if http2 {
+                    served.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, served).await;
+                }
+            }
             () = stopped(&mut shutdown) => {
                 served.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(SHUTDOWN_GRACE, served).await;

@@ -21,15 +21,18 @@ use crate::jobs::{
 };
 use crate::queue::QueueFull;
 use crate::ratelimit::{client_ip, ClientKey};
-use crate::server::body::timed_body;
+use crate::server::body::{timed_body, BodyPace, BodyVerdict};
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
 use crate::server::text::base64;
 use crate::server::{outputs, ws, ConnInfo};
+use crate::upload::slots::SlotRefused;
 use crate::upload::{parse_submission, UploadError};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Retry hint when the queue or the memory budget is full.
 const LOAD_RETRY: Duration = Duration::from_secs(10);
+/// Retry hint when the client already has its share of uploads in progress.
+const UPLOAD_RETRY: Duration = Duration::from_secs(5);
 
 /// Answers one request. Never fails: errors become JSON responses.
 pub async fn handle(
@@ -175,26 +178,43 @@ fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
 /// `POST /submit`: quotas first (cheap), then the upload, then the queue.
 async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> ApiResult {
     let client = client_key(state, peer, &req);
-    let idle = Duration::from_millis(state.config.http.body_idle_timeout_ms);
+    let http = &state.config.http;
+    let idle = BodyPace::idle_only(Duration::from_millis(http.body_idle_timeout_ms));
+    let pace = BodyPace {
+        grace: Duration::from_millis(http.body_rate_grace_ms),
+        min_bytes_per_s: http.min_body_bytes_per_s,
+        ..idle
+    };
     let early = check_quota(state, client)
         .and_then(|()| check_queue_room(state, client))
         .and_then(|()| check_declared_length(state, &req));
     if let Err(refusal) = early {
-        drain_small_body(&mut timed_body(req.into_body(), idle)).await;
+        drain_small_body(&mut timed_body(
+            req.into_body(),
+            idle,
+            &BodyVerdict::default(),
+        ))
+        .await;
         return Err(refusal);
     }
     // Before any of the body is read: an upload holds a blocking thread while it arrives.
-    let Ok(slot) = state.uploads.acquire().await else {
-        state.metrics.rejected("uploads_busy");
-        drain_small_body(&mut timed_body(req.into_body(), idle)).await;
-        return Err(ApiError::unavailable(
-            "too many uploads in progress",
-            LOAD_RETRY,
-        ));
+    let slot = match state.uploads.acquire(client).await {
+        Ok(slot) => slot,
+        Err(refused) => {
+            let error = upload_refusal(state, refused);
+            drain_small_body(&mut timed_body(
+                req.into_body(),
+                idle,
+                &BodyVerdict::default(),
+            ))
+            .await;
+            return Err(error);
+        }
     };
     let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
     // Fused: after a refusal the parser may already have read the body to its end.
-    let mut body = futures_util::StreamExt::fuse(timed_body(req.into_body(), idle));
+    let verdict = BodyVerdict::default();
+    let mut body = futures_util::StreamExt::fuse(timed_body(req.into_body(), pace, &verdict));
     // The upload's bytes are charged to the client as they arrive and expand, and released
     // when this request ends unless they become the job's.
     let charge = SharedReservation::new(state.jobs.budget().empty(client));
@@ -225,6 +245,11 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
             // cap and a time bound, so the client sees the answer instead of a reset stream.
             let cap = usize::try_from(state.upload_limits.max_body_bytes).unwrap_or(usize::MAX);
             drain_body(&mut body, cap, REFUSED_BODY_DRAIN).await;
+            // A body too slow to arrive is the client's timeout, whatever the parser made of it.
+            if let Some(slow) = verdict.error().filter(|e| e.is_timeout()) {
+                state.metrics.rejected("body_too_slow");
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, slow.to_string()));
+            }
             let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
             state.metrics.rejected(upload_cause(status));
             return Err(ApiError::new(status, e.message()));
@@ -257,6 +282,25 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         held,
     );
     enqueue(state, client, job)
+}
+
+/// The answer to an upload that got no slot: 429 past the client's share, 503 when the gateway
+/// is busy.
+fn upload_refusal(state: &AppState, refused: SlotRefused) -> ApiError {
+    match refused {
+        SlotRefused::ClientShare { share } => {
+            state.metrics.rejected("uploads_per_client");
+            let message = format!(
+                "too many uploads in progress from this client: at most {share} at once \
+                 (client_shares.uploads_percent of max_concurrent_uploads)"
+            );
+            ApiError::new(StatusCode::TOO_MANY_REQUESTS, message).with_retry_after(UPLOAD_RETRY)
+        }
+        SlotRefused::Busy => {
+            state.metrics.rejected("uploads_busy");
+            ApiError::unavailable("too many uploads in progress", LOAD_RETRY)
+        }
+    }
 }
 
 /// Reads what is left of a small refused body (at most 64 KiB, for at most one second) before the

@@ -71,8 +71,9 @@ pub fn upgrade(
         .map_err(|e| ApiError::bad_request(format!("bad WebSocket upgrade: {e}")))?;
     let state = Arc::clone(state);
     tokio::spawn(async move {
-        // The connection slot stays taken while the socket lives.
-        let _permit = conn.permit;
+        // Both connection slots, the global one and the client's, stay taken while the
+        // socket lives: an upgrade must not let a client past its connection cap.
+        let _slots = conn.slots();
         match socket.await {
             Ok(ws) => stream_events(&state, id, ws, changes, backlog).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
