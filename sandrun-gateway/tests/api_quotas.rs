@@ -86,12 +86,7 @@ async fn given_full_queue_then_503_with_retry_after_and_gateway_keeps_serving() 
     .await;
     let running = gw.submit_script("sleep 30000").await;
     // Wait until it left the queue for the helper.
-    for _ in 0..100 {
-        if gw.get(&format!("/status/{running}")).await.json()["status"] == "running" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    gw.wait_running(&running).await;
     let queued = gw.submit_script("out queued").await;
     let reply = gw.submit(&support::Multipart::script("out refused")).await;
     let message = reply.assert_error(StatusCode::SERVICE_UNAVAILABLE);
@@ -123,12 +118,7 @@ async fn given_a_client_holding_its_queue_share_then_it_gets_429_while_another_c
     let running = gw.request(submit_as("198.51.100.1", "sleep 30000")).await;
     assert_eq!(running.status, StatusCode::OK, "{}", running.text());
     let running = running.json()["job_id"].as_str().unwrap().to_owned();
-    for _ in 0..100 {
-        if gw.get(&format!("/status/{running}")).await.json()["status"] == "running" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    gw.wait_running(&running).await;
     for _ in 0..2 {
         let queued = gw.request(submit_as("198.51.100.1", "out queued")).await;
         assert_eq!(queued.status, StatusCode::OK, "{}", queued.text());

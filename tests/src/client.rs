@@ -161,6 +161,9 @@ fn shorten(b: &[u8]) -> String {
     }
 }
 
+/// What the probe prints on stderr once its watch or lock is in place.
+pub const PROBE_READY: &str = "sandrun-probe: ready";
+
 /// A connection carrying one submitted job.
 pub struct JobConn {
     chan: ClientChannel<UnixStream>,
@@ -176,6 +179,19 @@ impl JobConn {
         self.outcome
             .spawn_us
             .and(self.outcome.accepted.as_ref().map(|a| a.0))
+    }
+
+    /// Reads until the job's stderr contains `needle` (or the end); whether it did.
+    pub fn wait_stderr(&mut self, needle: &str) -> bool {
+        let seen = |o: &Outcome| {
+            o.stderr
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        };
+        while !seen(&self.outcome) && !self.is_over() {
+            self.step();
+        }
+        seen(&self.outcome)
     }
 
     /// Sends `Cancel`.

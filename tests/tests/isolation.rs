@@ -3,6 +3,7 @@
 
 use std::net::TcpListener;
 
+use sandrun_tests::client::PROBE_READY;
 use sandrun_tests::helper::SECRET_ENV;
 use sandrun_tests::{config, Helper, Job};
 
@@ -165,22 +166,21 @@ fn given_job_then_only_stdio_descriptors_are_open() {
     assert_eq!(r["fds"], serde_json::json!([0, 1, 2]), "{r}");
 }
 
-/// Starts `first` on `helper`, waits until it runs, then runs `second` to its end while `first`
-/// still runs (panics if `first` ended first: the test would prove nothing), then waits for
-/// `first`. Returns both probe reports.
+/// Starts `first` on `helper`, waits until its probe says its watch or lock is in place, then
+/// runs `second` to its end while `first` still runs (panics if `first` ended first: the test
+/// would prove nothing), then waits for `first`. Returns both probe reports.
 fn concurrently(
     helper: &Helper,
     first: &Job,
     second: &Job,
 ) -> (serde_json::Value, serde_json::Value) {
     let mut running = helper.submit(first);
+    // Until the first job's watch or lock is in place, the second would prove nothing.
     assert!(
-        running.wait_started().is_some(),
-        "{}",
+        running.wait_stderr(PROBE_READY),
+        "the first job never got its watch or lock in place: {}",
         running.outcome.describe()
     );
-    // Let the first job set up its watch or lock (microseconds after its exec).
-    std::thread::sleep(std::time::Duration::from_millis(300));
     let other = helper.run(second);
     assert_eq!(other.report().exit_code, Some(0), "{}", other.describe());
     assert!(

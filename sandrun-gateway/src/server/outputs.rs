@@ -109,10 +109,11 @@ pub async fn tarball(state: &AppState, id: &str) -> ApiResult {
         .await
         .map_err(|_| ApiError::internal("tarball task"))?
         .map_err(|_| ApiError::internal("building the tarball"))?;
-    // Everything else of the job is gone now: the charge becomes the archive's size.
-    let (charged, size) = (held.bytes(), archive.len() as u64);
-    held.shrink(charged.saturating_sub(size));
-    held.charge_held(size.saturating_sub(charged));
+    // The archive is charged on top of the job's charge, never instead of it: that charge is
+    // shared with every `/outputs` body and WebSocket round still holding the job's data, and
+    // shrinking it would leave their bytes uncounted. Both are released when the last holder
+    // is done (an overcharge for at most the time of the send).
+    held.charge_held(archive.len() as u64);
     tracing::info!(job = %id, "outputs downloaded; job deleted");
     let mut response = bytes_response(StatusCode::OK, "application/gzip", Bytes::from(archive));
     response.body_mut().hold(held);

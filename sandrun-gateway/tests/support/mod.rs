@@ -371,6 +371,18 @@ impl TestGateway {
         reply.json()["job_id"].as_str().unwrap().to_owned()
     }
 
+    /// Polls `/status` until the job is `running` (it left the queue for the helper); panics
+    /// after 10 s, so a test never goes on from a state it did not reach.
+    pub async fn wait_running(&self, id: &str) {
+        for _ in 0..500 {
+            if self.get(&format!("/status/{id}")).await.json()["status"] == "running" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("job {id} never started running");
+    }
+
     /// Polls `/status` until the job is finished (completed or failed).
     pub async fn wait_finished(&self, id: &str) -> serde_json::Value {
         for _ in 0..500 {

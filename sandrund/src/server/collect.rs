@@ -240,7 +240,13 @@ impl Collector {
 
     fn push_dir(&mut self, fd: OwnedFd, prefix: Vec<u8>, depth: usize) {
         let Ok(names) = list_dir(&fd, self.limits.max_visited) else {
-            return;
+            // What it holds cannot be examined: say so rather than drop its matches silently.
+            let at = if prefix.is_empty() {
+                b".".to_vec()
+            } else {
+                prefix
+            };
+            return self.skip(&at, SkipKind::Unreadable);
         };
         self.stack.push(Frame {
             fd,
@@ -281,6 +287,10 @@ impl Collector {
             name.as_c_str(),
             AtFlags::AT_SYMLINK_NOFOLLOW,
         ) else {
+            // Its type is unknown: reported if its name is one an output pattern selects.
+            if self.matches(&String::from_utf8_lossy(&rel)) {
+                self.skip(&rel, SkipKind::Unreadable);
+            }
             return;
         };
         self.entry(dir.as_fd(), &name, rel, &st, depth);
@@ -302,8 +312,9 @@ impl Collector {
                 // Its entries would be deeper than any output path may be.
                 return self.skip(&rel, SkipKind::TooDeep);
             }
-            if let Ok(sub) = open_beneath(dir, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
-                self.push_dir(sub, rel, depth);
+            match open_beneath(dir, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
+                Ok(sub) => self.push_dir(sub, rel, depth),
+                Err(_) => self.skip(&rel, SkipKind::Unreadable),
             }
             return;
         }

@@ -455,6 +455,10 @@ impl Server {
                 job.kill(ExitReason::Cancelled);
                 conn.state = State::Running(job);
             }
+            // A Cancel that crossed the job's end: the job is over, its outputs still come.
+            (state @ (State::Collecting(_) | State::Outputs(_)), Request::Cancel) => {
+                conn.state = state;
+            }
             (state, msg) => {
                 conn.state = state;
                 let what = msg.name();
@@ -861,6 +865,9 @@ impl Server {
                 if c.collector.step(slice) {
                     let Collecting { collector, workdir } = *c;
                     let stream = OutputStream::new(collector.finish(), workdir);
+                    // A client that stops reading must not pin the job's tmpfs forever; the
+                    // collection before this (bounded by its own slices) does not count.
+                    conn.deadline = Some(now + BUNDLE_TIMEOUT);
                     conn.state = State::Outputs(Box::new(stream));
                     self.progress(conn, now, slice);
                 } else {
@@ -906,7 +913,8 @@ impl Server {
             // cgroup is removed.
             conn.flush();
         }
-        // A client that stops reading must not pin the job's tmpfs forever.
+        // A client that stops reading must not pin the job's tmpfs forever (set again when
+        // the collection ends and the outputs start to stream).
         conn.deadline = Some(Instant::now() + BUNDLE_TIMEOUT);
         let collecting = match job.workdir.take() {
             Some(workdir) if client_here => Some(Collecting {
@@ -1025,13 +1033,11 @@ impl Server {
         Response::Admin(resp)
     }
 
+    /// The live jobs (see [`Server::live_jobs`]), as `Stats` and `Draining` report them: a job
+    /// still receiving its bundle, collecting or streaming its outputs is not finished either,
+    /// and an operator waiting for 0 before a restart must not cut it off.
     fn running(&self) -> u32 {
-        let n = self
-            .conns
-            .values()
-            .filter(|c| matches!(c.state, State::Running(_)))
-            .count();
-        u32::try_from(n).unwrap_or(u32::MAX)
+        u32::try_from(self.live_jobs()).unwrap_or(u32::MAX)
     }
 
     fn list(&self) -> Vec<SandboxInfo> {

@@ -515,6 +515,7 @@ fn inotify(dir: &str, file: Option<&String>, ms: Option<&String>) -> Value {
     if unsafe { libc::inotify_add_watch(fd, cdir.as_ptr(), mask) } < 0 {
         return json!({ "ok": false, "errno": errno(), "step": "inotify_add_watch" });
     }
+    ready();
     let deadline = std::time::Instant::now() + millis(ms);
     let mut foreign = Vec::new();
     while std::time::Instant::now() < deadline && !foreign.contains(file) {
@@ -583,6 +584,12 @@ fn open_file(path: &str) -> Value {
     }
 }
 
+/// Tells a test (on stderr, beside the JSON report on stdout) that this probe's watch or lock
+/// is in place: a job run against it from now on is a real test.
+fn ready() {
+    eprintln!("{}", sandrun_tests::client::PROBE_READY);
+}
+
 /// `flock(LOCK_EX | LOCK_NB)` on `path` (errno 0: taken), then, as a control that locks work
 /// here, the same on a second descriptor of the file (which must conflict with the first);
 /// then holds the lock for `ms` milliseconds.
@@ -603,6 +610,7 @@ fn flock(path: &str, ms: Option<&String>) -> Value {
     };
     let first_errno = try_lock(&first);
     let second_errno = try_lock(&second);
+    ready();
     std::thread::sleep(millis(ms));
     json!({ "first": first_errno, "second": second_errno })
 }
@@ -701,6 +709,7 @@ fn ofd_lock(path: &str, ms: Option<&String>) -> Value {
     let foreign = query(&probe, libc::F_OFD_GETLK, libc::F_WRLCK);
     let taken = query(&mine, libc::F_OFD_SETLK, libc::F_RDLCK);
     let conflict = query(&probe, libc::F_OFD_GETLK, libc::F_WRLCK);
+    ready();
     std::thread::sleep(millis(ms));
     let show = |r: Result<bool, i32>| match r {
         Ok(seen) => json!(seen),

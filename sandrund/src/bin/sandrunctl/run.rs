@@ -31,8 +31,11 @@ pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlE
     let submitted = Arc::new(AtomicBool::new(false));
     spawn_canceller(signals, chan.get_ref().writer(), Arc::clone(&submitted));
     let mut outputs = outputs;
-    upload(&mut chan, spec, &bundle, |job_id| outputs.accepted(job_id))?;
+    let job_id = upload(&mut chan, spec, &bundle)?;
+    // Only now: before this, a first Ctrl-C exits at once (skipping every destructor), so a
+    // directory made earlier would be left behind.
     submitted.store(true, Ordering::SeqCst);
+    outputs.accepted(job_id)?;
     let mut job = JobResult::new(json, outputs);
     job.receive(&mut chan)?;
     job.finish()
@@ -104,25 +107,20 @@ fn spawn_canceller(signals: SigSet, writer: SharedWriter, submitted: Arc<AtomicB
     });
 }
 
-/// Sends the job, waits for the helper's verdict (`Accepted`, or its error such as `busy`),
-/// hands the accepted job's id to `accepted` (which makes the output directory), and only then
-/// sends the input files.
-fn upload(
-    chan: &mut Channel,
-    spec: JobSpec,
-    bundle: &Bundle,
-    accepted: impl FnOnce(JobId) -> Result<(), CtlError>,
-) -> Result<(), CtlError> {
+/// Sends the job, waits for the helper's verdict (`Accepted`, or its error such as `busy`), and
+/// only then sends the input files. Returns the accepted job's id.
+fn upload(chan: &mut Channel, spec: JobSpec, bundle: &Bundle) -> Result<JobId, CtlError> {
     const STEP: &str = "waiting for the helper to accept the job";
     conn::send(chan, &Request::Submit(Box::new(spec)), "sending the job")?;
-    match conn::recv(chan, STEP)? {
-        Response::Accepted { job_id, .. } => accepted(job_id)?,
+    let job_id = match conn::recv(chan, STEP)? {
+        Response::Accepted { job_id, .. } => job_id,
         other => return Err(conn::unexpected(STEP, &other)),
-    }
+    };
     bundle::stream_files(&bundle.files, |chunk| {
         conn::send(chan, &Request::BundleChunk(chunk), "sending input files")
     })?;
-    conn::send(chan, &Request::BundleEnd, "ending the input")
+    conn::send(chan, &Request::BundleEnd, "ending the input")?;
+    Ok(job_id)
 }
 
 /// Everything received about the job.
