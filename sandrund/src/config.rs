@@ -419,6 +419,26 @@ mod tests {
         assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
+    /// The packaged example (packaging/etc/sandrund.toml) with every `# key = value` line and
+    /// every `# [table]` line uncommented: it must parse with deny_unknown_fields (so a renamed or
+    /// removed key fails here) and give exactly the built-in values it claims to show.
+    #[test]
+    fn given_the_packaged_example_uncommented_then_it_parses_to_the_builtin_defaults() {
+        let text = include_str!("../../packaging/etc/sandrund.toml");
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.contains("[maxima]"), "{uncommented}");
+        let example = Config::from_text(&uncommented, &FakeUsers).unwrap();
+        let builtin = Config::from_text("", &FakeUsers).unwrap();
+        assert_eq!(format!("{example:?}"), format!("{builtin:?}"));
+    }
+
     #[test]
     fn given_unknown_keys_then_the_file_is_refused() {
         let e = Config::from_text("max_concurent = 3", &FakeUsers).unwrap_err();
