@@ -45,7 +45,7 @@ printf '/etc/sandrun/sandrund.toml\n/etc/sandrun/gateway.toml\n' >"$stage/DEBIAN
 depends=$(dpkg-shlibdeps -O --ignore-missing-info -e "$stage/usr/bin/sandrund" \
   -e "$stage/usr/bin/sandrun-gateway" -e "$stage/usr/bin/sandrunctl" 2>/dev/null \
   | sed -n 's/^shlibs:Depends=//p' || true)
-[ -n "$depends" ] || depends="libc6, libseccomp2"
+[ -n "$depends" ] || depends="libc6, libgcc-s1, libseccomp2"
 cat >"$stage/DEBIAN/control" <<CONTROL
 Package: sandrun
 Version: $version
