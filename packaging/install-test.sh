@@ -14,6 +14,9 @@ if dpkg-query -W -f='${Status}' sandrun 2>/dev/null | grep -q installed; then
 fi
 deb=$(bash packaging/package.sh | tail -n1)
 files=target/package/sandrun.files
+# The RPM from the same tree; rpm.sh fails if its file list is not the .deb's.
+bash packaging/rpm/rpm.sh >/dev/null
+echo "install-test: ok: the RPM holds the same $(wc -l <"$files") files as the .deb"
 had_user=no; getent passwd sandrun >/dev/null && had_user=yes
 had_admin=no; getent group sandrun-admin >/dev/null && had_admin=yes
 
