@@ -99,6 +99,20 @@ for p in "${pids[@]}"; do kill -TERM "$p"; done
 wait 2>/dev/null || true
 pids=()
 
+# The unit always passes --config: with nothing at that path the helper must still start.
+mv /etc/sandrun/sandrund.toml "$tmp/sandrund.toml.saved"
+sock2=$tmp/sandrund2.sock
+/usr/bin/sandrund --config /etc/sandrun/sandrund.toml --socket "$sock2" >"$tmp/sandrund2.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$sock2" ] && break; sleep 0.1; done
+out=$(/usr/bin/sandrunctl --socket "$sock2" run -- /usr/bin/python3 -c 'print(6*7)' 2>&1) || true
+echo "$out" | grep -qx 42 || { cat "$tmp/sandrund2.log"; fail "sandrund without its config file: $out"; }
+kill -TERM "${pids[0]}"
+wait 2>/dev/null || true
+pids=()
+mv "$tmp/sandrund.toml.saved" /etc/sandrun/sandrund.toml
+ok "sandrund runs jobs with no file at /etc/sandrun/sandrund.toml"
+
 DEBIAN_FRONTEND=noninteractive dpkg --purge sandrun >"$tmp/dpkg.log" 2>&1 || { cat "$tmp/dpkg.log"; fail "dpkg --purge"; }
 while read -r f; do [ ! -e "$f" ] || fail "left after purge: $f"; done <"$files"
 for d in /etc/sandrun /var/lib/sandrun /usr/share/doc/sandrun; do
