@@ -16,6 +16,9 @@ cargo build --workspace --bins --locked
 # without the workspace's features and relinks the very binaries other tests are executing
 # (seen as ETXTBSY). Everything was just built with the workspace's features.
 SANDRUN_TESTS_SKIP_BUILD=1 cargo test --workspace --locked --all-features
+# Build the .deb from release binaries, install it, run a job over HTTPS and through sandrunctl,
+# purge it and check nothing is left (docs/operations.md). The release build adds ~3 minutes.
+bash packaging/install-test.sh
 # A bounded smoke run of every fuzz target (docs/security-testing.md#fuzzing).
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash packaging/fuzz-smoke.sh
 echo "all tests passed"

@@ -64,6 +64,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Writes a self-signed TLS certificate and its key (for a fresh installation or development;
+    /// put a real certificate in their place for production). Refuses to overwrite either file.
+    Cert {
+        /// Certificate file to create (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Private key file to create (PEM, mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// DNS names or IP addresses the certificate is for (default: this host's name,
+        /// localhost, 127.0.0.1 and ::1).
+        #[arg(long = "name")]
+        names: Vec<String>,
+    },
 }
 
 /// The binary's entry point.
@@ -155,6 +169,9 @@ fn run(cli: Cli) -> Result<(), BoxError> {
         );
         return Ok(());
     }
+    if let Some(Command::Cert { cert, key, names }) = &cli.command {
+        return write_self_signed(cert, key, names);
+    }
     let config = load_config(&cli)?;
     let tls = load_tls(&cli, &config)?;
     let worker_key = load_worker_key(&config)?;
@@ -176,6 +193,53 @@ fn run(cli: Cli) -> Result<(), BoxError> {
         .enable_all()
         .build()?;
     runtime.block_on(serve(listener, tls, AppState::new(config, worker_key)))
+}
+
+/// `sandrun-gateway cert`: the key is created first with mode 0600 and `create_new`, so an
+/// existing key or certificate is never replaced and the key is never readable by others.
+fn write_self_signed(cert: &PathBuf, key: &PathBuf, names: &[String]) -> Result<(), BoxError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    let names: Vec<String> = if names.is_empty() {
+        let mut v = vec![host.clone()];
+        for n in ["localhost", "127.0.0.1", "::1"] {
+            if !v.iter().any(|x| x == n) {
+                v.push(n.to_owned());
+            }
+        }
+        v
+    } else {
+        names.to_vec()
+    };
+    let (cert_pem, key_pem) = tls::self_signed_pem(&names, &host)?;
+    let create = |path: &PathBuf, mode: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(path)
+            .map_err(|e| format!("creating {}: {e}", path.display()))
+    };
+    if cert.exists() {
+        return Err(format!("{} already exists", cert.display()).into());
+    }
+    create(key, 0o600)?
+        .write_all(key_pem.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", key.display()))?;
+    create(cert, 0o644)?
+        .write_all(cert_pem.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", cert.display()))?;
+    println!(
+        "self-signed certificate for {} written to {} (key {})",
+        names.join(", "),
+        cert.display(),
+        key.display()
+    );
+    Ok(())
 }
 
 fn load_config(cli: &Cli) -> Result<Config, BoxError> {

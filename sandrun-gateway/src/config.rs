@@ -417,6 +417,31 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The packaged example (packaging/etc/gateway.toml) with every key line and table header
+    /// uncommented parses (unknown keys are refused, so a renamed key fails here) and shows the
+    /// built-in values; only the optional paths and worker_id, which have no default, differ.
+    #[test]
+    fn given_the_packaged_example_uncommented_then_it_parses_to_the_defaults() {
+        let text = include_str!("../../packaging/etc/gateway.toml");
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.contains("[policy]"), "{uncommented}");
+        let mut example: Config = toml::from_str(&uncommented).unwrap();
+        assert!(example.cert.is_some() && example.key.is_some() && example.worker_key.is_some());
+        assert!(example.worker_id.is_some());
+        example.cert = None;
+        example.key = None;
+        example.worker_key = None;
+        example.worker_id = None;
+        assert_eq!(example, Config::default());
+    }
+
     #[test]
     fn given_no_keys_then_defaults_match_the_documented_values() {
         let config: Config = toml::from_str("").unwrap();

@@ -136,6 +136,13 @@ impl Config {
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let raw = match path {
             None => RawConfig::default(),
+            // The packaged unit always passes `--config /etc/sandrun/sandrund.toml`, and every
+            // key is optional: an absent file means the built-in defaults (said in the log, so
+            // a typo in the path is visible), never a refusal to start.
+            Some(p) if is_absent(p)? => {
+                tracing::info!(path = %p.display(), "no configuration file: built-in defaults");
+                RawConfig::default()
+            }
             Some(p) => {
                 check_trusted_file(p)?;
                 let text = std::fs::read_to_string(p)
@@ -279,6 +286,16 @@ fn default_interpreters() -> BTreeMap<String, PathBuf> {
     .collect()
 }
 
+/// True if nothing at all is at `path` (a dangling symlink or an unreadable directory is an error,
+/// not absence).
+fn is_absent(path: &Path) -> Result<bool, ConfigError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(false),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(err(format!("cannot stat {}: {e}", path.display()))),
+    }
+}
+
 /// Refuses a config file that someone other than root could have written.
 fn check_trusted_file(path: &Path) -> Result<(), ConfigError> {
     let meta = std::fs::symlink_metadata(path)
@@ -349,6 +366,7 @@ pub fn user_in_group(uid: u32, gid: GroupId) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     struct FakeUsers;
 
@@ -373,6 +391,52 @@ mod tests {
         assert_eq!(c.admin_gid, Some(GroupId(997)));
         assert_eq!(c.maxima, LimitSet::builtin_maxima());
         assert_eq!(c.interpreters["python3"], PathBuf::from("/usr/bin/python3"));
+    }
+
+    #[test]
+    fn given_a_config_path_with_nothing_there_then_the_builtin_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::load(Some(&dir.path().join("sandrund.toml"))).unwrap();
+        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+    }
+
+    #[test]
+    fn given_an_empty_root_owned_config_file_then_the_builtin_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sandrund.toml");
+        std::fs::write(&path, "").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+    }
+
+    #[test]
+    fn given_a_dangling_symlink_as_config_then_it_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sandrund.toml");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &path).unwrap();
+        let e = Config::load(Some(&path)).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+    }
+
+    /// The packaged example (packaging/etc/sandrund.toml) with every `# key = value` line and
+    /// every `# [table]` line uncommented: it must parse with deny_unknown_fields (so a renamed or
+    /// removed key fails here) and give exactly the built-in values it claims to show.
+    #[test]
+    fn given_the_packaged_example_uncommented_then_it_parses_to_the_builtin_defaults() {
+        let text = include_str!("../../packaging/etc/sandrund.toml");
+        let uncommented: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with('[') || l.split_once(" = ").is_some_and(|(k, _)| !k.contains(' '))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.contains("[maxima]"), "{uncommented}");
+        let example = Config::from_text(&uncommented, &FakeUsers).unwrap();
+        let builtin = Config::from_text("", &FakeUsers).unwrap();
+        assert_eq!(format!("{example:?}"), format!("{builtin:?}"));
     }
 
     #[test]

@@ -95,6 +95,34 @@ pub fn dangerous_dev_cert() -> Result<DevCert, TlsError> {
     })
 }
 
+/// A self-signed certificate for an installation (`sandrun-gateway cert`): the names given, a
+/// subject that is unique to this certificate (host and a random serial, so that two installations
+/// never present the same issuer and subject to a client that pinned one), a subject key
+/// identifier, and a random serial number. Returns (certificate PEM, private key PEM).
+pub fn self_signed_pem(names: &[String], host: &str) -> Result<(String, String), TlsError> {
+    use rand::RngCore as _;
+    let gen = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(gen)?;
+    let mut serial = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut serial);
+    serial[0] &= 0x7f; // a positive INTEGER
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(
+        rcgen::DnType::CommonName,
+        format!("sandrun {host} {}", hex::encode(&serial[..8])),
+    );
+    dn.push(rcgen::DnType::OrganizationName, "sandrun self-signed");
+    params.distinguished_name = dn;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    params.key_identifier_method = rcgen::KeyIdMethod::Sha256;
+    // rcgen writes the subject key identifier only with an explicit CA choice: a leaf.
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().map_err(gen)?;
+    let cert = params.self_signed(&key).map_err(gen)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 fn build(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -129,6 +157,39 @@ fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_two_installation_certs_then_each_loads_and_their_subjects_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let mut ders = Vec::new();
+        for i in 0..2 {
+            let (cert, key) = self_signed_pem(&names, "host").unwrap();
+            let (c, k) = (
+                dir.path().join(format!("c{i}")),
+                dir.path().join(format!("k{i}")),
+            );
+            std::fs::write(&c, &cert).unwrap();
+            std::fs::write(&k, &key).unwrap();
+            load(&c, &k).unwrap();
+            ders.push(
+                rustls_pemfile::certs(&mut cert.as_bytes())
+                    .next()
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        // The subject (and issuer) sits in the DER; the common name carries the random serial.
+        let cn = |der: &[u8]| {
+            let at = der.windows(8).position(|w| w == b"sandrun ").unwrap();
+            der[at..at + 30].to_vec()
+        };
+        assert_ne!(cn(&ders[0]), cn(&ders[1]));
+        // The subject key identifier extension (OID 2.5.29.14) is present.
+        assert!(ders[0]
+            .windows(5)
+            .any(|w| w == [0x06, 0x03, 0x55, 0x1d, 0x0e]));
+    }
 
     #[test]
     fn given_dev_cert_then_it_loads_back_from_pem_files() {
