@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use sandrun_ipc::{
     encode, AdminRequest, AdminResponse, BundleEntry, BundlePath, ErrorCode, ExitReason,
     ExitReport, GrantedLimits, Hello, IpcError, JobId, JobSpec, LatencySummary, Limits,
-    NetworkPolicy, OutputFileHeader, OutputPattern, Request, Response, Role, SandboxInfo, SkipKind,
-    Stats, PROTOCOL_VERSION,
+    NetworkPolicy, OutputFileHeader, OutputPattern, PrintablePath, Request, Response, Role,
+    SandboxInfo, SkipKind, Stats, PROTOCOL_VERSION,
 };
 
 fn main() -> ExitCode {
@@ -182,8 +182,12 @@ fn responses() -> Result<Vec<Response>, Box<dyn std::error::Error>> {
         }),
         Response::OutputChunk(b"1,2\n".to_vec()),
         Response::OutputSkipped {
-            path: BundlePath::new("plot.png")?,
+            path: PrintablePath::render(b"plot.png"),
             kind: SkipKind::Symlink,
+        },
+        Response::OutputSkipped {
+            path: PrintablePath::render(b"bad\nname\xff"),
+            kind: SkipKind::InvalidName,
         },
         Response::Error(IpcError::new(ErrorCode::Busy, "all slots in use")),
         Response::Done,
