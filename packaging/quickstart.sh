@@ -30,15 +30,23 @@ for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.05; done
 [ -S "$socket" ] || { echo "sandrund did not start" >&2; exit 1; }
 
 if [ -x "$bin/sandrun-gateway" ]; then
-  "$bin/sandrun-gateway" --dev --listen "$listen" --helper-socket "$socket" &
+  # The development certificate is made at each start; clients trust it through this file.
+  cert=/run/sandrun/quickstart-cert.pem
+  "$bin/sandrun-gateway" --dev --dev-cert-out "$cert" --listen "$listen" --helper-socket "$socket" &
   pids+=($!)
-  for _ in $(seq 100); do curl -ks "https://$listen/health" >/dev/null 2>&1 && break; sleep 0.1; done
+  for _ in $(seq 100); do
+    [ -s "$cert" ] && curl -s --cacert "$cert" "https://$listen/health" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
   cat <<MSG
 
-sandrun is running at https://$listen/ (self-signed certificate: use curl -k)
+sandrun is running at https://$listen/
+Its certificate is self-signed, made at this start, and written to $cert.
+Trust it per command with --cacert (as below), or for this machine's clients and browsers:
+  sudo cp $cert /usr/local/share/ca-certificates/sandrun-quickstart.crt && sudo update-ca-certificates
   echo 'print("hello from the sandbox")' > main.py
-  curl -k -F files=@main.py https://$listen/submit
-  curl -k https://$listen/status/JOB_ID ; curl -k https://$listen/logs/JOB_ID
+  curl --cacert $cert -F files=@main.py https://$listen/submit
+  curl --cacert $cert https://$listen/status/JOB_ID ; curl --cacert $cert https://$listen/logs/JOB_ID
 One-shot sandbox without HTTP:
   sudo $bin/sandrunctl run -- /usr/bin/python3 -c 'print(6*7)'
 Ctrl-C stops both daemons.
