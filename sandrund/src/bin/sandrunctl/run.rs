@@ -174,7 +174,7 @@ impl JobResult {
             Response::OutputChunk(data) => self.output_chunk(&data),
             Response::OutputSkipped { path, kind } => {
                 if !self.json {
-                    eprintln!("sandrunctl: output {path} skipped: {}", skip_kind_str(kind));
+                    eprintln!("sandrunctl: output {path} skipped: {}", kind.as_str());
                 }
                 self.skipped.push((path, kind));
                 Ok(())
@@ -287,7 +287,7 @@ impl JobResult {
         let skipped: Vec<_> = self
             .skipped
             .iter()
-            .map(|(p, k)| serde_json::json!({"path": p.as_str(), "kind": skip_kind_str(*k)}))
+            .map(|(p, k)| serde_json::json!({"path": p.as_str(), "kind": k.as_str()}))
             .collect();
         serde_json::json!({
             "exit_code": r.exit_code,
@@ -313,20 +313,6 @@ fn exit_code(r: &ExitReport) -> i32 {
         (Some(code), _) => code,
         (None, Some(sig)) => 128 + sig,
         (None, None) => crate::error::EXIT_CLIENT_ERROR,
-    }
-}
-
-/// The stable snake_case name of a skip kind, used in JSON and messages.
-pub(crate) fn skip_kind_str(k: SkipKind) -> &'static str {
-    match k {
-        SkipKind::Symlink => "symlink",
-        SkipKind::Fifo => "fifo",
-        SkipKind::Socket => "socket",
-        SkipKind::Device => "device",
-        SkipKind::TooLarge => "too_large",
-        SkipKind::TooMany => "too_many",
-        SkipKind::Unreadable => "unreadable",
-        SkipKind::InvalidName | SkipKind::TooDeep => k.as_str(),
     }
 }
 
