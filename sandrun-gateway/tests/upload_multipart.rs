@@ -178,15 +178,7 @@ async fn given_a_body_over_the_limit_then_it_is_413_without_reading_much_past_it
         _ => Some(vec![b'x'; 64 * 1024]), // Never ends.
     });
     let ct = multipart_ct();
-    let err = parse_submission(
-        Some(&ct),
-        body,
-        &limits,
-        &policy(),
-        &sandrun_gateway::jobs::SharedReservation::unlimited(),
-    )
-    .await
-    .unwrap_err();
+    let err = parse_stream(&limits, Some(&ct), body).await.unwrap_err();
     assert_eq!(err.status(), 413);
     assert!(pulled.load(Ordering::SeqCst) <= (1 << 20) + 64 * 1024);
 }
@@ -201,15 +193,7 @@ async fn given_an_endless_part_header_then_it_is_refused_at_the_header_cap() {
         _ => Some(vec![b'a'; 1024]), // A header line that never ends.
     });
     let ct = multipart_ct();
-    let err = parse_submission(
-        Some(&ct),
-        body,
-        &limits,
-        &policy(),
-        &sandrun_gateway::jobs::SharedReservation::unlimited(),
-    )
-    .await
-    .unwrap_err();
+    let err = parse_stream(&limits, Some(&ct), body).await.unwrap_err();
     assert_eq!(err.status(), 400);
     assert!(err.message().contains("headers"), "{}", err.message());
     let pulled = pulled.load(Ordering::SeqCst);
@@ -224,15 +208,9 @@ async fn given_an_endless_preamble_then_it_is_refused_at_the_header_cap() {
     let pulled = Arc::new(AtomicU64::new(0));
     let body = lazy(pulled.clone(), |_| Some(vec![b'-'; 1000]));
     let ct = multipart_ct();
-    let err = parse_submission(
-        Some(&ct),
-        body,
-        &UploadLimits::default(),
-        &policy(),
-        &sandrun_gateway::jobs::SharedReservation::unlimited(),
-    )
-    .await
-    .unwrap_err();
+    let err = parse_stream(&UploadLimits::default(), Some(&ct), body)
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), 400);
     assert!(pulled.load(Ordering::SeqCst) < 16 * 1024);
 }
@@ -249,15 +227,9 @@ async fn given_a_hundred_thousand_parts_then_it_is_refused_by_the_part_cap() {
         (i < 100_000).then(|| part(i).into_bytes())
     });
     let ct = multipart_ct();
-    let err = parse_submission(
-        Some(&ct),
-        body,
-        &UploadLimits::default(),
-        &policy(),
-        &sandrun_gateway::jobs::SharedReservation::unlimited(),
-    )
-    .await
-    .unwrap_err();
+    let err = parse_stream(&UploadLimits::default(), Some(&ct), body)
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), 400);
     assert!(
         err.message().contains("more than 10000 parts"),

@@ -76,9 +76,22 @@ pub async fn submit_with(
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> Result<Submission, UploadError> {
+    parse_stream(limits, content_type, chunked(body)).await
+}
+
+/// Parses any body stream with the test policy and no memory budget.
+pub async fn parse_stream<S, E>(
+    limits: &UploadLimits,
+    content_type: Option<&str>,
+    body: S,
+) -> Result<Submission, UploadError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: std::fmt::Display,
+{
     parse_submission(
         content_type,
-        chunked(body),
+        body,
         limits,
         &policy(),
         &sandrun_gateway::jobs::SharedReservation::unlimited(),
