@@ -14,6 +14,8 @@
 mod env;
 mod gateway;
 mod https;
+mod machine;
+mod process;
 mod spawn;
 mod stats;
 
@@ -71,6 +73,10 @@ pub struct Sizes {
     pub log_jobs: usize,
     pub upload_runs: usize,
     pub subscribers: usize,
+    /// Rounds of figure 8 (one `/bin/true` per tool each).
+    pub whole_runs: usize,
+    /// `sh` jobs per tool and concurrency in figure 9.
+    pub ctl_jobs: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -81,6 +87,8 @@ const FULL: Sizes = Sizes {
     log_jobs: 3,
     upload_runs: 5,
     subscribers: 200,
+    whole_runs: 200,
+    ctl_jobs: 1000,
 };
 
 const QUICK: Sizes = Sizes {
@@ -91,6 +99,8 @@ const QUICK: Sizes = Sizes {
     log_jobs: 1,
     upload_runs: 2,
     subscribers: 200,
+    whole_runs: 40,
+    ctl_jobs: 200,
 };
 
 struct Options {
@@ -144,9 +154,16 @@ fn main() {
         eprintln!("sandrun-bench: run as root (it starts sandrund); use packaging/bench.sh");
         std::process::exit(2);
     }
-    match run(&opts) {
-        Ok(rows) => println!("\n{}", stats::render(&rows)),
+    let load_before = machine::load_average();
+    let result = run(&opts);
+    let load = format!(
+        "load average (1, 5, 15 min) before the run: {load_before}; after: {}",
+        machine::load_average()
+    );
+    match result {
+        Ok(rows) => println!("\n{}\n{load}", stats::render(&rows)),
         Err(e) => {
+            println!("{load}");
             eprintln!("sandrun-bench: {e}");
             std::process::exit(1);
         }
@@ -154,7 +171,8 @@ fn main() {
 }
 
 fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
-    let _cgroup = env::BenchCgroup::enter()?;
+    let cgroup = env::BenchCgroup::enter()?;
+    let cpuacct = cgroup.cpuacct();
     let daemons = env::Daemons::start(&opts.bin_dir)?;
     let wanted = |n: u32| match &opts.only {
         Some(list) => list.contains(&n),
@@ -168,7 +186,10 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
             return Ok::<(), BenchError>(());
         }
         let started = Instant::now();
-        eprintln!("sandrun-bench: figure {n}: {name}");
+        eprintln!(
+            "sandrun-bench: figure {n}: {name} (load {})",
+            machine::load_average()
+        );
         let mut got = match f() {
             Ok(rows) => rows,
             Err(e) => {
@@ -193,6 +214,15 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
     step(7, "scaling", &mut || {
         spawn::figure_scaling(&daemons.socket, sizes.scaling_runs)
     })?;
+    if wanted(8) || wanted(9) {
+        let runner = process::Runner::new(&opts.bin_dir, &daemons.socket)?;
+        step(8, "whole process", &mut || {
+            process::figure_whole_process(&runner, cpuacct.as_ref(), sizes.whole_runs)
+        })?;
+        step(9, "throughput through sandrunctl", &mut || {
+            process::figure_ctl_throughput(&runner, cpuacct.as_ref(), sizes.ctl_jobs)
+        })?;
+    }
     let rt = tokio::runtime::Runtime::new().map_err(|e| BenchError::io("tokio runtime", e))?;
     let client = https::Client::new(daemons.gateway_addr, &daemons.ca_pem)?;
     step(5, "upload", &mut || {
@@ -223,4 +253,12 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
         return Err(BenchError::job(format!("figures {failed:?} failed")));
     }
     Ok(rows)
+}
+
+/// A count as a float, for rates and per-job figures.
+pub fn usize_as_f64(n: usize) -> f64 {
+    // Display only: counts are far below 2^53.
+    #[allow(clippy::cast_precision_loss)]
+    let x = n as f64;
+    x
 }
