@@ -1,7 +1,9 @@
-//! `sandrun-bench`: the benchmark suite of issue 4. Run it as root through
+//! `sandrun-bench`: the benchmark suite of issues 4 and 14. Run it as root through
 //! `packaging/bench.sh`; it starts its own release `sandrund` and `sandrun-gateway --dev`, with
 //! raised limits, in a private cgroup, and prints one Markdown table: for every figure the
-//! median, the p99, the run count and the ratio against a reference measured in the same run.
+//! median, the p90, the p99, the run count and the ratio against a reference measured in the
+//! same run. Figures 8 and 9 (issue 14) run the real `sandrunctl` binary as a user does, next
+//! to bubblewrap, crun and firejail; a tool that is missing is listed as skipped.
 //!
 //! It measures only; nothing here is part of the test suite, and no test asserts a time.
 //!
@@ -75,8 +77,9 @@ pub struct Sizes {
     pub subscribers: usize,
     /// Rounds of figure 8 (one `/bin/true` per tool each).
     pub whole_runs: usize,
-    /// `sh` jobs per tool and concurrency in figure 9.
+    /// `sh` jobs per tool and concurrency in figure 9, and in how many batches per tool.
     pub ctl_jobs: usize,
+    pub ctl_batches: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -89,6 +92,7 @@ const FULL: Sizes = Sizes {
     subscribers: 200,
     whole_runs: 200,
     ctl_jobs: 1000,
+    ctl_batches: 4,
 };
 
 const QUICK: Sizes = Sizes {
@@ -101,6 +105,7 @@ const QUICK: Sizes = Sizes {
     subscribers: 200,
     whole_runs: 40,
     ctl_jobs: 200,
+    ctl_batches: 2,
 };
 
 struct Options {
@@ -220,7 +225,12 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
             process::figure_whole_process(&runner, cpuacct.as_ref(), sizes.whole_runs)
         })?;
         step(9, "throughput through sandrunctl", &mut || {
-            process::figure_ctl_throughput(&runner, cpuacct.as_ref(), sizes.ctl_jobs)
+            process::figure_ctl_throughput(
+                &runner,
+                cpuacct.as_ref(),
+                sizes.ctl_jobs,
+                sizes.ctl_batches,
+            )
         })?;
     }
     let rt = tokio::runtime::Runtime::new().map_err(|e| BenchError::io("tokio runtime", e))?;

@@ -546,20 +546,34 @@ struct Totals {
     errors: usize,
     jobs: usize,
     cpu: CpuSpent,
+    /// Jobs per second of each batch, for the spread.
+    batch_rates: Vec<f64>,
 }
 
 impl Totals {
+    /// "41–71": the slowest and the fastest batch.
+    fn spread(&self) -> String {
+        let min = self
+            .batch_rates
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min);
+        let max = self.batch_rates.iter().copied().fold(0.0, f64::max);
+        format!("{min:.0}–{max:.0}")
+    }
+
     fn rate(&self) -> f64 {
         usize_as_f64(self.jobs - self.errors.min(self.jobs)) / self.elapsed.as_secs_f64()
     }
 }
 
-/// Figure 9: `jobs` `sh -c 'exit 0'` per tool at concurrency 2, 8 and 16, in two batches per
-/// tool, `sandrunctl` and bubblewrap alternating.
+/// Figure 9: `jobs` `sh -c 'exit 0'` per tool at concurrency 2, 8 and 16, in `batches` batches
+/// per tool, `sandrunctl` and bubblewrap alternating (AB, BA, AB, ...).
 pub fn figure_ctl_throughput(
     runner: &Runner,
     cgroup: Option<&CgroupCpu>,
     jobs: usize,
+    batches: usize,
 ) -> Result<Vec<Row>, BenchError> {
     let mut background = background_busy(Duration::from_secs(1))?;
     background.figure = FIG9.into();
@@ -567,11 +581,14 @@ pub fn figure_ctl_throughput(
     for level in [2usize, 8, 16] {
         let mut ours = Totals::default();
         let mut bwrap = Totals::default();
-        let half = jobs.div_ceil(2);
-        for order in [
-            [Tool::Sandrunctl, Tool::Bwrap],
-            [Tool::Bwrap, Tool::Sandrunctl],
-        ] {
+        let batches = batches.max(1);
+        let half = jobs.div_ceil(batches);
+        for round in 0..batches {
+            let order = if round % 2 == 0 {
+                [Tool::Sandrunctl, Tool::Bwrap]
+            } else {
+                [Tool::Bwrap, Tool::Sandrunctl]
+            };
             for tool in order {
                 let (b, spent) = machine::measure::<_, BenchError>(cgroup, half, || {
                     Ok(batch(runner, tool, level, half))
@@ -581,12 +598,13 @@ pub fn figure_ctl_throughput(
                 } else {
                     &mut bwrap
                 };
+                let batch_rate = usize_as_f64(half) / b.elapsed.as_secs_f64();
                 eprintln!(
-                    "  c={level} {}: {:.0} jobs/s, {} errors",
+                    "  c={level} {}: {batch_rate:.0} jobs/s, {} errors",
                     tool.label(),
-                    usize_as_f64(half) / b.elapsed.as_secs_f64(),
                     b.errors
                 );
+                t.batch_rates.push(batch_rate);
                 t.elapsed += b.elapsed;
                 t.latencies.extend(b.latencies);
                 t.errors += b.errors;
@@ -594,13 +612,17 @@ pub fn figure_ctl_throughput(
                 t.cpu.add(spent);
             }
         }
+        let counts = format!(
+            "errors: {}, bwrap {}; batches {} jobs/s, bwrap {}",
+            ours.errors,
+            bwrap.errors,
+            ours.spread(),
+            bwrap.spread()
+        );
         let target = if level == 16 {
-            format!(
-                "≥ 1.5 × bwrap, 0 errors (errors: {}; bwrap {})",
-                ours.errors, bwrap.errors
-            )
+            format!("≥ 1.5 × bwrap, 0 errors ({counts})")
         } else {
-            format!("errors: {}; bwrap {}", ours.errors, bwrap.errors)
+            counts
         };
         rows.push(Row {
             figure: FIG9.into(),
@@ -652,4 +674,41 @@ pub fn figure_ctl_throughput(
     }
     rows.push(background);
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_a_tool_that_is_not_installed_then_the_skip_names_its_package() {
+        let missing = BenchError::io(
+            "starting a sandbox",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        let reason = not_installed_or(missing, "firejail");
+        assert!(
+            reason.starts_with("not installed (Debian package firejail"),
+            "{reason}"
+        );
+        let failed = not_installed_or(BenchError::job("exited with 1".into()), "firejail");
+        assert_eq!(failed, "fails here: exited with 1");
+    }
+
+    #[test]
+    fn given_argv_then_the_oci_config_runs_it_read_only_without_capabilities() {
+        let c = oci_config(&TRUE);
+        assert_eq!(c["process"]["args"], serde_json::json!(["/bin/true"]));
+        assert_eq!(c["root"]["readonly"], true);
+        assert_eq!(c["process"]["noNewPrivileges"], true);
+        assert_eq!(
+            c["process"]["capabilities"]["bounding"],
+            serde_json::json!([])
+        );
+        let ns: Vec<&str> = c["linux"]["namespaces"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|n| n["type"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(ns, ["pid", "network", "ipc", "uts", "mount"]);
+    }
 }
