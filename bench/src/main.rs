@@ -220,17 +220,22 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
         spawn::figure_scaling(&daemons.socket, sizes.scaling_runs)
     })?;
     if wanted(8) || wanted(9) {
-        let runner = process::Runner::new(&opts.bin_dir, &daemons.socket)?;
-        step(8, "whole process", &mut || {
-            process::figure_whole_process(&runner, cpuacct.as_ref(), sizes.whole_runs)
+        // sandrunctl and bubblewrap must run; if they cannot, both figures fail (and say why),
+        // the others still run.
+        let runner =
+            process::Runner::new(&opts.bin_dir, &daemons.socket).map_err(|e| e.to_string());
+        step(8, "whole process", &mut || match &runner {
+            Ok(r) => process::figure_whole_process(r, cpuacct.as_ref(), sizes.whole_runs),
+            Err(e) => Err(BenchError::job(e.clone())),
         })?;
-        step(9, "throughput through sandrunctl", &mut || {
-            process::figure_ctl_throughput(
-                &runner,
+        step(9, "throughput through sandrunctl", &mut || match &runner {
+            Ok(r) => process::figure_ctl_throughput(
+                r,
                 cpuacct.as_ref(),
                 sizes.ctl_jobs,
                 sizes.ctl_batches,
-            )
+            ),
+            Err(e) => Err(BenchError::job(e.clone())),
         })?;
     }
     let rt = tokio::runtime::Runtime::new().map_err(|e| BenchError::io("tokio runtime", e))?;
