@@ -7,22 +7,19 @@
 #   sudo packaging/bench.sh            # the full suite (a few minutes)
 #   sudo packaging/bench.sh --quick    # fewer samples
 #   sudo packaging/bench.sh --only 1,7 # some figures
+#   sudo packaging/bench.sh --quick --only 8,9  # issue 14: whole process and sandrunctl throughput
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
   echo "the benchmark starts the root helper and real sandboxes: run it as root" >&2
   exit 1
 fi
-bash packaging/deps.sh
-# The reference sandbox of figures 1, 3 and 7.
-if ! command -v bwrap >/dev/null 2>&1; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq bubblewrap >/dev/null
-fi
+# The build dependencies and the reference sandboxes (bubblewrap, crun, firejail).
+bash packaging/deps.sh --bench
 if ! id sandrun >/dev/null 2>&1; then
   echo "the gateway drops to the user 'sandrun': create it first (useradd --system sandrun)" >&2
   exit 1
 fi
+# sandrund's package also builds sandrunctl, which figures 8 and 9 run as a user would.
 cargo build --release --locked -p sandrund -p sandrun-gateway -p sandrun-bench
 exec target/release/sandrun-bench --bin-dir target/release "$@"

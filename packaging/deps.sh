@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
 # Installs the Debian packages sandrun needs to build, run and test. Idempotent; needs root.
+#
+#   packaging/deps.sh          # build, run and test (what CI's packaging/test.sh uses)
+#   packaging/deps.sh --bench  # also the sandboxes the benchmark compares against
+#                              # (packaging/bench.sh passes it; CI does not)
 set -euo pipefail
+bench=0
+for arg in "$@"; do
+  case "$arg" in
+    --bench) bench=1 ;;
+    *) echo "usage: packaging/deps.sh [--bench]" >&2; exit 2 ;;
+  esac
+done
 pkgs=(
   build-essential pkg-config libseccomp-dev libsystemd-dev   # build: libseccomp and systemd crates
   python3 nodejs bash coreutils                               # interpreters the sandbox offers
   iproute2 procps util-linux systemd openssl curl             # tests: ip, ps, mount, socket activation, signature checks
   rpm                                                         # packaging: rpmbuild for packaging/rpm/rpm.sh
 )
+if [ "$bench" = 1 ]; then
+  # The reference sandboxes of sandrun-bench (figures 1, 3, 7, 8, 9); isolate is not in Debian.
+  pkgs+=(bubblewrap crun firejail)
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

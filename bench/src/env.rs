@@ -68,6 +68,14 @@ impl BenchCgroup {
         }
         Ok(BenchCgroup { dirs })
     }
+
+    /// The bench's cgroup in the `cpuacct` hierarchy, if it made one there.
+    pub fn cpuacct(&self) -> Option<crate::machine::CgroupCpu> {
+        self.dirs
+            .iter()
+            .find(|d| d.starts_with("/sys/fs/cgroup/cpuacct"))
+            .and_then(|d| crate::machine::CgroupCpu::new(d))
+    }
 }
 
 impl Drop for BenchCgroup {
@@ -289,7 +297,7 @@ pub fn cpu_ms(pid: u32) -> Result<(f64, f64), EnvError> {
         .ok_or_else(|| env_err("parsing stat", format!("{path}: no CPU times")))
 }
 
-fn clock_ticks_per_second() -> f64 {
+pub fn clock_ticks_per_second() -> f64 {
     // SAFETY: sysconf takes a plain integer and reads no memory of ours.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     // Display only: tick rates are small integers.

@@ -13,7 +13,7 @@ use crate::env::{cpu_ms, rss_kib, Daemons};
 use crate::https::{wait_exit, Client, Conn, Multipart};
 use crate::spawn::BWRAP_ARGS;
 use crate::stats::{Row, Summary};
-use crate::BenchError;
+use crate::{usize_as_f64, BenchError};
 
 const HELLO_PY: &str = "print(\"hi\")\n";
 const PYTHON: &str = "/usr/bin/python3";
@@ -193,18 +193,10 @@ pub async fn figure_throughput(
             figure: "3 throughput".into(),
             what: format!("jobs/s, {jobs} sh jobs, concurrency {CLIENTS}"),
             unit: "jobs/s",
-            value: Summary {
-                median: rate,
-                p99: rate,
-                count: jobs,
-            },
+            value: Summary::single(rate, jobs),
             reference: Some((
                 format!("bwrap sh, {CLIENTS} threads"),
-                Summary {
-                    median: reference,
-                    p99: reference,
-                    count: jobs / 5,
-                },
+                Summary::single(reference, jobs / 5),
             )),
             target: format!("≥ 200 jobs/s, 0 errors (errors: {errors})"),
         },
@@ -258,11 +250,7 @@ impl DaemonCpu {
             figure: "3 throughput".into(),
             what: what.into(),
             unit: "ms",
-            value: Summary {
-                median: ms,
-                p99: ms,
-                count: 1,
-            },
+            value: Summary::single(ms, 1),
             reference: None,
             target: String::new(),
         }
@@ -467,13 +455,6 @@ pub async fn figure_upload(
             target: "≤ 2.5 × upload".into(),
         },
     ])
-}
-
-fn usize_as_f64(n: usize) -> f64 {
-    // Display only: sizes are far below 2^53.
-    #[allow(clippy::cast_precision_loss)]
-    let x = n as f64;
-    x
 }
 
 /// Time to push `body` through a TLS connection to a local sink that reads it all and answers

@@ -1,7 +1,9 @@
-//! `sandrun-bench`: the benchmark suite of issue 4. Run it as root through
+//! `sandrun-bench`: the benchmark suite of issues 4 and 14. Run it as root through
 //! `packaging/bench.sh`; it starts its own release `sandrund` and `sandrun-gateway --dev`, with
 //! raised limits, in a private cgroup, and prints one Markdown table: for every figure the
-//! median, the p99, the run count and the ratio against a reference measured in the same run.
+//! median, the p90, the p99, the run count and the ratio against a reference measured in the
+//! same run. Figures 8 and 9 (issue 14) run the real `sandrunctl` binary as a user does, next
+//! to bubblewrap, crun and firejail; a tool that is missing is listed as skipped.
 //!
 //! It measures only; nothing here is part of the test suite, and no test asserts a time.
 //!
@@ -14,6 +16,8 @@
 mod env;
 mod gateway;
 mod https;
+mod machine;
+mod process;
 mod spawn;
 mod stats;
 
@@ -71,6 +75,11 @@ pub struct Sizes {
     pub log_jobs: usize,
     pub upload_runs: usize,
     pub subscribers: usize,
+    /// Rounds of figure 8 (one `/bin/true` per tool each).
+    pub whole_runs: usize,
+    /// `sh` jobs per tool and concurrency in figure 9, and in how many batches per tool.
+    pub ctl_jobs: usize,
+    pub ctl_batches: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -81,6 +90,9 @@ const FULL: Sizes = Sizes {
     log_jobs: 3,
     upload_runs: 5,
     subscribers: 200,
+    whole_runs: 200,
+    ctl_jobs: 1000,
+    ctl_batches: 4,
 };
 
 const QUICK: Sizes = Sizes {
@@ -91,6 +103,9 @@ const QUICK: Sizes = Sizes {
     log_jobs: 1,
     upload_runs: 2,
     subscribers: 200,
+    whole_runs: 40,
+    ctl_jobs: 200,
+    ctl_batches: 2,
 };
 
 struct Options {
@@ -144,9 +159,16 @@ fn main() {
         eprintln!("sandrun-bench: run as root (it starts sandrund); use packaging/bench.sh");
         std::process::exit(2);
     }
-    match run(&opts) {
-        Ok(rows) => println!("\n{}", stats::render(&rows)),
+    let load_before = machine::load_average();
+    let result = run(&opts);
+    let load = format!(
+        "load average (1, 5, 15 min) before the run: {load_before}; after: {}",
+        machine::load_average()
+    );
+    match result {
+        Ok(rows) => println!("\n{}\n{load}", stats::render(&rows)),
         Err(e) => {
+            println!("{load}");
             eprintln!("sandrun-bench: {e}");
             std::process::exit(1);
         }
@@ -154,7 +176,8 @@ fn main() {
 }
 
 fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
-    let _cgroup = env::BenchCgroup::enter()?;
+    let cgroup = env::BenchCgroup::enter()?;
+    let cpuacct = cgroup.cpuacct();
     let daemons = env::Daemons::start(&opts.bin_dir)?;
     let wanted = |n: u32| match &opts.only {
         Some(list) => list.contains(&n),
@@ -168,7 +191,10 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
             return Ok::<(), BenchError>(());
         }
         let started = Instant::now();
-        eprintln!("sandrun-bench: figure {n}: {name}");
+        eprintln!(
+            "sandrun-bench: figure {n}: {name} (load {})",
+            machine::load_average()
+        );
         let mut got = match f() {
             Ok(rows) => rows,
             Err(e) => {
@@ -193,6 +219,25 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
     step(7, "scaling", &mut || {
         spawn::figure_scaling(&daemons.socket, sizes.scaling_runs)
     })?;
+    if wanted(8) || wanted(9) {
+        // sandrunctl and bubblewrap must run; if they cannot, both figures fail (and say why),
+        // the others still run.
+        let runner =
+            process::Runner::new(&opts.bin_dir, &daemons.socket).map_err(|e| e.to_string());
+        step(8, "whole process", &mut || match &runner {
+            Ok(r) => process::figure_whole_process(r, cpuacct.as_ref(), sizes.whole_runs),
+            Err(e) => Err(BenchError::job(e.clone())),
+        })?;
+        step(9, "throughput through sandrunctl", &mut || match &runner {
+            Ok(r) => process::figure_ctl_throughput(
+                r,
+                cpuacct.as_ref(),
+                sizes.ctl_jobs,
+                sizes.ctl_batches,
+            ),
+            Err(e) => Err(BenchError::job(e.clone())),
+        })?;
+    }
     let rt = tokio::runtime::Runtime::new().map_err(|e| BenchError::io("tokio runtime", e))?;
     let client = https::Client::new(daemons.gateway_addr, &daemons.ca_pem)?;
     step(5, "upload", &mut || {
@@ -223,4 +268,12 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
         return Err(BenchError::job(format!("figures {failed:?} failed")));
     }
     Ok(rows)
+}
+
+/// A count as a float, for rates and per-job figures.
+pub fn usize_as_f64(n: usize) -> f64 {
+    // Display only: counts are far below 2^53.
+    #[allow(clippy::cast_precision_loss)]
+    let x = n as f64;
+    x
 }

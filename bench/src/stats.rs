@@ -1,11 +1,12 @@
-//! Summaries of samples (median, p99, count) and the table every figure ends up in.
+//! Summaries of samples (median, p90, p99, count) and the table every figure ends up in.
 
 use std::time::Duration;
 
-/// Median, 99th percentile and count of a set of samples, in the samples' unit.
+/// Median, 90th and 99th percentiles and count of a set of samples, in the samples' unit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
     pub median: f64,
+    pub p90: f64,
     pub p99: f64,
     pub count: usize,
 }
@@ -16,6 +17,7 @@ impl Summary {
         if samples.is_empty() {
             return Summary {
                 median: 0.0,
+                p90: 0.0,
                 p99: 0.0,
                 count: 0,
             };
@@ -24,8 +26,19 @@ impl Summary {
         v.sort_by(f64::total_cmp);
         Summary {
             median: percentile(&v, 50),
+            p90: percentile(&v, 90),
             p99: percentile(&v, 99),
             count: v.len(),
+        }
+    }
+
+    /// One value (a rate or a total over a whole run): every percentile is that value.
+    pub fn single(x: f64, count: usize) -> Summary {
+        Summary {
+            median: x,
+            p90: x,
+            p99: x,
+            count,
         }
     }
 
@@ -58,32 +71,54 @@ pub struct Row {
 }
 
 impl Row {
+    /// A line for something that could not be measured in this run (a tool that is not
+    /// installed, or refuses to run here), with the reason: reported, never silently dropped.
+    pub fn skipped(figure: &str, what: &str, unit: &'static str, reason: &str) -> Row {
+        Row {
+            figure: figure.into(),
+            what: what.into(),
+            unit,
+            value: Summary::of(&[]),
+            reference: None,
+            target: format!("skipped: {reason}"),
+        }
+    }
+
     /// `value.median / reference.median`, if there is a reference.
     pub fn ratio(&self) -> Option<f64> {
         let (_, r) = self.reference.as_ref()?;
-        (r.median != 0.0).then(|| self.value.median / r.median)
+        (r.median != 0.0 && self.value.count > 0).then(|| self.value.median / r.median)
     }
 }
 
 /// Renders rows as a Markdown table (also readable on a terminal).
 pub fn render(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| figure | measured | median | p99 | runs | reference (median, p99) | ratio | target |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| figure | measured | median | p90 | p99 | runs | reference (median, p90) | ratio | target |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let reference = match &r.reference {
-            Some((name, s)) => format!("{name}: {} / {}", num(s.median), num(s.p99)),
+            Some((name, s)) => format!("{name}: {} / {}", num(s.median), num(s.p90)),
             None => "-".to_owned(),
         };
         let ratio = r.ratio().map_or("-".to_owned(), |x| format!("{x:.2}"));
+        // Nothing measured (a skipped line): no number to show.
+        let shown = |x: f64| {
+            if r.value.count == 0 {
+                "-".to_owned()
+            } else {
+                num(x)
+            }
+        };
         out.push_str(&format!(
-            "| {} | {} ({}) | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} |\n",
             r.figure,
             r.what,
             r.unit,
-            num(r.value.median),
-            num(r.value.p99),
+            shown(r.value.median),
+            shown(r.value.p90),
+            shown(r.value.p99),
             r.value.count,
             reference,
             ratio,
@@ -111,13 +146,26 @@ mod tests {
     fn given_hundred_samples_then_median_and_p99_are_nearest_rank() {
         let v: Vec<f64> = (1..=100).map(f64::from).collect();
         let s = Summary::of(&v);
-        assert_eq!((s.median, s.p99, s.count), (50.0, 99.0, 100));
+        assert_eq!((s.median, s.p90, s.p99, s.count), (50.0, 90.0, 99.0, 100));
     }
 
     #[test]
     fn given_one_sample_then_every_percentile_is_that_sample() {
         let s = Summary::of(&[7.0]);
-        assert_eq!((s.median, s.p99, s.count), (7.0, 7.0, 1));
+        assert_eq!((s.median, s.p90, s.p99, s.count), (7.0, 7.0, 7.0, 1));
+    }
+
+    #[test]
+    fn given_a_skipped_line_then_it_is_rendered_with_its_reason_and_no_numbers() {
+        let row = Row::skipped("8 whole process", "isolate --run", "ms", "not in Debian");
+        assert_eq!(row.ratio(), None);
+        let table = render(&[row]);
+        assert!(
+            table.contains(
+                "| isolate --run (ms) | - | - | - | 0 | - | - | skipped: not in Debian |"
+            ),
+            "{table}"
+        );
     }
 
     #[test]
