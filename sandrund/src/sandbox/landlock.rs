@@ -9,7 +9,7 @@
 //! The kernel's ABI is queried directly (the crate keeps its own query private), then capped at
 //! the newest ABI the crate knows.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 
 use landlock::{
@@ -74,6 +74,18 @@ impl PreparedRuleset {
         }
         Ok(())
     }
+}
+
+/// Restricts the calling process to reading files and listing directories beneath `dir` (the
+/// output collector): every filesystem right is handled and nothing else is granted, so no other
+/// path of any mount namespace can be opened. `NO_NEW_PRIVS` must already be set.
+pub fn restrict_to_read_beneath(dir: BorrowedFd<'_>) -> Result<(), String> {
+    let abi = kernel_abi()?;
+    let rights = (AccessFs::ReadFile | AccessFs::ReadDir) & AccessFs::from_all(abi);
+    let created = create_ruleset(abi)?
+        .add_rule(PathBeneath::new(dir, rights))
+        .map_err(|e| format!("landlock: add rule for the work directory: {e}"))?;
+    PreparedRuleset { created, abi }.restrict()
 }
 
 /// A ruleset handling every filesystem right and every scope of `abi`, in hard-requirement mode.
