@@ -671,6 +671,46 @@ mod tests {
     }
 
     #[test]
+    fn given_outputs_when_served_then_the_stream_is_header_exact_chunks_skips_and_done() {
+        let d = tempfile::tempdir().unwrap();
+        let big = vec![5u8; MAX_CHUNK_BYTES + 10];
+        std::fs::write(d.path().join("a.bin"), &big).unwrap();
+        std::fs::write(d.path().join("b.bin"), b"").unwrap();
+        symlink("/etc/passwd", d.path().join("c.bin")).unwrap();
+        let fd: OwnedFd = std::fs::File::open(d.path()).unwrap().into();
+        let mut out = Vec::new();
+        assert_eq!(serve(fd, &mut out, &pats(&["*.bin"]), limits()), 0);
+        let mut dec = sandrun_ipc::FrameDecoder::new();
+        dec.push(&out);
+        let mut msgs = Vec::new();
+        while let Some(m) = dec.next_message::<Response>().unwrap() {
+            msgs.push(m);
+        }
+        let header = |m: &Response| match m {
+            Response::OutputFile(h) => Some((h.path.to_string(), h.size)),
+            _ => None,
+        };
+        assert_eq!(header(&msgs[0]), Some(("a.bin".into(), big.len() as u64)));
+        let (Response::OutputChunk(c1), Response::OutputChunk(c2)) = (&msgs[1], &msgs[2]) else {
+            panic!("{msgs:?}")
+        };
+        assert_eq!([c1.clone(), c2.clone()].concat(), big);
+        assert_eq!(header(&msgs[3]), Some(("b.bin".into(), 0)));
+        assert!(
+            matches!(
+                &msgs[4],
+                Response::OutputSkipped {
+                    kind: SkipKind::Symlink,
+                    ..
+                }
+            ),
+            "{:?}",
+            msgs[4]
+        );
+        assert_eq!(msgs[5..], [Response::Done]);
+    }
+
+    #[test]
     fn given_a_symlinked_directory_in_the_middle_then_openat2_refuses_to_cross_it() {
         let d = tempfile::tempdir().unwrap();
         symlink("/etc", d.path().join("e")).unwrap();
