@@ -100,9 +100,13 @@ pub fn sandrun_outputs(socket: &Path, collect: bool) -> Result<Duration, BenchEr
         return Err(BenchError::job("helper did not greet".to_owned()));
     }
     let mut spec = true_spec();
-    spec.argv = ["/bin/sh", "-c", "echo 1 > a.txt; echo 2 > b.txt; echo 3 > c.txt"]
-        .map(String::from)
-        .into();
+    spec.argv = [
+        "/bin/sh",
+        "-c",
+        "echo 1 > a.txt; echo 2 > b.txt; echo 3 > c.txt",
+    ]
+    .map(String::from)
+    .into();
     if collect {
         spec.outputs = vec![sandrun_ipc::OutputPattern::new("*.txt")
             .map_err(|e| BenchError::job(format!("pattern: {e}")))?];
@@ -154,7 +158,11 @@ pub fn figure_outputs(socket: &Path, runs: usize) -> Result<Vec<Row>, BenchError
     };
     Ok(vec![
         row("3 small outputs, Submit → Done", &with, &without),
-        row("3 small outputs, Submit → Done, concurrency 4", &with4, &without4),
+        row(
+            "3 small outputs, Submit → Done, concurrency 4",
+            &with4,
+            &without4,
+        ),
     ])
 }
 
