@@ -216,6 +216,9 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
     step(1, "spawn", &mut || {
         spawn::figure_spawn(&daemons.socket, sizes.spawn_runs)
     })?;
+    step(10, "outputs", &mut || {
+        spawn::figure_outputs(&daemons.socket, sizes.spawn_runs)
+    })?;
     step(7, "scaling", &mut || {
         spawn::figure_scaling(&daemons.socket, sizes.scaling_runs)
     })?;

@@ -86,6 +86,86 @@ pub fn sandrun_true(socket: &Path) -> Result<SpawnTiming, BenchError> {
     Ok(timing)
 }
 
+/// One sandrun job that writes three small files, with (`collect`) or without an output pattern
+/// that returns them; `Submit` sent → `Done` received (the outputs' collection included).
+pub fn sandrun_outputs(socket: &Path, collect: bool) -> Result<Duration, BenchError> {
+    let stream = UnixStream::connect(socket).map_err(|e| BenchError::io("connect", e))?;
+    let mut ch: ClientChannel<UnixStream> = ClientChannel::new(stream);
+    let hello = Hello {
+        protocol_version: sandrun_ipc::PROTOCOL_VERSION,
+        role: Role::Submitter,
+    };
+    send(&mut ch, &Request::Hello(hello))?;
+    if !matches!(recv(&mut ch)?, Response::Hello(_)) {
+        return Err(BenchError::job("helper did not greet".to_owned()));
+    }
+    let mut spec = true_spec();
+    spec.argv = [
+        "/bin/sh",
+        "-c",
+        "echo 1 > a.txt; echo 2 > b.txt; echo 3 > c.txt",
+    ]
+    .map(String::from)
+    .into();
+    if collect {
+        spec.outputs = vec![sandrun_ipc::OutputPattern::new("*.txt")
+            .map_err(|e| BenchError::job(format!("pattern: {e}")))?];
+    }
+    let requested = Instant::now();
+    send(&mut ch, &Request::Submit(Box::new(spec)))?;
+    send(&mut ch, &Request::BundleEnd)?;
+    let mut files = 0;
+    loop {
+        match recv(&mut ch)? {
+            Response::Exited(r) if r.exit_code != Some(0) => {
+                return Err(BenchError::job(format!("outputs job: {r:?}")))
+            }
+            Response::OutputFile(_) => files += 1,
+            Response::Done => break,
+            Response::Error(e) => return Err(BenchError::job(format!("helper: {e}"))),
+            _ => {}
+        }
+    }
+    let elapsed = requested.elapsed();
+    let want = if collect { 3 } else { 0 };
+    if files != want {
+        return Err(BenchError::job(format!("{files} outputs, expected {want}")));
+    }
+    Ok(elapsed)
+}
+
+/// Figure 10: a job with three small outputs, Submit → Done, against the same job returning
+/// nothing (no collection at all), interleaved; then the same at concurrency 4.
+pub fn figure_outputs(socket: &Path, runs: usize) -> Result<Vec<Row>, BenchError> {
+    for _ in 0..5 {
+        sandrun_outputs(socket, true)?;
+        sandrun_outputs(socket, false)?;
+    }
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        with.push(sandrun_outputs(socket, true)?);
+        without.push(sandrun_outputs(socket, false)?);
+    }
+    let with4 = concurrent(4, runs, || sandrun_outputs(socket, true))?;
+    let without4 = concurrent(4, runs, || sandrun_outputs(socket, false))?;
+    let row = |what: &str, value: &[Duration], reference: &[Duration]| Row {
+        figure: "10 outputs".into(),
+        what: what.into(),
+        unit: "ms",
+        value: Summary::of_ms(value),
+        reference: Some(("same job, no outputs".into(), Summary::of_ms(reference))),
+        target: String::new(),
+    };
+    Ok(vec![
+        row("3 small outputs, Submit → Done", &with, &without),
+        row(
+            "3 small outputs, Submit → Done, concurrency 4",
+            &with4,
+            &without4,
+        ),
+    ])
+}
+
 fn true_spec() -> JobSpec {
     JobSpec {
         argv: vec!["/bin/true".to_owned()],

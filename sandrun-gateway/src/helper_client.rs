@@ -18,8 +18,8 @@ use bytes::Bytes;
 use sandrun_ipc::tokio_adapter::AsyncClientChannel;
 use sandrun_ipc::{
     BundleEntry, ChannelError, ErrorCode, ExitReport, GrantedLimits, Hello, IpcError, JobSpec,
-    Limits, NetworkPolicy, OutputFileHeader, Request, Response, Role, SkipKind, MAX_CHUNK_BYTES,
-    PROTOCOL_VERSION,
+    Limits, NetworkPolicy, OutputFileHeader, OutputPattern, Request, Response, Role, SkipKind,
+    MAX_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
 use tokio::io::BufReader;
@@ -133,13 +133,26 @@ pub fn job_spec(manifest: &Manifest, bundle: &Bundle, label: String) -> (JobSpec
         workdir: String::new(),
         bundle: bundle.entries(),
         limits,
-        outputs: manifest.outputs.clone(),
+        outputs: helper_patterns(&manifest.outputs),
         template: manifest.environment.clone(),
         network: NetworkPolicy::None,
         label,
     };
     let files = bundle.files().iter().map(|f| f.data.clone()).collect();
     (spec, files)
+}
+
+/// The patterns sent to the helper: the manifest's, or with none, `**` (every file of the work
+/// directory). Then what comes back is what the job created or changed: an output identical to
+/// an input is the input unchanged and is dropped ([`finish_output`]), byte for byte, so neither
+/// timestamps nor sizes decide. The original Sandrun returned a job's files without a pattern.
+fn helper_patterns(manifest: &[OutputPattern]) -> Vec<OutputPattern> {
+    if !manifest.is_empty() {
+        return manifest.to_vec();
+    }
+    OutputPattern::new("**")
+        .map(|p| vec![p])
+        .unwrap_or_default()
 }
 
 /// Runs one job to its end. `on_event` sees live events in order; `cancel` aborts the job by
@@ -305,7 +318,7 @@ async fn receive_outputs(
         let message = recv(channel, STEP).await?;
         if !matches!(message, Response::OutputChunk(_)) {
             if let Some(done) = current.take() {
-                finish_output(done, inputs, &mut outputs, &mut skipped)?;
+                finish_output(done, inputs, &mut reservation, &mut outputs, &mut skipped)?;
             }
         }
         match message {
@@ -364,6 +377,7 @@ fn append_chunk(current: Option<&mut Incoming>, chunk: &[u8]) -> Result<(), Help
 fn finish_output(
     incoming: Incoming,
     inputs: &HashMap<&str, &Bytes>,
+    reservation: &mut Reservation,
     outputs: &mut Vec<OutputFile>,
     skipped: &mut Vec<SkippedOutput>,
 ) -> Result<(), HelperError> {
@@ -387,6 +401,8 @@ fn finish_output(
         .get(path.as_str())
         .is_some_and(|input| input.as_ref() == incoming.data.as_slice())
     {
+        // Not held after all (with no pattern, every unchanged input comes back this way).
+        reservation.shrink(incoming.header.size);
         return Ok(());
     }
     outputs.push(OutputFile {

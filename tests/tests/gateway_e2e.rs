@@ -795,3 +795,30 @@ fn given_output_patterns_that_match_inputs_then_only_new_or_changed_files_come_b
     assert_eq!(code, 200);
     assert_eq!(body["total_files"], 2, "{body}");
 }
+
+#[test]
+fn given_no_output_patterns_then_exactly_the_files_the_job_created_or_changed_come_back() {
+    let stack = stack(19);
+    let code = "open('out.txt', 'w').write('made')\n\
+                rows = open('data.csv').read()\n\
+                open('data.csv', 'w').write(rows + '4,5,6\\n')\n\
+                same = open('same.csv').read()\n\
+                open('same.csv', 'w').write(same)\n";
+    let mut parts = python_job(code, json!({"entrypoint": "main.py"}));
+    parts.push(Part::file("data.csv", b"1,2,3\n".as_slice()));
+    // Rewritten with its own content: unchanged, so not an output either.
+    parts.push(Part::file("same.csv", b"7,8,9\n".as_slice()));
+    let id = stack.submit_ok(&parts);
+    let status = stack.wait_finished(&id);
+    assert_eq!(status["status"], "completed", "{status}");
+    let files = status["output_files"].as_object().expect("output_files");
+    let mut names: Vec<&String> = files.keys().collect();
+    names.sort();
+    // main.py and same.csv are the inputs, unchanged: never outputs.
+    assert_eq!(names, vec!["data.csv", "out.txt"], "{status}");
+    for (name, content) in [("out.txt", &b"made"[..]), ("data.csv", b"1,2,3\n4,5,6\n")] {
+        let got = stack.get(&format!("/download/{id}/{name}"));
+        assert_eq!(got.status, 200, "{name}");
+        assert_eq!(got.body, content, "{name}");
+    }
+}

@@ -28,6 +28,7 @@
 mod bundle;
 mod channel;
 mod child;
+pub mod collector;
 mod etc;
 mod identity;
 pub mod landlock;

@@ -10,21 +10,24 @@
 //! counts toward the byte cap whether it is returned or not (so a thousand hard links to one big
 //! file count a thousand times).
 //!
-//! The helper has one thread, so a collection is a [`Collector`] that does its work in slices
-//! ([`Collector::step`]): the event loop gives each collecting job a slice of at most a few
-//! milliseconds per turn and serves every other connection in between. A collection's own
-//! working time (the sum of its slices, not the wall clock while others share the loop) is
-//! bounded too; what is not reached by then is reported once as `TooMany`.
+//! This runs in the output collector K (`sandbox::collector`): a process of the job's uid in
+//! the job's cgroup, confined by Landlock and seccomp, never in the helper. [`serve`] walks to
+//! the end (its own CPU time bounded by [`CollectLimits::budget`]; what is not reached by then
+//! is reported once as `TooMany`), then streams the results to the helper as `ipc` frames:
+//! `OutputSkipped`, `OutputFile` followed by exactly `size` bytes of `OutputChunk`s, and a
+//! final `Done`. The helper checks that stream again (`job::Collection`) and relays it.
 
 use std::ffi::{CStr, CString};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
-use sandrun_ipc::{BundlePath, OutputPattern, PrintablePath, SkipKind};
+use sandrun_ipc::{
+    BundlePath, OutputFileHeader, OutputPattern, PrintablePath, Response, SkipKind, MAX_CHUNK_BYTES,
+};
 use sha2::{Digest, Sha256};
 
 /// Most output files returned per job.
@@ -37,13 +40,12 @@ pub struct CollectLimits {
     pub max_visited: usize,
     /// Total bytes of matched regular files, returned or not.
     pub max_total_bytes: u64,
-    /// The collection's own working time, summed over its slices.
+    /// The walk's own CPU time (hashing included; sending the files afterwards is not).
     pub budget: Duration,
 }
 
-/// Bytes hashed per read, and so between two clock checks: small enough that one read and its
-/// hashing stay well under a slice even in an unoptimised build (16 KiB: ~0.5 ms there).
-const HASH_READ: usize = 16 * 1024;
+/// Bytes hashed per read, and so between two checks of the budget.
+const HASH_READ: usize = 64 * 1024;
 
 /// One result of the walk. Files are not kept open (a job may return a thousand of them): the
 /// stream re-opens each with [`open_regular`] and checks it again when it is sent.
@@ -101,16 +103,86 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: OFlag) -> nix::Resu
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Walks `/work` to the end in one go (tests; the helper uses [`Collector::step`]).
-#[cfg(test)]
+/// Walks `/work` (through `workdir`) to the end, or until the budget is spent.
 pub fn collect(
     workdir: BorrowedFd<'_>,
     patterns: &[OutputPattern],
     limits: CollectLimits,
 ) -> Vec<Collected> {
     let mut c = Collector::new(workdir, patterns.to_vec(), limits);
-    while !c.step(Duration::from_secs(3600)) {}
-    c.finish()
+    c.run();
+    c.out
+}
+
+/// K's work: collects, then streams every result to `out`. Returns K's exit code: 0 once `Done`
+/// is written, else nonzero (the helper treats the missing `Done` as the collection's failure).
+pub fn serve(
+    workdir: OwnedFd,
+    mut out: impl Write,
+    patterns: &[OutputPattern],
+    limits: CollectLimits,
+) -> i32 {
+    let items = collect(workdir.as_fd(), patterns, limits);
+    let mut buf = vec![0u8; MAX_CHUNK_BYTES];
+    for item in items {
+        if send_item(&mut out, workdir.as_fd(), item, &mut buf).is_err() {
+            return 2;
+        }
+    }
+    match send(&mut out, &Response::Done) {
+        Ok(()) => 0,
+        Err(_) => 2,
+    }
+}
+
+fn send(out: &mut impl Write, msg: &Response) -> std::io::Result<()> {
+    let frame = sandrun_ipc::encode(msg).map_err(std::io::Error::other)?;
+    out.write_all(&frame)
+}
+
+/// Sends one result. A file is re-opened and checked again (the job is dead, so nothing can have
+/// changed it; K trusts the descriptor, not its memory of the walk), announced, then sent in
+/// chunks. A file that cannot be read to its announced end is an error: the stream ends there.
+fn send_item(
+    out: &mut impl Write,
+    workdir: BorrowedFd<'_>,
+    item: Collected,
+    buf: &mut [u8],
+) -> std::io::Result<()> {
+    let (path, size, sha256) = match item {
+        Collected::Skipped { path, kind } => {
+            return send(out, &Response::OutputSkipped { path, kind })
+        }
+        Collected::File { path, size, sha256 } => (path, size, sha256),
+    };
+    let reopened = CString::new(path.as_str())
+        .map_err(|_| SkipKind::Unreadable)
+        .and_then(|p| open_regular(workdir, &p));
+    let mut file = match reopened {
+        Ok((file, now)) if now == size => file,
+        other => {
+            let kind = other.err().unwrap_or(SkipKind::Unreadable);
+            let path = PrintablePath::from(&path);
+            return send(out, &Response::OutputSkipped { path, kind });
+        }
+    };
+    send(
+        out,
+        &Response::OutputFile(OutputFileHeader { path, size, sha256 }),
+    )?;
+    let mut left = size;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(buf.len()).min(buf.len());
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        left -= n as u64;
+        send(out, &Response::OutputChunk(buf[..n].to_vec()))?;
+    }
+    Ok(())
 }
 
 /// A directory being listed: its fd, its path relative to `/work` (raw bytes), its depth in
@@ -131,8 +203,8 @@ struct Hashing {
     hasher: Sha256,
 }
 
-/// An output collection in progress, advanced a slice at a time by [`Collector::step`].
-pub struct Collector {
+/// An output collection in progress.
+struct Collector {
     patterns: Vec<OutputPattern>,
     limits: CollectLimits,
     stack: Vec<Frame>,
@@ -140,7 +212,6 @@ pub struct Collector {
     visited: usize,
     total: u64,
     files: usize,
-    spent: Duration,
     out: Vec<Collected>,
     /// Set once a limit ended the walk early (it is reported once).
     stopped: bool,
@@ -149,7 +220,7 @@ pub struct Collector {
 
 impl Collector {
     /// Starts a collection of `/work` (through `workdir`, an `O_PATH` directory fd).
-    pub fn new(
+    fn new(
         workdir: BorrowedFd<'_>,
         patterns: Vec<OutputPattern>,
         limits: CollectLimits,
@@ -162,7 +233,6 @@ impl Collector {
             visited: 0,
             total: 0,
             files: 0,
-            spent: Duration::ZERO,
             out: Vec::new(),
             stopped: false,
             buf: Vec::new(),
@@ -175,14 +245,11 @@ impl Collector {
         c
     }
 
-    /// Works for about `slice` (at least one unit, at most one unit past it: a read of
-    /// [`HASH_READ`] bytes or one directory entry). Returns
-    /// `true` once the collection is complete.
-    pub fn step(&mut self, slice: Duration) -> bool {
-        let start = Instant::now();
-        // At least one unit of work per step, so that even a tiny slice makes progress.
+    /// Walks to the end, or until the budget is spent.
+    fn run(&mut self) {
+        let start = thread_cpu_time();
         while !self.is_done() {
-            if self.spent + start.elapsed() >= self.limits.budget {
+            if thread_cpu_time().saturating_sub(start) >= self.limits.budget {
                 self.stop();
                 break;
             }
@@ -191,21 +258,11 @@ impl Collector {
             } else {
                 self.next_entry();
             }
-            if start.elapsed() >= slice {
-                break;
-            }
         }
-        self.spent += start.elapsed();
-        self.is_done()
     }
 
-    pub fn is_done(&self) -> bool {
+    fn is_done(&self) -> bool {
         self.hashing.is_none() && self.stack.is_empty()
-    }
-
-    /// The results, in walk order.
-    pub fn finish(self) -> Vec<Collected> {
-        self.out
     }
 
     /// Ends the walk early: the file being hashed (if any) is too large for what is left, and
@@ -225,7 +282,6 @@ impl Collector {
         self.stack.clear();
         if !self.stopped {
             self.stopped = true;
-            tracing::warn!("output collection reached its limits; the rest is skipped");
             let at = if next.is_empty() { b".".to_vec() } else { next };
             self.skip(&at, SkipKind::TooMany);
         }
@@ -276,7 +332,6 @@ impl Collector {
         if self.visited > self.limits.max_visited {
             self.stack.clear();
             self.stopped = true;
-            tracing::warn!("output collection visited its most entries; the rest is skipped");
             return self.skip(&rel, SkipKind::TooMany);
         }
         let Ok(dir) = dir else {
@@ -401,6 +456,14 @@ impl Collector {
             sha256: h.hasher.finalize().into(),
         });
     }
+}
+
+/// CPU time of the calling thread (the collector is single-threaded, so that is its own), which
+/// does not grow while other jobs have the CPU.
+fn thread_cpu_time() -> Duration {
+    use nix::time::{clock_gettime, ClockId};
+    // Cannot fail for this clock; if it did, the budget counts as spent.
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(Duration::MAX, Duration::from)
 }
 
 /// Opens `path` beneath `dir` without following anything and checks with `fstat` that it is a
@@ -608,27 +671,43 @@ mod tests {
     }
 
     #[test]
-    fn given_a_big_file_then_each_step_returns_after_its_slice_with_the_same_result() {
+    fn given_outputs_when_served_then_the_stream_is_header_exact_chunks_skips_and_done() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("big.bin"), vec![7u8; 4 << 20]).unwrap();
+        let big = vec![5u8; MAX_CHUNK_BYTES + 10];
+        std::fs::write(d.path().join("a.bin"), &big).unwrap();
+        std::fs::write(d.path().join("b.bin"), b"").unwrap();
+        symlink("/etc/passwd", d.path().join("c.bin")).unwrap();
         let fd: OwnedFd = std::fs::File::open(d.path()).unwrap().into();
-        let l = CollectLimits {
-            max_total_bytes: 8 << 20,
-            ..limits()
-        };
-        let mut c = Collector::new(fd.as_fd(), pats(&["*.bin"]), l);
-        let mut steps = 0;
-        while !c.step(Duration::ZERO) {
-            steps += 1;
+        let mut out = Vec::new();
+        assert_eq!(serve(fd, &mut out, &pats(&["*.bin"]), limits()), 0);
+        let mut dec = sandrun_ipc::FrameDecoder::new();
+        dec.push(&out);
+        let mut msgs = Vec::new();
+        while let Some(m) = dec.next_message::<Response>().unwrap() {
+            msgs.push(m);
         }
-        // A zero slice still does one unit of work per step: one read of HASH_READ bytes.
-        assert!(steps >= (4 << 20) / HASH_READ, "{steps} steps");
-        let out = c.finish();
-        let Some(Collected::File { sha256, size, .. }) = out.first() else {
-            panic!("{out:?}")
+        let header = |m: &Response| match m {
+            Response::OutputFile(h) => Some((h.path.to_string(), h.size)),
+            _ => None,
         };
-        assert_eq!(*size, 4 << 20);
-        assert_eq!(sha256.to_vec(), Sha256::digest(vec![7u8; 4 << 20]).to_vec());
+        assert_eq!(header(&msgs[0]), Some(("a.bin".into(), big.len() as u64)));
+        let (Response::OutputChunk(c1), Response::OutputChunk(c2)) = (&msgs[1], &msgs[2]) else {
+            panic!("{msgs:?}")
+        };
+        assert_eq!([c1.clone(), c2.clone()].concat(), big);
+        assert_eq!(header(&msgs[3]), Some(("b.bin".into(), 0)));
+        assert!(
+            matches!(
+                &msgs[4],
+                Response::OutputSkipped {
+                    kind: SkipKind::Symlink,
+                    ..
+                }
+            ),
+            "{:?}",
+            msgs[4]
+        );
+        assert_eq!(msgs[5..], [Response::Done]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use sandrun_ipc::{codec, ErrorCode, FrameDecoder, IpcError, JobId, Request, Response, Role};
 
-use super::job::{Collecting, Job, OutputStream};
+use super::job::{Collection, Job};
 use super::peer::Peer;
 use super::request::ValidJob;
 
@@ -35,10 +35,8 @@ pub enum State {
     },
     /// The sandbox runs.
     Running(Box<Job>),
-    /// Collecting outputs after `Exited`, a slice per turn of the loop.
-    Collecting(Box<Collecting>),
-    /// Sending outputs after `Exited`.
-    Outputs(Box<OutputStream>),
+    /// After `Exited`: the job's collector walks its `/work`; its outputs are relayed.
+    Collecting(Box<Collection>),
     /// Nothing more to do; closes once the outgoing buffer is flushed.
     Closing,
 }
@@ -166,7 +164,8 @@ impl Conn {
     /// Whether the connection can be forgotten: closing with nothing left to send, or peer gone
     /// with no job to tear down.
     pub fn is_done(&self) -> bool {
-        let job_alive = matches!(self.state, State::Running(_));
+        // A job's cgroup and slot, and its collector, are released by the loop, not dropped.
+        let job_alive = matches!(self.state, State::Running(_) | State::Collecting(_));
         (self.stream.is_none() && !job_alive)
             || (matches!(self.state, State::Closing) && self.out.is_empty())
     }

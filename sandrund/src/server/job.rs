@@ -1,6 +1,5 @@
 //! Supervision of one running sandbox: its output pipes, its limits, its end.
 
-use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -9,13 +8,16 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use sandrun_ipc::{
-    ExitReason, ExitReport, GrantedLimits, JobId, OutputFileHeader, OutputPattern, PrintablePath,
-    Response, SkipKind, MAX_CHUNK_BYTES,
+    ExitReason, ExitReport, FrameDecoder, GrantedLimits, JobId, OutputPattern, Response,
 };
 
-use super::collect::{open_regular, CollectLimits, Collected, Collector};
+use super::collect::{self, CollectLimits, MAX_OUTPUT_FILES};
+use super::conn::{Conn, HIGH_WATER};
 use crate::cgroup::{CgroupStats, JobCgroup};
-use crate::sandbox::Spawned;
+use crate::ids::{GroupId, UserId};
+use crate::sandbox::collector::{self, CollectorChild, CollectorPlan};
+use crate::sandbox::seccomp::SeccompProgram;
+use crate::sandbox::{CgroupJoin, Spawned};
 
 /// One output stream of the job (stdout or stderr).
 pub struct Pipe {
@@ -342,17 +344,6 @@ impl Job {
             stderr_truncated: self.stderr.truncated,
         }
     }
-
-    /// Starts collecting the outputs through the work directory fd `workdir` (taken from the
-    /// job); the event loop advances it a slice at a time.
-    pub fn collector(&mut self, workdir: BorrowedFd<'_>) -> Collector {
-        let limits = CollectLimits {
-            max_visited: usize::try_from(self.limits.file_count).unwrap_or(usize::MAX),
-            max_total_bytes: self.limits.tmpfs_bytes,
-            budget: COLLECT_BUDGET,
-        };
-        Collector::new(workdir, std::mem::take(&mut self.outputs), limits)
-    }
 }
 
 /// What is left of a job once it has been reported: its cgroup and slot, free now if C has been
@@ -418,7 +409,7 @@ impl Job {
 const MAX_STATS_FAILURES: u32 = 10;
 /// How long the pipes of an exited job wait for a client that does not read.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
-/// The most working time one output collection may take (the sum of its slices).
+/// The most CPU time one output collection's walk and hashing may take.
 const COLLECT_BUDGET: Duration = Duration::from_secs(2);
 
 /// Splits a raw wait status into exit code or signal. No status (C died first): SIGKILL.
@@ -449,94 +440,181 @@ fn pidfd_kill(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
     }
 }
 
-/// A finished job's outputs being collected, a slice per turn of the loop. Holds the work
-/// directory (and so the job's tmpfs) until the stream that follows is done.
-pub struct Collecting {
-    pub collector: Collector,
-    pub workdir: OwnedFd,
+/// A finished job's outputs being collected by its collector K (`sandbox::collector`, running
+/// [`collect::serve`]) and relayed to the client. Holds the job (its cgroup, in which K runs,
+/// and its slot) until K is done; K holds the job's tmpfs.
+pub struct Collection {
+    pub job: Box<Job>,
+    child: CollectorChild,
+    decoder: FrameDecoder,
+    /// Bytes still due of the file being relayed.
+    left: Option<u64>,
+    files: usize,
+    bytes: u64,
+    /// Frames other than chunks relayed so far.
+    frames: usize,
+    /// When K last sent something (or the client last held the relay up).
+    pub last_progress: Instant,
+    eof: bool,
 }
 
-/// Streams collected outputs to the client, a chunk at a time, under backpressure.
-pub struct OutputStream {
-    items: std::vec::IntoIter<Collected>,
-    /// The file being sent (the only output fd open at any time) and the bytes left.
-    current: Option<(std::fs::File, u64)>,
-    /// Keeps the job's tmpfs alive until every file is sent; files are re-opened beneath it.
-    workdir: OwnedFd,
-    buf: Vec<u8>,
+/// What a turn of [`Collection::relay`] came to.
+pub enum Relayed {
+    /// More is to come (K is working, or the client's buffer is full).
+    Pending,
+    /// K sent `Done` after a well-formed stream.
+    Done,
+    /// K could not be confined: its report (the collection does not run).
+    Refused(String),
+    /// K's stream was malformed or oversized, or K died before `Done`.
+    Failed(String),
 }
 
-impl OutputStream {
-    pub fn new(items: Vec<Collected>, workdir: OwnedFd) -> Self {
-        OutputStream {
-            items: items.into_iter(),
-            current: None,
-            workdir,
-            buf: Vec::new(),
+/// Largest number of bytes the helper reads from K per turn (the decoder then holds at most one
+/// frame plus this).
+const RELAY_READ: usize = 64 * 1024;
+
+impl Collection {
+    /// Forks K for `job` (which has ended) as `uid`/`gid` in the job's cgroup, to collect
+    /// beneath `workdir` (the helper's copy is closed once K has its own).
+    pub fn start(
+        mut job: Box<Job>,
+        workdir: OwnedFd,
+        ids: (UserId, GroupId),
+        filter: &SeccompProgram,
+    ) -> Result<Collection, (Box<Job>, String)> {
+        let limits = CollectLimits {
+            max_visited: usize::try_from(job.limits.file_count).unwrap_or(usize::MAX),
+            max_total_bytes: job.limits.tmpfs_bytes,
+            budget: COLLECT_BUDGET,
+        };
+        let patterns = std::mem::take(&mut job.outputs);
+        let join: Vec<_> = job.cgroup.join_fds().iter().map(AsFd::as_fd).collect();
+        let cgroup = match job.cgroup.clone_into() {
+            Some(dir) => CgroupJoin::Into(dir),
+            None => CgroupJoin::Procs(&join),
+        };
+        let plan = CollectorPlan {
+            workdir: workdir.as_fd(),
+            uid: ids.0,
+            gid: ids.1,
+            cgroup,
+            filter,
+        };
+        let spawned = collector::spawn(&plan, |dir, out| {
+            collect::serve(dir, out, &patterns, limits)
+        });
+        drop(join);
+        match spawned {
+            Ok(child) => Ok(Collection {
+                job,
+                child,
+                decoder: FrameDecoder::new(),
+                left: None,
+                files: 0,
+                bytes: 0,
+                frames: 0,
+                last_progress: Instant::now(),
+                eof: false,
+            }),
+            Err(e) => Err((job, format!("cannot start the output collector: {e}"))),
         }
     }
 
-    /// The next message to send, or `None` when everything has been sent.
-    pub fn next_message(&mut self) -> Option<Response> {
+    /// K's socket, to poll for input.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.child.stream.as_fd()
+    }
+
+    /// Whether a file has been announced to the client and not all of its bytes sent.
+    pub fn mid_file(&self) -> bool {
+        self.left.is_some()
+    }
+
+    /// Relays what K has sent while the client's buffer has room (back-pressure: K blocks on a
+    /// full socket meanwhile), checking every frame.
+    pub fn relay(&mut self, conn: &mut Conn) -> Relayed {
+        let mut buf = [0u8; RELAY_READ];
         loop {
-            if let Some((file, left)) = &mut self.current {
-                if *left == 0 {
-                    self.current = None;
-                    continue;
-                }
-                let want = usize::try_from(*left)
-                    .unwrap_or(MAX_CHUNK_BYTES)
-                    .min(MAX_CHUNK_BYTES);
-                self.buf.resize(want, 0);
-                match file.read(&mut self.buf) {
-                    Ok(n) if n > 0 => {
-                        *left -= n as u64;
-                        return Some(Response::OutputChunk(self.buf[..n].to_vec()));
+            while conn.pending_out() < HIGH_WATER {
+                let msg = match self.decoder.next_message::<Response>() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return Relayed::Failed(format!("malformed frame from the collector: {e}"))
                     }
-                    // The file cannot shrink (the job is dead); treat it as a bug and pad so the
-                    // client's byte count still matches the header.
-                    _ => {
-                        let pad = usize::try_from(*left).unwrap_or(0).min(MAX_CHUNK_BYTES);
-                        *left -= pad as u64;
-                        tracing::error!("output file shrank while being sent");
-                        return Some(Response::OutputChunk(vec![0; pad]));
-                    }
+                };
+                match self.check(msg) {
+                    Ok(Some(m)) => conn.send(&m),
+                    Ok(None) => return Relayed::Done,
+                    Err(r) => return r,
                 }
             }
-            match self.items.next()? {
-                Collected::Skipped { path, kind } => {
-                    return Some(Response::OutputSkipped { path, kind })
+            if conn.pending_out() >= HIGH_WATER {
+                // The client is slow, not K.
+                self.last_progress = Instant::now();
+                return Relayed::Pending;
+            }
+            if self.eof {
+                return Relayed::Failed("the collector ended before its last message".into());
+            }
+            match (&self.child.stream).read(&mut buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    self.decoder.push(&buf[..n]);
+                    self.last_progress = Instant::now();
                 }
-                Collected::File { path, size, sha256 } => {
-                    // Re-open and check again: the job is dead, so nothing can have changed it,
-                    // but the helper trusts the descriptor, not its memory of the walk.
-                    let reopened = CString::new(path.as_str())
-                        .map_err(|_| SkipKind::Unreadable)
-                        .and_then(|p| open_regular(self.workdir.as_fd(), &p));
-                    let file = match reopened {
-                        Ok((file, now)) if now == size => file,
-                        Ok(_) => {
-                            return Some(Response::OutputSkipped {
-                                path: PrintablePath::from(&path),
-                                kind: SkipKind::Unreadable,
-                            })
-                        }
-                        Err(kind) => {
-                            return Some(Response::OutputSkipped {
-                                path: PrintablePath::from(&path),
-                                kind,
-                            })
-                        }
-                    };
-                    self.current = Some((file, size));
-                    return Some(Response::OutputFile(OutputFileHeader {
-                        path,
-                        size,
-                        sha256,
-                    }));
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Relayed::Pending,
+                Err(e) => return Relayed::Failed(format!("reading from the collector: {e}")),
             }
         }
+    }
+
+    /// One frame of K's stream: the message to relay, `None` for `Done`, or why the stream is
+    /// refused. The order is that of the protocol (`OutputFile` then exactly its size in
+    /// `OutputChunk`s; `OutputSkipped` and `Done` between files), and the counts and bytes are
+    /// bounded by the job's own limits.
+    fn check(&mut self, msg: Response) -> Result<Option<Response>, Relayed> {
+        let bad = |what: &str| Err(Relayed::Failed(format!("collector stream: {what}")));
+        if !matches!(msg, Response::OutputChunk(_)) {
+            self.frames += 1;
+            let most = usize::try_from(self.job.limits.file_count)
+                .unwrap_or(usize::MAX)
+                .saturating_add(MAX_OUTPUT_FILES + 2);
+            if self.frames > most {
+                return bad("too many entries");
+            }
+        }
+        match (&msg, self.left) {
+            (Response::OutputChunk(c), Some(left)) => {
+                let n = c.len() as u64;
+                if n == 0 || n > left {
+                    return bad("a chunk longer than its file");
+                }
+                self.left = Some(left - n).filter(|&l| l > 0);
+            }
+            (_, Some(_)) => return bad("a file cut short"),
+            (Response::OutputFile(h), None) => {
+                self.files += 1;
+                self.bytes = self.bytes.saturating_add(h.size);
+                if self.files > MAX_OUTPUT_FILES || self.bytes > self.job.limits.tmpfs_bytes {
+                    return bad("more files or bytes than the job's limits");
+                }
+                self.left = Some(h.size).filter(|&s| s > 0);
+            }
+            (Response::OutputSkipped { .. }, None) => {}
+            (Response::Done, None) => return Ok(None),
+            (Response::Error(e), None) => return Err(Relayed::Refused(e.message.clone())),
+            (other, None) => return bad(other.name()),
+        }
+        Ok(Some(msg))
+    }
+
+    /// Kills and reaps K (done or not) and gives back the job, to be released.
+    pub fn end(mut self) -> Box<Job> {
+        self.child.kill_and_reap();
+        self.job
     }
 }
 

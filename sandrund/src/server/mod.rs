@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::ids::{GroupId, UserId};
 use crate::sandbox::{self, seccomp::SeccompProgram, JobPlan, SandboxSettings, SetupStep};
 use conn::{Conn, Incoming, State, HIGH_WATER};
-use job::{Collecting, Exiting, Job, OutputStream, Released};
+use job::{Collection, Exiting, Job, Relayed, Released};
 use peer::{authorize, may_connect, Peer};
 use pool::{Pool, WarmSandbox};
 use request::{validate, RequestError};
@@ -43,13 +43,9 @@ const BUNDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const TICK: Duration = Duration::from_millis(100);
 /// CPU bandwidth of one job: one full CPU.
 const CPU_PERIOD_US: u64 = 100_000;
-/// Working time the loop gives all output collections together per turn: each collecting job
-/// gets its share, but never less than [`MIN_COLLECT_SLICE`]. With [`COLLECT_PAUSE_MS`] between
-/// turns, collections take about a quarter of one CPU at most, however many there are.
-const COLLECT_SLICE: Duration = Duration::from_millis(2);
-const MIN_COLLECT_SLICE: Duration = Duration::from_micros(250);
-/// The poll timeout between two rounds of collection slices, in milliseconds.
-const COLLECT_PAUSE_MS: u16 = 6;
+/// A collector that sends nothing for this long (while its client reads) is killed: its walk is
+/// bounded to 2 s of CPU time, so this is far past any honest collection, even on a busy host.
+const COLLECT_STALL: Duration = Duration::from_secs(30);
 /// Spawn latency samples kept for the summary.
 const LATENCY_SAMPLES: usize = 1024;
 
@@ -79,6 +75,8 @@ pub struct Server {
     listener: UnixListener,
     cgroups: Box<dyn CgroupManager>,
     filter: SeccompProgram,
+    /// The output collectors' filter (tighter than a job's).
+    collector_filter: SeccompProgram,
     settings: SandboxSettings,
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
@@ -112,6 +110,8 @@ enum Token {
     Status(u64),
     /// C of a job already reported, on its way out.
     Exiting(u64),
+    /// A job's output collector has sent something (or exited).
+    Collector,
 }
 
 static SIGNAL_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -162,11 +162,14 @@ impl Server {
         };
         let slots = vec![false; cfg.slot_count as usize];
         let pool = Pool::new(cfg.warm_sandboxes);
+        let collector_filter = SeccompProgram::compile_collector()
+            .map_err(|e| std::io::Error::other(format!("collector seccomp filter: {e}")))?;
         Ok(Server {
             cfg,
             listener,
             cgroups,
             filter,
+            collector_filter,
             settings,
             conns: BTreeMap::new(),
             next_conn: 0,
@@ -205,6 +208,8 @@ impl Server {
                     Token::Pidfd(id) => self.on_exit(id),
                     Token::Status(id) => self.on_status(id),
                     Token::Exiting(id) => self.on_exiting(id),
+                    // Relayed by `progress_all`, below.
+                    Token::Collector => {}
                 }
             }
             if stop {
@@ -268,25 +273,24 @@ impl Server {
                     tokens.push(Token::Status(id));
                 }
             }
+            // K blocks on its socket while the client's buffer is full (back-pressure).
+            if let State::Collecting(col) = &c.state {
+                if c.pending_out() < HIGH_WATER {
+                    fds.push(PollFd::new(col.fd(), PollFlags::POLLIN));
+                    tokens.push(Token::Collector);
+                }
+            }
         }
         for (&id, e) in &self.exiting {
             fds.push(PollFd::new(e.pidfd(), PollFlags::POLLIN));
             tokens.push(Token::Exiting(id));
         }
-        let collecting = self
-            .conns
-            .values()
-            .any(|c| matches!(c.state, State::Collecting(_)));
         let busy = !self.conns.is_empty()
             || !self.teardowns.is_empty()
             || !self.exiting.is_empty()
             || self.accept_paused;
-        // A collection in progress gets its next slice after a pause (cut short by any event):
-        // collections take about a quarter of one CPU, and other jobs' processes get the rest.
         let timeout = if refill {
             PollTimeout::ZERO
-        } else if collecting {
-            PollTimeout::from(COLLECT_PAUSE_MS)
         } else if busy {
             PollTimeout::from(100u16)
         } else {
@@ -456,7 +460,7 @@ impl Server {
                 conn.state = State::Running(job);
             }
             // A Cancel that crossed the job's end: the job is over, its outputs still come.
-            (state @ (State::Collecting(_) | State::Outputs(_)), Request::Cancel) => {
+            (state @ State::Collecting(_), Request::Cancel) => {
                 conn.state = state;
             }
             (state, msg) => {
@@ -573,10 +577,7 @@ impl Server {
             .filter(|c| {
                 matches!(
                     c.state,
-                    State::Bundle { .. }
-                        | State::Running(_)
-                        | State::Collecting(_)
-                        | State::Outputs(_)
+                    State::Bundle { .. } | State::Running(_) | State::Collecting(_)
                 )
             })
             .count()
@@ -819,23 +820,17 @@ impl Server {
         }
     }
 
-    /// Moves every connection forward where it can: finished jobs report and stream outputs,
-    /// output streams fill the send buffer, buffers are flushed, finished connections dropped.
+    /// Moves every connection forward where it can: finished jobs report and collect their
+    /// outputs, collections are relayed into the send buffer, buffers are flushed, finished
+    /// connections dropped.
     fn progress_all(&mut self) {
         let now = Instant::now();
-        let collecting = self
-            .conns
-            .values()
-            .filter(|c| matches!(c.state, State::Collecting(_)))
-            .count();
-        let n = u32::try_from(collecting.max(1)).unwrap_or(u32::MAX);
-        let slice = (COLLECT_SLICE / n).max(MIN_COLLECT_SLICE);
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         for id in ids {
             let Some(mut conn) = self.conns.remove(&id) else {
                 continue;
             };
-            self.progress(&mut conn, now, slice);
+            self.progress(&mut conn, now);
             conn.flush();
             if !conn.is_done() {
                 self.conns.insert(id, conn);
@@ -843,15 +838,14 @@ impl Server {
         }
     }
 
-    fn progress(&mut self, conn: &mut Conn, now: Instant, slice: Duration) {
+    fn progress(&mut self, conn: &mut Conn, now: Instant) {
         match std::mem::replace(&mut conn.state, State::Closing) {
             State::Running(mut job) => {
                 if job.is_finished(now) {
-                    self.finish(conn, *job);
-                    // Start collecting the outputs now: waiting for the next wake-up would cost
-                    // up to one tick (100 ms) of every job's latency.
+                    self.finish(conn, job);
+                    // Relay at once what the collector may already have sent.
                     if matches!(conn.state, State::Collecting(_)) {
-                        self.progress(conn, now, slice);
+                        self.progress(conn, now);
                     }
                 } else {
                     conn.state = State::Running(job);
@@ -859,41 +853,51 @@ impl Server {
             }
             State::Collecting(mut c) => {
                 if conn.stream.is_none() {
-                    // The client is gone: nobody wants the outputs (dropping frees the tmpfs).
+                    // The client is gone: nobody wants the outputs.
+                    self.release(*c.end());
                     return;
                 }
-                if c.collector.step(slice) {
-                    let Collecting { collector, workdir } = *c;
-                    let stream = OutputStream::new(collector.finish(), workdir);
-                    // A client that stops reading must not pin the job's tmpfs forever; the
-                    // collection before this (bounded by its own slices) does not count.
-                    conn.deadline = Some(now + BUNDLE_TIMEOUT);
-                    conn.state = State::Outputs(Box::new(stream));
-                    self.progress(conn, now, slice);
-                } else {
-                    conn.state = State::Collecting(c);
-                }
-            }
-            State::Outputs(mut out) => {
-                while conn.pending_out() < HIGH_WATER && conn.stream.is_some() {
-                    match out.next_message() {
-                        Some(m) => conn.send(&m),
-                        None => {
-                            conn.send(&Response::Done);
-                            return;
-                        }
+                match c.relay(conn) {
+                    Relayed::Pending => conn.state = State::Collecting(c),
+                    Relayed::Done => {
+                        conn.send(&Response::Done);
+                        self.release(*c.end());
                     }
-                }
-                if conn.stream.is_some() {
-                    conn.state = State::Outputs(out);
+                    Relayed::Refused(msg) => {
+                        tracing::error!(job = %c.job.id, error = %msg, "output collector could not be confined");
+                        self.release(*c.end());
+                        conn.fail(ErrorCode::SandboxSetup, msg);
+                    }
+                    Relayed::Failed(why) => self.collection_failed(conn, *c, &why),
                 }
             }
             other => conn.state = other,
         }
     }
 
-    /// The job ended: report, start streaming outputs, release the cgroup and the slot.
-    fn finish(&mut self, conn: &mut Conn, mut job: Job) {
+    /// The job's collection failed (its collector misbehaved, died or overran): the job's own
+    /// failure. Outside a file the client gets it as a skipped `.` and `Done`; a file already
+    /// announced cannot be completed, so the conversation ends with an error.
+    fn collection_failed(&mut self, conn: &mut Conn, c: Collection, why: &str) {
+        tracing::warn!(job = %c.job.id, error = %why, "output collection failed");
+        let mid_file = c.mid_file();
+        self.release(*c.end());
+        if mid_file {
+            conn.fail(
+                ErrorCode::Internal,
+                format!("output collection failed while sending a file: {why}"),
+            );
+        } else {
+            conn.send(&Response::OutputSkipped {
+                path: sandrun_ipc::PrintablePath::render(b"."),
+                kind: sandrun_ipc::SkipKind::Unreadable,
+            });
+            conn.send(&Response::Done);
+        }
+    }
+
+    /// The job ended: report, start its collector (or release the cgroup and the slot).
+    fn finish(&mut self, conn: &mut Conn, mut job: Box<Job>) {
         let report = job.report();
         let entry = self
             .counters
@@ -913,21 +917,25 @@ impl Server {
             // cgroup is removed.
             conn.flush();
         }
-        // A client that stops reading must not pin the job's tmpfs forever (set again when
-        // the collection ends and the outputs start to stream).
+        // A client that stops reading must not pin the job's tmpfs forever.
         conn.deadline = Some(Instant::now() + BUNDLE_TIMEOUT);
-        let collecting = match job.workdir.take() {
-            Some(workdir) if client_here => Some(Collecting {
-                collector: job.collector(workdir.as_fd()),
-                workdir,
-            }),
-            _ => None,
+        let workdir = job.workdir.take();
+        let (Some(workdir), true, false) = (workdir, client_here, job.outputs.is_empty()) else {
+            self.release(*job);
+            if client_here {
+                conn.send(&Response::Done);
+            }
+            return;
         };
-        self.release(job);
-        match collecting {
-            Some(c) => conn.state = State::Collecting(Box::new(c)),
-            None if client_here => conn.send(&Response::Done),
-            None => {}
+        let uid = self.cfg.slot_uid_base + job.slot;
+        let ids = (UserId(uid), GroupId(uid));
+        match Collection::start(job, workdir, ids, &self.collector_filter) {
+            Ok(c) => conn.state = State::Collecting(Box::new(c)),
+            Err((job, msg)) => {
+                tracing::error!(job = %job.id, error = %msg, "output collection not started");
+                self.release(*job);
+                conn.fail(ErrorCode::SandboxSetup, msg);
+            }
         }
     }
 
@@ -964,6 +972,7 @@ impl Server {
 
     fn tick(&mut self, now: Instant) {
         self.accept_paused = false;
+        self.check_collections(now);
         for conn in self.conns.values_mut() {
             if let State::Running(job) = &mut conn.state {
                 job.check_limits(now);
@@ -995,6 +1004,32 @@ impl Server {
             if !self.try_teardown(&mut t) {
                 self.teardowns.push(t);
             }
+        }
+    }
+
+    /// Ends every collection past its deadline (a client that does not read) or whose collector
+    /// has sent nothing for [`COLLECT_STALL`].
+    fn check_collections(&mut self, now: Instant) {
+        let overrun: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match &c.state {
+                State::Collecting(col) => {
+                    c.deadline.is_some_and(|d| now >= d)
+                        || now.duration_since(col.last_progress) > COLLECT_STALL
+                }
+                _ => false,
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in overrun {
+            let Some(mut conn) = self.conns.remove(&id) else {
+                continue;
+            };
+            if let State::Collecting(c) = std::mem::replace(&mut conn.state, State::Closing) {
+                self.collection_failed(&mut conn, *c, "the collection overran its time");
+            }
+            self.conns.insert(id, conn);
         }
     }
 
@@ -1093,16 +1128,19 @@ impl Server {
                 let Some(mut conn) = self.conns.remove(&id) else {
                     continue;
                 };
-                if let State::Running(mut job) = std::mem::replace(&mut conn.state, State::Closing)
-                {
-                    job.reap();
-                    if job.is_finished(Instant::now()) {
-                        self.release(*job);
-                    } else {
-                        any = true;
-                        conn.state = State::Running(job);
-                        self.conns.insert(id, conn);
+                match std::mem::replace(&mut conn.state, State::Closing) {
+                    State::Running(mut job) => {
+                        job.reap();
+                        if job.is_finished(Instant::now()) {
+                            self.release(*job);
+                        } else {
+                            any = true;
+                            conn.state = State::Running(job);
+                            self.conns.insert(id, conn);
+                        }
                     }
+                    State::Collecting(c) => self.release(*c.end()),
+                    _ => {}
                 }
             }
             for (_, e) in std::mem::take(&mut self.exiting) {
