@@ -493,7 +493,7 @@ async function showOutputs(id) {
     li.append(name, size, preview, download);
     list.append(li);
   }
-  $("download-all").disabled = false;
+  $("download-all").disabled = files.length === 0;
 }
 
 function clearPreview() {

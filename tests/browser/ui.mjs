@@ -5,7 +5,8 @@
 //
 // SANDRUN_QUOTA_URL is a gateway whose client may submit one job per hour (jobs_per_hour = 1).
 // Every scenario runs in a fresh browser context; a failing one saves a screenshot to
-// SCREENSHOT_DIR (default target/browser-screenshots/ of the workspace). Any console error or
+// SCREENSHOT_DIR (default target/browser-screenshots/ of the workspace; with SCREENSHOT_ALL=1
+// every scenario leaves one of its final state there). Any console error or
 // uncaught page error fails the run. The last line is a JSON summary; the exit code is 0 only
 // when every scenario passed.
 
@@ -35,6 +36,11 @@ function need(name) {
 function check(condition, message) {
   if (!condition) throw new Error(message);
 }
+
+/** Chromium's own log line for a fetch answered with `status`: expected where a scenario provokes
+ * an API error on purpose (the page's code logs nothing). */
+const NETWORK_LOG = (status) =>
+  new RegExp(`^Failed to load resource: the server responded with a status of ${status} \\(\\)$`);
 
 /** A 1x1 PNG, written by a job and previewed as an image. */
 const PNG_B64 =
@@ -69,6 +75,10 @@ async function scenario(name, fn, { viewport, base = BASE, allowConsole = [] } =
     check(response.ok(), `GET / answered ${response.status()}`);
     check((await page.title()) === "sandrun", "GET / for a browser is not the UI page");
     await fn(page);
+    if (process.env.SCREENSHOT_ALL) {
+      mkdirSync(SHOTS, { recursive: true });
+      await page.screenshot({ path: join(SHOTS, `${name}-done.png`), fullPage: true });
+    }
     results.push({ name, ok: true, ms: Date.now() - started });
     console.log(`ok - ${name}`);
   } catch (err) {
@@ -232,7 +242,7 @@ await scenario("api_error_is_shown_as_its_message", async (page) => {
   await page.waitForSelector("#error:not([hidden])");
   const text = await page.textContent("#error");
   check(/^400: manifest\.memory_mb: /.test(text), `error shown: ${text}`);
-}, { allowConsole: [/status of 400/] });
+}, { allowConsole: [NETWORK_LOG(400)] });
 
 await scenario(
   "quota_refusal_is_shown",
@@ -247,7 +257,7 @@ await scenario(
     const text = await page.textContent("#error");
     check(/^429: quota exceeded: jobs_per_hour/.test(text), `error shown: ${text}`);
   },
-  { base: QUOTA_BASE, allowConsole: [/status of 429/] },
+  { base: QUOTA_BASE, allowConsole: [NETWORK_LOG(429)] },
 );
 
 await scenario(

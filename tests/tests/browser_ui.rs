@@ -55,6 +55,7 @@ fn given_a_browser_then_the_ui_runs_streams_uploads_cancels_downloads_verifies_a
     );
     npm_ci();
     let stack = Stack::start(&config(580, ""), "");
+    // The quota stack keeps the default limits except one job per hour.
     let quota = Stack::start(
         &config(581, ""),
         "[client_limits]\ncpu_seconds_per_minute = 1000\nconcurrent_jobs = 4\njobs_per_hour = 1\n",
