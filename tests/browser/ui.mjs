@@ -16,6 +16,7 @@ import { tmpdir } from "node:os";
 import { join, dirname } from "node:path";
 import { fileURLToPath } from "node:url";
 import { gunzipSync } from "node:zlib";
+import { execFileSync } from "node:child_process";
 
 const here = dirname(fileURLToPath(import.meta.url));
 const BASE = need("SANDRUN_URL");
@@ -219,6 +220,31 @@ await scenario("folder_with_job_json_runs", async (page) => {
     await page.waitForSelector('#output-list li[data-name="out/hello.txt"]');
     const got = await downloadBytes(page, '#output-list li[data-name="out/hello.txt"] button.download');
     check(got.bytes.equals(Buffer.from("folder ok\n")), "out/hello.txt has other bytes");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+await scenario("dropped_tar_gz_runs", async (page) => {
+  // A .tar.gz made by tar(1), dropped on the page as a user drags it from a file manager.
+  const dir = mkdtempSync(join(tmpdir(), "sandrun-ui-"));
+  try {
+    writeFileSync(join(dir, "run.sh"), 'echo "from the archive: $(cat data.txt)"\n');
+    writeFileSync(join(dir, "data.txt"), "42");
+    execFileSync("tar", ["-czf", join(dir, "job.tar.gz"), "-C", dir, "run.sh", "data.txt"]);
+    const archive = readFileSync(join(dir, "job.tar.gz")).toString("base64");
+    await page.evaluate((b64) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      const transfer = new DataTransfer();
+      transfer.items.add(new File([bytes], "job.tar.gz", { type: "application/gzip" }));
+      const drop = document.getElementById("drop");
+      drop.dispatchEvent(new DragEvent("dragover", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+      drop.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    }, archive);
+    await page.waitForFunction(() => document.getElementById("file-list").textContent.includes("job.tar.gz"));
+    await page.click("#run");
+    check((await waitFinished(page)) === "completed", "the archive job did not complete");
+    check((await consoleText(page, "stdout")).includes("from the archive: 42"), "no output from the archive job");
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
