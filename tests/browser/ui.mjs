@@ -132,6 +132,7 @@ await scenario("python_output_arrives_live_and_outputs_download", async (page) =
       `open("dot.png", "wb").write(base64.b64decode("${PNG_B64}"))`,
       'print("first line", flush=True)',
       'print("to stderr", file=sys.stderr, flush=True)',
+      `print('<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>', flush=True)`,
       "time.sleep(3)",
       'print("second line")',
       "",
@@ -151,6 +152,9 @@ await scenario("python_output_arrives_live_and_outputs_download", async (page) =
   check((await waitFinished(page)) === "completed", "the job did not complete");
   check((await consoleText(page, "stdout")).includes("second line"), "stdout lacks the second line");
   check((await consoleText(page, "stderr")).includes("to stderr"), "stderr is not shown as stderr");
+  // Job output is text, never markup.
+  check((await consoleText(page, "stdout")).includes('<img src=x onerror="window.pwned=1">'), "markup not shown as text");
+  check((await page.evaluate(() => window.pwned)) === undefined && !(await page.$("#console img")), "job output became markup");
   const [outColor, errColor] = await page.evaluate(() =>
     [".stdout", ".stderr"].map((c) => getComputedStyle(document.querySelector(`#console ${c}`)).color),
   );
