@@ -312,10 +312,13 @@ async function run() {
     return;
   }
   $("run").disabled = true;
+  const shown = $("status").textContent;
+  setStatus("submitting");
   try {
     const answer = await apiJson("/submit", { method: "POST", body: form });
     startJob(answer.job_id, answer.status);
   } catch (e) {
+    setStatus(shown); // the job shown before is still the one on the page
     showError(e);
     $("run").disabled = false;
   }

@@ -103,6 +103,8 @@ async function openOptions(page) {
   if (!open) await page.click("#options summary");
 }
 
+/** Waits for the job on the page to end. Every Run shows "submitting" at once, so a status left
+ * from an earlier job on the same page is never taken for this one's. */
 async function waitFinished(page) {
   await page.waitForFunction(
     () => ["completed", "failed"].includes(document.getElementById("status").textContent),
@@ -200,6 +202,42 @@ await scenario("python_output_arrives_live_and_outputs_download", async (page) =
   const tar = gunzipSync(all.bytes);
   check(tar.includes(Buffer.from("result.txt")) && tar.includes(Buffer.from("dot.png")), "tarball lacks the outputs");
   check(tar.includes(expected), "tarball's result.txt has other bytes");
+});
+
+await scenario("editor_indents_and_other_languages_run", async (page) => {
+  // Typed as a user types: Enter after ":" indents, Enter keeps it, Shift+Tab dedents.
+  await setCode(page, "");
+  await page.click("#code");
+  await page.keyboard.type("for i in range(2):");
+  await page.keyboard.press("Enter");
+  await page.keyboard.type("x = i * 10");
+  await page.keyboard.press("Enter");
+  await page.keyboard.type("print(x)");
+  await page.keyboard.press("Enter");
+  await page.keyboard.press("Shift+Tab");
+  await page.keyboard.type('print("end")');
+  const typed = await page.inputValue("#code");
+  check(typed === 'for i in range(2):\n    x = i * 10\n    print(x)\nprint("end")', `editor holds ${JSON.stringify(typed)}`);
+  await page.click("#run");
+  check((await waitFinished(page)) === "completed", "the typed Python did not complete");
+  check((await consoleText(page, "stdout")) === "0\n10\nend\n", "the typed Python printed something else");
+  // Node: choosing the language puts its sample in an empty editor (typed code is kept).
+  await page.selectOption("#lang", "node");
+  check((await page.inputValue("#code")) === typed, "switching the language threw typed code away");
+  await setCode(page, "");
+  await page.selectOption("#lang", "python");
+  await page.selectOption("#lang", "node");
+  check((await page.inputValue("#code")).startsWith("console.log"), "no Node sample");
+  await setCode(page, 'console.log("node says", 6 * 7);\n');
+  await page.click("#run");
+  check((await waitFinished(page)) === "completed", "the Node job did not complete");
+  check((await consoleText(page, "stdout")) === "node says 42\n", "the Node job printed something else");
+  await page.selectOption("#lang", "shell");
+  await setCode(page, 'echo "shell says $((6 * 7))" >&2\nexit 3\n');
+  await page.click("#run");
+  check((await waitFinished(page)) === "failed", "a shell job exiting 3 is not failed");
+  check((await page.textContent("#exit-code")) === "3", "exit code 3 is not shown");
+  check((await consoleText(page, "stderr")) === "shell says 42\n", "the shell job's stderr is missing");
 });
 
 await scenario("folder_with_job_json_runs", async (page) => {

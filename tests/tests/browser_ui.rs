@@ -83,7 +83,7 @@ fn given_a_browser_then_the_ui_runs_streams_uploads_cancels_downloads_verifies_a
         .and_then(|l| serde_json::from_str(l).ok())
         .expect("the script's last line is its JSON summary");
     assert_eq!(summary["failed"], 0, "{summary}");
-    assert_eq!(summary["passed"], 7, "every scenario ran: {summary}");
+    assert_eq!(summary["passed"], 8, "every scenario ran: {summary}");
 }
 
 #[test]
