@@ -15,6 +15,7 @@ done
 pkgs=(
   build-essential pkg-config libseccomp-dev libsystemd-dev   # build: libseccomp and systemd crates
   python3 nodejs bash coreutils                               # interpreters the sandbox offers
+  chromium                                                    # browser tests of the web UI (tests/browser/)
   iproute2 procps util-linux systemd openssl curl             # tests: ip, ps, mount, socket activation, signature checks
   rpm                                                         # packaging: rpmbuild for packaging/rpm/rpm.sh
 )
@@ -26,6 +27,9 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# npm for the browser tests' playwright-core. A nodejs that ships its own npm (NodeSource's)
+# conflicts with Debian's npm package, so it is only installed when no npm is there.
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing: ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

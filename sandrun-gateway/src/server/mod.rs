@@ -13,6 +13,7 @@ pub mod response;
 mod routes;
 mod text;
 pub mod tls;
+mod ui;
 mod ws;
 
 use std::net::SocketAddr;

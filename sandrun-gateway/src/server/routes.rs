@@ -24,7 +24,7 @@ use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::{timed_body, BodyPace, BodyVerdict};
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
 use crate::server::text::base64;
-use crate::server::{outputs, ws, ConnInfo};
+use crate::server::{outputs, ui, ws, ConnInfo};
 use crate::upload::slots::SlotRefused;
 use crate::upload::{parse_submission, UploadError};
 
@@ -51,7 +51,10 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(3, '/').collect();
     let method = req.method().clone();
     match (segments.as_slice(), method) {
+        ([""], Method::GET) if ui::prefers_html(&req) => Ok(ui::index(&req)),
         ([""], Method::GET) => Ok(service_info(&state)),
+        (["ui"], Method::GET) => ui::serve(&req, None),
+        (["ui", name], Method::GET) => ui::serve(&req, Some(name)),
         (["submit"], Method::POST) => submit(&state, conn.peer, req).await,
         (["status", id], Method::GET) => status(&state, id),
         (["logs", id], Method::GET) => logs(&state, id),
@@ -70,7 +73,7 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
 
 fn wrong_method_or_unknown(segments: &[&str]) -> ApiError {
     let allow = match segments {
-        [""] | ["stats" | "environments" | "health" | "metrics"] => "GET",
+        [""] | ["stats" | "environments" | "health" | "metrics" | "ui"] | ["ui", _] => "GET",
         ["submit"] => "POST",
         ["status" | "logs" | "outputs" | "ws" | "stream", _] => "GET",
         ["download", _] | ["download", _, _] => "GET",
@@ -123,7 +126,12 @@ fn service_info(state: &AppState) -> Response<Body> {
             "GET /environments", "GET /health", "GET /metrics", "GET /ws/{id}", "GET /stream/{id}",
         ],
     });
-    json(StatusCode::OK, &body)
+    let mut response = json(StatusCode::OK, &body);
+    // Browsers get the web UI at this path instead (`ui::prefers_html`).
+    response
+        .headers_mut()
+        .insert(hyper::header::VARY, HeaderValue::from_static("Accept"));
+    response
 }
 
 fn environments(state: &AppState) -> Response<Body> {
