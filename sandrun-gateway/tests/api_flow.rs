@@ -74,7 +74,7 @@ async fn given_a_job_when_it_completes_then_status_logs_outputs_and_signature_ar
 }
 
 fn verify_signature(status: &serde_json::Value, id: &str) {
-    let worker = status["worker_metadata"]["worker_id"].as_str().unwrap();
+    let worker = status["worker_metadata"]["worker_id_hex"].as_str().unwrap();
     let key_bytes: [u8; 32] = hex::decode(worker).unwrap().try_into().unwrap();
     let key = VerifyingKey::from_bytes(&key_bytes).unwrap();
     let job_hash: [u8; 32] = hex::decode(status["job_hash"].as_str().unwrap())
@@ -389,15 +389,17 @@ pub async fn wait_for_stdout(gw: &TestGateway, id: &str, expected: &str) {
 async fn given_info_endpoints_then_each_answers_json_with_its_fields() {
     let gw = TestGateway::start().await;
     let root = gw.get("/").await.json();
-    assert_eq!(root["service"], "sandrun-gateway");
+    assert_eq!(root["service"], "sandrun");
+    assert_eq!(root["gateway"], "sandrun-gateway");
     assert!(root["interpreters"]
         .as_array()
         .unwrap()
         .contains(&"python3".into()));
     assert_eq!(root["limits"]["concurrent_jobs"], 2);
     let health = gw.get("/health").await.json();
-    assert_eq!(health["status"], "ok");
-    assert_eq!(health["worker_id"].as_str().unwrap().len(), 64);
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["worker_id"].as_str().unwrap().len(), 44);
+    assert_eq!(health["worker_id_hex"].as_str().unwrap().len(), 64);
     assert!(health["version"].is_string());
     let envs = gw.get("/environments").await.json();
     assert!(envs["environments"].is_array());
