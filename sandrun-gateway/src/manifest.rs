@@ -137,6 +137,11 @@ pub struct RawManifest {
 }
 
 impl RawManifest {
+    /// The entry point as written, if any.
+    pub fn entrypoint(&self) -> Option<&str> {
+        self.entrypoint.as_deref()
+    }
+
     /// Parses JSON, naming the field of any error.
     pub fn parse(json: &[u8]) -> Result<RawManifest, ManifestError> {
         if json.len() > MAX_MANIFEST_BYTES {

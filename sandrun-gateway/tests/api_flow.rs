@@ -126,11 +126,25 @@ async fn given_finished_job_when_tarball_downloaded_then_it_holds_outputs_only_a
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("content-type"), Some("application/gzip"));
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reply.body.as_ref()));
+    let mut mtimes = Vec::new();
     let mut names: Vec<String> = archive
         .entries()
         .unwrap()
-        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .map(|e| {
+            let e = e.unwrap();
+            mtimes.push(e.header().mtime().unwrap());
+            e.path().unwrap().to_string_lossy().into_owned()
+        })
         .collect();
+    // Entries are dated at the job's end, not 1970.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        mtimes.iter().all(|t| now.abs_diff(*t) < 3600),
+        "{mtimes:?} vs {now}"
+    );
     names.sort();
     assert_eq!(
         names,
