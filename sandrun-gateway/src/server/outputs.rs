@@ -292,7 +292,7 @@ mod tests {
             sha256: [0; 32],
             data: Bytes::from_static(b"hello"),
         }];
-        let archive = build_tarball(&outputs).unwrap();
+        let archive = build_tarball(&outputs, 1_700_000_000).unwrap();
         let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive.as_slice()));
         let names: Vec<String> = tar
             .entries()
