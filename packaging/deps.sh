@@ -5,6 +5,7 @@ pkgs=(
   build-essential pkg-config libseccomp-dev libsystemd-dev   # build: libseccomp and systemd crates
   python3 nodejs bash coreutils                               # interpreters the sandbox offers
   iproute2 procps util-linux systemd openssl curl             # tests: ip, ps, mount, socket activation, signature checks
+  python3-requests tar                                        # tests: the original Sandrun clients (tests/compat)
   rpm                                                         # packaging: rpmbuild for packaging/rpm/rpm.sh
 )
 missing=()
