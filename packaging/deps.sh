@@ -17,6 +17,7 @@ pkgs=(
   python3 nodejs bash coreutils                               # interpreters the sandbox offers
   chromium                                                    # browser tests of the web UI (tests/browser/)
   iproute2 procps util-linux systemd openssl curl             # tests: ip, ps, mount, socket activation, signature checks
+  python3-requests tar                                        # tests: the original Sandrun clients (tests/compat)
   rpm                                                         # packaging: rpmbuild for packaging/rpm/rpm.sh
 )
 if [ "$bench" = 1 ]; then

@@ -42,8 +42,16 @@ if [ -x "$bin/sandrun-gateway" ]; then
 
 sandrun is running at https://$listen/
 Its certificate is self-signed, made at this start, and written to $cert.
-Trust it per command with --cacert (as below), or for this machine's clients and browsers:
-  sudo cp $cert /usr/local/share/ca-certificates/sandrun-quickstart.crt && sudo update-ca-certificates
+In this development mode the same port also serves plain http://$listen/ to this machine
+(loopback only), so the original Sandrun clients' default http://localhost:8443 works as is.
+Trust the certificate:
+  curl:    --cacert $cert (as below)
+  Python:  requests.get(url, verify="$cert"), or for any program using requests:
+           export REQUESTS_CA_BUNDLE=$cert   (ssl/urllib/aiohttp: export SSL_CERT_FILE=$cert)
+  browser: import $cert as a trusted certificate (Firefox: Settings > Certificates >
+           Authorities > Import; Chromium: certutil -d sql:\$HOME/.pki/nssdb -A -t P,, -n sandrun -i $cert),
+           or open http://$listen/ on this machine
+  system:  sudo cp $cert /usr/local/share/ca-certificates/sandrun-quickstart.crt && sudo update-ca-certificates
   echo 'print("hello from the sandbox")' > main.py
   curl --cacert $cert -F files=@main.py https://$listen/submit
   curl --cacert $cert https://$listen/status/JOB_ID ; curl --cacert $cert https://$listen/logs/JOB_ID

@@ -40,7 +40,8 @@ struct Cli {
     /// TLS private key (PEM).
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
-    /// Development mode: a self-signed certificate for localhost, generated in memory.
+    /// Development mode: a self-signed certificate for localhost, generated in memory, and plain
+    /// HTTP served on the same port to loopback peers (`http://localhost:8443`).
     #[arg(long, conflicts_with_all = ["cert", "key"])]
     dev: bool,
     /// With --dev: also write the (public) development certificate to this file, for clients.
@@ -262,6 +263,7 @@ fn load_config(cli: &Cli) -> Result<Config, BoxError> {
         .or(config.worker_key)
         .or_else(|| cred("worker.key"));
     config.user = cli.user.clone().unwrap_or(config.user);
+    config.dev_plain_http_on_loopback = cli.dev;
     config.validate()?;
     Ok(config)
 }

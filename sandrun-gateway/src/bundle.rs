@@ -260,6 +260,42 @@ impl BundleBuilder {
         Ok(())
     }
 
+    /// When the root holds exactly one directory and nothing else (`tar czf x.tgz project/`, a
+    /// browser's folder upload), makes that directory the root: `project/main.py` becomes
+    /// `main.py`. Returns the directory lifted, if any. Sizes and charges are unchanged; the
+    /// entry count drops by one.
+    pub fn lift_single_root_dir(&mut self) -> Option<BundlePath> {
+        if self.files.keys().any(|p| p.parent().is_none()) {
+            return None;
+        }
+        let mut roots = self.dirs.keys().filter(|p| p.parent().is_none());
+        let root = roots.next()?.clone();
+        if roots.next().is_some() {
+            return None;
+        }
+        let below = |p: &BundlePath| -> Option<BundlePath> {
+            let rest = p.as_str().strip_prefix(root.as_str())?.strip_prefix('/')?;
+            BundlePath::new(rest).ok()
+        };
+        // Every path below a valid path is itself valid; a path that somehow is not is kept out
+        // of the lift by leaving the bundle as it was.
+        let files: Option<BTreeMap<_, _>> = self
+            .files
+            .iter()
+            .map(|(p, v)| Some((below(p)?, v.clone())))
+            .collect();
+        let dirs: Option<BTreeMap<_, _>> = self
+            .dirs
+            .iter()
+            .filter(|(p, _)| **p != root)
+            .map(|(p, m)| Some((below(p)?, *m)))
+            .collect();
+        let (files, dirs) = (files?, dirs?);
+        self.files = files;
+        self.dirs = dirs;
+        Some(root)
+    }
+
     /// Finishes the bundle.
     pub fn build(self) -> Bundle {
         let files = self
@@ -320,6 +356,46 @@ pub fn normalize_dir_mode(mode: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lift(files: &[&str], dirs: &[&str]) -> (Option<String>, Vec<String>) {
+        let mut b = BundleBuilder::new(caps());
+        for d in dirs {
+            b.add_dir(BundlePath::new(*d).unwrap(), 0o755).unwrap();
+        }
+        for f in files {
+            b.add_file(
+                BundlePath::new(*f).unwrap(),
+                0o644,
+                Bytes::from_static(b"x"),
+            )
+            .unwrap();
+        }
+        let lifted = b.lift_single_root_dir().map(|p| p.as_str().to_owned());
+        let bundle = b.build();
+        let mut paths: Vec<String> = bundle
+            .files()
+            .iter()
+            .map(|f| f.path.as_str().to_owned())
+            .collect();
+        paths.extend(bundle.dirs.iter().map(|(p, _)| p.as_str().to_owned()));
+        paths.sort();
+        (lifted, paths)
+    }
+
+    #[test]
+    fn given_one_top_level_directory_then_it_becomes_the_root() {
+        let (lifted, paths) = lift(&["p/job.json", "p/main.py", "p/src/a.py"], &[]);
+        assert_eq!(lifted.as_deref(), Some("p"));
+        assert_eq!(paths, ["job.json", "main.py", "src", "src/a.py"]);
+    }
+
+    #[test]
+    fn given_a_root_file_or_two_directories_then_nothing_is_lifted() {
+        assert_eq!(lift(&["p/main.py", "x"], &[]).0, None);
+        assert_eq!(lift(&["p/main.py", "q/main.py"], &[]).0, None);
+        assert_eq!(lift(&["main.py"], &[]).0, None);
+        assert_eq!(lift(&[], &[]).0, None);
+    }
 
     fn caps() -> BundleCaps {
         BundleCaps {

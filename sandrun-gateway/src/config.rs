@@ -250,6 +250,13 @@ pub struct Config {
     pub retention: Retention,
     pub http: HttpLimits,
     pub policy: PolicyConfig,
+    /// Origins whose web pages may call the API (CORS): `["*"]` (the default, as the original
+    /// Sandrun) or a list such as `["https://app.example.org"]`.
+    pub cors_allowed_origins: Vec<String>,
+    /// Serve plain HTTP (no TLS) on the TLS port to loopback peers. Set by `--dev` only, never
+    /// from the file: outside development a plain request is told to use `https://`.
+    #[serde(skip)]
+    pub dev_plain_http_on_loopback: bool,
 }
 
 impl Default for Config {
@@ -279,6 +286,8 @@ impl Default for Config {
             retention: Retention::default(),
             http: HttpLimits::default(),
             policy: PolicyConfig::default(),
+            cors_allowed_origins: vec!["*".to_owned()],
+            dev_plain_http_on_loopback: false,
         }
     }
 }
@@ -377,12 +386,14 @@ impl Config {
             ),
         ];
         let bad = checks.iter().find(|(bad, _)| *bad).map(|(_, m)| *m);
-        match bad.or_else(|| self.client_shares.invalid()) {
-            Some(message) => Err(ConfigError::Invalid {
+        if let Some(message) = bad.or_else(|| self.client_shares.invalid()) {
+            return Err(ConfigError::Invalid {
                 message: message.to_owned(),
-            }),
-            None => Ok(()),
+            });
         }
+        crate::server::cors::AllowedOrigins::parse(&self.cors_allowed_origins)
+            .map(drop)
+            .map_err(|message| ConfigError::Invalid { message })
     }
 
     /// Connections one client may hold at once: the smaller of

@@ -137,6 +137,11 @@ pub struct RawManifest {
 }
 
 impl RawManifest {
+    /// The entry point as written, if any.
+    pub fn entrypoint(&self) -> Option<&str> {
+        self.entrypoint.as_deref()
+    }
+
     /// Parses JSON, naming the field of any error.
     pub fn parse(json: &[u8]) -> Result<RawManifest, ManifestError> {
         if json.len() > MAX_MANIFEST_BYTES {
@@ -147,14 +152,42 @@ impl RawManifest {
         }
         let mut de = serde_json::Deserializer::from_slice(json);
         let raw: RawManifest = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            let field = if path == "." { String::new() } else { path };
-            ManifestError::new(&field, e.into_inner().to_string())
+            let field = known_path(&e.path().to_string());
+            let inner = e.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                ManifestError::new(&field, json_syntax(&inner))
+            } else {
+                ManifestError::new(&field, inner.to_string())
+            }
         })?;
         de.end()
-            .map_err(|e| ManifestError::new("", e.to_string()))?;
+            .map_err(|e| ManifestError::new("", json_syntax(&e)))?;
         Ok(raw)
     }
+}
+
+/// The part of a serde path that names fields or indexes: unknown (`?`) segments, which a
+/// syntax error leaves where it could not tell, are dropped (`args.?` is `args`).
+fn known_path(path: &str) -> String {
+    let kept: Vec<&str> = path
+        .split('.')
+        .filter(|s| !s.is_empty() && *s != "?")
+        .collect();
+    kept.join(".")
+}
+
+/// A JSON syntax error with its position, as the client can find it in its text.
+fn json_syntax(e: &serde_json::Error) -> String {
+    // serde_json's message ends with " at line L column C"; say it once, first.
+    let text = e.to_string();
+    let what = text
+        .rsplit_once(" at line ")
+        .map_or(text.as_str(), |(what, _)| what);
+    format!(
+        "not valid JSON at line {} column {}: {what}",
+        e.line(),
+        e.column()
+    )
 }
 
 impl Manifest {
@@ -461,6 +494,29 @@ mod tests {
         parse(json, &["main.py", "tool.rb"])
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn given_a_json_syntax_error_then_it_says_line_and_column_and_no_question_mark() {
+        let e =
+            RawManifest::parse(b"{\n  \"entrypoint\": \"main.py\",\n  \"args\": [\"a\" \"b\"]\n}")
+                .unwrap_err()
+                .to_string();
+        assert!(!e.contains('?'), "{e}");
+        assert!(e.contains("line 3 column"), "{e}");
+        assert!(e.starts_with("manifest.args: not valid JSON"), "{e}");
+        let e = RawManifest::parse(b"{\"entrypoint\": ")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("manifest.entrypoint: not valid JSON at line 1 column 15"),
+            "{e}"
+        );
+        let e = RawManifest::parse(b"{} x").unwrap_err().to_string();
+        assert!(
+            e.starts_with("manifest: not valid JSON at line 1 column 4"),
+            "{e}"
+        );
     }
 
     #[test]

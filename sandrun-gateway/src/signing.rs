@@ -154,8 +154,15 @@ impl WorkerKey {
         file.sync_all().map_err(io("sync"))
     }
 
-    /// The public key in lowercase hex (64 characters): the worker's identity in `/status`.
+    /// The public key in standard base64 (44 characters, padded), as the original Sandrun
+    /// reported it: the worker's identity in `/status`, `/health` and `GET /`.
     pub fn worker_id(&self) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(self.key.verifying_key().as_bytes())
+    }
+
+    /// The public key in lowercase hex (64 characters), reported beside [`WorkerKey::worker_id`].
+    pub fn worker_id_hex(&self) -> String {
         hex::encode(self.key.verifying_key().as_bytes())
     }
 
@@ -331,7 +338,10 @@ mod tests {
         let mut changed = msg.clone();
         changed[20] ^= 1;
         assert!(public.verify(&changed, &sig).is_err());
-        assert_eq!(key.worker_id(), hex::encode(public.as_bytes()));
+        assert_eq!(key.worker_id_hex(), hex::encode(public.as_bytes()));
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(public.as_bytes());
+        assert_eq!(key.worker_id(), b64);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use hyper::{Method, StatusCode};
 use support::{build, Multipart, TestGateway};
 
 async fn still_healthy(gw: &TestGateway) {
-    assert_eq!(gw.get("/health").await.json()["status"], "ok");
+    assert_eq!(gw.get("/health").await.json()["status"], "healthy");
 }
 
 #[tokio::test]

@@ -74,7 +74,7 @@ async fn given_a_job_when_it_completes_then_status_logs_outputs_and_signature_ar
 }
 
 fn verify_signature(status: &serde_json::Value, id: &str) {
-    let worker = status["worker_metadata"]["worker_id"].as_str().unwrap();
+    let worker = status["worker_metadata"]["worker_id_hex"].as_str().unwrap();
     let key_bytes: [u8; 32] = hex::decode(worker).unwrap().try_into().unwrap();
     let key = VerifyingKey::from_bytes(&key_bytes).unwrap();
     let job_hash: [u8; 32] = hex::decode(status["job_hash"].as_str().unwrap())
@@ -126,11 +126,25 @@ async fn given_finished_job_when_tarball_downloaded_then_it_holds_outputs_only_a
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.header("content-type"), Some("application/gzip"));
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(reply.body.as_ref()));
+    let mut mtimes = Vec::new();
     let mut names: Vec<String> = archive
         .entries()
         .unwrap()
-        .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+        .map(|e| {
+            let e = e.unwrap();
+            mtimes.push(e.header().mtime().unwrap());
+            e.path().unwrap().to_string_lossy().into_owned()
+        })
         .collect();
+    // Entries are dated at the job's end, not 1970.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        mtimes.iter().all(|t| now.abs_diff(*t) < 3600),
+        "{mtimes:?} vs {now}"
+    );
     names.sort();
     assert_eq!(
         names,
@@ -389,15 +403,17 @@ pub async fn wait_for_stdout(gw: &TestGateway, id: &str, expected: &str) {
 async fn given_info_endpoints_then_each_answers_json_with_its_fields() {
     let gw = TestGateway::start().await;
     let root = gw.get("/").await.json();
-    assert_eq!(root["service"], "sandrun-gateway");
+    assert_eq!(root["service"], "sandrun");
+    assert_eq!(root["gateway"], "sandrun-gateway");
     assert!(root["interpreters"]
         .as_array()
         .unwrap()
         .contains(&"python3".into()));
     assert_eq!(root["limits"]["concurrent_jobs"], 2);
     let health = gw.get("/health").await.json();
-    assert_eq!(health["status"], "ok");
-    assert_eq!(health["worker_id"].as_str().unwrap().len(), 64);
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["worker_id"].as_str().unwrap().len(), 44);
+    assert_eq!(health["worker_id_hex"].as_str().unwrap().len(), 64);
     assert!(health["version"].is_string());
     let envs = gw.get("/environments").await.json();
     assert!(envs["environments"].is_array());

@@ -151,3 +151,23 @@ async fn given_a_char_split_between_chunks_then_text_carries_it_whole_and_base64
     assert_eq!(events.last().unwrap()["type"], "exit");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn given_a_finished_job_then_the_socket_closes_with_code_1000() {
+    let gw = TestGateway::start().await;
+    let id = gw.submit_script("out done").await;
+    gw.wait_finished(&id).await;
+    let mut ws = websocket(&gw, &format!("/ws/{id}")).await;
+    let mut close = None;
+    while let Some(msg) = ws.next().await {
+        if let Message::Close(frame) = msg.unwrap() {
+            close = Some(frame);
+            break;
+        }
+    }
+    let frame = close
+        .expect("a close frame")
+        .expect("with a code, not 1005");
+    assert_eq!(u16::from(frame.code), 1000, "{frame:?}");
+    gw.shutdown().await;
+}

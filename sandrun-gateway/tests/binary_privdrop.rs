@@ -97,7 +97,7 @@ async fn given_root_start_then_gateway_runs_as_nobody_without_groups_or_capabili
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.json()["status"], "ok");
+    assert_eq!(reply.json()["status"], "healthy");
     drop(guard);
 }
 

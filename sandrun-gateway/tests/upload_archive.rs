@@ -440,3 +440,47 @@ fn given_the_zero_gzip_helper_then_its_output_really_decodes_to_zeros() {
     let mut sink = std::io::sink();
     sink.write_all(&out).unwrap();
 }
+
+/// `tar czf x.tgz project/` and a zip of a folder: the folder is the project root, so its
+/// `job.json` and entry point are found.
+#[tokio::test]
+async fn given_an_archive_of_one_folder_then_its_job_json_and_main_py_are_found() {
+    let job = br#"{"entrypoint": "run.py", "args": ["a"]}"#;
+    let tgz = tar_gz(&[
+        TarEntry::of("project/", EntryType::Directory),
+        TarEntry::file("project/job.json", job),
+        TarEntry::file("project/run.py", b"print(1)\n"),
+        TarEntry::file("project/lib/u.py", b"x = 1\n"),
+    ]);
+    let zip = zip_bytes(&[
+        ("project/", 0o755, b""),
+        ("project/job.json", 0o644, job),
+        ("project/run.py", 0o644, b"print(1)\n"),
+        ("project/lib/u.py", 0o644, b"x = 1\n"),
+    ]);
+    for (name, archive) in [("x.tgz", tgz), ("x.zip", zip)] {
+        let s = submit_archive(&limits(), name, &archive).await.unwrap();
+        assert_eq!(file_names(&s), ["job.json", "lib/u.py", "run.py"], "{name}");
+        assert_eq!(s.manifest.argv(), ["python3", "run.py", "a"], "{name}");
+    }
+    // Without a job.json the entry point is detected inside the folder.
+    let only_main = tar_gz(&[TarEntry::file("p/main.py", b"print(1)\n")]);
+    let s = submit_archive(&limits(), "x.tar.gz", &only_main)
+        .await
+        .unwrap();
+    assert_eq!(s.manifest.argv(), ["python3", "main.py"]);
+}
+
+#[tokio::test]
+async fn given_one_folder_and_a_manifest_naming_the_full_path_then_the_folder_is_kept() {
+    let archive = tar_gz(&[TarEntry::file("p/main.py", b"print(1)\n")]);
+    let body = multipart_body(&[
+        ("files", Some("x.tgz"), &archive),
+        ("manifest", None, br#"{"entrypoint": "p/main.py"}"#),
+    ]);
+    let s = submit_with(&limits(), Some(&multipart_ct()), body)
+        .await
+        .unwrap();
+    assert_eq!(file_names(&s), ["p/main.py"]);
+    assert_eq!(s.manifest.argv(), ["python3", "p/main.py"]);
+}

@@ -659,7 +659,7 @@ fn given_a_finished_job_then_openssl_verifies_its_signature_and_rejects_a_flippe
         .expect("run openssl pkey -outform DER");
     let worker_id = hex::encode(&der.stdout[der.stdout.len().saturating_sub(32)..]);
     assert_eq!(
-        status["worker_metadata"]["worker_id"], worker_id,
+        status["worker_metadata"]["worker_id_hex"], worker_id,
         "worker id is the public key"
     );
 
@@ -766,7 +766,7 @@ fn given_bad_requests_then_the_real_stack_answers_415_400_404_and_keeps_serving(
     let (code, health) = stack.get_json("/health");
     assert_eq!(
         (code, health["status"].as_str()),
-        (200, Some("ok")),
+        (200, Some("healthy")),
         "{health}"
     );
 }

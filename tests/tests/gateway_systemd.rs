@@ -247,9 +247,9 @@ fn given_systemds_environment_then_the_gateway_uses_its_socket_credentials_and_n
         String::from_utf8_lossy(&out.stderr)
     );
     let health: serde_json::Value = serde_json::from_slice(&out.stdout).expect("health JSON");
-    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["status"], "healthy", "{health}");
     assert_eq!(
-        health["worker_id"],
+        health["worker_id_hex"],
         openssl_worker_id(&creds.join("worker.key")),
         "the worker key comes from the credentials directory"
     );

@@ -326,6 +326,38 @@ fn given_connections_that_stay_silent_before_and_after_tls_then_each_is_closed_w
     assert_eq!(health.status, 200);
 }
 
+/// Plain HTTP on the TLS port (served to loopback in `--dev`) keeps the phase timeouts: a
+/// connection that sends part of a head and stops is closed at the head timeout, one that sends
+/// nothing at the handshake timeout (its first byte decides TLS or plain).
+#[test]
+fn given_plain_http_connections_that_stall_then_each_is_closed_within_its_timeout() {
+    let handshake = Duration::from_millis(1000);
+    let header = Duration::from_millis(1500);
+    let stack = stack(
+        5,
+        "[http]\ntls_handshake_timeout_ms = 1000\nheader_timeout_ms = 1500\n",
+    );
+    let mut silent = tcp_from(ATTACKER, stack.addr()).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("set read timeout");
+    assert_closed_within(time_until_closed(&mut silent), handshake, "no first byte");
+    let mut partial = tcp_from(ATTACKER, stack.addr()).expect("connect");
+    partial
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("set read timeout");
+    partial
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+        .expect("send part of a head");
+    assert_closed_within(
+        time_until_closed(&mut partial),
+        header,
+        "plain HTTP, half a head",
+    );
+    let health = stack.curl_from(BYSTANDER, &[], "/health");
+    assert_eq!(health.status, 200);
+}
+
 /// Reads one complete HTTP/1.1 answer with a `Content-Length` from `s`.
 fn read_answer(s: &mut TlsStream) -> Vec<u8> {
     let started = Instant::now();

@@ -332,3 +332,54 @@ fn given_two_jobs_with_the_same_template_when_one_holds_flock_on_its_file_then_t
         assert_eq!(r["second"], libc::EWOULDBLOCK, "{r}");
     }
 }
+
+/// `ls /` works (the original's jobs could list the root), and listing is all that was added:
+/// the helper's own directories stay closed, nothing can be created in `/`, and no file outside
+/// the granted trees can be read.
+#[test]
+fn given_job_when_listing_the_root_then_it_sees_names_and_nothing_more_opens() {
+    let helper = Helper::start(&config(17, ""));
+    let code = r#"
+import json, os
+def attempt(f):
+    try:
+        return ["ok", f()]
+    except OSError as e:
+        return ["errno", e.errno]
+r = {
+    "root": attempt(lambda: sorted(os.listdir("/"))),
+    "dev": attempt(lambda: sorted(os.listdir("/dev"))),
+    "template": attempt(lambda: os.listdir("/.sandrun-template")),
+    "create": attempt(lambda: open("/new-file", "w").close()),
+    "mkdir": attempt(lambda: os.mkdir("/new-dir")),
+    "read_empty": attempt(lambda: os.listdir("/.sandrun-empty")),
+}
+print(json.dumps({"result": r}))
+"#;
+    let outcome = helper.run(&Job::new(&["/usr/bin/python3", "-c", code]));
+    let r = outcome.probe();
+    assert_eq!(r["root"][0], "ok", "ls / is refused: {r}");
+    let names: Vec<&str> = r["root"][1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    for expected in ["usr", "etc", "proc", "dev", "tmp", "work"] {
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+    assert_eq!(r["dev"][0], "ok", "{r}");
+    // The helper's own set-up directories are gone (or closed by their 0700 mode).
+    assert!(
+        names.iter().all(|n| !n.starts_with(".sandrun")),
+        "helper internals listed: {names:?}"
+    );
+    let closed = [libc::ENOENT, libc::EACCES].map(|e| serde_json::json!(["errno", e]));
+    assert!(closed.contains(&r["template"]), "{r}");
+    for write in ["create", "mkdir"] {
+        assert_eq!(r[write][0], "errno", "{write} in / succeeded: {r}");
+    }
+}

@@ -3,12 +3,18 @@
 //! handshake, first request, request head, keep-alive, HTTP/2 with no open stream, bodies) and
 //! graceful shutdown.
 //!
+//! The first byte of a connection tells TLS from plain HTTP ([`plain`]): plain HTTP is told to use
+//! `https://` (or, with `--dev` and a loopback peer, served), under the same phase timeouts.
+//! Every response carries the CORS headers of [`cors`].
+//!
 //! [`run`] is a library function: the binary calls it with the configured listener, tests call it
 //! on `127.0.0.1:0`.
 
 mod body;
+pub mod cors;
 mod outputs;
 mod phases;
+mod plain;
 pub mod response;
 mod routes;
 mod text;
@@ -146,6 +152,11 @@ pub async fn run(
     let slots = Arc::new(Semaphore::new(max));
     let acceptor = TlsAcceptor::from(tls);
     let counts = Arc::new(ConnectionCounts::default());
+    // Invariant: `Config::validate` (run before the gateway starts) parsed this list.
+    let cors = Arc::new(
+        cors::AllowedOrigins::parse(&state.config.cors_allowed_origins)
+            .expect("cors_allowed_origins was validated"),
+    );
     let scheduler = tokio::spawn(run_scheduler(Arc::clone(&state), shutdown.clone()));
     loop {
         let permit = tokio::select! {
@@ -176,7 +187,13 @@ pub async fn run(
                     permit: Arc::new(permit),
                     client_slot: Arc::new(client_slot),
                 };
-                let task = serve_connection(tcp, acceptor.clone(), Arc::clone(&state), conn);
+                let task = Connection {
+                    tcp,
+                    acceptor: acceptor.clone(),
+                    state: Arc::clone(&state),
+                    cors: Arc::clone(&cors),
+                    conn,
+                };
                 tokio::spawn(task.with_shutdown(shutdown.clone()));
             }
             Err(e) => {
@@ -192,26 +209,23 @@ pub async fn run(
     let _ = scheduler.await;
 }
 
-/// One connection: TLS handshake (bounded by its timeout), then HTTP with a phase clock.
+/// One connection: its first byte, the TLS handshake (both bounded by the handshake timeout),
+/// then HTTP with a phase clock.
 struct Connection {
     tcp: tokio::net::TcpStream,
     acceptor: TlsAcceptor,
     state: Arc<AppState>,
+    cors: Arc<cors::AllowedOrigins>,
     conn: ConnInfo,
 }
 
-fn serve_connection(
-    tcp: tokio::net::TcpStream,
-    acceptor: TlsAcceptor,
-    state: Arc<AppState>,
-    conn: ConnInfo,
-) -> Connection {
-    Connection {
-        tcp,
-        acceptor,
-        state,
-        conn,
-    }
+/// What a connection's requests get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Serve {
+    /// The API.
+    Api,
+    /// A plain HTTP connection that is not served: every request is told to use `https://`.
+    UseHttps,
 }
 
 fn phase_timeouts(http: &crate::config::HttpLimits) -> PhaseTimeouts {
@@ -224,12 +238,30 @@ fn phase_timeouts(http: &crate::config::HttpLimits) -> PhaseTimeouts {
 }
 
 impl Connection {
-    async fn with_shutdown(self, mut shutdown: watch::Receiver<bool>) {
+    async fn with_shutdown(self, shutdown: watch::Receiver<bool>) {
         let http = &self.state.config.http;
         let handshake_timeout = Duration::from_millis(http.tls_handshake_timeout_ms);
-        let lifetime = Duration::from_secs(http.max_connection_s);
-        let max_header_bytes = http.max_header_bytes;
-        let timeouts = phase_timeouts(http);
+        // The first byte is part of the handshake phase: a silent connection is closed at its end.
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(handshake_timeout, self.tcp.peek(&mut first)).await;
+        let kind = match peeked {
+            Ok(Ok(1)) => plain::sniff(first[0]),
+            Ok(Ok(_)) => return,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "reading the first byte failed"),
+            Err(_) => return tracing::debug!("no first byte before the handshake timeout"),
+        };
+        if kind == plain::Kind::Plain {
+            let served = self.state.config.dev_plain_http_on_loopback
+                && self.conn.peer.ip().to_canonical().is_loopback();
+            let serve = if served {
+                Serve::Api
+            } else {
+                self.state.metrics.rejected("plain_http");
+                Serve::UseHttps
+            };
+            let (tcp, parts) = (self.tcp, (self.state, self.cors, self.conn));
+            return serve_http(tcp, (false, true), serve, parts, shutdown).await;
+        }
         let handshake = tokio::time::timeout(handshake_timeout, self.acceptor.accept(self.tcp));
         let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
@@ -237,62 +269,90 @@ impl Connection {
             Err(_) => return tracing::debug!("TLS handshake timed out"),
         };
         let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-        let phases = Phases::new(timeouts, http2);
-        let state = self.state;
-        let conn = self.conn;
-        let service = {
-            let phases = Arc::clone(&phases);
-            service_fn(move |req| {
-                let (state, conn) = (Arc::clone(&state), conn.clone());
-                let in_flight = phases.request();
-                async move {
-                    let response = routes::handle(state, conn, req).await;
-                    Ok::<_, std::convert::Infallible>(
-                        response.map(|body| InFlightBody::new(body, in_flight)),
-                    )
-                }
-            })
-        };
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            // The phase clock times heads from their first byte; hyper's own timer starts
-            // when the connection turns idle, so it is only a backstop for both phases.
-            .header_read_timeout(timeouts.keep_alive.max(timeouts.first_request) + timeouts.header)
-            .max_buf_size(max_header_bytes.max(8192))
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(32)
-            .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
-            .keep_alive_interval(Some(Duration::from_secs(30)));
-        let io = TokioIo::new(Watched::new(tls, Arc::clone(&phases)));
-        let served = builder.serve_connection_with_upgrades(io, service);
-        tokio::pin!(served);
-        let deadline = tokio::time::sleep(lifetime);
-        tokio::pin!(deadline);
-        tokio::select! {
-            result = served.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                }
+        let parts = (self.state, self.cors, self.conn);
+        serve_http(tls, (http2, false), Serve::Api, parts, shutdown).await;
+    }
+}
+
+/// HTTP on an established stream (TLS, or plain), with the phase clock, the connection's
+/// lifetime and graceful shutdown.
+async fn serve_http<S>(
+    stream: S,
+    (http2, plain): (bool, bool),
+    serve: Serve,
+    (state, cors, conn): (Arc<AppState>, Arc<cors::AllowedOrigins>, ConnInfo),
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = &state.config.http;
+    let lifetime = Duration::from_secs(http.max_connection_s);
+    let max_header_bytes = http.max_header_bytes;
+    let timeouts = phase_timeouts(http);
+    let phases = Phases::new(timeouts, http2);
+    let service = {
+        let phases = Arc::clone(&phases);
+        let state = Arc::clone(&state);
+        service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let (state, conn, cors) = (Arc::clone(&state), conn.clone(), Arc::clone(&cors));
+            let in_flight = phases.request();
+            async move {
+                let origin = req.headers().get(hyper::header::ORIGIN).cloned();
+                let mut response = match serve {
+                    Serve::UseHttps => plain::use_https(&req),
+                    Serve::Api if cors::is_preflight(&req) => cors::preflight(&cors, &req),
+                    Serve::Api => routes::handle(state, conn, req).await,
+                };
+                cors::decorate(&cors, origin.as_ref(), response.headers_mut());
+                Ok::<_, std::convert::Infallible>(
+                    response.map(|body| InFlightBody::new(body, in_flight)),
+                )
             }
-            () = &mut deadline => tracing::debug!("connection reached its maximum lifetime"),
-            phase = phases.expired() => {
-                tracing::debug!(phase = phase.as_str(), "idle connection timed out");
-                // HTTP/2 gets GOAWAY first, and a moment to send it; HTTP/1.1 has nothing to
-                // say between requests and is simply closed.
-                if http2 {
-                    served.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, served).await;
-                }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if plain {
+        // Plain HTTP is HTTP/1.1 only (no h2c).
+        builder = builder.http1_only();
+    }
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The phase clock times heads from their first byte; hyper's own timer starts
+        // when the connection turns idle, so it is only a backstop for both phases.
+        .header_read_timeout(timeouts.keep_alive.max(timeouts.first_request) + timeouts.header)
+        .max_buf_size(max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(32)
+        .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let io = TokioIo::new(Watched::new(stream, Arc::clone(&phases)));
+    let served = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(served);
+    let deadline = tokio::time::sleep(lifetime);
+    tokio::pin!(deadline);
+    tokio::select! {
+        result = served.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
             }
-            () = stopped(&mut shutdown) => {
+        }
+        () = &mut deadline => tracing::debug!("connection reached its maximum lifetime"),
+        phase = phases.expired() => {
+            tracing::debug!(phase = phase.as_str(), "idle connection timed out");
+            // HTTP/2 gets GOAWAY first, and a moment to send it; HTTP/1.1 has nothing to
+            // say between requests and is simply closed.
+            if http2 {
                 served.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(SHUTDOWN_GRACE, served).await;
+                let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, served).await;
             }
+        }
+        () = stopped(&mut shutdown) => {
+            served.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, served).await;
         }
     }
 }

@@ -102,10 +102,12 @@ pub async fn tarball(state: &AppState, id: &str) -> ApiResult {
         .remove(id)
         .ok_or_else(|| ApiError::not_found("job"))?;
     let outputs = job.outputs.clone();
+    // Entries carry the job's end time (a finished job always has one).
+    let mtime = job.completed_at_unix.unwrap_or(0);
     // The job's charge outlives its table entry: until the tarball's last byte is sent.
     let held = job.held();
     drop(job);
-    let archive = tokio::task::spawn_blocking(move || build_tarball(&outputs))
+    let archive = tokio::task::spawn_blocking(move || build_tarball(&outputs, mtime))
         .await
         .map_err(|_| ApiError::internal("tarball task"))?
         .map_err(|_| ApiError::internal("building the tarball"))?;
@@ -121,13 +123,15 @@ pub async fn tarball(state: &AppState, id: &str) -> ApiResult {
     Ok(response)
 }
 
-fn build_tarball(outputs: &[OutputFile]) -> std::io::Result<Vec<u8>> {
+/// The outputs as a tar.gz whose entries are dated `mtime` (seconds since the epoch).
+fn build_tarball(outputs: &[OutputFile], mtime: u64) -> std::io::Result<Vec<u8>> {
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     for output in outputs {
         let mut header = tar::Header::new_gnu();
         header.set_size(output.data.len() as u64);
         header.set_mode(0o644);
+        header.set_mtime(mtime);
         header.set_entry_type(tar::EntryType::Regular);
         tar.append_data(&mut header, &output.path, output.data.as_ref())?;
     }
@@ -288,7 +292,7 @@ mod tests {
             sha256: [0; 32],
             data: Bytes::from_static(b"hello"),
         }];
-        let archive = build_tarball(&outputs).unwrap();
+        let archive = build_tarball(&outputs, 1_700_000_000).unwrap();
         let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive.as_slice()));
         let names: Vec<String> = tar
             .entries()

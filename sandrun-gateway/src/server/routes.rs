@@ -59,6 +59,8 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
         (["status", id], Method::GET) => status(&state, id),
         (["logs", id], Method::GET) => logs(&state, id),
         (["outputs", id], Method::GET) => outputs::list(&state, id),
+        // The original trusted-pool coordinator fetches a file here.
+        (["outputs", id, file], Method::GET) => outputs::file(&state, id, file),
         (["download", id], Method::GET) => outputs::tarball(&state, id).await,
         (["download", id, file], Method::GET) => outputs::file(&state, id, file),
         (["jobs", id], Method::DELETE) => delete(&state, id),
@@ -76,7 +78,7 @@ fn wrong_method_or_unknown(segments: &[&str]) -> ApiError {
         [""] | ["stats" | "environments" | "health" | "metrics" | "ui"] | ["ui", _] => "GET",
         ["submit"] => "POST",
         ["status" | "logs" | "outputs" | "ws" | "stream", _] => "GET",
-        ["download", _] | ["download", _, _] => "GET",
+        ["download", _] | ["download" | "outputs", _, _] => "GET",
         ["jobs", _] => "DELETE",
         _ => return ApiError::not_found("endpoint"),
     };
@@ -103,9 +105,13 @@ pub fn client_key<B>(state: &AppState, peer: SocketAddr, req: &Request<B>) -> Cl
 fn service_info(state: &AppState) -> Response<Body> {
     let c = &state.config;
     let body = json!({
-        "service": "sandrun-gateway",
+        // The original clients' connection test checks for "sandrun".
+        "service": "sandrun",
+        "gateway": "sandrun-gateway",
+        "status": "running",
         "version": VERSION,
         "worker_id": state.worker_key.worker_id(),
+        "worker_id_hex": state.worker_key.worker_id_hex(),
         "limits": {
             "max_upload_bytes": c.max_body_bytes,
             "max_timeout_s": c.policy.max_timeout_s,
@@ -122,7 +128,8 @@ fn service_info(state: &AppState) -> Response<Body> {
         "environments": c.policy.environments,
         "endpoints": [
             "GET /", "POST /submit", "GET /status/{id}", "GET /logs/{id}", "GET /outputs/{id}",
-            "GET /download/{id}", "GET /download/{id}/{path}", "DELETE /jobs/{id}", "GET /stats",
+            "GET /outputs/{id}/{path}", "GET /download/{id}", "GET /download/{id}/{path}",
+            "DELETE /jobs/{id}", "GET /stats",
             "GET /environments", "GET /health", "GET /metrics", "GET /ws/{id}", "GET /stream/{id}",
         ],
     });
@@ -136,16 +143,22 @@ fn service_info(state: &AppState) -> Response<Body> {
 
 fn environments(state: &AppState) -> Response<Body> {
     let c = &state.config.policy;
-    json(
-        StatusCode::OK,
-        &json!({ "environments": c.environments, "interpreters": c.interpreters }),
-    )
+    // `templates` and `stats` are the original's names for the same list.
+    let body = json!({
+        "environments": c.environments,
+        "interpreters": c.interpreters,
+        "templates": c.environments,
+        "stats": { "total_templates": c.environments.len() },
+    });
+    json(StatusCode::OK, &body)
 }
 
 fn health(state: &AppState) -> Response<Body> {
     let body = json!({
-        "status": "ok",
+        // The original's value; a pool coordinator compares `worker_id` with its configuration.
+        "status": "healthy",
         "worker_id": state.worker_key.worker_id(),
+        "worker_id_hex": state.worker_key.worker_id_hex(),
         "version": VERSION,
     });
     json(StatusCode::OK, &body)
@@ -161,15 +174,29 @@ fn metrics(state: &AppState) -> Response<Body> {
 }
 
 fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
-    let quota = state.limiter().quota(*client, Instant::now());
+    let now = Instant::now();
+    let quota = state.limiter().quota(*client, now);
+    let refusal = state.limiter().check(*client, now).err();
     let counts = state.jobs.counts();
+    #[allow(clippy::cast_precision_loss)] // a display value
+    let cpu_limit = quota.cpu_seconds_per_minute_limit as f64;
     let body = json!({
         "client": client.to_string(),
         "quota": quota,
+        // The original's shape of the same numbers (CPU seconds in the sliding minute).
+        "your_quota": {
+            "used": quota.cpu_seconds_last_minute,
+            "limit": cpu_limit,
+            "available": (cpu_limit - quota.cpu_seconds_last_minute).max(0.0),
+            "active_jobs": quota.active_jobs,
+            "can_submit": refusal.is_none(),
+            "reason": refusal.map_or("", |r| r.kind.as_str()),
+        },
         "system": {
             "queue_length": counts.queued,
             "queue_capacity": counts.queue_capacity,
             "running": counts.running,
+            "active_jobs": counts.running,
             "max_running": state.config.max_running,
             "finished_held": counts.finished,
             "memory_used_bytes": state.jobs.budget().used(),
@@ -491,7 +518,10 @@ struct OutputFileInfo {
 
 fn status(state: &AppState, id: &str) -> ApiResult {
     let id = job_id(id)?;
-    let worker_id = state.worker_key.worker_id();
+    let worker_id = [
+        state.worker_key.worker_id(),
+        state.worker_key.worker_id_hex(),
+    ];
     state
         .jobs
         .with_job(id, |job, position| {
@@ -500,7 +530,8 @@ fn status(state: &AppState, id: &str) -> ApiResult {
         .ok_or_else(|| ApiError::not_found("job"))
 }
 
-fn status_body(job: &Job, position: Option<usize>, worker_id: &str) -> serde_json::Value {
+/// `worker_id`: the public key in base64 (the original's form) and in hex.
+fn status_body(job: &Job, position: Option<usize>, worker_id: &[String; 2]) -> serde_json::Value {
     let exit = job.exit.as_ref();
     #[allow(clippy::cast_precision_loss)] // display values; exact integers are alongside
     let metadata = ExecutionMetadata {
@@ -534,6 +565,15 @@ fn status_body(job: &Job, position: Option<usize>, worker_id: &str) -> serde_jso
         "reason": job.reason.map(sandrun_ipc::ExitReason::as_str),
         "message": job.message,
         "queue_position": position,
+        // The original frontends and MCP server read these summaries.
+        "metrics": {
+            "cpu_seconds": metadata.cpu_seconds,
+            "memory_mb": metadata.memory_peak_mb,
+            "wall_time_ms": metadata.wall_time_ms,
+        },
+        "cpu_seconds": metadata.cpu_seconds,
+        "memory_bytes": metadata.memory_peak_bytes,
+        "wall_time": metadata.wall_time_ms,
         "execution_metadata": metadata,
         "cpu_ms": exit.map(|e| e.cpu_ms),
         "job_hash": hex::encode(job.info.job_hash),
@@ -541,7 +581,8 @@ fn status_body(job: &Job, position: Option<usize>, worker_id: &str) -> serde_jso
         "skipped_outputs": job.skipped,
         "completed_at": job.completed_at_unix,
         "worker_metadata": {
-            "worker_id": worker_id,
+            "worker_id": worker_id[0],
+            "worker_id_hex": worker_id[1],
             "signature": job.signature,
         },
     })

@@ -1,7 +1,7 @@
 //! TLS configuration: rustls only, TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`.
 //!
 //! Either a certificate chain and key from PEM files, or (`--dev`) a self-signed certificate for
-//! `localhost` generated in memory and never written to disk.
+//! `localhost` generated in memory (its key never written to disk).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -79,14 +79,16 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsE
     build(certs, key)
 }
 
-/// Generates a self-signed certificate for `localhost`, `127.0.0.1` and `::1`, in memory.
+/// Generates a self-signed certificate for `localhost`, `127.0.0.1` and `::1`, in memory. Like an
+/// installation's certificate it has a unique subject and a subject key identifier, so a client
+/// that trusts several development gateways at once (a pool coordinator with two workers) can
+/// tell their certificates apart.
 pub fn dangerous_dev_cert() -> Result<DevCert, TlsError> {
     let names = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
-    let generated =
-        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
-    let cert_der = generated.cert.der().clone();
-    let cert_pem = generated.cert.pem();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(generated.key_pair.serialize_der()));
+    let (cert, key_pair) = unique_self_signed(&names, "dev")?;
+    let cert_der = cert.der().clone();
+    let cert_pem = cert.pem();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pair.serialize_der()));
     let config = build(vec![cert_der.clone()], key)?;
     Ok(DevCert {
         config,
@@ -100,6 +102,17 @@ pub fn dangerous_dev_cert() -> Result<DevCert, TlsError> {
 /// never present the same issuer and subject to a client that pinned one), a subject key
 /// identifier, and a random serial number. Returns (certificate PEM, private key PEM).
 pub fn self_signed_pem(names: &[String], host: &str) -> Result<(String, String), TlsError> {
+    let (cert, key) = unique_self_signed(names, host)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// The certificate of [`self_signed_pem`] and [`dangerous_dev_cert`]: subject
+/// `CN=sandrun HOST SERIAL`, a random positive serial, a SHA-256 subject key identifier, a leaf
+/// for server authentication.
+fn unique_self_signed(
+    names: &[String],
+    host: &str,
+) -> Result<(rcgen::Certificate, rcgen::KeyPair), TlsError> {
     use rand::RngCore as _;
     let gen = |e: rcgen::Error| TlsError::Generate(e.to_string());
     let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(gen)?;
@@ -120,7 +133,7 @@ pub fn self_signed_pem(names: &[String], host: &str) -> Result<(String, String),
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let key = rcgen::KeyPair::generate().map_err(gen)?;
     let cert = params.self_signed(&key).map_err(gen)?;
-    Ok((cert.pem(), key.serialize_pem()))
+    Ok((cert, key))
 }
 
 fn build(
@@ -189,6 +202,20 @@ mod tests {
         assert!(ders[0]
             .windows(5)
             .any(|w| w == [0x06, 0x03, 0x55, 0x1d, 0x0e]));
+    }
+
+    #[test]
+    fn given_two_dev_certs_then_their_subjects_differ_and_each_has_a_key_identifier() {
+        let ders =
+            [dangerous_dev_cert().unwrap(), dangerous_dev_cert().unwrap()].map(|d| d.cert_der);
+        let cn = |der: &[u8]| {
+            let at = der.windows(12).position(|w| w == b"sandrun dev ").unwrap();
+            der[at..at + 28].to_vec()
+        };
+        assert_ne!(cn(&ders[0]), cn(&ders[1]));
+        for der in &ders {
+            assert!(der.windows(5).any(|w| w == [0x06, 0x03, 0x55, 0x1d, 0x0e]));
+        }
     }
 
     #[test]

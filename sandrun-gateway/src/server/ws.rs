@@ -18,6 +18,8 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use hyper::body::Incoming;
 use hyper::Request;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
 use hyper_tungstenite::tungstenite::Message;
 use hyper_tungstenite::HyperWebsocketStream;
@@ -97,7 +99,10 @@ async fn stream_events(
         let Some((events, _job_charge)) = state.jobs.events_since(id, cursor) else {
             let gone = json!({"type": "error", "error": "the job was deleted"});
             let _ = ws.send(Message::text(gone.to_string())).await;
-            break;
+            let _ = ws
+                .close(Some(close_frame(CloseCode::Away, "job deleted")))
+                .await;
+            return;
         };
         cursor += events.len();
         // The new events are queued, then written together (one TLS record, one system call),
@@ -121,7 +126,9 @@ async fn stream_events(
             }
             if matches!(event, JobEvent::Exit(_)) {
                 // Closing flushes what is queued, the close frame included.
-                let _ = ws.close(None).await;
+                let _ = ws
+                    .close(Some(close_frame(CloseCode::Normal, "job finished")))
+                    .await;
                 return;
             }
         }
@@ -144,7 +151,14 @@ async fn stream_events(
             },
         }
     }
-    let _ = ws.close(None).await;
+}
+
+/// A close frame with a code, so a client never sees 1005 ("no status").
+fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame<'static> {
+    CloseFrame {
+        code,
+        reason: reason.into(),
+    }
 }
 
 /// Queues one message, charged to the subscriber first. When the backlog is full or the charge
@@ -164,7 +178,9 @@ async fn queue(
             let full = json!({"type": "error",
                               "error": "the gateway's memory budget is full: reconnect later"});
             let _ = ws.send(Message::text(full.to_string())).await;
-            let _ = ws.close(None).await;
+            let _ = ws
+                .close(Some(close_frame(CloseCode::Again, "memory budget full")))
+                .await;
             return Err(());
         }
     }

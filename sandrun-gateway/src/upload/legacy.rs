@@ -5,12 +5,19 @@
 //! Path: NAME\n
 //! Size: N\n
 //! \n
-//! <exactly N bytes>
+//! <the record's bytes>
 //! ```
 //!
 //! One or more records follow each other; newlines between records and at the end are ignored.
 //! `N` is decimal digits only. Each record is then treated like a `files` part named `NAME`: an
 //! archive name is expanded, any other name is one file.
+//!
+//! `Size` is a hint, as it was for the original server (which ignored it): the original MCP
+//! server counts it in characters, not bytes, so non-ASCII code disagrees with it. `N` is taken
+//! when it ends the record where a record may end (the end of the body, or newlines and the next
+//! `----Tar`); otherwise the record runs to the next `\n----Tar\nPath: ` or to the end of the
+//! body. Every bound still holds: the body itself is within the upload's size cap and memory
+//! charge, and the number of records within the entry cap.
 
 use bytes::Bytes;
 
@@ -46,20 +53,31 @@ pub fn parse(
             )));
         }
         let (name, size, body_start) = parse_header(upload, data, pos, limits)?;
-        let end = body_start
-            .checked_add(size)
-            .filter(|end| *end <= data.len())
-            .ok_or_else(|| {
-                UploadError::entry(
-                    upload,
-                    &name,
-                    format!("declares {size} bytes, body is shorter"),
-                )
-            })?;
+        let end = record_end(data, body_start, size);
         records.push((name, data.slice(body_start..end)));
         pos = end;
     }
 }
+
+/// Where the record whose bytes start at `start` ends: after its declared `size` if a record
+/// may end there, else before the next record separator or at the end of `data`.
+fn record_end(data: &[u8], start: usize, size: usize) -> usize {
+    let declared = start.checked_add(size).filter(|end| *end <= data.len());
+    if let Some(end) = declared {
+        let after = &data[end..];
+        let skipped = after.iter().take_while(|&&b| b == b'\n').count();
+        if after.is_empty() || after[skipped..].starts_with(MAGIC) {
+            return end;
+        }
+    }
+    let rest = &data[start..];
+    rest.windows(SEPARATOR.len())
+        .position(|w| w == SEPARATOR)
+        .map_or(data.len(), |at| start + at)
+}
+
+/// What separates a record from the next one when `Size` is not believed.
+const SEPARATOR: &[u8] = b"\n----Tar\nPath: ";
 
 /// Parses `----Tar\nPath: NAME\nSize: N\n\n` at `pos`; returns the name, size and body offset.
 fn parse_header(
@@ -127,10 +145,44 @@ mod tests {
     }
 
     #[test]
-    fn given_a_size_larger_than_the_body_then_the_entry_is_named() {
-        let e = parse_str("----Tar\nPath: x.py\nSize: 99\n\nshort").unwrap_err();
-        assert!(e.message().contains("x.py"), "{}", e.message());
-        assert_eq!(e.status(), 400);
+    fn given_a_size_in_characters_then_the_record_is_the_whole_body_as_the_original_read_it() {
+        // The original MCP server: `Size: {len(code)}`, characters, for UTF-8 code.
+        let code = "print('héllo wörld ✓')\nprint(2)";
+        let body = format!(
+            "----Tar\nPath: main.py\nSize: {}\n\n{code}",
+            code.chars().count()
+        );
+        let r = parse_str(&body).unwrap();
+        assert_eq!(r, [("main.py".to_owned(), Bytes::from(code.to_owned()))]);
+        // A size larger than the body is a hint too.
+        let r = parse_str("----Tar\nPath: x.py\nSize: 99\n\nshort").unwrap();
+        assert_eq!(r[0].1, Bytes::from_static(b"short"));
+    }
+
+    #[test]
+    fn given_wrong_sizes_in_two_records_then_each_ends_at_the_next_record() {
+        let r =
+            parse_str("----Tar\nPath: a\nSize: 1\n\né1\n----Tar\nPath: b\nSize: 1\n\nü2").unwrap();
+        assert_eq!(r[0], ("a".to_owned(), Bytes::from("é1".to_owned())));
+        assert_eq!(r[1], ("b".to_owned(), Bytes::from("ü2".to_owned())));
+    }
+
+    #[test]
+    fn given_an_exact_size_then_a_record_may_hold_a_separator() {
+        let inner = "x\n----Tar\nPath: y\n";
+        let body = format!("----Tar\nPath: a\nSize: {}\n\n{inner}", inner.len());
+        let r = parse_str(&body).unwrap();
+        assert_eq!(r, [("a".to_owned(), Bytes::from(inner.to_owned()))]);
+    }
+
+    #[test]
+    fn given_more_records_than_the_entry_cap_then_they_are_refused() {
+        let limits = UploadLimits {
+            max_files: 2,
+            ..UploadLimits::default()
+        };
+        let body = "----Tar\nPath: a\nSize: 9\n\nA\n".repeat(3);
+        assert!(parse("body", &Bytes::from(body), &limits).is_err());
     }
 
     #[test]
@@ -141,7 +193,6 @@ mod tests {
             "----Tar\nName: a\nSize: 1\n\nA",
             "----Tar\nPath: a\nSize: 1\nA",
             "----Tar\nPath: a\nSize: 99999999999999999999999\n\nA",
-            "----Tar\nPath: a\nSize: 1\n\nAjunk",
         ] {
             assert!(parse_str(bad).is_err(), "{bad:?} accepted");
         }

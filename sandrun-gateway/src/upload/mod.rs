@@ -6,8 +6,9 @@
 //! 2. Each `files` part becomes bundle entries: a `.tar.gz`/`.tgz` or `.zip` is expanded with
 //!    every cap checked before the bytes are produced ([`archive`]); any other part is one file
 //!    whose filename may carry a relative path.
-//! 3. The manifest (the `manifest` part, else `job.json` in the upload, else `{}` with an
-//!    auto-detected entry point) is validated against the policy and the files.
+//! 3. An upload whose root holds exactly one directory and nothing else has that directory as
+//!    its root. The manifest (the `manifest` part, else `job.json` in the upload, else `{}` with
+//!    an auto-detected entry point) is validated against the policy and the files.
 //! 4. The job hash is computed over the canonical manifest and every input file.
 //!
 //! Steps 2 to 4 are CPU-bound and run on tokio's blocking pool, at the same time as step 1: the
@@ -427,8 +428,19 @@ fn finish(
     builder: BundleBuilder,
     policy: &ManifestPolicy,
 ) -> Result<Submission, UploadError> {
-    let raw = match (&manifest, builder.file_data("job.json")) {
-        (Some(json), _) => RawManifest::parse(json)?,
+    let mut builder = builder;
+    let from_part = manifest.as_deref().map(RawManifest::parse).transpose()?;
+    // A project in one top-level folder is that folder, unless the manifest names its entry
+    // point by the full path (`project/main.py`).
+    let named_in_place = from_part
+        .as_ref()
+        .and_then(RawManifest::entrypoint)
+        .is_some_and(|e| builder.has_file(e));
+    if !named_in_place {
+        builder.lift_single_root_dir();
+    }
+    let raw = match (from_part, builder.file_data("job.json")) {
+        (Some(raw), _) => raw,
         (None, Some(json)) => RawManifest::parse(json)?,
         (None, None) => RawManifest::default(),
     };

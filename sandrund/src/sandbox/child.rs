@@ -184,6 +184,8 @@ fn prepare_landlock(bound_dirs: &[&'static str]) -> Result<PreparedRuleset, Setu
         read_exec: &read_exec,
         read_write: &read_write,
         devices: &devices,
+        // `ls /` (the original's jobs could): names only, no new file can be opened.
+        list_only: &[Path::new("/")],
     };
     landlock::prepare(&rules).map_err(|msg| fail(SetupStep::Landlock, 0, msg))
 }

@@ -1,5 +1,6 @@
 //! Landlock for the job: read and execute on the system binds, read-write only on the work
-//! directory, `/tmp` and `/dev/shm`, plus abstract-socket and signal scoping where the kernel's
+//! directory, `/tmp` and `/dev/shm`, listing (names only) of `/` and the directories below it
+//! (so `ls /` works; file modes still keep the helper's own directories closed), plus abstract-socket and signal scoping where the kernel's
 //! ABI has them. Fails closed: if the kernel cannot enforce the rules, the job does not run.
 //!
 //! The ruleset handles every filesystem right of the best ABI the running kernel supports
@@ -25,6 +26,9 @@ pub struct LandlockRules<'a> {
     pub read_write: &'a [&'a Path],
     /// Device files that may be read and written (`/dev/null` and friends).
     pub devices: &'a [&'a Path],
+    /// Directories whose entries may be listed, and those of the directories below them:
+    /// `ReadDir` only, so names can be seen but nothing new can be opened, read or run.
+    pub list_only: &'a [&'a Path],
 }
 
 /// Restricts the calling process. `NO_NEW_PRIVS` must already be set.
@@ -46,6 +50,7 @@ pub fn prepare(rules: &LandlockRules<'_>) -> Result<PreparedRuleset, String> {
     created = add_rules(created, abi, rules.read_exec, read_exec_access())?;
     created = add_rules(created, abi, rules.read_write, AccessFs::from_all(abi))?;
     created = add_rules(created, abi, rules.devices, device_access(abi))?;
+    created = add_rules(created, abi, rules.list_only, AccessFs::ReadDir.into())?;
     Ok(PreparedRuleset { created, abi })
 }
 
@@ -240,6 +245,7 @@ mod tests {
             read_exec: &[usr],
             read_write: &[work],
             devices: &[dev_null],
+            list_only: &[],
         };
         let status = run_restricted(&rules, || {
             let create = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
@@ -327,6 +333,7 @@ mod tests {
             read_exec: &[usr],
             read_write: &[],
             devices: &[],
+            list_only: &[],
         };
         let status = run_restricted(&rules, || {
             // SAFETY: signal 0 only checks permission; getppid has no arguments.
@@ -350,6 +357,7 @@ mod tests {
             read_exec: &[usr],
             read_write: &[],
             devices: &[],
+            list_only: &[],
         };
         let sun = abstract_sockaddr(name.as_bytes());
         let status = run_restricted(&rules, || connect_errno(&sun, name.len()));
@@ -393,6 +401,7 @@ mod tests {
             read_exec: &[missing],
             read_write: &[],
             devices: &[],
+            list_only: &[],
         };
         let status = run_restricted(&rules, || ALL_CHECKS_PASSED);
         assert_eq!(

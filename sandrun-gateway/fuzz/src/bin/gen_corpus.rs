@@ -311,8 +311,13 @@ fn legacy_seeds() -> Seeds {
             b"----Tar\nPath: main.py\nSize: 0\n\n\n\n".to_vec(),
         ),
         (
-            "bad-short-body",
-            b"----Tar\nPath: main.py\nSize: 99\n\nshort".to_vec(),
+            // The original MCP server counts Size in characters (here 11 for 13 bytes).
+            "ok-size-in-characters",
+            "----Tar\nPath: main.py\nSize: 11\n\nprint('éé')".as_bytes().to_vec(),
+        ),
+        (
+            "bad-no-blank-line",
+            b"----Tar\nPath: main.py\nSize: 1\nA".to_vec(),
         ),
         (
             "bad-size",
