@@ -134,9 +134,17 @@ pub struct RawManifest {
     memory_mb: Option<u64>,
     cpu_seconds: Option<u64>,
     requirements: Option<serde_json::Value>,
+    /// The job's standard input as text (the `stdin` form part carries bytes). Not part of
+    /// the canonical manifest: the job hash covers it on a line of its own.
+    stdin: Option<String>,
 }
 
 impl RawManifest {
+    /// Takes the `stdin` field out (the upload checks its size and where else stdin came from).
+    pub fn take_stdin(&mut self) -> Option<String> {
+        self.stdin.take()
+    }
+
     /// Parses JSON, naming the field of any error.
     pub fn parse(json: &[u8]) -> Result<RawManifest, ManifestError> {
         if json.len() > MAX_MANIFEST_BYTES {

@@ -11,6 +11,7 @@ mod outputs;
 mod phases;
 pub mod response;
 mod routes;
+mod run;
 mod text;
 pub mod tls;
 mod ws;

@@ -24,7 +24,7 @@ use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::{timed_body, BodyPace, BodyVerdict};
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
 use crate::server::text::base64;
-use crate::server::{outputs, ws, ConnInfo};
+use crate::server::{outputs, run, ws, ConnInfo};
 use crate::upload::slots::SlotRefused;
 use crate::upload::{parse_submission, UploadError};
 
@@ -52,7 +52,8 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
     let method = req.method().clone();
     match (segments.as_slice(), method) {
         ([""], Method::GET) => Ok(service_info(&state)),
-        (["submit"], Method::POST) => submit(&state, conn.peer, req).await,
+        (["submit"], Method::POST) => submit(&state, conn.peer, req).await.map(|(_, r)| r),
+        (["run"], Method::POST) => run::run(&state, conn.peer, req).await,
         (["status", id], Method::GET) => status(&state, id),
         (["logs", id], Method::GET) => logs(&state, id),
         (["outputs", id], Method::GET) => outputs::list(&state, id),
@@ -71,7 +72,7 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
 fn wrong_method_or_unknown(segments: &[&str]) -> ApiError {
     let allow = match segments {
         [""] | ["stats" | "environments" | "health" | "metrics"] => "GET",
-        ["submit"] => "POST",
+        ["submit" | "run"] => "POST",
         ["status" | "logs" | "outputs" | "ws" | "stream", _] => "GET",
         ["download", _] | ["download", _, _] => "GET",
         ["jobs", _] => "DELETE",
@@ -118,7 +119,7 @@ fn service_info(state: &AppState) -> Response<Body> {
         "interpreters": c.policy.interpreters,
         "environments": c.policy.environments,
         "endpoints": [
-            "GET /", "POST /submit", "GET /status/{id}", "GET /logs/{id}", "GET /outputs/{id}",
+            "GET /", "POST /submit", "POST /run", "GET /status/{id}", "GET /logs/{id}", "GET /outputs/{id}",
             "GET /download/{id}", "GET /download/{id}/{path}", "DELETE /jobs/{id}", "GET /stats",
             "GET /environments", "GET /health", "GET /metrics", "GET /ws/{id}", "GET /stream/{id}",
         ],
@@ -175,8 +176,13 @@ fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
     json(StatusCode::OK, &body)
 }
 
-/// `POST /submit`: quotas first (cheap), then the upload, then the queue.
-async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> ApiResult {
+/// `POST /submit` (and the first half of `POST /run`): quotas first (cheap), then the upload,
+/// then the queue. Returns the queued job's id and the answer to `/submit`.
+pub(super) async fn submit(
+    state: &Arc<AppState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<(JobId, Response<Body>), ApiError> {
     let client = client_key(state, peer, &req);
     let http = &state.config.http;
     let idle = BodyPace::idle_only(Duration::from_millis(http.body_idle_timeout_ms));
@@ -255,15 +261,22 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
             return Err(ApiError::new(status, e.message()));
         }
     };
-    // Exactly the bundle's bytes stay charged (the parser charged each of them once).
-    let total = submission.bundle.total_bytes();
+    // Exactly the bundle's and the stdin's bytes stay charged (the parser charged each byte of
+    // the files and of a stdin part once; a manifest's stdin text is charged here).
+    let total = submission.bundle.total_bytes() + submission.stdin.len() as u64;
     let held = reservation.bytes();
     reservation.shrink(held.saturating_sub(total));
     reservation
         .try_grow(total.saturating_sub(held))
         .map_err(|full| budget_refusal(state, full))?;
     let id = JobId::random();
-    let (spec, files) = job_spec(&submission.manifest, &submission.bundle, id.to_string());
+    let stdin_bytes = submission.stdin.len() as u64;
+    let (spec, files) = job_spec(
+        &submission.manifest,
+        &submission.bundle,
+        stdin_bytes,
+        id.to_string(),
+    );
     let info = JobInfo {
         interpreter: submission.manifest.interpreter.clone(),
         environment: submission.manifest.environment.clone(),
@@ -277,6 +290,7 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         PendingJob {
             spec,
             files,
+            stdin: submission.stdin,
             reservation,
         },
         held,
@@ -306,7 +320,7 @@ fn upload_refusal(state: &AppState, refused: SlotRefused) -> ApiError {
 /// Reads what is left of a small refused body (at most 64 KiB, for at most one second) before the
 /// refusal is sent. Answering while the client is still sending makes HTTP/2 reset the stream
 /// after the response, which some clients (curl 7.88) report as an error instead of showing it.
-async fn drain_small_body<S>(body: &mut S)
+pub(super) async fn drain_small_body<S>(body: &mut S)
 where
     S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>> + Unpin,
 {
@@ -334,7 +348,11 @@ where
     let _ = tokio::time::timeout(time, drain).await;
 }
 
-fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
+fn enqueue(
+    state: &Arc<AppState>,
+    client: ClientKey,
+    job: Job,
+) -> Result<(JobId, Response<Body>), ApiError> {
     let id = job.id;
     let quota = state
         .limiter()
@@ -356,7 +374,7 @@ fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
     let body = json!({ "job_id": id.to_string(), "status": "queued", "queue_position": position });
     let mut response = json(StatusCode::OK, &body);
     response.headers_mut().extend(quota_headers(quota));
-    Ok(response)
+    Ok((id, response))
 }
 
 /// The answer to a refused memory reservation: 503 when the whole budget is taken, 429 when the
@@ -492,7 +510,11 @@ fn status(state: &AppState, id: &str) -> ApiResult {
         .ok_or_else(|| ApiError::not_found("job"))
 }
 
-fn status_body(job: &Job, position: Option<usize>, worker_id: &str) -> serde_json::Value {
+pub(super) fn status_body(
+    job: &Job,
+    position: Option<usize>,
+    worker_id: &str,
+) -> serde_json::Value {
     let exit = job.exit.as_ref();
     #[allow(clippy::cast_precision_loss)] // display values; exact integers are alongside
     let metadata = ExecutionMetadata {
