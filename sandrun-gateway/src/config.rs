@@ -516,6 +516,20 @@ mod tests {
     }
 
     #[test]
+    fn given_a_run_wait_cap_the_connection_lifetime_would_cut_then_validation_refuses_it() {
+        let mut config = Config::default();
+        assert_eq!(
+            (config.run_max_wait_s, config.max_stdin_bytes),
+            (60, 1 << 20)
+        );
+        config.run_max_wait_s = config.http.max_connection_s;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("run_max_wait_s"), "{err}");
+        config.run_max_wait_s -= 1;
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
     fn given_zero_queue_capacity_then_validation_refuses_it() {
         let config = Config {
             queue_capacity: 0,
