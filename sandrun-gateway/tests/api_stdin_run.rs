@@ -182,3 +182,18 @@ async fn given_run_then_the_quotas_and_limits_of_submit_apply() {
     assert_eq!(reply.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(reply.header("allow"), Some("POST"));
 }
+
+#[tokio::test]
+async fn given_a_wait_longer_than_every_idle_timeout_then_the_connection_stays_for_the_answer() {
+    let gw = TestGateway::start_with(|c| {
+        c.http.body_idle_timeout_ms = 200;
+        c.http.keep_alive_timeout_ms = 200;
+        c.http.header_timeout_ms = 200;
+    })
+    .await;
+    let reply = gw
+        .post_form("/run?wait=10", &Multipart::script("sleep 1200\nout waited"))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["stdout"], "waited\n");
+}
