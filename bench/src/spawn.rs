@@ -177,6 +177,7 @@ fn true_spec() -> JobSpec {
         template: None,
         network: NetworkPolicy::None,
         label: "bench".to_owned(),
+        stdin_bytes: 0,
     }
 }
 

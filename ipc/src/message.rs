@@ -9,7 +9,7 @@ use crate::error::IpcError;
 use crate::validate::{BundlePath, OutputPattern, PrintablePath};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Who a connecting client claims to be. The helper checks the claim against `SO_PEERCRED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +110,10 @@ pub struct JobSpec {
     pub network: NetworkPolicy,
     /// A label for logs and `ps` (for example the gateway's job id). Never interpreted.
     pub label: String,
+    /// Bytes of the job's standard input. They follow the bundle's file contents in the bundle
+    /// stream; the job's fd 0 reads exactly them, then end of file. 0 means `/dev/null`.
+    /// At most the helper's `max_stdin_bytes`, and counted against `tmpfs_bytes`.
+    pub stdin_bytes: u64,
 }
 
 /// Admin requests (role [`Role::Admin`]).
@@ -125,8 +129,8 @@ pub enum AdminRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
     Hello(Hello),
-    /// Starts a job. Followed by exactly as many bundle bytes as the spec's files declare, in
-    /// [`Request::BundleChunk`]s, then [`Request::BundleEnd`].
+    /// Starts a job. Followed by exactly as many bundle bytes as the spec's files declare plus
+    /// its `stdin_bytes`, in [`Request::BundleChunk`]s, then [`Request::BundleEnd`].
     Submit(Box<JobSpec>),
     BundleChunk(#[serde(with = "crate::bytes")] Vec<u8>),
     BundleEnd,

@@ -245,6 +245,11 @@ pub struct Config {
     pub max_concurrent_uploads: usize,
     /// Milliseconds an upload waits for a slot before it is refused with 503 and `Retry-After`.
     pub upload_wait_ms: u64,
+    /// Bytes of a job's standard input (the `stdin` part or `manifest.stdin`); 413 past it.
+    pub max_stdin_bytes: u64,
+    /// The longest a `POST /run` waits for its job to end, in seconds; a client's `wait` is
+    /// cut to it. Less than `http.max_connection_s`, which would close the connection first.
+    pub run_max_wait_s: u64,
     pub client_limits: ClientLimits,
     pub client_shares: ClientShares,
     pub retention: Retention,
@@ -281,6 +286,8 @@ impl Default for Config {
             max_body_bytes: 100 << 20,
             max_concurrent_uploads: 32,
             upload_wait_ms: 10_000,
+            max_stdin_bytes: crate::upload::DEFAULT_MAX_STDIN_BYTES,
+            run_max_wait_s: 60,
             client_limits: ClientLimits::default(),
             client_shares: ClientShares::default(),
             retention: Retention::default(),
@@ -383,6 +390,10 @@ impl Config {
             (
                 self.retention.log_bytes == 0,
                 "retention.log_bytes must be at least 1",
+            ),
+            (
+                self.run_max_wait_s >= self.http.max_connection_s,
+                "run_max_wait_s must be less than http.max_connection_s",
             ),
         ];
         let bad = checks.iter().find(|(bad, _)| *bad).map(|(_, m)| *m);
@@ -513,6 +524,20 @@ mod tests {
         let mut config = Config::default();
         config.http.min_body_bytes_per_s = 0;
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn given_a_run_wait_cap_the_connection_lifetime_would_cut_then_validation_refuses_it() {
+        let mut config = Config::default();
+        assert_eq!(
+            (config.run_max_wait_s, config.max_stdin_bytes),
+            (60, 1 << 20)
+        );
+        config.run_max_wait_s = config.http.max_connection_s;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("run_max_wait_s"), "{err}");
+        config.run_max_wait_s -= 1;
+        assert!(config.validate().is_ok());
     }
 
     #[test]

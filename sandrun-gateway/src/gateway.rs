@@ -67,6 +67,7 @@ impl AppState {
             policy: manifest_policy(&config),
             upload_limits: UploadLimits {
                 max_body_bytes: config.max_body_bytes,
+                max_stdin_bytes: config.max_stdin_bytes,
                 ..UploadLimits::default()
             },
             uploads: UploadSlots::new(

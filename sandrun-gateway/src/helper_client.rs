@@ -118,9 +118,14 @@ impl HelperError {
     }
 }
 
-/// Builds the helper's job spec from a validated manifest and bundle. Returns the spec and the
-/// file contents in entry order.
-pub fn job_spec(manifest: &Manifest, bundle: &Bundle, label: String) -> (JobSpec, Vec<Bytes>) {
+/// Builds the helper's job spec from a validated manifest and bundle, with `stdin_bytes` of
+/// stdin. Returns the spec and the file contents in entry order.
+pub fn job_spec(
+    manifest: &Manifest,
+    bundle: &Bundle,
+    stdin_bytes: u64,
+    label: String,
+) -> (JobSpec, Vec<Bytes>) {
     let limits = Limits {
         wall_ms: Some(manifest.timeout_s.saturating_mul(1000)),
         memory_bytes: Some(manifest.memory_mb.saturating_mul(1 << 20)),
@@ -137,6 +142,7 @@ pub fn job_spec(manifest: &Manifest, bundle: &Bundle, label: String) -> (JobSpec
         template: manifest.environment.clone(),
         network: NetworkPolicy::None,
         label,
+        stdin_bytes,
     };
     let files = bundle.files().iter().map(|f| f.data.clone()).collect();
     (spec, files)
@@ -270,6 +276,15 @@ async fn send_bundle(channel: &mut Channel, pending: &PendingJob) -> Result<(), 
             )
             .await?;
         }
+    }
+    // The stdin bytes follow the files' (protocol version 3).
+    for chunk in pending.stdin.chunks(MAX_CHUNK_BYTES) {
+        send(
+            channel,
+            Request::BundleChunk(chunk.to_vec()),
+            "sending stdin",
+        )
+        .await?;
     }
     send(channel, Request::BundleEnd, "ending the bundle").await
 }

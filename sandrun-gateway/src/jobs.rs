@@ -128,6 +128,8 @@ pub struct PendingJob {
     pub spec: JobSpec,
     /// File contents in bundle entry order.
     pub files: Vec<Bytes>,
+    /// The job's stdin (`spec.stdin_bytes` of them), sent after the files.
+    pub stdin: Bytes,
     pub reservation: Reservation,
 }
 
@@ -816,6 +818,7 @@ mod tests {
             template: None,
             network: sandrun_ipc::NetworkPolicy::None,
             label: String::new(),
+            stdin_bytes: 0,
         }
     }
 
@@ -823,6 +826,7 @@ mod tests {
         let pending = PendingJob {
             spec: spec(),
             files: Vec::new(),
+            stdin: bytes::Bytes::new(),
             reservation: table.budget().empty(client),
         };
         let info = JobInfo {

@@ -134,12 +134,20 @@ pub struct RawManifest {
     memory_mb: Option<u64>,
     cpu_seconds: Option<u64>,
     requirements: Option<serde_json::Value>,
+    /// The job's standard input as text (the `stdin` form part carries bytes). Not part of
+    /// the canonical manifest: the job hash covers it on a line of its own.
+    stdin: Option<String>,
 }
 
 impl RawManifest {
     /// The entry point as written, if any.
     pub fn entrypoint(&self) -> Option<&str> {
         self.entrypoint.as_deref()
+    }
+
+    /// Takes the `stdin` field out (the upload checks its size and where else stdin came from).
+    pub fn take_stdin(&mut self) -> Option<String> {
+        self.stdin.take()
     }
 
     /// Parses JSON, naming the field of any error.

@@ -246,10 +246,11 @@ pub fn canonical_message(c: &ResultClaim) -> Vec<u8> {
 /// <canonical manifest JSON>
 /// files <count>
 /// file <64 hex sha256 of content> <path>      (one line per file, sorted by path bytes)
+/// stdin <64 hex sha256 of the stdin bytes>     (only when the job has stdin)
 /// ```
 ///
 /// Every line ends with `\n`.
-pub fn job_hash(manifest: &Manifest, bundle: &Bundle) -> [u8; 32] {
+pub fn job_hash(manifest: &Manifest, bundle: &Bundle, stdin: &[u8]) -> [u8; 32] {
     let json = manifest.canonical_json();
     let mut h = Sha256::new();
     h.update(format!("{JOB_HASH_DOMAIN}\nmanifest {}\n", json.len()));
@@ -263,6 +264,10 @@ pub fn job_hash(manifest: &Manifest, bundle: &Bundle) -> [u8; 32] {
             hex::encode(digest),
             escape_line(file.path.as_str())
         ));
+    }
+    // Only a job with stdin has this line, so the hash of every other job is unchanged.
+    if !stdin.is_empty() {
+        h.update(format!("stdin {}\n", hex::encode(Sha256::digest(stdin))));
     }
     h.finalize().into()
 }

@@ -140,7 +140,7 @@ async fn given_the_documented_recipe_then_a_client_rebuilds_the_job_hash() {
         );
     }
     assert_eq!(<[u8; 32]>::from(Sha256::digest(&text)), s.job_hash);
-    assert_eq!(job_hash(&s.manifest, &s.bundle), s.job_hash);
+    assert_eq!(job_hash(&s.manifest, &s.bundle, &s.stdin), s.job_hash);
 }
 
 #[test]

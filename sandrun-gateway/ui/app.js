@@ -93,7 +93,7 @@ async function refreshQuota() {
 async function loadServerFacts() {
   try {
     const health = await apiJson("/health");
-    state.workerId = health.worker_id || "";
+    state.workerId = health.worker_id_hex || "";
     if (!$("sig-key").value) $("sig-key").value = state.workerId;
   } catch (e) {
     showError(e);
@@ -618,7 +618,7 @@ async function showSignature(status) {
     $("verify-result").textContent = "This result has no signature.";
     return;
   }
-  const signer = status.worker_metadata.worker_id;
+  const signer = status.worker_metadata.worker_id_hex;
   $("sig-key").value = state.workerId || signer;
   $("sig-message").value = signedMessage(status);
   $("sig-value").value = signature;

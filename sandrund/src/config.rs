@@ -71,6 +71,9 @@ impl LimitSet {
 pub const DEFAULT_WARM_SANDBOXES: u32 = 4;
 /// Each prepared sandbox holds a process, a tmpfs, a network namespace and a cgroup.
 pub const MAX_WARM_SANDBOXES: u32 = 32;
+/// Default cap on one job's standard input (`JobSpec::stdin_bytes`): 16 MiB, above the gateway's
+/// own default of 1 MiB so that the gateway's cap is the one clients meet.
+pub const DEFAULT_MAX_STDIN_BYTES: u64 = 16 << 20;
 
 /// The file as written; every key optional.
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +88,7 @@ struct RawConfig {
     slot_count: Option<u32>,
     mount_point: Option<PathBuf>,
     template_dir: Option<PathBuf>,
+    max_stdin_bytes: Option<u64>,
     maxima: Option<LimitSet>,
     defaults: Option<LimitSet>,
     interpreters: Option<BTreeMap<String, PathBuf>>,
@@ -107,6 +111,8 @@ pub struct Config {
     pub slot_count: u32,
     pub mount_point: PathBuf,
     pub template_dir: PathBuf,
+    /// The most bytes of standard input a job may have (they also count against its tmpfs).
+    pub max_stdin_bytes: u64,
     pub maxima: LimitSet,
     /// Already clamped to `maxima`.
     pub defaults: LimitSet,
@@ -208,6 +214,7 @@ impl Config {
             template_dir: raw
                 .template_dir
                 .unwrap_or_else(|| "/var/lib/sandrun/templates".into()),
+            max_stdin_bytes: raw.max_stdin_bytes.unwrap_or(DEFAULT_MAX_STDIN_BYTES),
             maxima,
             defaults,
             interpreters,

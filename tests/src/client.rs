@@ -35,6 +35,7 @@ impl Job {
                 template: None,
                 network: NetworkPolicy::None,
                 label: "sandrun-tests".to_owned(),
+                stdin_bytes: 0,
             },
             contents: Vec::new(),
         }

@@ -68,6 +68,8 @@ pub enum Part {
     File { filename: String, data: Vec<u8> },
     /// The `manifest` part (a text field, no filename).
     Manifest(String),
+    /// The `stdin` part: the job's standard input (sent as a file, so any bytes).
+    Stdin(Vec<u8>),
 }
 
 impl Part {
@@ -285,7 +287,16 @@ impl Stack {
         self.curl(&all, path)
     }
 
+    /// `POST path` (`/run?wait=1`, ...) as `multipart/form-data` with `parts`.
+    pub fn post_parts(&self, path: &str, parts: &[Part]) -> HttpResponse {
+        self.post_parts_with(&[], path, parts)
+    }
+
     fn submit_with(&self, extra: &[&str], parts: &[Part]) -> HttpResponse {
+        self.post_parts_with(extra, "/submit", parts)
+    }
+
+    fn post_parts_with(&self, extra: &[&str], target: &str, parts: &[Part]) -> HttpResponse {
         let files = tempfile::tempdir_in(self.dir.path()).expect("upload scratch dir");
         let mut args: Vec<String> = Vec::new();
         for (i, part) in parts.iter().enumerate() {
@@ -299,13 +310,17 @@ impl Stack {
                     fs::write(&path, json).expect("write manifest part");
                     format!("manifest=<{}", path.display())
                 }
+                Part::Stdin(data) => {
+                    fs::write(&path, data).expect("write stdin part");
+                    format!("stdin=@{};filename=stdin", path.display())
+                }
             };
             args.push("-F".to_owned());
             args.push(field);
         }
         let mut all: Vec<&str> = extra.to_vec();
         all.extend(args.iter().map(String::as_str));
-        self.curl(&all, "/submit")
+        self.curl(&all, target)
     }
 
     /// Submits `parts` and returns the job id; panics unless the gateway accepted the job.

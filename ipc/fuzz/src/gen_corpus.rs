@@ -49,7 +49,7 @@ fn seeds() -> Result<Seeds, Box<dyn std::error::Error>> {
     for (i, r) in responses.iter().enumerate() {
         out.push((format!("resp-{i:02}"), encode(r)?));
     }
-    out.push(("req-conversation".into(), concat(&requests[..5])?));
+    out.push(("req-conversation".into(), concat(&requests[..6])?));
     out.push(("resp-conversation".into(), concat(&responses[..11])?));
     out.push(("edge-4gib-header".into(), u32::MAX.to_le_bytes().to_vec()));
     let mut truncated = encode(&requests[1])?;
@@ -103,6 +103,7 @@ fn requests() -> Result<Vec<Request>, Box<dyn std::error::Error>> {
         template: Some("python".into()),
         network: NetworkPolicy::None,
         label: "job-1".into(),
+        stdin_bytes: 4,
     };
     Ok(vec![
         Request::Hello(Hello {
@@ -112,6 +113,8 @@ fn requests() -> Result<Vec<Request>, Box<dyn std::error::Error>> {
         Request::Submit(Box::new(spec)),
         Request::BundleChunk(b"print".to_vec()),
         Request::BundleChunk(b"1\n2".to_vec()),
+        // The job's 4 bytes of stdin follow the files' contents.
+        Request::BundleChunk(b"in\n!".to_vec()),
         Request::BundleEnd,
         Request::Cancel,
         Request::Admin(AdminRequest::List),

@@ -156,9 +156,10 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
         vec(output_pattern(), 0..4),
         option::of(text()),
         text(),
+        any::<u64>(),
     )
         .prop_map(
-            |(argv, env, workdir, bundle, limits, outputs, template, label)| JobSpec {
+            |(argv, env, workdir, bundle, limits, outputs, template, label, stdin_bytes)| JobSpec {
                 argv,
                 env,
                 workdir,
@@ -168,6 +169,7 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
                 template,
                 network: NetworkPolicy::None,
                 label,
+                stdin_bytes,
             },
         )
 }

@@ -33,6 +33,7 @@ pub fn limits() -> UploadLimits {
         max_uncompressed_bytes: 256 * 1024,
         max_ratio: 100,
         max_path_bytes: 256,
+        max_stdin_bytes: 4096,
     }
 }
 
@@ -229,7 +230,7 @@ fn check_submission(s: &Submission, limits: &UploadLimits) {
     check_manifest(&s.manifest, &policy(), &|p| s.bundle.file(p).is_some());
     assert_eq!(
         s.job_hash,
-        job_hash(&s.manifest, &s.bundle),
+        job_hash(&s.manifest, &s.bundle, &s.stdin),
         "job hash not reproducible"
     );
 }

@@ -17,6 +17,7 @@ mod phases;
 mod plain;
 pub mod response;
 mod routes;
+mod run;
 mod text;
 pub mod tls;
 mod ui;

@@ -14,7 +14,7 @@ use crate::server::response::{bytes_response, json, ApiError, ApiResult, Body};
 use crate::server::routes::job_id;
 
 #[derive(Serialize)]
-struct Listed {
+pub(super) struct Listed {
     name: String,
     size: u64,
     size_formatted: String,
@@ -52,7 +52,7 @@ pub fn list(state: &AppState, id: &str) -> ApiResult {
         .ok_or_else(|| ApiError::not_found("job"))
 }
 
-fn listed(id: &crate::jobs::JobId, o: &OutputFile) -> Listed {
+pub(super) fn listed(id: &crate::jobs::JobId, o: &OutputFile) -> Listed {
     let size = o.data.len() as u64;
     Listed {
         name: o.path.clone(),

@@ -24,7 +24,7 @@ use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::{timed_body, BodyPace, BodyVerdict};
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
 use crate::server::text::base64;
-use crate::server::{outputs, ui, ws, ConnInfo};
+use crate::server::{outputs, run, ui, ws, ConnInfo};
 use crate::upload::slots::SlotRefused;
 use crate::upload::{parse_submission, UploadError};
 
@@ -55,7 +55,8 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
         ([""], Method::GET) => Ok(service_info(&state)),
         (["ui"], Method::GET) => ui::serve(&req, None),
         (["ui", name], Method::GET) => ui::serve(&req, Some(name)),
-        (["submit"], Method::POST) => submit(&state, conn.peer, req).await,
+        (["submit"], Method::POST) => submit(&state, conn.peer, req).await.map(|(_, r)| r),
+        (["run"], Method::POST) => run::run(&state, conn.peer, req).await,
         (["status", id], Method::GET) => status(&state, id),
         (["logs", id], Method::GET) => logs(&state, id),
         (["outputs", id], Method::GET) => outputs::list(&state, id),
@@ -76,7 +77,7 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
 fn wrong_method_or_unknown(segments: &[&str]) -> ApiError {
     let allow = match segments {
         [""] | ["stats" | "environments" | "health" | "metrics" | "ui"] | ["ui", _] => "GET",
-        ["submit"] => "POST",
+        ["submit" | "run"] => "POST",
         ["status" | "logs" | "outputs" | "ws" | "stream", _] => "GET",
         ["download", _] | ["download" | "outputs", _, _] => "GET",
         ["jobs", _] => "DELETE",
@@ -127,7 +128,7 @@ fn service_info(state: &AppState) -> Response<Body> {
         "interpreters": c.policy.interpreters,
         "environments": c.policy.environments,
         "endpoints": [
-            "GET /", "POST /submit", "GET /status/{id}", "GET /logs/{id}", "GET /outputs/{id}",
+            "GET /", "POST /submit", "POST /run", "GET /status/{id}", "GET /logs/{id}", "GET /outputs/{id}",
             "GET /outputs/{id}/{path}", "GET /download/{id}", "GET /download/{id}/{path}",
             "DELETE /jobs/{id}", "GET /stats",
             "GET /environments", "GET /health", "GET /metrics", "GET /ws/{id}", "GET /stream/{id}",
@@ -210,8 +211,13 @@ fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
     json(StatusCode::OK, &body)
 }
 
-/// `POST /submit`: quotas first (cheap), then the upload, then the queue.
-async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> ApiResult {
+/// `POST /submit` (and the first half of `POST /run`): quotas first (cheap), then the upload,
+/// then the queue. Returns the queued job's id and the answer to `/submit`.
+pub(super) async fn submit(
+    state: &Arc<AppState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<(JobId, Response<Body>), ApiError> {
     let client = client_key(state, peer, &req);
     let http = &state.config.http;
     let idle = BodyPace::idle_only(Duration::from_millis(http.body_idle_timeout_ms));
@@ -290,15 +296,22 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
             return Err(ApiError::new(status, e.message()));
         }
     };
-    // Exactly the bundle's bytes stay charged (the parser charged each of them once).
-    let total = submission.bundle.total_bytes();
+    // Exactly the bundle's and the stdin's bytes stay charged (the parser charged each byte of
+    // the files and of a stdin part once; a manifest's stdin text is charged here).
+    let total = submission.bundle.total_bytes() + submission.stdin.len() as u64;
     let held = reservation.bytes();
     reservation.shrink(held.saturating_sub(total));
     reservation
         .try_grow(total.saturating_sub(held))
         .map_err(|full| budget_refusal(state, full))?;
     let id = JobId::random();
-    let (spec, files) = job_spec(&submission.manifest, &submission.bundle, id.to_string());
+    let stdin_bytes = submission.stdin.len() as u64;
+    let (spec, files) = job_spec(
+        &submission.manifest,
+        &submission.bundle,
+        stdin_bytes,
+        id.to_string(),
+    );
     let info = JobInfo {
         interpreter: submission.manifest.interpreter.clone(),
         environment: submission.manifest.environment.clone(),
@@ -312,6 +325,7 @@ async fn submit(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>)
         PendingJob {
             spec,
             files,
+            stdin: submission.stdin,
             reservation,
         },
         held,
@@ -341,7 +355,7 @@ fn upload_refusal(state: &AppState, refused: SlotRefused) -> ApiError {
 /// Reads what is left of a small refused body (at most 64 KiB, for at most one second) before the
 /// refusal is sent. Answering while the client is still sending makes HTTP/2 reset the stream
 /// after the response, which some clients (curl 7.88) report as an error instead of showing it.
-async fn drain_small_body<S>(body: &mut S)
+pub(super) async fn drain_small_body<S>(body: &mut S)
 where
     S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>> + Unpin,
 {
@@ -369,7 +383,11 @@ where
     let _ = tokio::time::timeout(time, drain).await;
 }
 
-fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
+fn enqueue(
+    state: &Arc<AppState>,
+    client: ClientKey,
+    job: Job,
+) -> Result<(JobId, Response<Body>), ApiError> {
     let id = job.id;
     let quota = state
         .limiter()
@@ -391,7 +409,7 @@ fn enqueue(state: &Arc<AppState>, client: ClientKey, job: Job) -> ApiResult {
     let body = json!({ "job_id": id.to_string(), "status": "queued", "queue_position": position });
     let mut response = json(StatusCode::OK, &body);
     response.headers_mut().extend(quota_headers(quota));
-    Ok(response)
+    Ok((id, response))
 }
 
 /// The answer to a refused memory reservation: 503 when the whole budget is taken, 429 when the
@@ -531,7 +549,11 @@ fn status(state: &AppState, id: &str) -> ApiResult {
 }
 
 /// `worker_id`: the public key in base64 (the original's form) and in hex.
-fn status_body(job: &Job, position: Option<usize>, worker_id: &[String; 2]) -> serde_json::Value {
+pub(super) fn status_body(
+    job: &Job,
+    position: Option<usize>,
+    worker_id: &[String; 2],
+) -> serde_json::Value {
     let exit = job.exit.as_ref();
     #[allow(clippy::cast_precision_loss)] // display values; exact integers are alongside
     let metadata = ExecutionMetadata {

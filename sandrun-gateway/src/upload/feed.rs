@@ -25,6 +25,8 @@ pub(crate) enum PartMsg {
     FileEnd,
     /// The whole `manifest` part (small: capped by the multipart reader).
     Manifest(Bytes),
+    /// The whole `stdin` part (capped at `max_stdin_bytes` and charged while it arrived).
+    Stdin(Bytes),
     /// The body was read to its end without error.
     BodyEnd,
 }

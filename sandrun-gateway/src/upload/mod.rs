@@ -52,7 +52,13 @@ pub struct UploadLimits {
     pub max_ratio: u64,
     /// Longest path of an uploaded entry, in bytes.
     pub max_path_bytes: usize,
+    /// Bytes of the job's standard input (the `stdin` part or the manifest's `stdin`); 413
+    /// past it.
+    pub max_stdin_bytes: u64,
 }
+
+/// Default [`UploadLimits::max_stdin_bytes`]: 1 MiB.
+pub const DEFAULT_MAX_STDIN_BYTES: u64 = 1 << 20;
 
 impl Default for UploadLimits {
     fn default() -> Self {
@@ -64,6 +70,7 @@ impl Default for UploadLimits {
             max_uncompressed_bytes: 256 * 1024 * 1024,
             max_ratio: 100,
             max_path_bytes: sandrun_ipc::MAX_PATH_BYTES,
+            max_stdin_bytes: DEFAULT_MAX_STDIN_BYTES,
         }
     }
 }
@@ -73,6 +80,8 @@ impl Default for UploadLimits {
 pub struct Submission {
     pub manifest: Manifest,
     pub bundle: Bundle,
+    /// The job's standard input (empty: `/dev/null`), from the `stdin` part or the manifest.
+    pub stdin: Bytes,
     /// See [`crate::signing::job_hash`].
     pub job_hash: [u8; 32],
 }
@@ -85,6 +94,8 @@ pub enum UploadError {
     UnsupportedMediaType(String),
     /// The body is larger than [`UploadLimits::max_body_bytes`] (413).
     BodyTooLarge { limit: u64 },
+    /// The job's stdin is larger than [`UploadLimits::max_stdin_bytes`] (413).
+    StdinTooLarge { limit: u64 },
     /// The body is not well-formed multipart or legacy data (400).
     Malformed(String),
     /// More parts than [`UploadLimits::max_parts`] (400).
@@ -114,7 +125,7 @@ impl UploadError {
     pub fn status(&self) -> u16 {
         match self {
             UploadError::UnsupportedMediaType(_) => 415,
-            UploadError::BodyTooLarge { .. } => 413,
+            UploadError::BodyTooLarge { .. } | UploadError::StdinTooLarge { .. } => 413,
             UploadError::Bundle(BundleError::Memory(full)) => match full {
                 BudgetFull::Global => 503,
                 BudgetFull::ClientShare => 429,
@@ -149,6 +160,9 @@ impl std::fmt::Display for UploadError {
             UploadError::BodyTooLarge { limit } => {
                 write!(f, "request body is larger than {limit} bytes")
             }
+            UploadError::StdinTooLarge { limit } => {
+                write!(f, "stdin is larger than {limit} bytes (max_stdin_bytes)")
+            }
             UploadError::Malformed(m) => write!(f, "malformed upload: {m}"),
             UploadError::TooManyParts { limit } => {
                 write!(f, "multipart body has more than {limit} parts")
@@ -157,7 +171,10 @@ impl std::fmt::Display for UploadError {
                 write!(f, "multipart part headers or preamble longer than {limit} bytes")
             }
             UploadError::UnexpectedPart(name) => {
-                write!(f, "unexpected multipart part {name:?}: only \"files\" and \"manifest\"")
+                write!(
+                    f,
+                    "unexpected multipart part {name:?}: only \"files\", \"manifest\" and \"stdin\""
+                )
             }
             UploadError::Entry { upload, entry, problem } => {
                 write!(f, "{upload}: entry {entry:?}: {problem}")
@@ -356,6 +373,7 @@ fn assemble(
     let mut builder = BundleBuilder::with_charge(caps, charge);
     let feed = RefCell::new(feed);
     let mut manifest = None;
+    let mut stdin = None;
     let mut index = 0;
     loop {
         let msg = feed.borrow_mut().next_message();
@@ -365,6 +383,7 @@ fn assemble(
                 index += 1;
             }
             Some(PartMsg::Manifest(json)) => manifest = Some(json),
+            Some(PartMsg::Stdin(bytes)) => stdin = Some(bytes),
             Some(PartMsg::BodyEnd) => break,
             // The body reader failed; its error is the answer.
             None => return Err(UploadError::BodyRead("the request body ended early".into())),
@@ -373,7 +392,7 @@ fn assemble(
             }
         }
     }
-    finish(manifest, builder, policy)
+    finish(manifest, stdin, builder, policy, limits)
 }
 
 /// Adds one `files` part while it arrives: a `.tar.gz` is expanded from the stream, anything
@@ -422,11 +441,13 @@ fn add_arriving_part(
     Ok(())
 }
 
-/// Validates the manifest against the bundle and hashes the job.
+/// Validates the manifest against the bundle, settles the stdin and hashes the job.
 fn finish(
     manifest: Option<Bytes>,
+    stdin_part: Option<Bytes>,
     builder: BundleBuilder,
     policy: &ManifestPolicy,
+    limits: &UploadLimits,
 ) -> Result<Submission, UploadError> {
     let mut builder = builder;
     let from_part = manifest.as_deref().map(RawManifest::parse).transpose()?;
@@ -439,17 +460,34 @@ fn finish(
     if !named_in_place {
         builder.lift_single_root_dir();
     }
-    let raw = match (from_part, builder.file_data("job.json")) {
+    let mut raw = match (from_part, builder.file_data("job.json")) {
         (Some(raw), _) => raw,
         (None, Some(json)) => RawManifest::parse(json)?,
         (None, None) => RawManifest::default(),
     };
+    let stdin = match (stdin_part, raw.take_stdin()) {
+        (Some(_), Some(_)) => {
+            return Err(UploadError::Malformed(
+                "stdin is given twice: as a stdin part and as manifest.stdin".to_owned(),
+            ))
+        }
+        (Some(bytes), None) => bytes,
+        (None, Some(text)) => Bytes::from(text),
+        (None, None) => Bytes::new(),
+    };
+    // The part was capped while it arrived; the manifest's text is checked here.
+    if stdin.len() as u64 > limits.max_stdin_bytes {
+        return Err(UploadError::StdinTooLarge {
+            limit: limits.max_stdin_bytes,
+        });
+    }
     let manifest = Manifest::from_raw(raw, policy, &builder)?;
     let bundle = builder.build();
-    let job_hash = job_hash(&manifest, &bundle);
+    let job_hash = job_hash(&manifest, &bundle, &stdin);
     Ok(Submission {
         manifest,
         bundle,
+        stdin,
         job_hash,
     })
 }

@@ -38,10 +38,12 @@ where
     let sizes = SizeLimit::new()
         .whole_stream(limits.max_body_bytes)
         .per_field(limits.max_body_bytes)
-        .for_field("manifest", MAX_MANIFEST_BYTES as u64);
+        .for_field("manifest", MAX_MANIFEST_BYTES as u64)
+        .for_field("stdin", limits.max_stdin_bytes);
     let mut multipart =
         Multipart::with_constraints(guarded, boundary, Constraints::new().size_limit(sizes));
     let mut seen_manifest = false;
+    let mut seen_stdin = false;
     let mut parts = 0usize;
     while let Some(mut field) = multipart.next_field().await.map_err(map_multer)? {
         parts += 1;
@@ -60,6 +62,16 @@ where
                 seen_manifest = true;
                 let json = read_field(&mut field).await?;
                 hand_over(tx, PartMsg::Manifest(json)).await
+            }
+            Some("stdin") if seen_stdin => {
+                return Err(UploadError::Malformed(
+                    "more than one stdin part".to_owned(),
+                ))
+            }
+            Some("stdin") => {
+                seen_stdin = true;
+                let bytes = read_charged(&mut field, charge).await?;
+                hand_over(tx, PartMsg::Stdin(bytes)).await
             }
             Some("files") => forward_file(&mut field, tx, charge).await?,
             other => return Err(UploadError::UnexpectedPart(other.unwrap_or("").to_owned())),
@@ -95,6 +107,21 @@ async fn forward_file(
         }
     }
     Ok(hand_over(tx, PartMsg::FileEnd).await)
+}
+
+/// Reads a whole part, charging each chunk to `charge` before it is held.
+async fn read_charged(
+    field: &mut multer::Field<'_>,
+    charge: &SharedReservation,
+) -> Result<Bytes, UploadError> {
+    let mut data = BytesMut::new();
+    while let Some(chunk) = field.chunk().await.map_err(map_multer)? {
+        charge
+            .try_grow(chunk.len() as u64)
+            .map_err(super::memory_error)?;
+        data.extend_from_slice(&chunk);
+    }
+    Ok(data.freeze())
 }
 
 async fn read_field(field: &mut multer::Field<'_>) -> Result<Bytes, UploadError> {
@@ -133,6 +160,7 @@ fn map_multer(e: multer::Error) -> UploadError {
             Some("manifest") => {
                 UploadError::Malformed(format!("the manifest part is larger than {limit} bytes"))
             }
+            Some("stdin") => UploadError::StdinTooLarge { limit },
             _ => UploadError::BodyTooLarge { limit },
         },
         other => UploadError::Malformed(other.to_string()),

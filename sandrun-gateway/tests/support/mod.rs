@@ -3,7 +3,8 @@
 //!
 //! The fake helper "runs" a job by interpreting its entrypoint file as a tiny script, one command
 //! per line: `out TEXT`, `err TEXT`, `sleep MS`, `exit N`, `reason NAME`, `cpu MS`,
-//! `file PATH CONTENT`, `skip PATH`, `drop` (close the connection mid-job). Like `sandrund`, it
+//! `file PATH CONTENT`, `skip PATH`, `cat` (the job's stdin to stdout), `drop` (close the
+//! connection mid-job). Like `sandrund`, it
 //! gives its verdict on a `Submit` before the bundle: `Accepted`, or the next of the refusals a
 //! test queued with [`FakeHelper::refuse_next`].
 
@@ -159,13 +160,14 @@ async fn serve_job(stream: UnixStream, log: Arc<Mutex<HelperLog>>, id: u64) {
         })
         .sum();
     assert_eq!(
-        declared,
+        declared + spec.stdin_bytes,
         bundle.len() as u64,
-        "bundle bytes match the declared sizes"
+        "bundle bytes match the declared sizes and the stdin"
     );
     let script = entrypoint_text(&spec, &bundle);
+    let stdin = bundle.split_off(usize::try_from(declared).unwrap());
     let label = spec.label.clone();
-    let finished = run_script(&mut ch, &script).await;
+    let finished = run_script(&mut ch, &script, &stdin).await;
     if !finished {
         log.lock().unwrap().closed_early.push(label);
     }
@@ -188,7 +190,7 @@ fn entrypoint_text(spec: &JobSpec, bundle: &[u8]) -> String {
 }
 
 /// Returns false if the gateway closed the connection before the job finished.
-async fn run_script(ch: &mut HelperChannel, script: &str) -> bool {
+async fn run_script(ch: &mut HelperChannel, script: &str, stdin: &[u8]) -> bool {
     if ch
         .send(&IpcResponse::Started { spawn_us: 1500 })
         .await
@@ -215,6 +217,7 @@ async fn run_script(ch: &mut HelperChannel, script: &str) -> bool {
             // Raw bytes, given in hex, with no newline: `outhex f09f` sends two bytes.
             "outhex" => Some(IpcResponse::Stdout(hex::decode(rest).unwrap())),
             "errhex" => Some(IpcResponse::Stderr(hex::decode(rest).unwrap())),
+            "cat" => Some(IpcResponse::Stdout(stdin.to_vec())),
             "sleep" => {
                 let ms: u64 = rest.parse().unwrap();
                 // Notice a closed connection while "running".
@@ -358,9 +361,14 @@ impl TestGateway {
 
     /// Submits a multipart body; returns the reply.
     pub async fn submit(&self, form: &Multipart) -> Reply {
+        self.post_form("/submit", form).await
+    }
+
+    /// POSTs a multipart body to `path` (`/run?wait=5`); returns the reply.
+    pub async fn post_form(&self, path: &str, form: &Multipart) -> Reply {
         let ct = format!("multipart/form-data; boundary={}", form.boundary);
         let headers = [("content-type", ct.as_str())];
-        self.request(build(Method::POST, "/submit", &headers, form.body()))
+        self.request(build(Method::POST, path, &headers, form.body()))
             .await
     }
 
@@ -507,6 +515,12 @@ impl Multipart {
     pub fn manifest(mut self, json: &str) -> Multipart {
         self.parts
             .push(("manifest".into(), None, json.as_bytes().to_vec()));
+        self
+    }
+
+    /// A `stdin` part: the job's standard input.
+    pub fn stdin(mut self, data: &[u8]) -> Multipart {
+        self.parts.push(("stdin".into(), None, data.to_vec()));
         self
     }
 

@@ -124,7 +124,11 @@ fn init(
     let (order_fd, template) = channel::wait_for_go(ctrl)?;
     let mapped = order::Mapped::new(&order_fd)?;
     drop(order_fd);
-    let (order, data) = order::read(mapped.bytes())?;
+    let order::Read {
+        order,
+        files: data,
+        stdin,
+    } = order::read(mapped.bytes())?;
     let (uid, gid) = (UserId(order.uid), GroupId(order.gid));
     check_identity(uid, gid)?;
     if order.template.is_some() != template.is_some() {
@@ -137,11 +141,12 @@ fn init(
     apply_landlock(ruleset, has_env)?;
     let work = prepared.work;
     bundle::write_bundle(work.as_raw_fd(), &order.bundle, data)?;
+    let stdin = write_stdin(stdin)?;
     drop(mapped);
     let dir = bundle::open_workdir(work.as_raw_fd(), &order.workdir)?;
     fchdir(dir.as_raw_fd()).map_err(at(SetupStep::WorkDir, "fchdir"))?;
     drop((dir, work));
-    let job = start_job(&order, filter, fds.stdout, fds.stderr)?;
+    let job = start_job(&order, filter, stdin, fds.stdout, fds.stderr)?;
     if channel::send_ready(ctrl.as_raw_fd()).is_err() {
         // The helper is gone: exiting kills J with the whole pid namespace.
         exit_now(EXIT_SETUP_FAILED);
@@ -201,8 +206,44 @@ fn apply_landlock(ruleset: PreparedRuleset, has_env: bool) -> Result<(), SetupEr
         .map_err(|msg| fail(SetupStep::Landlock, 0, msg))
 }
 
+/// Where C writes a job's stdin: the tmpfs's `/tmp`, outside `/work`, so it counts against the
+/// job's tmpfs size and is never taken for an output. The name is unlinked before J exists.
+const STDIN_FILE: &str = "/tmp/.sandrun-stdin";
+
+/// Writes `bytes` (as the job's uid) into a file of the job's tmpfs and opens it read-only for
+/// J's fd 0, then unlinks it: J reads exactly those bytes, then end of file, and finds no name
+/// for them. No process of the job exists yet, so nothing can race for the name. `None` (no
+/// stdin) leaves fd 0 to `/dev/null`.
+fn write_stdin(bytes: &[u8]) -> Result<Option<OwnedFd>, SetupError> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let step = SetupStep::WriteStdin;
+    let create = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY;
+    let writer = nix::fcntl::open(
+        STDIN_FILE,
+        create | OFlag::O_CLOEXEC,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+    )
+    .map_err(at(step, STDIN_FILE))?;
+    // SAFETY: open just returned this fd; nothing else owns it.
+    let writer = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(writer) };
+    sys::write_all(writer.as_raw_fd(), bytes).map_err(|e| fail(step, e, STDIN_FILE))?;
+    drop(writer);
+    let read = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let reader = nix::fcntl::open(STDIN_FILE, read, Mode::empty()).map_err(at(step, STDIN_FILE))?;
+    // SAFETY: open just returned this fd; nothing else owns it.
+    let reader = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(reader) };
+    nix::unistd::unlink(STDIN_FILE).map_err(at(step, STDIN_FILE))?;
+    // C closed 0-2, so the fd may sit there; J's dup2 onto 0-2 must not clobber it.
+    let high = sys::relocate(reader.as_raw_fd()).map_err(|e| fail(step, e, STDIN_FILE))?;
+    Ok(Some(high))
+}
+
 /// What J needs for `execve`, prepared by C so that J allocates nothing after seccomp.
 struct Exec<'a> {
+    /// J's fd 0: the job's stdin file, or `None` for `/dev/null`.
+    stdin: Option<RawFd>,
     argv: Vec<*const c_char>,
     env: Vec<*const c_char>,
     filter: &'a SeccompProgram,
@@ -220,6 +261,7 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
 fn start_job(
     plan: &order::Order,
     filter: &SeccompProgram,
+    stdin: Option<OwnedFd>,
     stdout: OwnedFd,
     stderr: OwnedFd,
 ) -> Result<libc::pid_t, SetupError> {
@@ -230,6 +272,7 @@ fn start_job(
         sys::relocate(low_report_w.as_raw_fd()).map_err(|e| fail(step, e, "exec-error pipe"))?;
     drop(low_report_w);
     let exec = Exec {
+        stdin: stdin.as_ref().map(AsRawFd::as_raw_fd),
         argv: null_terminated(&plan.argv),
         env: null_terminated(&plan.env),
         filter,
@@ -241,7 +284,7 @@ fn start_job(
     // (signal dispositions, stdio, limits, session, seccomp) belong to J's own process.
     let pid = unsafe { sys::vfork_run(|| run_job(&exec, out, err, report)) }
         .map_err(|e| fail(step, e, "fork"))?;
-    drop((report_w, stdout, stderr));
+    drop((report_w, stdin, stdout, stderr));
     wait_for_exec(&report_r, pid)
 }
 
@@ -329,7 +372,7 @@ fn job_steps(
     report: RawFd,
 ) -> Result<Infallible, JobFailure> {
     sys::reset_signals().map_err(|e| (SetupStep::Signals, e, "job"))?;
-    stdio(stdout, stderr)?;
+    stdio(exec.stdin, stdout, stderr)?;
     rlimits(exec.limits)?;
     setsid().map_err(|e| (SetupStep::Setsid, e as i32, ""))?;
     umask(Mode::from_bits_truncate(0o022));
@@ -343,12 +386,16 @@ fn job_steps(
     Err((SetupStep::Exec, sys::errno(), "execve"))
 }
 
-/// stdin is `/dev/null` inside the sandbox; stdout and stderr are the helper's pipes.
-fn stdio(stdout: RawFd, stderr: RawFd) -> Result<(), JobFailure> {
+/// stdin is the job's stdin file, or `/dev/null` inside the sandbox; stdout and stderr are the
+/// helper's pipes.
+fn stdio(stdin: Option<RawFd>, stdout: RawFd, stderr: RawFd) -> Result<(), JobFailure> {
     let step = SetupStep::Stdio;
-    let null = nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty())
-        .map_err(|e| (step, e as i32, "/dev/null"))?;
-    for (from, to) in [(null, 0), (stdout, 1), (stderr, 2)] {
+    let input = match stdin {
+        Some(fd) => fd,
+        None => nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty())
+            .map_err(|e| (step, e as i32, "/dev/null"))?,
+    };
+    for (from, to) in [(input, 0), (stdout, 1), (stderr, 2)] {
         nix::unistd::dup2(from, to).map_err(|e| (step, e as i32, "dup2"))?;
     }
     Ok(())

@@ -77,6 +77,9 @@ pub struct JobPlan<'a> {
     /// Bundle entries in order, and the concatenated contents of their files.
     pub bundle: &'a [BundleEntry],
     pub bundle_data: &'a [u8],
+    /// The job's standard input: fd 0 reads exactly these bytes, then end of file. Empty means
+    /// `/dev/null`.
+    pub stdin: &'a [u8],
     /// Name of the template (a directory below `SandboxSettings::template_dir`) to bind
     /// read-only at `/env`, if any.
     pub template: Option<String>,
@@ -195,11 +198,13 @@ pub enum SetupStep {
     MaskProc,
     /// Giving C its own name and command line, so the job does not see the helper's.
     InitName,
+    /// Writing the job's stdin into its tmpfs and opening it for J's fd 0.
+    WriteStdin,
 }
 
 impl SetupStep {
     /// Every step, indexed by its `repr(u8)` value (the wire encoding of the control channel).
-    const ALL: [SetupStep; 33] = [
+    const ALL: [SetupStep; 34] = [
         SetupStep::Clone,
         SetupStep::JoinCgroup,
         SetupStep::UnshareCgroupNs,
@@ -233,6 +238,7 @@ impl SetupStep {
         SetupStep::Signals,
         SetupStep::MaskProc,
         SetupStep::InitName,
+        SetupStep::WriteStdin,
     ];
 
     fn index(self) -> u8 {

@@ -3,8 +3,8 @@
 //! and passes the fd with the `Go` control message; C maps it read-only.
 //!
 //! Layout of the memfd: header length (u64, little endian), the header (bincode 2, standard
-//! configuration: argv, env, work dir, uid, gid, limits, bundle entries, template name), then
-//! the bundle's file contents, concatenated. The seals (`F_SEAL_WRITE | F_SEAL_SHRINK |
+//! configuration: argv, env, work dir, uid, gid, limits, bundle entries, template name, stdin
+//! length), then the bundle's file contents, concatenated, then the job's stdin bytes. The seals (`F_SEAL_WRITE | F_SEAL_SHRINK |
 //! F_SEAL_GROW | F_SEAL_SEAL`) make the contents immutable before C sees them, so C's mapping
 //! can be read as a plain byte slice.
 
@@ -41,6 +41,7 @@ struct HeaderRef<'a> {
     limits: &'a GrantedLimits,
     bundle: &'a [BundleEntry],
     template: Option<&'a str>,
+    stdin_bytes: u64,
 }
 
 /// The header as C reads it. Field order matches [`HeaderRef`].
@@ -54,6 +55,8 @@ pub(super) struct Order {
     pub(super) limits: GrantedLimits,
     pub(super) bundle: Vec<BundleEntry>,
     pub(super) template: Option<String>,
+    /// Length of the job's stdin, the last bytes of the data.
+    pub(super) stdin_bytes: u64,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -72,6 +75,8 @@ pub(super) fn write(plan: &JobPlan<'_>) -> Result<OwnedFd, SetupError> {
         limits: plan.limits,
         bundle: plan.bundle,
         template: plan.template.as_deref(),
+        stdin_bytes: u64::try_from(plan.stdin.len())
+            .map_err(|_| fail(step, libc::EFBIG, "job stdin"))?,
     };
     let bytes = bincode::serde::encode_to_vec(&header, config())
         .map_err(|e| fail(step, libc::EINVAL, format!("job order: {e}")))?;
@@ -84,6 +89,7 @@ pub(super) fn write(plan: &JobPlan<'_>) -> Result<OwnedFd, SetupError> {
     file.write_all(&len.to_le_bytes()).map_err(io)?;
     file.write_all(&bytes).map_err(io)?;
     file.write_all(plan.bundle_data).map_err(io)?;
+    file.write_all(plan.stdin).map_err(io)?;
     let fd = OwnedFd::from(file);
     let seals = SealFlag::F_SEAL_WRITE
         | SealFlag::F_SEAL_SHRINK
@@ -147,8 +153,15 @@ impl Drop for Mapped {
     }
 }
 
-/// C's side: splits the mapped order into its header and the bundle data.
-pub(super) fn read(bytes: &[u8]) -> Result<(Order, &[u8]), SetupError> {
+/// What C reads from the mapped order: the header, the bundle's file contents and the stdin.
+pub(super) struct Read<'a> {
+    pub(super) order: Order,
+    pub(super) files: &'a [u8],
+    pub(super) stdin: &'a [u8],
+}
+
+/// C's side: splits the mapped order into its header, the bundle data and the stdin.
+pub(super) fn read(bytes: &[u8]) -> Result<Read<'_>, SetupError> {
     let bad = |detail: &str| {
         fail(
             SetupStep::Protocol,
@@ -169,7 +182,17 @@ pub(super) fn read(bytes: &[u8]) -> Result<(Order, &[u8]), SetupError> {
     if used != len {
         return Err(bad("trailing header bytes"));
     }
-    Ok((order, data))
+    let stdin_len = usize::try_from(order.stdin_bytes).map_err(|_| bad("stdin length"))?;
+    let split = data
+        .len()
+        .checked_sub(stdin_len)
+        .ok_or_else(|| bad("stdin longer than the data"))?;
+    let (files, stdin) = data.split_at(split);
+    Ok(Read {
+        order,
+        files,
+        stdin,
+    })
 }
 
 #[cfg(test)]
@@ -214,11 +237,16 @@ mod tests {
             limits: &limits,
             bundle: &bundle,
             bundle_data: b"hello",
+            stdin: b"in\n",
             template: Some("python".to_owned()),
         };
         let fd = write(&plan).expect("written");
         let mapped = Mapped::new(&fd).expect("mapped");
-        let (order, data) = read(mapped.bytes()).expect("read");
+        let Read {
+            order,
+            files: data,
+            stdin,
+        } = read(mapped.bytes()).expect("read");
         assert_eq!(order.argv, plan.argv);
         assert_eq!(order.env, plan.env);
         assert_eq!(order.workdir, "d");
@@ -227,6 +255,7 @@ mod tests {
         assert_eq!(order.bundle, bundle);
         assert_eq!(order.template, plan.template);
         assert_eq!(data, b"hello");
+        assert_eq!(stdin, b"in\n");
     }
 
     #[test]
@@ -241,6 +270,7 @@ mod tests {
             limits: &limits,
             bundle: &[],
             bundle_data: &[],
+            stdin: &[],
             template: None,
         };
         let fd = write(&plan).expect("written");

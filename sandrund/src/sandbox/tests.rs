@@ -48,6 +48,7 @@ struct Job {
     limits: GrantedLimits,
     bundle: Vec<BundleEntry>,
     data: Vec<u8>,
+    stdin: Vec<u8>,
     workdir: String,
     template: Option<String>,
     template_dir: PathBuf,
@@ -60,6 +61,7 @@ impl Job {
             limits: limits(),
             bundle: Vec::new(),
             data: Vec::new(),
+            stdin: Vec::new(),
             workdir: String::new(),
             template: None,
             template_dir: PathBuf::from("/nonexistent"),
@@ -94,6 +96,7 @@ impl Job {
             limits: &self.limits,
             bundle: &self.bundle,
             bundle_data: &self.data,
+            stdin: &self.stdin,
             template: self.template.clone(),
         };
         let filter = SeccompProgram::compile().expect("the job filter compiles");
@@ -178,6 +181,39 @@ fn given_shell_that_echoes_and_exits_3_when_spawned_then_stdout_and_status_are_r
     assert_eq!(done.exit_code(), 3, "{done:?}");
     assert_eq!(done.stdout, "hi\n");
     assert_eq!(done.stderr, "err\n");
+}
+
+#[test]
+fn given_stdin_bytes_when_the_job_reads_fd_0_then_it_gets_exactly_them_from_a_read_only_nameless_file(
+) {
+    let mut job = Job::shell(
+        "cat; echo; ls -A /tmp | wc -l; readlink /proc/self/fd/0; \
+         (printf x >&0) 2>/dev/null && echo writable || echo read-only",
+    );
+    job.stdin = b"line 1\nline \x002".to_vec();
+    let done = job.run();
+    assert_eq!(done.exit_code(), 0, "{done:?}");
+    let mut lines = done.stdout.split('\n');
+    assert_eq!(lines.next(), Some("line 1"));
+    assert_eq!(lines.next(), Some("line \u{0}2"));
+    assert_eq!(
+        lines.next(),
+        Some("0"),
+        "the stdin file has no name left: {done:?}"
+    );
+    let target = lines.next().unwrap_or_default();
+    assert!(
+        target.starts_with("/tmp/.sandrun-stdin") && target.ends_with("(deleted)"),
+        "{done:?}"
+    );
+    assert_eq!(lines.next(), Some("read-only"), "{done:?}");
+}
+
+#[test]
+fn given_no_stdin_when_the_job_reads_fd_0_then_it_is_dev_null() {
+    let done = Job::shell("readlink /proc/self/fd/0; cat; echo eof").run();
+    assert_eq!(done.exit_code(), 0, "{done:?}");
+    assert_eq!(done.stdout, "/dev/null\neof\n");
 }
 
 #[test]

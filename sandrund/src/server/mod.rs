@@ -599,6 +599,11 @@ impl Server {
             cpu_period_us: CPU_PERIOD_US,
         };
         let uid = self.cfg.slot_uid_base + slot;
+        // The stdin bytes came last; validation made them part of `bundle_bytes`.
+        let split = usize::try_from(job.bundle_bytes.saturating_sub(job.stdin_bytes))
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        let (bundle_data, stdin) = data.split_at(split);
         let plan = JobPlan {
             argv: job.argv,
             env: job.env,
@@ -607,7 +612,8 @@ impl Server {
             gid: GroupId(uid),
             limits: &job.limits,
             bundle: &job.bundle,
-            bundle_data: &data,
+            bundle_data,
+            stdin,
             template: job.template,
         };
         let started = self.start_sandbox(id, &plan, &limits);

@@ -18,8 +18,11 @@ pub struct ValidJob {
     pub workdir: String,
     pub limits: GrantedLimits,
     pub bundle: Vec<BundleEntry>,
-    /// Sum of the bundle's file sizes: exactly this many bytes must follow.
+    /// Sum of the bundle's file sizes and of the stdin bytes: exactly this many bytes must
+    /// follow, the files' first.
     pub bundle_bytes: u64,
+    /// The last `stdin_bytes` of those are the job's standard input.
+    pub stdin_bytes: u64,
     pub outputs: Vec<OutputPattern>,
     /// A template name checked to exist below the configured template directory.
     pub template: Option<String>,
@@ -53,7 +56,8 @@ pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
         sandrun_ipc::BundlePath::new(spec.workdir.clone())
             .map_err(|e| invalid(format!("workdir: {e}")))?;
     }
-    let bundle_bytes = validate_bundle(&spec.bundle, &limits)?;
+    let file_bytes = validate_bundle(&spec.bundle, &limits)?;
+    let bundle_bytes = validate_stdin(cfg, spec.stdin_bytes, file_bytes, &limits)?;
     if spec.outputs.len() > MAX_OUTPUT_PATTERNS {
         return Err(invalid(format!(
             "more than {MAX_OUTPUT_PATTERNS} output patterns"
@@ -76,6 +80,7 @@ pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
         limits,
         bundle: spec.bundle,
         bundle_bytes,
+        stdin_bytes: spec.stdin_bytes,
         outputs: spec.outputs,
         template,
         label,
@@ -234,6 +239,29 @@ fn validate_bundle(entries: &[BundleEntry], limits: &GrantedLimits) -> Result<u6
     Ok(total)
 }
 
+/// Checks the stdin size against `max_stdin_bytes` and, with the files, against `tmpfs_bytes`
+/// (the sandbox writes it into the job's tmpfs). Returns the bytes that must follow.
+fn validate_stdin(
+    cfg: &Config,
+    stdin: u64,
+    files: u64,
+    limits: &GrantedLimits,
+) -> Result<u64, RequestError> {
+    if stdin > cfg.max_stdin_bytes {
+        return Err(invalid(format!(
+            "stdin of {stdin} bytes exceeds max_stdin_bytes ({})",
+            cfg.max_stdin_bytes
+        )));
+    }
+    match files.checked_add(stdin) {
+        Some(total) if total <= limits.tmpfs_bytes => Ok(total),
+        _ => Err(invalid(format!(
+            "bundle and stdin exceed the tmpfs size of {} bytes",
+            limits.tmpfs_bytes
+        ))),
+    }
+}
+
 fn template_name(cfg: &Config, name: &str) -> Result<String, RequestError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -285,6 +313,7 @@ mod tests {
             template: None,
             network: NetworkPolicy::None,
             label: "t".into(),
+            stdin_bytes: 0,
         }
     }
 
@@ -369,6 +398,28 @@ mod tests {
         let j = validate(&cfg(), s).unwrap();
         assert!(j.env.iter().any(|e| e.to_bytes() == b"GREETING=hi"));
         assert!(!j.env.iter().any(|e| e.to_bytes().starts_with(b"SANDRUN")));
+    }
+
+    #[test]
+    fn given_stdin_then_it_counts_after_the_files_and_within_its_caps() {
+        let mut s = spec(&["python3"]);
+        s.bundle = vec![file("main.py", 5)];
+        s.stdin_bytes = 7;
+        let job = validate(&cfg(), s.clone()).unwrap();
+        assert_eq!((job.bundle_bytes, job.stdin_bytes), (12, 7));
+        s.stdin_bytes = cfg().max_stdin_bytes + 1;
+        let e = validate(&cfg(), s.clone()).unwrap_err();
+        assert!(
+            matches!(&e, RequestError::Invalid(m) if m.contains("max_stdin_bytes")),
+            "{e:?}"
+        );
+        s.stdin_bytes = 1 << 20;
+        s.limits.tmpfs_bytes = Some(1 << 20);
+        let e = validate(&cfg(), s).unwrap_err();
+        assert!(
+            matches!(&e, RequestError::Invalid(m) if m.contains("tmpfs")),
+            "{e:?}"
+        );
     }
 
     #[test]

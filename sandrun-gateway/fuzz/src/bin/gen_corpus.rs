@@ -81,6 +81,10 @@ fn multipart_seeds() -> Seeds {
         ),
         ("ok-zip-part", body(&[("files", Some("job.zip"), &zip_job())])),
         (
+            "ok-stdin-part",
+            body(&[("files", Some("main.py"), py), ("stdin", None, b"1 2\n\x00\xff")]),
+        ),
+        (
             "ok-legacy-part",
             body(&[("files", Some("up"), &legacy_job())]),
         ),
@@ -98,6 +102,10 @@ fn multipart_seeds() -> Seeds {
             body(&[("files", Some("../main.py"), py)]),
         ),
         ("bad-unexpected-part", body(&[("other", None, b"x")])),
+        (
+            "bad-stdin-over-cap",
+            body(&[("files", Some("main.py"), py), ("stdin", None, &[b'x'; 4097])]),
+        ),
         (
             "bad-two-manifests",
             body(&[("manifest", None, b"{}"), ("manifest", None, b"{}")]),

@@ -67,6 +67,11 @@ pub(crate) struct RunArgs {
     /// (default: a new `./sandrun-<job>/`). Nothing existing is ever overwritten.
     #[arg(long)]
     pub(crate) out_dir: Option<PathBuf>,
+    /// A file whose bytes are the job's standard input, or `-` for this command's own stdin
+    /// (read to its end before the job is submitted). Without it the job's stdin is
+    /// `/dev/null`. The helper's `max_stdin_bytes` caps it.
+    #[arg(long)]
+    pub(crate) stdin: Option<PathBuf>,
     /// An extra environment variable, `KEY=VALUE` (repeatable).
     #[arg(long = "env", value_parser = parse_env)]
     pub(crate) env: Vec<(String, String)>,
@@ -121,6 +126,17 @@ mod tests {
         };
         assert_eq!(args.argv, ["/bin/sh", "-c", "x"]);
         assert_eq!(args.pids, Some(3));
+        assert_eq!(args.stdin, None);
+    }
+
+    #[test]
+    fn given_stdin_dash_then_it_is_kept_as_the_path() {
+        let cli = Cli::parse_from(["sandrunctl", "run", "--stdin", "-", "/bin/cat"]);
+        let Command::Run(args) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(args.stdin, Some(PathBuf::from("-")));
+        assert_eq!(args.argv, ["/bin/cat"]);
     }
 
     #[test]

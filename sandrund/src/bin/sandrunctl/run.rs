@@ -1,6 +1,6 @@
 //! `sandrunctl run`: submit one job, stream its output, write its output files.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,7 +23,12 @@ pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlE
         Some(dir) => bundle::walk(dir)?,
         None => Bundle::default(),
     };
-    let spec = job_spec(args, &bundle)?;
+    let stdin = match &args.stdin {
+        Some(path) => read_stdin(path)?,
+        None => Vec::new(),
+    };
+    let mut spec = job_spec(args, &bundle)?;
+    spec.stdin_bytes = stdin.len() as u64;
     // Before anything is submitted: a refused output directory costs no job.
     let outputs = Outputs::plan(args.out_dir.as_deref(), spec.outputs.clone())?;
     let signals = block_interrupts();
@@ -31,7 +36,7 @@ pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlE
     let submitted = Arc::new(AtomicBool::new(false));
     spawn_canceller(signals, chan.get_ref().writer(), Arc::clone(&submitted));
     let mut outputs = outputs;
-    let job_id = upload(&mut chan, spec, &bundle)?;
+    let job_id = upload(&mut chan, spec, &bundle, &stdin)?;
     // Only now: before this, a first Ctrl-C exits at once (skipping every destructor), so a
     // directory made earlier would be left behind.
     submitted.store(true, Ordering::SeqCst);
@@ -69,7 +74,37 @@ fn job_spec(args: &RunArgs, bundle: &Bundle) -> Result<JobSpec, CtlError> {
         template: None,
         network: NetworkPolicy::None,
         label: "sandrunctl".to_owned(),
+        stdin_bytes: 0,
     })
+}
+
+/// The most bytes `--stdin` reads; the helper's `max_stdin_bytes` (16 MiB by default) is the
+/// cap that usually applies, this one only bounds what this client holds in memory.
+const MAX_STDIN_BYTES: u64 = 1 << 30;
+
+/// Reads the job's stdin: the file at `path`, or this process's own stdin for `-`.
+fn read_stdin(path: &Path) -> Result<Vec<u8>, CtlError> {
+    let io = |source| CtlError::InputIo {
+        path: path.to_owned(),
+        source,
+    };
+    let source: Box<dyn Read> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::fs::File::open(path).map_err(io)?)
+    };
+    let mut bytes = Vec::new();
+    source
+        .take(MAX_STDIN_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_STDIN_BYTES {
+        return Err(CtlError::Input {
+            path: path.to_owned(),
+            reason: format!("stdin is larger than {MAX_STDIN_BYTES} bytes"),
+        });
+    }
+    Ok(bytes)
 }
 
 /// Blocks SIGINT and SIGTERM in this thread (and so in every thread started later) so that only
@@ -108,8 +143,13 @@ fn spawn_canceller(signals: SigSet, writer: SharedWriter, submitted: Arc<AtomicB
 }
 
 /// Sends the job, waits for the helper's verdict (`Accepted`, or its error such as `busy`), and
-/// only then sends the input files. Returns the accepted job's id.
-fn upload(chan: &mut Channel, spec: JobSpec, bundle: &Bundle) -> Result<JobId, CtlError> {
+/// only then sends the input files, then the stdin bytes. Returns the accepted job's id.
+fn upload(
+    chan: &mut Channel,
+    spec: JobSpec,
+    bundle: &Bundle,
+    stdin: &[u8],
+) -> Result<JobId, CtlError> {
     const STEP: &str = "waiting for the helper to accept the job";
     conn::send(chan, &Request::Submit(Box::new(spec)), "sending the job")?;
     let job_id = match conn::recv(chan, STEP)? {
@@ -119,6 +159,10 @@ fn upload(chan: &mut Channel, spec: JobSpec, bundle: &Bundle) -> Result<JobId, C
     bundle::stream_files(&bundle.files, |chunk| {
         conn::send(chan, &Request::BundleChunk(chunk), "sending input files")
     })?;
+    for chunk in stdin.chunks(sandrun_ipc::MAX_CHUNK_BYTES) {
+        let chunk = Request::BundleChunk(chunk.to_vec());
+        conn::send(chan, &chunk, "sending stdin")?;
+    }
     conn::send(chan, &Request::BundleEnd, "ending the input")?;
     Ok(job_id)
 }
