@@ -1,5 +1,6 @@
 //! Archive uploads: normal tar.gz and zip expansion, and every hostile entry refused with a 400
-//! that names it, before (or while) costing almost nothing.
+//! that names it (413 when it is the expansion cap that refuses it), before (or while) costing
+//! almost nothing.
 
 mod upload_support;
 
@@ -170,7 +171,7 @@ async fn given_a_gzip_of_ten_gib_of_zeros_then_it_is_refused_before_decompressin
     let err = submit_archive(&limits(), "bomb.tar.gz", &archive)
         .await
         .unwrap_err();
-    assert_eq!(err.status(), 400);
+    assert_eq!(err.status(), 413);
     assert!(err.message().contains("zeros.bin"), "{}", err.message());
 }
 
@@ -187,7 +188,7 @@ async fn given_a_high_ratio_tar_gz_within_the_size_cap_then_the_ratio_meter_stop
     let err = submit_archive(&limits(), "ratio.tgz", &archive)
         .await
         .unwrap_err();
-    assert_eq!(err.status(), 400);
+    assert_eq!(err.status(), 413);
     let msg = err.message();
     assert!(
         msg.contains("expands past") && msg.contains(&cap.max(1 << 20).to_string()),
@@ -211,6 +212,7 @@ async fn given_a_gzip_bomb_under_the_upload_cap_then_memory_and_work_stay_bounde
     let err = submit_archive(&limits, "b.tgz", &archive)
         .await
         .unwrap_err();
+    assert_eq!(err.status(), 413, "{}", err.message());
     assert!(
         err.message().contains("\"big.bin\": expands past"),
         "{}",
@@ -375,7 +377,7 @@ async fn given_an_overlapping_zip_bomb_then_the_central_directory_check_refuses_
     let err = submit_archive(&limits(), "42.zip", &archive)
         .await
         .unwrap_err();
-    assert_eq!(err.status(), 400);
+    assert_eq!(err.status(), 413);
     assert!(
         err.message().contains("declared sizes add up past"),
         "{}",

@@ -435,10 +435,10 @@ fn given_zip_and_gzip_bombs_then_they_are_refused_before_expansion_with_bounded_
     );
     let started = Instant::now();
     let r = submit_archive(&stack, "bomb.tar.gz", gz);
-    assert_status(&r, 400, "10 GiB of zeros");
+    assert_status(&r, 413, "10 GiB of zeros");
     assert!(r.text().contains("zeros.bin"), "{}", r.text());
     let r = submit_archive(&stack, "42.zip", zip);
-    assert_status(&r, 400, "16 x 1 GiB zip");
+    assert_status(&r, 413, "16 x 1 GiB zip");
     let hwm_after = vm_hwm_kib(stack.gateway_pid());
     eprintln!(
         "bombs: gateway VmHWM {hwm_before} -> {hwm_after} KiB in {:?}",

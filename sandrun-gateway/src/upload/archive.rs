@@ -232,12 +232,11 @@ fn extract_tar_gz<'m, R: BufRead>(
     let mut archive = tar::Archive::new(reader);
     let mut last = String::from("<start of archive>");
     let fail = |entry: &str, e: std::io::Error| {
-        let problem = if meter.exceeded() {
-            meter.problem()
+        if meter.exceeded() {
+            UploadError::entry_too_large(upload, entry, meter.problem())
         } else {
-            format!("unreadable: {e}")
-        };
-        UploadError::entry(upload, entry, problem)
+            UploadError::entry(upload, entry, format!("unreadable: {e}"))
+        }
     };
     let entries = archive.entries().map_err(|e| fail(&last, e))?;
     for (count, entry) in entries.enumerate() {
@@ -307,9 +306,13 @@ fn add_tar_entry<R: Read>(
     let path = entry_path(upload, name, limits)?;
     let size = entry.size();
     if size > builder.remaining_bytes() {
-        return Err(refuse(&format!(
-            "{size} bytes would take the upload past {} bytes",
-            limits.max_uncompressed_bytes
+        return Err(TarEntryError::Upload(UploadError::entry_too_large(
+            upload,
+            name,
+            format!(
+                "{size} bytes would take the upload past {} bytes",
+                limits.max_uncompressed_bytes
+            ),
         )));
     }
     // Charged before the bytes are expanded (and preallocated).
@@ -390,11 +393,11 @@ fn extract_zip(
             feed: None,
         };
         let bytes = read_exact_size(&mut reader, item.size).map_err(|e| {
-            refuse(if meter.exceeded() {
-                meter.problem()
+            if meter.exceeded() {
+                UploadError::entry_too_large(upload, &item.name, meter.problem())
             } else {
-                format!("unreadable: {e}")
-            })
+                refuse(format!("unreadable: {e}"))
+            }
         })?;
         builder.add_file(path, item.mode, bytes)?;
     }
@@ -452,9 +455,13 @@ fn plan_zip<R: Read + std::io::Seek>(
         let mode = file.unix_mode().map_or(default_mode, |m| m & 0o7777);
         declared = declared.saturating_add(file.size());
         if declared > budget {
-            return Err(refuse(&format!(
-                "declared sizes add up past {budget} bytes (size or compression ratio limit)"
-            )));
+            return Err(UploadError::entry_too_large(
+                upload,
+                &name,
+                format!(
+                    "declared sizes add up past {budget} bytes (size or compression ratio limit)"
+                ),
+            ));
         }
         let name = if dir {
             name.strip_suffix('/').unwrap_or(&name).to_owned()

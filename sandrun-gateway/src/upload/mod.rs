@@ -110,7 +110,15 @@ pub enum UploadError {
         entry: String,
         problem: String,
     },
-    /// Duplicate path, file/directory conflict, count or size cap (400).
+    /// An archive entry would take the upload past its expansion cap
+    /// ([`UploadLimits::max_uncompressed_bytes`] or the compression-ratio cap) (413); names the
+    /// upload and the entry.
+    EntryTooLarge {
+        upload: String,
+        entry: String,
+        problem: String,
+    },
+    /// Duplicate path, file/directory conflict or count cap (400); the size cap (413).
     Bundle(BundleError),
     /// The manifest is invalid (400); names the field.
     Manifest(ManifestError),
@@ -125,7 +133,10 @@ impl UploadError {
     pub fn status(&self) -> u16 {
         match self {
             UploadError::UnsupportedMediaType(_) => 415,
-            UploadError::BodyTooLarge { .. } | UploadError::StdinTooLarge { .. } => 413,
+            UploadError::BodyTooLarge { .. }
+            | UploadError::StdinTooLarge { .. }
+            | UploadError::EntryTooLarge { .. }
+            | UploadError::Bundle(BundleError::TooLarge { .. }) => 413,
             UploadError::Bundle(BundleError::Memory(full)) => match full {
                 BudgetFull::Global => 503,
                 BudgetFull::ClientShare => 429,
@@ -139,6 +150,15 @@ impl UploadError {
     /// A message for the client, naming the field, part or entry at fault.
     pub fn message(&self) -> String {
         self.to_string()
+    }
+
+    /// Like [`UploadError::entry`], for an entry refused because of the expansion cap (413).
+    pub(crate) fn entry_too_large(upload: &str, entry: &str, problem: impl Into<String>) -> Self {
+        UploadError::EntryTooLarge {
+            upload: upload.to_owned(),
+            entry: entry.to_owned(),
+            problem: problem.into(),
+        }
     }
 
     pub(crate) fn entry(upload: &str, entry: &str, problem: impl Into<String>) -> Self {
@@ -176,7 +196,8 @@ impl std::fmt::Display for UploadError {
                     "unexpected multipart part {name:?}: only \"files\", \"manifest\" and \"stdin\""
                 )
             }
-            UploadError::Entry { upload, entry, problem } => {
+            UploadError::Entry { upload, entry, problem }
+            | UploadError::EntryTooLarge { upload, entry, problem } => {
                 write!(f, "{upload}: entry {entry:?}: {problem}")
             }
             UploadError::Bundle(e) => write!(f, "upload refused: {e}"),
