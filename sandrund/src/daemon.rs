@@ -213,11 +213,14 @@ fn pin_malloc_thresholds() {
 
 /// The whole start-up, then the loop. Returns the process exit code.
 pub fn main_with_args(args: &[String]) -> i32 {
-    init_logging();
+    if let Err(e) = crate::logger::init() {
+        eprintln!("sandrund: {e}");
+        return 1;
+    }
     match run(args) {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!("{e}");
+            log::error!("{e}");
             eprintln!("sandrund: {e}");
             1
         }
@@ -233,46 +236,34 @@ fn run(args: &[String]) -> Result<(), String> {
     let cgroups = cgroup::detect().map_err(|e| format!("cgroups: {e}"))?;
     match cgroups.cleanup_stale() {
         Ok(0) => {}
-        Ok(n) => tracing::warn!(count = n, "removed job cgroups left by an earlier helper"),
+        Ok(n) => log::warn!("removed job cgroups left by an earlier helper count={}", n),
         Err(e) => return Err(format!("cannot clean stale job cgroups: {e}")),
     }
     let filter = SeccompProgram::compile().map_err(|e| e.to_string())?;
     let listener = match systemd::take_activated_listener()? {
         Some(l) => {
-            tracing::info!("using the socket passed by systemd");
+            log::info!("using the socket passed by systemd");
             l
         }
         None => {
             let path = opts.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
             let l = bind_socket(&path, &cfg)?;
             check_socket_reachable(&path, &cfg)?;
-            tracing::info!(socket = %path.display(), "listening");
+            log::info!("listening socket={}", path.display());
             l
         }
     };
-    tracing::info!(
-        max_concurrent = cfg.max_concurrent,
-        gateway_uid = ?cfg.gateway_uid.map(|u| u.0),
-        cgroups = ?cgroups.layout(),
-        "sandrund ready"
+    log::info!(
+        "sandrund ready max_concurrent={} gateway_uid={:?} cgroups={:?}",
+        cfg.max_concurrent,
+        cfg.gateway_uid.map(|u| u.0),
+        cgroups.layout()
     );
     let mut server = Server::new(cfg, listener, cgroups, filter).map_err(|e| e.to_string())?;
     if let Err(e) = systemd::notify("READY=1\nSTATUS=serving") {
-        tracing::warn!("{e}");
+        log::warn!("{e}");
     }
     server.run().map_err(|e| format!("event loop failed: {e}"))
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .try_init();
 }
 
 #[cfg(test)]

@@ -15,5 +15,6 @@ pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod ids;
+mod logger;
 pub mod sandbox;
 pub mod server;
