@@ -83,8 +83,7 @@ fn stderr_is(journal_stream: &str) -> bool {
     let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
         return false;
     };
-    nix::sys::stat::fstat(libc::STDERR_FILENO)
-        .is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+    nix::sys::stat::fstat(libc::STDERR_FILENO).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
 }
 
 /// `text` with every control character written as a `\u{..}` escape.
