@@ -163,6 +163,7 @@ impl Config {
     }
 
     /// Parses configuration text with a user database (tests pass a fake one).
+    #[cfg(test)]
     pub fn from_text(text: &str, users: &dyn UserDb) -> Result<Config, ConfigError> {
         Config::from_raw(parse_raw(text)?, users)
     }

@@ -13,7 +13,7 @@ use crate::server::{systemd, Server};
 
 /// Command-line options. Parsed by hand: two flags do not justify a parser in a root process.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Options {
+pub(crate) struct Options {
     pub socket: Option<PathBuf>,
     pub config: Option<PathBuf>,
 }
@@ -21,7 +21,7 @@ pub struct Options {
 const USAGE: &str = "usage: sandrund [--socket PATH] [--config FILE]";
 
 /// Parses `args` (without the program name).
-pub fn parse_args(args: &[String]) -> Result<Options, String> {
+pub(crate) fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut opts = Options::default();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -41,7 +41,7 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
 }
 
 /// The helper must run as root with the capabilities its sandbox setup needs.
-pub fn self_check() -> Result<(), String> {
+pub(crate) fn self_check() -> Result<(), String> {
     use caps::{CapSet, Capability};
     if !nix::unistd::geteuid().is_root() {
         return Err("sandrund must run as root (it creates namespaces, cgroups and mounts)".into());
@@ -68,7 +68,7 @@ pub fn self_check() -> Result<(), String> {
 
 /// Closes every inherited descriptor except stdio and a systemd-passed socket, clears the
 /// environment (keeping only what systemd integration reads), and sets a strict umask.
-pub fn sanitize_process() -> Result<(), String> {
+pub(crate) fn sanitize_process() -> Result<(), String> {
     let keep_from_systemd = std::env::var("LISTEN_PID").ok()
         == Some(std::process::id().to_string())
         && std::env::var("LISTEN_FDS").ok().as_deref() == Some("1");

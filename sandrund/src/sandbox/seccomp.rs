@@ -288,6 +288,7 @@ impl SeccompProgram {
     }
 
     /// Number of BPF instructions.
+    #[cfg(test)]
     pub fn instructions(&self) -> usize {
         self.filter.len()
     }
