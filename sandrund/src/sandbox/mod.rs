@@ -36,6 +36,7 @@ mod mounts;
 mod net;
 mod order;
 pub mod seccomp;
+mod seccomp_policy;
 mod sys;
 #[cfg(test)]
 mod tests;
