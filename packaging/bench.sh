@@ -20,6 +20,6 @@ if ! id sandrun >/dev/null 2>&1; then
   echo "the gateway drops to the user 'sandrun': create it first (useradd --system sandrun)" >&2
   exit 1
 fi
-# sandrund's package also builds sandrunctl, which figures 8 and 9 run as a user would.
-cargo build --release --locked -p sandrund -p sandrun-gateway -p sandrun-bench
+# sandrunctl (its own package) is what figures 8 and 9 run as a user would.
+cargo build --release --locked -p sandrund -p sandrunctl -p sandrun-gateway -p sandrun-bench
 exec target/release/sandrun-bench --bin-dir target/release "$@"

@@ -13,7 +13,7 @@ arch=$(dpkg --print-architecture)
 out=target/package
 stage=$out/root
 if [ -z "${SKIP_BUILD:-}" ]; then
-  cargo build --release --locked -p sandrund -p sandrun-gateway --bins
+  cargo build --release --locked -p sandrund -p sandrunctl -p sandrun-gateway --bins
 fi
 rm -rf "$stage"
 mkdir -p "$stage/DEBIAN"

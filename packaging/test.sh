@@ -12,7 +12,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The integration tests start target/debug/sandrund and friends: build every binary first.
 cargo build --workspace --bins --locked
-# The harness would otherwise run `cargo build -p sandrund` per test binary, which builds ipc
+# The harness would otherwise run `cargo build -p sandrund -p sandrunctl` per test binary, which builds ipc
 # without the workspace's features and relinks the very binaries other tests are executing
 # (seen as ETXTBSY). Everything was just built with the workspace's features.
 SANDRUN_TESTS_SKIP_BUILD=1 cargo test --workspace --locked --all-features

@@ -146,7 +146,10 @@ impl Config {
             // key is optional: an absent file means the built-in defaults (said in the log, so
             // a typo in the path is visible), never a refusal to start.
             Some(p) if is_absent(p)? => {
-                tracing::info!(path = %p.display(), "no configuration file: built-in defaults");
+                log::info!(
+                    "no configuration file: built-in defaults path={}",
+                    p.display()
+                );
                 RawConfig::default()
             }
             Some(p) => {
@@ -160,6 +163,7 @@ impl Config {
     }
 
     /// Parses configuration text with a user database (tests pass a fake one).
+    #[cfg(test)]
     pub fn from_text(text: &str, users: &dyn UserDb) -> Result<Config, ConfigError> {
         Config::from_raw(parse_raw(text)?, users)
     }

@@ -13,7 +13,7 @@ use crate::server::{systemd, Server};
 
 /// Command-line options. Parsed by hand: two flags do not justify a parser in a root process.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Options {
+pub(crate) struct Options {
     pub socket: Option<PathBuf>,
     pub config: Option<PathBuf>,
 }
@@ -21,7 +21,7 @@ pub struct Options {
 const USAGE: &str = "usage: sandrund [--socket PATH] [--config FILE]";
 
 /// Parses `args` (without the program name).
-pub fn parse_args(args: &[String]) -> Result<Options, String> {
+pub(crate) fn parse_args(args: &[String]) -> Result<Options, String> {
     let mut opts = Options::default();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -41,7 +41,7 @@ pub fn parse_args(args: &[String]) -> Result<Options, String> {
 }
 
 /// The helper must run as root with the capabilities its sandbox setup needs.
-pub fn self_check() -> Result<(), String> {
+pub(crate) fn self_check() -> Result<(), String> {
     use caps::{CapSet, Capability};
     if !nix::unistd::geteuid().is_root() {
         return Err("sandrund must run as root (it creates namespaces, cgroups and mounts)".into());
@@ -68,7 +68,7 @@ pub fn self_check() -> Result<(), String> {
 
 /// Closes every inherited descriptor except stdio and a systemd-passed socket, clears the
 /// environment (keeping only what systemd integration reads), and sets a strict umask.
-pub fn sanitize_process() -> Result<(), String> {
+pub(crate) fn sanitize_process() -> Result<(), String> {
     let keep_from_systemd = std::env::var("LISTEN_PID").ok()
         == Some(std::process::id().to_string())
         && std::env::var("LISTEN_FDS").ok().as_deref() == Some("1");
@@ -213,11 +213,14 @@ fn pin_malloc_thresholds() {
 
 /// The whole start-up, then the loop. Returns the process exit code.
 pub fn main_with_args(args: &[String]) -> i32 {
-    init_logging();
+    if let Err(e) = crate::logger::init() {
+        eprintln!("sandrund: {e}");
+        return 1;
+    }
     match run(args) {
         Ok(()) => 0,
         Err(e) => {
-            tracing::error!("{e}");
+            log::error!("{e}");
             eprintln!("sandrund: {e}");
             1
         }
@@ -233,46 +236,34 @@ fn run(args: &[String]) -> Result<(), String> {
     let cgroups = cgroup::detect().map_err(|e| format!("cgroups: {e}"))?;
     match cgroups.cleanup_stale() {
         Ok(0) => {}
-        Ok(n) => tracing::warn!(count = n, "removed job cgroups left by an earlier helper"),
+        Ok(n) => log::warn!("removed job cgroups left by an earlier helper count={}", n),
         Err(e) => return Err(format!("cannot clean stale job cgroups: {e}")),
     }
     let filter = SeccompProgram::compile().map_err(|e| e.to_string())?;
     let listener = match systemd::take_activated_listener()? {
         Some(l) => {
-            tracing::info!("using the socket passed by systemd");
+            log::info!("using the socket passed by systemd");
             l
         }
         None => {
             let path = opts.socket.clone().unwrap_or_else(|| DEFAULT_SOCKET.into());
             let l = bind_socket(&path, &cfg)?;
             check_socket_reachable(&path, &cfg)?;
-            tracing::info!(socket = %path.display(), "listening");
+            log::info!("listening socket={}", path.display());
             l
         }
     };
-    tracing::info!(
-        max_concurrent = cfg.max_concurrent,
-        gateway_uid = ?cfg.gateway_uid.map(|u| u.0),
-        cgroups = ?cgroups.layout(),
-        "sandrund ready"
+    log::info!(
+        "sandrund ready max_concurrent={} gateway_uid={:?} cgroups={:?}",
+        cfg.max_concurrent,
+        cfg.gateway_uid.map(|u| u.0),
+        cgroups.layout()
     );
     let mut server = Server::new(cfg, listener, cgroups, filter).map_err(|e| e.to_string())?;
     if let Err(e) = systemd::notify("READY=1\nSTATUS=serving") {
-        tracing::warn!("{e}");
+        log::warn!("{e}");
     }
     server.run().map_err(|e| format!("event loop failed: {e}"))
-}
-
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(false)
-        .try_init();
 }
 
 #[cfg(test)]

@@ -11,9 +11,13 @@
 //! See `docs/sandrund.md` for the sandbox steps in the order [`sandbox::prepare`] and
 //! [`sandbox::start`] perform them.
 
-pub mod cgroup;
-pub mod config;
+// Only `daemon::main_with_args` is public: the `sandrund` binary (src/main.rs) is the library's
+// one user (the tests crate and the bench start the binary, they do not link this library), so
+// everything else is crate-private and the compiler flags code nothing calls.
+pub(crate) mod cgroup;
+pub(crate) mod config;
 pub mod daemon;
-pub mod ids;
-pub mod sandbox;
-pub mod server;
+pub(crate) mod ids;
+mod logger;
+pub(crate) mod sandbox;
+pub(crate) mod server;

@@ -246,21 +246,21 @@ pub fn probe_binary() -> PathBuf {
     bin_dir().join("sandrun-probe")
 }
 
-/// Builds `sandrund` and `sandrunctl` once per test binary: this package cannot depend on
-/// another package's binaries. Set `SANDRUN_TESTS_SKIP_BUILD=1` to use what is there.
+/// Builds `sandrund` and `sandrunctl` (two packages) once per test binary: this package cannot
+/// depend on another package's binaries. Set `SANDRUN_TESTS_SKIP_BUILD=1` to use what is there.
 fn ensure_built() {
     static BUILD: Once = Once::new();
     BUILD.call_once(|| {
         if std::env::var_os("SANDRUN_TESTS_SKIP_BUILD").is_none() {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let out = Command::new(cargo)
-                .args(["build", "-p", "sandrund", "--bins"])
+                .args(["build", "-p", "sandrund", "-p", "sandrunctl", "--bins"])
                 .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
                 .output()
-                .expect("run cargo build -p sandrund");
+                .expect("run cargo build -p sandrund -p sandrunctl");
             assert!(
                 out.status.success(),
-                "cargo build -p sandrund failed:\n{}",
+                "cargo build -p sandrund -p sandrunctl failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }

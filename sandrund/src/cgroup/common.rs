@@ -93,8 +93,11 @@ pub(crate) fn create_with_rollback<T>(
     if result.is_err() {
         for dir in created.iter().rev() {
             if let Err(e) = host.fs.rmdir(dir) {
-                tracing::warn!(path = %dir.display(), error = %e,
-                    "cannot remove partially created job cgroup");
+                log::warn!(
+                    "cannot remove partially created job cgroup path={} error={}",
+                    dir.display(),
+                    e
+                );
             }
         }
     }

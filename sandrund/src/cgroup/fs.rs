@@ -122,8 +122,11 @@ impl Host {
         match self.fs.read(&self.proc_swaps) {
             Ok(text) => parse::swaps_present(&text),
             Err(e) => {
-                tracing::warn!(path = %self.proc_swaps.display(), error = %e,
-                    "cannot read swap areas; assuming swap is present");
+                log::warn!(
+                    "cannot read swap areas; assuming swap is present path={} error={}",
+                    self.proc_swaps.display(),
+                    e
+                );
                 true
             }
         }

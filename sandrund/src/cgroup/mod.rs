@@ -20,9 +20,12 @@ mod fake_tests;
 #[cfg(test)]
 mod root_tests;
 
-pub use fs::{CgroupFs, Host, RealFs};
-pub use v1::{V1Job, V1Manager};
-pub use v2::{V2Job, V2Manager};
+pub use fs::Host;
+pub use v1::V1Manager;
+pub use v2::V2Manager;
+// The tests name these; the helper reaches them through `Host` and the managers.
+#[cfg(test)]
+pub use fs::{CgroupFs, RealFs};
 
 use parse::{MountEntry, ProcCgroupEntry};
 

@@ -223,7 +223,7 @@ impl CgroupManager for V1Manager {
             if let Err(e) =
                 common::remove_stale(&mut self.job(name, Vec::new(), CgroupLimits::default()))
             {
-                tracing::warn!(cgroup = %name, error = %e, "cannot remove stale job cgroup");
+                log::warn!("cannot remove stale job cgroup cgroup={} error={}", name, e);
                 first_error.get_or_insert(e);
             }
         }
@@ -314,8 +314,10 @@ impl JobCgroup for V1Job {
 impl Drop for V1Job {
     fn drop(&mut self) {
         if !self.removed {
-            tracing::warn!(cgroup = %self.dirs.pids.display(),
-                "job cgroup dropped without remove(); it is left for cleanup_stale");
+            log::warn!(
+                "job cgroup dropped without remove(); it is left for cleanup_stale cgroup={}",
+                self.dirs.pids.display()
+            );
         }
     }
 }

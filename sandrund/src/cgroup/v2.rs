@@ -142,7 +142,7 @@ impl CgroupManager for V2Manager {
         let mut first_error = None;
         for name in &stale {
             if let Err(e) = common::remove_stale(&mut self.job(name, Vec::new(), None)) {
-                tracing::warn!(cgroup = %name, error = %e, "cannot remove stale job cgroup");
+                log::warn!("cannot remove stale job cgroup cgroup={} error={}", name, e);
                 first_error.get_or_insert(e);
             }
         }
@@ -237,8 +237,10 @@ impl JobCgroup for V2Job {
 impl Drop for V2Job {
     fn drop(&mut self) {
         if !self.removed {
-            tracing::warn!(cgroup = %self.dir.display(),
-                "job cgroup dropped without remove(); it is left for cleanup_stale");
+            log::warn!(
+                "job cgroup dropped without remove(); it is left for cleanup_stale cgroup={}",
+                self.dir.display()
+            );
         }
     }
 }

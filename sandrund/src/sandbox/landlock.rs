@@ -31,7 +31,9 @@ pub struct LandlockRules<'a> {
     pub list_only: &'a [&'a Path],
 }
 
-/// Restricts the calling process. `NO_NEW_PRIVS` must already be set.
+/// Restricts the calling process. `NO_NEW_PRIVS` must already be set. Tests only: the sandbox
+/// prepares the ruleset early and restricts later.
+#[cfg(test)]
 pub fn restrict_self(rules: &LandlockRules<'_>) -> Result<(), String> {
     prepare(rules)?.restrict()
 }

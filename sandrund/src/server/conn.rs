@@ -116,7 +116,7 @@ impl Conn {
         match codec::encode(msg) {
             Ok(frame) => self.out.extend_from_slice(&frame),
             Err(e) => {
-                tracing::error!(error = %e, "cannot encode a response (bug)");
+                log::error!("cannot encode a response (bug) error={}", e);
                 self.stream = None;
             }
         }

@@ -177,7 +177,7 @@ impl Job {
         // mid-fork. Errors are fine here: the process may already be gone.
         let _ = pidfd_kill(self.pidfd.as_fd());
         if let Err(e) = self.cgroup.kill_all() {
-            tracing::warn!(job = %self.id, error = %e, "cgroup kill failed");
+            log::warn!("cgroup kill failed job={} error={}", self.id, e);
         }
     }
 
@@ -202,7 +202,11 @@ impl Job {
             Err(e) => {
                 self.stats_failures += 1;
                 if self.stats_failures >= MAX_STATS_FAILURES {
-                    tracing::error!(job = %self.id, error = %e, "cannot read the job's cgroup; killing it");
+                    log::error!(
+                        "cannot read the job's cgroup; killing it job={} error={}",
+                        self.id,
+                        e
+                    );
                     self.kill(ExitReason::Internal);
                 }
             }
@@ -302,7 +306,11 @@ impl Job {
                 }
                 pipe.fd = None;
             }
-            tracing::warn!(job = %self.id, unread, "output pipes still open after exit; closed");
+            log::warn!(
+                "output pipes still open after exit; closed job={} unread={}",
+                self.id,
+                unread
+            );
         }
         true
     }

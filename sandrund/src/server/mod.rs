@@ -213,7 +213,7 @@ impl Server {
                 }
             }
             if stop {
-                tracing::info!("signal received: killing sandboxes and exiting");
+                log::info!("signal received: killing sandboxes and exiting");
                 let _ = systemd::notify("STOPPING=1");
                 self.shutdown();
                 return Ok(());
@@ -316,7 +316,7 @@ impl Server {
                 Err(e) => {
                     // EMFILE and friends: stop polling the listener until the next tick
                     // instead of spinning on it.
-                    tracing::warn!(error = %e, "accept failed; pausing accepts for a tick");
+                    log::warn!("accept failed; pausing accepts for a tick error={}", e);
                     self.accept_paused = true;
                     return;
                 }
@@ -324,13 +324,18 @@ impl Server {
             let peer = match Peer::of(&stream) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read peer credentials; closing");
+                    log::warn!("cannot read peer credentials; closing error={}", e);
                     continue;
                 }
             };
             if !may_connect(&self.cfg, &peer) {
                 self.counters.refused_peer += 1;
-                tracing::warn!(uid = %peer.uid, gid = %peer.gid, pid = %peer.pid, "refused connection from unauthorized peer");
+                log::warn!(
+                    "refused connection from unauthorized peer uid={} gid={} pid={}",
+                    peer.uid,
+                    peer.gid,
+                    peer.pid
+                );
                 refuse(stream);
                 continue;
             }
@@ -366,7 +371,7 @@ impl Server {
                 Incoming::Closed => self.peer_gone(&mut conn),
                 Incoming::Malformed(e) => {
                     self.counters.protocol_errors += 1;
-                    tracing::warn!(uid = %conn.peer.uid, error = %e, "malformed frame; closing");
+                    log::warn!("malformed frame; closing uid={} error={}", conn.peer.uid, e);
                     self.abort_conn(&mut conn, ErrorCode::MalformedFrame, e);
                 }
             }
@@ -379,7 +384,7 @@ impl Server {
         conn.stream = None;
         match std::mem::replace(&mut conn.state, State::Closing) {
             State::Running(mut job) => {
-                tracing::info!(job = %job.id, "client went away; killing the job");
+                log::info!("client went away; killing the job job={}", job.id);
                 job.kill(ExitReason::Cancelled);
                 conn.state = State::Running(job);
             }
@@ -467,7 +472,11 @@ impl Server {
                 conn.state = state;
                 let what = msg.name();
                 self.counters.protocol_errors += 1;
-                tracing::warn!(uid = %conn.peer.uid, message = what, "unexpected message; closing");
+                log::warn!(
+                    "unexpected message; closing uid={} message={}",
+                    conn.peer.uid,
+                    what
+                );
                 self.abort_conn(
                     conn,
                     ErrorCode::UnexpectedMessage,
@@ -479,7 +488,7 @@ impl Server {
 
     fn protocol_error(&mut self, conn: &mut Conn, msg: &str) {
         self.counters.protocol_errors += 1;
-        tracing::warn!(uid = %conn.peer.uid, "{msg}");
+        log::warn!("{msg} uid={}", conn.peer.uid);
         conn.fail(ErrorCode::InvalidRequest, msg);
     }
 
@@ -497,7 +506,11 @@ impl Server {
         }
         if !authorize(&self.cfg, &conn.peer, hello.role) {
             self.counters.refused_peer += 1;
-            tracing::warn!(uid = %conn.peer.uid, role = ?hello.role, "role refused for peer");
+            log::warn!(
+                "role refused for peer uid={} role={:?}",
+                conn.peer.uid,
+                hello.role
+            );
             conn.fail(
                 ErrorCode::NotAuthorized,
                 format!("uid {} may not act as {:?}", conn.peer.uid, hello.role),
@@ -623,7 +636,13 @@ impl Server {
             Ok((sb, cgroup, cpu_base_ns)) => {
                 let us = u64::try_from(sb.spawn_time.as_micros()).unwrap_or(u64::MAX);
                 self.record_spawn(us);
-                tracing::info!(job = %id, label = %job.label, slot, spawn_us = us, "job started");
+                log::info!(
+                    "job started job={} label={} slot={} spawn_us={}",
+                    id,
+                    job.label,
+                    slot,
+                    us
+                );
                 conn.send(&Response::Started { spawn_us: us });
                 let mut j = Job::new(id, job.label, slot, job.limits, job.outputs, cgroup, sb);
                 j.cpu_base_ns = cpu_base_ns;
@@ -631,7 +650,7 @@ impl Server {
             }
             Err((code, msg)) => {
                 self.counters.setup_failures += 1;
-                tracing::error!(job = %id, error = %msg, "sandbox setup failed");
+                log::error!("sandbox setup failed job={} error={}", id, msg);
                 self.slots[slot as usize] = false;
                 conn.fail(code, msg);
             }
@@ -666,8 +685,7 @@ impl Server {
                     if was_warm {
                         // Its cgroup broke while it waited (removed by hand, or by another
                         // helper's stale-cgroup cleanup): the job had no part in it.
-                        tracing::warn!(job = %id, error = %msg,
-                            "a warm sandbox's cgroup had failed; preparing a fresh one");
+                        log::warn!("a warm sandbox's cgroup had failed; preparing a fresh one job={} error={}", id, msg);
                         self.pool.pause(Instant::now());
                         continue;
                     }
@@ -679,8 +697,11 @@ impl Server {
                 Err(e) => {
                     self.teardown(cgroup, None);
                     if was_warm && !e.prepared {
-                        tracing::warn!(job = %id, error = %e.error,
-                            "a warm sandbox had failed; preparing a fresh one");
+                        log::warn!(
+                            "a warm sandbox had failed; preparing a fresh one job={} error={}",
+                            id,
+                            e.error
+                        );
                         self.pool.pause(Instant::now());
                         continue;
                     }
@@ -737,7 +758,10 @@ impl Server {
         {
             self.counters.setup_failures += 1;
             let message = self.discard(f);
-            tracing::error!(error = %message, "cannot prepare a warm sandbox; retrying in 1 s");
+            log::error!(
+                "cannot prepare a warm sandbox; retrying in 1 s error={}",
+                message
+            );
             self.pool.pause(Instant::now());
         }
     }
@@ -870,7 +894,11 @@ impl Server {
                         self.release(*c.end());
                     }
                     Relayed::Refused(msg) => {
-                        tracing::error!(job = %c.job.id, error = %msg, "output collector could not be confined");
+                        log::error!(
+                            "output collector could not be confined job={} error={}",
+                            c.job.id,
+                            msg
+                        );
                         self.release(*c.end());
                         conn.fail(ErrorCode::SandboxSetup, msg);
                     }
@@ -885,7 +913,7 @@ impl Server {
     /// failure. Outside a file the client gets it as a skipped `.` and `Done`; a file already
     /// announced cannot be completed, so the conversation ends with an error.
     fn collection_failed(&mut self, conn: &mut Conn, c: Collection, why: &str) {
-        tracing::warn!(job = %c.job.id, error = %why, "output collection failed");
+        log::warn!("output collection failed job={} error={}", c.job.id, why);
         let mid_file = c.mid_file();
         self.release(*c.end());
         if mid_file {
@@ -911,10 +939,15 @@ impl Server {
             .entry(report.reason.as_str())
             .or_insert((report.reason, 0));
         entry.1 += 1;
-        tracing::info!(
-            job = %job.id, label = %job.label, reason = report.reason.as_str(),
-            exit_code = ?report.exit_code, signal = ?report.signal, cpu_ms = report.cpu_ms,
-            wall_ms = report.wall_ms, "job ended"
+        log::info!(
+            "job ended job={} label={} reason={} exit_code={:?} signal={:?} cpu_ms={} wall_ms={}",
+            job.id,
+            job.label,
+            report.reason.as_str(),
+            report.exit_code,
+            report.signal,
+            report.cpu_ms,
+            report.wall_ms
         );
         let client_here = conn.stream.is_some();
         if client_here {
@@ -938,7 +971,7 @@ impl Server {
         match Collection::start(job, workdir, ids, &self.collector_filter) {
             Ok(c) => conn.state = State::Collecting(Box::new(c)),
             Err((job, msg)) => {
-                tracing::error!(job = %job.id, error = %msg, "output collection not started");
+                log::error!("output collection not started job={} error={}", job.id, msg);
                 self.release(*job);
                 conn.fail(ErrorCode::SandboxSetup, msg);
             }
@@ -969,7 +1002,11 @@ impl Server {
             }
             Err(e) => {
                 if t.since.elapsed() > Duration::from_secs(10) {
-                    tracing::error!(slot = ?t.slot, error = %e, "job cgroup still not removable");
+                    log::error!(
+                        "job cgroup still not removable slot={:?} error={}",
+                        t.slot,
+                        e
+                    );
                 }
                 false
             }
@@ -988,7 +1025,7 @@ impl Server {
                     conn.stream = None;
                     continue;
                 }
-                tracing::warn!(uid = %conn.peer.uid, "conversation timed out; closing");
+                log::warn!("conversation timed out; closing uid={}", conn.peer.uid);
                 if let State::Bundle { slot, .. } = conn.state {
                     self.slots[slot as usize] = false;
                 }
@@ -1049,7 +1086,7 @@ impl Server {
                 });
                 match found {
                     Some(job) => {
-                        tracing::info!(job = %id, "killed by admin");
+                        log::info!("killed by admin job={}", id);
                         job.kill(ExitReason::Cancelled);
                         AdminResponse::Killed(id)
                     }
@@ -1065,7 +1102,7 @@ impl Server {
             AdminRequest::Drain => {
                 self.draining = true;
                 self.empty_pool();
-                tracing::info!("draining: no new jobs accepted");
+                log::info!("draining: no new jobs accepted");
                 AdminResponse::Draining {
                     running: self.running(),
                 }
@@ -1159,7 +1196,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        tracing::error!("some sandboxes did not finish tearing down before exit");
+        log::error!("some sandboxes did not finish tearing down before exit");
     }
 }
 

@@ -7,19 +7,12 @@
 //! Exit status: the job's exit code (or 128 + signal) for `run`; 0 for successful admin commands;
 //! [`error::EXIT_CLIENT_ERROR`] (125) when the helper refuses the request or the client fails.
 
-#[path = "sandrunctl/admin.rs"]
 mod admin;
-#[path = "sandrunctl/bundle.rs"]
 mod bundle;
-#[path = "sandrunctl/cli.rs"]
 mod cli;
-#[path = "sandrunctl/conn.rs"]
 mod conn;
-#[path = "sandrunctl/error.rs"]
 mod error;
-#[path = "sandrunctl/outputs.rs"]
 mod outputs;
-#[path = "sandrunctl/run.rs"]
 mod run;
 
 use clap::Parser;

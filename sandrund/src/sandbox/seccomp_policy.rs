@@ -1,0 +1,130 @@
+//! The job's seccomp policy, as data: which syscalls are allowed, refused, or allowed only with
+//! certain arguments, and the collector's allow-list. `seccomp.rs` compiles these tables once at
+//! start-up into a BPF program (the module docs there say how); nothing here runs code.
+
+/// Syscalls allowed without argument checks: what python3, node, bash and coreutils need for
+/// files, memory, time, signals, processes, sockets and IPC inside their own namespaces.
+#[rustfmt::skip]
+pub(crate) const ALLOWED: &[&str] = &[
+    // Files and descriptors.
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2",
+    "pwritev2", "open", "openat", "openat2", "creat", "close", "close_range", "lseek", "dup",
+    "dup2", "dup3", "fcntl", "flock", "fsync", "fdatasync", "sync", "syncfs", "sync_file_range",
+    "truncate", "ftruncate", "fallocate", "fadvise64", "readahead", "stat", "fstat", "lstat",
+    "newfstatat", "statx", "statfs", "fstatfs", "access", "faccessat", "faccessat2", "getdents",
+    "getdents64", "getcwd", "chdir", "fchdir", "mkdir", "mkdirat", "rmdir", "rename", "renameat",
+    "renameat2", "link", "linkat", "unlink", "unlinkat", "symlink", "symlinkat", "readlink",
+    "readlinkat", "chmod", "fchmod", "fchmodat", "chown", "fchown", "lchown", "fchownat", "umask",
+    "utime", "utimes", "utimensat", "futimesat", "mknod", "mknodat", "getxattr", "lgetxattr",
+    "fgetxattr", "listxattr", "llistxattr", "flistxattr", "setxattr", "lsetxattr", "fsetxattr",
+    "removexattr", "lremovexattr", "fremovexattr", "copy_file_range", "sendfile", "splice", "tee",
+    "vmsplice", "pipe", "pipe2", "memfd_create", "inotify_init", "inotify_init1",
+    "inotify_add_watch", "inotify_rm_watch",
+    // Polling and event descriptors.
+    "poll", "ppoll", "select", "pselect6", "epoll_create", "epoll_create1", "epoll_ctl",
+    "epoll_wait", "epoll_pwait", "epoll_pwait2", "eventfd", "eventfd2", "signalfd", "signalfd4",
+    "timerfd_create", "timerfd_settime", "timerfd_gettime",
+    // Memory.
+    "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "msync", "mincore", "mlock",
+    "mlock2", "munlock", "mlockall", "munlockall", "membarrier", "get_mempolicy", "set_mempolicy",
+    "mbind", "pkey_alloc", "pkey_free", "pkey_mprotect", "remap_file_pages",
+    // Processes and threads (`clone` is argument-checked below).
+    "fork", "vfork", "execve", "execveat", "exit", "exit_group", "wait4", "waitid", "kill",
+    "tkill", "tgkill", "getpid", "getppid", "gettid", "getuid", "geteuid", "getgid", "getegid",
+    "getgroups", "getresuid", "getresgid", "setuid", "setgid", "setreuid", "setregid", "setresuid",
+    "setresgid", "setfsuid", "setfsgid", "setgroups", "capget", "capset", "getpgid", "setpgid",
+    "getpgrp", "getsid", "setsid", "getpriority", "setpriority", "sched_yield",
+    "sched_getaffinity", "sched_setaffinity", "sched_getparam", "sched_setparam",
+    "sched_getscheduler", "sched_setscheduler", "sched_get_priority_max", "sched_get_priority_min",
+    "sched_rr_get_interval", "sched_getattr", "sched_setattr", "getrlimit", "setrlimit",
+    "prlimit64", "getrusage", "times", "sysinfo", "uname", "prctl", "arch_prctl",
+    "set_tid_address", "set_robust_list", "get_robust_list", "rseq", "futex", "restart_syscall",
+    "pidfd_open", "pidfd_send_signal", "ioprio_get", "ioprio_set", "getcpu", "getrandom",
+    "seccomp", "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
+    // Signals and timers.
+    "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "rt_sigsuspend", "rt_sigpending",
+    "rt_sigtimedwait", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "sigaltstack", "pause", "alarm",
+    "getitimer", "setitimer", "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun",
+    "timer_delete",
+    // Time (reading and sleeping only).
+    "clock_gettime", "clock_getres", "clock_nanosleep", "nanosleep", "gettimeofday", "time",
+    // Sockets (`socket` is argument-checked below; the job's net namespace is private).
+    "socketpair", "bind", "listen", "accept", "accept4", "connect", "getsockname", "getpeername",
+    "sendto", "recvfrom", "sendmsg", "recvmsg", "sendmmsg", "recvmmsg", "shutdown", "setsockopt",
+    "getsockopt",
+    // System V and POSIX IPC (the job's IPC namespace is private).
+    "shmget", "shmat", "shmdt", "shmctl", "semget", "semop", "semtimedop", "semctl", "msgget",
+    "msgsnd", "msgrcv", "msgctl", "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive",
+    "mq_notify", "mq_getsetattr",
+];
+
+/// Syscalls refused with `EPERM`: they reach shared kernel state, other processes or
+/// privileged subsystems. Names this libseccomp version does not know are skipped: the default
+/// action refuses them anyway (`ENOSYS`).
+#[rustfmt::skip]
+pub(crate) const REFUSED: &[&str] = &[
+    // Namespaces and the mount family.
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
+    "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
+    // Other processes' memory, tracing, profiling.
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp", "process_madvise",
+    "bpf", "perf_event_open", "userfaultfd",
+    // io_uring bypasses this filter for the operations it submits.
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    // Kernel keyrings.
+    "keyctl", "add_key", "request_key",
+    // Kernel images and modules, system state.
+    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "acct",
+    "swapon", "swapoff", "reboot", "syslog", "settimeofday", "clock_settime", "clock_adjtime",
+    "adjtimex", "quotactl", "quotactl_fd", "name_to_handle_at", "open_by_handle_at",
+    "lookup_dcookie", "sethostname", "setdomainname", "vhangup", "iopl", "ioperm", "modify_ldt",
+    "uselib", "fanotify_init", "nfsservctl",
+];
+
+/// The output collector's whole allow-list (see `collector.rs`): reading the job's `/work`
+/// through descriptors, hashing, allocating, writing frames to its socket and exiting. Every
+/// other syscall, including every one in [`ALLOWED`] that is not here, kills the collector.
+#[rustfmt::skip]
+pub(crate) const COLLECTOR_ALLOWED: &[&str] = &[
+    "read", "write", "sendto", "close", "openat2", "fstat", "newfstatat", "statx", "getdents64", "lseek",
+    "fcntl", "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "clock_gettime",
+    "sigaltstack", "rt_sigreturn", "rt_sigprocmask", "futex", "sched_yield", "exit",
+    "exit_group",
+];
+
+/// The syscalls whose rules are built from argument checks, for documentation and tests.
+pub(crate) const ARG_CHECKED: &[&str] = &["clone", "ioctl", "socket", "personality"];
+
+/// The kernel's limit on a classic-BPF program (`BPF_MAXINSNS`).
+pub(crate) const MAX_INSTRUCTIONS: usize = 4096;
+
+/// `clone` flags that create namespaces. `CLONE_NEWTIME` shares its bit with the exit-signal
+/// byte of `clone`; refusing it only refuses exit signals above 127, which are invalid anyway.
+pub(crate) const NAMESPACE_FLAGS: [u64; 8] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    0x80, // CLONE_NEWTIME
+];
+
+/// `ioctl` requests refused (compared on the low 32 bits, as the kernel truncates them).
+pub(crate) const REFUSED_IOCTLS: [u32; 2] = [TIOCSTI, TIOCLINUX];
+pub(crate) const TIOCSTI: u32 = 0x5412;
+pub(crate) const TIOCLINUX: u32 = 0x541c;
+const _: () = assert!(libc::TIOCSTI == TIOCSTI as u64 && libc::TIOCLINUX == TIOCLINUX as u64);
+
+/// Socket domains allowed (compared on the low 32 bits: the kernel reads an `int`).
+pub(crate) const ALLOWED_SOCKET_DOMAINS: [u32; 3] = [
+    libc::AF_UNIX as u32,
+    libc::AF_INET as u32,
+    libc::AF_INET6 as u32,
+];
+
+/// `personality` values allowed: `PER_LINUX` and the query value.
+pub(crate) const ALLOWED_PERSONALITIES: [u32; 2] = [0, 0xffff_ffff];
+
+pub(crate) const LOW_32_BITS: u64 = 0xffff_ffff;
