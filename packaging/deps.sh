@@ -20,6 +20,7 @@ pkgs=(
   python3-requests tar                                        # tests: the original Sandrun clients (tests/compat)
   rpm                                                         # packaging: rpmbuild for packaging/rpm/rpm.sh
   make selinux-policy-dev                                     # packaging: the SELinux module (selinux/build.sh)
+  policycoreutils setools                                     # tests: semodule, sesearch (selinux/link-check.sh)
 )
 if [ "$bench" = 1 ]; then
   # The reference sandboxes of sandrun-bench (figures 1, 3, 7, 8, 9); isolate is not in Debian.
