@@ -19,6 +19,8 @@ pkgs=(
   iproute2 procps util-linux systemd openssl curl             # tests: ip, ps, mount, socket activation, signature checks
   python3-requests tar                                        # tests: the original Sandrun clients (tests/compat)
   rpm                                                         # packaging: rpmbuild for packaging/rpm/rpm.sh
+  make selinux-policy-dev                                     # packaging: the SELinux module (selinux/build.sh)
+  policycoreutils setools                                     # tests: semodule, sesearch (selinux/link-check.sh)
 )
 if [ "$bench" = 1 ]; then
   # The reference sandboxes of sandrun-bench (figures 1, 3, 7, 8, 9); isolate is not in Debian.

@@ -53,6 +53,20 @@ openssl x509 -in /etc/sandrun/tls/cert.pem -noout -ext subjectAltName | grep -q 
 ok "worker key and self-signed certificate ($subject)"
 man -w sandrund sandrun-gateway sandrunctl >/dev/null 2>&1 || [ -f /usr/share/man/man8/sandrund.8.gz ] \
   || fail "man pages"
+# The SELinux module: loaded and the files labelled when SELinux runs here, left alone otherwise.
+selinux=no
+if command -v selinuxenabled >/dev/null 2>&1 && selinuxenabled; then selinux=yes; fi
+if [ "$selinux" = yes ]; then
+  semodule -l | grep -x sandrun >/dev/null || fail "SELinux is enabled and the module is not loaded"
+  label=$(stat -c %C /usr/bin/sandrund)
+  case "$label" in *:sandrund_exec_t:*) ;; *) fail "/usr/bin/sandrund is labelled $label" ;; esac
+  label=$(stat -c %C /etc/sandrun/tls/key.pem)
+  case "$label" in *:sandrun_key_t:*) ;; *) fail "/etc/sandrun/tls/key.pem is labelled $label" ;; esac
+  ok "SELinux module loaded, files labelled"
+else
+  ! grep -q '^selinux-module:' /var/lib/sandrun/.created || fail "postinst loaded a module without SELinux"
+  ok "SELinux is not enabled here: the module is shipped, not loaded"
+fi
 
 # The helper, as sandrund.service starts it (the packaged config holds only comments).
 sock=$tmp/sandrund.sock
@@ -122,4 +136,5 @@ if [ "$had_user" = no ]; then ! getent passwd sandrun >/dev/null || fail "user s
 if [ "$had_user" = yes ]; then getent passwd sandrun >/dev/null || fail "purge removed a user it did not create"; fi
 if [ "$had_admin" = no ]; then ! getent group sandrun-admin >/dev/null || fail "group sandrun-admin left"; fi
 dpkg-query -W sandrun >/dev/null 2>&1 && fail "dpkg still knows sandrun"
+if [ "$selinux" = yes ]; then ! semodule -l | grep -x sandrun >/dev/null || fail "SELinux module left after purge"; fi
 ok "purge left nothing (user sandrun existed before: $had_user)"

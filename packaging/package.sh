@@ -5,7 +5,8 @@
 #   SKIP_BUILD=1 packaging/package.sh   # reuse target/release (CI builds it once)
 #
 # Also writes target/package/sandrun.files, the package's file list (the RPM, when it exists,
-# must hold the same list; see docs/operations.md). Needs dpkg-deb (Debian's dpkg).
+# must hold the same list; see docs/operations.md). Needs dpkg-deb (Debian's dpkg), and make and
+# selinux-policy-dev for the SELinux module (selinux/build.sh; it fails on any warning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
@@ -31,6 +32,11 @@ inst 0644 packaging/sysusers.conf usr/lib/sysusers.d/sandrun.conf
 inst 0644 packaging/tmpfiles.conf usr/lib/tmpfiles.d/sandrun.conf
 inst 0644 packaging/etc/sandrund.toml etc/sandrun/sandrund.toml
 inst 0644 packaging/etc/gateway.toml etc/sandrun/gateway.toml
+# The SELinux policy module (loaded by postinst when SELinux is enabled) and its interface
+# for other modules.
+bash selinux/build.sh "$out/selinux" >/dev/null
+inst 0644 "$out/selinux/sandrun.pp" usr/share/selinux/packages/sandrun.pp
+inst 0644 selinux/sandrun.if usr/share/selinux/devel/include/contrib/sandrun.if
 doc=usr/share/doc/sandrun
 inst 0644 README.md "$doc/README.md"
 inst 0644 SECURITY.md "$doc/SECURITY.md"

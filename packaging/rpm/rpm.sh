@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the RPM from the tree packaging/package.sh staged for the .deb (same binaries, same
-# files, same maintainer scripts), then checks that its file list equals the .deb's.
+# files, same maintainer scripts, the same SELinux module in /usr/share/selinux/packages), then
+# checks that its file list equals the .deb's.
 #
 #   packaging/package.sh && packaging/rpm/rpm.sh   # -> target/package/sandrun-<v>-1.<arch>.rpm
 #
