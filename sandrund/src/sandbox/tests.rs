@@ -771,3 +771,47 @@ fn given_a_v2_cgroup_when_a_sandbox_is_cloned_into_it_then_its_init_is_there_wit
         dir.display()
     );
 }
+
+/// The cold path's race, on a real socketpair: the helper sends `Go`, C fails before reading it,
+/// reports, and exits. Closing with `Go` unread makes the kernel flag ECONNRESET on the helper's
+/// end, and recvmsg reports that before the queued report; the report must still be what the
+/// helper gets.
+#[test]
+fn given_peer_reports_and_closes_with_our_message_unread_then_the_report_is_read_not_a_reset() {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (helper, init) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair");
+    let order = std::fs::File::open("/dev/null").expect("an fd to send");
+    channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None).expect("send Go");
+    let report = sys::fail(SetupStep::Hostname, libc::EPERM, "sandbox");
+    channel::send_failure(init.as_raw_fd(), &report).expect("send the report");
+    drop(init);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let got = channel::wait_for_ready(&helper, deadline).expect_err("C failed");
+    assert_eq!(got.error, report, "{}", got.error);
+}
+
+/// Without a report, the same close is still a `Protocol` error, not a hang.
+#[test]
+fn given_peer_closes_with_our_message_unread_and_no_report_then_it_is_a_protocol_error() {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (helper, init) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair");
+    let order = std::fs::File::open("/dev/null").expect("an fd to send");
+    channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None).expect("send Go");
+    drop(init);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let got = channel::wait_for_ready(&helper, deadline).expect_err("C is gone");
+    assert_eq!(got.error.step, SetupStep::Protocol, "{}", got.error);
+    assert!(got.error.detail.contains("closed"), "{}", got.error);
+}
