@@ -62,3 +62,28 @@ fn given_a_setup_step_failing_on_the_cold_path_then_the_result_names_the_step_an
     assert!(!ctl.status.success(), "sandrunctl run succeeded: {said}");
     assert!(said.contains(HOSTNAME_EPERM), "sandrunctl said: {said}");
 }
+
+/// `sandrunctl stats` shows the `clone3` fallback counter (the fallback itself is tested at the
+/// spawn level in `sandrund/src/sandbox/tests.rs`: this host's job controllers are cgroup v1,
+/// where the helper never calls `clone3`, so here the counter stays 0).
+#[test]
+fn given_a_helper_whose_clone3_is_refused_then_stats_show_the_clone3_fallback_counter() {
+    let wrapper = deny_syscalls_binary();
+    let args = [
+        wrapper.as_os_str(),
+        OsStr::new("clone3=ENOSYS"),
+        OsStr::new("--"),
+    ];
+    let helper = Helper::start_under(&args, &config(95, ""));
+    let outcome = helper.run(&Job::new(&["/bin/sh", "-c", "echo ran"]));
+    assert_eq!(outcome.stdout, b"ran\n", "{}", outcome.describe());
+    let text = helper.ctl(&["stats"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines().any(|l| l.starts_with("clone3 fallbacks")),
+        "{text}"
+    );
+    let json = helper.ctl(&["stats", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("stats --json");
+    assert_eq!(v["Stats"]["clone3_fallbacks"], 0, "{v}");
+}
