@@ -9,7 +9,7 @@ use crate::error::IpcError;
 use crate::validate::{BundlePath, OutputPattern, PrintablePath};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Who a connecting client claims to be. The helper checks the claim against `SO_PEERCRED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +302,9 @@ pub struct Stats {
     pub protocol_errors: u64,
     pub setup_failures: u64,
     pub spawn_latency: LatencySummary,
+    /// Sandboxes created with `clone` plus a `cgroup.procs` write because `clone3` answered
+    /// ENOSYS (cgroup v2 only; 0 where `clone3` works or on cgroup v1).
+    pub clone3_fallbacks: u64,
 }
 
 /// Admin answers.

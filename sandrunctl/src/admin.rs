@@ -110,6 +110,7 @@ fn print_stats(s: &Stats) {
     println!("refused peer     {}", s.refused_peer);
     println!("protocol errors  {}", s.protocol_errors);
     println!("setup failures   {}", s.setup_failures);
+    println!("clone3 fallbacks {}", s.clone3_fallbacks);
     let l = &s.spawn_latency;
     println!(
         "spawn latency    n={} p50={}us p99={}us max={}us",

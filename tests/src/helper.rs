@@ -40,6 +40,12 @@ impl Helper {
     /// directory unless given), starts the helper in its own cgroup and waits until its socket
     /// accepts connections.
     pub fn start(config_toml: &str) -> Helper {
+        Helper::start_under(&[], config_toml)
+    }
+
+    /// Like [`Helper::start`], with the helper run as `WRAPPER... sandrund ARGS` (for example
+    /// under `sandrun-deny-syscalls`, see [`deny_syscalls_binary`]).
+    pub fn start_under(wrapper: &[&std::ffi::OsStr], config_toml: &str) -> Helper {
         crate::require_root();
         ensure_built();
         let dir = tempfile::Builder::new()
@@ -63,7 +69,7 @@ impl Helper {
             slot_count: toml_u32(&config, "slot_count").unwrap_or(64),
             dir,
         };
-        helper.spawn(&config_path);
+        helper.spawn(wrapper, &config_path);
         helper.wait_ready();
         helper
     }
@@ -140,11 +146,19 @@ impl Helper {
         copy
     }
 
-    fn spawn(&mut self, config_path: &Path) {
+    fn spawn(&mut self, wrapper: &[&std::ffi::OsStr], config_path: &Path) {
         let log = fs::File::create(&self.log).expect("create helper log");
         let procs = self.cgroup.open_procs().expect("open cgroup.procs");
         let raw = cgroup::raw_fds(&procs);
-        let mut cmd = Command::new(bin_dir().join("sandrund"));
+        let helper = bin_dir().join("sandrund");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(helper);
+                cmd
+            }
+            None => Command::new(helper),
+        };
         cmd.arg("--socket")
             .arg(&self.socket)
             .arg("--config")
@@ -244,6 +258,11 @@ pub fn bin_dir() -> PathBuf {
 /// The probe binary, built with this package.
 pub fn probe_binary() -> PathBuf {
     bin_dir().join("sandrun-probe")
+}
+
+/// `sandrun-deny-syscalls`, built with this package.
+pub fn deny_syscalls_binary() -> PathBuf {
+    bin_dir().join("sandrun-deny-syscalls")
 }
 
 /// Builds `sandrund` and `sandrunctl` (two packages) once per test binary: this package cannot

@@ -154,6 +154,7 @@ fn responses() -> Result<Vec<Response>, Box<dyn std::error::Error>> {
             p99_us: 2000,
             max_us: 2100,
         },
+        clone3_fallbacks: 2,
         ..Stats::default()
     };
     let info = SandboxInfo {

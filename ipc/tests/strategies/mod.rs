@@ -311,6 +311,7 @@ pub fn stats() -> impl Strategy<Value = Stats> {
         vec((exit_reason(), any::<u64>()), 0..9),
         (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()),
         latency_summary(),
+        any::<u64>(),
     )
         .prop_map(
             |(
@@ -318,6 +319,7 @@ pub fn stats() -> impl Strategy<Value = Stats> {
                 jobs_by_reason,
                 (refused_busy, refused_peer, protocol_errors, setup_failures),
                 spawn_latency,
+                clone3_fallbacks,
             )| Stats {
                 running,
                 max_concurrent,
@@ -329,6 +331,7 @@ pub fn stats() -> impl Strategy<Value = Stats> {
                 protocol_errors,
                 setup_failures,
                 spawn_latency,
+                clone3_fallbacks,
             },
         )
 }

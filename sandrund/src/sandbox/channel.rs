@@ -213,9 +213,17 @@ fn recv(sock: &OwnedFd, deadline: Option<Instant>) -> Result<(Message, Vec<Owned
     let (bytes, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let mut resets = 0;
         let r = loop {
             match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
                 Err(Errno::EINTR) => continue,
+                // C closed its end with a message of ours still unread in its queue (it failed
+                // before it read `Go`). The kernel then sets ECONNRESET on our socket, and
+                // recvmsg reports that pending error *before* the messages queued for us, and
+                // clears it (net/core/datagram.c checks sock_error first). So read again: C's
+                // `Failed` report, if it sent one, comes next, and then end of file. The error
+                // is set once per close, so a second one is a real failure.
+                Err(Errno::ECONNRESET) if resets == 0 => resets += 1,
                 other => break other,
             }
         };
@@ -239,7 +247,8 @@ fn recv(sock: &OwnedFd, deadline: Option<Instant>) -> Result<(Message, Vec<Owned
         (r.bytes, fds, truncated)
     };
     if bytes == 0 {
-        return Err(protocol(0, "the other end of the sandbox channel closed"));
+        let detail = "the other end of the sandbox channel closed without a report";
+        return Err(protocol(0, detail));
     }
     if truncated || fds.len() > 2 {
         return Err(protocol(libc::EPROTO, "oversized control message"));

@@ -44,6 +44,7 @@ mod tests;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
@@ -319,28 +320,46 @@ pub fn prepare(
     cgroup: CgroupJoin<'_>,
 ) -> Result<Warm, SetupError> {
     let ends = Ends::create()?;
-    let procs: Vec<RawFd> = match &cgroup {
+    let mut procs: Vec<RawFd> = match &cgroup {
         CgroupJoin::Procs(fds) => fds.iter().map(AsRawFd::as_raw_fd).collect(),
         CgroupJoin::Into(_) | CgroupJoin::None => Vec::new(),
     };
-    let fds = child::InitFds {
-        ctrl: ends.ctrl_child.as_raw_fd(),
-        stdout: ends.stdout_w.as_raw_fd(),
-        stderr: ends.stderr_w.as_raw_fd(),
-        status: ends.status_w.as_raw_fd(),
-        cgroup: &procs,
-    };
+    // The job cgroup's `cgroup.procs` when `clone3` is unavailable; open until C has its copy.
+    let mut fallback_procs = None;
     let pid = match cgroup {
         // SAFETY: prepare's documented precondition is a single-threaded caller (the helper's
         // design); C only runs `run_init`, which never returns.
-        CgroupJoin::Into(dir) => unsafe { sys::fork_into_cgroup(NAMESPACES, dir) },
+        CgroupJoin::Into(dir) => match unsafe { sys::fork_into_cgroup(NAMESPACES, dir) } {
+            Err(libc::ENOSYS) => {
+                // clone3 is refused (seccomp of systemd's RestrictNamespaces=, an old container
+                // profile, gVisor): plain clone, and C joins the cgroup through its
+                // cgroup.procs as its first step, before anything of a job (as on v1).
+                let fd = sys::open_cgroup_procs(dir)
+                    .map_err(|e| sys::fail(SetupStep::JoinCgroup, e, "cgroup.procs"))?;
+                procs.push(fd.as_raw_fd());
+                fallback_procs = Some(fd);
+                note_clone3_fallback();
+                // SAFETY: as above.
+                unsafe { sys::fork_raw(NAMESPACES) }
+                    .map_err(|e| sys::fail(SetupStep::Clone, e, "clone"))
+            }
+            other => other.map_err(|e| sys::fail(SetupStep::Clone, e, "clone3")),
+        },
         // SAFETY: as above.
-        CgroupJoin::Procs(_) | CgroupJoin::None => unsafe { sys::fork_raw(NAMESPACES) },
-    }
-    .map_err(|e| sys::fail(SetupStep::Clone, e, "clone"))?;
+        CgroupJoin::Procs(_) | CgroupJoin::None => unsafe { sys::fork_raw(NAMESPACES) }
+            .map_err(|e| sys::fail(SetupStep::Clone, e, "clone")),
+    }?;
     if pid == 0 {
+        let fds = child::InitFds {
+            ctrl: ends.ctrl_child.as_raw_fd(),
+            stdout: ends.stdout_w.as_raw_fd(),
+            stderr: ends.stderr_w.as_raw_fd(),
+            status: ends.status_w.as_raw_fd(),
+            cgroup: &procs,
+        };
         child::run_init(settings, filter, fds);
     }
+    drop(fallback_procs);
     let guard = InitGuard(pid);
     let (ctrl, stdout, stderr, status) = ends.into_parent_ends();
     let pidfd = sys::pidfd_open(pid).map_err(|e| sys::fail(SetupStep::Clone, e, "pidfd_open"))?;
@@ -352,6 +371,27 @@ pub fn prepare(
         stderr,
         status,
     })
+}
+
+/// How many sandboxes were created with `clone` and a `cgroup.procs` write because `clone3`
+/// answered ENOSYS (since the helper started).
+static CLONE3_FALLBACKS: AtomicU64 = AtomicU64::new(0);
+
+/// The number of `clone3` fallbacks so far (the admin stats report it).
+pub fn clone3_fallbacks() -> u64 {
+    CLONE3_FALLBACKS.load(Ordering::Relaxed)
+}
+
+/// Counts a fallback; the first one is logged (they all have the same cause, the host's
+/// seccomp policy, so once is enough to tell the operator).
+fn note_clone3_fallback() {
+    if CLONE3_FALLBACKS.fetch_add(1, Ordering::Relaxed) == 0 {
+        log::warn!(
+            "clone3 is not available (ENOSYS: a seccomp filter of the host or service \
+             manager?); sandboxes are created with clone and then moved into their cgroup \
+             through cgroup.procs (counted as clone3_fallbacks in the stats)"
+        );
+    }
 }
 
 /// Gives a prepared sandbox its job: sends C the order and waits until J has `execve`d (or C

@@ -4,6 +4,8 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use super::{SetupError, SetupStep};
 
@@ -102,6 +104,22 @@ pub(super) unsafe fn fork_into_cgroup(
         return Err(errno());
     }
     libc::pid_t::try_from(ret).map_err(|_| libc::EOVERFLOW)
+}
+
+/// Opens `cgroup.procs` of the cgroup (v2) whose directory is `cgroup`, for writing a pid.
+pub(super) fn open_cgroup_procs(cgroup: std::os::fd::BorrowedFd<'_>) -> Result<OwnedFd, i32> {
+    let flags = OFlag::O_WRONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    nix::fcntl::openat(
+        Some(cgroup.as_raw_fd()),
+        "cgroup.procs",
+        flags,
+        Mode::empty(),
+    )
+    .map(|fd| {
+        // SAFETY: openat just returned this fd to us; nothing else owns it.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    })
+    .map_err(|e| e as i32)
 }
 
 /// Leaves the current process at once, without running destructors or atexit handlers.

@@ -771,3 +771,194 @@ fn given_a_v2_cgroup_when_a_sandbox_is_cloned_into_it_then_its_init_is_there_wit
         dir.display()
     );
 }
+
+/// The cold path's race, on a real socketpair: the helper sends `Go`, C fails before reading it,
+/// reports, and exits. Closing with `Go` unread makes the kernel flag ECONNRESET on the helper's
+/// end, and recvmsg reports that before the queued report; the report must still be what the
+/// helper gets.
+#[test]
+fn given_peer_reports_and_closes_with_our_message_unread_then_the_report_is_read_not_a_reset() {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (helper, init) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair");
+    let order = std::fs::File::open("/dev/null").expect("an fd to send");
+    channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None).expect("send Go");
+    let report = sys::fail(SetupStep::Hostname, libc::EPERM, "sandbox");
+    channel::send_failure(init.as_raw_fd(), &report).expect("send the report");
+    drop(init);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let got = channel::wait_for_ready(&helper, deadline).expect_err("C failed");
+    assert_eq!(got.error, report, "{}", got.error);
+}
+
+/// Without a report, the same close is still a `Protocol` error, not a hang.
+#[test]
+fn given_peer_closes_with_our_message_unread_and_no_report_then_it_is_a_protocol_error() {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (helper, init) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair");
+    let order = std::fs::File::open("/dev/null").expect("an fd to send");
+    channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None).expect("send Go");
+    drop(init);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let got = channel::wait_for_ready(&helper, deadline).expect_err("C is gone");
+    assert_eq!(got.error.step, SetupStep::Protocol, "{}", got.error);
+    assert!(got.error.detail.contains("closed"), "{}", got.error);
+}
+
+/// Runs `check` in a forked child of this test whose `clone3` answers `errno` (a seccomp
+/// filter, as systemd's `RestrictNamespaces=` or an old container profile install), and returns
+/// what it reported: `Ok` or the failed expectation. The filter dies with the child.
+fn in_child_without_clone3(errno: i32, check: impl FnOnce() -> Result<(), String>) -> String {
+    use libseccomp::{ScmpAction, ScmpFilterContext, ScmpSyscall};
+    let (report_r, report_w) = nix::unistd::pipe().expect("pipe");
+    // SAFETY: the child only runs this test's code and leaves through _exit; the parent reaps
+    // it below.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        drop(report_r);
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut filter = ScmpFilterContext::new_filter(ScmpAction::Allow)
+                .map_err(|e| format!("seccomp: {e}"))?;
+            filter.set_ctl_nnp(false).map_err(|e| e.to_string())?;
+            let clone3 = ScmpSyscall::from_name("clone3").map_err(|e| e.to_string())?;
+            filter
+                .add_rule(ScmpAction::Errno(errno), clone3)
+                .map_err(|e| e.to_string())?;
+            filter.load().map_err(|e| format!("load the filter: {e}"))?;
+            check()
+        }));
+        let text = match outcome {
+            Ok(Ok(())) => "ok".to_owned(),
+            Ok(Err(why)) => why,
+            Err(_) => "the check panicked".to_owned(),
+        };
+        let _ = sys::write_all(report_w.as_raw_fd(), text.as_bytes());
+        sys::exit_now(0);
+    }
+    drop(report_w);
+    let mut report = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(report_r), &mut report)
+        .expect("read the child's report");
+    let _ = waitpid(Pid::from_raw(pid), None);
+    String::from_utf8_lossy(&report).into_owned()
+}
+
+/// A fresh v2 cgroup below this process's, removed on drop (after its processes are gone).
+struct V2Cgroup {
+    dir: PathBuf,
+    /// The path as `/proc/<pid>/cgroup` shows it (`/...`).
+    relative: String,
+    fd: OwnedFd,
+}
+
+impl V2Cgroup {
+    fn create(name: &str) -> V2Cgroup {
+        let leaf = format!("sandrun-{name}-{}", std::process::id());
+        let dir = own_unified_cgroup().join(&leaf);
+        std::fs::create_dir(&dir).expect("create a v2 cgroup");
+        let fd = std::fs::File::open(&dir)
+            .expect("open the cgroup dir")
+            .into();
+        let own = unified_cgroup_of(i32::try_from(std::process::id()).expect("pid fits"));
+        let own = own.expect("this process is in the unified hierarchy");
+        let relative = format!("{}/{leaf}", own.trim_end_matches('/'));
+        V2Cgroup { dir, relative, fd }
+    }
+}
+
+/// Process `pid`'s cgroup in the unified hierarchy (the `0::` line of `/proc/<pid>/cgroup`).
+fn unified_cgroup_of(pid: i32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+}
+
+impl Drop for V2Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn given_clone3_answers_enosys_then_the_sandbox_is_cloned_and_joins_its_v2_cgroup_and_is_counted() {
+    require_root();
+    let cgroup = V2Cgroup::create("no-clone3");
+    let report = in_child_without_clone3(libc::ENOSYS, || {
+        let before = clone3_fallbacks();
+        let script = format!(
+            "echo started; while :; do sleep 1; done # {}",
+            cgroup.relative
+        );
+        let job = Job::shell(&script);
+        let spawned = job
+            .spawn_joining(CgroupJoin::Into(cgroup.fd.as_fd()))
+            .map_err(|e| format!("the sandbox did not start: {e}"))?;
+        // J runs job code once it printed: by then C and J must be in the cgroup.
+        let mut line = [0u8; 8];
+        wait_readable(&spawned.stdout);
+        let started = nix::unistd::read(spawned.stdout.as_raw_fd(), &mut line)
+            .is_ok_and(|n| line[..n].starts_with(b"started"));
+        let init = spawned.pid.0;
+        let mut pids = vec![init];
+        pids.extend(find_processes(&["/bin/sh", "-c", &script]));
+        let places: Vec<Option<String>> = pids.iter().map(|&p| unified_cgroup_of(p)).collect();
+        // SAFETY: kill takes plain integers; `init` is this process's unreaped child.
+        unsafe { libc::kill(init, libc::SIGKILL) };
+        let _ = waitpid(Pid::from_raw(init), None);
+        drop(spawned);
+        let after = clone3_fallbacks();
+        if !started {
+            return Err("the job never printed".into());
+        }
+        let expected = Some(cgroup.relative.clone());
+        if pids.len() < 2 || places.iter().any(|p| *p != expected) {
+            return Err(format!(
+                "init and job {pids:?} are in {places:?}, not {expected:?}"
+            ));
+        }
+        if after != before + 1 {
+            return Err(format!("clone3_fallbacks went from {before} to {after}"));
+        }
+        Ok(())
+    });
+    assert_eq!(report, "ok");
+}
+
+#[test]
+fn given_clone3_refused_with_eperm_then_the_failure_names_clone3_and_there_is_no_fallback() {
+    require_root();
+    let cgroup = V2Cgroup::create("clone3-eperm");
+    let report = in_child_without_clone3(libc::EPERM, || {
+        let before = clone3_fallbacks();
+        let job = Job::shell("echo should-not-run");
+        match job.spawn_joining(CgroupJoin::Into(cgroup.fd.as_fd())) {
+            Ok(_) => Err("the sandbox started without clone3".into()),
+            Err(e)
+                if e.step == SetupStep::Clone && e.detail == "clone3" && e.errno == libc::EPERM =>
+            {
+                (clone3_fallbacks() == before)
+                    .then_some(())
+                    .ok_or_else(|| "an EPERM was counted as a fallback".to_owned())
+            }
+            Err(e) => Err(format!("unexpected failure: {e}")),
+        }
+    });
+    assert_eq!(report, "ok");
+}

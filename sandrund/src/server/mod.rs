@@ -1152,6 +1152,7 @@ impl Server {
             protocol_errors: c.protocol_errors,
             setup_failures: c.setup_failures,
             spawn_latency: summarize(&c.spawn_us),
+            clone3_fallbacks: crate::sandbox::clone3_fallbacks(),
         }
     }
 
