@@ -31,6 +31,9 @@ inst 0644 packaging/sysusers.conf usr/lib/sysusers.d/sandrun.conf
 inst 0644 packaging/tmpfiles.conf usr/lib/tmpfiles.d/sandrun.conf
 inst 0644 packaging/etc/sandrund.toml etc/sandrun/sandrund.toml
 inst 0644 packaging/etc/gateway.toml etc/sandrun/gateway.toml
+for e in packaging/environments/*.txt; do
+  inst 0644 "$e" "usr/share/sandrun/environments/$(basename "$e")"
+done
 doc=usr/share/doc/sandrun
 inst 0644 README.md "$doc/README.md"
 inst 0644 SECURITY.md "$doc/SECURITY.md"
@@ -54,7 +57,7 @@ Maintainer: sandrun developers <sandrun@localhost>
 Section: admin
 Priority: optional
 Depends: $depends, passwd, openssl
-Recommends: python3, nodejs, systemd
+Recommends: python3, python3-pip, nodejs, systemd
 Installed-Size: $(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 Description: anonymous batch jobs in Linux sandboxes, over HTTPS
  sandrun-gateway (unprivileged HTTPS front end) hands validated jobs to sandrund (root helper

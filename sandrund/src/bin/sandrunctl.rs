@@ -15,6 +15,8 @@ mod bundle;
 mod cli;
 #[path = "sandrunctl/conn.rs"]
 mod conn;
+#[path = "sandrunctl/env.rs"]
+mod env;
 #[path = "sandrunctl/error.rs"]
 mod error;
 #[path = "sandrunctl/outputs.rs"]
