@@ -15,6 +15,7 @@ done
 pkgs=(
   build-essential pkg-config libseccomp-dev libsystemd-dev   # build: libseccomp and systemd crates
   python3 nodejs bash coreutils                               # interpreters the sandbox offers
+  python3-pip                                                 # sandrunctl env build (download as sandrun-build, install in a job)
   chromium                                                    # browser tests of the web UI (tests/browser/)
   iproute2 procps util-linux systemd openssl curl             # tests: ip, ps, mount, socket activation, signature checks
   python3-requests tar                                        # tests: the original Sandrun clients (tests/compat)

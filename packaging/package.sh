@@ -37,6 +37,9 @@ inst 0644 packaging/etc/gateway.toml etc/sandrun/gateway.toml
 bash selinux/build.sh "$out/selinux" >/dev/null
 inst 0644 "$out/selinux/sandrun.pp" usr/share/selinux/packages/sandrun.pp
 inst 0644 selinux/sandrun.if usr/share/selinux/devel/include/contrib/sandrun.if
+for e in packaging/environments/*.txt; do
+  inst 0644 "$e" "usr/share/sandrun/environments/$(basename "$e")"
+done
 doc=usr/share/doc/sandrun
 inst 0644 README.md "$doc/README.md"
 inst 0644 SECURITY.md "$doc/SECURITY.md"
@@ -60,7 +63,7 @@ Maintainer: sandrun developers <sandrun@localhost>
 Section: admin
 Priority: optional
 Depends: $depends, passwd, openssl
-Recommends: python3, nodejs, systemd
+Recommends: python3, python3-pip, nodejs, systemd
 Installed-Size: $(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 Description: anonymous batch jobs in Linux sandboxes, over HTTPS
  sandrun-gateway (unprivileged HTTPS front end) hands validated jobs to sandrund (root helper

@@ -44,7 +44,7 @@ pub(crate) fn drain(socket: &Path, json: bool) -> Result<i32, CtlError> {
 }
 
 /// Sends one admin request on a fresh connection and returns the answer.
-fn request(socket: &Path, req: AdminRequest) -> Result<AdminResponse, CtlError> {
+pub(crate) fn request(socket: &Path, req: AdminRequest) -> Result<AdminResponse, CtlError> {
     let mut chan = conn::connect(socket, Role::Admin)?;
     conn::send(&mut chan, &Request::Admin(req), "sending admin request")?;
     match conn::recv(&mut chan, "waiting for admin answer")? {

@@ -41,6 +41,8 @@ pub(crate) enum Command {
     Drain,
     /// Run one job in a sandbox and wait for it.
     Run(RunArgs),
+    /// Environment templates: build, list, show, rm.
+    Env(crate::env::EnvArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -95,6 +97,7 @@ pub(crate) fn dispatch(cli: &Cli) -> Result<i32, CtlError> {
         Command::Stats => crate::admin::stats(&cli.socket, cli.json),
         Command::Drain => crate::admin::drain(&cli.socket, cli.json),
         Command::Run(args) => crate::run::run(&cli.socket, args, cli.json),
+        Command::Env(args) => crate::env::dispatch(&cli.socket, args, cli.json),
     }
 }
 

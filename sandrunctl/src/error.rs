@@ -34,6 +34,8 @@ pub(crate) enum CtlError {
     Output { path: String, reason: String },
     /// The output directory is refused or cannot be made. (caller or local filesystem)
     OutDir { path: PathBuf, reason: String },
+    /// An environment template could not be built, read or removed. (`what` names the part)
+    Template { what: String, reason: String },
 }
 
 impl CtlError {
@@ -47,6 +49,7 @@ impl CtlError {
             CtlError::Input { .. } | CtlError::InputIo { .. } => "invalid_input",
             CtlError::Output { .. } => "output_failed",
             CtlError::OutDir { .. } => "out_dir_refused",
+            CtlError::Template { .. } => "template_failed",
         }
     }
 
@@ -84,6 +87,7 @@ impl std::fmt::Display for CtlError {
             CtlError::OutDir { path, reason } => {
                 write!(f, "output directory {}: {reason}", path.display())
             }
+            CtlError::Template { what, reason } => write!(f, "template {what}: {reason}"),
         }
     }
 }

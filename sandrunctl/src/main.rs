@@ -11,6 +11,7 @@ mod admin;
 mod bundle;
 mod cli;
 mod conn;
+mod env;
 mod error;
 mod outputs;
 mod run;

@@ -1,0 +1,835 @@
+//! `sandrunctl env build | list | show | rm`: environment templates.
+//!
+//! A build has two steps, and root runs neither installer:
+//! 1. **Download** as the unprivileged build user (`sandrun-build`), outside any job, with the
+//!    host's network: `python3 -m pip download --only-binary=:all:` into a private directory.
+//!    Wheels only, so no package's build code runs. The wheels are then copied into a
+//!    root-owned input directory, hashed while copied (these hashes go into the lock).
+//! 2. **Install** offline, in an ordinary job sandbox of the helper (per-slot uid, no network):
+//!    `pip install --no-index --find-links /work/wheels --target /work/env`. The tree comes back
+//!    through the job-output path into `<template_dir>/.staging-NAME-<rand>`, gets its lock file
+//!    (`sandrun-lock.json`) and is published with `renameat2(RENAME_EXCHANGE)` (or
+//!    `RENAME_NOREPLACE` for a new name). A failed build removes its staging and changes nothing.
+//!
+//! A replaced or removed template is renamed to `.retired-NAME-<rand>` (new jobs no longer find
+//! it; a running job's mount still shows it, because renaming does not change its files) and is
+//! deleted only when the helper reports no running job.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use nix::fcntl::{renameat2, OFlag, RenameFlags};
+use nix::unistd::User;
+use sandrun_ipc::{AdminRequest, AdminResponse};
+use sha2::{Digest, Sha256};
+
+use crate::cli::RunArgs;
+use crate::error::CtlError;
+
+/// The template directory `sandrund` uses by default (its `template_dir`).
+pub(crate) const DEFAULT_TEMPLATE_DIR: &str = "/var/lib/sandrun/templates";
+/// The unprivileged user that downloads packages.
+pub(crate) const BUILD_USER: &str = "sandrun-build";
+/// The lock file at the top of every template.
+pub(crate) const LOCK_FILE: &str = "sandrun-lock.json";
+/// The lock format's version string.
+const LOCK_FORMAT: &str = "sandrun-lock/1";
+/// The interpreter whose wheels are downloaded and that installs them (the sandbox's).
+const PYTHON: &str = "/usr/bin/python3";
+/// Largest definition file read.
+const MAX_DEFINITION_BYTES: u64 = 1 << 20;
+/// Name prefixes of the entries `env` itself keeps in the template directory.
+const STAGING_PREFIX: &str = ".staging-";
+const BUILD_PREFIX: &str = ".build-";
+const RETIRED_PREFIX: &str = ".retired-";
+
+/// The install step, run inside the sandbox as the job's uid. pip's own output goes to stderr so
+/// that `sandrunctl --json` prints one object on stdout.
+const INSTALL_PY: &str = r#"import os, subprocess, sys
+cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", "/work/wheels",
+       "--target", "/work/env", "--no-cache-dir", "--disable-pip-version-check",
+       "--no-compile", "-r", "/work/requirements.txt"]
+r = subprocess.run(cmd, stdout=sys.stderr, env=dict(os.environ, PIP_NO_INPUT="1"))
+if r.returncode != 0:
+    sys.exit(r.returncode)
+files = sum(len(f) for _, _, f in os.walk("/work/env"))
+v = sys.version_info
+with open("/work/build-info.txt", "w") as out:
+    out.write(f"uid={os.getuid()}\npython={v.major}.{v.minor}.{v.micro}\nfiles={files}\n")
+"#;
+
+/// `sandrunctl env ...`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct EnvArgs {
+    /// The helper's `template_dir` (the two must agree).
+    #[arg(long, global = true, default_value = DEFAULT_TEMPLATE_DIR)]
+    pub(crate) template_dir: PathBuf,
+    #[command(subcommand)]
+    pub(crate) command: EnvCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub(crate) enum EnvCommand {
+    /// Build (or rebuild) template NAME from a definition file and publish it atomically.
+    Build {
+        name: String,
+        /// Python requirements, in pip's requirements-file syntax.
+        #[arg(long)]
+        from: PathBuf,
+        /// Wall-clock and CPU limit of the offline install job, in seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_s: u64,
+        /// Memory limit of the offline install job, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory_mb: u64,
+    },
+    /// List templates with their lock hashes.
+    List,
+    /// Show a template's lock file.
+    Show { name: String },
+    /// Remove a template (deleted once no job is running; new jobs no longer find it at once).
+    Rm { name: String },
+}
+
+/// Runs one `env` subcommand.
+pub(crate) fn dispatch(socket: &Path, args: &EnvArgs, json: bool) -> Result<i32, CtlError> {
+    let dir = args.template_dir.as_path();
+    match &args.command {
+        EnvCommand::Build {
+            name,
+            from,
+            timeout_s,
+            memory_mb,
+        } => {
+            let b = BuildArgs {
+                name,
+                from,
+                template_dir: dir,
+                timeout_s: *timeout_s,
+                memory_mb: *memory_mb,
+            };
+            build(socket, &b, json)
+        }
+        EnvCommand::List => list(dir, json),
+        EnvCommand::Show { name } => show(dir, name, json),
+        EnvCommand::Rm { name } => rm(socket, dir, name, json),
+    }
+}
+
+/// What `env build` was asked for.
+pub(crate) struct BuildArgs<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) from: &'a Path,
+    pub(crate) template_dir: &'a Path,
+    pub(crate) timeout_s: u64,
+    pub(crate) memory_mb: u64,
+}
+
+/// `env build NAME --from FILE`.
+pub(crate) fn build(socket: &Path, args: &BuildArgs<'_>, json: bool) -> Result<i32, CtlError> {
+    check_name(args.name)?;
+    let def = Definition::read(args.from)?;
+    let user = build_user()?;
+    let dir = args.template_dir;
+    check_template_dir(dir)?;
+    let tag = format!("{}-{}", args.name, random_hex()?);
+    let build_dir = Scratch(dir.join(format!("{BUILD_PREFIX}{tag}")));
+    let staging = Scratch(dir.join(format!("{STAGING_PREFIX}{tag}")));
+    let input = build_dir.0.join("input");
+    mkdir(&build_dir.0, 0o700)?;
+    mkdir(&input, 0o755)?;
+    mkdir(&input.join("wheels"), 0o755)?;
+    write_file(&input.join("requirements.txt"), def.python.as_bytes())?;
+    write_file(&input.join("install.py"), INSTALL_PY.as_bytes())?;
+    let wheels = download(
+        &user,
+        &input.join("requirements.txt"),
+        &input.join("wheels"),
+    )?;
+    let info = install(socket, args, &input, &staging.0)?;
+    let tree = staging.0.join("env");
+    check_installed(&tree, &wheels, info.files)?;
+    let lock = Lock {
+        name: args.name,
+        def: &def,
+        info: &info,
+        wheels: &wheels,
+    }
+    .render();
+    write_file(&tree.join(LOCK_FILE), &lock)?;
+    fix_modes(&tree, true)?;
+    let lock_hash = hex(&Sha256::digest(&lock));
+    let retired = publish(dir, args.name, &tree)?;
+    drop((staging, build_dir));
+    let kept = purge_retired(socket, dir, retired.is_some());
+    if json {
+        let obj = serde_json::json!({
+            "name": args.name, "lock_sha256": lock_hash, "packages": wheels.len(),
+            "installer_uid": info.uid, "interpreter": info.python, "retired_kept": kept,
+        });
+        println!("{obj}");
+    } else {
+        println!(
+            "built {} ({} packages, python {}, installer uid {}): lock sha256 {lock_hash}",
+            args.name,
+            wheels.len(),
+            info.python,
+            info.uid
+        );
+    }
+    Ok(0)
+}
+
+/// `env list`: every template with its lock hash.
+pub(crate) fn list(template_dir: &Path, json: bool) -> Result<i32, CtlError> {
+    let names = template_names(template_dir)?;
+    let rows: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let hash = read_lock(&template_dir.join(n)).map(|b| hex(&Sha256::digest(&b)));
+            (n, hash)
+        })
+        .collect();
+    if json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|(n, h)| serde_json::json!({"name": n, "lock_sha256": h}))
+            .collect();
+        println!("{}", serde_json::json!({ "templates": list }));
+    } else {
+        for (n, h) in &rows {
+            println!("{n}\t{}", h.as_deref().unwrap_or("(no lock file)"));
+        }
+    }
+    Ok(0)
+}
+
+/// `env show NAME`: the template's lock file.
+pub(crate) fn show(template_dir: &Path, name: &str, json: bool) -> Result<i32, CtlError> {
+    check_name(name)?;
+    let lock = read_lock(&template_dir.join(name)).ok_or_else(|| {
+        failed(
+            name,
+            "no such template, or it has no readable sandrun-lock.json",
+        )
+    })?;
+    let hash = hex(&Sha256::digest(&lock));
+    let parsed: serde_json::Value = serde_json::from_slice(&lock)
+        .map_err(|e| failed(name, &format!("sandrun-lock.json: {e}")))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": name, "lock_sha256": hash, "lock": parsed})
+        );
+    } else {
+        println!("{name}: lock sha256 {hash}");
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&parsed).unwrap_or_default()
+        );
+    }
+    Ok(0)
+}
+
+/// `env rm NAME`: retires the template at once, deletes it once no job runs.
+pub(crate) fn rm(
+    socket: &Path,
+    template_dir: &Path,
+    name: &str,
+    json: bool,
+) -> Result<i32, CtlError> {
+    check_name(name)?;
+    let path = template_dir.join(name);
+    match fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => {}
+        _ => return Err(failed(name, "no such template")),
+    }
+    let retired = template_dir.join(format!("{RETIRED_PREFIX}{name}-{}", random_hex()?));
+    fs::rename(&path, &retired).map_err(|e| failed(name, &format!("retiring: {e}")))?;
+    let kept = purge_retired(socket, template_dir, true);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"removed": name, "retired_kept": kept})
+        );
+    } else if kept > 0 {
+        println!("removed {name}; jobs are running, so {kept} retired tree(s) are kept until the next env rm or build");
+    } else {
+        println!("removed {name}");
+    }
+    Ok(0)
+}
+
+/// The parsed definition file.
+struct Definition {
+    /// The Python requirements, as pip's requirements-file syntax (passed to pip as they are).
+    python: String,
+    sha256: String,
+}
+
+impl Definition {
+    fn read(path: &Path) -> Result<Definition, CtlError> {
+        let io = |source| CtlError::InputIo {
+            path: path.to_owned(),
+            source,
+        };
+        let mut bytes = Vec::new();
+        fs::File::open(path)
+            .map_err(io)?
+            .take(MAX_DEFINITION_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+        let input = |reason: &str| CtlError::Input {
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if bytes.len() as u64 > MAX_DEFINITION_BYTES {
+            return Err(input("the definition is larger than 1 MiB"));
+        }
+        let text = String::from_utf8(bytes).map_err(|_| input("the definition is not UTF-8"))?;
+        let mut python = String::new();
+        let mut any = false;
+        for line in text.lines() {
+            let t = line.trim();
+            if t.starts_with("npm:") {
+                return Err(input(
+                    "npm: lines are not supported by env build yet (see docs/environments.md)",
+                ));
+            }
+            if t.starts_with("-e") || t.starts_with("--editable") {
+                return Err(input("editable requirements cannot go into a template"));
+            }
+            any |= !t.is_empty() && !t.starts_with('#');
+            python.push_str(line);
+            python.push('\n');
+        }
+        if !any {
+            return Err(input("the definition lists no requirement"));
+        }
+        let sha256 = hex(&Sha256::digest(text.as_bytes()));
+        Ok(Definition { python, sha256 })
+    }
+}
+
+/// One downloaded wheel.
+struct Wheel {
+    file: String,
+    name: String,
+    version: String,
+    sha256: String,
+}
+
+/// What the install step reported from inside the sandbox.
+struct BuildInfo {
+    uid: u32,
+    python: String,
+    files: u64,
+}
+
+struct Lock<'a> {
+    name: &'a str,
+    def: &'a Definition,
+    info: &'a BuildInfo,
+    wheels: &'a [Wheel],
+}
+
+impl Lock<'_> {
+    fn render(&self) -> Vec<u8> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let packages: Vec<_> = self
+            .wheels
+            .iter()
+            .map(|w| {
+                serde_json::json!({"name": w.name, "version": w.version, "wheel": w.file,
+                                   "sha256": w.sha256})
+            })
+            .collect();
+        let lock = serde_json::json!({
+            "format": LOCK_FORMAT,
+            "name": self.name,
+            "built_at": rfc3339(now),
+            "built_at_unix": now,
+            "interpreter": {"name": "python3", "path": PYTHON, "version": self.info.python},
+            "installer_uid": self.info.uid,
+            "definition_sha256": self.def.sha256,
+            "packages": packages,
+            "npm": [],
+        });
+        let mut text = serde_json::to_vec_pretty(&lock).unwrap_or_default();
+        text.push(b'\n');
+        text
+    }
+}
+
+/// The build user's uid and gid; refused if absent or root.
+fn build_user() -> Result<User, CtlError> {
+    let missing = || {
+        failed(
+            BUILD_USER,
+            "the build user does not exist (the package creates it; by hand: \
+             useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+             sandrun-build)",
+        )
+    };
+    let user = User::from_name(BUILD_USER)
+        .map_err(|e| failed(BUILD_USER, &format!("looking up the build user: {e}")))?
+        .ok_or_else(missing)?;
+    if user.uid.is_root() || user.gid.as_raw() == 0 {
+        return Err(failed(
+            BUILD_USER,
+            "the build user must not be uid or gid 0",
+        ));
+    }
+    Ok(user)
+}
+
+/// Step 1: `pip download` as the build user into a private directory, then copies and hashes
+/// the wheels into `wheels_out` (root-owned).
+fn download(user: &User, requirements: &Path, wheels_out: &Path) -> Result<Vec<Wheel>, CtlError> {
+    let private = nix::unistd::mkdtemp("/tmp/sandrun-build-XXXXXX")
+        .map_err(|e| failed(BUILD_USER, &format!("mkdtemp: {e}")))?;
+    let private = Scratch(private);
+    nix::unistd::chown(&private.0, Some(user.uid), Some(user.gid))
+        .map_err(|e| failed(BUILD_USER, &format!("chown: {e}")))?;
+    let reqs = private.0.join("requirements.txt");
+    fs::copy(requirements, &reqs).map_err(|e| failed(BUILD_USER, &format!("copy: {e}")))?;
+    let dest = private.0.join("wheels");
+    let status = Command::new(PYTHON)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--only-binary=:all:",
+            "--no-cache-dir",
+        ])
+        .args(["--disable-pip-version-check", "--no-input", "-d"])
+        .arg(&dest)
+        .arg("-r")
+        .arg(&reqs)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", &private.0)
+        .env("LANG", "C.UTF-8")
+        .current_dir(&private.0)
+        // std sets the gid, then (because a uid is set and no groups are given) drops every
+        // supplementary group with setgroups(0), then sets the uid.
+        .gid(user.gid.as_raw())
+        .uid(user.uid.as_raw())
+        .stdout(std::io::stderr())
+        .status()
+        .map_err(|e| failed(BUILD_USER, &format!("starting pip download: {e}")))?;
+    if !status.success() {
+        return Err(failed(
+            BUILD_USER,
+            &format!("pip download failed ({status}); nothing was changed"),
+        ));
+    }
+    copy_wheels(&dest, wheels_out)
+}
+
+/// Copies each `*.whl` (regular files only, not following links) and hashes the copied bytes.
+fn copy_wheels(from: &Path, to: &Path) -> Result<Vec<Wheel>, CtlError> {
+    let err = |what: &str, e: &dyn std::fmt::Display| failed("wheels", &format!("{what}: {e}"));
+    let mut wheels = Vec::new();
+    for entry in fs::read_dir(from).map_err(|e| err("reading downloads", &e))? {
+        let entry = entry.map_err(|e| err("reading downloads", &e))?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some((name, version)) = wheel_name(&file) else {
+            return Err(failed(
+                &file,
+                "pip download left a file that is not a wheel",
+            ));
+        };
+        let mut src = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+            .open(entry.path())
+            .map_err(|e| err(&file, &e))?;
+        if !src.metadata().map_err(|e| err(&file, &e))?.is_file() {
+            return Err(failed(&file, "not a regular file"));
+        }
+        let mut dst = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(to.join(&file))
+            .map_err(|e| err(&file, &e))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = src.read(&mut buf).map_err(|e| err(&file, &e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            dst.write_all(&buf[..n]).map_err(|e| err(&file, &e))?;
+        }
+        wheels.push(Wheel {
+            file,
+            name,
+            version,
+            sha256: hex(&hasher.finalize()),
+        });
+    }
+    if wheels.is_empty() {
+        return Err(failed("wheels", "pip download fetched nothing"));
+    }
+    wheels.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(wheels)
+}
+
+/// `name-version(-build)?-py-abi-platform.whl` → (name, version).
+fn wheel_name(file: &str) -> Option<(String, String)> {
+    let stem = file.strip_suffix(".whl")?;
+    let parts: Vec<&str> = stem.split('-').collect();
+    if !(5..=6).contains(&parts.len()) || parts.iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    Some((parts[0].to_owned(), parts[1].to_owned()))
+}
+
+/// Step 2: the offline install in a job sandbox; the tree lands in `staging/env`.
+fn install(
+    socket: &Path,
+    args: &BuildArgs<'_>,
+    input: &Path,
+    staging: &Path,
+) -> Result<BuildInfo, CtlError> {
+    let run = RunArgs {
+        memory_mb: Some(args.memory_mb),
+        timeout_s: Some(args.timeout_s),
+        cpu_s: Some(args.timeout_s),
+        pids: None,
+        input: Some(input.to_owned()),
+        outputs: vec!["env/".to_owned(), "build-info.txt".to_owned()],
+        out_dir: Some(staging.to_owned()),
+        stdin: None,
+        env: Vec::new(),
+        argv: vec!["python3".to_owned(), "install.py".to_owned()],
+    };
+    let code = crate::run::run(socket, &run, false)?;
+    if code != 0 {
+        return Err(failed(
+            args.name,
+            &format!("the offline install exited with {code}; nothing was changed"),
+        ));
+    }
+    let info_path = staging.join("build-info.txt");
+    let mut text = String::new();
+    fs::File::open(&info_path)
+        .and_then(|f| f.take(4096).read_to_string(&mut text))
+        .map_err(|e| failed(args.name, &format!("build-info.txt: {e}")))?;
+    let _ = fs::remove_file(&info_path);
+    let kv: BTreeMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
+    let bad = || failed(args.name, "the install step's build-info.txt is malformed");
+    let info = BuildInfo {
+        uid: kv.get("uid").and_then(|v| v.parse().ok()).ok_or_else(bad)?,
+        python: (*kv.get("python").ok_or_else(bad)?).to_owned(),
+        files: kv
+            .get("files")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(bad)?,
+    };
+    let version_ok = info
+        .python
+        .split('.')
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    if !version_ok || info.uid == 0 {
+        return Err(bad());
+    }
+    Ok(info)
+}
+
+/// Every file the install step made came back, and every wheel was installed.
+fn check_installed(tree: &Path, wheels: &[Wheel], files: u64) -> Result<(), CtlError> {
+    let got = count_files(tree)?;
+    if got != files {
+        return Err(failed(
+            "install",
+            &format!(
+                "the template has {files} files but {got} came back (the helper returns at most \
+                 {} files per job); nothing was changed",
+                1000
+            ),
+        ));
+    }
+    let dist_infos: Vec<String> = fs::read_dir(tree)
+        .map_err(|e| failed("install", &e.to_string()))?
+        .filter_map(|e| e.ok())
+        .map(|e| normalise(&e.file_name().to_string_lossy()))
+        .collect();
+    for w in wheels {
+        let want = normalise(&format!("{}-{}.dist-info", w.name, w.version));
+        if !dist_infos.contains(&want) {
+            return Err(failed(&w.file, "downloaded but not installed"));
+        }
+    }
+    Ok(())
+}
+
+fn normalise(s: &str) -> String {
+    s.to_ascii_lowercase().replace(['-', '.'], "_")
+}
+
+fn count_files(dir: &Path) -> Result<u64, CtlError> {
+    let mut n = 0;
+    for entry in fs::read_dir(dir).map_err(|e| failed("install", &e.to_string()))? {
+        let entry = entry.map_err(|e| failed("install", &e.to_string()))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| failed("install", &e.to_string()))?;
+        if meta.is_dir() {
+            n += count_files(&entry.path())?;
+        } else {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Directories 0755, files 0644, files directly in `bin/` 0755 (console scripts). The tree was
+/// written by `sandrunctl` itself (directories and regular files only).
+fn fix_modes(dir: &Path, top: bool) -> Result<(), CtlError> {
+    let err = |e: std::io::Error| failed("modes", &e.to_string());
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(err)?;
+    let is_bin = dir.file_name().is_some_and(|n| n == "bin");
+    for entry in fs::read_dir(dir).map_err(err)? {
+        let entry = entry.map_err(err)?;
+        let meta = fs::symlink_metadata(entry.path()).map_err(err)?;
+        if meta.is_dir() {
+            fix_modes(&entry.path(), false)?;
+        } else if meta.is_file() {
+            let mode = if is_bin && !top { 0o755 } else { 0o644 };
+            fs::set_permissions(entry.path(), fs::Permissions::from_mode(mode)).map_err(err)?;
+        } else {
+            return Err(failed(
+                "modes",
+                "the template holds something other than files",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Moves `tree` to `dir/name`: exchanged with the previous template (which is then retired),
+/// or renamed without replacing for a new name. Returns the retired path, if any.
+fn publish(dir: &Path, name: &str, tree: &Path) -> Result<Option<PathBuf>, CtlError> {
+    let target = dir.join(name);
+    let flags = match fs::symlink_metadata(&target) {
+        Ok(m) if m.is_dir() => RenameFlags::RENAME_EXCHANGE,
+        Ok(_) => {
+            return Err(failed(
+                name,
+                "exists and is not a directory; nothing was changed",
+            ))
+        }
+        Err(_) => RenameFlags::RENAME_NOREPLACE,
+    };
+    renameat2(None, tree, None, &target, flags)
+        .map_err(|e| failed(name, &format!("publishing: {e}; nothing was changed")))?;
+    if flags != RenameFlags::RENAME_EXCHANGE {
+        return Ok(None);
+    }
+    let retired = dir.join(format!("{RETIRED_PREFIX}{name}-{}", random_hex()?));
+    fs::rename(tree, &retired).map_err(|e| failed(name, &format!("retiring: {e}")))?;
+    Ok(Some(retired))
+}
+
+/// Deletes every retired tree if the helper reports no running job; returns how many are kept.
+fn purge_retired(socket: &Path, dir: &Path, any: bool) -> usize {
+    let retired: Vec<PathBuf> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(RETIRED_PREFIX))
+        .map(|e| e.path())
+        .collect();
+    if !any && retired.is_empty() {
+        return 0;
+    }
+    let idle = matches!(
+        crate::admin::request(socket, AdminRequest::List),
+        Ok(AdminResponse::List(jobs)) if jobs.is_empty()
+    );
+    if !idle {
+        return retired.len();
+    }
+    retired
+        .iter()
+        .filter(|p| fs::remove_dir_all(p).is_err())
+        .count()
+}
+
+/// Template names: plain directories whose names a job may ask for.
+fn template_names(dir: &Path) -> Result<Vec<String>, CtlError> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map_err(|source| CtlError::InputIo {
+            path: dir.to_owned(),
+            source,
+        })?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| check_name(n).is_ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// The lock file of the template at `path`, if it is a regular file of at most 1 MiB.
+fn read_lock(path: &Path) -> Option<Vec<u8>> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path.join(LOCK_FILE))
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut bytes = Vec::new();
+    file.take(1 << 20).read_to_end(&mut bytes).ok()?;
+    Some(bytes)
+}
+
+/// The helper's rule for template names (`[A-Za-z0-9._-]`, 1 to 64 bytes, no leading dot).
+fn check_name(name: &str) -> Result<(), CtlError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(failed(
+            name,
+            "not a valid template name ([A-Za-z0-9._-], no leading dot, at most 64)",
+        ))
+    }
+}
+
+/// The template directory must be a root-owned directory not writable by group or others.
+fn check_template_dir(dir: &Path) -> Result<(), CtlError> {
+    let meta = fs::symlink_metadata(dir).map_err(|source| CtlError::InputIo {
+        path: dir.to_owned(),
+        source,
+    })?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(CtlError::Input {
+            path: dir.to_owned(),
+            reason: "the template directory must be a directory owned by root, not writable \
+                     by group or others"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<(), CtlError> {
+    fs::DirBuilder::new()
+        .mode(mode)
+        .create(path)
+        .map_err(|e| failed(&path.display().to_string(), &e.to_string()))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CtlError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+        .and_then(|mut f| f.write_all(bytes))
+        .map_err(|e| failed(&path.display().to_string(), &e.to_string()))
+}
+
+fn random_hex() -> Result<String, CtlError> {
+    let mut b = [0u8; 8];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| failed("/dev/urandom", &e.to_string()))?;
+    Ok(hex(&b))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for a Unix time (the civil-from-days algorithm).
+fn rfc3339(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn failed(what: &str, reason: &str) -> CtlError {
+    CtlError::Template {
+        what: what.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// A directory removed when dropped (staging and build directories: a failed build leaves
+/// nothing; after publishing, the staging directory is empty).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_wheel_file_names_then_name_and_version_are_read() {
+        assert_eq!(
+            wheel_name("six-1.17.0-py2.py3-none-any.whl"),
+            Some(("six".into(), "1.17.0".into()))
+        );
+        assert_eq!(
+            wheel_name("numpy-2.0.0-1-cp311-cp311-manylinux_2_17_x86_64.whl"),
+            Some(("numpy".into(), "2.0.0".into()))
+        );
+        assert_eq!(wheel_name("six-1.17.0.tar.gz"), None);
+        assert_eq!(wheel_name("bad.whl"), None);
+    }
+
+    #[test]
+    fn given_unix_times_then_rfc3339_is_the_civil_date() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_212_800), "2026-12-02T12:00:00Z");
+    }
+
+    #[test]
+    fn given_template_names_then_the_helpers_rule_applies() {
+        assert!(check_name("data-science").is_ok());
+        for bad in ["", ".staging-x", "a/b", "..", "a b"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+}
