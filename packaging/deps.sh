@@ -19,6 +19,7 @@ pkgs=(
   iproute2 procps util-linux systemd openssl curl             # tests: ip, ps, mount, socket activation, signature checks
   python3-requests tar                                        # tests: the original Sandrun clients (tests/compat)
   rpm                                                         # packaging: rpmbuild for packaging/rpm/rpm.sh
+  qemu-system-x86 mmdebstrap e2fsprogs debian-archive-keyring # the VM suite (tests/vm/): guest image and QEMU
 )
 if [ "$bench" = 1 ]; then
   # The reference sandboxes of sandrun-bench (figures 1, 3, 7, 8, 9); isolate is not in Debian.
