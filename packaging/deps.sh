@@ -22,6 +22,7 @@ pkgs=(
   rpm                                                         # packaging: rpmbuild for packaging/rpm/rpm.sh
   make selinux-policy-dev                                     # packaging: the SELinux module (selinux/build.sh)
   policycoreutils setools                                     # tests: semodule, sesearch (selinux/link-check.sh)
+  qemu-system-x86 mmdebstrap e2fsprogs debian-archive-keyring # the VM suite (tests/vm/): guest image and QEMU
 )
 if [ "$bench" = 1 ]; then
   # The reference sandboxes of sandrun-bench (figures 1, 3, 7, 8, 9); isolate is not in Debian.
