@@ -388,21 +388,10 @@ fn upload_archive() -> Result<Vec<u8>, BenchError> {
     // gzip's default level, as `tar czf` writes it: for incompressible data it emits stored
     // blocks. (The fastest level of the zlib-rs backend writes static-Huffman blocks instead,
     // which no usual tool produces and which cost a full inflate.)
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut tar = tar::Builder::new(gz);
-    for (name, bytes) in [("main.py", &b"pass\n"[..]), ("data.bin", &data[..])] {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(bytes.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        tar.append_data(&mut header, name, bytes)
-            .map_err(|e| BenchError::io("building the upload", e))?;
-    }
-    let gz = tar
-        .into_inner()
-        .map_err(|e| BenchError::io("building the upload", e))?;
-    gz.finish()
-        .map_err(|e| BenchError::io("building the upload", e))
+    Ok(sandrun_test_support::archive::tar_gz(&[
+        ("main.py", b"pass\n"),
+        ("data.bin", &data),
+    ]))
 }
 
 /// Figure 5: a ~100 MiB multipart tar.gz upload (request start → `job_id`), and the gateway's

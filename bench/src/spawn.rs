@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sandrun_ipc::blocking::ClientChannel;
-use sandrun_ipc::{Hello, JobSpec, Limits, NetworkPolicy, Request, Response, Role};
+use sandrun_ipc::{Hello, JobSpec, Request, Response, Role};
 
 use crate::stats::{Row, Summary};
 use crate::BenchError;
@@ -55,17 +55,7 @@ pub struct SpawnTiming {
 /// One sandrun job running `/bin/true`.
 pub fn sandrun_true(socket: &Path) -> Result<SpawnTiming, BenchError> {
     let connected = Instant::now();
-    let stream = UnixStream::connect(socket).map_err(|e| BenchError::io("connect", e))?;
-    let mut ch: ClientChannel<UnixStream> = ClientChannel::new(stream);
-    let hello = Hello {
-        protocol_version: sandrun_ipc::PROTOCOL_VERSION,
-        role: Role::Submitter,
-    };
-    send(&mut ch, &Request::Hello(hello))?;
-    match recv(&mut ch)? {
-        Response::Hello(_) => {}
-        other => return Err(BenchError::job(format!("helper greeted with {other:?}"))),
-    }
+    let mut ch = connect_submitter(socket)?;
     let requested = Instant::now();
     send(&mut ch, &Request::Submit(Box::new(true_spec())))?;
     send(&mut ch, &Request::BundleEnd)?;
@@ -89,16 +79,7 @@ pub fn sandrun_true(socket: &Path) -> Result<SpawnTiming, BenchError> {
 /// One sandrun job that writes three small files, with (`collect`) or without an output pattern
 /// that returns them; `Submit` sent → `Done` received (the outputs' collection included).
 pub fn sandrun_outputs(socket: &Path, collect: bool) -> Result<Duration, BenchError> {
-    let stream = UnixStream::connect(socket).map_err(|e| BenchError::io("connect", e))?;
-    let mut ch: ClientChannel<UnixStream> = ClientChannel::new(stream);
-    let hello = Hello {
-        protocol_version: sandrun_ipc::PROTOCOL_VERSION,
-        role: Role::Submitter,
-    };
-    send(&mut ch, &Request::Hello(hello))?;
-    if !matches!(recv(&mut ch)?, Response::Hello(_)) {
-        return Err(BenchError::job("helper did not greet".to_owned()));
-    }
+    let mut ch = connect_submitter(socket)?;
     let mut spec = true_spec();
     spec.argv = [
         "/bin/sh",
@@ -166,19 +147,23 @@ pub fn figure_outputs(socket: &Path, runs: usize) -> Result<Vec<Row>, BenchError
     ])
 }
 
-fn true_spec() -> JobSpec {
-    JobSpec {
-        argv: vec!["/bin/true".to_owned()],
-        env: Vec::new(),
-        workdir: String::new(),
-        bundle: Vec::new(),
-        limits: Limits::default(),
-        outputs: Vec::new(),
-        template: None,
-        network: NetworkPolicy::None,
-        label: "bench".to_owned(),
-        stdin_bytes: 0,
+/// Connects to the helper and says `Hello` as a submitter.
+fn connect_submitter(socket: &Path) -> Result<ClientChannel<UnixStream>, BenchError> {
+    let stream = UnixStream::connect(socket).map_err(|e| BenchError::io("connect", e))?;
+    let mut ch: ClientChannel<UnixStream> = ClientChannel::new(stream);
+    let hello = Hello {
+        protocol_version: sandrun_ipc::PROTOCOL_VERSION,
+        role: Role::Submitter,
+    };
+    send(&mut ch, &Request::Hello(hello))?;
+    match recv(&mut ch)? {
+        Response::Hello(_) => Ok(ch),
+        other => Err(BenchError::job(format!("helper greeted with {other:?}"))),
     }
+}
+
+fn true_spec() -> JobSpec {
+    sandrun_test_support::job_spec(&["/bin/true"], "bench")
 }
 
 fn send(ch: &mut ClientChannel<UnixStream>, req: &Request) -> Result<(), BenchError> {

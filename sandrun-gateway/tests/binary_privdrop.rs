@@ -10,10 +10,7 @@ use std::process::{Child, Command, Stdio};
 use hyper::{Method, StatusCode};
 
 fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test starts the gateway as root to check the privilege drop; run it as root"
-    );
+    sandrun_test_support::require_root("it starts the gateway as root to check the privilege drop");
 }
 
 struct Gateway(Child);

@@ -12,12 +12,12 @@ use zip::write::SimpleFileOptions;
 /// `a.txt` in its local header and central directory record: two entries, one name.
 fn zip_with_duplicate_name() -> Vec<u8> {
     let stored = SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, data) in [("a.txt", b"1"), ("b.txt", b"2")] {
-        w.start_file(name, stored).unwrap();
-        w.write_all(data).unwrap();
-    }
-    let mut zip = w.finish().unwrap().into_inner();
+    let mut zip = sandrun_test_support::archive::zip_with(|w| {
+        for (name, data) in [("a.txt", b"1"), ("b.txt", b"2")] {
+            w.start_file(name, stored).unwrap();
+            w.write_all(data).unwrap();
+        }
+    });
     let mut renamed = 0;
     let mut at = 0;
     while let Some(pos) = zip[at..].windows(5).position(|w| w == b"b.txt") {

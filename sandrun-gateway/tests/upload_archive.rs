@@ -16,7 +16,7 @@ fn limits() -> UploadLimits {
 }
 
 async fn refused_tar(entries: &[TarEntry<'_>]) -> String {
-    let err = submit_archive(&limits(), "job.tar.gz", &tar_gz(entries))
+    let err = submit_archive(&limits(), "job.tar.gz", &tar_gz_raw(entries))
         .await
         .unwrap_err();
     assert_eq!(err.status(), 400, "{}", err.message());
@@ -27,7 +27,7 @@ async fn refused_tar(entries: &[TarEntry<'_>]) -> String {
 async fn given_a_tar_gz_with_dirs_and_dot_slash_names_then_the_bundle_is_normalized() {
     let mut main = TarEntry::file("./main.py", b"print(1)\n");
     main.mode = 0o755;
-    let archive = tar_gz(&[
+    let archive = tar_gz_raw(&[
         TarEntry::of("./", EntryType::Directory),
         TarEntry::of("./data/", EntryType::Directory),
         main,
@@ -61,7 +61,7 @@ async fn given_setuid_and_setgid_entries_then_the_bits_are_stripped() {
     suid.mode = 0o6755;
     let mut sticky = TarEntry::of("shared/", EntryType::Directory);
     sticky.mode = 0o1777;
-    let s = submit_archive(&limits(), "a.tgz", &tar_gz(&[sticky, suid]))
+    let s = submit_archive(&limits(), "a.tgz", &tar_gz_raw(&[sticky, suid]))
         .await
         .unwrap();
     assert_eq!(s.bundle.file("run.sh").unwrap().mode, 0o755);
@@ -125,12 +125,7 @@ async fn given_traversal_absolute_nul_or_backslash_names_then_each_is_refused_na
 #[tokio::test]
 async fn given_an_overlong_gnu_long_name_then_it_is_refused() {
     let long = "d/".repeat(600) + "f";
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(1);
-    h.set_mode(0o644);
-    builder.append_data(&mut h, &long, &b"x"[..]).unwrap();
-    let archive = gzip(&builder.into_inner().unwrap());
+    let archive = sandrun_test_support::archive::tar_gz(&[(&long, b"x")]);
     let err = submit_archive(&limits(), "a.tar.gz", &archive)
         .await
         .unwrap_err();
@@ -220,17 +215,9 @@ async fn given_a_gzip_bomb_under_the_upload_cap_then_memory_and_work_stay_bounde
     );
 }
 
-/// Bytes that deflate cannot shrink (xorshift), without a random number generator.
+/// Bytes that deflate cannot shrink.
 fn noise(len: usize) -> Vec<u8> {
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[0]
-        })
-        .collect()
+    sandrun_test_support::noise(len, 0x2545_f491_4f6c_dd1d)
 }
 
 #[tokio::test]
@@ -240,7 +227,7 @@ async fn given_a_tar_gz_whose_start_is_far_above_the_ratio_then_the_whole_archiv
     // than the ratio of what has arrived allows: the expansion waits instead of refusing.
     let zeros = vec![0u8; 8 << 20];
     let noisy = noise(300 << 10);
-    let archive = tar_gz(&[
+    let archive = tar_gz_raw(&[
         TarEntry::file("zeros.bin", &zeros),
         TarEntry::file("noise.bin", &noisy),
         TarEntry::file("main.py", b"pass\n"),
@@ -257,7 +244,7 @@ async fn given_a_tar_gz_whose_start_is_far_above_the_ratio_then_the_whole_archiv
 #[tokio::test]
 async fn given_a_tar_gz_then_streamed_and_in_memory_expansion_give_the_same_bundle_and_hash() {
     let noisy = noise(100 << 10);
-    let archive = tar_gz(&[
+    let archive = tar_gz_raw(&[
         TarEntry::file("src/a.py", b"print(1)\n"),
         TarEntry::file("noise.bin", &noisy),
         TarEntry::file("main.py", b"pass\n"),
@@ -278,7 +265,7 @@ async fn given_ten_thousand_tiny_entries_then_the_entry_cap_decides() {
     let names: Vec<String> = (0..10_000).map(|i| format!("f{i:05}")).collect();
     let mut entries: Vec<TarEntry> = names.iter().map(|n| TarEntry::file(n, b"")).collect();
     entries.push(TarEntry::file("main.py", b""));
-    let archive = tar_gz(&entries);
+    let archive = tar_gz_raw(&entries);
     let exact = UploadLimits {
         max_files: 10_001,
         ..limits()
@@ -305,11 +292,11 @@ async fn given_a_misnamed_archive_then_it_is_refused_rather_than_guessed() {
 
 #[tokio::test]
 async fn given_a_zip_with_dirs_and_modes_then_the_bundle_is_normalized() {
-    let archive = zip_bytes(&[
+    let archive = zip_modes(&[
         ("src/", 0o755, b""),
         ("src/app.js", 0o644, b"console.log(1)"),
         ("index.js", 0o4755, b"require('./src/app.js')"),
-        ("inner.zip", 0o644, &zip_bytes(&[("x", 0o644, b"x")])),
+        ("inner.zip", 0o644, &zip_modes(&[("x", 0o644, b"x")])),
     ]);
     let s = submit_archive(&limits(), "job.zip", &archive)
         .await
@@ -321,7 +308,7 @@ async fn given_a_zip_with_dirs_and_modes_then_the_bundle_is_normalized() {
 
 #[tokio::test]
 async fn given_a_zip_slip_entry_then_it_is_refused_naming_it() {
-    let archive = zip_bytes(&[("main.py", 0o644, b""), ("../x", 0o644, b"pwned")]);
+    let archive = zip_modes(&[("main.py", 0o644, b""), ("../x", 0o644, b"pwned")]);
     let err = submit_archive(&limits(), "slip.zip", &archive)
         .await
         .unwrap_err();
@@ -331,11 +318,11 @@ async fn given_a_zip_slip_entry_then_it_is_refused_naming_it() {
 
 #[tokio::test]
 async fn given_a_zip_symlink_then_it_is_refused_naming_it() {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default();
-    w.start_file("main.py", opts).unwrap();
-    w.add_symlink("link", "/etc/passwd", opts).unwrap();
-    let archive = w.finish().unwrap().into_inner();
+    let archive = sandrun_test_support::archive::zip_with(|w| {
+        let opts = zip::write::SimpleFileOptions::default();
+        w.start_file("main.py", opts).unwrap();
+        w.add_symlink("link", "/etc/passwd", opts).unwrap();
+    });
     let err = submit_archive(&limits(), "s.zip", &archive)
         .await
         .unwrap_err();
@@ -349,7 +336,7 @@ async fn given_a_zip_symlink_then_it_is_refused_naming_it() {
 /// Rewrites a one-entry zip so its central directory lists the same local entry `copies`
 /// times under different names: the overlapping-file zip bomb.
 fn overlapping_zip(copies: usize) -> Vec<u8> {
-    let one = zip_bytes(&[("aaaa", 0o644, &vec![0u8; 1 << 20])]);
+    let one = zip_modes(&[("aaaa", 0o644, &vec![0u8; 1 << 20])]);
     let cd_start = find(&one, b"PK\x01\x02").unwrap();
     let eocd = find(&one, b"PK\x05\x06").unwrap();
     let record = one[cd_start..eocd].to_vec();
@@ -387,7 +374,7 @@ async fn given_an_overlapping_zip_bomb_then_the_central_directory_check_refuses_
 
 #[tokio::test]
 async fn given_a_zip_whose_declared_size_lies_then_decompression_stops_and_refuses_it() {
-    let mut archive = zip_bytes(&[
+    let mut archive = zip_modes(&[
         ("main.py", 0o644, b""),
         ("data.bin", 0o644, &vec![0u8; 1 << 20]),
     ]);
@@ -419,7 +406,7 @@ async fn given_a_zip_with_too_many_entries_then_it_is_refused_before_decompressi
         max_files: 10,
         ..limits()
     };
-    let err = submit_archive(&limits, "many.zip", &zip_bytes(&entries))
+    let err = submit_archive(&limits, "many.zip", &zip_modes(&entries))
         .await
         .unwrap_err();
     assert!(
@@ -448,13 +435,13 @@ fn given_the_zero_gzip_helper_then_its_output_really_decodes_to_zeros() {
 #[tokio::test]
 async fn given_an_archive_of_one_folder_then_its_job_json_and_main_py_are_found() {
     let job = br#"{"entrypoint": "run.py", "args": ["a"]}"#;
-    let tgz = tar_gz(&[
+    let tgz = tar_gz_raw(&[
         TarEntry::of("project/", EntryType::Directory),
         TarEntry::file("project/job.json", job),
         TarEntry::file("project/run.py", b"print(1)\n"),
         TarEntry::file("project/lib/u.py", b"x = 1\n"),
     ]);
-    let zip = zip_bytes(&[
+    let zip = zip_modes(&[
         ("project/", 0o755, b""),
         ("project/job.json", 0o644, job),
         ("project/run.py", 0o644, b"print(1)\n"),
@@ -466,7 +453,7 @@ async fn given_an_archive_of_one_folder_then_its_job_json_and_main_py_are_found(
         assert_eq!(s.manifest.argv(), ["python3", "run.py", "a"], "{name}");
     }
     // Without a job.json the entry point is detected inside the folder.
-    let only_main = tar_gz(&[TarEntry::file("p/main.py", b"print(1)\n")]);
+    let only_main = tar_gz_raw(&[TarEntry::file("p/main.py", b"print(1)\n")]);
     let s = submit_archive(&limits(), "x.tar.gz", &only_main)
         .await
         .unwrap();
@@ -475,7 +462,7 @@ async fn given_an_archive_of_one_folder_then_its_job_json_and_main_py_are_found(
 
 #[tokio::test]
 async fn given_one_folder_and_a_manifest_naming_the_full_path_then_the_folder_is_kept() {
-    let archive = tar_gz(&[TarEntry::file("p/main.py", b"print(1)\n")]);
+    let archive = tar_gz_raw(&[TarEntry::file("p/main.py", b"print(1)\n")]);
     let body = multipart_body(&[
         ("files", Some("x.tgz"), &archive),
         ("manifest", None, br#"{"entrypoint": "p/main.py"}"#),

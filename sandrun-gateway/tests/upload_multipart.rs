@@ -320,7 +320,7 @@ fn charged_parse(
 
 #[test]
 fn given_an_upload_then_exactly_its_bundle_bytes_stay_charged() {
-    let archive = gzip(&tar_bytes(&[TarEntry::file("a.py", &[b'a'; 5000])]));
+    let archive = gzip(&tar_raw(&[TarEntry::file("a.py", &[b'a'; 5000])]));
     let plain = [b'p'; 3000];
     let parts = [
         ("files", Some("x.tar.gz"), &archive[..]),
@@ -344,7 +344,7 @@ fn given_an_archive_expanding_past_the_client_share_then_it_is_refused_413_befor
             x.to_le_bytes()[0]
         })
         .collect();
-    let archive = gzip(&tar_bytes(&[
+    let archive = gzip(&tar_raw(&[
         TarEntry::file("a", &big),
         TarEntry::file("b", &big),
         TarEntry::file("c", &big),

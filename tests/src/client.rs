@@ -6,8 +6,8 @@ use std::os::unix::net::UnixStream;
 use sandrun_ipc::blocking::ClientChannel;
 use sandrun_ipc::{
     BundleEntry, BundlePath, ChannelError, ExitReport, GrantedLimits, Hello, IpcError, JobId,
-    JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern, PrintablePath, Request,
-    Response, Role, SkipKind, MAX_CHUNK_BYTES, PROTOCOL_VERSION,
+    JobSpec, Limits, OutputFileHeader, OutputPattern, PrintablePath, Request, Response, Role,
+    SkipKind, MAX_CHUNK_BYTES, PROTOCOL_VERSION,
 };
 
 use crate::helper::{probe_binary, Helper, HANG_GUARD};
@@ -25,18 +25,7 @@ pub struct Job {
 impl Job {
     pub fn new(argv: &[&str]) -> Job {
         Job {
-            spec: JobSpec {
-                argv: argv.iter().map(|s| (*s).to_owned()).collect(),
-                env: Vec::new(),
-                workdir: String::new(),
-                bundle: Vec::new(),
-                limits: Limits::default(),
-                outputs: Vec::new(),
-                template: None,
-                network: NetworkPolicy::None,
-                label: "sandrun-tests".to_owned(),
-                stdin_bytes: 0,
-            },
+            spec: sandrun_test_support::job_spec(argv, "sandrun-tests"),
             contents: Vec::new(),
         }
     }
@@ -324,6 +313,25 @@ pub struct RawEnd {
     pub responses: Vec<Response>,
     /// `true` if the helper closed the connection (EOF or reset), `false` if the read timed out.
     pub closed: bool,
+}
+
+/// Panics unless the helper closed the connection and sent nothing on it but a handshake answer
+/// and errors; `what` names the abuse in the message.
+pub fn assert_closed(end: &RawEnd, what: &str) {
+    assert!(
+        end.closed,
+        "{what}: the helper kept the connection open: {:?}",
+        end.responses
+    );
+    let non_errors: Vec<&Response> = end
+        .responses
+        .iter()
+        .filter(|r| !matches!(r, Response::Error(_) | Response::Hello(_)))
+        .collect();
+    assert!(
+        non_errors.is_empty(),
+        "{what}: unexpected answers {non_errors:?}"
+    );
 }
 
 /// Writes `bytes` (errors ignored: the helper may close first), then reads responses until the

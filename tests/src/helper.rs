@@ -8,13 +8,14 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::cgroup::{self, TestCgroup};
+use crate::slots::{Config, SlotLease};
 
 /// The value of `SANDRUN_TEST_SECRET` in every helper's environment; a job must never see it.
 pub const SECRET_ENV: (&str, &str) = ("SANDRUN_TEST_SECRET", "do-not-leak-7c1e9f");
@@ -33,19 +34,24 @@ pub struct Helper {
     cgroup: TestCgroup,
     slot_uid_base: u32,
     slot_count: u32,
+    /// Keeps the slot uid range this helper runs jobs under from being handed to another test
+    /// until the helper is gone (dropped after [`Drop::drop`] has killed it).
+    _slots: Arc<SlotLease>,
 }
 
 impl Helper {
-    /// Writes `config_toml` (root-owned, 0600; `mount_point` added under the test's temporary
+    /// Writes `config`'s TOML (root-owned, 0600; `mount_point` added under the test's temporary
     /// directory unless given), starts the helper in its own cgroup and waits until its socket
-    /// accepts connections.
-    pub fn start(config_toml: &str) -> Helper {
-        Helper::start_under(&[], config_toml)
+    /// accepts connections. The helper holds `config`'s slot uid range while it lives.
+    pub fn start(config: &Config) -> Helper {
+        Helper::start_under(&[], config)
     }
 
     /// Like [`Helper::start`], with the helper run as `WRAPPER... sandrund ARGS` (for example
     /// under `sandrun-deny-syscalls`, see [`deny_syscalls_binary`]).
-    pub fn start_under(wrapper: &[&std::ffi::OsStr], config_toml: &str) -> Helper {
+    pub fn start_under(wrapper: &[&std::ffi::OsStr], config: &Config) -> Helper {
+        let slots = config.lease();
+        let config_toml = config.toml();
         crate::require_root();
         ensure_built();
         let dir = tempfile::Builder::new()
@@ -67,6 +73,7 @@ impl Helper {
             cgroup,
             slot_uid_base: toml_u32(&config, "slot_uid_base").unwrap_or(200_000),
             slot_count: toml_u32(&config, "slot_count").unwrap_or(64),
+            _slots: slots,
             dir,
         };
         helper.spawn(wrapper, &config_path);
@@ -265,29 +272,40 @@ pub fn deny_syscalls_binary() -> PathBuf {
     bin_dir().join("sandrun-deny-syscalls")
 }
 
-/// Builds `sandrund` and `sandrunctl` (two packages) once per test binary: this package cannot
-/// depend on another package's binaries. Set `SANDRUN_TESTS_SKIP_BUILD=1` to use what is there.
-fn ensure_built() {
+/// Builds every daemon binary the tests start (`sandrund`, `sandrunctl`, `sandrun-gateway`)
+/// once per test binary, then checks they are all there: this package cannot depend on another
+/// package's binaries. Set `SANDRUN_TESTS_SKIP_BUILD=1` to use what is there (a missing binary
+/// still fails the test, naming it).
+pub fn ensure_built() {
     static BUILD: Once = Once::new();
     BUILD.call_once(|| {
         if std::env::var_os("SANDRUN_TESTS_SKIP_BUILD").is_none() {
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
             let out = Command::new(cargo)
-                .args(["build", "-p", "sandrund", "-p", "sandrunctl", "--bins"])
+                .args([
+                    "build",
+                    "-p",
+                    "sandrund",
+                    "-p",
+                    "sandrunctl",
+                    "-p",
+                    "sandrun-gateway",
+                    "--bins",
+                ])
                 .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
                 .output()
-                .expect("run cargo build -p sandrund -p sandrunctl");
+                .expect("run cargo build -p sandrund -p sandrunctl -p sandrun-gateway");
             assert!(
                 out.status.success(),
-                "cargo build -p sandrund -p sandrunctl failed:\n{}",
+                "cargo build -p sandrund -p sandrunctl -p sandrun-gateway failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        for bin in ["sandrund", "sandrunctl", "sandrun-probe"] {
+        for bin in ["sandrund", "sandrunctl", "sandrun-gateway", "sandrun-probe"] {
             let path = bin_dir().join(bin);
             assert!(
                 path.exists(),
-                "{} is missing: run `cargo build --workspace`",
+                "{} is missing: run `cargo build --workspace --bins`",
                 path.display()
             );
         }

@@ -54,19 +54,18 @@ pub fn mounts_mentioning(needle: &str) -> Vec<String> {
         .collect()
 }
 
-/// Number of open descriptors of `pid`.
+/// Number of open descriptors of `pid`. Panics when they cannot be listed (the process is
+/// gone): a count of 0 would pass every "no descriptor leaked" bound.
 pub fn fd_count(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
+        .count()
 }
 
-/// Resident set size of `pid` in KiB.
+/// Resident set size of `pid` in KiB. Panics when it cannot be read (see
+/// [`crate::hostile::status_kib`]).
 pub fn vm_rss_kib(pid: i32) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    field(&status, "VmRSS")
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    crate::hostile::status_kib(pid, "VmRSS")
 }
 
 /// Whether `pid` exists on the host.

@@ -66,24 +66,27 @@ pub fn vm_hwm_kib(pid: i32) -> u64 {
     status_kib(pid, "VmHWM")
 }
 
-/// A `... kB` field of `/proc/<pid>/status`, or 0.
+/// A `... kB` field of `/proc/<pid>/status`. Panics when the process is gone or the field is
+/// missing: a reading of 0 would pass every "memory stayed bounded" check.
 pub fn status_kib(pid: i32, key: &str) -> u64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+    kib_field(&status, key).unwrap_or_else(|| panic!("no {key} in {path}:\n{status}"))
 }
 
-/// `Shmem` of `/proc/meminfo` in KiB: tmpfs pages (job roots live there).
+/// `Shmem` of `/proc/meminfo` in KiB: tmpfs pages (job roots live there). Panics when it cannot
+/// be read, as [`status_kib`] does.
 pub fn host_shmem_kib() -> u64 {
-    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("Shmem:"))
+    let meminfo = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_else(|e| panic!("cannot read /proc/meminfo: {e}"));
+    kib_field(&meminfo, "Shmem").unwrap_or_else(|| panic!("no Shmem in /proc/meminfo"))
+}
+
+/// The number of a `key: N kB` line.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Whether `pid` is an idle warm sandbox init: a child of a helper named `sandrun-init` (C, a
@@ -162,19 +165,8 @@ pub fn fd_count_once_at_most(pid: i32, bound: usize) -> usize {
     n
 }
 
-/// Deterministic pseudo-random bytes (xorshift), for payloads that must not compress.
-pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    seed |= 1;
-    while out.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        out.extend_from_slice(&seed.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
+/// Deterministic pseudo-random bytes, for payloads that must not compress.
+pub use sandrun_test_support::noise;
 
 /// A TLS stream to the gateway, opened by [`tls_connect`].
 pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;

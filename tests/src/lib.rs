@@ -7,35 +7,26 @@
 //!
 //! Every helper runs in its own child cgroup (so parallel tests never share job cgroups), with its
 //! own socket, mount point and slot uid range, and is killed when the [`Helper`] is dropped.
+//! Slot uid ranges come from an allocator ([`config`], see [`slots`]) that is safe across the
+//! threads of a test binary and across test processes, so tests never pick one by hand.
 
 pub mod cgroup;
 pub mod client;
 pub mod helper;
 pub mod host;
 pub mod hostile;
+pub mod slots;
 pub mod stack;
 
 pub use client::{Job, JobConn, Outcome};
-pub use helper::Helper;
+pub use helper::{ensure_built, Helper};
+pub use slots::{config, Config};
+
+/// Archive builders (tar.gz, zip, raw hostile entries), shared with the gateway's own tests.
+pub use sandrun_test_support::archive;
+pub use sandrun_test_support::noise;
 
 /// Panics unless the test runs as root: these tests start a root daemon and build sandboxes.
 pub fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this integration test needs root (it starts sandrund and real sandboxes); run it as root"
-    );
-}
-
-/// A config with a test-specific slot uid range (`300000 + 1000 * k`) and `extra` appended
-/// (top-level keys first, then tables).
-pub fn config(k: u32, extra: &str) -> String {
-    format!(
-        "slot_uid_base = {}\nslot_count = 16\n{extra}\n",
-        slot_uid_base(k)
-    )
-}
-
-/// The slot uid base [`config`] uses for test number `k`.
-pub fn slot_uid_base(k: u32) -> u32 {
-    300_000 + 1000 * k
+    sandrun_test_support::require_root("it starts sandrund and real sandboxes");
 }

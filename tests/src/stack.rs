@@ -27,6 +27,7 @@ use tungstenite::protocol::WebSocket;
 use tungstenite::Message;
 
 use crate::helper::{bin_dir, Helper, HANG_GUARD};
+use crate::slots::Config;
 
 /// The unprivileged user the gateway drops to in tests (and the helper's `gateway_user`).
 pub const GATEWAY_USER: &str = "sandrun-test";
@@ -48,7 +49,7 @@ pub struct Stack {
     helper: Helper,
     /// Helpers replaced by [`Stack::restart_helper`], kept for their logs and clean-up.
     retired: Vec<Helper>,
-    helper_config: String,
+    helper_config: Config,
     dir: tempfile::TempDir,
 }
 
@@ -113,14 +114,16 @@ impl HttpResponse {
 }
 
 impl Stack {
-    /// Starts a helper with `helper_config_toml` (typically [`crate::config`]`(k, ..)`;
-    /// `gateway_user` is added) and a gateway with `gateway_config_toml` (top-level keys first;
-    /// a table given here replaces the stack's default for it), and waits until both serve.
-    pub fn start(helper_config_toml: &str, gateway_config_toml: &str) -> Stack {
+    /// Starts a helper with `helper_config` (from [`crate::config`]; `gateway_user` is added)
+    /// and a gateway with `gateway_config_toml` (top-level keys first; a table given here
+    /// replaces the stack's default for it), and waits until both serve. The stack, and every
+    /// helper it restarts, holds `helper_config`'s slot uid range.
+    pub fn start(helper_config: &Config, gateway_config_toml: &str) -> Stack {
         crate::require_root();
-        ensure_gateway_built();
+        crate::ensure_built();
         ensure_gateway_user();
-        let helper_config = format!("gateway_user = \"{GATEWAY_USER}\"\n{helper_config_toml}");
+        let helper_config =
+            helper_config.with_top_level(&format!("gateway_user = \"{GATEWAY_USER}\""));
         let helper = Helper::start(&helper_config);
         let dir = tempfile::Builder::new()
             .prefix("sandrun-stack-")
@@ -601,32 +604,6 @@ pub fn ensure_gateway_user() {
             created,
             "useradd {GATEWAY_USER}: {}",
             String::from_utf8_lossy(&out.stderr)
-        );
-    });
-}
-
-/// Builds `sandrun-gateway` once per test binary (see `helper::ensure_built`).
-pub fn ensure_gateway_built() {
-    static BUILD: Once = Once::new();
-    BUILD.call_once(|| {
-        if std::env::var_os("SANDRUN_TESTS_SKIP_BUILD").is_none() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let out = Command::new(cargo)
-                .args(["build", "-p", "sandrun-gateway", "--bins"])
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-                .output()
-                .expect("run cargo build -p sandrun-gateway");
-            assert!(
-                out.status.success(),
-                "cargo build -p sandrun-gateway failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let path = bin_dir().join("sandrun-gateway");
-        assert!(
-            path.exists(),
-            "{} is missing: run `cargo build --workspace`",
-            path.display()
         );
     });
 }

@@ -54,7 +54,7 @@ fn reason(o: &Outcome) -> ExitReason {
 
 #[test]
 fn given_fork_bomb_then_pids_limit_stops_it_and_the_next_job_runs() {
-    let mut helper = Helper::start(&config(20, ""));
+    let mut helper = Helper::start(&config(""));
     let job = Job::probe(&["forkbomb"]).limits(|l| {
         l.pids = Some(16);
         l.wall_ms = Some(5_000);
@@ -73,7 +73,7 @@ fn given_fork_bomb_then_pids_limit_stops_it_and_the_next_job_runs() {
 
 #[test]
 fn given_memory_bomb_then_the_job_ends_with_memory_limit() {
-    let helper = Helper::start(&config(21, ""));
+    let helper = Helper::start(&config(""));
     let job = Job::probe(&["membomb", "1024"]).limits(|l| l.memory_bytes = Some(64 << 20));
     let outcome = helper.run(&job);
     assert_eq!(
@@ -93,7 +93,7 @@ fn given_memory_bomb_then_the_job_ends_with_memory_limit() {
 
 #[test]
 fn given_busy_loop_then_the_wall_clock_timeout_ends_it() {
-    let helper = Helper::start(&config(22, ""));
+    let helper = Helper::start(&config(""));
     let job = Job::probe(&["spin"]).limits(|l| l.wall_ms = Some(1_500));
     let outcome = helper.run(&job);
     assert_eq!(
@@ -112,7 +112,7 @@ fn given_busy_loop_then_the_wall_clock_timeout_ends_it() {
 
 #[test]
 fn given_busy_loop_with_short_cpu_limit_and_long_wall_then_cpu_limit_ends_it() {
-    let helper = Helper::start(&config(23, ""));
+    let helper = Helper::start(&config(""));
     let job = Job::probe(&["spin"]).limits(|l| {
         l.cpu_ms = Some(1_000);
         l.wall_ms = Some(120_000);
@@ -128,7 +128,7 @@ fn given_busy_loop_with_short_cpu_limit_and_long_wall_then_cpu_limit_ends_it() {
 
 #[test]
 fn given_double_forked_daemon_then_it_is_killed_when_the_job_ends() {
-    let helper = Helper::start(&config(24, ""));
+    let helper = Helper::start(&config(""));
     let outcome = helper.run(&Job::probe(&["daemon"]).output("daemon.pid"));
     assert_eq!(
         outcome.report().exit_code,
@@ -153,7 +153,7 @@ fn given_double_forked_daemon_then_it_is_killed_when_the_job_ends() {
 
 #[test]
 fn given_200_mb_stdout_flood_then_output_is_truncated_at_the_cap_and_status_kept() {
-    let helper = Helper::start(&config(25, ""));
+    let helper = Helper::start(&config(""));
     let job = Job::probe(&["flood", "209715200"]).limits(|l| l.output_bytes = Some(1 << 20));
     let outcome = helper.run(&job);
     let cap = outcome.accepted.as_ref().expect("accepted").1.output_bytes;
@@ -176,7 +176,7 @@ fn given_200_mb_stdout_flood_then_output_is_truncated_at_the_cap_and_status_kept
 
 #[test]
 fn given_job_filling_its_tmpfs_then_it_gets_enospc_and_the_host_is_unaffected() {
-    let helper = Helper::start(&config(26, ""));
+    let helper = Helper::start(&config(""));
     let host_tmp_before = nix::sys::statvfs::statvfs("/tmp").expect("statvfs /tmp");
     let job = Job::probe(&["fill"]).limits(|l| l.tmpfs_bytes = Some(256 << 20));
     let outcome = helper.run(&job);
@@ -210,7 +210,7 @@ fn given_job_filling_its_tmpfs_then_it_gets_enospc_and_the_host_is_unaffected() 
 
 #[test]
 fn given_symlink_and_fifo_outputs_then_they_are_refused_without_blocking() {
-    let helper = Helper::start(&config(27, ""));
+    let helper = Helper::start(&config(""));
     let script = "ln -s /etc/shadow link.txt && mkfifo fifo.txt && echo ok > real.txt";
     let job = Job::new(&["/bin/sh", "-c", script]).output("*.txt");
     let outcome = helper.run(&job);
@@ -251,7 +251,7 @@ fn given_symlink_and_fifo_outputs_then_they_are_refused_without_blocking() {
 
 #[test]
 fn given_forbidden_syscalls_then_each_is_refused_with_eperm() {
-    let helper = Helper::start(&config(28, ""));
+    let helper = Helper::start(&config(""));
     let outcome = helper.run(&Job::probe(&["syscalls"]));
     let r = outcome.probe();
     for name in [

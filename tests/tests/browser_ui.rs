@@ -54,10 +54,10 @@ fn given_a_browser_then_the_ui_runs_streams_uploads_cancels_downloads_verifies_a
         "/usr/bin/chromium is missing: run packaging/deps.sh"
     );
     npm_ci();
-    let stack = Stack::start(&config(580, ""), "");
+    let stack = Stack::start(&config(""), "");
     // The quota stack keeps the default limits except one job per hour.
     let quota = Stack::start(
-        &config(581, ""),
+        &config(""),
         "[client_limits]\ncpu_seconds_per_minute = 1000\nconcurrent_jobs = 4\njobs_per_hour = 1\n",
     );
     let shots = workspace().join("target").join("browser-screenshots");
@@ -88,7 +88,7 @@ fn given_a_browser_then_the_ui_runs_streams_uploads_cancels_downloads_verifies_a
 
 #[test]
 fn given_accept_headers_then_browsers_get_the_ui_and_api_clients_keep_the_json() {
-    let stack = Stack::start(&config(582, ""), "");
+    let stack = Stack::start(&config(""), "");
     // An API client (curl's `Accept: */*`) gets the JSON service description, marked as varying.
     let api = stack.get("/");
     assert_eq!(api.status, 200);

@@ -1,7 +1,7 @@
 //! Issue 9, items 1 and 4: every byte the gateway holds for a client is charged to the memory
 //! budget and to that client's share of it (`[client_shares] memory_percent`), so one client
 //! cannot fill the budget and make another client's job lose its outputs or its upload.
-//! Real daemons over real TLS; each test has its own stack (`config(230 + k, ..)`).
+//! Real daemons over real TLS; each test has its own stack (`config(..)`, from the allocator).
 
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
@@ -21,11 +21,11 @@ const BYSTANDER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const BUDGET_BYTES: u64 = 24 << 20;
 const SHARE_BYTES: u64 = BUDGET_BYTES / 4;
 
-fn stack(k: u32, retention: &str) -> Stack {
+fn stack(retention: &str) -> Stack {
     let gateway = format!(
         "[retention]\nmemory_budget_bytes = {BUDGET_BYTES}\nfailed_ttl_s = 3600\n{retention}"
     );
-    Stack::start(&config(230 + k, ""), &gateway)
+    Stack::start(&config(""), &gateway)
 }
 
 /// A `/bin/sh` job: `run.sh` holding `script`, returning `out/`.
@@ -56,7 +56,7 @@ fn stats_from(stack: &Stack, from: Ipv4Addr) -> Value {
 #[test]
 fn given_one_client_filling_the_result_budget_then_another_client_still_gets_its_1_mib_output() {
     sandrun_tests::require_root();
-    let stack = stack(0, "");
+    let stack = stack("");
     let big = "mkdir -p out; for i in 1 2 3 4 5 6 7; do head -c 1052672 /dev/zero > out/f$i; done";
     let ids: Vec<String> = (0..4)
         .map(|_| submit_from(&stack, ATTACKER, &sh_job(big)))
@@ -68,7 +68,7 @@ fn given_one_client_filling_the_result_budget_then_another_client_still_gets_its
         assert_eq!(status["status"], "completed", "{status}");
         kept += status["output_files"].as_object().map_or(0, |o| {
             o.values()
-                .map(|f| f["size_bytes"].as_u64().unwrap_or(0))
+                .map(|f| f["size_bytes"].as_u64().expect("size_bytes of an output"))
                 .sum()
         });
         skipped += status["skipped_outputs"].as_array().map_or(0, Vec::len);
@@ -108,21 +108,18 @@ fn given_one_client_filling_the_result_budget_then_another_client_still_gets_its
 /// the gateway's 100:1 expansion ratio), followed by padding so that the parser has read the
 /// whole archive before it waits for the part's end.
 fn expanding_archive(files: usize) -> Vec<u8> {
-    let mut tar = tar::Builder::new(Vec::new());
-    for i in 0..files {
-        let mut data = sandrun_tests::hostile::noise(16 << 10, i as u64 + 1);
-        data.resize(1 << 20, 0);
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        tar.append_data(&mut header, format!("f{i}"), &data[..])
-            .expect("tar entry");
-    }
-    let tar = tar.into_inner().expect("tar");
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&tar).expect("gzip");
-    let mut archive = gz.finish().expect("gzip");
+    let contents: Vec<(String, Vec<u8>)> = (0..files)
+        .map(|i| {
+            let mut data = sandrun_tests::noise(16 << 10, i as u64 + 1);
+            data.resize(1 << 20, 0);
+            (format!("f{i}"), data)
+        })
+        .collect();
+    let entries: Vec<(&str, &[u8])> = contents
+        .iter()
+        .map(|(name, data)| (name.as_str(), data.as_slice()))
+        .collect();
+    let mut archive = sandrun_tests::archive::tar_gz(&entries);
     archive.extend_from_slice(&[0u8; 8192]);
     archive
 }
@@ -187,7 +184,7 @@ const RSS_ABOVE_BUDGET_KIB: u64 = 16 << 10;
 fn given_expanding_uploads_with_withheld_boundaries_then_they_are_charged_refused_and_released() {
     sandrun_tests::require_root();
     // The held uploads must outlive the test's checks (the default body idle timeout is 30 s).
-    let stack = stack(1, "[http]\nbody_idle_timeout_ms = 120000\n");
+    let stack = stack("[http]\nbody_idle_timeout_ms = 120000\n");
     let warm = stack.submit_from(BYSTANDER, &sh_job("echo warm"));
     assert_eq!(warm.status, 200, "{}", warm.text());
     assert_eq!(
@@ -212,7 +209,9 @@ fn given_expanding_uploads_with_withheld_boundaries_then_they_are_charged_refuse
         answers.push((*from, answer_within(s, Duration::from_secs(3))));
     }
     let stats = stats_from(&stack, BYSTANDER);
-    let used = stats["system"]["memory_used_bytes"].as_u64().unwrap_or(0);
+    let used = stats["system"]["memory_used_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no system.memory_used_bytes in {stats}"));
     let rss = vm_rss_kib(stack.gateway_pid());
     let codes: Vec<u16> = answers.iter().map(|(_, (code, _))| *code).collect();
     eprintln!("withheld uploads: answers {codes:?}, used {used} B, rss {rss_before} -> {rss} KiB");
@@ -258,7 +257,7 @@ fn given_a_stalled_tarball_download_then_its_memory_stays_charged_until_the_clie
     sandrun_tests::require_root();
     // A 64 MiB budget: one client's share (16 MiB) holds the 7 MiB output.
     let gateway = "[retention]\nmemory_budget_bytes = 67108864\nfailed_ttl_s = 3600\n";
-    let stack = Stack::start(&config(232, ""), gateway);
+    let stack = Stack::start(&config(""), gateway);
     let used = |stack: &Stack| stats_from(stack, BYSTANDER)["system"]["memory_used_bytes"].clone();
     let before = used(&stack);
     // 7 MiB of noise (the helper's default output cap is 8 MiB): more than the kernel's socket
@@ -279,10 +278,10 @@ fn given_a_stalled_tarball_download_then_its_memory_stays_charged_until_the_clie
     std::thread::sleep(Duration::from_secs(3));
     let (code, _) = stack.get_json(&format!("/status/{id}"));
     assert_eq!(code, 404, "the download deleted the job");
-    let during = used(&stack).as_u64().unwrap_or(0);
+    let during = used(&stack).as_u64().expect("memory used, while stalled");
     eprintln!("stalled download: used {before} before, {during} while stalled");
     assert!(
-        during >= before.as_u64().unwrap_or(0) + (6 << 20),
+        during >= before.as_u64().expect("memory used, before") + (6 << 20),
         "a stalled 7 MiB download is charged: {during} bytes used"
     );
     drop(stalled);
@@ -297,7 +296,7 @@ fn given_a_stalled_tarball_download_then_its_memory_stays_charged_until_the_clie
 fn given_a_websocket_subscriber_that_never_reads_then_its_backlog_is_bounded_and_charged() {
     sandrun_tests::require_root();
     let gateway = "[retention]\nlog_bytes = 16777216\nfailed_ttl_s = 3600\n";
-    let stack = Stack::start(&config(233, ""), gateway);
+    let stack = Stack::start(&config(""), gateway);
     let script = "sleep 1; head -c 40000000 /dev/zero | tr '\\0' x";
     let manifest = json!({"entrypoint": "run.sh", "interpreter": "sh", "timeout": 60});
     let parts = [Part::file("run.sh", script), Part::manifest(&manifest)];
@@ -309,7 +308,9 @@ fn given_a_websocket_subscriber_that_never_reads_then_its_backlog_is_bounded_and
     stack.wait_finished(&id);
     std::thread::sleep(Duration::from_secs(2));
     let (_, stats) = stack.get_json("/stats");
-    let backlog = stats["memory"]["used_bytes"].as_u64().unwrap_or(0);
+    let backlog = stats["memory"]["used_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no memory.used_bytes in {stats}"));
     eprintln!("stalled subscriber: {backlog} bytes charged; {stats}");
     assert!(
         backlog > 0 && backlog <= (256 << 10) + (2 << 20),

@@ -128,7 +128,7 @@ fn under_attackers(helper: &Arc<Helper>, collect: bool) -> Attacked {
 #[test]
 fn given_four_attackers_collecting_hard_links_then_a_trivial_jobs_p99_stays_low() {
     let _alone = measuring();
-    let helper = Arc::new(Helper::start(&config(460, "")));
+    let helper = Arc::new(Helper::start(&config("")));
     // Warm up (first exec of /bin/echo, page cache).
     trivial_latencies(&helper, 5, LONG);
     // The control: the same 4 attackers, whose outputs match nothing. On 2 cores their own CPU
@@ -186,7 +186,7 @@ with open(deep + '/f', 'wb') as f:
 
 #[test]
 fn given_bad_names_and_hard_links_then_every_one_is_skipped_by_name_and_counted() {
-    let helper = Helper::start(&config(461, ""));
+    let helper = Helper::start(&config(""));
     let job = Job::new(&["/usr/bin/python3", "-c", BAD_NAMES])
         .output("*")
         .limits(|l| l.tmpfs_bytes = Some(8 << 20));
@@ -252,7 +252,7 @@ os.chmod('locked', 0)
 
 #[test]
 fn given_files_only_root_could_read_then_the_collector_cannot_open_them() {
-    let helper = Helper::start(&config(462, ""));
+    let helper = Helper::start(&config(""));
     let job = Job::new(&["/usr/bin/python3", "-c", ROOT_ONLY])
         .output("*.txt")
         .output("locked/");
@@ -350,7 +350,7 @@ fn collectors(uids: &std::ops::Range<u32>) -> Vec<(i32, String)> {
 fn given_a_long_collection_then_its_collector_is_the_jobs_uid_confined_and_others_are_not_delayed()
 {
     let _alone = measuring();
-    let helper = Arc::new(Helper::start(&config(463, "")));
+    let helper = Arc::new(Helper::start(&config("")));
     trivial_latencies(&helper, 5, LONG);
     let mut before = trivial_latencies(&helper, 50, LONG);
     let attacker = {

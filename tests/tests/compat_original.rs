@@ -5,7 +5,7 @@
 //! coordinator. The Python clients are reproduced with python3-requests
 //! (`tests/compat/original_clients.py`); the shell and browser ones with curl.
 //!
-//! Each test starts its own stack with its own slot uid range (`config(900 + n, ..)`).
+//! Each test starts its own stack with its own slot uid range (`config(..)`, from the allocator).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -16,8 +16,8 @@ use sandrun_tests::config;
 use sandrun_tests::helper::bin_dir;
 use sandrun_tests::stack::{Part, Stack, GATEWAY_USER};
 
-fn stack(k: u32) -> Stack {
-    Stack::start(&config(900 + k, ""), "")
+fn stack() -> Stack {
+    Stack::start(&config(""), "")
 }
 
 /// The original clients' default URL form, on the test's port: plain `http://localhost`.
@@ -114,7 +114,7 @@ fn write(dir: &Path, name: &str, data: &str) {
 
 #[test]
 fn given_the_python_client_on_its_default_http_url_in_dev_mode_then_every_call_works() {
-    let stack = stack(0);
+    let stack = stack();
     let seen = python(&["python-client", &plain_url(&stack, "")], &[]);
     assert_eq!(seen["test_connection"], true, "{seen}");
     assert_eq!(seen["quick_status"], "completed", "{seen}");
@@ -139,7 +139,7 @@ fn given_the_python_client_on_its_default_http_url_in_dev_mode_then_every_call_w
 #[test]
 fn given_the_python_client_over_https_then_the_dev_certificate_is_trusted_by_verify_or_the_bundle_variable(
 ) {
-    let stack = stack(1);
+    let stack = stack();
     let https = stack.url("").replace("127.0.0.1", "localhost");
     let ca = stack.ca_path();
     // `verify=<the certificate>` ...
@@ -152,7 +152,7 @@ fn given_the_python_client_over_https_then_the_dev_certificate_is_trusted_by_ver
 
 #[test]
 fn given_the_mcp_servers_legacy_upload_of_non_ascii_code_then_it_runs_as_written() {
-    let stack = stack(2);
+    let stack = stack();
     let seen = python(&["mcp", &plain_url(&stack, "")], &[]);
     assert_eq!(seen["submit_status"], 200, "{seen}");
     assert_eq!(seen["status"], "completed", "{seen}");
@@ -163,7 +163,7 @@ fn given_the_mcp_servers_legacy_upload_of_non_ascii_code_then_it_runs_as_written
 /// Every example of `curl_examples.sh`, on its default plain `http://` URL.
 #[test]
 fn given_the_curl_examples_on_plain_http_in_dev_mode_then_each_one_works() {
-    let stack = stack(3);
+    let stack = stack();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (code, _, body) = curl(&[&plain_url(&stack, "")]);
@@ -282,7 +282,7 @@ fn given_the_curl_examples_on_plain_http_in_dev_mode_then_each_one_works() {
 /// only with `Access-Control-Allow-Origin`.
 #[test]
 fn given_the_web_frontends_requests_from_another_origin_then_preflights_and_answers_allow_them() {
-    let stack = stack(4);
+    let stack = stack();
     let origin = "Origin: http://localhost:8000";
     let (code, head, _) = curl(&[
         "-X",
@@ -389,7 +389,7 @@ fn given_the_web_frontends_requests_from_another_origin_then_preflights_and_answ
 /// submits to both.
 #[test]
 fn given_two_dev_gateways_trusted_together_then_the_coordinator_reaches_both() {
-    let (a, b) = (stack(5), stack(6));
+    let (a, b) = (stack(), stack());
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("workers.pem");
     let mut pem = std::fs::read(a.ca_path()).unwrap();
@@ -441,7 +441,7 @@ fn worker_id_base64(key: &Path) -> String {
 #[test]
 fn given_plain_http_to_a_production_gateway_then_it_is_told_to_use_https() {
     sandrun_tests::require_root();
-    sandrun_tests::stack::ensure_gateway_built();
+    sandrun_tests::ensure_built();
     sandrun_tests::stack::ensure_gateway_user();
     let dir = tempfile::tempdir().unwrap();
     let gw = bin_dir().join("sandrun-gateway");

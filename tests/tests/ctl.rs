@@ -26,7 +26,7 @@ fn hex(bytes: &[u8]) -> String {
 
 #[test]
 fn given_run_when_job_exits_with_code_then_sandrunctl_exits_with_it_and_streams_output() {
-    let helper = Helper::start(&config(40, ""));
+    let helper = Helper::start(&config(""));
     let out = helper.ctl(&[
         "run",
         "--",
@@ -44,7 +44,7 @@ fn given_run_when_job_exits_with_code_then_sandrunctl_exits_with_it_and_streams_
 
 #[test]
 fn given_run_json_then_one_object_with_the_documented_fields_is_printed() {
-    let helper = Helper::start(&config(41, ""));
+    let helper = Helper::start(&config(""));
     let script = "echo out; echo err >&2; exit 3";
     let out = helper.ctl(&["run", "--json", "--", "/bin/sh", "-c", script]);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
@@ -65,7 +65,7 @@ fn given_run_json_then_one_object_with_the_documented_fields_is_printed() {
 
 #[test]
 fn given_input_and_output_patterns_then_outputs_are_written_under_out_dir_with_sha256() {
-    let helper = Helper::start(&config(42, ""));
+    let helper = Helper::start(&config(""));
     let work = tempfile::tempdir().expect("tempdir");
     let input = work.path().join("in");
     fs::create_dir_all(input.join("data")).expect("mkdir");
@@ -113,7 +113,7 @@ fn given_input_and_output_patterns_then_outputs_are_written_under_out_dir_with_s
 
 #[test]
 fn given_symlink_in_input_then_sandrunctl_refuses_naming_it() {
-    let helper = Helper::start(&config(43, ""));
+    let helper = Helper::start(&config(""));
     let input = tempfile::tempdir().expect("tempdir");
     std::os::unix::fs::symlink("/etc/shadow", input.path().join("sneaky")).expect("symlink");
     let dir = input.path().to_str().expect("utf-8");
@@ -129,7 +129,7 @@ fn given_symlink_in_input_then_sandrunctl_refuses_naming_it() {
 
 #[test]
 fn given_timeout_then_sandrunctl_reports_timeout_and_exits_128_plus_signal() {
-    let helper = Helper::start(&config(44, ""));
+    let helper = Helper::start(&config(""));
     let out = helper.ctl(&[
         "run",
         "--json",
@@ -147,7 +147,7 @@ fn given_timeout_then_sandrunctl_reports_timeout_and_exits_128_plus_signal() {
 
 #[test]
 fn given_missing_socket_then_sandrunctl_exits_125_with_a_json_error() {
-    let helper = Helper::start(&config(45, ""));
+    let helper = Helper::start(&config(""));
     let ctl = sandrun_tests::helper::bin_dir().join("sandrunctl");
     let out = std::process::Command::new(ctl)
         .arg("--socket")
@@ -161,7 +161,7 @@ fn given_missing_socket_then_sandrunctl_exits_125_with_a_json_error() {
 
 #[test]
 fn given_running_job_then_ps_lists_it_kill_cancels_it_stats_count_and_drain_refuses_new() {
-    let helper = Helper::start(&config(46, ""));
+    let helper = Helper::start(&config(""));
     let mut job = helper.submit(&Job::new(&["/bin/sleep", "300"]).label("admin-test-job"));
     let id = job.wait_started().expect("job started");
 
@@ -215,7 +215,7 @@ fn given_running_job_then_ps_lists_it_kill_cancels_it_stats_count_and_drain_refu
 
 #[test]
 fn given_ctrl_c_during_run_then_the_job_is_cancelled_and_reported() {
-    let helper = Helper::start(&config(47, ""));
+    let helper = Helper::start(&config(""));
     let child = helper
         .ctl_command(&["run", "--json", "--", "/bin/sleep", "300"])
         .stdout(std::process::Stdio::piped())
@@ -272,7 +272,7 @@ fn jobs_started(helper: &Helper) -> u64 {
 
 #[test]
 fn given_out_dir_holding_a_file_an_output_would_replace_then_run_is_refused_and_it_is_unchanged() {
-    let helper = Helper::start(&config(48, ""));
+    let helper = Helper::start(&config(""));
     let dir = tempfile::tempdir().expect("tempdir");
     let victim = dir.path().join("victim.txt");
     fs::write(&victim, b"precious\n").expect("write victim");
@@ -303,7 +303,7 @@ fn given_out_dir_holding_a_file_an_output_would_replace_then_run_is_refused_and_
 
 #[test]
 fn given_output_dot_ssh_run_from_a_home_then_authorized_keys_lands_only_in_a_new_directory() {
-    let helper = Helper::start(&config(49, ""));
+    let helper = Helper::start(&config(""));
     let home = tempfile::tempdir().expect("tempdir");
     fs::write(home.path().join(".profile"), b"keep\n").expect("write .profile");
     let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIattacker attacker@job\n";
@@ -338,7 +338,7 @@ fn given_output_dot_ssh_run_from_a_home_then_authorized_keys_lands_only_in_a_new
 
 #[test]
 fn given_a_symlink_in_the_out_dir_then_nothing_is_written_at_all() {
-    let helper = Helper::start(&config(61, ""));
+    let helper = Helper::start(&config(""));
     let work = tempfile::tempdir().expect("tempdir");
     let victim = work.path().join("victim.txt");
     fs::write(&victim, b"keep\n").expect("write victim");
@@ -377,7 +377,7 @@ fn given_a_symlink_in_the_out_dir_then_nothing_is_written_at_all() {
 
 #[test]
 fn given_runs_without_out_dir_then_each_job_gets_a_fresh_directory_and_none_is_reused() {
-    let helper = Helper::start(&config(62, ""));
+    let helper = Helper::start(&config(""));
     let cwd = tempfile::tempdir().expect("tempdir");
     // A directory left by an earlier helper's job 1 (job ids restart with the helper).
     let stale = cwd.path().join("sandrun-1");

@@ -1,7 +1,7 @@
 //! Environment templates against the real daemons: `sandrunctl env build` from PyPI (small pure
 //! Python wheels), a job that imports the template's packages with no network, the lock hash in
 //! the signed result, `env rm`, a failed build leaving the previous template untouched, and the
-//! installer's uid (never 0). Slot uid ranges `config(90..=93, ..)`.
+//! installer's uid (never 0). Slot uid ranges from the allocator (`config(..)`).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use sandrun_tests::{config, Helper};
+use sandrun_tests::{config, Config, Helper};
 
 /// The build user `sandrunctl env build` downloads as; created here as the package would.
 const BUILD_USER: &str = "sandrun-build";
@@ -47,8 +47,8 @@ fn template_dir() -> tempfile::TempDir {
     dir
 }
 
-fn helper_config(k: u32, templates: &Path) -> String {
-    config(k, &format!("template_dir = \"{}\"", templates.display()))
+fn helper_config(templates: &Path) -> Config {
+    config(&format!("template_dir = \"{}\"", templates.display()))
 }
 
 fn write_definition(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -102,7 +102,7 @@ fn package_names(lock: &Value) -> Vec<String> {
 fn given_a_definition_when_built_then_the_lock_lists_hashed_wheels_installed_by_a_non_root_uid() {
     ensure_build_user();
     let templates = template_dir();
-    let helper = Helper::start(&helper_config(90, templates.path()));
+    let helper = Helper::start(&helper_config(templates.path()));
     let def = write_definition(helper.dir(), "small.txt", "six==1.17.0\n");
     let out = env_build(&helper, templates.path(), "small", &def);
     assert!(out.status.success(), "{out:?}");
@@ -142,7 +142,7 @@ fn given_a_definition_when_built_then_the_lock_lists_hashed_wheels_installed_by_
 fn given_a_failing_build_then_the_previous_template_is_untouched_and_rm_removes_it() {
     ensure_build_user();
     let templates = template_dir();
-    let helper = Helper::start(&helper_config(91, templates.path()));
+    let helper = Helper::start(&helper_config(templates.path()));
     let good = write_definition(helper.dir(), "good.txt", "six==1.17.0\n");
     let out = env_build(&helper, templates.path(), "keep", &good);
     assert!(out.status.success(), "{out:?}");

@@ -3,7 +3,7 @@
 //! sandboxes are gone within 1 s, nothing is orphaned (processes, cgroups, mounts), every job
 //! reaches a final state with a clear reason (a queued job the helper never took waits for it),
 //! and the stack serves again once the helper is back.
-//! Each test has its own stack (`config(150 + k, ..)`).
+//! Each test has its own stack (`config(..)`, from the allocator).
 
 use std::time::Duration;
 
@@ -58,7 +58,7 @@ fn assert_serves(stack: &Stack) {
 #[test]
 fn given_helper_killed_during_a_job_then_it_fails_internal_its_sandbox_dies_and_the_next_job_runs()
 {
-    let mut stack = Stack::start(&config(150, ""), "");
+    let mut stack = Stack::start(&config(""), "");
     let id = stack.submit_ok(&sh_job("sleep 300"));
     assert_eq!(wait_running(&stack, &id)["status"], "running");
     wait_sandboxes(&stack, 1);
@@ -95,7 +95,7 @@ fn given_helper_killed_during_a_job_then_it_fails_internal_its_sandbox_dies_and_
 
 #[test]
 fn given_gateway_killed_with_jobs_running_then_the_helper_kills_every_sandbox_and_leaks_nothing() {
-    let mut stack = Stack::start(&config(151, ""), "");
+    let mut stack = Stack::start(&config(""), "");
     let fds_idle = settled_fd_count(stack.helper().pid());
     let ids: Vec<String> = (0..3)
         .map(|_| stack.submit_ok(&sh_job("sleep 300")))
@@ -151,7 +151,7 @@ fn given_helper_dies_under_a_queued_backlog_then_no_job_is_lost_and_the_backlog_
     // Long enough a retry window (100 attempts, pauses of at most 400 ms) for the restart below.
     let gateway =
         "max_running = 1\nbusy_retry_ms = 100\nbusy_retry_max_ms = 400\nhelper_attempts = 100\n";
-    let mut stack = Stack::start(&config(152, ""), gateway);
+    let mut stack = Stack::start(&config(""), gateway);
     let running = stack.submit_ok(&sh_job("sleep 300"));
     assert_eq!(wait_running(&stack, &running)["status"], "running");
     wait_sandboxes(&stack, 1);

@@ -1,21 +1,21 @@
 //! The whole stack, end to end: real `sandrund` (root), real `sandrun-gateway` (dropped to an
 //! unprivileged user), real TLS, real sandboxes running python3. Each test starts its own stack
-//! with its own slot uid range (`config(80 + n, ..)`).
+//! with its own slot uid range (`config(..)`, from the allocator).
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+use sandrun_tests::archive::{tar_gz, untar_gz, zip};
 use sandrun_tests::config;
 use sandrun_tests::helper::HANG_GUARD;
 use sandrun_tests::host::{mounts_mentioning, processes_with_uids};
 use sandrun_tests::stack::{Part, Stack};
 
-fn stack(k: u32) -> Stack {
-    Stack::start(&config(80 + k, ""), "")
+fn stack() -> Stack {
+    Stack::start(&config(""), "")
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -44,58 +44,6 @@ fn project() -> Vec<(&'static str, &'static [u8])> {
 
 fn project_manifest() -> Value {
     json!({"entrypoint": "main.py", "outputs": ["out/"], "timeout": 60})
-}
-
-fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut builder = tar::Builder::new(gz);
-    for (path, data) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_cksum();
-        builder
-            .append_data(&mut header, path, *data)
-            .expect("append tar entry");
-    }
-    builder
-        .into_inner()
-        .and_then(flate2::write::GzEncoder::finish)
-        .expect("finish tar.gz")
-}
-
-fn zip(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated)
-        .unix_permissions(0o644);
-    for (path, data) in files {
-        w.start_file(*path, opts).expect("start zip entry");
-        w.write_all(data).expect("write zip entry");
-    }
-    w.finish().expect("finish zip").into_inner()
-}
-
-/// Paths and contents of a tar.gz.
-fn untar_gz(data: &[u8]) -> Vec<(String, Vec<u8>)> {
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(data));
-    let mut out = Vec::new();
-    for entry in archive.entries().expect("tar entries") {
-        let mut entry = entry.expect("tar entry");
-        if entry.header().entry_type().is_dir() {
-            continue;
-        }
-        let path = entry
-            .path()
-            .expect("entry path")
-            .to_string_lossy()
-            .into_owned();
-        let mut content = Vec::new();
-        entry.read_to_end(&mut content).expect("read tar entry");
-        out.push((path, content));
-    }
-    out.sort();
-    out
 }
 
 /// Checks a finished run of [`project`]: status, metadata, logs, outputs listing, single-file
@@ -168,7 +116,7 @@ fn check_project_result(stack: &Stack, id: &str) {
 
 #[test]
 fn given_a_directory_upload_with_relative_filenames_then_python_runs_and_outputs_come_back() {
-    let stack = stack(0);
+    let stack = stack();
     let mut parts: Vec<Part> = project()
         .into_iter()
         .map(|(p, d)| Part::file(p, d))
@@ -180,7 +128,7 @@ fn given_a_directory_upload_with_relative_filenames_then_python_runs_and_outputs
 
 #[test]
 fn given_a_tar_gz_upload_then_it_is_expanded_and_the_job_completes() {
-    let stack = stack(1);
+    let stack = stack();
     let archive = tar_gz(&project());
     let id = stack.submit_ok(&[
         Part::file("job.tar.gz", archive),
@@ -191,7 +139,7 @@ fn given_a_tar_gz_upload_then_it_is_expanded_and_the_job_completes() {
 
 #[test]
 fn given_a_zip_upload_then_it_is_expanded_and_the_job_completes() {
-    let stack = stack(2);
+    let stack = stack();
     let archive = zip(&project());
     let id = stack.submit_ok(&[
         Part::file("job.zip", archive),
@@ -228,7 +176,7 @@ fn jsons(events: &[sandrun_tests::stack::WsEvent]) -> Vec<&Value> {
 #[test]
 fn given_a_job_that_prints_then_sleeps_then_the_first_line_streams_before_the_second_and_the_exit()
 {
-    let stack = stack(3);
+    let stack = stack();
     let id = stack.submit_ok(&python_job(
         FIRST_SLEEP_SECOND,
         json!({"entrypoint": "main.py"}),
@@ -272,7 +220,7 @@ fn given_a_job_that_prints_then_sleeps_then_the_first_line_streams_before_the_se
 #[test]
 fn given_a_finished_job_when_a_late_subscriber_connects_then_it_gets_the_whole_backlog_then_a_close(
 ) {
-    let stack = stack(4);
+    let stack = stack();
     let code = "import sys\nprint('out-line', flush=True)\n\
                 print('err-line', file=sys.stderr, flush=True)\n";
     let id = stack.submit_ok(&python_job(code, json!({"entrypoint": "main.py"})));
@@ -318,7 +266,7 @@ fn given_a_finished_job_when_a_late_subscriber_connects_then_it_gets_the_whole_b
 
 #[test]
 fn given_one_running_slot_then_statuses_go_queued_running_completed_with_metadata() {
-    let stack = Stack::start(&config(85, ""), "max_running = 1\n");
+    let stack = Stack::start(&config(""), "max_running = 1\n");
     let blocker = "import time\nprint('blocking', flush=True)\ntime.sleep(3)\n";
     let first = stack.submit_ok(&python_job(blocker, json!({"entrypoint": "main.py"})));
     stack.wait_status(&first, |s| s == "running");
@@ -414,7 +362,7 @@ fn start_sleeper(stack: &Stack) -> String {
 
 #[test]
 fn given_a_running_job_when_deleted_then_it_fails_cancelled_and_no_sandbox_process_remains() {
-    let stack = stack(6);
+    let stack = stack();
     let id = start_sleeper(&stack);
     let mut ws = stack.ws(&format!("/ws/{id}"));
     let (pong, _backlog) = ws.ping(b"are-you-there");
@@ -455,7 +403,7 @@ fn wait_job_cgroups_gone(stack: &Stack) {
 
 #[test]
 fn given_a_job_past_its_timeout_then_it_fails_with_reason_timeout() {
-    let stack = stack(7);
+    let stack = stack();
     let code = "import time\ntime.sleep(60)\n";
     let id = stack.submit_ok(&python_job(
         code,
@@ -469,7 +417,7 @@ fn given_a_job_past_its_timeout_then_it_fails_with_reason_timeout() {
 
 #[test]
 fn given_a_job_over_its_memory_limit_then_it_fails_with_reason_memory_limit() {
-    let stack = stack(8);
+    let stack = stack();
     let code = "blocks = []\nfor _ in range(64):\n    blocks.append(bytearray(8 << 20))\n\
                 print('survived')\n";
     let manifest = json!({"entrypoint": "main.py", "memory_mb": 32});
@@ -490,7 +438,7 @@ fn given_a_job_over_its_memory_limit_then_it_fails_with_reason_memory_limit() {
 #[test]
 fn given_the_helper_killed_mid_job_then_the_job_fails_internal_and_jobs_waiting_run_after_a_restart(
 ) {
-    let mut stack = stack(9);
+    let mut stack = stack();
     let id = start_sleeper(&stack);
     stack.kill_helper();
     let status = stack.wait_finished(&id);
@@ -606,7 +554,7 @@ fn openssl_verifies(
 #[test]
 fn given_a_finished_job_then_openssl_verifies_its_signature_and_rejects_a_flipped_byte() {
     use base64::Engine as _;
-    let stack = stack(10);
+    let stack = stack();
     let files: [(&str, &[u8]); 2] = [
         (
             "main.py",
@@ -694,7 +642,7 @@ fn given_a_finished_job_then_openssl_verifies_its_signature_and_rejects_a_flippe
 
 #[test]
 fn given_bad_requests_then_the_real_stack_answers_415_400_404_and_keeps_serving() {
-    let mut stack = stack(11);
+    let mut stack = stack();
     // HTTP/1.1: the gateway answers 415 before reading the body; over HTTP/2 it then resets the
     // stream with NO_ERROR (legal), which Debian 12's curl 7.88 sometimes reports as error 92
     // instead of the response. See the report on the gateway's early refusals.
@@ -773,7 +721,7 @@ fn given_bad_requests_then_the_real_stack_answers_415_400_404_and_keeps_serving(
 
 #[test]
 fn given_output_patterns_that_match_inputs_then_only_new_or_changed_files_come_back() {
-    let stack = stack(12);
+    let stack = stack();
     let code = "open('made.txt', 'w').write('new')\nopen('changed.txt', 'a').write(' and more')\n";
     let manifest = serde_json::json!({"entrypoint": "main.py", "outputs": ["*.txt", "*.py"]});
     let mut parts = python_job(code, manifest);
@@ -798,7 +746,7 @@ fn given_output_patterns_that_match_inputs_then_only_new_or_changed_files_come_b
 
 #[test]
 fn given_no_output_patterns_then_exactly_the_files_the_job_created_or_changed_come_back() {
-    let stack = stack(19);
+    let stack = stack();
     let code = "open('out.txt', 'w').write('made')\n\
                 rows = open('data.csv').read()\n\
                 open('data.csv', 'w').write(rows + '4,5,6\\n')\n\

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 
+use sandrun_tests::ensure_built;
 use sandrun_tests::helper::{bin_dir, HANG_GUARD};
-use sandrun_tests::stack::{ensure_gateway_built, ensure_gateway_user, GATEWAY_USER};
+use sandrun_tests::stack::{ensure_gateway_user, GATEWAY_USER};
 
 const UNITS: [&str; 4] = [
     "sandrund.socket",
@@ -44,7 +45,7 @@ fn units_with_built_binaries() -> tempfile::TempDir {
 
 #[test]
 fn given_the_shipped_gateway_units_then_systemd_analyze_verify_accepts_them() {
-    ensure_gateway_built();
+    ensure_built();
     let dir = units_with_built_binaries();
     let out = Command::new("systemd-analyze")
         .arg("verify")
@@ -65,7 +66,7 @@ fn given_the_shipped_gateway_units_then_systemd_analyze_verify_accepts_them() {
 
 #[test]
 fn given_the_gateway_service_then_its_offline_security_exposure_is_at_most_5() {
-    ensure_gateway_built();
+    ensure_built();
     let dir = units_with_built_binaries();
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--no-pager"])
@@ -208,7 +209,7 @@ fn start_activated(port: u16, creds: &Path, notify: &Path) -> (KillOnDrop, mpsc:
 #[test]
 fn given_systemds_environment_then_the_gateway_uses_its_socket_credentials_and_notify_socket() {
     sandrun_tests::require_root();
-    ensure_gateway_built();
+    ensure_built();
     ensure_gateway_user();
     let dir = tempfile::tempdir().expect("tempdir");
     // The gateway sends READY=1 after dropping to GATEWAY_USER: it must reach the socket.

@@ -27,7 +27,7 @@ fn running(helper: &Helper) -> usize {
 
 #[test]
 fn given_a_client_that_stops_reading_a_thousand_outputs_then_the_helper_holds_no_fd_per_file() {
-    let helper = Helper::start(&config(200, "warm_sandboxes = 2"));
+    let helper = Helper::start(&config("warm_sandboxes = 2"));
     // The baseline counts the warm pool's descriptors too: wait until it is full (it fills
     // after the helper is ready; a baseline taken earlier made this test flaky).
     wait_until("the warm pool to fill", || {
@@ -60,7 +60,7 @@ fn given_a_client_that_stops_reading_a_thousand_outputs_then_the_helper_holds_no
 
 #[test]
 fn given_an_admin_flood_that_never_reads_then_the_helper_stops_reading_and_memory_stays_bounded() {
-    let helper = Helper::start(&config(201, ""));
+    let helper = Helper::start(&config(""));
     let before = vm_rss_kib(helper.pid());
     let mut stream = helper.raw();
     stream.write_all(&hello_frame(Role::Admin)).expect("hello");
@@ -105,7 +105,7 @@ fn given_an_admin_flood_that_never_reads_then_the_helper_stops_reading_and_memor
 
 #[test]
 fn given_pathological_output_patterns_then_other_jobs_limits_are_still_enforced() {
-    let helper = Helper::start(&config(202, ""));
+    let helper = Helper::start(&config(""));
     let deep = (0..24)
         .map(|i| format!("d{i}"))
         .collect::<Vec<_>>()

@@ -4,7 +4,7 @@
 //!
 //! The gateway's own tests (`sandrun-gateway/tests/upload_*.rs`) check the parsers in-process
 //! against a fake helper; these check the deployed whole: the process's memory, the host's
-//! files and the real sandbox. Each test has its own stack (`config(130 + k, ..)`).
+//! files and the real sandbox. Each test has its own stack (`config(..)`, from the allocator).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use sandrun_tests::archive::{tar_gz_raw, tar_header, zip_with, TarEntry};
 use sandrun_tests::config;
 use sandrun_tests::host::vm_rss_kib;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,8 +29,8 @@ use sandrun_tests::stack::{HttpResponse, Part, Stack};
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const BYSTANDER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
-fn stack(k: u32) -> Stack {
-    Stack::start(&config(130 + k, ""), "")
+fn stack() -> Stack {
+    Stack::start(&config(""), "")
 }
 
 /// A `/bin/sh` job: `run.sh` holding `script`, plus `extra` manifest fields.
@@ -78,7 +79,7 @@ fn assert_absent(path: &std::path::Path) {
 
 #[test]
 fn given_traversal_paths_in_download_then_each_is_refused_and_the_real_output_still_served() {
-    let stack = stack(0);
+    let stack = stack();
     let id = stack.submit_ok(&sh_job(
         "echo the-output > out.txt",
         json!({"outputs": ["out.txt"]}),
@@ -126,48 +127,8 @@ fn given_traversal_paths_in_download_then_each_is_refused_and_the_real_output_st
 
 // ---- archive entries ----
 
-/// A tar header with `name` written raw (the tar crate refuses `..` in `set_path`).
-fn raw_tar_header(name: &str, kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
-    let mut h = tar::Header::new_old();
-    let field = &mut h.as_old_mut().name;
-    field[..name.len()].copy_from_slice(name.as_bytes());
-    h.set_entry_type(kind);
-    h.set_size(size);
-    h.set_mode(mode);
-    h
-}
-
-fn tar_gz(entries: &[(tar::Header, &[u8], Option<&str>)]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    let mut builder = tar::Builder::new(gz);
-    for (header, data, link) in entries {
-        let mut h = header.clone();
-        if let Some(link) = link {
-            let field = &mut h.as_old_mut().linkname;
-            field[..link.len()].copy_from_slice(link.as_bytes());
-        }
-        h.set_cksum();
-        builder.append(&h, *data).expect("append raw tar entry");
-    }
-    let gz = builder.into_inner().expect("finish tar");
-    gz.finish().expect("finish gzip")
-}
-
-fn run_sh_entry() -> (tar::Header, &'static [u8], Option<&'static str>) {
-    let script: &'static [u8] = b"echo ran\n";
-    let h = raw_tar_header(
-        "run.sh",
-        tar::EntryType::Regular,
-        script.len() as u64,
-        0o644,
-    );
-    (h, script, None)
-}
-
-fn zip_with(build: impl FnOnce(&mut zip::ZipWriter<std::io::Cursor<Vec<u8>>>)) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    build(&mut w);
-    w.finish().expect("finish zip").into_inner()
+fn run_sh_entry() -> TarEntry<'static> {
+    TarEntry::file("run.sh", b"echo ran\n")
 }
 
 fn submit_archive(stack: &Stack, name: &str, data: Vec<u8>) -> HttpResponse {
@@ -177,58 +138,42 @@ fn submit_archive(stack: &Stack, name: &str, data: Vec<u8>) -> HttpResponse {
 
 #[test]
 fn given_slip_link_and_device_entries_then_each_upload_is_refused_and_nothing_lands_outside() {
-    let stack = stack(1);
+    let stack = stack();
     let m = marker("slip");
     let rel = format!("../../../../../..{}", m.display());
-    let file = |name: &str| raw_tar_header(name, tar::EntryType::Regular, 4, 0o644);
+    let file = |name| TarEntry::file(name, b"pwnd");
     let inside = format!(
         "evil/{}",
         m.file_name().and_then(|n| n.to_str()).unwrap_or("x")
     );
     let archives: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "tar-slip",
-            tar_gz(&[run_sh_entry(), (file(&rel), b"pwnd", None)]),
-        ),
+        ("tar-slip", tar_gz_raw(&[run_sh_entry(), file(&rel)])),
         (
             "absolute",
-            tar_gz(&[
-                run_sh_entry(),
-                (file(&m.display().to_string()), b"pwnd", None),
-            ]),
+            tar_gz_raw(&[run_sh_entry(), file(&m.display().to_string())]),
         ),
         (
             "symlink then write through it",
-            tar_gz(&[
+            tar_gz_raw(&[
                 run_sh_entry(),
-                (
-                    raw_tar_header("evil", tar::EntryType::Symlink, 0, 0o777),
-                    b"",
-                    Some("/tmp"),
-                ),
-                (file(&inside), b"pwnd", None),
+                TarEntry::of("evil", tar::EntryType::Symlink)
+                    .mode(0o777)
+                    .link("/tmp"),
+                file(&inside),
             ]),
         ),
         (
             "hardlink to /etc/shadow",
-            tar_gz(&[
+            tar_gz_raw(&[
                 run_sh_entry(),
-                (
-                    raw_tar_header("hl", tar::EntryType::Link, 0, 0o644),
-                    b"",
-                    Some("/etc/shadow"),
-                ),
+                TarEntry::of("hl", tar::EntryType::Link).link("/etc/shadow"),
             ]),
         ),
         (
             "char device",
-            tar_gz(&[
+            tar_gz_raw(&[
                 run_sh_entry(),
-                (
-                    raw_tar_header("mem", tar::EntryType::Char, 0, 0o666),
-                    b"",
-                    None,
-                ),
+                TarEntry::of("mem", tar::EntryType::Char).mode(0o666),
             ]),
         ),
     ];
@@ -268,35 +213,14 @@ fn given_slip_link_and_device_entries_then_each_upload_is_refused_and_nothing_la
 
 #[test]
 fn given_setuid_setgid_and_sticky_entries_then_the_job_sees_them_without_those_bits() {
-    let stack = stack(2);
+    let stack = stack();
     let script: &[u8] = b"find /work -perm /7000 -printf 'SPECIAL %p\\n'; \
                           stat -c '%a %n' suid.sh sgid sticky\n";
-    let archive = tar_gz(&[
-        (
-            raw_tar_header(
-                "run.sh",
-                tar::EntryType::Regular,
-                script.len() as u64,
-                0o644,
-            ),
-            script,
-            None,
-        ),
-        (
-            raw_tar_header("suid.sh", tar::EntryType::Regular, 3, 0o4755),
-            b"x\n\n",
-            None,
-        ),
-        (
-            raw_tar_header("sgid/", tar::EntryType::Directory, 0, 0o2775),
-            b"",
-            None,
-        ),
-        (
-            raw_tar_header("sticky/", tar::EntryType::Directory, 0, 0o1777),
-            b"",
-            None,
-        ),
+    let archive = tar_gz_raw(&[
+        TarEntry::file("run.sh", script),
+        TarEntry::file("suid.sh", b"x\n\n").mode(0o4755),
+        TarEntry::of("sgid/", tar::EntryType::Directory).mode(0o2775),
+        TarEntry::of("sticky/", tar::EntryType::Directory).mode(0o1777),
     ]);
     let r = submit_archive(&stack, "job.tar.gz", archive);
     assert_status(&r, 200, "setuid archive");
@@ -356,16 +280,6 @@ fn zeros_deflate(prefix: &[u8], mib: u64, gzip: bool) -> Vec<u8> {
     out
 }
 
-fn tar_header_bytes(name: &str, size: u64) -> Vec<u8> {
-    let mut h = tar::Header::new_gnu();
-    h.set_path(name).expect("valid name");
-    h.set_size(size);
-    h.set_mode(0o644);
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_cksum();
-    h.as_bytes().to_vec()
-}
-
 /// A 42.zip-style layer: `entries` files of `mib` MiB of zeros each, honestly declared, stored
 /// with deflate (~1000:1). CRCs are 0 for the same reason as in [`zeros_deflate`].
 fn zero_zip(entries: u32, mib: u64) -> Vec<u8> {
@@ -423,10 +337,10 @@ const BOMB_HWM_GROWTH_KIB: u64 = 160 << 10;
 
 #[test]
 fn given_zip_and_gzip_bombs_then_they_are_refused_before_expansion_with_bounded_memory() {
-    let stack = stack(3);
+    let stack = stack();
     assert_serves_others(&stack);
     let hwm_before = vm_hwm_kib(stack.gateway_pid());
-    let gz = zeros_deflate(&tar_header_bytes("zeros.bin", 10 << 30), 10 << 10, true);
+    let gz = zeros_deflate(&tar_header("zeros.bin", 10 << 30), 10 << 10, true);
     let zip = zero_zip(16, 1024);
     eprintln!(
         "bombs: tar.gz {} bytes (10 GiB), zip {} bytes (16 GiB)",
@@ -453,28 +367,13 @@ fn given_zip_and_gzip_bombs_then_they_are_refused_before_expansion_with_bounded_
 
 #[test]
 fn given_ten_thousand_tiny_entries_then_the_job_gets_them_all_and_one_more_is_refused() {
-    let stack = stack(4);
+    let stack = stack();
     let script: &[u8] = b"find . -type f | wc -l\n";
     let tiny = |n: usize| {
         let names: Vec<String> = (0..n).map(|i| format!("f{i:05}")).collect();
-        let mut entries = vec![(
-            raw_tar_header(
-                "run.sh",
-                tar::EntryType::Regular,
-                script.len() as u64,
-                0o644,
-            ),
-            script,
-            None,
-        )];
-        for name in &names {
-            entries.push((
-                raw_tar_header(name, tar::EntryType::Regular, 1, 0o644),
-                b"x",
-                None,
-            ));
-        }
-        tar_gz(&entries)
+        let mut entries = vec![TarEntry::file("run.sh", script)];
+        entries.extend(names.iter().map(|name| TarEntry::file(name, b"x")));
+        tar_gz_raw(&entries)
     };
     let r = submit_archive(&stack, "many.tar.gz", tiny(9_999));
     assert_status(&r, 200, "10,000 entries");
@@ -495,7 +394,7 @@ fn given_ten_thousand_tiny_entries_then_the_job_gets_them_all_and_one_more_is_re
 
 #[test]
 fn given_hostile_manifests_then_each_is_refused_naming_the_field() {
-    let stack = stack(5);
+    let stack = stack();
     let cases: [(&str, Value, &str); 14] = [
         (
             "entrypoint outside",
@@ -611,7 +510,7 @@ fn hundred_thousand_parts() -> Vec<u8> {
 
 #[test]
 fn given_malformed_multipart_and_oversized_heads_then_each_gets_its_status_and_others_are_served() {
-    let mut stack = stack(6);
+    let mut stack = stack();
     let tls = tls_client_config(&stack.ca_path());
     let mut endless =
         b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"".to_vec();
@@ -751,7 +650,7 @@ fn open_from(source: Ipv4Addr, port: u16) -> (usize, usize) {
 
 #[test]
 fn given_a_500_connection_slowloris_then_a_normal_client_still_completes_a_job_within_2_s() {
-    let stack = stack(7);
+    let stack = stack();
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let attacker = slowloris(&stack, SLOWLORIS_CONNECTIONS, tx, Arc::clone(&stop));
@@ -824,7 +723,7 @@ fn json_body(answer: &[u8]) -> Value {
 
 #[test]
 fn given_guessed_ids_then_nothing_is_found_and_only_the_real_id_grants_access() {
-    let stack = stack(8);
+    let stack = stack();
     let ids: Vec<String> = (0..8)
         .map(|i| stack.submit_ok(&sh_job(&format!("echo job-{i}"), json!({}))))
         .collect();
@@ -906,7 +805,7 @@ const WS_RSS_GROWTH_KIB: u64 = 64 << 10;
 fn given_websocket_clients_that_never_read_during_a_flood_then_memory_is_bounded_and_others_get_the_stream(
 ) {
     let stack = Stack::start(
-        &config(139, ""),
+        &config(""),
         "[retention]\nlog_bytes = 67108864\nfailed_ttl_s = 3600\n",
     );
     assert_serves_others(&stack);
@@ -958,7 +857,7 @@ const JSON_BREAKING: &str =
 
 #[test]
 fn given_output_with_json_breaking_characters_then_logs_and_websocket_return_it_intact() {
-    let stack = stack(9);
+    let stack = stack();
     let id = stack.submit_ok(
         &sh_job("cat payload", json!({}))
             .into_iter()
@@ -1009,7 +908,7 @@ fn recovered(obj: &Value, field: &str) -> Option<Vec<u8>> {
 /// until the API carries bytes losslessly (for example a `stdout_base64` / `data_base64` field).
 #[test]
 fn given_output_that_is_not_utf8_then_logs_and_websocket_return_the_exact_bytes() {
-    let stack = stack(10);
+    let stack = stack();
     let payload = non_utf8();
     let parts = sh_job("cat payload", json!({}))
         .into_iter()
@@ -1040,7 +939,7 @@ fn given_output_that_is_not_utf8_then_logs_and_websocket_return_the_exact_bytes(
 #[test]
 fn given_one_address_opening_a_hundred_connections_then_the_gateway_keeps_at_most_its_per_client_cap(
 ) {
-    let stack = stack(11);
+    let stack = stack();
     let source = Ipv4Addr::new(127, 0, 2, 10);
     let port = stack.addr().port();
     let sockets: Vec<_> = (0..100)

@@ -3,7 +3,7 @@
 //! slot, a body dripped a byte at a time, and connections that stay idle in each phase of their
 //! life (before TLS, after TLS, between HTTP/1.1 requests, HTTP/2 with no open stream). Each
 //! test gives its gateway small timeouts and checks what the gateway did on the wire.
-//! Each test has its own stack (`config(240 + k, ..)`).
+//! Each test has its own stack (`config(..)`, from the allocator).
 
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
@@ -23,8 +23,8 @@ const SLACK: Duration = Duration::from_secs(2);
 /// The longest any test here waits for the gateway to act.
 const GIVE_UP: Duration = Duration::from_secs(15);
 
-fn stack(k: u32, gateway: &str) -> Stack {
-    Stack::start(&config(240 + k, ""), gateway)
+fn stack(gateway: &str) -> Stack {
+    Stack::start(&config(""), gateway)
 }
 
 /// A `/bin/sh` job running `script`.
@@ -134,10 +134,7 @@ const WS_CAP: usize = 32;
 fn given_45_websocket_upgrades_from_one_address_then_at_most_the_per_client_cap_succeed_and_another_address_still_connects(
 ) {
     // The cap is min(max_connections_per_client, 25 % of max_connections) = 32.
-    let stack = stack(
-        0,
-        "[http]\nmax_connections = 128\nmax_connections_per_client = 32\n",
-    );
+    let stack = stack("[http]\nmax_connections = 128\nmax_connections_per_client = 32\n");
     let id = stack.submit_ok(&sh_job("sleep 60"));
     let path = format!("/ws/{id}");
     let mut open = Vec::new();
@@ -193,7 +190,7 @@ fn json_of(answer: &[u8]) -> Value {
 #[test]
 fn given_32_slow_uploads_from_one_address_then_another_address_still_uploads_at_once() {
     // Defaults: 32 upload slots, 25 % (8) per client, 10 s wait for a slot.
-    let stack = stack(1, "");
+    let stack = stack("");
     let mut uploads: Vec<(TlsStream, Vec<u8>)> = (0..32)
         .map(|_| {
             let mut s = tls_from(&stack, ATTACKER, &[]);
@@ -254,10 +251,7 @@ fn given_32_slow_uploads_from_one_address_then_another_address_still_uploads_at_
 #[test]
 fn given_a_body_dripped_one_byte_at_a_time_then_it_is_cut_off_with_408_after_the_grace_period() {
     let grace = Duration::from_millis(1000);
-    let stack = stack(
-        2,
-        "[http]\nmin_body_bytes_per_s = 1024\nbody_rate_grace_ms = 1000\n",
-    );
+    let stack = stack("[http]\nmin_body_bytes_per_s = 1024\nbody_rate_grace_ms = 1000\n");
     let mut s = tls_from(&stack, ATTACKER, &[]);
     s.write_all(&slow_upload_head()).expect("send the head");
     let started = Instant::now();
@@ -306,10 +300,7 @@ fn given_connections_that_stay_silent_before_and_after_tls_then_each_is_closed_w
 {
     let handshake = Duration::from_millis(1000);
     let first_request = Duration::from_millis(1500);
-    let stack = stack(
-        3,
-        "[http]\ntls_handshake_timeout_ms = 1000\nfirst_request_timeout_ms = 1500\n",
-    );
+    let stack = stack("[http]\ntls_handshake_timeout_ms = 1000\nfirst_request_timeout_ms = 1500\n");
     // TCP only: the TLS handshake never starts.
     let mut tcp = tcp_from(ATTACKER, stack.addr()).expect("connect");
     tcp.set_read_timeout(Some(Duration::from_millis(100)))
@@ -333,10 +324,7 @@ fn given_connections_that_stay_silent_before_and_after_tls_then_each_is_closed_w
 fn given_plain_http_connections_that_stall_then_each_is_closed_within_its_timeout() {
     let handshake = Duration::from_millis(1000);
     let header = Duration::from_millis(1500);
-    let stack = stack(
-        5,
-        "[http]\ntls_handshake_timeout_ms = 1000\nheader_timeout_ms = 1500\n",
-    );
+    let stack = stack("[http]\ntls_handshake_timeout_ms = 1000\nheader_timeout_ms = 1500\n");
     let mut silent = tcp_from(ATTACKER, stack.addr()).expect("connect");
     silent
         .set_read_timeout(Some(Duration::from_millis(100)))
@@ -386,7 +374,7 @@ fn read_answer(s: &mut TlsStream) -> Vec<u8> {
 #[test]
 fn given_an_idle_keep_alive_connection_then_it_is_closed_within_the_keep_alive_timeout() {
     let keep_alive = Duration::from_millis(1500);
-    let stack = stack(4, "[http]\nkeep_alive_timeout_ms = 1500\n");
+    let stack = stack("[http]\nkeep_alive_timeout_ms = 1500\n");
     let mut s = tls_from(&stack, ATTACKER, &[]);
     let request = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n";
     s.write_all(request).expect("first request");
@@ -524,10 +512,7 @@ fn given_http2_connections_with_no_open_stream_then_each_gets_goaway_within_its_
 ) {
     let first_request = Duration::from_millis(1500);
     let idle = Duration::from_millis(2000);
-    let stack = stack(
-        5,
-        "[http]\nfirst_request_timeout_ms = 1500\nhttp2_idle_timeout_ms = 2000\n",
-    );
+    let stack = stack("[http]\nfirst_request_timeout_ms = 1500\nhttp2_idle_timeout_ms = 2000\n");
     // Preface and SETTINGS only, then PINGs both ways.
     let mut h2 = H2::connect(&stack);
     let (took, code) = h2.wait_goaway();

@@ -1,5 +1,5 @@
 //! Isolation seen from inside: the probe runs in a real sandbox and reports what it can see.
-//! Each test starts its own helper with its own slot uid range (`config(k, ..)`).
+//! Each test starts its own helper with its own slot uid range (`config(..)`, from the allocator).
 
 use std::net::TcpListener;
 
@@ -7,8 +7,8 @@ use sandrun_tests::client::PROBE_READY;
 use sandrun_tests::helper::SECRET_ENV;
 use sandrun_tests::{config, Helper, Job};
 
-fn probe(k: u32, args: &[&str]) -> serde_json::Value {
-    let helper = Helper::start(&config(k, ""));
+fn probe(args: &[&str]) -> serde_json::Value {
+    let helper = Helper::start(&config(""));
     let outcome = helper.run(&Job::probe(args));
     assert_eq!(
         outcome.report().exit_code,
@@ -21,7 +21,7 @@ fn probe(k: u32, args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn given_job_when_listing_proc_then_only_its_own_processes_are_visible() {
-    let r = probe(1, &["pids"]);
+    let r = probe(&["pids"]);
     let pids: Vec<u64> = serde_json::from_value(r["pids"].clone()).expect("pid list");
     let me = r["self"].as_u64().expect("own pid");
     assert!(pids.contains(&me), "own pid {me} missing from {pids:?}");
@@ -35,7 +35,7 @@ fn given_job_when_listing_proc_then_only_its_own_processes_are_visible() {
 
 #[test]
 fn given_job_when_reading_hostname_then_it_differs_from_the_host() {
-    let r = probe(2, &["hostname"]);
+    let r = probe(&["hostname"]);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("host hostname");
     assert_ne!(r["hostname"].as_str(), Some(host.trim()), "{r}");
     assert_eq!(r["hostname"], "sandrun");
@@ -43,7 +43,7 @@ fn given_job_when_reading_hostname_then_it_differs_from_the_host() {
 
 #[test]
 fn given_job_when_listing_interfaces_then_only_loopback_exists() {
-    let r = probe(3, &["ifaces"]);
+    let r = probe(&["ifaces"]);
     assert_eq!(r["ioctl"], serde_json::json!(["lo"]), "{r}");
     assert_eq!(r["proc_net_dev"], serde_json::json!(["lo"]), "{r}");
     let sysfs = r["sysfs"].as_array().expect("sysfs list");
@@ -55,7 +55,7 @@ fn given_listener_on_host_loopback_when_job_connects_then_it_is_unreachable() {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind host listener");
     listener.set_nonblocking(true).expect("nonblocking");
     let port = listener.local_addr().expect("addr").port().to_string();
-    let r = probe(4, &["tcp", &port]);
+    let r = probe(&["tcp", &port]);
     assert_eq!(r["connected"], false, "{r}");
     assert_eq!(
         r["errno"],
@@ -71,7 +71,7 @@ fn given_listener_on_host_loopback_when_job_connects_then_it_is_unreachable() {
 
 #[test]
 fn given_job_then_it_runs_unprivileged_with_no_capabilities_no_new_privs_and_seccomp() {
-    let helper = Helper::start(&config(5, ""));
+    let helper = Helper::start(&config(""));
     let outcome = helper.run(&Job::probe(&["ids"]));
     let r = outcome.probe();
     let uid = u32::try_from(r["uid"].as_u64().expect("uid")).expect("uid fits");
@@ -93,7 +93,7 @@ fn given_job_then_it_runs_unprivileged_with_no_capabilities_no_new_privs_and_sec
 fn given_job_when_writing_usr_then_it_is_refused() {
     let name = format!("sandrun-probe-{}", std::process::id());
     let target = format!("/usr/{name}");
-    let r = probe(6, &["write", &target]);
+    let r = probe(&["write", &target]);
     assert_eq!(r["ok"], false, "{r}");
     let errno = r["errno"].as_i64().expect("errno");
     assert!(
@@ -108,7 +108,7 @@ fn given_job_when_writing_usr_then_it_is_refused() {
 
 #[test]
 fn given_marker_files_in_host_tmp_and_root_then_the_job_cannot_see_them() {
-    let helper = Helper::start(&config(7, ""));
+    let helper = Helper::start(&config(""));
     let name = format!("sandrun-marker-{}", std::process::id());
     for dir in ["/tmp", "/root"] {
         let path = format!("{dir}/{name}");
@@ -127,7 +127,7 @@ fn given_marker_files_in_host_tmp_and_root_then_the_job_cannot_see_them() {
 
 #[test]
 fn given_secret_in_helper_environment_then_the_job_does_not_see_it() {
-    let helper = Helper::start(&config(8, ""));
+    let helper = Helper::start(&config(""));
     let outcome = helper.run(&Job::probe(&["env"]).env("SANDRUN_JOB_VAR", "visible"));
     let r = outcome.probe();
     assert!(r.get(SECRET_ENV.0).is_none(), "helper env leaked: {r}");
@@ -162,7 +162,7 @@ fn given_secret_in_helper_environment_then_the_job_does_not_see_it() {
 
 #[test]
 fn given_job_then_only_stdio_descriptors_are_open() {
-    let r = probe(9, &["fds"]);
+    let r = probe(&["fds"]);
     assert_eq!(r["fds"], serde_json::json!([0, 1, 2]), "{r}");
 }
 
@@ -194,7 +194,7 @@ fn concurrently(
 
 #[test]
 fn given_job_watching_a_system_dir_when_another_job_opens_a_file_there_then_no_event_reaches_it() {
-    let helper = Helper::start(&config(10, ""));
+    let helper = Helper::start(&config(""));
     let watch = Job::probe(&["inotify", "/usr/bin", "env", "4000"]);
     let open = Job::probe(&["open", "/usr/bin/env"]);
     let (watcher, opener) = concurrently(&helper, &watch, &open);
@@ -211,7 +211,7 @@ fn given_job_watching_a_system_dir_when_another_job_opens_a_file_there_then_no_e
 
 #[test]
 fn given_job_watching_dev_null_when_another_job_opens_it_then_no_event_reaches_it() {
-    let helper = Helper::start(&config(14, ""));
+    let helper = Helper::start(&config(""));
     let watch = Job::probe(&["inotify", "/dev/null", ".", "4000"]);
     // Every job's stdin is /dev/null; the probe opens it once more.
     let open = Job::probe(&["open", "/dev/null"]);
@@ -227,7 +227,7 @@ fn given_job_watching_dev_null_when_another_job_opens_it_then_no_event_reaches_i
 
 #[test]
 fn given_job_holding_flock_on_a_system_file_then_another_jobs_flock_still_succeeds() {
-    let helper = Helper::start(&config(11, ""));
+    let helper = Helper::start(&config(""));
     let hold = Job::probe(&["flock", "/usr/bin/env", "4000"]);
     let try_lock = Job::probe(&["flock", "/usr/bin/env", "0"]);
     let (holder, other) = concurrently(&helper, &hold, &try_lock);
@@ -240,7 +240,7 @@ fn given_job_holding_flock_on_a_system_file_then_another_jobs_flock_still_succee
 
 #[test]
 fn given_job_holding_an_ofd_read_lock_on_a_system_file_then_another_job_cannot_see_it() {
-    let helper = Helper::start(&config(16, ""));
+    let helper = Helper::start(&config(""));
     let hold = Job::probe(&["ofdlock", "/usr/bin/env", "4000"]);
     let look = Job::probe(&["ofdlock", "/usr/bin/env", "0"]);
     let (holder, other) = concurrently(&helper, &hold, &look);
@@ -278,7 +278,7 @@ fn given_job_when_reading_host_wide_proc_files_then_they_are_masked() {
     assert_eq!(ret, 0, "host OFD lock: {}", std::io::Error::last_os_error());
     let host_locks = std::fs::read_to_string("/proc/locks").expect("host /proc/locks");
     assert!(host_locks.contains("OFDLCK"), "{host_locks}");
-    let r = probe(12, &["proc"]);
+    let r = probe(&["proc"]);
     for (name, report) in r["files"].as_object().expect("files") {
         if report["exists"] == true {
             let empty = report["bytes"] == 0 || report["errno"].is_number();
@@ -302,7 +302,7 @@ fn given_job_when_reading_host_wide_proc_files_then_they_are_masked() {
 
 #[test]
 fn given_job_when_reading_init_cmdline_then_it_is_not_the_helpers() {
-    let helper = Helper::start(&config(13, ""));
+    let helper = Helper::start(&config(""));
     let r = helper.run(&Job::probe(&["proc"])).probe();
     let helper_cmdline =
         std::fs::read_to_string(format!("/proc/{}/cmdline", helper.pid())).expect("cmdline");
@@ -318,7 +318,7 @@ fn given_two_jobs_with_the_same_template_when_one_holds_flock_on_its_file_then_t
     std::fs::create_dir(templates.path().join("py")).expect("mkdir");
     std::fs::write(templates.path().join("py/lib.py"), "x = 1\n").expect("write");
     let extra = format!("template_dir = \"{}\"", templates.path().display());
-    let helper = Helper::start(&config(15, &extra));
+    let helper = Helper::start(&config(&extra));
     let with_template = |args: &[&str]| {
         let mut job = Job::probe(args);
         job.spec.template = Some("py".to_owned());
@@ -338,7 +338,7 @@ fn given_two_jobs_with_the_same_template_when_one_holds_flock_on_its_file_then_t
 /// the granted trees can be read.
 #[test]
 fn given_job_when_listing_the_root_then_it_sees_names_and_nothing_more_opens() {
-    let helper = Helper::start(&config(17, ""));
+    let helper = Helper::start(&config(""));
     let code = r#"
 import json, os
 def attempt(f):

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use sandrun_tests::host::{fd_count, mounts_mentioning, processes_with_uids, vm_rss_kib};
-use sandrun_tests::hostile::eventually;
+use sandrun_tests::host::{mounts_mentioning, processes_with_uids, vm_rss_kib};
+use sandrun_tests::hostile::{eventually, fd_count_once_at_most, settled_fd_count};
 use sandrun_tests::{config, Helper, Job};
 
 const WARMUP_JOBS: usize = 50;
@@ -45,38 +45,13 @@ fn checks_see_a_running_job(helper: &Helper) {
     assert!(outcome.done, "{}", outcome.describe());
 }
 
-/// The helper closes a finished job's connection right after sending `Done`, possibly after the
-/// client has read it: the lowest of a few samples is the idle count.
-fn settled_fd_count(pid: i32) -> usize {
-    (0..10)
-        .map(|_| {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            fd_count(pid)
-        })
-        .min()
-        .unwrap_or(0)
-}
-
-/// Samples until the count is at most `bound` (a leak never gets there) or 100 samples passed.
-fn fd_count_once_at_most(pid: i32, bound: usize) -> usize {
-    let mut n = fd_count(pid);
-    for _ in 0..100 {
-        if n <= bound {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        n = fd_count(pid);
-    }
-    n
-}
-
 fn host_mount_count() -> usize {
     mounts_mentioning("").len()
 }
 
 #[test]
 fn given_500_sequential_jobs_then_no_cgroup_mount_process_fd_or_memory_leaks() {
-    let helper = Helper::start(&config(60, ""));
+    let helper = Helper::start(&config(""));
     checks_see_a_running_job(&helper);
     let dir = helper.dir().display().to_string();
     let mounts_at_start = mounts_mentioning(&dir);

@@ -4,7 +4,7 @@
 //! the helper refuses is refused at `/submit` with 400; one address past its share of the queue
 //! gets 429 while another address is still accepted; with one slot, a job submitted right after
 //! the previous one's `Done` is never `Busy`. Each test has its own stack
-//! (`config(470 + k, ..)`).
+//! (`config(..)`, from the allocator).
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -37,7 +37,7 @@ fn given_a_flood_from_30_addresses_then_every_accepted_job_completes_and_the_hel
     // As many jobs in flight as the helper has slots: the helper may only say Busy if it counts
     // a slot that is being torn down after `Done`.
     let stack = Stack::start(
-        &config(470, "max_concurrent = 2\n"),
+        &config("max_concurrent = 2\n"),
         "max_running = 2\nqueue_capacity = 64\n",
     );
     let answers: Vec<(u8, u16, serde_json::Value)> = std::thread::scope(|s| {
@@ -109,7 +109,7 @@ fn given_a_flood_from_30_addresses_then_every_accepted_job_completes_and_the_hel
 #[test]
 fn given_every_env_name_the_helper_refuses_then_submit_answers_400_and_nothing_runs() {
     sandrun_tests::require_root();
-    let stack = Stack::start(&config(471, ""), "");
+    let stack = Stack::start(&config(""), "");
     let names = sandrun_ipc::rules::RESERVED_ENV
         .iter()
         .map(|n| (*n).to_owned())
@@ -143,7 +143,7 @@ fn given_one_address_past_its_queue_share_then_429_while_another_address_is_acce
     sandrun_tests::require_root();
     // 8 positions at 25 %: one client may hold 2 of them.
     let stack = Stack::start(
-        &config(472, "max_concurrent = 1\n"),
+        &config("max_concurrent = 1\n"),
         "max_running = 1\nqueue_capacity = 8\n[client_shares]\nqueue_percent = 25\n",
     );
     let flood = address(0);
@@ -182,7 +182,7 @@ fn given_one_slot_when_each_job_is_submitted_right_after_the_previous_done_then_
     // The gateway's pattern with `max_running = max_concurrent`: `Done`, then at once the next
     // `Submit`. The previous job may still be tearing down (C exiting, cgroup removal); that
     // must not count against the one slot.
-    let helper = Helper::start(&config(473, "max_concurrent = 1\n"));
+    let helper = Helper::start(&config("max_concurrent = 1\n"));
     let mut busy = 0;
     for i in 0..100 {
         let out = helper.run(&Job::new(&["/bin/echo", &i.to_string()]));

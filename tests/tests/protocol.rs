@@ -6,8 +6,10 @@ use std::os::unix::process::CommandExt;
 use std::process::Output;
 
 use sandrun_ipc::{ErrorCode, Hello, Request, Response, Role};
-use sandrun_tests::client::{frame, hello_frame, read_until_closed, send_raw_and_read, RawEnd};
-use sandrun_tests::{config, Helper, Job};
+use sandrun_tests::client::{
+    assert_closed, frame, hello_frame, read_until_closed, send_raw_and_read,
+};
+use sandrun_tests::{config, Config, Helper, Job};
 
 /// `nobody`, made the gateway user in the authorization tests.
 const GATEWAY_UID: u32 = 65534;
@@ -30,24 +32,6 @@ fn with_concurrent_job(helper: &Helper, abuse: impl FnOnce()) {
     assert_eq!(outcome.stdout, b"survived\n", "{}", outcome.describe());
 }
 
-/// The connection was closed and sent nothing but (optionally) `expected_first` and errors.
-fn assert_closed(end: &RawEnd, what: &str) {
-    assert!(
-        end.closed,
-        "{what}: the helper kept the connection open: {:?}",
-        end.responses
-    );
-    let non_errors: Vec<&Response> = end
-        .responses
-        .iter()
-        .filter(|r| !matches!(r, Response::Error(_) | Response::Hello(_)))
-        .collect();
-    assert!(
-        non_errors.is_empty(),
-        "{what}: unexpected answers {non_errors:?}"
-    );
-}
-
 fn assert_still_serves(helper: &Helper) {
     let outcome = helper.run(&Job::new(&["/bin/echo", "still here"]));
     assert_eq!(outcome.stdout, b"still here\n", "{}", outcome.describe());
@@ -55,7 +39,7 @@ fn assert_still_serves(helper: &Helper) {
 
 #[test]
 fn given_garbage_bytes_then_only_that_connection_is_closed() {
-    let helper = Helper::start(&config(50, ""));
+    let helper = Helper::start(&config(""));
     with_concurrent_job(&helper, || {
         let http = b"GET / HTTP/1.1\r\nHost: sandrund\r\n\r\n";
         assert_closed(&send_raw_and_read(&mut helper.raw(), http), "http request");
@@ -71,7 +55,7 @@ fn given_garbage_bytes_then_only_that_connection_is_closed() {
 
 #[test]
 fn given_header_announcing_4_gib_then_the_connection_is_closed_without_waiting() {
-    let helper = Helper::start(&config(51, ""));
+    let helper = Helper::start(&config(""));
     with_concurrent_job(&helper, || {
         // The stream stays open: a helper that waited for the payload would never answer.
         let mut stream = helper.raw();
@@ -89,7 +73,7 @@ fn given_header_announcing_4_gib_then_the_connection_is_closed_without_waiting()
 
 #[test]
 fn given_truncated_frame_then_other_jobs_run_meanwhile_and_it_is_closed_at_eof() {
-    let helper = Helper::start(&config(52, ""));
+    let helper = Helper::start(&config(""));
     let mut stream = helper.raw();
     let hello = hello_frame(Role::Submitter);
     std::io::Write::write_all(&mut stream, &hello[..hello.len() - 1]).expect("write half");
@@ -102,7 +86,7 @@ fn given_truncated_frame_then_other_jobs_run_meanwhile_and_it_is_closed_at_eof()
 
 #[test]
 fn given_bundle_chunk_before_submit_then_the_connection_is_closed() {
-    let helper = Helper::start(&config(53, ""));
+    let helper = Helper::start(&config(""));
     with_concurrent_job(&helper, || {
         let mut bytes = hello_frame(Role::Submitter);
         bytes.extend(frame(&Request::BundleChunk(vec![0; 16])));
@@ -121,7 +105,7 @@ fn given_bundle_chunk_before_submit_then_the_connection_is_closed() {
 
 #[test]
 fn given_submit_before_hello_then_the_connection_is_closed() {
-    let helper = Helper::start(&config(54, ""));
+    let helper = Helper::start(&config(""));
     with_concurrent_job(&helper, || {
         let submit = frame(&Request::Submit(Box::new(Job::new(&["/bin/true"]).spec)));
         let end = send_raw_and_read(&mut helper.raw(), &submit);
@@ -139,7 +123,7 @@ fn given_submit_before_hello_then_the_connection_is_closed() {
 
 #[test]
 fn given_other_protocol_version_then_version_mismatch_and_close() {
-    let helper = Helper::start(&config(55, ""));
+    let helper = Helper::start(&config(""));
     let hello = Request::Hello(Hello {
         protocol_version: 999,
         role: Role::Submitter,
@@ -166,16 +150,15 @@ fn json_code(out: &Output) -> String {
     v["code"].as_str().unwrap_or_default().to_owned()
 }
 
-fn gateway_config(k: u32) -> String {
-    config(
-        k,
-        &format!("gateway_user = \"{GATEWAY_UID}\"\ngateway_group = \"{GATEWAY_GID}\""),
-    )
+fn gateway_config() -> Config {
+    config(&format!(
+        "gateway_user = \"{GATEWAY_UID}\"\ngateway_group = \"{GATEWAY_GID}\""
+    ))
 }
 
 #[test]
 fn given_peer_with_another_uid_then_it_is_refused_and_the_helper_keeps_serving() {
-    let helper = Helper::start(&gateway_config(56));
+    let helper = Helper::start(&gateway_config());
     // The stranger is in the socket's group, so only the helper's SO_PEERCRED check can stop it.
     let out = ctl_as(
         &helper,
@@ -206,7 +189,7 @@ fn given_peer_with_another_uid_then_it_is_refused_and_the_helper_keeps_serving()
 
 #[test]
 fn given_submitter_only_peer_when_sending_admin_requests_then_they_are_refused() {
-    let helper = Helper::start(&gateway_config(57));
+    let helper = Helper::start(&gateway_config());
     for cmd in ["stats", "ps", "drain"] {
         let out = ctl_as(&helper, GATEWAY_UID, GATEWAY_GID, &["--json", cmd]);
         assert_eq!(out.status.code(), Some(125), "{cmd}: {out:?}");
@@ -218,7 +201,7 @@ fn given_submitter_only_peer_when_sending_admin_requests_then_they_are_refused()
 
 #[test]
 fn given_max_concurrent_one_when_a_second_job_arrives_then_it_gets_busy_at_once() {
-    let helper = Helper::start(&config(58, "max_concurrent = 1"));
+    let helper = Helper::start(&config("max_concurrent = 1"));
     let mut first = helper.submit(&Job::new(&["/bin/sleep", "300"]));
     first.wait_started().expect("first job started");
     let second = helper.run(&Job::new(&["/bin/true"]));

@@ -4,7 +4,7 @@
 //!
 //! The failure is real, not injected: the helper runs under `sandrun-deny-syscalls`, which
 //! answers `sethostname` with EPERM the way systemd's `ProtectHostname=yes` does, so the
-//! sandbox's `Hostname` step fails before it has read its job order. Slot `config(94, ..)`.
+//! sandbox's `Hostname` step fails before it has read its job order. Slots from the allocator.
 
 use std::ffi::OsStr;
 
@@ -22,7 +22,7 @@ fn helper_without_sethostname(extra: &str) -> Helper {
         OsStr::new("sethostname=EPERM"),
         OsStr::new("--"),
     ];
-    Helper::start_under(&args, &config(94, extra))
+    Helper::start_under(&args, &config(extra))
 }
 
 #[test]
@@ -74,7 +74,7 @@ fn given_a_helper_whose_clone3_is_refused_then_stats_show_the_clone3_fallback_co
         OsStr::new("clone3=ENOSYS"),
         OsStr::new("--"),
     ];
-    let helper = Helper::start_under(&args, &config(95, ""));
+    let helper = Helper::start_under(&args, &config(""));
     let outcome = helper.run(&Job::new(&["/bin/sh", "-c", "echo ran"]));
     assert_eq!(outcome.stdout, b"ran\n", "{}", outcome.describe());
     let text = helper.ctl(&["stats"]);

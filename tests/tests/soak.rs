@@ -255,7 +255,7 @@ fn gauge(metrics: &str, name: &str) -> Option<u64> {
 fn given_2000_mixed_jobs_at_concurrency_8_then_all_finish_counters_agree_and_nothing_leaks() {
     let started = Instant::now();
     let shmem_start = host_shmem_kib();
-    let stack = Stack::start(&config(160, ""), "");
+    let stack = Stack::start(&config(""), "");
     let client = Arc::new(Client {
         tls: tls_client_config(&stack.ca_path()),
         addr: stack.addr(),

@@ -1,6 +1,6 @@
 //! A job's standard input and `POST /run`, against the real daemons: stdin from a form part, the
 //! manifest and `sandrunctl run --stdin`, its cap, and the synchronous run's two answers. Each
-//! test has its own slot uid range (`config(340 + n, ..)`).
+//! test has its own slot uid range (`config(..)`, from the allocator).
 
 use std::io::Write;
 use std::process::Stdio;
@@ -18,17 +18,9 @@ use sandrun_tests::{config, Helper, Job};
 const STDIN_CAP: usize = 1 << 20;
 
 /// `len` bytes that are not text and not a repeating pattern a truncation or reordering would
-/// survive: every byte value, NULs included (xorshift64).
+/// survive: every byte value, NULs included.
 fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()[3]
-        })
-        .collect()
+    sandrun_tests::noise(len, 0x9e37_79b9_7f4a_7c15)
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -52,7 +44,7 @@ fn decoded(logs: &Value, field: &str) -> Vec<u8> {
 
 #[test]
 fn given_a_1_mib_stdin_part_when_the_job_copies_it_then_logs_return_it_intact() {
-    let stack = Stack::start(&config(340, ""), "");
+    let stack = Stack::start(&config(""), "");
     let input = noise(STDIN_CAP);
     let id = stack.submit_ok(&[
         Part::file("main.py", ECHO_PY),
@@ -76,7 +68,7 @@ fn given_a_1_mib_stdin_part_when_the_job_copies_it_then_logs_return_it_intact() 
 
 #[test]
 fn given_stdin_over_the_cap_when_submitted_then_413_with_a_json_error_and_no_job() {
-    let stack = Stack::start(&config(341, ""), "");
+    let stack = Stack::start(&config(""), "");
     let r = stack.submit(&[
         Part::file("main.py", ECHO_PY),
         Part::Stdin(noise(STDIN_CAP + 1)),
@@ -101,7 +93,7 @@ fn given_stdin_over_the_cap_when_submitted_then_413_with_a_json_error_and_no_job
 
 #[test]
 fn given_stdin_in_the_manifest_then_the_job_reads_it_and_without_stdin_it_reads_eof() {
-    let stack = Stack::start(&config(342, ""), "");
+    let stack = Stack::start(&config(""), "");
     let with = stack.submit_ok(&[
         Part::file("main.py", ECHO_PY),
         Part::manifest(&json!({"entrypoint": "main.py", "stdin": "3 4\nnaïve\n"})),
@@ -127,7 +119,7 @@ fn given_stdin_in_the_manifest_then_the_job_reads_it_and_without_stdin_it_reads_
 
 #[test]
 fn given_run_when_the_job_is_fast_then_one_response_holds_its_result() {
-    let stack = Stack::start(&config(343, ""), "");
+    let stack = Stack::start(&config(""), "");
     let main = b"import sys\nopen('out.txt', 'w').write('42')\nprint('hi', sys.stdin.read())\n";
     let r = stack.post_parts(
         "/run?wait=30",
@@ -158,7 +150,7 @@ fn given_run_when_the_job_is_fast_then_one_response_holds_its_result() {
 
 #[test]
 fn given_run_when_the_job_outlasts_the_wait_then_202_with_its_id_and_it_still_completes() {
-    let stack = Stack::start(&config(344, ""), "");
+    let stack = Stack::start(&config(""), "");
     let main = b"import time\ntime.sleep(3)\nprint('slept')\n";
     let r = stack.post_parts("/run?wait=1", &[Part::file("main.py", main.as_slice())]);
     assert_eq!(r.status, 202, "{}", r.text());
@@ -183,7 +175,7 @@ fn given_run_when_the_job_outlasts_the_wait_then_202_with_its_id_and_it_still_co
 
 #[test]
 fn given_run_when_the_client_disconnects_while_waiting_then_the_job_still_completes() {
-    let stack = Stack::start(&config(345, ""), "");
+    let stack = Stack::start(&config(""), "");
     let scratch = tempfile::tempdir_in(stack.dir()).expect("scratch");
     let file = scratch.path().join("main.py");
     std::fs::write(&file, b"import time\ntime.sleep(3)\nprint('done')\n").expect("write");
@@ -213,7 +205,7 @@ fn given_run_when_the_client_disconnects_while_waiting_then_the_job_still_comple
 
 #[test]
 fn given_sandrunctl_stdin_from_a_file_or_dash_then_the_job_reads_exactly_it() {
-    let helper = Helper::start(&config(346, ""));
+    let helper = Helper::start(&config(""));
     let input = noise(300 * 1024);
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("input.bin");
@@ -255,7 +247,7 @@ fn given_sandrunctl_stdin_from_a_file_or_dash_then_the_job_reads_exactly_it() {
 
 #[test]
 fn given_stdin_over_the_helpers_cap_or_short_then_the_helper_refuses_it() {
-    let helper = Helper::start(&config(347, "max_stdin_bytes = 1000"));
+    let helper = Helper::start(&config("max_stdin_bytes = 1000"));
     let mut job = Job::new(&["/usr/bin/cat"]);
     job.spec.stdin_bytes = 1001;
     let outcome = helper.run(&job);

@@ -2,28 +2,14 @@
 //! here is not systemd) and the shipped unit files (checked with `systemd-analyze`).
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sandrun_ipc::blocking::ClientChannel;
 use sandrun_ipc::{AdminRequest, AdminResponse, Hello, Request, Response, Role, PROTOCOL_VERSION};
-
-fn bin_dir() -> PathBuf {
-    // target/debug/deps/<test> → target/debug
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf()
-}
-
-fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test starts the root helper: run the suite as root (CI does)"
-    );
-}
+use sandrun_tests::helper::bin_dir;
+use sandrun_tests::{ensure_built, require_root};
 
 struct KillOnDrop(Child);
 
@@ -52,12 +38,19 @@ fn connect_with_retry(path: &Path) -> UnixStream {
 #[test]
 fn given_socket_activation_then_sandrund_serves_on_the_passed_socket() {
     require_root();
+    ensure_built();
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("activated.sock");
     let cfg = dir.path().join("sandrund.toml");
+    // A slot uid range of its own, held while this helper runs.
+    let slots = sandrun_tests::config("");
     std::fs::write(
         &cfg,
-        format!("mount_point = \"{}/root\"\n", dir.path().display()),
+        format!(
+            "mount_point = \"{}/root\"\n{}",
+            dir.path().display(),
+            slots.toml()
+        ),
     )
     .unwrap();
     let notify_path = dir.path().join("notify");
@@ -108,6 +101,7 @@ fn given_socket_activation_then_sandrund_serves_on_the_passed_socket() {
 
 #[test]
 fn given_the_shipped_unit_files_then_systemd_analyze_accepts_them() {
+    ensure_built();
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
     // `verify` insists that ExecStart exists: point a copy of the service at the built binary.
     let dir = tempfile::tempdir().unwrap();

@@ -36,7 +36,7 @@ fn ns(pid: i32, kind: &str) -> String {
 
 #[test]
 fn given_a_started_helper_then_it_keeps_its_warm_sandboxes_each_in_namespaces_of_its_own() {
-    let helper = Helper::start(&config(210, "warm_sandboxes = 3"));
+    let helper = Helper::start(&config("warm_sandboxes = 3"));
     // Prepared, so each is in its cgroup (on v1 an init joins it while it prepares).
     assert!(
         eventually(Duration::from_secs(10), || {
@@ -67,31 +67,48 @@ fn given_a_started_helper_then_it_keeps_its_warm_sandboxes_each_in_namespaces_of
 
 #[test]
 fn given_back_to_back_jobs_then_none_sees_anything_the_previous_one_left() {
-    let helper = Helper::start(&config(211, "warm_sandboxes = 1"));
-    let leave_traces = "echo x > /work/mark && echo x > /tmp/mark && echo x > /dev/shm/mark \
-                        && (sleep 300 &) && echo $$";
-    let look =
-        "for f in /work/mark /tmp/mark /dev/shm/mark; do test -e $f && echo found $f; done; \
-                ps -e -o comm= 2>/dev/null | grep -c sleep || true; ls /proc | grep -c '^[0-9]'";
+    let helper = Helper::start(&config("warm_sandboxes = 1"));
+    // `count` sets $n to the `sleep` processes this job can see, with shell builtins only (no
+    // `ps`, no `grep`): a count that needs a tool would read 0 where the tool is missing. A
+    // process that exits between the glob and the read is simply not counted.
+    let count = "count() { n=0; for c in /proc/[0-9]*/comm; do \
+                 read -r name < $c && [ \"$name\" = sleep ] && n=$((n + 1)); done; return 0; }";
+    // The first job checks that its own `sleep` is visible by that count (once it has exec'd:
+    // until then its name is `sh`), so the second job's 0 means the sleep is gone, not that
+    // the count cannot see one.
+    let leave_traces = format!(
+        "{count}; echo x > /work/mark && echo x > /tmp/mark && echo x > /dev/shm/mark \
+         && (sleep 300 &) && i=0 && count && while [ $n = 0 ] && [ $i -lt 5000 ]; do \
+         count; i=$((i + 1)); done; echo sleeps $n"
+    );
+    let look = format!(
+        "{count}; for f in /work/mark /tmp/mark /dev/shm/mark; do test -e $f && echo found $f; \
+         done; count; echo sleeps $n; ls /proc | grep -c '^[0-9]'"
+    );
     for _ in 0..3 {
-        let first = helper.run(&Job::new(&["/bin/sh", "-c", leave_traces]));
+        let first = helper.run(&Job::new(&["/bin/sh", "-c", &leave_traces]));
         assert_eq!(first.report().exit_code, Some(0), "{}", first.describe());
-        let second = helper.run(&Job::new(&["/bin/sh", "-c", look]));
+        let left = String::from_utf8_lossy(&first.stdout).into_owned();
+        assert_eq!(left.trim_end(), "sleeps 1", "the first job's sleep: {left}");
+        let second = helper.run(&Job::new(&["/bin/sh", "-c", &look]));
         assert_eq!(second.report().exit_code, Some(0), "{}", second.describe());
         let out = String::from_utf8_lossy(&second.stdout).into_owned();
         assert!(!out.contains("found"), "a trace of the previous job: {out}");
         let lines: Vec<&str> = out.lines().collect();
         // No `sleep` of the previous job, and only this job's processes in /proc (sh, ls,
         // grep and the init).
-        assert_eq!(lines.first(), Some(&"0"), "{out}");
-        let procs: u32 = lines.last().and_then(|n| n.parse().ok()).unwrap_or(99);
+        assert_eq!(lines.first(), Some(&"sleeps 0"), "{out}");
+        let procs: u32 = lines
+            .last()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no process count: {out}"));
         assert!(procs <= 4, "other processes visible: {out}");
     }
 }
 
 #[test]
 fn given_warm_sandboxes_killed_before_use_when_a_job_arrives_then_it_runs_in_a_fresh_one() {
-    let helper = Helper::start(&config(212, "warm_sandboxes = 2"));
+    let helper = Helper::start(&config("warm_sandboxes = 2"));
     assert!(eventually(Duration::from_secs(10), || idle_warm_inits(
         &helper
     )
@@ -130,7 +147,7 @@ fn given_warm_sandboxes_killed_before_use_when_a_job_arrives_then_it_runs_in_a_f
 
 #[test]
 fn given_a_job_with_lower_limits_than_the_warm_default_then_its_own_limits_hold() {
-    let helper = Helper::start(&config(213, "warm_sandboxes = 1"));
+    let helper = Helper::start(&config("warm_sandboxes = 1"));
     // The warm sandbox was prepared with the default limits (512 MiB, 64 pids): 200 MiB fits
     // there, so only the job's own 64 MiB, written when it started, can stop it.
     let job = Job::probe(&["membomb", "200"]).limits(|l| {
@@ -163,7 +180,7 @@ fn given_a_job_with_lower_limits_than_the_warm_default_then_its_own_limits_hold(
 #[test]
 fn given_warm_sandboxes_whose_cgroups_were_removed_when_a_job_arrives_then_it_runs_in_a_fresh_one()
 {
-    let helper = Helper::start(&config(214, "warm_sandboxes = 2"));
+    let helper = Helper::start(&config("warm_sandboxes = 2"));
     // Both prepared (an init killed while still preparing is noticed as a failed warm sandbox,
     // before its cgroup is written to, which is not what this test is about).
     assert!(eventually(Duration::from_secs(10), || {

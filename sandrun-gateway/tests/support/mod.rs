@@ -580,31 +580,7 @@ pub async fn read_events(
     events
 }
 
-/// A tar.gz holding the given files.
-pub fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut tar = tar::Builder::new(gz);
-    for (path, data) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(data.len() as u64);
-        header.set_mode(0o644);
-        header.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut header, path, *data).unwrap();
-    }
-    tar.into_inner().unwrap().finish().unwrap()
-}
-
-/// A zip holding the given files.
-pub fn zip(files: &[(&str, &[u8])]) -> Vec<u8> {
-    use std::io::Write;
-    let mut out = std::io::Cursor::new(Vec::new());
-    let mut zip = zip::ZipWriter::new(&mut out);
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated);
-    for (path, data) in files {
-        zip.start_file(*path, options).unwrap();
-        zip.write_all(data).unwrap();
-    }
-    zip.finish().unwrap();
-    out.into_inner()
-}
+/// Archives of plain files, built once for every suite (`sandrun-test-support`).
+// Not every test binary that includes this module uses both.
+#[allow(unused_imports)]
+pub use sandrun_test_support::archive::{tar_gz, zip};

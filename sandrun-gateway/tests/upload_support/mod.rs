@@ -122,64 +122,12 @@ pub fn file_names(s: &Submission) -> Vec<&str> {
     s.bundle.files().iter().map(|f| f.path.as_str()).collect()
 }
 
-/// A tar entry with any name and type, written raw so the test can build hostile archives.
-pub struct TarEntry<'a> {
-    pub name: &'a [u8],
-    pub kind: tar::EntryType,
-    pub mode: u32,
-    pub data: &'a [u8],
-    pub link: Option<&'a str>,
-}
-
-impl<'a> TarEntry<'a> {
-    pub fn file(name: &'a str, data: &'a [u8]) -> Self {
-        TarEntry {
-            name: name.as_bytes(),
-            kind: tar::EntryType::Regular,
-            mode: 0o644,
-            data,
-            link: None,
-        }
-    }
-
-    pub fn of(name: &'a str, kind: tar::EntryType) -> Self {
-        TarEntry {
-            name: name.as_bytes(),
-            kind,
-            mode: 0o644,
-            data: b"",
-            link: None,
-        }
-    }
-}
-
-pub fn tar_bytes(entries: &[TarEntry]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_gnu();
-        let name = &mut h.as_old_mut().name;
-        name[..e.name.len()].copy_from_slice(e.name);
-        h.set_entry_type(e.kind);
-        h.set_mode(e.mode);
-        h.set_size(e.data.len() as u64);
-        if let Some(link) = e.link {
-            h.set_link_name_literal(link).unwrap();
-        }
-        h.set_cksum();
-        builder.append(&h, e.data).unwrap();
-    }
-    builder.into_inner().unwrap()
-}
-
-pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::new(), Compression::default());
-    enc.write_all(data).unwrap();
-    enc.finish().unwrap()
-}
-
-pub fn tar_gz(entries: &[TarEntry]) -> Vec<u8> {
-    gzip(&tar_bytes(entries))
-}
+/// Archive builders that can write hostile entries, shared with the integration tests.
+// Not every test binary that includes this module uses all of them.
+#[allow(unused_imports)]
+pub use sandrun_test_support::archive::{
+    gzip, tar_gz_raw, tar_header, tar_raw, zip_modes, TarEntry,
+};
 
 /// Builds a gzip stream holding huge runs of zeros cheaply: one MiB of zeros is compressed once
 /// with a full window of zeros, and that deflate segment is repeated. Each repetition decodes to
@@ -250,34 +198,6 @@ impl Default for ZeroGz {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// A 512-byte GNU tar header for a regular file of `size` bytes (base-256 size when huge).
-pub fn tar_header(name: &str, size: u64) -> Vec<u8> {
-    let mut h = tar::Header::new_gnu();
-    h.set_path(name).unwrap();
-    h.set_size(size);
-    h.set_mode(0o644);
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_cksum();
-    h.as_bytes().to_vec()
-}
-
-/// Builds a zip with the `zip` crate: (name, unix mode, data).
-pub fn zip_bytes(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, mode, data) in entries {
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated)
-            .unix_permissions(*mode);
-        if name.ends_with('/') {
-            w.add_directory(name.trim_end_matches('/'), opts).unwrap();
-        } else {
-            w.start_file(*name, opts).unwrap();
-            w.write_all(data).unwrap();
-        }
-    }
-    w.finish().unwrap().into_inner()
 }
 
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
