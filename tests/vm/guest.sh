@@ -5,7 +5,8 @@
 # each check as it goes; the last line is "PASS: ..." only if every check passed.
 #
 # Every wait is bounded (wait_for); no check asserts how long something took.
-set -euo pipefail
+set -Eeuo pipefail
+trap 'fail "line $LINENO: \"$BASH_COMMAND\" failed"' ERR
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 share=$(cd "$(dirname "$0")" && pwd)
 deb=$share/sandrun.deb
@@ -58,12 +59,13 @@ json() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(d'"$1"')'; }
 # The system's state that an install and purge must leave as it was.
 snapshot() {
   {
-    find /etc /usr /opt /srv /var/lib /lib/systemd -xdev \
+    # (useradd and groupadd keep a backup of each file they change: /etc/passwd- and the like.)
+    find /etc /usr /opt /srv /var/lib -xdev \
       \( -path /var/lib/dpkg -o -path /var/lib/apt -o -path /var/lib/systemd/timers \
       -o -path /var/lib/systemd/catalog -o -path /var/lib/systemd/random-seed \
       -o -path /var/lib/systemd/coredump -o -path /etc/ld.so.cache \
       -o -path /var/lib/dhcp -o -path /var/lib/private -o -path /var/lib/systemd/pstore \) -prune \
-      -o -print
+      -o -print | grep -Ev '^/etc/(passwd|group|shadow|gshadow)-$'
     # dpkg's own records of sandrun (its info files and status entry) must go too.
     ls /var/lib/dpkg/info | sed 's|^|dpkg-info:|'
     dpkg-query -W -f='dpkg-status:${Package} ${Status}\n' | grep -v 'not-installed' || true
@@ -71,7 +73,7 @@ snapshot() {
     getent group | cut -d: -f1 | sed 's/^/group:/'
     systemctl list-unit-files --no-legend --no-pager | awk '{print "unit-file:" $1 " " $2}'
     systemctl list-units --all --no-legend --no-pager --plain | awk '{print "unit:" $1}' | grep -i sandrun || true
-    find /run/sandrun /sys/fs/cgroup -maxdepth 3 -name '*sandrun*' 2>/dev/null | sed 's/^/runtime:/'
+    { find /run/sandrun /sys/fs/cgroup -maxdepth 3 -name '*sandrun*' 2>/dev/null || true; } | sed 's/^/runtime:/'
     findmnt -rn -o TARGET | sed 's/^/mount:/'
   } | sort -u
 }
@@ -79,7 +81,7 @@ snapshot() {
 step "the guest: systemd as PID 1, pure cgroup v2"
 [ "$(cat /proc/1/comm)" = systemd ] || fail "PID 1 is $(cat /proc/1/comm), not systemd"
 [ "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs ] || fail "/sys/fs/cgroup is not cgroup2"
-! grep -qw cgroup /proc/self/mountinfo || fail "a cgroup v1 hierarchy is mounted: $(grep -w cgroup /proc/self/mountinfo)"
+[ -z "$(findmnt -rn -t cgroup)" ] || fail "a cgroup v1 hierarchy is mounted: $(findmnt -rn -t cgroup)"
 for c in memory pids cpu; do
   grep -qw "$c" /sys/fs/cgroup/cgroup.controllers || fail "controller $c missing on cgroup v2"
 done
@@ -186,39 +188,49 @@ print("parent exits")
 wait_for 30 "no slot-uid process" no_slot_procs
 ok "the job exited 0 and no slot-uid process is left"
 
-step "clone3 with CLONE_INTO_CGROUP: the job starts in its own cgroup"
-rep=$(ctl_json -- /usr/bin/cat /proc/self/cgroup)
-cg=$(echo "$rep" | json '["stdout"]' | tr -d '\n')
-[[ $cg =~ ^0::/system\.slice/sandrund\.service/sandrun/job-[^/]+$ ]] \
-  || fail "the job's /proc/self/cgroup is '$cg', not a job cgroup of sandrund.service"
-stats=$(sandrunctl --json stats) || fail "sandrunctl stats"
-if echo "$stats" | grep -q clone3_fallbacks; then
-  n=$(echo "$stats" | python3 -c 'import json,re,sys; print(re.search(r"\"clone3_fallbacks\":\s*(\d+)", sys.stdin.read()).group(1))')
-  [ "$n" = 0 ] || fail "the helper fell back from clone3 $n times: $stats"
-  ok "job in $cg; admin stats: clone3_fallbacks = 0 (clone3 + CLONE_INTO_CGROUP used)"
-else
-  ok "job in $cg (the admin stats have no clone3_fallbacks counter yet)"
-fi
-! journalctl -b -u sandrund.service --no-pager | grep -i 'clone3' | grep -iq 'fall' \
-  || fail "the helper logged a clone3 fallback"
-
-step "a long job's cgroup files are as configured"
-marker=sandrun-vm-long-$$
-sandrunctl --json run --memory-mb 100 --pids 10 --timeout-s 120 -- /usr/bin/python3 -c \
-  "import time; time.sleep(90) # $marker" >"$tmp/long.json" 2>&1 &
-long=$!
-# The long job's process (its sandrunctl has the same command line, but not a slot uid).
+# A sleeping job in the background (its report in $tmp/<marker>.json, its sandrunctl's pid in
+# $sleeper) and, from the host, its process and cgroup: the job has its own cgroup namespace,
+# so only the host's /proc/<pid>/cgroup names the cgroup it really is in.
+start_sleeper() { # start_sleeper MARKER sandrunctl-run-args...
+  local m=$1
+  shift
+  sandrunctl --json run "$@" -- /usr/bin/python3 -c "import time; time.sleep(90) # $m" \
+    >"$tmp/$m.json" 2>&1 &
+  sleeper=$!
+}
+# The job's process (its sandrunctl has the same command line, but not a slot uid).
 job_proc() {
   local p
-  for p in $(pgrep -f "time.sleep\(90\) # $marker"); do
+  for p in $(pgrep -f "time.sleep\(90\) # $1"); do
     [ "$(stat -c %u "/proc/$p")" -ge $slot_lo ] && echo "$p" && return 0
   done
   return 1
 }
-wait_for 60 "the long job running" job_proc
-p=$(job_proc)
-dir=/sys/fs/cgroup$(sed -n 's/^0:://p' "/proc/$p/cgroup")
-[[ $dir == "$cg_jobs"/job-* ]] || fail "the long job is in $dir"
+host_cgroup() { echo "/sys/fs/cgroup$(sed -n 's/^0:://p' "/proc/$1/cgroup")"; }
+# Cancels the only running job and checks that it ended with reason cancelled.
+cancel_sleeper() { # cancel_sleeper MARKER
+  local id reason
+  sandrunctl ps >"$tmp/ps" || fail "sandrunctl ps"
+  id=$(awk 'NR > 1 {print $1}' "$tmp/ps" | head -n1)
+  [ -n "$id" ] || fail "sandrunctl ps lists no job: $(cat "$tmp/ps")"
+  sandrunctl kill "$id" >/dev/null || fail "sandrunctl kill $id"
+  wait "$sleeper" || true
+  reason=$(json '["reason"]' <"$tmp/$1.json") || fail "job $1: $(cat "$tmp/$1.json")"
+  [ "$reason" = cancelled ] || fail "the killed job $1 ended with $reason"
+  ok "sandrunctl kill $id: reason cancelled"
+}
+clone3_fallbacks() {
+  sandrunctl --json stats | python3 -c 'import re,sys; m=re.search(r"\"clone3_fallbacks\":\s*(\d+)", sys.stdin.read()); print(m.group(1) if m else "absent")'
+}
+
+step "a long job's cgroup files are as configured; clone3 with CLONE_INTO_CGROUP used"
+start_sleeper long --memory-mb 100 --pids 10 --timeout-s 120
+wait_for 60 "the long job running" job_proc long
+p=$(job_proc long)
+dir=$(host_cgroup "$p")
+[[ $dir == "$cg_jobs"/job-* ]] || fail "the long job (pid $p) is in $dir, not a job cgroup of $cg_jobs"
+grep -qx "$p" "$dir/cgroup.procs" || fail "pid $p not in $dir/cgroup.procs"
+ok "the job's process $p is in $dir"
 check_file() { # check_file FILE EXPECTED
   local got
   got=$(cat "$dir/$1")
@@ -230,15 +242,15 @@ check_file pids.max 10
 check_file cpu.max "100000 100000"
 check_file memory.swap.max 0
 check_file memory.oom.group 1
-grep -qx "$p" "$dir/cgroup.procs" || fail "pid $p not in $dir/cgroup.procs"
-sandrunctl ps >"$tmp/ps" || fail "sandrunctl ps"
-id=$(awk 'NR > 1 {print $1}' "$tmp/ps" | head -n1)
-[ -n "$id" ] || fail "sandrunctl ps lists no job: $(cat "$tmp/ps")"
-sandrunctl kill "$id" >/dev/null || fail "sandrunctl kill $id"
-wait "$long" || true
-reason=$(json '["reason"]' <"$tmp/long.json") || fail "long job: $(cat "$tmp/long.json")"
-[ "$reason" = cancelled ] || fail "the killed long job ended with $reason"
-ok "sandrunctl kill $id: reason cancelled"
+n=$(clone3_fallbacks)
+case "$n" in
+  0) ok "admin stats: clone3_fallbacks = 0: the sandbox was made by clone3 with CLONE_INTO_CGROUP" ;;
+  absent) ok "in its job cgroup (the admin stats have no clone3_fallbacks counter yet: today's helper has no fallback, so clone3 with CLONE_INTO_CGROUP made it)" ;;
+  *) fail "the helper fell back from clone3 $n times" ;;
+esac
+! journalctl -b -u sandrund.service --no-pager | grep -i 'clone3' | grep -iq 'fall' \
+  || fail "the helper logged a clone3 fallback"
+cancel_sleeper long
 
 step "nothing left after the jobs (cgroups, slot-uid processes, mounts)"
 wait_for 30 "no job cgroup left" no_job_cgroups
@@ -302,13 +314,17 @@ else
   fi
   systemctl daemon-reload
   systemctl restart sandrund.service
-  rep=$(ctl_json -- /usr/bin/cat /proc/self/cgroup)
-  cg=$(echo "$rep" | json '["stdout"]' | tr -d '\n')
-  [[ $cg =~ ^0::/system\.slice/sandrund\.service/sandrun/job-[^/]+$ ]] \
-    || fail "under $how the job's cgroup is '$cg': $rep $(cat "$tmp/ctl.err")"
-  n=$(sandrunctl --json stats | python3 -c 'import re,sys; print(re.search(r"\"clone3_fallbacks\":\s*(\d+)", sys.stdin.read()).group(1))')
+  start_sleeper noclone3 --timeout-s 120
+  wait_for 60 "a job under $how running" job_proc noclone3
+  p=$(job_proc noclone3)
+  dir=$(host_cgroup "$p")
+  [[ $dir == "$cg_jobs"/job-* ]] || fail "under $how the job (pid $p) is in $dir"
+  grep -qx "$p" "$dir/cgroup.procs" || fail "pid $p not in $dir/cgroup.procs"
+  n=$(clone3_fallbacks)
   [ "$n" -ge 1 ] || fail "under $how clone3_fallbacks is $n"
-  journalctl -b -u sandrund.service --no-pager | grep -i clone3 | tail -n 3
+  cancel_sleeper noclone3
+  cg=$dir
+  journalctl -b -u sandrund.service --no-pager | grep -i clone3 | tail -n 3 || true
   rm -f /run/systemd/system/sandrund.service.d/no-clone3.conf
   systemctl daemon-reload
   systemctl restart sandrund.service
