@@ -94,6 +94,18 @@ pub fn argv_env_bytes(argv: &[String], env: &[(String, String)]) -> usize {
     args.saturating_add(vars)
 }
 
+/// Whether `name` is a valid environment template name: `[A-Za-z0-9._-]`, 1 to 64 bytes, no
+/// leading dot (so it is one path component below the template directory, never hidden or
+/// `..`). The helper checks job requests with it, `sandrunctl env` the names it builds.
+pub fn is_template_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

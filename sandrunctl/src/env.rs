@@ -700,13 +700,7 @@ fn read_lock(path: &Path) -> Option<Vec<u8>> {
 
 /// The helper's rule for template names (`[A-Za-z0-9._-]`, 1 to 64 bytes, no leading dot).
 fn check_name(name: &str) -> Result<(), CtlError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if ok {
+    if sandrun_ipc::rules::is_template_name(name) {
         Ok(())
     } else {
         Err(failed(

@@ -263,13 +263,7 @@ fn validate_stdin(
 }
 
 fn template_name(cfg: &Config, name: &str) -> Result<String, RequestError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if !ok {
+    if !sandrun_ipc::rules::is_template_name(name) {
         return Err(invalid(format!("template name {name:?} is not valid")));
     }
     let path = cfg.template_dir.join(name);
