@@ -91,10 +91,12 @@ impl BodyVerdict {
     }
 }
 
-/// Data frames of `body` at `pace`; an error once a clock runs out. Trailers are ignored.
+/// Data frames of `body` at `pace`; an error once a clock runs out, or when the body ends short
+/// of its declared `Content-Length`. Trailers are ignored.
 pub fn timed_body(body: Incoming, pace: BodyPace, verdict: &BodyVerdict) -> TimedBody {
     let verdict = verdict.clone();
     let start = Instant::now();
+    let declared = hyper::body::Body::size_hint(&body).exact();
     Box::pin(futures_util::stream::unfold(
         Some((body, 0u64)),
         move |state| {
@@ -119,7 +121,7 @@ pub fn timed_body(body: Incoming, pace: BodyPace, verdict: &BodyVerdict) -> Time
                             })
                         }
                         Err(_) => return fail(BodyError::Stalled(pace.idle)),
-                        Ok(None) => return None,
+                        Ok(None) => return ended_short(declared, received).and_then(fail),
                         Ok(Some(Err(e))) => return fail(BodyError::Read(e.to_string())),
                         Ok(Some(Ok(frame))) => {
                             if let Ok(data) = frame.into_data() {
@@ -135,9 +137,32 @@ pub fn timed_body(body: Incoming, pace: BodyPace, verdict: &BodyVerdict) -> Time
     ))
 }
 
+/// A body that ends before its declared length was cut off by the peer. hyper reports an HTTP/2
+/// stream reset with NO_ERROR (meant for early responses) as a normal end, so without this check
+/// a truncated upload would reach the parser as a complete body, and the client would be told its
+/// multipart data was malformed instead of incomplete.
+fn ended_short(declared: Option<u64>, received: u64) -> Option<BodyError> {
+    let declared = declared.filter(|&d| received < d)?;
+    Some(BodyError::Read(format!(
+        "the client ended the body after {received} of its {declared} declared bytes"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_a_body_ending_short_of_its_length_then_it_is_a_read_error_naming_both() {
+        assert!(
+            ended_short(None, 5).is_none(),
+            "no declared length: any end is the end"
+        );
+        assert!(ended_short(Some(5), 5).is_none());
+        let short = ended_short(Some(312), 0).expect("short body accepted");
+        assert!(!short.is_timeout());
+        assert!(short.to_string().contains("after 0 of its 312"), "{short}");
+    }
 
     #[test]
     fn given_bytes_received_then_each_pushes_the_rate_deadline_back() {
