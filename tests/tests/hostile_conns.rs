@@ -248,6 +248,89 @@ fn given_32_slow_uploads_from_one_address_then_another_address_still_uploads_at_
     drop(uploads);
 }
 
+/// Reads from `s` until an answer has a status line and a complete head, or the peer closes.
+fn answer_head(s: &mut TlsStream) -> Vec<u8> {
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    while started.elapsed() < GIVE_UP && !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match read_some(s) {
+            Read1::Data(d) => answer.extend_from_slice(&d),
+            Read1::Nothing => {}
+            Read1::Closed => break,
+        }
+    }
+    answer
+}
+
+/// A request refused before its body is read (past the client's upload share, a declared length
+/// over the limit) is answered without the gateway reading the body: a client that waits for
+/// `100 Continue` gets the refusal itself, never the go-ahead to send a body that will be thrown
+/// away, and the connection is closed after it. (Before, the gateway read up to 64 KiB of the
+/// body for up to a second before it answered, and asking for it sent `100 Continue`.)
+#[test]
+fn given_uploads_refused_before_their_body_then_the_answer_comes_without_reading_the_body() {
+    let stack = stack("");
+    // The attacker holds its share of 8 upload slots.
+    let mut held: Vec<TlsStream> = (0..8)
+        .map(|_| {
+            let mut s = tls_from(&stack, ATTACKER, &[]);
+            s.write_all(&slow_upload_head()).expect("send the head");
+            s.flush().expect("flush");
+            s
+        })
+        .collect();
+    // The slots are taken when the heads arrive: wait until the gateway counts all eight.
+    let counted = sandrun_tests::hostile::eventually(GIVE_UP, || {
+        let text = stack.get("/metrics").text();
+        text.lines()
+            .any(|l| l.starts_with("sandrun_gateway_uploads_in_progress 8"))
+    });
+    assert!(
+        counted,
+        "eight uploads in progress:\n{}",
+        stack.get("/metrics").text()
+    );
+    let over_share = b"POST /submit HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\
+          Expect: 100-continue\r\n\r\n";
+    let too_long = b"POST /submit HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000000000\r\n\
+          Expect: 100-continue\r\n\r\n";
+    for (what, head, want) in [
+        ("past the upload share", &over_share[..], 429),
+        ("declared length over the limit", &too_long[..], 413),
+    ] {
+        let mut s = tls_from(&stack, ATTACKER, &[]);
+        let sent = Instant::now();
+        s.write_all(head).expect("send the head");
+        s.flush().expect("flush");
+        let answer = answer_head(&mut s);
+        eprintln!(
+            "{what}: {:?} after {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(40)]),
+            sent.elapsed()
+        );
+        assert!(
+            !answer.starts_with(b"HTTP/1.1 100"),
+            "{what}: the gateway asked for the body of a refused upload"
+        );
+        assert_eq!(
+            status_of(&answer),
+            want,
+            "{what}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        let closed = time_until_closed(&mut s);
+        assert!(
+            closed.is_some_and(|d| d <= SLACK),
+            "{what}: the connection stayed open {closed:?} after the refusal"
+        );
+    }
+    held.clear();
+    let health = stack.curl_from(BYSTANDER, &[], "/health");
+    assert_eq!(health.status, 200);
+}
+
 #[test]
 fn given_a_body_dripped_one_byte_at_a_time_then_it_is_cut_off_with_408_after_the_grace_period() {
     let grace = Duration::from_millis(1000);

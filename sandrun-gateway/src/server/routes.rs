@@ -230,26 +230,15 @@ pub(super) async fn submit(
         .and_then(|()| check_queue_room(state, client))
         .and_then(|()| check_declared_length(state, &req));
     if let Err(refusal) = early {
-        drain_small_body(&mut timed_body(
-            req.into_body(),
-            idle,
-            &BodyVerdict::default(),
-        ))
-        .await;
+        discard_behind(req, idle.idle);
         return Err(refusal);
     }
     // Before any of the body is read: an upload holds a blocking thread while it arrives.
     let slot = match state.uploads.acquire(client).await {
         Ok(slot) => slot,
         Err(refused) => {
-            let error = upload_refusal(state, refused);
-            drain_small_body(&mut timed_body(
-                req.into_body(),
-                idle,
-                &BodyVerdict::default(),
-            ))
-            .await;
-            return Err(error);
+            discard_behind(req, idle.idle);
+            return Err(upload_refusal(state, refused));
         }
     };
     let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
@@ -278,7 +267,7 @@ pub(super) async fn submit(
             if let UploadError::Bundle(BundleError::Memory(full)) = e {
                 // A load refusal: answer at once, the client should retry later, not keep
                 // sending what cannot be held.
-                drain_small_body(&mut body).await;
+                discard_stream_behind(body);
                 return Err(budget_refusal(state, full));
             }
             // Archives are expanded while they arrive, so a refusal (a bomb, a bad entry) can
@@ -352,14 +341,41 @@ fn upload_refusal(state: &AppState, refused: SlotRefused) -> ApiError {
     }
 }
 
-/// Reads what is left of a small refused body (at most 64 KiB, for at most one second) before the
-/// refusal is sent. Answering while the client is still sending makes HTTP/2 reset the stream
-/// after the response, which some clients (curl 7.88) report as an error instead of showing it.
-pub(super) async fn drain_small_body<S>(body: &mut S)
+/// The most of a refused body that is read (and discarded) behind the answer.
+const SMALL_BODY: u64 = 64 * 1024;
+
+/// Lets the answer to a request refused before its body was read go out at once, and discards
+/// what is left of a small body behind it (at most 64 KiB, for at most one second, in a task of
+/// its own): the handler never waits for the body. Without that drain, answering while the
+/// client is still sending makes HTTP/2 reset the stream after the response, which some clients
+/// (curl 7.88) report as an error instead of showing it. A body that is declared larger, or that
+/// waits for `100 Continue`, is not read at all: dropping it closes the HTTP/1.1 connection after
+/// the answer (no `100 Continue` is sent) and resets the HTTP/2 stream.
+pub(super) fn discard_behind(req: Request<Incoming>, idle: Duration) {
+    let declared = header_text(&req, CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = header_text(&req, hyper::header::EXPECT)
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue || declared.is_some_and(|len| len > SMALL_BODY) {
+        return;
+    }
+    let verdict = BodyVerdict::default();
+    let body = timed_body(req.into_body(), BodyPace::idle_only(idle), &verdict);
+    discard_stream_behind(body);
+}
+
+/// [`discard_behind`] for a body that is already being read.
+pub(super) fn discard_stream_behind<S>(body: S)
 where
-    S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>> + Unpin,
+    S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>>
+        + Unpin
+        + Send
+        + 'static,
 {
-    drain_body(body, 64 * 1024, Duration::from_secs(1)).await;
+    tokio::spawn(async move {
+        let mut body = body;
+        let max = usize::try_from(SMALL_BODY).unwrap_or(usize::MAX);
+        drain_body(&mut body, max, Duration::from_secs(1)).await;
+    });
 }
 
 /// How long the rest of a body refused during parsing may take to arrive (and be discarded).

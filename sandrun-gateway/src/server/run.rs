@@ -21,10 +21,9 @@ use tokio::time::Instant;
 
 use crate::gateway::AppState;
 use crate::jobs::{JobId, StreamKind};
-use crate::server::body::{timed_body, BodyPace, BodyVerdict};
 use crate::server::outputs::listed;
 use crate::server::response::{json, ApiError, ApiResult, Body};
-use crate::server::routes::{drain_small_body, status_body, submit};
+use crate::server::routes::{discard_behind, status_body, submit};
 use crate::server::text::base64;
 
 /// `POST /run[?wait=SECONDS]`.
@@ -33,12 +32,7 @@ pub async fn run(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>
         Ok(wait) => wait,
         Err(refusal) => {
             let idle = Duration::from_millis(state.config.http.body_idle_timeout_ms);
-            let mut body = timed_body(
-                req.into_body(),
-                BodyPace::idle_only(idle),
-                &BodyVerdict::default(),
-            );
-            drain_small_body(&mut body).await;
+            discard_behind(req, idle);
             return Err(refusal);
         }
     };
