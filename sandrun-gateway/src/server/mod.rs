@@ -131,7 +131,9 @@ fn admit_connection(
     peer: SocketAddr,
 ) -> Result<Option<ClientConnection>, ()> {
     let limits = &state.config;
-    if limits.trusted_proxies.contains(&peer.ip()) {
+    // The same test as `client_ip`'s: on a dual-stack listener an IPv4 proxy is a mapped
+    // address, and a plain `contains` would hold it to one client's connection cap.
+    if crate::ratelimit::is_trusted_proxy(peer.ip(), &limits.trusted_proxies) {
         return Ok(None);
     }
     let key = ClientKey::from_ip(peer.ip());
