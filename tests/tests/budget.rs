@@ -401,3 +401,56 @@ fn given_clients_behind_a_trusted_proxy_then_each_forwarded_client_has_its_own_m
         0
     );
 }
+
+/// `GET /logs` answers with the job's logs as JSON text and base64: for 1 MiB of control
+/// characters about 7.4 MiB, built per request. A caller that never reads its answers held each
+/// of those copies outside the budget (`/stats` unchanged), so a few connections could hold
+/// gigabytes; now each answer is charged to the caller before it is built (its copies of the
+/// logs too) and until it is sent, the caller is refused past its share, and others are still
+/// answered.
+#[test]
+fn given_stalled_log_requests_then_their_answers_are_charged_to_the_caller_and_refused_past_its_share(
+) {
+    sandrun_tests::require_root();
+    // A 64 MiB budget: one client's share is 16 MiB, one stalled answer (7.4 MiB) and not the
+    // copies another needs while it is built (its logs, their base64 and its JSON: 10 MiB).
+    let gateway = "[retention]\nmemory_budget_bytes = 67108864\nfailed_ttl_s = 3600\n";
+    let stack = Stack::start(&config(""), gateway);
+    let script = "head -c 1048576 /dev/zero | tr '\\0' '\\001'";
+    let id = submit_from(&stack, BYSTANDER, &sh_job(script));
+    let status = stack.wait_finished(&id);
+    assert_eq!(status["status"], "completed", "{status}");
+    let logs = stack.curl_from(BYSTANDER, &[], &format!("/logs/{id}"));
+    assert_eq!(logs.status, 200, "{}", logs.text());
+    let answer = logs.body.len() as u64;
+    assert!(answer > 7 << 20, "the answer is {answer} bytes");
+    let held_by = |from: Ipv4Addr| stats_from(&stack, from)["memory"]["used_bytes"].clone();
+    assert_eq!(held_by(ATTACKER), 0);
+    let config = tls_client_config(&stack.ca_path());
+    let request = format!("GET /logs/{id} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut stalled = tls_connect(&config, ATTACKER, stack.addr()).expect("connect");
+    stalled
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    stalled.flush().expect("flush");
+    // Read nothing: more than the kernel's socket buffers take stays in the gateway.
+    let charged = eventually(Duration::from_secs(10), || {
+        held_by(ATTACKER).as_u64().unwrap_or(0) >= answer
+    });
+    let held = held_by(ATTACKER);
+    eprintln!("a stalled /logs answer of {answer} bytes: the caller holds {held}");
+    assert!(
+        charged,
+        "a stalled answer of {answer} bytes is charged: {held}"
+    );
+    // Another is past the caller's share; another caller is still answered.
+    let second = stack.curl_from(ATTACKER, &[], &format!("/logs/{id}"));
+    eprintln!("second /logs: {} {}", second.status, second.text());
+    assert_eq!(second.status, 429, "{}", second.text());
+    assert!(second.text().contains("share"), "{}", second.text());
+    let other = stack.curl_from(BYSTANDER, &[], &format!("/logs/{id}"));
+    assert_eq!((other.status, other.body.len() as u64), (200, answer));
+    drop(stalled);
+    let released = eventually(Duration::from_secs(10), || held_by(ATTACKER) == 0);
+    assert!(released, "after the disconnect: {}", held_by(ATTACKER));
+}
