@@ -207,6 +207,7 @@ async fn run_script(ch: &mut HelperChannel, script: &str, stdin: &[u8]) -> bool 
         memory_peak_bytes: 3 << 20,
         stdout_truncated: false,
         stderr_truncated: false,
+        template_lock: None,
     };
     let mut tail: Vec<IpcResponse> = Vec::new();
     for line in script.lines() {
