@@ -412,26 +412,17 @@ impl DeviceNodes {
     }
 }
 
-/// Attaches the job's template at `/env`: a detached mount (`open_tree(OPEN_TREE_CLONE)`) the
-/// helper made of `<template_dir>/<name>` for this job, already read-only, nosuid and nodev.
-/// The job gets a private read-only overlay of it, like the system directories: jobs with the
-/// same template see the same files but not the same inodes. The tree is attached at a
-/// temporary point, overlaid, then detached (the overlay keeps its own reference); a mount
-/// nested inside the template is not part of the overlay (overlayfs does not cross mounts).
+/// Attaches the job's template at `/env`: the detached mount (`open_tree(OPEN_TREE_CLONE)`) the
+/// helper made of `<template_dir>/<name>` for this job, already read-only, nosuid and nodev, is
+/// moved there as it is. (An overlay of it, as the system directories get, is not used: over a
+/// detached lower layer, overlayfs lists the merged directory as empty, and Python's import
+/// system finds modules through directory listings, so nothing in the template was importable.)
+/// The mount is this job's own copy; the files are the template's, read-only.
 fn attach_template(tree: OwnedFd) -> Result<(), SetupError> {
     let step = SetupStep::BindTemplate;
-    let root = Path::new("/");
-    let target = root.join("env");
+    let target = Path::new("/").join("env");
     make_dir(&target, 0o755, step)?;
-    let lower = root.join(".sandrun-template");
-    make_dir(&lower, 0o700, step)?;
-    sys::move_mount_here(&tree, &lower).map_err(|e| fail(step, e, "attach the template"))?;
-    drop(tree);
-    let empty = EmptyLayer::create(root, step)?;
-    overlay_readonly(&lower, &target, &empty, step)?;
-    empty.remove()?;
-    umount2(&lower, MntFlags::MNT_DETACH).map_err(at(step, "detach the template"))?;
-    std::fs::remove_dir(&lower).map_err(io_at(step, &lower))
+    sys::move_mount_here(&tree, &target).map_err(|e| fail(step, e, "attach the template"))
 }
 
 fn open_dir_path(path: &Path, step: SetupStep) -> Result<OwnedFd, SetupError> {
