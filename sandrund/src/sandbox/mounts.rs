@@ -174,8 +174,13 @@ fn overlay_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
 }
 
 /// The empty directory that is every overlay's second lower layer (overlayfs needs two lower
-/// layers when it has no upper one). Removed once the overlays are mounted: each holds its own
-/// reference, and the job never sees it.
+/// layers when it has no upper one): a tiny read-only tmpfs of its own, lazily detached once the
+/// overlays are mounted (each holds its own reference, and the job never sees it).
+///
+/// It must not be a plain directory that is then removed: overlayfs lists a merged directory
+/// (the overlay's root, present in both layers) by reading every layer, and a removed directory
+/// reads as empty, so `ls /usr` and `ls /env` were empty, and Python, whose import system finds
+/// modules through directory listings, could import nothing from the top of a template.
 struct EmptyLayer {
     path: std::path::PathBuf,
     step: SetupStep,
@@ -185,10 +190,22 @@ impl EmptyLayer {
     fn create(root: &Path, step: SetupStep) -> Result<EmptyLayer, SetupError> {
         let path = root.join(".sandrun-empty");
         make_dir(&path, 0o555, step)?;
+        let flags =
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        mount(
+            Some("sandrun-empty"),
+            &path,
+            Some("tmpfs"),
+            flags,
+            Some("size=4k,nr_inodes=1,mode=0555"),
+        )
+        .map_err(at(step, "the overlays' empty layer"))?;
         Ok(EmptyLayer { path, step })
     }
 
     fn remove(self) -> Result<(), SetupError> {
+        umount2(&self.path, MntFlags::MNT_DETACH)
+            .map_err(at(self.step, "detach the empty layer"))?;
         std::fs::remove_dir(&self.path).map_err(io_at(self.step, &self.path))
     }
 }
@@ -412,17 +429,26 @@ impl DeviceNodes {
     }
 }
 
-/// Attaches the job's template at `/env`: the detached mount (`open_tree(OPEN_TREE_CLONE)`) the
-/// helper made of `<template_dir>/<name>` for this job, already read-only, nosuid and nodev, is
-/// moved there as it is. (An overlay of it, as the system directories get, is not used: over a
-/// detached lower layer, overlayfs lists the merged directory as empty, and Python's import
-/// system finds modules through directory listings, so nothing in the template was importable.)
-/// The mount is this job's own copy; the files are the template's, read-only.
+/// Attaches the job's template at `/env`: a detached mount (`open_tree(OPEN_TREE_CLONE)`) the
+/// helper made of `<template_dir>/<name>` for this job, already read-only, nosuid and nodev.
+/// The job gets a private read-only overlay of it, like the system directories: jobs with the
+/// same template see the same files but not the same inodes. The tree is attached at a
+/// temporary point, overlaid, then detached (the overlay keeps its own reference); a mount
+/// nested inside the template is not part of the overlay (overlayfs does not cross mounts).
 fn attach_template(tree: OwnedFd) -> Result<(), SetupError> {
     let step = SetupStep::BindTemplate;
-    let target = Path::new("/").join("env");
+    let root = Path::new("/");
+    let target = root.join("env");
     make_dir(&target, 0o755, step)?;
-    sys::move_mount_here(&tree, &target).map_err(|e| fail(step, e, "attach the template"))
+    let lower = root.join(".sandrun-template");
+    make_dir(&lower, 0o700, step)?;
+    sys::move_mount_here(&tree, &lower).map_err(|e| fail(step, e, "attach the template"))?;
+    drop(tree);
+    let empty = EmptyLayer::create(root, step)?;
+    overlay_readonly(&lower, &target, &empty, step)?;
+    empty.remove()?;
+    umount2(&lower, MntFlags::MNT_DETACH).map_err(at(step, "detach the template"))?;
+    std::fs::remove_dir(&lower).map_err(io_at(step, &lower))
 }
 
 fn open_dir_path(path: &Path, step: SetupStep) -> Result<OwnedFd, SetupError> {

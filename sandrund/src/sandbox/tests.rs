@@ -396,13 +396,13 @@ fn given_template_when_spawned_then_it_is_readable_at_env_and_read_only() {
     let mut job = Job::shell(
         "cat /env/hello.txt; touch /env/x 2>/dev/null || echo env-readonly; \
          ls -a / | grep -c sandrun-templates; grep -rs other / --include=secret.txt | wc -l; \
-         ls /env | tr '\\n' ' '",
+         ls /env | tr '\\n' ' '; ls /usr | grep -qx bin && echo usr-listed",
     );
     job.template = Some("py".to_owned());
     job.template_dir = templates.path().to_owned();
     let done = job.run();
     assert_eq!(
-        done.stdout, "from template\nenv-readonly\n0\n0\nhello.txt sandrun-lock.json ",
+        done.stdout, "from template\nenv-readonly\n0\n0\nhello.txt sandrun-lock.json usr-listed\n",
         "{done:?}"
     );
 }
