@@ -66,7 +66,7 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
         (["download", id, file], Method::GET) => outputs::file(&state, id, file),
         (["jobs", id], Method::DELETE) => delete(&state, id),
         (["stats"], Method::GET) => Ok(stats(&state, &client_key(&state, conn.peer, &req))),
-        (["environments"], Method::GET) => Ok(environments(&state)),
+        (["environments"], Method::GET) => environments(&state).await,
         (["health"], Method::GET) => Ok(health(&state)),
         (["metrics"], Method::GET) => Ok(metrics(&state)),
         (["ws" | "stream", id], Method::GET) => ws::upgrade(&state, conn, id, req),
@@ -142,16 +142,86 @@ fn service_info(state: &AppState) -> Response<Body> {
     response
 }
 
-fn environments(state: &AppState) -> Response<Body> {
-    let c = &state.config.policy;
+/// How long the gateway waits for the helper's template list.
+const TEMPLATE_LIST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The helper's templates that jobs may use: built (with a lock file) and, when the
+/// configuration lists `environments`, among them.
+async fn usable_templates(
+    state: &AppState,
+) -> Result<Vec<crate::helper_client::TemplateSummary>, String> {
+    let listed = tokio::time::timeout(
+        TEMPLATE_LIST_TIMEOUT,
+        crate::helper_client::list_templates(&state.config.helper_socket),
+    )
+    .await
+    .map_err(|_| "sandrund did not answer in time".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let allowed = &state.config.policy.environments;
+    Ok(listed
+        .into_iter()
+        .filter(|t| t.lock.is_some() && (allowed.is_empty() || allowed.contains(&t.name)))
+        .collect())
+}
+
+/// A manifest's `environment` must name a built template: a 400 at submit. If the helper
+/// cannot be asked now (restarting), the job is accepted and the helper checks when it starts
+/// it: a missing template then fails the job with reason `environment`.
+async fn check_environment_built(state: &AppState, name: &str) -> Result<(), ApiError> {
+    match usable_templates(state).await {
+        Ok(list) if list.iter().any(|t| t.name == name) => Ok(()),
+        Ok(list) => {
+            state.metrics.rejected("upload_invalid");
+            let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+            Err(ApiError::bad_request(format!(
+                "manifest.environment: no template {name:?} is built (GET /environments lists \
+                 them: {names:?})"
+            )))
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "template list unavailable; the helper checks the environment");
+            Ok(())
+        }
+    }
+}
+
+/// `GET /environments`: the built templates, asked of the helper, each with its lock hash,
+/// interpreter and packages (from its `sandrun-lock.json`).
+async fn environments(state: &AppState) -> ApiResult {
+    let list = usable_templates(state).await.map_err(|e| {
+        ApiError::unavailable(format!("the template list is unavailable: {e}"), LOAD_RETRY)
+    })?;
+    let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+    let details: Vec<serde_json::Value> = list
+        .iter()
+        .filter_map(|t| t.lock.as_ref().map(|l| (t, l)))
+        .map(|(t, lock)| {
+            let packages: Vec<serde_json::Value> = lock.json["packages"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| json!({"name": p["name"], "version": p["version"], "sha256": p["sha256"]}))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "name": t.name,
+                "lock_sha256": hex::encode(lock.sha256),
+                "interpreter": lock.json["interpreter"],
+                "packages": packages,
+                "built_at": lock.json["built_at"],
+            })
+        })
+        .collect();
     // `templates` and `stats` are the original's names for the same list.
     let body = json!({
-        "environments": c.environments,
-        "interpreters": c.interpreters,
-        "templates": c.environments,
-        "stats": { "total_templates": c.environments.len() },
+        "environments": names,
+        "details": details,
+        "interpreters": state.config.policy.interpreters,
+        "templates": names,
+        "stats": { "total_templates": names.len() },
     });
-    json(StatusCode::OK, &body)
+    Ok(json(StatusCode::OK, &body))
 }
 
 fn health(state: &AppState) -> Response<Body> {
@@ -293,6 +363,9 @@ pub(super) async fn submit(
     reservation
         .try_grow(total.saturating_sub(held))
         .map_err(|full| budget_refusal(state, full))?;
+    if let Some(name) = &submission.manifest.environment {
+        check_environment_built(state, name).await?;
+    }
     let id = JobId::random();
     let stdin_bytes = submission.stdin.len() as u64;
     let (spec, files) = job_spec(
@@ -618,10 +691,21 @@ pub(super) fn status_body(
         "output_files": output_files,
         "skipped_outputs": job.skipped,
         "completed_at": job.completed_at_unix,
+        // The template's lock hash, as the helper read it from the job's own `/env`; signed
+        // (format `sandrun-result-v2`) with the result.
+        "environment": job.info.environment,
+        "environment_lock": exit.and_then(|e| e.template_lock).map(hex::encode),
         "worker_metadata": {
             "worker_id": worker_id[0],
             "worker_id_hex": worker_id[1],
             "signature": job.signature,
+            "signature_format": job.signature.as_ref().map(|_| {
+                if job.info.environment.is_some() {
+                    crate::signing::RESULT_DOMAIN_V2
+                } else {
+                    crate::signing::RESULT_DOMAIN
+                }
+            }),
         },
     })
 }

@@ -42,7 +42,7 @@ mod sys;
 mod tests;
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -107,6 +107,9 @@ pub struct Spawned {
     pub workdir: OwnedFd,
     /// Time from the start of [`start`] (or [`spawn`]) to J's successful `execve`.
     pub spawn_time: Duration,
+    /// SHA-256 of the lock file of the job's template, read from the very clone mounted at
+    /// `/env`; `None` without a template.
+    pub template_lock: Option<[u8; 32]>,
 }
 
 /// How C gets into its job's cgroup.
@@ -412,6 +415,17 @@ pub fn start(
         Some(name) => Some(clone_template(&settings.template_dir, name).map_err(job_error)?),
         None => None,
     };
+    let template_lock = match &template {
+        // The lock of the tree this job gets: read through the clone's fd, after it was made
+        // read-only, so it cannot be another template's or change before the job sees it.
+        Some(tree) => Some(
+            crate::template::read_lock(tree.as_fd())
+                .map_err(|e| sys::fail(SetupStep::BindTemplate, e.errno(), e.to_string()))
+                .map_err(job_error)?
+                .sha256,
+        ),
+        None => None,
+    };
     let order = order::write(plan).map_err(job_error)?;
     let template_fd = template.as_ref().map(AsRawFd::as_raw_fd);
     let sent = channel::send_go(warm.ctrl.as_raw_fd(), order.as_raw_fd(), template_fd);
@@ -442,6 +456,7 @@ pub fn start(
         status,
         workdir,
         spawn_time: started.elapsed(),
+        template_lock,
     })
 }
 

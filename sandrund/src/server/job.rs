@@ -116,6 +116,8 @@ pub struct Job {
     stats_failures: u32,
     /// When C exited; pipes still open long after that are closed by force.
     reaped_at: Option<Instant>,
+    /// The lock hash of the job's template, for its exit report.
+    template_lock: Option<[u8; 32]>,
 }
 
 impl Job {
@@ -135,6 +137,7 @@ impl Job {
             stderr,
             status,
             workdir,
+            template_lock,
             ..
         } = sandbox;
         // Read when poll says so (`on_status`); a blocking read could stall the loop.
@@ -163,6 +166,7 @@ impl Job {
             cpu_base_ns: 0,
             stats_failures: 0,
             reaped_at: None,
+            template_lock,
         }
     }
 
@@ -350,6 +354,7 @@ impl Job {
             memory_peak_bytes: s.memory_peak_bytes,
             stdout_truncated: self.stdout.truncated,
             stderr_truncated: self.stderr.truncated,
+            template_lock: self.template_lock,
         }
     }
 }

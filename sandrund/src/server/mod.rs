@@ -3,7 +3,7 @@
 //! timeout while anything is pending) checks wall-clock and CPU limits, conversation deadlines
 //! and retries cgroup removal.
 
-mod collect;
+pub(crate) mod collect;
 mod conn;
 mod job;
 mod peer;
@@ -413,6 +413,15 @@ impl Server {
         match (state, msg) {
             (State::AwaitHello, Request::Hello(h)) => self.on_hello(conn, h),
             (State::Idle(Role::Submitter), Request::Submit(spec)) => self.on_submit(conn, *spec),
+            (State::Idle(role), Request::ListTemplates) => {
+                conn.state = State::Idle(role);
+                conn.deadline = Some(Instant::now() + IDLE_TIMEOUT);
+                let (templates, omitted) = crate::template::list(&self.cfg.template_dir);
+                for info in templates {
+                    conn.send(&Response::Template(info));
+                }
+                conn.send(&Response::TemplatesEnd { omitted });
+            }
             (State::Idle(Role::Admin), Request::Admin(req)) => {
                 conn.state = State::Idle(Role::Admin);
                 conn.deadline = Some(Instant::now() + IDLE_TIMEOUT);
@@ -537,6 +546,9 @@ impl Server {
             Ok(j) => j,
             Err(RequestError::Invalid(m)) => return conn.fail(ErrorCode::InvalidRequest, m),
             Err(RequestError::NotFound(m)) => return conn.fail(ErrorCode::NotFound, m),
+            Err(RequestError::TemplateMissing(m)) => {
+                return conn.fail(ErrorCode::TemplateMissing, m)
+            }
         };
         let Some(slot) = self.reserve_slot() else {
             self.counters.refused_busy += 1;
