@@ -66,6 +66,8 @@ pub struct SandboxSettings {
     pub mount_point: PathBuf,
     /// Directory holding read-only environment templates (`<dir>/<name>`), bound at `/env`.
     pub template_dir: PathBuf,
+    /// How long C may take from `Go` to J's `execve` before the helper gives up and kills it.
+    pub start_timeout: Duration,
 }
 
 /// Everything one job needs. All of it was validated and clamped by the server.
@@ -282,9 +284,6 @@ impl std::fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
-/// How long C may take to set up and start the job before the helper gives up and kills it.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// The namespaces C is cloned into (the cgroup namespace comes later, after C joined its
 /// cgroup).
 const NAMESPACES: libc::c_int = libc::CLONE_NEWPID
@@ -466,7 +465,7 @@ pub fn begin(
         wait: channel::ReadyWait::default(),
         sent: sent.is_ok(),
         started,
-        deadline: started + SETUP_TIMEOUT,
+        deadline: started + settings.start_timeout,
     })
 }
 

@@ -165,6 +165,7 @@ impl Server {
         let settings = SandboxSettings {
             mount_point: cfg.mount_point.clone(),
             template_dir: cfg.template_dir.clone(),
+            start_timeout: Duration::from_secs(u64::from(cfg.start_timeout_s)),
         };
         let slots = vec![false; cfg.slot_count as usize];
         let pool = Pool::new(cfg.warm_sandboxes);
