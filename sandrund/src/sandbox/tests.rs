@@ -82,6 +82,7 @@ impl Job {
         let settings = SandboxSettings {
             mount_point: root.path().to_owned(),
             template_dir: self.template_dir.clone(),
+            start_timeout: std::time::Duration::from_secs(60),
         };
         let plan = JobPlan {
             argv: self.argv.clone(),
