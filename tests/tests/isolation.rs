@@ -34,6 +34,32 @@ fn given_job_when_listing_proc_then_only_its_own_processes_are_visible() {
 }
 
 #[test]
+fn given_a_job_writing_to_dev_stdout_and_dev_stderr_then_both_reach_its_logs() {
+    // Scripts write to /dev/stdout and /dev/stderr (`/proc/self/fd/1`, `2`); reopening the
+    // helper's pipes by name must be allowed to the job's uid, and to nobody else's.
+    let helper = Helper::start(&config(""));
+    let job = Job::new(&[
+        "/bin/sh",
+        "-c",
+        "echo out >/dev/stdout && echo err >/dev/stderr",
+    ]);
+    let o = helper.run(&job);
+    assert_eq!(o.report().exit_code, Some(0), "{}", o.describe());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "out\n",
+        "{}",
+        o.describe()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "err\n",
+        "{}",
+        o.describe()
+    );
+}
+
+#[test]
 fn given_job_when_reading_hostname_then_it_differs_from_the_host() {
     let r = probe(&["hostname"]);
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").expect("host hostname");

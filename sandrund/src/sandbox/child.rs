@@ -137,6 +137,7 @@ fn init(
     }
     let has_env = mounts::finish_root(&order.limits, uid, gid, template)?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
+    give_output_pipes(&fds, &order)?;
     identity::drop_privileges(uid, gid)?;
     apply_landlock(ruleset, has_env)?;
     let work = prepared.work;
@@ -204,6 +205,22 @@ fn apply_landlock(ruleset: PreparedRuleset, has_env: bool) -> Result<(), SetupEr
     ruleset
         .and_then(PreparedRuleset::restrict)
         .map_err(|msg| fail(SetupStep::Landlock, 0, msg))
+}
+
+/// Makes the job's uid the owner of its stdout and stderr pipes, while C is still root. J's
+/// programs reopen them by name (`/dev/stdout` is `/proc/self/fd/1`), which checks the pipe's
+/// own owner and mode: as the helper made them (root, 0600) `echo x >/dev/stdout` was refused
+/// with EACCES in every job.
+fn give_output_pipes(fds: &Owned, order: &order::Order) -> Result<(), SetupError> {
+    let (uid, gid) = (
+        nix::unistd::Uid::from_raw(order.uid),
+        nix::unistd::Gid::from_raw(order.gid),
+    );
+    for pipe in [&fds.stdout, &fds.stderr] {
+        nix::unistd::fchown(pipe.as_raw_fd(), Some(uid), Some(gid))
+            .map_err(at(SetupStep::ForkJob, "chown of the output pipes"))?;
+    }
+    Ok(())
 }
 
 /// Where C writes a job's stdin: the tmpfs's `/tmp`, outside `/work`, so it counts against the
