@@ -7,22 +7,47 @@ if [ "$(id -u)" != 0 ]; then
   echo "the test suite starts the root helper and real sandboxes: run it as root" >&2
   exit 1
 fi
+# Elapsed seconds per phase, printed as each ends and summed up at the end.
+t_start=$(date +%s)
+t_phase=$t_start
+times=()
+phase() {
+  local now
+  now=$(date +%s)
+  times+=("$1 $((now - t_phase))s")
+  echo "test.sh: phase '$1' took $((now - t_phase))s"
+  t_phase=$now
+}
 bash packaging/deps.sh
+phase deps
 # The SELinux module compiles with the reference policy's development Makefile, no warning.
 bash selinux/build.sh >/dev/null
 # ...links into Debian's full reference policy and keeps its claims (no network for jobs, ...).
 bash selinux/link-check.sh
+phase selinux
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+phase fmt+clippy
 # The integration tests start target/debug/sandrund and friends: build every binary first.
 cargo build --workspace --bins --locked
+phase build
 # The harness would otherwise run `cargo build -p sandrund -p sandrunctl` per test binary, which builds ipc
 # without the workspace's features and relinks the very binaries other tests are executing
 # (seen as ETXTBSY). Everything was just built with the workspace's features.
 SANDRUN_TESTS_SKIP_BUILD=1 cargo test --workspace --locked --all-features
+phase cargo-test
 # Build the .deb from release binaries, install it, run a job over HTTPS and through sandrunctl,
 # purge it and check nothing is left (docs/operations.md). The release build adds ~3 minutes.
 bash packaging/install-test.sh
+phase install-test
 # A bounded smoke run of every fuzz target (docs/security-testing.md#fuzzing).
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash packaging/fuzz-smoke.sh
+phase fuzz-smoke
+# The VM suite (tests/vm/, docs/operations.md "VM suite"): a Debian 12 guest with systemd as PID 1
+# and cgroup v2 under QEMU installs the .deb install-test.sh just built (VM_DEB: no second build),
+# runs the job suite under the hardened units and checks their exposure scores. Last, alone: it
+# uses both cores. Its image is built from Debian's packages when target/vm has none (~5 min).
+VM_DEB=$(ls target/package/sandrun_*.deb) bash tests/vm/run.sh
+phase vm-suite
+echo "test.sh: times: ${times[*]}, total $(($(date +%s) - t_start))s"
 echo "all tests passed"

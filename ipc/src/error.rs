@@ -30,13 +30,16 @@ pub enum ErrorCode {
     SandboxSetup,
     /// The job's program could not be executed. (peer's request)
     ExecFailed,
+    /// The requested environment template does not exist or has no lock file. (peer, or a
+    /// template removed since the gateway checked)
+    TemplateMissing,
     /// A bug or an unexpected host failure. (ours)
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::VersionMismatch,
         ErrorCode::NotAuthorized,
         ErrorCode::UnexpectedMessage,
@@ -47,6 +50,7 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::SandboxSetup,
         ErrorCode::ExecFailed,
+        ErrorCode::TemplateMissing,
         ErrorCode::Internal,
     ];
 
@@ -68,6 +72,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 8,
             ErrorCode::SandboxSetup => 9,
             ErrorCode::ExecFailed => 10,
+            ErrorCode::TemplateMissing => 11,
             ErrorCode::Internal => 99,
         }
     }
@@ -85,6 +90,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::SandboxSetup => "sandbox_setup",
             ErrorCode::ExecFailed => "exec_failed",
+            ErrorCode::TemplateMissing => "template_missing",
             ErrorCode::Internal => "internal",
         }
     }

@@ -9,7 +9,7 @@ use crate::error::IpcError;
 use crate::validate::{BundlePath, OutputPattern, PrintablePath};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Who a connecting client claims to be. The helper checks the claim against `SO_PEERCRED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +137,11 @@ pub enum Request {
     /// Kills the job of this connection (reason `cancelled`). Closing the connection does too.
     Cancel,
     Admin(AdminRequest),
+    /// Lists the templates of the helper's template directory (either role; the gateway answers
+    /// `GET /environments` and checks a manifest's `environment` with it). Answered by one
+    /// [`Response::Template`] per template, then [`Response::TemplatesEnd`]; the connection then
+    /// stays idle for the next request.
+    ListTemplates,
 }
 
 impl Request {
@@ -149,6 +154,7 @@ impl Request {
             Request::BundleEnd => "BundleEnd",
             Request::Cancel => "Cancel",
             Request::Admin(_) => "Admin",
+            Request::ListTemplates => "ListTemplates",
         }
     }
 }
@@ -167,10 +173,13 @@ pub enum ExitReason {
     /// The helper could not take the job (not running, busy or draining) on any of the
     /// gateway's attempts. Set by the gateway; the helper never reports it.
     Unavailable,
+    /// The job's environment template does not exist (or has no lock file) when the job was to
+    /// start. Set by the gateway from the helper's [`crate::ErrorCode::TemplateMissing`].
+    Environment,
 }
 
 impl ExitReason {
-    pub const ALL: [ExitReason; 9] = [
+    pub const ALL: [ExitReason; 10] = [
         ExitReason::None,
         ExitReason::Timeout,
         ExitReason::MemoryLimit,
@@ -180,6 +189,7 @@ impl ExitReason {
         ExitReason::Cancelled,
         ExitReason::Internal,
         ExitReason::Unavailable,
+        ExitReason::Environment,
     ];
 
     /// The stable snake_case name used in JSON and logs.
@@ -194,6 +204,7 @@ impl ExitReason {
             ExitReason::Cancelled => "cancelled",
             ExitReason::Internal => "internal",
             ExitReason::Unavailable => "unavailable",
+            ExitReason::Environment => "environment",
         }
     }
 }
@@ -211,6 +222,10 @@ pub struct ExitReport {
     pub memory_peak_bytes: u64,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
+    /// SHA-256 of the `sandrun-lock.json` of the template the job ran with, read by the helper
+    /// from the job's own read-only clone of the template (the tree mounted at `/env`); `None`
+    /// for a job without a template.
+    pub template_lock: Option<[u8; 32]>,
 }
 
 /// Why a path matching an output pattern was not returned.
@@ -316,6 +331,26 @@ pub enum AdminResponse {
     Draining { running: u32 },
 }
 
+/// A template's lock file, as the helper read it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateLock {
+    pub sha256: [u8; 32],
+    /// The file's bytes (at most [`crate::rules::MAX_LOCK_BYTES`]): JSON the helper does not
+    /// parse; the gateway reads the interpreter and the packages from it.
+    #[serde(with = "crate::bytes")]
+    pub bytes: Vec<u8>,
+}
+
+/// One template of the helper's template directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateInfo {
+    /// A valid template name ([`crate::rules::is_template_name`]).
+    pub name: String,
+    /// `None`: the template has no usable lock file (absent, not a regular file, or larger than
+    /// [`crate::rules::MAX_LOCK_BYTES`]); a job naming it is refused.
+    pub lock: Option<TemplateLock>,
+}
+
 /// Messages from the helper to a client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
@@ -344,6 +379,13 @@ pub enum Response {
     Done,
     Error(IpcError),
     Admin(AdminResponse),
+    /// One template, in answer to [`Request::ListTemplates`].
+    Template(TemplateInfo),
+    /// The end of the template list; `omitted` templates were left out (past
+    /// [`crate::rules::MAX_TEMPLATES`] or [`crate::rules::MAX_TEMPLATE_LIST_BYTES`]).
+    TemplatesEnd {
+        omitted: u32,
+    },
 }
 
 impl Response {
@@ -362,6 +404,8 @@ impl Response {
             Response::Done => "Done",
             Response::Error(_) => "Error",
             Response::Admin(_) => "Admin",
+            Response::Template(_) => "Template",
+            Response::TemplatesEnd { .. } => "TemplatesEnd",
         }
     }
 }

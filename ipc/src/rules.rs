@@ -94,6 +94,76 @@ pub fn argv_env_bytes(argv: &[String], env: &[(String, String)]) -> usize {
     args.saturating_add(vars)
 }
 
+/// Where a job's template is mounted, read-only, inside its sandbox.
+pub const TEMPLATE_MOUNT: &str = "/env";
+
+/// The lock file at the top of every template (written by `sandrunctl env build`). Its SHA-256
+/// is the template's lock hash, which goes into the job's signed result.
+pub const LOCK_FILE: &str = "sandrun-lock.json";
+
+/// Largest lock file the helper reads (a template without a usable lock runs no job).
+pub const MAX_LOCK_BYTES: usize = 256 * 1024;
+
+/// Most templates one [`crate::Request::ListTemplates`] answer lists.
+pub const MAX_TEMPLATES: usize = 256;
+
+/// Most lock bytes one [`crate::Request::ListTemplates`] answer carries, all templates together.
+pub const MAX_TEMPLATE_LIST_BYTES: usize = 4 << 20;
+
+/// `PATH` of a job without a template.
+pub const JOB_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The variables a job with a template gets so that `python3 main.py` imports the template's
+/// packages (installed flat at its top by `pip install --target`) and runs its console scripts
+/// (`bin/`), with no change to the job's code. A job with a template may not set them itself
+/// ([`check_job_env_name`]); a job without one may set `PYTHONPATH` and `NODE_PATH`.
+pub const TEMPLATE_ENV: [(&str, &str); 3] = [
+    ("PATH", "/env/bin:/usr/local/bin:/usr/bin:/bin"),
+    ("PYTHONPATH", "/env"),
+    ("NODE_PATH", "/env/node_modules"),
+];
+
+/// Why a job's variable is refused: the name itself, or that its template sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobEnvError {
+    Name(EnvNameError),
+    /// One of [`TEMPLATE_ENV`], and the job uses a template.
+    SetByTemplate,
+}
+
+impl std::fmt::Display for JobEnvError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobEnvError::Name(e) => e.fmt(f),
+            JobEnvError::SetByTemplate => write!(
+                f,
+                "set by the environment template (it points at {TEMPLATE_MOUNT}), it cannot be \
+                 overridden"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for JobEnvError {}
+
+/// Checks one variable of a job: [`check_env_name`], and with a template, none of
+/// [`TEMPLATE_ENV`]. The gateway refuses such a manifest with a 400; the helper refuses the
+/// request.
+///
+/// ```
+/// use sandrun_ipc::rules::{check_job_env_name, JobEnvError};
+/// assert_eq!(check_job_env_name("PYTHONPATH", false), Ok(()));
+/// assert_eq!(check_job_env_name("PYTHONPATH", true), Err(JobEnvError::SetByTemplate));
+/// ```
+pub fn check_job_env_name(name: &str, template: bool) -> Result<(), JobEnvError> {
+    check_env_name(name).map_err(JobEnvError::Name)?;
+    if template && TEMPLATE_ENV.iter().any(|(k, _)| *k == name) {
+        return Err(JobEnvError::SetByTemplate);
+    }
+    Ok(())
+}
+
 /// Whether `name` is a valid environment template name: `[A-Za-z0-9._-]`, 1 to 64 bytes, no
 /// leading dot (so it is one path component below the template directory, never hidden or
 /// `..`). The helper checks job requests with it, `sandrunctl env` the names it builds.
@@ -140,6 +210,20 @@ mod tests {
         ] {
             assert_eq!(check_env_name(name), Ok(()), "{name}");
         }
+    }
+
+    #[test]
+    fn given_a_template_then_its_variables_are_reserved_and_without_one_they_are_not() {
+        for (name, _) in TEMPLATE_ENV {
+            assert_ne!(check_job_env_name(name, true), Ok(()), "{name}");
+        }
+        assert_eq!(check_job_env_name("NODE_PATH", false), Ok(()));
+        assert_eq!(
+            check_job_env_name("PATH", false),
+            Err(JobEnvError::Name(EnvNameError::Reserved))
+        );
+        assert_eq!(check_job_env_name("GREETING", true), Ok(()));
+        assert!(TEMPLATE_ENV.iter().all(|(_, v)| v.contains(TEMPLATE_MOUNT)));
     }
 
     #[test]

@@ -68,6 +68,7 @@ fn given_the_peer_closes_between_frames_then_recv_reports_closed() {
         memory_peak_bytes: 3,
         stdout_truncated: false,
         stderr_truncated: false,
+        template_lock: None,
     });
     helper.send(&exited).expect("helper sends");
     drop(helper);

@@ -288,6 +288,7 @@ fn given_every_error_code_then_numbers_and_names_are_the_documented_stable_ones(
         (ErrorCode::NotFound, 8, "not_found"),
         (ErrorCode::SandboxSetup, 9, "sandbox_setup"),
         (ErrorCode::ExecFailed, 10, "exec_failed"),
+        (ErrorCode::TemplateMissing, 11, "template_missing"),
         (ErrorCode::Internal, 99, "internal"),
     ];
     for (code, number, name) in table {
@@ -438,5 +439,5 @@ fn given_the_hello_example_of_docs_protocol_md_then_the_bytes_match() {
         role: sandrun_ipc::Role::Submitter,
     };
     let frame = encode(&Request::Hello(hello)).expect("encodes");
-    assert_eq!(frame, [3, 0, 0, 0, 0, 4, 0]);
+    assert_eq!(frame, [3, 0, 0, 0, 0, 5, 0]);
 }

@@ -15,7 +15,7 @@ use crate::jobs::{OutputFile, StreamKind};
 use crate::manifest::ManifestPolicy;
 use crate::metrics::{Gauges, Metrics};
 use crate::ratelimit::RateLimiter;
-use crate::signing::{canonical_message, ResultClaim, WorkerKey};
+use crate::signing::{canonical_message, EnvironmentClaim, ResultClaim, WorkerKey};
 use crate::upload::slots::UploadSlots;
 use crate::upload::UploadLimits;
 
@@ -287,6 +287,11 @@ fn finish_from_result(state: &AppState, id: JobId, done: HelperResult) -> Finish
 fn finish_from_error(state: &AppState, error: &HelperError) -> Finish {
     let (reason, message) = match error {
         HelperError::Cancelled => (ExitReason::Cancelled, "cancelled while running".to_owned()),
+        // The template was there when the job was submitted and is gone (or lost its lock)
+        // now: the job's own reason, not the gateway's fault.
+        HelperError::Refused(e) if e.code == sandrun_ipc::ErrorCode::TemplateMissing => {
+            (ExitReason::Environment, e.message.clone())
+        }
         other => (ExitReason::Internal, other.to_string()),
     };
     if reason == ExitReason::Internal {
@@ -323,7 +328,9 @@ fn sign_result(
     outputs: &[OutputFile],
     completed_at: u64,
 ) -> Option<String> {
-    let job_hash = state.jobs.with_job(id, |job, _| job.info.job_hash)?;
+    let (job_hash, environment) = state.jobs.with_job(id, |job, _| {
+        (job.info.job_hash, job.info.environment.clone())
+    })?;
     let pairs: Vec<(String, [u8; 32])> =
         outputs.iter().map(|o| (o.path.clone(), o.sha256)).collect();
     let id_text = id.to_string();
@@ -335,6 +342,12 @@ fn sign_result(
         memory_peak_bytes: exit.memory_peak_bytes,
         outputs: &pairs,
         completed_at,
+        // The helper client refuses a report whose lock does not match the job's template, so
+        // both are set or neither is.
+        environment: environment
+            .as_deref()
+            .zip(exit.template_lock.as_ref())
+            .map(|(name, lock_sha256)| EnvironmentClaim { name, lock_sha256 }),
     };
     Some(state.worker_key.sign(&canonical_message(&claim)))
 }

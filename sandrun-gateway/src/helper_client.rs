@@ -193,7 +193,8 @@ async fn converse(
     let limits = submit(&mut channel, pending).await?;
     on_event(HelperEvent::Accepted(limits));
     send_bundle(&mut channel, pending).await?;
-    let exit = receive_run(&mut channel, &mut on_event).await?;
+    let template = pending.spec.template.is_some();
+    let exit = receive_run(&mut channel, template, &mut on_event).await?;
     let inputs = input_files(pending);
     // Outputs are charged to the job's client, like its bundle.
     let reservation = budget.empty(pending.reservation.client());
@@ -208,6 +209,78 @@ fn input_files(pending: &PendingJob) -> HashMap<&str, &Bytes> {
         BundleEntry::Dir { .. } => None,
     });
     paths.zip(pending.files.iter()).collect()
+}
+
+/// A template as the helper listed it, with what its lock file says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateSummary {
+    pub name: String,
+    /// `None`: no usable lock file; a job naming this template is refused.
+    pub lock: Option<LockSummary>,
+}
+
+/// What `GET /environments` shows of a lock file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockSummary {
+    /// SHA-256 of the lock file's bytes (recomputed here from the bytes the helper sent).
+    pub sha256: [u8; 32],
+    /// The parsed lock file (`sandrun-lock/1`, written by `sandrunctl env build`).
+    pub json: serde_json::Value,
+}
+
+/// The helper's template list ([`Request::ListTemplates`]) on a connection of its own.
+pub async fn list_templates(socket: &Path) -> Result<Vec<TemplateSummary>, HelperError> {
+    const STEP: &str = "listing templates";
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| HelperError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let mut channel = AsyncClientChannel::new(BufReader::new(stream));
+    handshake(&mut channel).await?;
+    send(&mut channel, Request::ListTemplates, STEP).await?;
+    let mut out = Vec::new();
+    loop {
+        match recv(&mut channel, STEP).await? {
+            Response::Template(info) => {
+                if !sandrun_ipc::rules::is_template_name(&info.name)
+                    || out.len() >= sandrun_ipc::rules::MAX_TEMPLATES
+                {
+                    return Err(protocol(STEP, "an invalid template entry".to_owned()));
+                }
+                let lock = match info.lock {
+                    None => None,
+                    Some(l) => {
+                        let sha256: [u8; 32] = Sha256::digest(&l.bytes).into();
+                        if sha256 != l.sha256 || l.bytes.len() > sandrun_ipc::rules::MAX_LOCK_BYTES
+                        {
+                            return Err(protocol(
+                                STEP,
+                                format!("the lock of {} does not match its hash", info.name),
+                            ));
+                        }
+                        // A lock that is not JSON is listed with its hash, and nothing else.
+                        let json =
+                            serde_json::from_slice(&l.bytes).unwrap_or(serde_json::Value::Null);
+                        Some(LockSummary { sha256, json })
+                    }
+                };
+                out.push(TemplateSummary {
+                    name: info.name,
+                    lock,
+                });
+            }
+            Response::TemplatesEnd { omitted } => {
+                if omitted > 0 {
+                    tracing::warn!(omitted, "the helper left templates out of its list");
+                }
+                return Ok(out);
+            }
+            Response::Error(e) => return Err(HelperError::Refused(e)),
+            other => return Err(unexpected(STEP, &other)),
+        }
+    }
 }
 
 async fn handshake(channel: &mut Channel) -> Result<(), HelperError> {
@@ -292,6 +365,7 @@ async fn send_bundle(channel: &mut Channel, pending: &PendingJob) -> Result<(), 
 /// Receives everything up to and including `Exited`.
 async fn receive_run(
     channel: &mut Channel,
+    template: bool,
     on_event: &mut impl FnMut(HelperEvent),
 ) -> Result<ExitReport, HelperError> {
     const STEP: &str = "waiting for the job to run";
@@ -300,6 +374,14 @@ async fn receive_run(
             Response::Started { spawn_us } => on_event(HelperEvent::Started { spawn_us }),
             Response::Stdout(data) => on_event(HelperEvent::Stdout(Bytes::from(data))),
             Response::Stderr(data) => on_event(HelperEvent::Stderr(Bytes::from(data))),
+            // The signed result of a job with a template carries its lock hash: a report
+            // without one (or with one for a job without a template) is not signed.
+            Response::Exited(report) if report.template_lock.is_some() != template => {
+                return Err(protocol(
+                    STEP,
+                    "the exit report's template lock does not match the job's template".to_owned(),
+                ))
+            }
             Response::Exited(report) => return Ok(report),
             // A refusal before `Started` (a sandbox that could not be set up) is final: the
             // helper had taken the job.

@@ -341,6 +341,17 @@ impl MemoryBudget {
         Ok(())
     }
 
+    /// Charges `bytes` to `client` within the whole budget only, past the client's share.
+    fn take_past_share(&self, client: ClientKey, bytes: u64) -> Result<(), BudgetFull> {
+        let mut ledger = self.ledger();
+        if ledger.used.saturating_add(bytes) > self.limit {
+            return Err(BudgetFull::Global);
+        }
+        ledger.used += bytes;
+        *ledger.by_client.entry(client).or_insert(0) += bytes;
+        Ok(())
+    }
+
     fn give_back(&self, client: ClientKey, bytes: u64) {
         if bytes == 0 {
             return;
@@ -379,6 +390,14 @@ impl Reservation {
     /// Charges `bytes` more, or says which limit that would cross (and charges nothing).
     pub fn try_grow(&mut self, bytes: u64) -> Result<(), BudgetFull> {
         self.budget.take(self.client, self.bytes, bytes)?;
+        self.bytes += bytes;
+        Ok(())
+    }
+
+    /// Charges `bytes` more within the whole budget, even past the client's share (see
+    /// [`SharedReservation::try_grow_past_share`]).
+    pub fn try_grow_past_share(&mut self, bytes: u64) -> Result<(), BudgetFull> {
+        self.budget.take_past_share(self.client, bytes)?;
         self.bytes += bytes;
         Ok(())
     }
@@ -482,6 +501,14 @@ impl SharedReservation {
     /// Moves another reservation's bytes into this one.
     pub fn absorb(&self, other: Reservation) {
         self.lock().absorb(other);
+    }
+
+    /// Charges `bytes` more within the whole budget, even past the client's share: for a copy
+    /// that replaces data already charged to the client and released soon after (a job's
+    /// tarball, built from outputs that are freed once it is sent), so a client whose outputs
+    /// fill its share can still download them, and the budget still bounds the gateway.
+    pub fn try_grow_past_share(&self, bytes: u64) -> Result<(), BudgetFull> {
+        self.lock().try_grow_past_share(bytes)
     }
 
     /// Charges `bytes` that are already held (they exist whether or not there is room), so the

@@ -53,7 +53,8 @@ pub use sandrun_ipc::rules::RESERVED_ENV;
 pub struct ManifestPolicy {
     /// Interpreter names the helper allows (`python3`, `node`, `bash`).
     pub interpreters: Vec<String>,
-    /// Environment template names.
+    /// Environment template names jobs may use; empty: every template the helper has built.
+    /// (Whether the template is built is asked of the helper at submit.)
     pub environments: Vec<String>,
     pub max_timeout_s: u64,
     pub max_memory_mb: u64,
@@ -79,7 +80,8 @@ pub struct Manifest {
     pub entrypoint: BundlePath,
     /// A name from [`ManifestPolicy::interpreters`].
     pub interpreter: String,
-    /// A name from [`ManifestPolicy::environments`].
+    /// A valid template name ([`rules::is_template_name`]), from
+    /// [`ManifestPolicy::environments`] when that list is not empty.
     pub environment: Option<String>,
     pub args: Vec<String>,
     /// Sorted by name, names unique.
@@ -213,12 +215,14 @@ impl Manifest {
         }
         let (entrypoint, auto_interpreter) = entrypoint(raw.entrypoint, files)?;
         let interpreter = interpreter(raw.interpreter, &entrypoint, auto_interpreter, policy)?;
+        let environment = environment(raw.environment, policy)?;
+        let env = env(raw.env.unwrap_or_default(), environment.is_some())?;
         let manifest = Manifest {
             entrypoint,
             interpreter,
-            environment: environment(raw.environment, policy)?,
+            environment,
             args: args(raw.args.unwrap_or_default())?,
-            env: env(raw.env.unwrap_or_default())?,
+            env,
             outputs: outputs(raw.outputs.unwrap_or_default())?,
             timeout_s: ranged(
                 "timeout",
@@ -391,10 +395,16 @@ fn environment(
     policy: &ManifestPolicy,
 ) -> Result<Option<String>, ManifestError> {
     match given {
-        Some(name) if !policy.environments.contains(&name) => Err(ManifestError::new(
+        Some(name) if !rules::is_template_name(&name) => Err(ManifestError::new(
             "environment",
-            format!("{name:?} is not one of {:?}", policy.environments),
+            format!("{name:?} is not a template name ([A-Za-z0-9._-], no leading dot, at most 64)"),
         )),
+        Some(name) if !policy.environments.is_empty() && !policy.environments.contains(&name) => {
+            Err(ManifestError::new(
+                "environment",
+                format!("{name:?} is not one of {:?}", policy.environments),
+            ))
+        }
         other => Ok(other),
     }
 }
@@ -412,7 +422,10 @@ fn args(args: Vec<String>) -> Result<Vec<String>, ManifestError> {
     Ok(args)
 }
 
-fn env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>, ManifestError> {
+fn env(
+    env: BTreeMap<String, String>,
+    template: bool,
+) -> Result<Vec<(String, String)>, ManifestError> {
     if env.len() > MAX_ENV {
         return Err(ManifestError::new(
             "env",
@@ -421,15 +434,16 @@ fn env(env: BTreeMap<String, String>) -> Result<Vec<(String, String)>, ManifestE
     }
     for (name, value) in &env {
         let field = format!("env.{name}");
-        check_env_name(&field, name)?;
+        check_env_name(&field, name, template)?;
         check_string(&field, value)?;
     }
     Ok(env.into_iter().collect())
 }
 
-/// The helper's rule for names ([`rules::check_env_name`]), so the two never disagree.
-fn check_env_name(field: &str, name: &str) -> Result<(), ManifestError> {
-    rules::check_env_name(name).map_err(|e| ManifestError::new(field, e.to_string()))
+/// The helper's rule for names ([`rules::check_job_env_name`]), so the two never disagree: with
+/// a template, `PYTHONPATH` and `NODE_PATH` are the template's and refused here with a 400.
+fn check_env_name(field: &str, name: &str, template: bool) -> Result<(), ManifestError> {
+    rules::check_job_env_name(name, template).map_err(|e| ManifestError::new(field, e.to_string()))
 }
 
 fn check_string(field: &str, s: &str) -> Result<(), ManifestError> {
@@ -639,8 +653,35 @@ mod tests {
     fn given_bad_output_patterns_or_environment_then_the_field_is_named() {
         assert!(err(r#"{"entrypoint":"main.py","outputs":["ok/","../x"]}"#)
             .starts_with("manifest.outputs[1]:"));
-        assert!(err(r#"{"entrypoint":"main.py","environment":"nope"}"#)
+        assert!(err(r#"{"entrypoint":"main.py","environment":"../etc"}"#)
             .starts_with("manifest.environment:"));
+        // Any valid name passes here (the gateway asks the helper whether it is built), unless
+        // the configuration lists the allowed ones.
+        assert!(parse(
+            r#"{"entrypoint":"main.py","environment":"nope"}"#,
+            &["main.py"]
+        )
+        .is_ok());
+        let policy = ManifestPolicy {
+            environments: vec!["small".into()],
+            ..ManifestPolicy::default()
+        };
+        let raw = RawManifest::parse(br#"{"entrypoint":"main.py","environment":"nope"}"#).unwrap();
+        let e = Manifest::from_raw(raw, &policy, &files(&["main.py"])).unwrap_err();
+        assert_eq!(e.field, "manifest.environment");
+    }
+
+    #[test]
+    fn given_an_environment_then_its_variables_cannot_be_set_and_without_one_they_can() {
+        let e = err(r#"{"entrypoint":"main.py","environment":"small","env":{"PYTHONPATH":"x"}}"#);
+        assert!(e.starts_with("manifest.env.PYTHONPATH:"), "{e}");
+        let e = err(r#"{"entrypoint":"main.py","environment":"small","env":{"NODE_PATH":"x"}}"#);
+        assert!(e.starts_with("manifest.env.NODE_PATH:"), "{e}");
+        assert!(parse(
+            r#"{"entrypoint":"main.py","env":{"PYTHONPATH":"src"}}"#,
+            &["main.py"]
+        )
+        .is_ok());
     }
 
     #[test]

@@ -58,7 +58,7 @@ impl std::fmt::Display for ClientKey {
 /// Identifies the client of a request from its TCP peer and, when the peer is a trusted proxy,
 /// its `X-Forwarded-For` header.
 pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|t| canonical(*t) == canonical(*ip));
+    let is_trusted = |ip: &IpAddr| is_trusted_proxy(*ip, trusted);
     if !is_trusted(&peer) {
         return peer;
     }
@@ -74,6 +74,12 @@ pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) 
             Some(Err(_)) | None => return peer,
         }
     }
+}
+
+/// Whether `ip` is one of the `trusted` proxies; an IPv4-mapped IPv6 address (a peer of a
+/// dual-stack listener) is its IPv4 address.
+pub fn is_trusted_proxy(ip: IpAddr, trusted: &[IpAddr]) -> bool {
+    trusted.iter().any(|t| canonical(*t) == canonical(ip))
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -355,6 +361,14 @@ mod tests {
             &trusted,
         );
         assert_eq!(got, ip("1.2.3.4"));
+    }
+
+    #[test]
+    fn given_a_proxy_seen_through_a_dual_stack_listener_then_it_is_still_trusted() {
+        let trusted = [ip("10.0.0.2")];
+        assert!(is_trusted_proxy(ip("::ffff:10.0.0.2"), &trusted));
+        assert!(is_trusted_proxy(ip("10.0.0.2"), &[ip("::ffff:10.0.0.2")]));
+        assert!(!is_trusted_proxy(ip("10.0.0.3"), &trusted));
     }
 
     #[test]

@@ -19,8 +19,11 @@ use crate::manifest::Manifest;
 
 /// First line of the job hash input.
 pub const JOB_HASH_DOMAIN: &str = "sandrun-job-v1";
-/// First line of the signed result message.
+/// First line of the signed result message of a job without an environment template.
 pub const RESULT_DOMAIN: &str = "sandrun-result-v1";
+/// First line of the signed result message of a job with an environment template: the v1 lines
+/// plus `environment=` and `environment_lock=` after `job_hash=`.
+pub const RESULT_DOMAIN_V2: &str = "sandrun-result-v2";
 /// Largest key file read, in bytes (a PKCS#8 Ed25519 PEM is about 120).
 const MAX_KEY_FILE_BYTES: u64 = 16 * 1024;
 
@@ -194,14 +197,39 @@ pub struct ResultClaim<'a> {
     pub outputs: &'a [(String, [u8; 32])],
     /// Unix time in seconds.
     pub completed_at: u64,
+    /// The job's environment template and the SHA-256 of its `sandrun-lock.json`, as the helper
+    /// read it from the job's own template mount; `None` for a job without one.
+    pub environment: Option<EnvironmentClaim<'a>>,
+}
+
+/// The template part of a [`ResultClaim`].
+#[derive(Debug, Clone, Copy)]
+pub struct EnvironmentClaim<'a> {
+    pub name: &'a str,
+    pub lock_sha256: &'a [u8; 32],
+}
+
+impl ResultClaim<'_> {
+    /// The first line of the message: [`RESULT_DOMAIN`] without a template (the bytes of such a
+    /// result are those of format 1, so every verifier of format 1 keeps working), else
+    /// [`RESULT_DOMAIN_V2`].
+    pub fn format(&self) -> &'static str {
+        if self.environment.is_some() {
+            RESULT_DOMAIN_V2
+        } else {
+            RESULT_DOMAIN
+        }
+    }
 }
 
 /// The exact bytes signed for a result (see `docs/signatures.md`):
 ///
 /// ```text
-/// sandrun-result-v1
+/// sandrun-result-v1                  (sandrun-result-v2 for a job with a template)
 /// job_id=<job id>
 /// job_hash=<64 hex>
+/// environment=<template name>        (v2 only)
+/// environment_lock=<64 hex sha256 of the template's sandrun-lock.json>   (v2 only)
 /// exit_code=<decimal, or "none">
 /// cpu_ms=<decimal>
 /// memory_peak_bytes=<decimal>
@@ -216,9 +244,17 @@ pub fn canonical_message(c: &ResultClaim) -> Vec<u8> {
     let exit_code = c
         .exit_code
         .map_or_else(|| "none".to_owned(), |code| code.to_string());
+    let environment = c.environment.map_or_else(String::new, |e| {
+        format!(
+            "environment={}\nenvironment_lock={}\n",
+            escape_line(e.name),
+            hex::encode(e.lock_sha256)
+        )
+    });
     let mut out = format!(
-        "{RESULT_DOMAIN}\njob_id={}\njob_hash={}\nexit_code={exit_code}\ncpu_ms={}\n\
+        "{}\njob_id={}\njob_hash={}\n{environment}exit_code={exit_code}\ncpu_ms={}\n\
          memory_peak_bytes={}\ncompleted_at={}\noutputs={}\n",
+        c.format(),
         escape_line(c.job_id),
         hex::encode(c.job_hash),
         c.cpu_ms,
@@ -293,7 +329,35 @@ mod tests {
             memory_peak_bytes: 5_000_000,
             outputs,
             completed_at: 1_700_000_000,
+            environment: None,
         }
+    }
+
+    #[test]
+    fn given_a_template_then_the_message_is_v2_with_its_name_and_lock_and_v1_is_unchanged_without()
+    {
+        let lock = [0xcd; 32];
+        let mut c = claim(&[], &[1; 32]);
+        let v1 = String::from_utf8(canonical_message(&c)).unwrap();
+        assert!(
+            v1.starts_with("sandrun-result-v1\njob_id=0123abcd\njob_hash="),
+            "{v1}"
+        );
+        assert!(!v1.contains("environment"), "{v1}");
+        c.environment = Some(EnvironmentClaim {
+            name: "small",
+            lock_sha256: &lock,
+        });
+        let v2 = String::from_utf8(canonical_message(&c)).unwrap();
+        let expected = format!(
+            "sandrun-result-v2\njob_id=0123abcd\njob_hash={}\nenvironment=small\n\
+             environment_lock={}\nexit_code=0\ncpu_ms=1234\nmemory_peak_bytes=5000000\n\
+             completed_at=1700000000\noutputs=0\n",
+            "01".repeat(32),
+            "cd".repeat(32)
+        );
+        assert_eq!(v2, expected);
+        assert_eq!(c.format(), RESULT_DOMAIN_V2);
     }
 
     #[test]

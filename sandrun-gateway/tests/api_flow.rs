@@ -101,6 +101,7 @@ fn verify_signature(status: &serde_json::Value, id: &str) {
             .unwrap(),
         outputs: &outputs,
         completed_at: status["completed_at"].as_u64().unwrap(),
+        environment: None,
     };
     let signature = status["worker_metadata"]["signature"].as_str().unwrap();
     let signature = base64::engine::general_purpose::STANDARD
@@ -416,7 +417,21 @@ async fn given_info_endpoints_then_each_answers_json_with_its_fields() {
     assert_eq!(health["worker_id_hex"].as_str().unwrap().len(), 64);
     assert!(health["version"].is_string());
     let envs = gw.get("/environments").await.json();
-    assert!(envs["environments"].is_array());
+    assert_eq!(
+        envs["environments"],
+        serde_json::json!(["fake-env"]),
+        "{envs}"
+    );
+    assert_eq!(envs["templates"], envs["environments"]);
+    let detail = &envs["details"][0];
+    use sha2::Digest;
+    assert_eq!(
+        detail["lock_sha256"],
+        hex::encode(sha2::Sha256::digest(support::FAKE_LOCK)),
+        "{envs}"
+    );
+    assert_eq!(detail["interpreter"]["version"], "3.11.2", "{envs}");
+    assert_eq!(detail["packages"][0]["name"], "six", "{envs}");
     let id = gw.submit_script("out x").await;
     gw.wait_finished(&id).await;
     let stats = gw.get("/stats").await.json();

@@ -48,6 +48,7 @@ async fn given_a_signed_result_then_openssl_verifies_it_and_rejects_a_flipped_by
         memory_peak_bytes: 9_437_184,
         outputs: &outputs,
         completed_at: 1_750_000_000,
+        environment: None,
     };
     let key = WorkerKey::generate();
     let msg = canonical_message(&claim);

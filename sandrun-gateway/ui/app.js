@@ -582,10 +582,15 @@ function signedMessage(status) {
   const outputs = Object.entries(status.output_files || {})
     .map(([path, info]) => ({ path, bytes: utf8(path), sha256: info.sha256 }))
     .sort((a, b) => compareBytes(a.bytes, b.bytes));
+  // Format 2 (a job with an environment template) adds its name and lock hash.
+  const env = status.environment_lock
+    ? `environment=${escapeLine(status.environment)}\nenvironment_lock=${status.environment_lock}\n`
+    : "";
   let text =
-    "sandrun-result-v1\n" +
+    (env ? "sandrun-result-v2\n" : "sandrun-result-v1\n") +
     `job_id=${escapeLine(status.job_id)}\n` +
     `job_hash=${status.job_hash}\n` +
+    env +
     `exit_code=${m.exit_code ?? "none"}\n` +
     `cpu_ms=${status.cpu_ms}\n` +
     `memory_peak_bytes=${m.memory_peak_bytes}\n` +

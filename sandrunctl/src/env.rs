@@ -36,7 +36,7 @@ pub(crate) const DEFAULT_TEMPLATE_DIR: &str = "/var/lib/sandrun/templates";
 /// The unprivileged user that downloads packages.
 pub(crate) const BUILD_USER: &str = "sandrun-build";
 /// The lock file at the top of every template.
-pub(crate) const LOCK_FILE: &str = "sandrun-lock.json";
+pub(crate) use sandrun_ipc::rules::LOCK_FILE;
 /// The lock format's version string.
 const LOCK_FORMAT: &str = "sandrun-lock/1";
 /// The interpreter whose wheels are downloaded and that installs them (the sandbox's).

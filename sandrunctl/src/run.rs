@@ -382,6 +382,7 @@ mod tests {
             memory_peak_bytes: 0,
             stdout_truncated: false,
             stderr_truncated: false,
+            template_lock: None,
         }
     }
 

@@ -71,6 +71,11 @@ impl LimitSet {
 pub const DEFAULT_WARM_SANDBOXES: u32 = 4;
 /// Each prepared sandbox holds a process, a tmpfs, a network namespace and a cgroup.
 pub const MAX_WARM_SANDBOXES: u32 = 32;
+/// How long a sandbox may take, by default, from its job order to the job's `execve` before the
+/// helper gives up on it (the job fails with `sandbox_setup`, `Protocol`/`ETIMEDOUT`).
+pub const DEFAULT_START_TIMEOUT_S: u32 = 60;
+/// The longest start timeout an operator may set.
+pub const MAX_START_TIMEOUT_S: u32 = 600;
 /// Default cap on one job's standard input (`JobSpec::stdin_bytes`): 16 MiB, above the gateway's
 /// own default of 1 MiB so that the gateway's cap is the one clients meet.
 pub const DEFAULT_MAX_STDIN_BYTES: u64 = 16 << 20;
@@ -84,6 +89,7 @@ struct RawConfig {
     admin_group: Option<String>,
     max_concurrent: Option<u32>,
     warm_sandboxes: Option<u32>,
+    start_timeout_s: Option<u32>,
     slot_uid_base: Option<u32>,
     slot_count: Option<u32>,
     mount_point: Option<PathBuf>,
@@ -107,6 +113,8 @@ pub struct Config {
     /// Sandboxes kept prepared ahead of jobs (namespaces, cgroup, root skeleton), each used for
     /// one job; 0 prepares every sandbox when its job arrives.
     pub warm_sandboxes: u32,
+    /// Seconds a sandbox has from its job order to the job's `execve` (1 to 600).
+    pub start_timeout_s: u32,
     pub slot_uid_base: u32,
     pub slot_count: u32,
     pub mount_point: PathBuf,
@@ -210,6 +218,7 @@ impl Config {
             admin_gid,
             max_concurrent,
             warm_sandboxes,
+            start_timeout_s: raw.start_timeout_s.unwrap_or(DEFAULT_START_TIMEOUT_S),
             slot_uid_base,
             slot_count,
             mount_point: raw
@@ -234,6 +243,11 @@ impl Config {
         if self.warm_sandboxes > MAX_WARM_SANDBOXES {
             return Err(err(format!(
                 "warm_sandboxes must be at most {MAX_WARM_SANDBOXES}"
+            )));
+        }
+        if !(1..=MAX_START_TIMEOUT_S).contains(&self.start_timeout_s) {
+            return Err(err(format!(
+                "start_timeout_s must be between 1 and {MAX_START_TIMEOUT_S}"
             )));
         }
         if self.slot_count < self.max_concurrent {
@@ -448,6 +462,20 @@ mod tests {
         let example = Config::from_text(&uncommented, &FakeUsers).unwrap();
         let builtin = Config::from_text("", &FakeUsers).unwrap();
         assert_eq!(format!("{example:?}"), format!("{builtin:?}"));
+    }
+
+    #[test]
+    fn given_a_start_timeout_then_it_must_be_between_1_and_600_seconds() {
+        let c = Config::from_text("start_timeout_s = 5", &FakeUsers).unwrap();
+        assert_eq!(c.start_timeout_s, 5);
+        assert_eq!(
+            Config::from_text("", &FakeUsers).unwrap().start_timeout_s,
+            60
+        );
+        for bad in ["start_timeout_s = 0", "start_timeout_s = 601"] {
+            let e = Config::from_text(bad, &FakeUsers).unwrap_err();
+            assert!(e.0.contains("start_timeout_s"), "{bad}: {e}");
+        }
     }
 
     #[test]

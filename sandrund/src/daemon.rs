@@ -56,6 +56,8 @@ pub(crate) fn self_check() -> Result<(), String> {
         Capability::CAP_CHOWN,
         Capability::CAP_FOWNER,
         Capability::CAP_DAC_OVERRIDE,
+        // Each sandbox's /dev/null, zero, full, random and urandom are fresh nodes (mknod).
+        Capability::CAP_MKNOD,
     ] {
         if !caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false) {
             return Err(format!(

@@ -21,3 +21,4 @@ pub(crate) mod ids;
 mod logger;
 pub(crate) mod sandbox;
 pub(crate) mod server;
+pub(crate) mod template;

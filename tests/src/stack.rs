@@ -295,7 +295,8 @@ impl Stack {
         self.post_parts_with(&[], path, parts)
     }
 
-    fn submit_with(&self, extra: &[&str], parts: &[Part]) -> HttpResponse {
+    /// `POST /submit` with `extra` curl arguments first (`--interface`, `-H`, ...).
+    pub fn submit_with(&self, extra: &[&str], parts: &[Part]) -> HttpResponse {
         self.post_parts_with(extra, "/submit", parts)
     }
 

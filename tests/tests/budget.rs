@@ -322,3 +322,135 @@ fn given_a_websocket_subscriber_that_never_reads_then_its_backlog_is_bounded_and
     });
     assert!(released, "{}", stack.get_json("/stats").1);
 }
+
+/// The trusted proxy of [`given_clients_behind_a_trusted_proxy_then_each_forwarded_client_has_its_own_memory_share`].
+const PROXY: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+
+/// Behind a trusted proxy (`trusted_proxies`), the memory share belongs to the client named by
+/// `X-Forwarded-For`: one forwarded client filling its share is held to it (its outputs past the
+/// share are skipped) while another client behind the same proxy still gets its output, and
+/// nothing is charged to the proxy's own address (which would make everyone behind it share one
+/// share) nor left uncharged (which would exempt them all).
+#[test]
+fn given_clients_behind_a_trusted_proxy_then_each_forwarded_client_has_its_own_memory_share() {
+    sandrun_tests::require_root();
+    let gateway = format!(
+        "trusted_proxies = [\"{PROXY}\"]\n[retention]\nmemory_budget_bytes = {BUDGET_BYTES}\n\
+         failed_ttl_s = 3600\n"
+    );
+    let stack = Stack::start(&config(""), &gateway);
+    let forwarded = |client: &str| format!("X-Forwarded-For: {client}");
+    let (a, b) = (forwarded("192.0.2.1"), forwarded("192.0.2.2"));
+    let via_proxy = |header: &str, parts: &[Part]| {
+        let r = stack.submit_with(&["--interface", "127.0.0.4", "-H", header], parts);
+        assert_eq!(r.status, 200, "submit through the proxy: {}", r.text());
+        r.json()["job_id"].as_str().unwrap_or_default().to_owned()
+    };
+    let stats_of = |header: &str| {
+        let r = stack.curl_from(PROXY, &["-H", header], "/stats");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let big = "mkdir -p out; for i in 1 2 3 4 5 6 7; do head -c 1052672 /dev/zero > out/f$i; done";
+    let ids: Vec<String> = (0..4).map(|_| via_proxy(&a, &sh_job(big))).collect();
+    let (mut kept, mut skipped) = (0u64, 0usize);
+    for id in &ids {
+        let status = stack.wait_finished(id);
+        assert_eq!(status["status"], "completed", "{status}");
+        kept += status["output_files"].as_object().map_or(0, |o| {
+            o.values()
+                .map(|f| f["size_bytes"].as_u64().expect("size_bytes of an output"))
+                .sum()
+        });
+        skipped += status["skipped_outputs"].as_array().map_or(0, Vec::len);
+    }
+    let of_a = stats_of(&a);
+    eprintln!("forwarded client a kept {kept} bytes, {skipped} skipped; stats {of_a}");
+    assert_eq!(of_a["client"], "192.0.2.1", "{of_a}");
+    assert!(
+        kept <= SHARE_BYTES,
+        "client a holds {kept} bytes of results"
+    );
+    assert!(skipped > 0, "client a's outputs past its share are skipped");
+    let held = of_a["memory"]["used_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        held >= kept && held <= SHARE_BYTES,
+        "client a's charge is {held}: {of_a}"
+    );
+    // The proxy itself, and the other client behind it, hold nothing.
+    let of_proxy = stack.curl_from(PROXY, &[], "/stats").json();
+    assert_eq!(of_proxy["client"], PROXY.to_string(), "{of_proxy}");
+    assert_eq!(of_proxy["memory"]["used_bytes"], 0, "{of_proxy}");
+    assert_eq!(stats_of(&b)["memory"]["used_bytes"], 0);
+    let small = "mkdir -p out; head -c 1048576 /dev/urandom > out/b";
+    let id = via_proxy(&b, &sh_job(small));
+    let status = stack.wait_finished(&id);
+    assert_eq!(status["status"], "completed", "{status}");
+    assert_eq!(
+        status["output_files"]["out/b"]["size_bytes"], 1_048_576,
+        "client b's output is returned: {status}"
+    );
+    let of_b = stats_of(&b);
+    let held_b = of_b["memory"]["used_bytes"].as_u64().unwrap_or(0);
+    assert!(
+        held_b >= 1_048_576,
+        "client b's output is charged to b: {of_b}"
+    );
+    assert_eq!(
+        stack.curl_from(PROXY, &[], "/stats").json()["memory"]["used_bytes"],
+        0
+    );
+}
+
+/// `GET /logs` answers with the job's logs as JSON text and base64: for 1 MiB of control
+/// characters about 7.4 MiB, built per request. A caller that never reads its answers held each
+/// of those copies outside the budget (`/stats` unchanged), so a few connections could hold
+/// gigabytes; now each answer is charged to the caller before it is built (its copies of the
+/// logs too) and until it is sent, the caller is refused past its share, and others are still
+/// answered.
+#[test]
+fn given_stalled_log_requests_then_their_answers_are_charged_to_the_caller_and_refused_past_its_share(
+) {
+    sandrun_tests::require_root();
+    // A 64 MiB budget: one client's share is 16 MiB, one stalled answer (7.4 MiB) and not the
+    // copies another needs while it is built (its logs, their base64 and its JSON: 10 MiB).
+    let gateway = "[retention]\nmemory_budget_bytes = 67108864\nfailed_ttl_s = 3600\n";
+    let stack = Stack::start(&config(""), gateway);
+    let script = "head -c 1048576 /dev/zero | tr '\\0' '\\001'";
+    let id = submit_from(&stack, BYSTANDER, &sh_job(script));
+    let status = stack.wait_finished(&id);
+    assert_eq!(status["status"], "completed", "{status}");
+    let logs = stack.curl_from(BYSTANDER, &[], &format!("/logs/{id}"));
+    assert_eq!(logs.status, 200, "{}", logs.text());
+    let answer = logs.body.len() as u64;
+    assert!(answer > 7 << 20, "the answer is {answer} bytes");
+    let held_by = |from: Ipv4Addr| stats_from(&stack, from)["memory"]["used_bytes"].clone();
+    assert_eq!(held_by(ATTACKER), 0);
+    let config = tls_client_config(&stack.ca_path());
+    let request = format!("GET /logs/{id} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let mut stalled = tls_connect(&config, ATTACKER, stack.addr()).expect("connect");
+    stalled
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    stalled.flush().expect("flush");
+    // Read nothing: more than the kernel's socket buffers take stays in the gateway.
+    let charged = eventually(Duration::from_secs(10), || {
+        held_by(ATTACKER).as_u64().unwrap_or(0) >= answer
+    });
+    let held = held_by(ATTACKER);
+    eprintln!("a stalled /logs answer of {answer} bytes: the caller holds {held}");
+    assert!(
+        charged,
+        "a stalled answer of {answer} bytes is charged: {held}"
+    );
+    // Another is past the caller's share; another caller is still answered.
+    let second = stack.curl_from(ATTACKER, &[], &format!("/logs/{id}"));
+    eprintln!("second /logs: {} {}", second.status, second.text());
+    assert_eq!(second.status, 429, "{}", second.text());
+    assert!(second.text().contains("share"), "{}", second.text());
+    let other = stack.curl_from(BYSTANDER, &[], &format!("/logs/{id}"));
+    assert_eq!((other.status, other.body.len() as u64), (200, answer));
+    drop(stalled);
+    let released = eventually(Duration::from_secs(10), || held_by(ATTACKER) == 0);
+    assert!(released, "after the disconnect: {}", held_by(ATTACKER));
+}

@@ -11,7 +11,9 @@ use std::process::{Command, Output};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use sandrun_tests::{config, Config, Helper};
+use sandrun_ipc::ErrorCode;
+use sandrun_tests::stack::{Part, Stack};
+use sandrun_tests::{config, Config, Helper, Job};
 
 /// The build user `sandrunctl env build` downloads as; created here as the package would.
 const BUILD_USER: &str = "sandrun-build";
@@ -179,4 +181,232 @@ fn given_a_failing_build_then_the_previous_template_is_untouched_and_rm_removes_
         !out.status.success(),
         "removing a missing template succeeded: {out:?}"
     );
+}
+
+/// The signed message of `docs/signatures.md` (format 2: a job with a template), rebuilt from
+/// `/status` alone.
+fn signed_message_v2(status: &Value) -> String {
+    let meta = &status["execution_metadata"];
+    let exit_code = meta["exit_code"]
+        .as_i64()
+        .map_or("none".to_owned(), |c| c.to_string());
+    let mut outputs: Vec<(String, String)> = status["output_files"]
+        .as_object()
+        .expect("output_files")
+        .iter()
+        .map(|(p, i)| (p.clone(), i["sha256"].as_str().expect("sha256").to_owned()))
+        .collect();
+    outputs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut msg = format!(
+        "sandrun-result-v2\njob_id={}\njob_hash={}\nenvironment={}\nenvironment_lock={}\n\
+         exit_code={exit_code}\ncpu_ms={}\nmemory_peak_bytes={}\ncompleted_at={}\noutputs={}\n",
+        status["job_id"].as_str().expect("job_id"),
+        status["job_hash"].as_str().expect("job_hash"),
+        status["environment"].as_str().expect("environment"),
+        status["environment_lock"]
+            .as_str()
+            .expect("environment_lock"),
+        status["cpu_ms"].as_u64().expect("cpu_ms"),
+        meta["memory_peak_bytes"]
+            .as_u64()
+            .expect("memory_peak_bytes"),
+        status["completed_at"].as_u64().expect("completed_at"),
+        outputs.len(),
+    );
+    for (path, sha) in outputs {
+        msg.push_str(&format!("output={sha} {path}\n"));
+    }
+    msg
+}
+
+/// Whether `openssl pkeyutl -verify -rawin` (docs/signatures.md, section 4) accepts `sig` over
+/// `msg` with the stack's worker key.
+fn openssl_verifies(stack: &Stack, msg: &[u8], sig: &[u8]) -> bool {
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let pub_pem = scratch.path().join("worker.pub.pem");
+    let out = Command::new("openssl")
+        .args(["pkey", "-pubout", "-in"])
+        .arg(stack.worker_key_path())
+        .arg("-out")
+        .arg(&pub_pem)
+        .output()
+        .expect("run openssl (package openssl must be installed)");
+    assert!(out.status.success(), "openssl pkey: {out:?}");
+    let (m, s) = (scratch.path().join("msg"), scratch.path().join("sig"));
+    fs::write(&m, msg).expect("write msg");
+    fs::write(&s, sig).expect("write sig");
+    Command::new("openssl")
+        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
+        .arg(&pub_pem)
+        .args(["-rawin", "-in"])
+        .arg(&m)
+        .arg("-sigfile")
+        .arg(&s)
+        .output()
+        .expect("run openssl pkeyutl")
+        .status
+        .success()
+}
+
+/// A stack whose helper uses `templates`, with template `small` (six 1.17.0) built in it.
+fn stack_with_small(templates: &Path, extra: &str) -> (Stack, String) {
+    ensure_build_user();
+    let cfg = config(&format!(
+        "template_dir = \"{}\"\n{extra}",
+        templates.display()
+    ));
+    let stack = Stack::start(&cfg, "");
+    let def = write_definition(stack.dir(), "small.txt", "six==1.17.0\n");
+    let out = env_build(stack.helper(), templates, "small", &def);
+    assert!(out.status.success(), "{out:?}");
+    let (_, hash) = lock_of(templates, "small");
+    (stack, hash)
+}
+
+const IMPORT_SIX: &str = "import os, six\nprint(six.__version__)\nprint(six.__file__)\n\
+                          print(os.environ['PYTHONPATH'])\n";
+
+#[test]
+fn given_a_built_template_when_a_job_names_it_then_it_imports_its_packages_and_the_signed_result_carries_the_lock_hash(
+) {
+    let templates = template_dir();
+    let (stack, hash) = stack_with_small(templates.path(), "");
+
+    let (code, envs) = stack.get_json("/environments");
+    assert_eq!(code, 200, "{envs}");
+    assert_eq!(envs["environments"], serde_json::json!(["small"]), "{envs}");
+    let small = &envs["details"][0];
+    assert_eq!(small["name"], "small", "{envs}");
+    assert_eq!(small["lock_sha256"], hash, "{envs}");
+    assert_eq!(small["packages"][0]["name"], "six", "{envs}");
+    assert_eq!(small["packages"][0]["version"], "1.17.0", "{envs}");
+    assert_eq!(small["interpreter"]["name"], "python3", "{envs}");
+    assert!(
+        small["interpreter"]["version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.")),
+        "{envs}"
+    );
+
+    // The job's code is unchanged: no sys.path edits, no network.
+    let id = stack.submit_ok(&[
+        Part::file("main.py", IMPORT_SIX),
+        Part::manifest(&serde_json::json!({"entrypoint": "main.py", "environment": "small"})),
+    ]);
+    let status = stack.wait_finished(&id);
+    let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+    assert_eq!(status["status"], "completed", "{status}\n{logs}");
+    assert_eq!(logs["stdout"], "1.17.0\n/env/six.py\n/env\n", "{logs}");
+    assert_eq!(status["environment"], "small", "{status}");
+    assert_eq!(status["environment_lock"], hash, "{status}");
+    assert_eq!(
+        status["worker_metadata"]["signature_format"], "sandrun-result-v2",
+        "{status}"
+    );
+
+    use base64::Engine as _;
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(
+            status["worker_metadata"]["signature"]
+                .as_str()
+                .expect("signature"),
+        )
+        .expect("base64");
+    let msg = signed_message_v2(&status).into_bytes();
+    assert!(
+        openssl_verifies(&stack, &msg, &sig),
+        "signature refused:\n{}",
+        String::from_utf8_lossy(&msg)
+    );
+    // Another lock hash in the message: the signature no longer verifies.
+    let text = String::from_utf8(msg).expect("utf-8");
+    let forged = text.replace(&hash, &"0".repeat(64));
+    assert_ne!(forged, text);
+    assert!(!openssl_verifies(&stack, forged.as_bytes(), &sig));
+
+    // A job without the template does not see it (and is signed as format 1).
+    let id = stack.submit_ok(&[Part::file(
+        "main.py",
+        "import os\nprint(os.path.exists('/env'), os.environ.get('PYTHONPATH'))\n",
+    )]);
+    let status = stack.wait_finished(&id);
+    let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+    assert_eq!(logs["stdout"], "False None\n", "{logs}");
+    assert_eq!(status["environment_lock"], Value::Null, "{status}");
+    assert_eq!(
+        status["worker_metadata"]["signature_format"], "sandrun-result-v1",
+        "{status}"
+    );
+}
+
+#[test]
+fn given_an_absent_template_or_an_override_of_its_variables_then_submit_is_a_400_naming_the_field()
+{
+    let templates = template_dir();
+    let (stack, _) = stack_with_small(templates.path(), "");
+    let absent = stack.submit(&[
+        Part::file("main.py", IMPORT_SIX),
+        Part::manifest(&serde_json::json!({"entrypoint": "main.py", "environment": "absent"})),
+    ]);
+    assert_eq!(absent.status, 400, "{}", absent.text());
+    let error = absent.json()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.starts_with("manifest.environment:") && error.contains("absent"),
+        "{error}"
+    );
+    let override_ = stack.submit(&[
+        Part::file("main.py", IMPORT_SIX),
+        Part::manifest(&serde_json::json!({
+            "entrypoint": "main.py", "environment": "small", "env": {"PYTHONPATH": "/tmp"}
+        })),
+    ]);
+    assert_eq!(override_.status, 400, "{}", override_.text());
+    assert!(
+        override_.text().contains("manifest.env.PYTHONPATH"),
+        "{}",
+        override_.text()
+    );
+}
+
+#[test]
+fn given_a_template_removed_after_submit_then_the_job_fails_with_reason_environment() {
+    let templates = template_dir();
+    // One sandbox at a time: the second job waits in the gateway's queue for the first.
+    let (stack, _) = stack_with_small(templates.path(), "max_concurrent = 1");
+    let blocker = stack.submit_ok(&[Part::file("main.py", "import time\ntime.sleep(600)\n")]);
+    stack.wait_status(&blocker, |s| s == "running");
+    let queued = stack.submit_ok(&[
+        Part::file("main.py", IMPORT_SIX),
+        Part::manifest(&serde_json::json!({"entrypoint": "main.py", "environment": "small"})),
+    ]);
+    let dir = templates.path().display().to_string();
+    let out = stack
+        .helper()
+        .ctl(&["env", "--template-dir", &dir, "rm", "small"]);
+    assert!(out.status.success(), "{out:?}");
+    let deleted = stack.delete(&format!("/jobs/{blocker}"));
+    assert!(deleted.status < 300, "{}", deleted.text());
+    let status = stack.wait_finished(&queued);
+    assert_eq!(status["status"], "failed", "{status}");
+    assert_eq!(status["reason"], "environment", "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("small")),
+        "{status}"
+    );
+}
+
+#[test]
+fn given_a_helper_request_with_a_missing_template_then_it_is_refused_with_template_missing() {
+    let templates = template_dir();
+    let helper = Helper::start(&helper_config(templates.path()));
+    let mut job = Job::new(&["python3", "-c", "print(1)"]);
+    job.spec.template = Some("absent".into());
+    let outcome = helper.run(&job);
+    let error = outcome.error.as_ref().expect("refused");
+    assert_eq!(error.code, ErrorCode::TemplateMissing, "{error:?}");
 }

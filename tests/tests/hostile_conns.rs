@@ -248,6 +248,89 @@ fn given_32_slow_uploads_from_one_address_then_another_address_still_uploads_at_
     drop(uploads);
 }
 
+/// Reads from `s` until an answer has a status line and a complete head, or the peer closes.
+fn answer_head(s: &mut TlsStream) -> Vec<u8> {
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    while started.elapsed() < GIVE_UP && !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+        match read_some(s) {
+            Read1::Data(d) => answer.extend_from_slice(&d),
+            Read1::Nothing => {}
+            Read1::Closed => break,
+        }
+    }
+    answer
+}
+
+/// A request refused before its body is read (past the client's upload share, a declared length
+/// over the limit) is answered without the gateway reading the body: a client that waits for
+/// `100 Continue` gets the refusal itself, never the go-ahead to send a body that will be thrown
+/// away, and the connection is closed after it. (Before, the gateway read up to 64 KiB of the
+/// body for up to a second before it answered, and asking for it sent `100 Continue`.)
+#[test]
+fn given_uploads_refused_before_their_body_then_the_answer_comes_without_reading_the_body() {
+    let stack = stack("");
+    // The attacker holds its share of 8 upload slots.
+    let mut held: Vec<TlsStream> = (0..8)
+        .map(|_| {
+            let mut s = tls_from(&stack, ATTACKER, &[]);
+            s.write_all(&slow_upload_head()).expect("send the head");
+            s.flush().expect("flush");
+            s
+        })
+        .collect();
+    // The slots are taken when the heads arrive: wait until the gateway counts all eight.
+    let counted = sandrun_tests::hostile::eventually(GIVE_UP, || {
+        let text = stack.get("/metrics").text();
+        text.lines()
+            .any(|l| l.starts_with("sandrun_gateway_uploads_in_progress 8"))
+    });
+    assert!(
+        counted,
+        "eight uploads in progress:\n{}",
+        stack.get("/metrics").text()
+    );
+    let over_share = b"POST /submit HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000\r\n\
+          Expect: 100-continue\r\n\r\n";
+    let too_long = b"POST /submit HTTP/1.1\r\nHost: localhost\r\n\
+          Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000000000\r\n\
+          Expect: 100-continue\r\n\r\n";
+    for (what, head, want) in [
+        ("past the upload share", &over_share[..], 429),
+        ("declared length over the limit", &too_long[..], 413),
+    ] {
+        let mut s = tls_from(&stack, ATTACKER, &[]);
+        let sent = Instant::now();
+        s.write_all(head).expect("send the head");
+        s.flush().expect("flush");
+        let answer = answer_head(&mut s);
+        eprintln!(
+            "{what}: {:?} after {:?}",
+            String::from_utf8_lossy(&answer[..answer.len().min(40)]),
+            sent.elapsed()
+        );
+        assert!(
+            !answer.starts_with(b"HTTP/1.1 100"),
+            "{what}: the gateway asked for the body of a refused upload"
+        );
+        assert_eq!(
+            status_of(&answer),
+            want,
+            "{what}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        let closed = time_until_closed(&mut s);
+        assert!(
+            closed.is_some_and(|d| d <= SLACK),
+            "{what}: the connection stayed open {closed:?} after the refusal"
+        );
+    }
+    held.clear();
+    let health = stack.curl_from(BYSTANDER, &[], "/health");
+    assert_eq!(health.status, 200);
+}
+
 #[test]
 fn given_a_body_dripped_one_byte_at_a_time_then_it_is_cut_off_with_408_after_the_grace_period() {
     let grace = Duration::from_millis(1000);
@@ -533,3 +616,113 @@ fn given_http2_connections_with_no_open_stream_then_each_gets_goaway_within_its_
     assert_eq!(code, 0, "GOAWAY with NO_ERROR");
     assert_closed_within(Some(took), idle, "HTTP/2 idle after a request");
 }
+
+/// Reads frames until the server closes (or [`GIVE_UP`]): the frames seen, and how long the
+/// server took to close.
+fn frames_until_closed(s: &mut impl Read) -> (Vec<Frame>, Option<Duration>) {
+    let started = Instant::now();
+    let (mut buf, mut frames) = (Vec::new(), Vec::new());
+    while started.elapsed() < GIVE_UP {
+        match read_some(s) {
+            Read1::Data(d) => buf.extend_from_slice(&d),
+            Read1::Nothing => continue,
+            Read1::Closed => return (frames, Some(started.elapsed())),
+        }
+        while buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let stream = u32::from_be_bytes([buf[5] & 0x7f, buf[6], buf[7], buf[8]]);
+            frames.push((buf[3], buf[4], stream, buf[9..9 + len].to_vec()));
+            buf.drain(..9 + len);
+        }
+    }
+    (frames, None)
+}
+
+/// HTTP/2 spoken on a connection that did not negotiate it (TLS without ALPN, TLS with ALPN
+/// `http/1.1`, plain HTTP on loopback in `--dev`) would be timed by the HTTP/1.1 phase clock:
+/// the gateway refuses it, closing the connection at once without serving its request, and an
+/// HTTP/1.1 request on a connection that negotiated `h2` is refused the same way.
+#[test]
+fn given_http2_without_alpn_h2_then_the_connection_is_closed_unserved_within_the_http2_idle_timeout(
+) {
+    // A header timeout far above the HTTP/2 idle timeout: the HTTP/1.1 clock would keep the
+    // connection past the idle timeout, and the bound below would fail.
+    let idle = Duration::from_millis(2000);
+    let stack = stack("[http]\nheader_timeout_ms = 12000\nhttp2_idle_timeout_ms = 2000\n");
+    let mut request = PREFACE.to_vec();
+    request.extend_from_slice(&frame(SETTINGS, 0, 0, &[]));
+    request.extend_from_slice(&get_health_headers());
+    let open = |case: &str| -> Box<dyn ReadWrite> {
+        match case {
+            "TLS without ALPN" => Box::new(tls_from(&stack, ATTACKER, &[])),
+            "TLS with ALPN http/1.1" => Box::new(tls_from(&stack, ATTACKER, &[b"http/1.1"])),
+            _ => {
+                let tcp = tcp_from(ATTACKER, stack.addr()).expect("connect");
+                tcp.set_read_timeout(Some(Duration::from_millis(100)))
+                    .expect("set read timeout");
+                Box::new(tcp)
+            }
+        }
+    };
+    for what in [
+        "TLS without ALPN",
+        "TLS with ALPN http/1.1",
+        "plain HTTP (h2c prior knowledge)",
+    ] {
+        let mut s = open(what);
+        s.write_all(&request)
+            .expect("preface, SETTINGS and a request");
+        s.flush().expect("flush");
+        let (frames, took) = frames_until_closed(&mut s);
+        let kinds: Vec<u8> = frames.iter().map(|f| f.0).collect();
+        eprintln!("HTTP/2 over {what}: closed after {took:?}, frame types {kinds:?}");
+        let answered = frames
+            .iter()
+            .any(|(kind, _, stream, _)| *kind == 1 && *stream == 1);
+        assert!(!answered, "{what}: the HTTP/2 request was served");
+        let took = took.unwrap_or_else(|| panic!("{what}: still open after {GIVE_UP:?}"));
+        assert!(
+            took <= idle,
+            "{what}: closed after {took:?}, idle timeout {idle:?}"
+        );
+    }
+    // HTTP/1.1 after ALPN h2.
+    let mut s = tls_from(&stack, ATTACKER, &[b"h2"]);
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("an HTTP/1.1 request");
+    let mut answer = Vec::new();
+    let started = Instant::now();
+    let took = loop {
+        match read_some(&mut s) {
+            Read1::Data(d) => answer.extend_from_slice(&d),
+            Read1::Nothing if started.elapsed() < GIVE_UP => {}
+            Read1::Nothing => break None,
+            Read1::Closed => break Some(started.elapsed()),
+        }
+    };
+    eprintln!("HTTP/1.1 after ALPN h2: closed after {took:?}, answer {answer:?}");
+    assert!(
+        !answer.starts_with(b"HTTP/1.1"),
+        "HTTP/1.1 was served after ALPN h2"
+    );
+    assert!(took.is_some_and(|t| t <= idle), "closed after {took:?}");
+    // Negotiated protocols are still served.
+    let mut h2 = H2::connect(&stack);
+    h2.send(&get_health_headers());
+    let deadline = Instant::now() + GIVE_UP;
+    loop {
+        let (kind, _, stream, _) = h2.next_frame(deadline).expect("an answer on stream 1");
+        if stream == 1 && kind == 1 {
+            break;
+        }
+    }
+    let health = stack.curl_from(BYSTANDER, &[], "/health");
+    assert_eq!(health.status, 200);
+}
+
+/// A byte stream both ways (TLS or plain TCP).
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}

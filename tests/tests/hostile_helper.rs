@@ -14,8 +14,8 @@ use sandrun_tests::host::vm_rss_kib;
 use sandrun_tests::hostile::{fd_count_once_at_most, helper_stats, settled_fd_count};
 use sandrun_tests::{config, Helper, Job};
 
-/// Tags one past the last variant of `Request` (6 variants), `Role` (2) and `AdminRequest` (4).
-const UNKNOWN_REQUEST_TAG: u8 = 6;
+/// Tags one past the last variant of `Request` (7 variants, `ListTemplates` the last), `Role` (2) and `AdminRequest` (4).
+const UNKNOWN_REQUEST_TAG: u8 = 7;
 const UNKNOWN_ROLE_TAG: u8 = 2;
 const UNKNOWN_ADMIN_TAG: u8 = 4;
 

@@ -317,6 +317,8 @@ fn given_two_jobs_with_the_same_template_when_one_holds_flock_on_its_file_then_t
     let templates = tempfile::tempdir().expect("template dir");
     std::fs::create_dir(templates.path().join("py")).expect("mkdir");
     std::fs::write(templates.path().join("py/lib.py"), "x = 1\n").expect("write");
+    // A template has a lock file (without one, no job may use it).
+    std::fs::write(templates.path().join("py/sandrun-lock.json"), "{}\n").expect("write");
     let extra = format!("template_dir = \"{}\"", templates.path().display());
     let helper = Helper::start(&config(&extra));
     let with_template = |args: &[&str]| {

@@ -207,3 +207,137 @@ fn given_warm_sandboxes_whose_cgroups_were_removed_when_a_job_arrives_then_it_ru
         helper.log()
     );
 }
+
+/// The helper's one prepared sandbox, once it waits for its job, stopped (`SIGSTOP`): a job
+/// given to it is held between `Go` and its `execve` until the test lets it go on.
+fn stop_the_prepared_init(helper: &Helper) -> i32 {
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let inits = idle_warm_inits(helper);
+            inits.len() == 1 && waits_for_its_job(inits[0])
+        }),
+        "expected one prepared warm sandbox, found {:?}",
+        idle_warm_inits(helper)
+    );
+    let init = idle_warm_inits(helper)[0];
+    signal(init, nix::sys::signal::Signal::SIGSTOP);
+    assert!(
+        eventually(Duration::from_secs(5), || state(init) == Some('T')),
+        "init {init} did not stop"
+    );
+    init
+}
+
+/// Every directory named `name` at or below `dir`.
+fn dirs_named(dir: &std::path::Path, name: &str, found: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            if e.file_name() == name {
+                found.push(path.clone());
+            }
+            dirs_named(&path, name, found);
+        }
+    }
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
+/// The state letter of `/proc/<pid>/stat` (`None`: no such process).
+fn state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+fn stats(helper: &Helper) -> sandrun_ipc::Stats {
+    match helper.admin(sandrun_ipc::AdminRequest::Stats) {
+        sandrun_ipc::Response::Admin(sandrun_ipc::AdminResponse::Stats(s)) => s,
+        other => panic!("stats: {other:?}"),
+    }
+}
+
+/// Issue 14: the loop does not wait on a starting sandbox. While one job's sandbox is held
+/// between its order and its exec, the helper answers `Stats` (which counts the held job as
+/// live) and runs a whole other job; the held job then starts and ends normally.
+#[test]
+fn given_a_sandbox_whose_start_is_held_then_the_helper_serves_other_clients_meanwhile() {
+    let helper = Helper::start(&config("warm_sandboxes = 1"));
+    let init = stop_the_prepared_init(&helper);
+    let held = helper.submit(&Job::new(&["/bin/sh", "-c", "echo held"]));
+    // A blocking helper would answer only once the held start had timed out (60 s), and then
+    // with the job gone.
+    let during = stats(&helper);
+    assert_eq!(
+        (during.running, during.jobs_started),
+        (1, 0),
+        "the held job is live and not started: {during:?}"
+    );
+    let other = helper.run(&Job::new(&["/bin/sh", "-c", "echo meanwhile"]));
+    assert_eq!(other.report().exit_code, Some(0), "{}", other.describe());
+    assert_eq!(other.stdout, b"meanwhile\n");
+    assert_eq!(state(init), Some('T'), "the held sandbox was not held");
+    assert_eq!(stats(&helper).jobs_started, 1, "only the other job started");
+    signal(init, nix::sys::signal::Signal::SIGCONT);
+    let held = held.finish();
+    assert_eq!(held.report().exit_code, Some(0), "{}", held.describe());
+    assert_eq!(held.stdout, b"held\n");
+    assert!(held.spawn_us.is_some(), "{}", held.describe());
+}
+
+/// A start that never answers fails at `start_timeout_s` with a typed error; its init is killed
+/// and reaped, its cgroup removed and its slot freed (with `max_concurrent = 1`, the next job
+/// runs).
+#[test]
+fn given_a_start_that_never_answers_then_it_times_out_and_leaves_nothing() {
+    let helper = Helper::start(&config(
+        "warm_sandboxes = 1\nstart_timeout_s = 1\nmax_concurrent = 1",
+    ));
+    let init = stop_the_prepared_init(&helper);
+    // Its cgroup's name (`job-w<n>`), from the init's own `/proc/<pid>/cgroup`.
+    let cgroups = fs::read_to_string(format!("/proc/{init}/cgroup")).unwrap();
+    let name = (cgroups.lines())
+        .filter_map(|l| l.rsplit('/').next())
+        .find(|n| n.starts_with("job-"))
+        .unwrap_or_else(|| panic!("init {init} is in no job cgroup: {cgroups}"))
+        .to_owned();
+    let left = || {
+        let mut found = Vec::new();
+        for d in helper.cgroup().dirs() {
+            dirs_named(d, &name, &mut found);
+        }
+        found
+    };
+    assert!(!left().is_empty(), "no cgroup {name} below the test's");
+    let held = helper.run(&Job::new(&["/bin/true"]));
+    let error = held
+        .error
+        .as_ref()
+        .unwrap_or_else(|| panic!("{}", held.describe()));
+    assert_eq!(
+        error.code,
+        sandrun_ipc::ErrorCode::SandboxSetup,
+        "{error:?}"
+    );
+    assert!(error.message.contains("timed out"), "{error:?}");
+    assert_eq!(state(init), None, "the stopped init {init} is still there");
+    let s = stats(&helper);
+    assert_eq!((s.running, s.setup_failures), (0, 1), "{s:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || left().is_empty()),
+        "the timed-out sandbox's cgroup is left: {:?}",
+        left()
+    );
+    assert!(
+        helper.cgroup().job_dirs().is_empty(),
+        "a job cgroup is left: {:?}",
+        helper.cgroup().job_dirs()
+    );
+    let next = helper.run(&Job::new(&["/bin/sh", "-c", "echo next"]));
+    assert_eq!(next.report().exit_code, Some(0), "{}", next.describe());
+    assert_eq!(next.stdout, b"next\n");
+}

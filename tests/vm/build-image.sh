@@ -107,11 +107,12 @@ start=$(date +%s)
 
 # What the guest needs: systemd as PID 1 and a bootable kernel; the package's Depends (from
 # packaging/package.sh: the shared libraries' packages, passwd, openssl) and Recommends (python3);
-# the suite's tools (curl, procps, mount, util-linux's findmnt, kmod for 9p).
+# the suite's tools (curl, procps, mount, util-linux's findmnt, kmod for 9p); nodejs, the other
+# interpreter jobs get, whose JIT is why the helper's unit has no MemoryDenyWriteExecute=.
 pkgs=(
   systemd systemd-sysv udev kmod dbus linux-image-amd64 initramfs-tools
   passwd openssl libseccomp2 libgcc-s1 libc6 libssl3 libsystemd0
-  python3 curl ca-certificates procps mount util-linux
+  python3 nodejs curl ca-certificates procps mount util-linux
 )
 if [ "$selinux" = 1 ]; then
   # The SELinux run (tests/vm/guest-selinux.sh): policy, tools, audit log.

@@ -172,6 +172,69 @@ limit cpu_limit "a busy loop under --cpu-s 1" --cpu-s 1 --timeout-s 120 -- /usr/
 limit timeout "sleep 60 under --timeout-s 2" --timeout-s 2 -- /usr/bin/python3 -c \
   'import time; time.sleep(60)'
 
+step "jobs of every kind run under the hardened unit"
+# The unit's seccomp filters (system calls, socket families), its device policy and IP filter are
+# inherited by every job (docs/operations.md, "Hardening"): each kind of job a user runs is
+# checked here, so a directive that breaks one fails the suite.
+# run_ok EXPECTED DESCRIPTION sandrunctl-run-args...: the job exits 0 and prints EXPECTED.
+run_ok() {
+  local want=$1 what=$2 out
+  shift 2
+  out=$(sandrunctl run "$@" 2>"$tmp/run.err") || fail "$what: sandrunctl run exited $?: $out $(cat "$tmp/run.err")"
+  [ "$out" = "$want" ] || fail "$what: printed '$out', expected '$want' ($(cat "$tmp/run.err"))"
+  ok "$what: $out"
+}
+run_ok "tcp4 ok tcp6 ok udp ok" "TCP and UDP on the job's own 127.0.0.1 and ::1" -- /usr/bin/python3 -c '
+import socket, threading
+def echo(fam, host):
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.bind((host, 0)); s.listen(1)
+    t = threading.Thread(target=lambda: (lambda c: (c[0].sendall(c[0].recv(16)), c[0].close()))(s.accept()))
+    t.start()
+    c = socket.create_connection((host, s.getsockname()[1]), timeout=20)
+    c.sendall(b"ok"); r = c.recv(16).decode(); c.close(); t.join()
+    return r
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(("127.0.0.1", 0))
+v = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); v.sendto(b"ok", u.getsockname())
+print("tcp4", echo(socket.AF_INET, "127.0.0.1"), "tcp6", echo(socket.AF_INET6, "::1"), "udp", u.recv(16).decode())
+'
+run_ok "pool 285 threads 8 pipe ok" "multiprocessing, threads and a subprocess" -- /usr/bin/python3 -c '
+import multiprocessing as mp, threading, subprocess
+def sq(x): return x * x
+if __name__ == "__main__":
+    with mp.Pool(2) as p: s = sum(p.map(sq, range(10)))
+    ts = [threading.Thread(target=lambda: None) for _ in range(8)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    out = subprocess.run(["/bin/sh", "-c", "echo ok"], capture_output=True, text=True).stdout.strip()
+    print("pool", s, "threads", len(ts), "pipe", out)
+'
+run_ok "null zero urandom full-ENOSPC" "the job's devices (DeviceAllow=)" -- /usr/bin/python3 -c '
+import errno
+open("/dev/null", "w").write("x")
+assert open("/dev/zero", "rb").read(4) == bytes(4)
+assert len(open("/dev/urandom", "rb").read(16)) == 16 and len(open("/dev/random", "rb").read(1)) == 1
+try:
+    f = open("/dev/full", "wb", buffering=0); f.write(b"x"); print("full wrote")
+except OSError as e:
+    assert e.errno == errno.ENOSPC, e
+print("null zero urandom full-ENOSPC")
+'
+run_ok "sandrun 42" "bash with its own hostname" -- /usr/bin/bash -c 'echo "$HOSTNAME $((6 * 7))"'
+# The image has nodejs (tests/vm/build-image.sh): a missing node is a broken image, not a skip.
+[ -x /usr/bin/node ] || fail "no /usr/bin/node in the guest (build-image.sh installs nodejs)"
+# A JIT (why the unit has no MemoryDenyWriteExecute=), worker threads and a child process.
+run_ok "node 42 worker 7 child ok" "node with its JIT, a worker and a child" -- /usr/bin/node -e '
+const { Worker } = require("worker_threads");
+const { execFileSync } = require("child_process");
+let s = 0; for (let i = 0; i < 3e6; i++) s = (s + i) % 1000003;
+const w = new Worker("require(\"worker_threads\").parentPort.postMessage(7)", { eval: true });
+w.on("message", (m) => {
+  const c = execFileSync("/bin/sh", ["-c", "echo ok"]).toString().trim();
+  console.log("node", 6 * 7, "worker", m, "child", c);
+  w.terminate();
+});
+'
+
 step "a double-forked daemon is gone after its job"
 rep=$(ctl_json -- /usr/bin/python3 -c '
 import os, time

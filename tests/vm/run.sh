@@ -4,7 +4,10 @@
 # "VM suite"). Exits 0 only if the guest wrote its PASS marker.
 #
 #   bash tests/vm/run.sh                 # builds the .deb (release build) and the image if needed
-#   SKIP_BUILD=1 bash tests/vm/run.sh    # reuse target/release (CI: install-test.sh built it)
+#   SKIP_BUILD=1 bash tests/vm/run.sh    # reuse target/release, only repackage it
+#   VM_DEB=target/package/sandrun_*.deb bash tests/vm/run.sh
+#                                        # install this .deb, build nothing (CI: packaging/test.sh
+#                                        # passes the one install-test.sh built)
 #   VM_TIMEOUT=1200 bash tests/vm/run.sh # seconds for boot + suite (default 900)
 #   VM_SELINUX=1 bash tests/vm/run.sh    # the SELinux run: the SELinux image variant, booted
 #                                        # with security=selinux, runs guest-selinux-suite.sh
@@ -23,9 +26,16 @@ selinux=${VM_SELINUX:-0}
 image=$(VM_SELINUX=$selinux bash tests/vm/build-image.sh | tail -n1)
 t_image=$(($(date +%s) - t0))
 echo "vm: image $image (${t_image}s)"
-deb=$(bash packaging/package.sh | tail -n1)
-[ -f "$deb" ] || { echo "vm: packaging/package.sh made no .deb" >&2; exit 1; }
-echo "vm: package $deb"
+t_pkg=$(date +%s)
+if [ -n "${VM_DEB:-}" ]; then
+  deb=$VM_DEB
+  [ -f "$deb" ] || { echo "vm: VM_DEB=$deb is not a file" >&2; exit 1; }
+else
+  deb=$(bash packaging/package.sh | tail -n1)
+  [ -f "$deb" ] || { echo "vm: packaging/package.sh made no .deb" >&2; exit 1; }
+fi
+t_pkg=$(($(date +%s) - t_pkg))
+echo "vm: package $deb (${t_pkg}s)"
 
 share=target/vm/share
 rm -rf "$share"
@@ -68,7 +78,9 @@ if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
   exit 1
 fi
 started=$(sed -n 's/.*sandrun-vm: guest.sh starting at \([0-9.]*\)s.*/\1/p' "$console" | head -n1)
-echo "vm: times: image ${t_image}s, VM ${t_vm}s (guest.sh started at ${started:-?}s of guest uptime)"
+echo "vm: times: image ${t_image}s (its build took $(cat "$image/build-seconds" 2>/dev/null || echo '?')s)," \
+  "package ${t_pkg}s, VM ${t_vm}s (guest.sh started at ${started:-?}s of guest uptime), total $(($(date +%s) - t0))s"
+[ -f "$share/scores.txt" ] && sed 's/^/vm: score (unit, exposure, target): /' "$share/scores.txt"
 if [ "$(cat "$share/guest.rc" 2>/dev/null)" = 0 ] && tail -n1 "$share/guest.log" | grep -q '^PASS: '; then
   echo "vm: PASS"
   exit 0

@@ -10,7 +10,7 @@ use sandrun_ipc::{
     encode, AdminRequest, AdminResponse, BundleEntry, BundlePath, ErrorCode, ExitReason,
     ExitReport, GrantedLimits, Hello, IpcError, JobId, JobSpec, LatencySummary, Limits,
     NetworkPolicy, OutputFileHeader, OutputPattern, PrintablePath, Request, Response, Role,
-    SandboxInfo, SkipKind, Stats, PROTOCOL_VERSION,
+    SandboxInfo, SkipKind, Stats, TemplateInfo, TemplateLock, PROTOCOL_VERSION,
 };
 
 fn main() -> ExitCode {
@@ -121,6 +121,7 @@ fn requests() -> Result<Vec<Request>, Box<dyn std::error::Error>> {
         Request::Admin(AdminRequest::Kill(JobId(42))),
         Request::Admin(AdminRequest::Stats),
         Request::Admin(AdminRequest::Drain),
+        Request::ListTemplates,
     ])
 }
 
@@ -143,6 +144,7 @@ fn responses() -> Result<Vec<Response>, Box<dyn std::error::Error>> {
         memory_peak_bytes: 9 << 20,
         stdout_truncated: false,
         stderr_truncated: true,
+        template_lock: None,
     };
     let stats = Stats {
         running: 1,
@@ -198,6 +200,18 @@ fn responses() -> Result<Vec<Response>, Box<dyn std::error::Error>> {
         Response::Admin(AdminResponse::List(vec![info])),
         Response::Admin(AdminResponse::Killed(JobId(1))),
         Response::Admin(AdminResponse::Stats(stats)),
+        Response::Template(TemplateInfo {
+            name: "data-science".into(),
+            lock: Some(TemplateLock {
+                sha256: [0x5a; 32],
+                bytes: b"{\"format\":\"sandrun-lock/1\"}\n".to_vec(),
+            }),
+        }),
+        Response::Template(TemplateInfo {
+            name: "bare".into(),
+            lock: None,
+        }),
+        Response::TemplatesEnd { omitted: 1 },
         Response::Admin(AdminResponse::Draining { running: 2 }),
     ])
 }

@@ -9,7 +9,7 @@ use sandrun_ipc::{
     AdminRequest, AdminResponse, BundleEntry, BundlePath, ErrorCode, ExitReason, ExitReport,
     GrantedLimits, Hello, IpcError, JobId, JobSpec, LatencySummary, Limits, NetworkPolicy,
     OutputFileHeader, OutputPattern, PrintablePath, Request, Response, Role, SandboxInfo, SkipKind,
-    Stats,
+    Stats, TemplateInfo, TemplateLock,
 };
 
 /// Free text (labels, argv, messages): any characters, including control characters.
@@ -191,6 +191,7 @@ pub fn request() -> impl Strategy<Value = Request> {
         Just(Request::BundleEnd),
         Just(Request::Cancel),
         admin_request().prop_map(Request::Admin),
+        Just(Request::ListTemplates),
     ]
 }
 
@@ -208,6 +209,7 @@ pub fn exit_report() -> impl Strategy<Value = ExitReport> {
         any::<u64>(),
         any::<bool>(),
         any::<bool>(),
+        option::of(any::<[u8; 32]>()),
     )
         .prop_map(
             |(
@@ -219,6 +221,7 @@ pub fn exit_report() -> impl Strategy<Value = ExitReport> {
                 memory_peak_bytes,
                 stdout_truncated,
                 stderr_truncated,
+                template_lock,
             )| ExitReport {
                 exit_code,
                 signal,
@@ -228,6 +231,7 @@ pub fn exit_report() -> impl Strategy<Value = ExitReport> {
                 memory_peak_bytes,
                 stdout_truncated,
                 stderr_truncated,
+                template_lock,
             },
         )
 }
@@ -252,7 +256,7 @@ pub fn output_file_header() -> impl Strategy<Value = OutputFileHeader> {
 }
 
 /// Every error code, so each one is seen on the wire.
-pub const ALL_ERROR_CODES: [ErrorCode; 11] = [
+pub const ALL_ERROR_CODES: [ErrorCode; 12] = [
     ErrorCode::VersionMismatch,
     ErrorCode::NotAuthorized,
     ErrorCode::UnexpectedMessage,
@@ -263,6 +267,7 @@ pub const ALL_ERROR_CODES: [ErrorCode; 11] = [
     ErrorCode::NotFound,
     ErrorCode::SandboxSetup,
     ErrorCode::ExecFailed,
+    ErrorCode::TemplateMissing,
     ErrorCode::Internal,
 ];
 
@@ -365,5 +370,17 @@ pub fn response() -> impl Strategy<Value = Response> {
         Just(Response::Done),
         ipc_error().prop_map(Response::Error),
         admin_response().prop_map(Response::Admin),
+        template_info().prop_map(Response::Template),
+        any::<u32>().prop_map(|omitted| Response::TemplatesEnd { omitted }),
     ]
+}
+
+pub fn template_info() -> impl Strategy<Value = TemplateInfo> {
+    (
+        text(),
+        option::of(
+            (any::<[u8; 32]>(), bytes()).prop_map(|(sha256, bytes)| TemplateLock { sha256, bytes }),
+        ),
+    )
+        .prop_map(|(name, lock)| TemplateInfo { name, lock })
 }

@@ -131,7 +131,9 @@ fn admit_connection(
     peer: SocketAddr,
 ) -> Result<Option<ClientConnection>, ()> {
     let limits = &state.config;
-    if limits.trusted_proxies.contains(&peer.ip()) {
+    // The same test as `client_ip`'s: on a dual-stack listener an IPv4 proxy is a mapped
+    // address, and a plain `contains` would hold it to one client's connection cap.
+    if crate::ratelimit::is_trusted_proxy(peer.ip(), &limits.trusted_proxies) {
         return Ok(None);
     }
     let key = ClientKey::from_ip(peer.ip());
@@ -261,7 +263,7 @@ impl Connection {
                 Serve::UseHttps
             };
             let (tcp, parts) = (self.tcp, (self.state, self.cors, self.conn));
-            return serve_http(tcp, (false, true), serve, parts, shutdown).await;
+            return serve_http(tcp, false, serve, parts, shutdown).await;
         }
         let handshake = tokio::time::timeout(handshake_timeout, self.acceptor.accept(self.tcp));
         let tls = match handshake.await {
@@ -271,7 +273,7 @@ impl Connection {
         };
         let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
         let parts = (self.state, self.cors, self.conn);
-        serve_http(tls, (http2, false), Serve::Api, parts, shutdown).await;
+        serve_http(tls, http2, Serve::Api, parts, shutdown).await;
     }
 }
 
@@ -279,7 +281,7 @@ impl Connection {
 /// lifetime and graceful shutdown.
 async fn serve_http<S>(
     stream: S,
-    (http2, plain): (bool, bool),
+    http2: bool,
     serve: Serve,
     (state, cors, conn): (Arc<AppState>, Arc<cors::AllowedOrigins>, ConnInfo),
     mut shutdown: watch::Receiver<bool>,
@@ -311,11 +313,11 @@ async fn serve_http<S>(
             }
         })
     };
+    // The auto builder detects HTTP/2 by its preface whatever was negotiated (`http1_only` does
+    // nothing with upgrades): `Watched` refuses a protocol other than the negotiated one, so
+    // plain HTTP and TLS without ALPN `h2` are HTTP/1.1 only (no h2c, no prior knowledge), and
+    // the phase clock always matches the protocol.
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    if plain {
-        // Plain HTTP is HTTP/1.1 only (no h2c).
-        builder = builder.http1_only();
-    }
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -337,7 +339,10 @@ async fn serve_http<S>(
     tokio::pin!(deadline);
     tokio::select! {
         result = served.as_mut() => {
-            if let Err(e) = result {
+            if phases.mismatched() {
+                state.metrics.rejected("protocol_mismatch");
+                tracing::debug!(http2, "the client spoke another protocol than negotiated");
+            } else if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::gateway::AppState;
 use crate::jobs::{JobStatus, OutputFile};
 use crate::server::response::{bytes_response, json, ApiError, ApiResult, Body};
-use crate::server::routes::job_id;
+use crate::server::routes::{budget_refusal, job_id};
 
 #[derive(Serialize)]
 pub(super) struct Listed {
@@ -87,9 +87,11 @@ pub fn file(state: &AppState, id: &str, raw_path: &str) -> ApiResult {
 /// The outputs as a tar.gz; afterwards the job and all its data are deleted.
 pub async fn tarball(state: &AppState, id: &str) -> ApiResult {
     let id = job_id(id)?;
-    let status = state
+    let (status, held, bound) = state
         .jobs
-        .with_job(id, |job, _| job.status)
+        .with_job(id, |job, _| {
+            (job.status, job.held(), tarball_bound(&job.outputs))
+        })
         .ok_or_else(|| ApiError::not_found("job"))?;
     if !status.is_finished() {
         return Err(ApiError::new(
@@ -97,25 +99,31 @@ pub async fn tarball(state: &AppState, id: &str) -> ApiResult {
             "the job has not finished yet",
         ));
     }
-    let job = state
-        .jobs
-        .remove(id)
-        .ok_or_else(|| ApiError::not_found("job"))?;
+    // The archive is charged before it is built (its largest possible size, the buffer it is
+    // built in), on top of the job's charge and never instead of it: that charge is shared
+    // with every `/outputs` body and WebSocket round still holding the job's data, and
+    // shrinking it would leave their bytes uncounted. Both are released when the last holder
+    // is done. The archive may take the job's client past its share (it replaces outputs that
+    // are already charged and freed once it is sent) but never the budget past its limit.
+    held.try_grow_past_share(bound)
+        .map_err(|full| budget_refusal(state, full))?;
+    let Some(job) = state.jobs.remove(id) else {
+        held.shrink(bound);
+        return Err(ApiError::not_found("job"));
+    };
     let outputs = job.outputs.clone();
     // Entries carry the job's end time (a finished job always has one).
     let mtime = job.completed_at_unix.unwrap_or(0);
-    // The job's charge outlives its table entry: until the tarball's last byte is sent.
-    let held = job.held();
     drop(job);
-    let archive = tokio::task::spawn_blocking(move || build_tarball(&outputs, mtime))
+    let capacity = usize::try_from(bound).unwrap_or(usize::MAX);
+    let archive = tokio::task::spawn_blocking(move || build_tarball(&outputs, mtime, capacity))
         .await
         .map_err(|_| ApiError::internal("tarball task"))?
         .map_err(|_| ApiError::internal("building the tarball"))?;
-    // The archive is charged on top of the job's charge, never instead of it: that charge is
-    // shared with every `/outputs` body and WebSocket round still holding the job's data, and
-    // shrinking it would leave their bytes uncounted. Both are released when the last holder
-    // is done (an overcharge for at most the time of the send).
-    held.charge_held(archive.len() as u64);
+    if archive.capacity() > capacity {
+        // The bound was wrong: count what is really held (never expected).
+        held.charge_held((archive.capacity() - capacity) as u64);
+    }
     tracing::info!(job = %id, "outputs downloaded; job deleted");
     let mut response = bytes_response(StatusCode::OK, "application/gzip", Bytes::from(archive));
     response.body_mut().hold(held);
@@ -123,9 +131,26 @@ pub async fn tarball(state: &AppState, id: &str) -> ApiResult {
     Ok(response)
 }
 
-/// The outputs as a tar.gz whose entries are dated `mtime` (seconds since the epoch).
-fn build_tarball(outputs: &[OutputFile], mtime: u64) -> std::io::Result<Vec<u8>> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+/// The largest tar.gz [`build_tarball`] can make of `outputs`: each entry's header blocks (a
+/// GNU long-name entry for a path over 100 bytes) and data padded to 512 bytes, the end
+/// blocks, and deflate's worst-case growth of incompressible data (the fast level codes with
+/// the fixed Huffman table: at most 9 bits a byte, 12.5 %) plus block, gzip header and trailer
+/// bytes.
+fn tarball_bound(outputs: &[OutputFile]) -> u64 {
+    let pad = |n: u64| n.div_ceil(512) * 512;
+    let tar: u64 = outputs
+        .iter()
+        .map(|o| 512 + pad(o.data.len() as u64) + 512 + pad(o.path.len() as u64 + 1))
+        .sum::<u64>()
+        + 1024;
+    tar + tar / 8 + tar / 1024 + 1024
+}
+
+/// The outputs as a tar.gz whose entries are dated `mtime` (seconds since the epoch), built in
+/// a buffer of `capacity` bytes (it grows only if the bound was wrong).
+fn build_tarball(outputs: &[OutputFile], mtime: u64, capacity: usize) -> std::io::Result<Vec<u8>> {
+    let buffer = Vec::with_capacity(capacity);
+    let gz = flate2::write::GzEncoder::new(buffer, flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
     for output in outputs {
         let mut header = tar::Header::new_gnu();
@@ -259,6 +284,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn given_incompressible_and_long_named_outputs_then_the_tarball_fits_its_bound() {
+        // xorshift noise: deflate cannot shrink it, so the archive is at its largest.
+        let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut noise = |n: usize| -> Bytes {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()[0]
+                })
+                .collect::<Vec<u8>>()
+                .into()
+        };
+        let outputs: Vec<OutputFile> = [0, 1, 511, 513, 300_000, 1 << 20]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| OutputFile {
+                path: format!("{}f{i}", "d/".repeat(i * 30)),
+                sha256: [0; 32],
+                data: noise(n),
+            })
+            .collect();
+        let bound = tarball_bound(&outputs);
+        let capacity = usize::try_from(bound).unwrap();
+        let archive = build_tarball(&outputs, 0, capacity).unwrap();
+        assert!(archive.len() as u64 <= bound, "{} > {bound}", archive.len());
+        assert_eq!(archive.capacity(), capacity, "built in the charged buffer");
+    }
+
+    #[test]
     fn given_path_with_spaces_then_encode_and_decode_round_trip() {
         let path = "results/my plot (1).png";
         let encoded = percent_encode_path(path);
@@ -292,7 +348,7 @@ mod tests {
             sha256: [0; 32],
             data: Bytes::from_static(b"hello"),
         }];
-        let archive = build_tarball(&outputs, 1_700_000_000).unwrap();
+        let archive = build_tarball(&outputs, 1_700_000_000, 0).unwrap();
         let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive.as_slice()));
         let names: Vec<String> = tar
             .entries()

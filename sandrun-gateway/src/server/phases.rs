@@ -14,6 +14,13 @@
 //! (the mark travels with the response body, [`InFlightBody`]), and [`Watched`] wraps the
 //! connection's byte stream to see the first byte of a head. [`Phases::expired`] resolves when
 //! the phase the connection is in has lasted too long.
+//!
+//! The clock is chosen from what the connection negotiated (ALPN `h2` over TLS, HTTP/1.1
+//! otherwise), so the protocol spoken must be that one: [`Watched`] compares the first bytes with
+//! the HTTP/2 connection preface and ends the connection with an error when they disagree (an
+//! HTTP/2 preface without ALPN `h2`, prior knowledge or h2c, or HTTP/1.1 after ALPN `h2`).
+//! Otherwise hyper's version detection would serve HTTP/2 timed by the HTTP/1.1 clock (or the
+//! reverse).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -62,6 +69,8 @@ struct State {
     idle_since: Instant,
     /// When the first byte after `idle_since` arrived (HTTP/1.1 only).
     head_started: Option<Instant>,
+    /// The client spoke another protocol than the one negotiated.
+    mismatched: bool,
 }
 
 /// One connection's phase clock.
@@ -80,6 +89,7 @@ impl Phases {
             requests: 0,
             idle_since: Instant::now(),
             head_started: None,
+            mismatched: false,
         };
         Arc::new(Phases {
             timeouts,
@@ -96,6 +106,11 @@ impl Phases {
             s.head_started = None;
         });
         InFlight(Arc::clone(self))
+    }
+
+    /// Whether the client was cut off for speaking another protocol than the negotiated one.
+    pub fn mismatched(&self) -> bool {
+        self.state.borrow().mismatched
     }
 
     /// Bytes arrived from the client: on an idle HTTP/1.1 connection, a request head began.
@@ -207,16 +222,53 @@ impl<B: Body + Unpin> Body for InFlightBody<B> {
     }
 }
 
-/// The connection's byte stream, reporting to [`Phases`] when bytes arrive.
+/// The HTTP/2 connection preface (RFC 9113, 3.4), the first bytes of every HTTP/2 connection.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a connection say about its protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sniff {
+    /// This many bytes matched the HTTP/2 preface so far.
+    Matching(usize),
+    /// Decided: the connection speaks HTTP/2 (`true`) or not.
+    Decided(bool),
+}
+
+impl Sniff {
+    /// Looks at the next bytes the client sent.
+    fn feed(self, bytes: &[u8]) -> Sniff {
+        let Sniff::Matching(mut matched) = self else {
+            return self;
+        };
+        for &b in bytes {
+            if b != H2_PREFACE[matched] {
+                return Sniff::Decided(false);
+            }
+            matched += 1;
+            if matched == H2_PREFACE.len() {
+                return Sniff::Decided(true);
+            }
+        }
+        Sniff::Matching(matched)
+    }
+}
+
+/// The connection's byte stream, reporting to [`Phases`] when bytes arrive, and refusing a
+/// protocol other than the negotiated one (see the module documentation).
 #[derive(Debug)]
 pub struct Watched<S> {
     inner: S,
     phases: Arc<Phases>,
+    sniff: Sniff,
 }
 
 impl<S> Watched<S> {
     pub fn new(inner: S, phases: Arc<Phases>) -> Watched<S> {
-        Watched { inner, phases }
+        Watched {
+            inner,
+            phases,
+            sniff: Sniff::Matching(0),
+        }
     }
 }
 
@@ -230,6 +282,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if let Sniff::Matching(_) = this.sniff {
+                this.sniff = this.sniff.feed(&buf.filled()[before..]);
+                if let Sniff::Decided(http2) = this.sniff {
+                    if http2 != this.phases.http2 {
+                        this.phases.state.send_modify(|s| s.mismatched = true);
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            if http2 {
+                                "an HTTP/2 preface without ALPN h2"
+                            } else {
+                                "not HTTP/2 after ALPN h2"
+                            },
+                        )));
+                    }
+                }
+            }
             this.phases.bytes_arrived();
         }
         polled
@@ -301,6 +369,21 @@ mod tests {
         assert_eq!(
             expires_after(&phases).await,
             (Phase::Header, Duration::from_secs(2))
+        );
+    }
+
+    #[test]
+    fn given_first_bytes_then_the_sniffer_tells_the_http2_preface_from_anything_else() {
+        let start = Sniff::Matching(0);
+        assert_eq!(start.feed(H2_PREFACE), Sniff::Decided(true));
+        let split = start.feed(&H2_PREFACE[..10]);
+        assert_eq!(split, Sniff::Matching(10));
+        assert_eq!(split.feed(&H2_PREFACE[10..]), Sniff::Decided(true));
+        assert_eq!(start.feed(b"PRI * HTTP/1.1\r\n"), Sniff::Decided(false));
+        assert_eq!(start.feed(b"GET / HTTP/1.1\r\n"), Sniff::Decided(false));
+        assert_eq!(
+            Sniff::Decided(false).feed(H2_PREFACE),
+            Sniff::Decided(false)
         );
     }
 

@@ -16,8 +16,8 @@ use crate::bundle::BundleError;
 use crate::gateway::AppState;
 use crate::helper_client::job_spec;
 use crate::jobs::{
-    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, SharedReservation,
-    StreamKind,
+    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, Reservation,
+    SharedReservation, StreamKind,
 };
 use crate::queue::QueueFull;
 use crate::ratelimit::{client_ip, ClientKey};
@@ -58,7 +58,7 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
         (["submit"], Method::POST) => submit(&state, conn.peer, req).await.map(|(_, r)| r),
         (["run"], Method::POST) => run::run(&state, conn.peer, req).await,
         (["status", id], Method::GET) => status(&state, id),
-        (["logs", id], Method::GET) => logs(&state, id),
+        (["logs", id], Method::GET) => logs(&state, client_key(&state, conn.peer, &req), id),
         (["outputs", id], Method::GET) => outputs::list(&state, id),
         // The original trusted-pool coordinator fetches a file here.
         (["outputs", id, file], Method::GET) => outputs::file(&state, id, file),
@@ -66,7 +66,7 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
         (["download", id, file], Method::GET) => outputs::file(&state, id, file),
         (["jobs", id], Method::DELETE) => delete(&state, id),
         (["stats"], Method::GET) => Ok(stats(&state, &client_key(&state, conn.peer, &req))),
-        (["environments"], Method::GET) => Ok(environments(&state)),
+        (["environments"], Method::GET) => environments(&state).await,
         (["health"], Method::GET) => Ok(health(&state)),
         (["metrics"], Method::GET) => Ok(metrics(&state)),
         (["ws" | "stream", id], Method::GET) => ws::upgrade(&state, conn, id, req),
@@ -142,16 +142,86 @@ fn service_info(state: &AppState) -> Response<Body> {
     response
 }
 
-fn environments(state: &AppState) -> Response<Body> {
-    let c = &state.config.policy;
+/// How long the gateway waits for the helper's template list.
+const TEMPLATE_LIST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The helper's templates that jobs may use: built (with a lock file) and, when the
+/// configuration lists `environments`, among them.
+async fn usable_templates(
+    state: &AppState,
+) -> Result<Vec<crate::helper_client::TemplateSummary>, String> {
+    let listed = tokio::time::timeout(
+        TEMPLATE_LIST_TIMEOUT,
+        crate::helper_client::list_templates(&state.config.helper_socket),
+    )
+    .await
+    .map_err(|_| "sandrund did not answer in time".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let allowed = &state.config.policy.environments;
+    Ok(listed
+        .into_iter()
+        .filter(|t| t.lock.is_some() && (allowed.is_empty() || allowed.contains(&t.name)))
+        .collect())
+}
+
+/// A manifest's `environment` must name a built template: a 400 at submit. If the helper
+/// cannot be asked now (restarting), the job is accepted and the helper checks when it starts
+/// it: a missing template then fails the job with reason `environment`.
+async fn check_environment_built(state: &AppState, name: &str) -> Result<(), ApiError> {
+    match usable_templates(state).await {
+        Ok(list) if list.iter().any(|t| t.name == name) => Ok(()),
+        Ok(list) => {
+            state.metrics.rejected("upload_invalid");
+            let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+            Err(ApiError::bad_request(format!(
+                "manifest.environment: no template {name:?} is built (GET /environments lists \
+                 them: {names:?})"
+            )))
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "template list unavailable; the helper checks the environment");
+            Ok(())
+        }
+    }
+}
+
+/// `GET /environments`: the built templates, asked of the helper, each with its lock hash,
+/// interpreter and packages (from its `sandrun-lock.json`).
+async fn environments(state: &AppState) -> ApiResult {
+    let list = usable_templates(state).await.map_err(|e| {
+        ApiError::unavailable(format!("the template list is unavailable: {e}"), LOAD_RETRY)
+    })?;
+    let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
+    let details: Vec<serde_json::Value> = list
+        .iter()
+        .filter_map(|t| t.lock.as_ref().map(|l| (t, l)))
+        .map(|(t, lock)| {
+            let packages: Vec<serde_json::Value> = lock.json["packages"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| json!({"name": p["name"], "version": p["version"], "sha256": p["sha256"]}))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({
+                "name": t.name,
+                "lock_sha256": hex::encode(lock.sha256),
+                "interpreter": lock.json["interpreter"],
+                "packages": packages,
+                "built_at": lock.json["built_at"],
+            })
+        })
+        .collect();
     // `templates` and `stats` are the original's names for the same list.
     let body = json!({
-        "environments": c.environments,
-        "interpreters": c.interpreters,
-        "templates": c.environments,
-        "stats": { "total_templates": c.environments.len() },
+        "environments": names,
+        "details": details,
+        "interpreters": state.config.policy.interpreters,
+        "templates": names,
+        "stats": { "total_templates": names.len() },
     });
-    json(StatusCode::OK, &body)
+    Ok(json(StatusCode::OK, &body))
 }
 
 fn health(state: &AppState) -> Response<Body> {
@@ -230,26 +300,15 @@ pub(super) async fn submit(
         .and_then(|()| check_queue_room(state, client))
         .and_then(|()| check_declared_length(state, &req));
     if let Err(refusal) = early {
-        drain_small_body(&mut timed_body(
-            req.into_body(),
-            idle,
-            &BodyVerdict::default(),
-        ))
-        .await;
+        discard_behind(req, idle.idle);
         return Err(refusal);
     }
     // Before any of the body is read: an upload holds a blocking thread while it arrives.
     let slot = match state.uploads.acquire(client).await {
         Ok(slot) => slot,
         Err(refused) => {
-            let error = upload_refusal(state, refused);
-            drain_small_body(&mut timed_body(
-                req.into_body(),
-                idle,
-                &BodyVerdict::default(),
-            ))
-            .await;
-            return Err(error);
+            discard_behind(req, idle.idle);
+            return Err(upload_refusal(state, refused));
         }
     };
     let content_type = header_text(&req, CONTENT_TYPE).map(str::to_owned);
@@ -278,7 +337,7 @@ pub(super) async fn submit(
             if let UploadError::Bundle(BundleError::Memory(full)) = e {
                 // A load refusal: answer at once, the client should retry later, not keep
                 // sending what cannot be held.
-                drain_small_body(&mut body).await;
+                discard_stream_behind(body);
                 return Err(budget_refusal(state, full));
             }
             // Archives are expanded while they arrive, so a refusal (a bomb, a bad entry) can
@@ -304,6 +363,9 @@ pub(super) async fn submit(
     reservation
         .try_grow(total.saturating_sub(held))
         .map_err(|full| budget_refusal(state, full))?;
+    if let Some(name) = &submission.manifest.environment {
+        check_environment_built(state, name).await?;
+    }
     let id = JobId::random();
     let stdin_bytes = submission.stdin.len() as u64;
     let (spec, files) = job_spec(
@@ -352,14 +414,41 @@ fn upload_refusal(state: &AppState, refused: SlotRefused) -> ApiError {
     }
 }
 
-/// Reads what is left of a small refused body (at most 64 KiB, for at most one second) before the
-/// refusal is sent. Answering while the client is still sending makes HTTP/2 reset the stream
-/// after the response, which some clients (curl 7.88) report as an error instead of showing it.
-pub(super) async fn drain_small_body<S>(body: &mut S)
+/// The most of a refused body that is read (and discarded) behind the answer.
+const SMALL_BODY: u64 = 64 * 1024;
+
+/// Lets the answer to a request refused before its body was read go out at once, and discards
+/// what is left of a small body behind it (at most 64 KiB, for at most one second, in a task of
+/// its own): the handler never waits for the body. Without that drain, answering while the
+/// client is still sending makes HTTP/2 reset the stream after the response, which some clients
+/// (curl 7.88) report as an error instead of showing it. A body that is declared larger, or that
+/// waits for `100 Continue`, is not read at all: dropping it closes the HTTP/1.1 connection after
+/// the answer (no `100 Continue` is sent) and resets the HTTP/2 stream.
+pub(super) fn discard_behind(req: Request<Incoming>, idle: Duration) {
+    let declared = header_text(&req, CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = header_text(&req, hyper::header::EXPECT)
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue || declared.is_some_and(|len| len > SMALL_BODY) {
+        return;
+    }
+    let verdict = BodyVerdict::default();
+    let body = timed_body(req.into_body(), BodyPace::idle_only(idle), &verdict);
+    discard_stream_behind(body);
+}
+
+/// [`discard_behind`] for a body that is already being read.
+pub(super) fn discard_stream_behind<S>(body: S)
 where
-    S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>> + Unpin,
+    S: futures_util::Stream<Item = Result<Bytes, crate::server::body::BodyError>>
+        + Unpin
+        + Send
+        + 'static,
 {
-    drain_body(body, 64 * 1024, Duration::from_secs(1)).await;
+    tokio::spawn(async move {
+        let mut body = body;
+        let max = usize::try_from(SMALL_BODY).unwrap_or(usize::MAX);
+        drain_body(&mut body, max, Duration::from_secs(1)).await;
+    });
 }
 
 /// How long the rest of a body refused during parsing may take to arrive (and be discarded).
@@ -602,58 +691,157 @@ pub(super) fn status_body(
         "output_files": output_files,
         "skipped_outputs": job.skipped,
         "completed_at": job.completed_at_unix,
+        // The template's lock hash, as the helper read it from the job's own `/env`; signed
+        // (format `sandrun-result-v2`) with the result.
+        "environment": job.info.environment,
+        "environment_lock": exit.and_then(|e| e.template_lock).map(hex::encode),
         "worker_metadata": {
             "worker_id": worker_id[0],
             "worker_id_hex": worker_id[1],
             "signature": job.signature,
+            "signature_format": job.signature.as_ref().map(|_| {
+                if job.info.environment.is_some() {
+                    crate::signing::RESULT_DOMAIN_V2
+                } else {
+                    crate::signing::RESULT_DOMAIN
+                }
+            }),
         },
     })
 }
 
-fn logs(state: &AppState, id: &str) -> ApiResult {
+fn logs(state: &AppState, client: ClientKey, id: &str) -> ApiResult {
     let id = job_id(id)?;
-    // Copy the bytes under the table lock; encode them after releasing it.
-    let (status, [stdout, stderr], truncated) = state
+    // Every copy this answer makes is charged to the caller before it is made, and the JSON
+    // stays charged until its last byte is handed to the connection: a caller that never
+    // reads its answers cannot hold copies of a job's logs outside the budget.
+    let mut charge = state.jobs.budget().empty(client);
+    let copied = state
         .jobs
         .with_job(id, |job, _| {
-            let bytes = [StreamKind::Stdout, StreamKind::Stderr].map(|k| job.log_bytes(k));
-            (
-                job.status,
-                bytes,
-                [job.stdout_truncated, job.stderr_truncated],
-            )
+            let [stdout, stderr] = charged_logs(job, &mut charge)?;
+            let truncated = [job.stdout_truncated, job.stderr_truncated];
+            Ok((job.status, [stdout, stderr], truncated))
         })
         .ok_or_else(|| ApiError::not_found("job"))?;
+    let (status, [stdout, stderr], truncated) =
+        copied.map_err(|full| budget_refusal(state, full))?;
+    let [stdout, stderr] = [stdout, stderr].map(LogText::from);
+    charge
+        .try_grow(stdout.extra_bytes() + stderr.extra_bytes())
+        .map_err(|full| budget_refusal(state, full))?;
+    let (stdout, stdout_base64) = stdout.into_parts();
+    let (stderr, stderr_base64) = stderr.into_parts();
     let body = LogsBody {
         job_id: id.to_string(),
         status,
-        stdout: String::from_utf8_lossy(&stdout),
-        stderr: String::from_utf8_lossy(&stderr),
-        stdout_base64: base64(&stdout),
-        stderr_base64: base64(&stderr),
+        stdout,
+        stderr,
+        stdout_base64,
+        stderr_base64,
         stdout_truncated: truncated[0],
         stderr_truncated: truncated[1],
     };
-    // Up to 2 MiB of logs: serialize once into a buffer sized for it, without a JSON tree copy.
-    let size = 256 + 2 * (stdout.len() + stderr.len()) + body.stdout_base64.len();
-    let mut out = Vec::with_capacity(size + body.stderr_base64.len());
-    match serde_json::to_writer(&mut out, &body) {
-        Ok(()) => Ok(bytes_response(
-            StatusCode::OK,
-            "application/json",
-            Bytes::from(out),
-        )),
-        Err(e) => Err(ApiError::internal(&format!("serializing logs: {e}"))),
+    charged_json(body, charge).map_err(|full| budget_refusal(state, full))
+}
+
+/// Copies a job's two log streams, charging their size to `charge` first.
+pub(super) fn charged_logs(
+    job: &Job,
+    charge: &mut Reservation,
+) -> Result<[Vec<u8>; 2], BudgetFull> {
+    charge.try_grow(job.stdout_bytes.saturating_add(job.stderr_bytes))?;
+    Ok([StreamKind::Stdout, StreamKind::Stderr].map(|k| job.log_bytes(k)))
+}
+
+/// One log stream on its way to becoming JSON text: its exact bytes, and how many bytes its
+/// text and base64 forms take beyond them, known before either is made.
+pub(super) struct LogText {
+    bytes: Vec<u8>,
+    /// Bytes of the lossy text when it cannot reuse `bytes` (invalid UTF-8), else 0.
+    lossy_len: usize,
+    base64_len: usize,
+}
+
+impl From<Vec<u8>> for LogText {
+    fn from(bytes: Vec<u8>) -> LogText {
+        let lossy_len = if std::str::from_utf8(&bytes).is_ok() {
+            0
+        } else {
+            // Each invalid sequence becomes U+FFFD, three bytes.
+            bytes
+                .utf8_chunks()
+                .map(|c| c.valid().len() + if c.invalid().is_empty() { 0 } else { 3 })
+                .sum()
+        };
+        let base64_len = bytes.len().div_ceil(3) * 4;
+        LogText {
+            bytes,
+            lossy_len,
+            base64_len,
+        }
     }
+}
+
+impl LogText {
+    /// The bytes [`LogText::into_parts`] makes beyond the stream's own.
+    pub(super) fn extra_bytes(&self) -> u64 {
+        (self.lossy_len + self.base64_len) as u64
+    }
+
+    /// The stream as lossy text (reusing the bytes when they are UTF-8) and as base64.
+    pub(super) fn into_parts(self) -> (String, String) {
+        let encoded = base64(&self.bytes);
+        let text = match String::from_utf8(self.bytes) {
+            Ok(text) => text,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        };
+        (text, encoded)
+    }
+}
+
+/// Counts bytes written, for sizing a JSON answer before it is made.
+#[derive(Default)]
+struct Counter(u64);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A 200 JSON answer of `body`, whose serialized size is charged to `charge` before it is made:
+/// `charge` already holds what `body` owns, which is released once the JSON is made; the JSON
+/// itself stays charged until the answer's last byte is handed to the connection.
+pub(super) fn charged_json<T: Serialize>(
+    body: T,
+    mut charge: Reservation,
+) -> Result<Response<Body>, BudgetFull> {
+    let mut counter = Counter::default();
+    // Serializing these bodies cannot fail (string keys, no maps with other keys).
+    let _ = serde_json::to_writer(&mut counter, &body);
+    charge.try_grow(counter.0)?;
+    let mut out = Vec::with_capacity(usize::try_from(counter.0).unwrap_or(0));
+    let _ = serde_json::to_writer(&mut out, &body);
+    drop(body);
+    charge.shrink(charge.bytes().saturating_sub(out.len() as u64));
+    let mut response = bytes_response(StatusCode::OK, "application/json", Bytes::from(out));
+    response.body_mut().hold(SharedReservation::new(charge));
+    Ok(response)
 }
 
 /// The `/logs` answer: each stream as lossy text and as exact bytes in base64.
 #[derive(Serialize)]
-struct LogsBody<'a> {
+struct LogsBody {
     job_id: String,
     status: JobStatus,
-    stdout: std::borrow::Cow<'a, str>,
-    stderr: std::borrow::Cow<'a, str>,
+    stdout: String,
+    stderr: String,
     stdout_base64: String,
     stderr_base64: String,
     stdout_truncated: bool,

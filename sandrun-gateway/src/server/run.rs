@@ -20,12 +20,14 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::gateway::AppState;
-use crate::jobs::{JobId, StreamKind};
-use crate::server::body::{timed_body, BodyPace, BodyVerdict};
+use crate::jobs::JobId;
+use crate::ratelimit::ClientKey;
 use crate::server::outputs::listed;
 use crate::server::response::{json, ApiError, ApiResult, Body};
-use crate::server::routes::{drain_small_body, status_body, submit};
-use crate::server::text::base64;
+use crate::server::routes::{
+    budget_refusal, charged_json, charged_logs, client_key, discard_behind, status_body, submit,
+    LogText,
+};
 
 /// `POST /run[?wait=SECONDS]`.
 pub async fn run(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> ApiResult {
@@ -33,19 +35,15 @@ pub async fn run(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>
         Ok(wait) => wait,
         Err(refusal) => {
             let idle = Duration::from_millis(state.config.http.body_idle_timeout_ms);
-            let mut body = timed_body(
-                req.into_body(),
-                BodyPace::idle_only(idle),
-                &BodyVerdict::default(),
-            );
-            drain_small_body(&mut body).await;
+            discard_behind(req, idle);
             return Err(refusal);
         }
     };
+    let client = client_key(state, peer, &req);
     let (id, submitted) = submit(state, peer, req).await?;
     let deadline = Instant::now() + wait;
     let mut response = match wait_for_end(state, id, deadline).await {
-        Some(true) => finished(state, id)?,
+        Some(true) => finished(state, client, id)?,
         Some(false) => still_going(state, id, wait)?,
         None => return Err(ApiError::not_found("job (deleted while waiting)")),
     };
@@ -108,36 +106,47 @@ async fn wait_for_end(state: &AppState, id: JobId, deadline: Instant) -> Option<
 }
 
 /// 200: the final status (as `/status`), the logs (as `/logs`) and the outputs list (as
-/// `/outputs`).
-fn finished(state: &AppState, id: JobId) -> ApiResult {
+/// `/outputs`). The copies of the logs are charged to `client` before they are made (as for
+/// `/logs`), and the JSON until it is sent.
+fn finished(state: &AppState, client: ClientKey, id: JobId) -> ApiResult {
     let worker_id = [
         state.worker_key.worker_id(),
         state.worker_key.worker_id_hex(),
     ];
-    let body = state
+    let mut charge = state.jobs.budget().empty(client);
+    let copied = state
         .jobs
         .with_job(id, |job, position| {
-            let mut body = status_body(job, position, &worker_id);
-            let [stdout, stderr] =
-                [StreamKind::Stdout, StreamKind::Stderr].map(|k| job.log_bytes(k));
+            let logs = charged_logs(job, &mut charge)?;
+            let body = status_body(job, position, &worker_id);
             let files: Vec<_> = job.outputs.iter().map(|o| listed(&job.id, o)).collect();
-            let extra = json!({
-                "exit_code": job.exit.as_ref().and_then(|e| e.exit_code),
-                "stdout": String::from_utf8_lossy(&stdout),
-                "stderr": String::from_utf8_lossy(&stderr),
-                "stdout_base64": base64(&stdout),
-                "stderr_base64": base64(&stderr),
-                "stdout_truncated": job.stdout_truncated,
-                "stderr_truncated": job.stderr_truncated,
-                "outputs": files,
-            });
-            if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
-                body.extend(extra);
-            }
-            body
+            let exit_code = job.exit.as_ref().and_then(|e| e.exit_code);
+            let truncated = [job.stdout_truncated, job.stderr_truncated];
+            Ok((body, logs, files, exit_code, truncated))
         })
         .ok_or_else(|| ApiError::not_found("job (deleted while waiting)"))?;
-    Ok(json(StatusCode::OK, &body))
+    let (mut body, [stdout, stderr], files, exit_code, truncated) =
+        copied.map_err(|full| budget_refusal(state, full))?;
+    let [stdout, stderr] = [stdout, stderr].map(LogText::from);
+    charge
+        .try_grow(stdout.extra_bytes() + stderr.extra_bytes())
+        .map_err(|full| budget_refusal(state, full))?;
+    let (stdout, stdout_base64) = stdout.into_parts();
+    let (stderr, stderr_base64) = stderr.into_parts();
+    let extra = json!({
+        "exit_code": exit_code,
+        "stdout": stdout,
+        "stderr": stderr,
+        "stdout_base64": stdout_base64,
+        "stderr_base64": stderr_base64,
+        "stdout_truncated": truncated[0],
+        "stderr_truncated": truncated[1],
+        "outputs": files,
+    });
+    if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+        body.extend(extra);
+    }
+    charged_json(body, charge).map_err(|full| budget_refusal(state, full))
 }
 
 /// 202: the job has not ended within `wait`; where to follow it.

@@ -110,18 +110,16 @@ async fn stream_events(
         for event in &events {
             if matches!(event, JobEvent::Exit(_)) {
                 for tail in text.flush() {
-                    if queue(&mut ws, &mut backlog, tail.to_string())
-                        .await
-                        .is_err()
-                    {
+                    let tail = tail.to_string();
+                    let bound = tail.len() as u64;
+                    if queue(&mut ws, &mut backlog, bound, || tail).await.is_err() {
                         return;
                     }
                 }
             }
-            if queue(&mut ws, &mut backlog, text.event_json(event).to_string())
-                .await
-                .is_err()
-            {
+            let bound = event_bound(event);
+            let build = || text.event_json(event).to_string();
+            if queue(&mut ws, &mut backlog, bound, build).await.is_err() {
                 return;
             }
             if matches!(event, JobEvent::Exit(_)) {
@@ -161,20 +159,36 @@ fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame<'static> {
     }
 }
 
-/// Queues one message, charged to the subscriber first. When the backlog is full or the charge
-/// is refused, what is queued is flushed (and its charge released) first; a message the budget
-/// cannot hold even then ends the stream with an error event.
+/// The most bytes the JSON message of `event` can take, known before it is made: an output
+/// chunk (with up to 3 bytes carried over from the previous one) is at most 6 bytes of JSON text
+/// a byte (`\u0001`), plus its base64.
+fn event_bound(event: &JobEvent) -> u64 {
+    const FIELDS: u64 = 128;
+    match event {
+        JobEvent::Output(_, bytes) => {
+            let n = bytes.len() as u64;
+            6 * (n + 3) + n.div_ceil(3) * 4 + FIELDS
+        }
+        JobEvent::Error(message) => 6 * message.len() as u64 + FIELDS,
+        JobEvent::Status(_) | JobEvent::Exit(_) => 2 * FIELDS,
+    }
+}
+
+/// Queues one message, charged to the subscriber before it is made (`bound` bytes, then its
+/// real size). When the backlog is full or the charge is refused, what is queued is flushed
+/// (and its charge released) first, before the message exists; a message the budget cannot
+/// hold even then ends the stream with an error event.
 async fn queue(
     ws: &mut HyperWebsocketStream,
     backlog: &mut Reservation,
-    message: String,
+    bound: u64,
+    build: impl FnOnce() -> String,
 ) -> Result<(), ()> {
-    let size = message.len() as u64;
-    let full = backlog.bytes().saturating_add(size) > WS_BACKLOG_BYTES as u64;
-    if full || backlog.try_grow(size).is_err() {
+    let full = backlog.bytes().saturating_add(bound) > WS_BACKLOG_BYTES as u64;
+    if full || backlog.try_grow(bound).is_err() {
         ws.flush().await.map_err(|_| ())?;
         backlog.shrink(backlog.bytes());
-        if backlog.try_grow(size).is_err() {
+        if backlog.try_grow(bound).is_err() {
             let full = json!({"type": "error",
                               "error": "the gateway's memory budget is full: reconnect later"});
             let _ = ws.send(Message::text(full.to_string())).await;
@@ -184,6 +198,8 @@ async fn queue(
             return Err(());
         }
     }
+    let message = build();
+    backlog.shrink(bound.saturating_sub(message.len() as u64));
     ws.feed(Message::text(message)).await.map_err(|_| ())
 }
 
@@ -234,4 +250,28 @@ fn output_json(kind: StreamKind, text: &str, bytes_base64: &str) -> serde_json::
         StreamKind::Stderr => "stderr",
     };
     json!({"type": kind, "data": text, "data_base64": bytes_base64})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn given_worst_case_chunks_then_their_messages_fit_the_bound() {
+        let mut decoders = TextDecoders::default();
+        // A character split at the chunk's end is carried over into the next chunk.
+        let first = JobEvent::Output(StreamKind::Stdout, Bytes::from_static(&[b'a', 0xe2, 0x82]));
+        let json = decoders.event_json(&first).to_string();
+        assert!(json.len() as u64 <= event_bound(&first), "{json}");
+        // Then control characters (6 bytes of JSON each) and invalid bytes (U+FFFD).
+        let mut worst = vec![1u8; 4096];
+        worst.extend(std::iter::repeat_n(0xff, 4096));
+        let event = JobEvent::Output(StreamKind::Stdout, Bytes::from(worst));
+        let json = decoders.event_json(&event).to_string();
+        assert!(json.len() as u64 <= event_bound(&event), "{}", json.len());
+        let error = JobEvent::Error("\u{1}\"\\".repeat(100));
+        let json = decoders.event_json(&error).to_string();
+        assert!(json.len() as u64 <= event_bound(&error));
+    }
 }

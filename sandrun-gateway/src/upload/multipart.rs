@@ -198,12 +198,21 @@ impl From<GuardError> for UploadError {
 }
 
 /// The request body, counted and scanned before multer sees it.
+///
+/// The end of the body reaches multer one poll late. multer 3.1 polls its stream twice while it
+/// looks for the first boundary and, when the second poll brings the rest of the body *and* its
+/// end at once, fails with "incomplete multipart stream" without looking at what it just read:
+/// a valid upload refused with 400 whenever the whole body arrived between those two polls
+/// (seen in CI under load). Answering that poll with `Pending` (and an immediate wake-up) means
+/// multer only ever sees the end in a poll that brought nothing new.
 struct GuardedBody<S> {
     inner: S,
     seen: u64,
     max_body: u64,
     scanner: Scanner,
     done: bool,
+    /// The inner stream has ended; multer is told on the next poll.
+    ended: bool,
 }
 
 impl<S> GuardedBody<S> {
@@ -214,6 +223,7 @@ impl<S> GuardedBody<S> {
             max_body: limits.max_body_bytes,
             scanner: Scanner::new(boundary, limits.max_part_header_bytes),
             done: false,
+            ended: false,
         }
     }
 
@@ -237,9 +247,17 @@ where
         if self.done {
             return Poll::Ready(None);
         }
+        if self.ended {
+            self.done = true;
+            return Poll::Ready(None);
+        }
         let item = match Pin::new(&mut self.inner).poll_next(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => None,
+            Poll::Ready(None) => {
+                self.ended = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             Poll::Ready(Some(Err(e))) => Some(Err(GuardError::Read(e.to_string()))),
             Poll::Ready(Some(Ok(chunk))) => Some(self.check(&chunk).map(|()| chunk)),
         };
@@ -424,6 +442,62 @@ mod tests {
             scan(&[&[b'x'; 65]], 64).is_err(),
             "endless preamble accepted"
         );
+    }
+
+    /// A body that is not ready when first polled, then arrives whole with its end in the next
+    /// poll: the sequence under which multer 3.1 alone reports an incomplete stream.
+    struct LateBody {
+        polls: usize,
+        body: Option<Bytes>,
+    }
+
+    impl Stream for LateBody {
+        type Item = Result<Bytes, std::io::Error>;
+
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.polls += 1;
+            if self.polls == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(self.body.take().map(Ok))
+        }
+    }
+
+    fn late_body() -> LateBody {
+        let body =
+            "--XB\r\nContent-Disposition: form-data; name=\"files\"; filename=\"run.sh\"\r\n\r\n\
+            echo hi\n\r\n--XB--\r\n";
+        LateBody {
+            polls: 0,
+            body: Some(Bytes::from(body)),
+        }
+    }
+
+    async fn field_names<S>(stream: S) -> Result<Vec<String>, multer::Error>
+    where
+        S: Stream<Item = Result<Bytes, GuardError>> + Send + 'static,
+    {
+        let mut multipart = Multipart::new(stream, "XB");
+        let mut names = Vec::new();
+        while let Some(mut field) = multipart.next_field().await? {
+            names.push(field.name().unwrap_or_default().to_owned());
+            while field.chunk().await?.is_some() {}
+        }
+        Ok(names)
+    }
+
+    #[tokio::test]
+    async fn given_the_whole_body_and_its_end_in_one_poll_then_multer_still_parses_it() {
+        let guarded = GuardedBody::new(late_body(), "XB", &UploadLimits::default());
+        assert_eq!(field_names(guarded).await.unwrap(), ["files"]);
+        // The same stream straight into multer is refused: what the guard works around.
+        let bare =
+            futures_util::TryStreamExt::map_err(late_body(), |e| GuardError::Read(e.to_string()));
+        assert!(matches!(
+            field_names(bare).await,
+            Err(multer::Error::IncompleteStream)
+        ));
     }
 
     #[test]

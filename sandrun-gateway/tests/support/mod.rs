@@ -99,6 +99,20 @@ impl FakeHelper {
 
 type HelperChannel = AsyncChannel<IpcResponse, IpcRequest, UnixStream>;
 
+/// The lock file of the fake helper's one template, `fake-env`.
+pub const FAKE_LOCK: &[u8] = br#"{"format":"sandrun-lock/1","interpreter":{"name":"python3","version":"3.11.2"},"packages":[{"name":"six","version":"1.17.0","sha256":"ab"}]}"#;
+
+fn fake_template() -> sandrun_ipc::TemplateInfo {
+    use sha2::Digest;
+    sandrun_ipc::TemplateInfo {
+        name: "fake-env".into(),
+        lock: Some(sandrun_ipc::TemplateLock {
+            sha256: sha2::Sha256::digest(FAKE_LOCK).into(),
+            bytes: FAKE_LOCK.to_vec(),
+        }),
+    }
+}
+
 async fn serve_job(stream: UnixStream, log: Arc<Mutex<HelperLog>>, id: u64) {
     let mut ch: HelperChannel = AsyncChannel::new(stream);
     let Ok(IpcRequest::Hello(_)) = ch.recv().await else {
@@ -109,8 +123,14 @@ async fn serve_job(stream: UnixStream, log: Arc<Mutex<HelperLog>>, id: u64) {
         role: Role::Submitter,
     };
     ch.send(&IpcResponse::Hello(hello)).await.unwrap();
-    let Ok(IpcRequest::Submit(spec)) = ch.recv().await else {
-        return;
+    let spec = match ch.recv().await {
+        Ok(IpcRequest::Submit(spec)) => spec,
+        Ok(IpcRequest::ListTemplates) => {
+            let _ = ch.send(&IpcResponse::Template(fake_template())).await;
+            let _ = ch.send(&IpcResponse::TemplatesEnd { omitted: 0 }).await;
+            return;
+        }
+        _ => return,
     };
     log.lock().unwrap().specs.push((*spec).clone());
     let refusal = log.lock().unwrap().refusals.pop_front();
@@ -207,6 +227,7 @@ async fn run_script(ch: &mut HelperChannel, script: &str, stdin: &[u8]) -> bool 
         memory_peak_bytes: 3 << 20,
         stdout_truncated: false,
         stderr_truncated: false,
+        template_lock: None,
     };
     let mut tail: Vec<IpcResponse> = Vec::new();
     for line in script.lines() {

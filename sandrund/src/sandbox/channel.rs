@@ -11,9 +11,11 @@
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+#[cfg(test)]
 use std::time::Instant;
 
 use nix::errno::Errno;
+#[cfg(test)]
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
@@ -142,7 +144,8 @@ pub(super) fn send_go(sock: RawFd, order: RawFd, template: Option<RawFd>) -> Res
 /// if any. The helper closing the channel (it dropped this prepared sandbox) or any other
 /// message is a `Protocol` failure.
 pub(super) fn wait_for_go(sock: &OwnedFd) -> Result<(OwnedFd, Option<OwnedFd>), SetupError> {
-    let (msg, fds) = recv(sock, None)?;
+    let (msg, fds) =
+        recv(sock, true)?.ok_or_else(|| protocol(libc::EPROTO, "no message on a blocking read"))?;
     let mut fds = fds.into_iter();
     match (msg, fds.next()) {
         (Message::Go, Some(order)) => Ok((order, fds.next())),
@@ -180,39 +183,69 @@ pub(super) struct ReadyFailure {
     pub(super) prepared: bool,
 }
 
-/// The helper's side: waits for the work directory fd and then `Ready`, or the failure C
-/// reports, until `deadline`. C exiting without a word is a `Protocol` error.
-pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedFd, ReadyFailure> {
-    let mut workdir = None;
-    loop {
-        let prepared = workdir.is_some();
-        let failed = |error| ReadyFailure { error, prepared };
-        let (msg, fds) = recv(sock, Some(deadline)).map_err(failed)?;
-        if fds.len() > 1 {
-            return Err(failed(protocol(libc::EPROTO, "unexpected fds")));
-        }
-        match (msg, fds.into_iter().next(), prepared) {
-            (Message::Failed(e), _, _) => return Err(failed(e)),
-            (Message::WorkDir, Some(fd), false) => workdir = Some(fd),
-            (Message::Ready, None, true) => {
-                return workdir.ok_or_else(|| failed(protocol(libc::EPROTO, "no work dir")));
+/// The helper's side of the wait for the work directory fd and then `Ready` (or the failure C
+/// reports), one readable event at a time: the helper's loop keeps this per starting sandbox
+/// and calls [`ReadyWait::poll`] when the control socket is readable, so it never blocks on a
+/// sandbox. C exiting without a word is a `Protocol` error.
+#[derive(Debug, Default)]
+pub(super) struct ReadyWait {
+    workdir: Option<OwnedFd>,
+}
+
+impl ReadyWait {
+    /// Whether C has sent `WorkDir` (finished its job-independent preparation).
+    pub(super) fn prepared(&self) -> bool {
+        self.workdir.is_some()
+    }
+
+    /// Reads every message C has queued, without blocking: the work directory fd once C sent
+    /// `Ready`, `None` while more is to come.
+    pub(super) fn poll(&mut self, sock: &OwnedFd) -> Result<Option<OwnedFd>, ReadyFailure> {
+        loop {
+            let prepared = self.prepared();
+            let failed = |error| ReadyFailure { error, prepared };
+            let Some((msg, fds)) = recv(sock, false).map_err(failed)? else {
+                return Ok(None);
+            };
+            if fds.len() > 1 {
+                return Err(failed(protocol(libc::EPROTO, "unexpected fds")));
             }
-            _ => return Err(failed(protocol(libc::EPROTO, "unexpected control message"))),
+            match (msg, fds.into_iter().next(), prepared) {
+                (Message::Failed(e), _, _) => return Err(failed(e)),
+                (Message::WorkDir, Some(fd), false) => self.workdir = Some(fd),
+                (Message::Ready, None, true) => return Ok(self.workdir.take()),
+                _ => return Err(failed(protocol(libc::EPROTO, "unexpected control message"))),
+            }
         }
     }
 }
 
-/// Receives one message and at most two fds; without a deadline it blocks until one arrives or
-/// the peer closes.
-fn recv(sock: &OwnedFd, deadline: Option<Instant>) -> Result<(Message, Vec<OwnedFd>), SetupError> {
-    if let Some(deadline) = deadline {
-        wait_readable(sock, deadline)?;
+/// The helper's side, blocking (tests): [`ReadyWait`] until `deadline`.
+#[cfg(test)]
+pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedFd, ReadyFailure> {
+    let mut wait = ReadyWait::default();
+    loop {
+        wait_readable(sock, deadline).map_err(|error| ReadyFailure {
+            error,
+            prepared: wait.prepared(),
+        })?;
+        if let Some(workdir) = wait.poll(sock)? {
+            return Ok(workdir);
+        }
     }
+}
+
+/// Receives one message and at most two fds. Blocking, it waits until one arrives or the peer
+/// closes; non-blocking, `None` means nothing is queued yet.
+fn recv(sock: &OwnedFd, block: bool) -> Result<Option<(Message, Vec<OwnedFd>)>, SetupError> {
     let mut buf = [0u8; MESSAGE_LEN + 1];
     let mut cmsg = nix::cmsg_space!([RawFd; 2]);
     let (bytes, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+        if !block {
+            flags |= MsgFlags::MSG_DONTWAIT;
+        }
         let mut resets = 0;
         let r = loop {
             match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
@@ -224,6 +257,7 @@ fn recv(sock: &OwnedFd, deadline: Option<Instant>) -> Result<(Message, Vec<Owned
                 // `Failed` report, if it sent one, comes next, and then end of file. The error
                 // is set once per close, so a second one is a real failure.
                 Err(Errno::ECONNRESET) if resets == 0 => resets += 1,
+                Err(Errno::EAGAIN) if !block => return Ok(None),
                 other => break other,
             }
         };
@@ -254,10 +288,12 @@ fn recv(sock: &OwnedFd, deadline: Option<Instant>) -> Result<(Message, Vec<Owned
         return Err(protocol(libc::EPROTO, "oversized control message"));
     }
     let msg = decode(&buf[..bytes])?;
-    Ok((msg, fds))
+    Ok(Some((msg, fds)))
 }
 
-fn wait_readable(sock: &OwnedFd, deadline: Instant) -> Result<(), SetupError> {
+/// Blocks until `sock` is readable or `deadline` passes (a `Protocol` timeout).
+#[cfg(test)]
+pub(super) fn wait_readable(sock: &OwnedFd, deadline: Instant) -> Result<(), SetupError> {
     use std::os::fd::AsFd;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -10,9 +10,12 @@
 //!   `pivot_root`s into it, brings up `lo`, builds its Landlock ruleset, sends the helper its
 //!   `/work` fd, and waits. This is a *warm* sandbox; the helper keeps a few ready, each used
 //!   for exactly one job;
-//! - [`start`]: the helper writes the job's limits into the sandbox's cgroup, clones the job's
-//!   template (if any) as a detached read-only mount, and sends C the job order (a sealed memfd:
-//!   argv, env, ids, limits, bundle) with it. C resizes its tmpfs to the job's caps, writes
+//! - [`begin`]: the helper writes the job's limits into the sandbox's cgroup, clones the job's
+//!   template (if any) as a detached read-only mount, and sends C the job order (a sealed memfd
+//!   from [`write_order`]: argv, env, ids, limits, bundle) with it. It does not wait: the
+//!   helper's loop polls the returned [`Starting`]'s control socket with everything else and
+//!   calls [`Starting::poll`] when it is readable, until C reports `Ready` or a failure (or
+//!   [`Starting::timed_out`] past its deadline). C resizes its tmpfs to the job's caps, writes
 //!   `/etc/passwd` and `/etc/group`, attaches the template at `/env`, unshares the cgroup
 //!   namespace, drops to the slot's uid/gid, drops every capability, sets `NO_NEW_PRIVS`,
 //!   enforces Landlock, writes the input bundle into `/work` as the job's uid, then starts the
@@ -42,7 +45,7 @@ mod sys;
 mod tests;
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -63,6 +66,8 @@ pub struct SandboxSettings {
     pub mount_point: PathBuf,
     /// Directory holding read-only environment templates (`<dir>/<name>`), bound at `/env`.
     pub template_dir: PathBuf,
+    /// How long C may take from `Go` to J's `execve` before the helper gives up and kills it.
+    pub start_timeout: Duration,
 }
 
 /// Everything one job needs. All of it was validated and clamped by the server.
@@ -107,6 +112,9 @@ pub struct Spawned {
     pub workdir: OwnedFd,
     /// Time from the start of [`start`] (or [`spawn`]) to J's successful `execve`.
     pub spawn_time: Duration,
+    /// SHA-256 of the lock file of the job's template, read from the very clone mounted at
+    /// `/env`; `None` without a template.
+    pub template_lock: Option<[u8; 32]>,
 }
 
 /// How C gets into its job's cgroup.
@@ -279,9 +287,6 @@ impl std::fmt::Display for SetupError {
 
 impl std::error::Error for SetupError {}
 
-/// How long C may take to set up and start the job before the helper gives up and kills it.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// The namespaces C is cloned into (the cgroup namespace comes later, after C joined its
 /// cgroup).
 const NAMESPACES: libc::c_int = libc::CLONE_NEWPID
@@ -394,55 +399,178 @@ fn note_clone3_fallback() {
     }
 }
 
-/// Gives a prepared sandbox its job: sends C the order and waits until J has `execve`d (or C
-/// reports a failure, which kills and reaps C). The caller must have written the job's limits
+/// A job's order, written once (a sealed memfd, see `order.rs`): it can be handed to another
+/// sandbox if the first one failed before it had any part in the job.
+#[derive(Debug)]
+pub struct JobOrder {
+    memfd: OwnedFd,
+    /// The template to clone for the sandbox that gets the order, if any.
+    template: Option<String>,
+}
+
+/// Checks the plan and writes its order. The plan's data may be dropped afterwards.
+pub fn write_order(plan: &JobPlan<'_>) -> Result<JobOrder, SetupError> {
+    check_plan(plan)?;
+    Ok(JobOrder {
+        memfd: order::write(plan)?,
+        template: plan.template.clone(),
+    })
+}
+
+/// A sandbox that has been sent its job and has not yet reported that J has `execve`d. The
+/// helper polls [`Starting::ctrl`] and calls [`Starting::poll`] when it is readable, so it
+/// never waits on one sandbox. Dropping it kills and reaps C.
+#[derive(Debug)]
+pub struct Starting {
+    warm: Warm,
+    wait: channel::ReadyWait,
+    /// `Go` went out (otherwise C was gone before it got the job).
+    sent: bool,
+    started: Instant,
+    deadline: Instant,
+    /// sha256 of the job's template lock file, read from the job's own clone.
+    template_lock: Option<[u8; 32]>,
+}
+
+/// What a readable control socket came to.
+#[derive(Debug)]
+pub enum StartPoll {
+    /// More is to come: poll again.
+    Pending(Starting),
+    /// J has `execve`d.
+    Started(Spawned),
+}
+
+/// Gives a prepared sandbox its job: clones the job's template (if any) and sends C the order,
+/// without waiting for C (see [`Starting`]). The caller must have written the job's limits
 /// into the sandbox's cgroup first.
+pub fn begin(
+    settings: &SandboxSettings,
+    warm: Warm,
+    order: &JobOrder,
+) -> Result<Starting, StartError> {
+    let started = Instant::now();
+    let template = match &order.template {
+        Some(name) => Some(
+            clone_template(&settings.template_dir, name).map_err(|error| StartError {
+                error,
+                prepared: true,
+            })?,
+        ),
+        None => None,
+    };
+    let template_lock = match &template {
+        // The lock of the tree this job gets: read through the clone's fd, after it was made
+        // read-only, so it cannot be another template's or change before the job sees it.
+        Some(tree) => Some(
+            crate::template::read_lock(tree.as_fd())
+                .map_err(|e| sys::fail(SetupStep::BindTemplate, e.errno(), e.to_string()))
+                .map_err(|error| StartError {
+                    error,
+                    prepared: true,
+                })?
+                .sha256,
+        ),
+        None => None,
+    };
+    let template_fd = template.as_ref().map(AsRawFd::as_raw_fd);
+    let sent = channel::send_go(warm.ctrl.as_raw_fd(), order.memfd.as_raw_fd(), template_fd);
+    drop(template);
+    // If C already failed or died, its report (or the closed channel) is waiting on the
+    // channel, and `poll` returns it. A `Go` that could not even be sent means C was gone
+    // before it got the job: the job had no part in that failure.
+    Ok(Starting {
+        warm,
+        wait: channel::ReadyWait::default(),
+        sent: sent.is_ok(),
+        started,
+        deadline: started + settings.start_timeout,
+        template_lock,
+    })
+}
+
+impl Starting {
+    /// The control socket: readable when C has sent something (or closed it).
+    pub fn ctrl(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.warm.ctrl.as_fd()
+    }
+
+    /// When the start is given up on ([`Starting::timed_out`]).
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Reads what C has sent, without blocking. A failure kills and reaps C.
+    pub fn poll(mut self) -> Result<StartPoll, StartError> {
+        let workdir = match self.wait.poll(&self.warm.ctrl) {
+            Ok(Some(workdir)) => workdir,
+            Ok(None) => return Ok(StartPoll::Pending(self)),
+            Err(f) => {
+                return Err(StartError {
+                    error: f.error,
+                    prepared: f.prepared && self.sent,
+                })
+            }
+        };
+        let Warm {
+            guard,
+            pidfd,
+            stdout,
+            stderr,
+            status,
+            ..
+        } = self.warm;
+        let pid = guard.0;
+        guard.release();
+        Ok(StartPoll::Started(Spawned {
+            pid: ProcessId(pid),
+            pidfd,
+            stdout,
+            stderr,
+            status,
+            workdir,
+            spawn_time: self.started.elapsed(),
+            template_lock: self.template_lock,
+        }))
+    }
+
+    /// Gives up: C did not answer by the deadline. Kills and reaps C.
+    pub fn timed_out(self) -> StartError {
+        StartError {
+            error: sys::fail(
+                SetupStep::Protocol,
+                libc::ETIMEDOUT,
+                "sandbox setup timed out",
+            ),
+            prepared: self.wait.prepared() && self.sent,
+        }
+    }
+}
+
+/// [`write_order`], [`begin`], then waits (blocking) until J has `execve`d. Tests only: the
+/// helper polls [`Starting`] in its loop.
+#[cfg(test)]
 pub fn start(
     settings: &SandboxSettings,
     warm: Warm,
     plan: &JobPlan<'_>,
 ) -> Result<Spawned, StartError> {
-    let started = Instant::now();
-    let job_error = |error| StartError {
+    let order = write_order(plan).map_err(|error| StartError {
         error,
         prepared: true,
-    };
-    check_plan(plan).map_err(job_error)?;
-    let template = match &plan.template {
-        Some(name) => Some(clone_template(&settings.template_dir, name).map_err(job_error)?),
-        None => None,
-    };
-    let order = order::write(plan).map_err(job_error)?;
-    let template_fd = template.as_ref().map(AsRawFd::as_raw_fd);
-    let sent = channel::send_go(warm.ctrl.as_raw_fd(), order.as_raw_fd(), template_fd);
-    drop((order, template));
-    // If C already failed or died, its report (or the closed channel) is waiting on the
-    // channel, and wait_for_ready returns it. A `Go` that could not even be sent means C was
-    // gone before it got the job: the job had no part in that failure.
-    let workdir =
-        channel::wait_for_ready(&warm.ctrl, started + SETUP_TIMEOUT).map_err(|f| StartError {
-            error: f.error,
-            prepared: f.prepared && sent.is_ok(),
-        })?;
-    let Warm {
-        guard,
-        pidfd,
-        stdout,
-        stderr,
-        status,
-        ..
-    } = warm;
-    let pid = guard.0;
-    guard.release();
-    Ok(Spawned {
-        pid: ProcessId(pid),
-        pidfd,
-        stdout,
-        stderr,
-        status,
-        workdir,
-        spawn_time: started.elapsed(),
-    })
+    })?;
+    let mut starting = begin(settings, warm, &order)?;
+    loop {
+        if let Err(error) = channel::wait_readable(&starting.warm.ctrl, starting.deadline) {
+            let prepared = starting.wait.prepared() && starting.sent;
+            return Err(StartError { error, prepared });
+        }
+        match starting.poll()? {
+            StartPoll::Pending(s) => starting = s,
+            StartPoll::Started(spawned) => return Ok(spawned),
+        }
+    }
 }
 
 /// A detached, read-only, nosuid, nodev copy of the mount tree of template `name` (one plain

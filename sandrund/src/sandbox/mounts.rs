@@ -174,8 +174,13 @@ fn overlay_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
 }
 
 /// The empty directory that is every overlay's second lower layer (overlayfs needs two lower
-/// layers when it has no upper one). Removed once the overlays are mounted: each holds its own
-/// reference, and the job never sees it.
+/// layers when it has no upper one): a tiny read-only tmpfs of its own, lazily detached once the
+/// overlays are mounted (each holds its own reference, and the job never sees it).
+///
+/// It must not be a plain directory that is then removed: overlayfs lists a merged directory
+/// (the overlay's root, present in both layers) by reading every layer, and a removed directory
+/// reads as empty, so `ls /usr` and `ls /env` were empty, and Python, whose import system finds
+/// modules through directory listings, could import nothing from the top of a template.
 struct EmptyLayer {
     path: std::path::PathBuf,
     step: SetupStep,
@@ -185,10 +190,22 @@ impl EmptyLayer {
     fn create(root: &Path, step: SetupStep) -> Result<EmptyLayer, SetupError> {
         let path = root.join(".sandrun-empty");
         make_dir(&path, 0o555, step)?;
+        let flags =
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        mount(
+            Some("sandrun-empty"),
+            &path,
+            Some("tmpfs"),
+            flags,
+            Some("size=4k,nr_inodes=1,mode=0555"),
+        )
+        .map_err(at(step, "the overlays' empty layer"))?;
         Ok(EmptyLayer { path, step })
     }
 
     fn remove(self) -> Result<(), SetupError> {
+        umount2(&self.path, MntFlags::MNT_DETACH)
+            .map_err(at(self.step, "detach the empty layer"))?;
         std::fs::remove_dir(&self.path).map_err(io_at(self.step, &self.path))
     }
 }

@@ -82,6 +82,7 @@ impl Job {
         let settings = SandboxSettings {
             mount_point: root.path().to_owned(),
             template_dir: self.template_dir.clone(),
+            start_timeout: std::time::Duration::from_secs(60),
         };
         let plan = JobPlan {
             argv: self.argv.clone(),
@@ -390,17 +391,19 @@ fn given_template_when_spawned_then_it_is_readable_at_env_and_read_only() {
     std::fs::create_dir(templates.path().join("py")).expect("mkdir");
     std::fs::create_dir(templates.path().join("other")).expect("mkdir");
     std::fs::write(templates.path().join("py/hello.txt"), "from template\n").expect("write");
+    std::fs::write(templates.path().join("py/sandrun-lock.json"), "{}\n").expect("write");
     std::fs::write(templates.path().join("other/secret.txt"), "other\n").expect("write");
     // Only the job's template is there: not the others, not the tree it was bound from.
     let mut job = Job::shell(
         "cat /env/hello.txt; touch /env/x 2>/dev/null || echo env-readonly; \
-         ls -a / | grep -c sandrun-templates; grep -rs other / --include=secret.txt | wc -l",
+         ls -a / | grep -c sandrun-templates; grep -rs other / --include=secret.txt | wc -l; \
+         ls /env | tr '\\n' ' '; ls /usr | grep -qx bin && echo usr-listed",
     );
     job.template = Some("py".to_owned());
     job.template_dir = templates.path().to_owned();
     let done = job.run();
     assert_eq!(
-        done.stdout, "from template\nenv-readonly\n0\n0\n",
+        done.stdout, "from template\nenv-readonly\n0\n0\nhello.txt sandrun-lock.json usr-listed\n",
         "{done:?}"
     );
 }
@@ -416,6 +419,32 @@ fn given_a_template_that_is_a_symlink_when_spawned_then_it_is_refused() {
     assert_eq!(
         (err.step, err.errno),
         (SetupStep::BindTemplate, libc::ENOTDIR)
+    );
+}
+
+#[test]
+fn given_a_template_when_spawned_then_the_lock_hash_is_that_of_its_lock_and_none_without_a_lock() {
+    let templates = tempfile::tempdir().expect("template dir");
+    std::fs::create_dir(templates.path().join("py")).expect("mkdir");
+    std::fs::create_dir(templates.path().join("bare")).expect("mkdir");
+    std::fs::write(templates.path().join("py/sandrun-lock.json"), "{\"v\":1}\n").expect("write");
+    let mut job = Job::shell("true");
+    job.template = Some("py".to_owned());
+    job.template_dir = templates.path().to_owned();
+    let spawned = job.spawn().expect("spawned");
+    use sha2::Digest;
+    let want: [u8; 32] = sha2::Sha256::digest(b"{\"v\":1}\n").into();
+    assert_eq!(spawned.template_lock, Some(want));
+    assert_eq!(finish(spawned).exit_code(), 0);
+    let mut job = Job::shell("true");
+    job.template = Some("bare".to_owned());
+    job.template_dir = templates.path().to_owned();
+    let err = job
+        .spawn()
+        .expect_err("a template without a lock is refused");
+    assert_eq!(
+        (err.step, err.errno),
+        (SetupStep::BindTemplate, libc::ENOENT)
     );
 }
 
@@ -441,6 +470,7 @@ fn given_no_template_when_spawned_then_neither_env_nor_any_template_is_mounted()
 fn given_a_template_when_spawned_then_its_mount_is_read_only_nosuid_nodev_and_it_is_the_only_one() {
     let templates = tempfile::tempdir().expect("template dir");
     std::fs::create_dir(templates.path().join("py")).expect("mkdir");
+    std::fs::write(templates.path().join("py/sandrun-lock.json"), "{}\n").expect("write");
     let mut job = Job::shell("grep ' /env ' /proc/self/mountinfo");
     job.template = Some("py".to_owned());
     job.template_dir = templates.path().to_owned();

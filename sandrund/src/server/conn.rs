@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use sandrun_ipc::{codec, ErrorCode, FrameDecoder, IpcError, JobId, Request, Response, Role};
 
-use super::job::{Collection, Job};
+use super::job::{Collection, Job, Starting};
 use super::peer::Peer;
 use super::request::ValidJob;
 
@@ -33,6 +33,8 @@ pub enum State {
         slot: u32,
         data: Vec<u8>,
     },
+    /// The sandbox has its order; the loop waits (polls) for J's `execve`.
+    Starting(Box<Starting>),
     /// The sandbox runs.
     Running(Box<Job>),
     /// After `Exited`: the job's collector walks its `/work`; its outputs are relayed.
@@ -165,7 +167,10 @@ impl Conn {
     /// with no job to tear down.
     pub fn is_done(&self) -> bool {
         // A job's cgroup and slot, and its collector, are released by the loop, not dropped.
-        let job_alive = matches!(self.state, State::Running(_) | State::Collecting(_));
+        let job_alive = matches!(
+            self.state,
+            State::Starting(_) | State::Running(_) | State::Collecting(_)
+        );
         (self.stream.is_none() && !job_alive)
             || (matches!(self.state, State::Closing) && self.out.is_empty())
     }

@@ -17,7 +17,36 @@ use crate::cgroup::{CgroupStats, JobCgroup};
 use crate::ids::{GroupId, UserId};
 use crate::sandbox::collector::{self, CollectorChild, CollectorPlan};
 use crate::sandbox::seccomp::SeccompProgram;
-use crate::sandbox::{CgroupJoin, Spawned};
+use crate::sandbox::{self, CgroupJoin, Spawned};
+
+/// What the helper keeps of an accepted job between its bundle and its start.
+pub struct JobMeta {
+    pub id: JobId,
+    pub label: String,
+    pub slot: u32,
+    pub limits: GrantedLimits,
+    pub outputs: Vec<OutputPattern>,
+    /// The limits written into the sandbox's cgroup (also for a sandbox prepared on retry).
+    pub cgroup_limits: crate::cgroup::CgroupLimits,
+}
+
+/// A job whose sandbox has been sent its order and has not yet reported that J has `execve`d
+/// (the loop polls its control socket). Holds the job's slot; dropping the sandbox kills and
+/// reaps C, after which the caller tears the cgroup down.
+pub struct Starting {
+    pub job: JobMeta,
+    /// Kept so that a warm sandbox that turns out broken before it got the job can be replaced.
+    pub order: sandbox::JobOrder,
+    pub sandbox: sandbox::Starting,
+    pub cgroup: Box<dyn JobCgroup>,
+    /// CPU time the cgroup had used before the job (see [`Job::cpu_base_ns`]).
+    pub cpu_base_ns: u64,
+    /// The sandbox came from the pool (a failure it had before the job may be retried fresh).
+    pub was_warm: bool,
+    /// `Cancel` (or an admin kill) arrived while starting: the job is killed once it runs, so
+    /// the client gets `Started` and then `Exited` with reason `cancelled`, as before.
+    pub cancelled: bool,
+}
 
 /// One output stream of the job (stdout or stderr).
 pub struct Pipe {
@@ -116,6 +145,8 @@ pub struct Job {
     stats_failures: u32,
     /// When C exited; pipes still open long after that are closed by force.
     reaped_at: Option<Instant>,
+    /// The lock hash of the job's template, for its exit report.
+    template_lock: Option<[u8; 32]>,
 }
 
 impl Job {
@@ -135,6 +166,7 @@ impl Job {
             stderr,
             status,
             workdir,
+            template_lock,
             ..
         } = sandbox;
         // Read when poll says so (`on_status`); a blocking read could stall the loop.
@@ -163,6 +195,7 @@ impl Job {
             cpu_base_ns: 0,
             stats_failures: 0,
             reaped_at: None,
+            template_lock,
         }
     }
 
@@ -350,6 +383,7 @@ impl Job {
             memory_peak_bytes: s.memory_peak_bytes,
             stdout_truncated: self.stdout.truncated,
             stderr_truncated: self.stderr.truncated,
+            template_lock: self.template_lock,
         }
     }
 }

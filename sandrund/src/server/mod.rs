@@ -1,9 +1,11 @@
 //! The helper's single-threaded event loop: `poll` over the listening socket, client connections,
-//! each job's pidfd and output pipes, and a self-pipe for SIGTERM/SIGINT. A 100 ms tick (the poll
+//! each starting sandbox's control socket, each job's pidfd and output pipes, and a self-pipe for
+//! SIGTERM/SIGINT. Nothing waits on one sandbox: a start is a `Starting` state that completes
+//! when its control message arrives, while the loop serves everyone else. A 100 ms tick (the poll
 //! timeout while anything is pending) checks wall-clock and CPU limits, conversation deadlines
 //! and retries cgroup removal.
 
-mod collect;
+pub(crate) mod collect;
 mod conn;
 mod job;
 mod peer;
@@ -26,9 +28,11 @@ use sandrun_ipc::{
 use crate::cgroup::{CgroupLimits, CgroupManager, JobCgroup};
 use crate::config::Config;
 use crate::ids::{GroupId, UserId};
-use crate::sandbox::{self, seccomp::SeccompProgram, JobPlan, SandboxSettings, SetupStep};
+use crate::sandbox::{
+    self, seccomp::SeccompProgram, JobPlan, SandboxSettings, SetupStep, StartPoll,
+};
 use conn::{Conn, Incoming, State, HIGH_WATER};
-use job::{Collection, Exiting, Job, Relayed, Released};
+use job::{Collection, Exiting, Job, JobMeta, Relayed, Released, Starting};
 use peer::{authorize, may_connect, Peer};
 use pool::{Pool, WarmSandbox};
 use request::{validate, RequestError};
@@ -112,6 +116,8 @@ enum Token {
     Exiting(u64),
     /// A job's output collector has sent something (or exited).
     Collector,
+    /// A starting sandbox's control socket.
+    Starting(u64),
 }
 
 static SIGNAL_WRITE_FD: AtomicI32 = AtomicI32::new(-1);
@@ -159,6 +165,7 @@ impl Server {
         let settings = SandboxSettings {
             mount_point: cfg.mount_point.clone(),
             template_dir: cfg.template_dir.clone(),
+            start_timeout: Duration::from_secs(u64::from(cfg.start_timeout_s)),
         };
         let slots = vec![false; cfg.slot_count as usize];
         let pool = Pool::new(cfg.warm_sandboxes);
@@ -208,6 +215,7 @@ impl Server {
                     Token::Pidfd(id) => self.on_exit(id),
                     Token::Status(id) => self.on_status(id),
                     Token::Exiting(id) => self.on_exiting(id),
+                    Token::Starting(id) => self.on_starting(id),
                     // Relayed by `progress_all`, below.
                     Token::Collector => {}
                 }
@@ -252,6 +260,10 @@ impl Server {
                 }
                 fds.push(PollFd::new(s.as_fd(), ev));
                 tokens.push(Token::Conn(id));
+            }
+            if let State::Starting(s) = &c.state {
+                fds.push(PollFd::new(s.sandbox.ctrl(), PollFlags::POLLIN));
+                tokens.push(Token::Starting(id));
             }
             if let State::Running(job) = &c.state {
                 let room = c.pending_out() < HIGH_WATER || c.stream.is_none();
@@ -388,6 +400,7 @@ impl Server {
                 job.kill(ExitReason::Cancelled);
                 conn.state = State::Running(job);
             }
+            State::Starting(s) => self.abandon_start(*s),
             State::Bundle { slot, .. } => self.slots[slot as usize] = false,
             _ => {}
         }
@@ -402,6 +415,7 @@ impl Server {
                 conn.state = State::Running(job);
                 return;
             }
+            State::Starting(s) => self.abandon_start(*s),
             State::Bundle { slot, .. } => self.slots[slot as usize] = false,
             _ => {}
         }
@@ -413,6 +427,15 @@ impl Server {
         match (state, msg) {
             (State::AwaitHello, Request::Hello(h)) => self.on_hello(conn, h),
             (State::Idle(Role::Submitter), Request::Submit(spec)) => self.on_submit(conn, *spec),
+            (State::Idle(role), Request::ListTemplates) => {
+                conn.state = State::Idle(role);
+                conn.deadline = Some(Instant::now() + IDLE_TIMEOUT);
+                let (templates, omitted) = crate::template::list(&self.cfg.template_dir);
+                for info in templates {
+                    conn.send(&Response::Template(info));
+                }
+                conn.send(&Response::TemplatesEnd { omitted });
+            }
             (State::Idle(Role::Admin), Request::Admin(req)) => {
                 conn.state = State::Idle(Role::Admin);
                 conn.deadline = Some(Instant::now() + IDLE_TIMEOUT);
@@ -463,6 +486,11 @@ impl Server {
             (State::Running(mut job), Request::Cancel) => {
                 job.kill(ExitReason::Cancelled);
                 conn.state = State::Running(job);
+            }
+            // Killed as soon as it runs (see `Starting::cancelled`).
+            (State::Starting(mut s), Request::Cancel) => {
+                s.cancelled = true;
+                conn.state = State::Starting(s);
             }
             // A Cancel that crossed the job's end: the job is over, its outputs still come.
             (state @ State::Collecting(_), Request::Cancel) => {
@@ -537,6 +565,9 @@ impl Server {
             Ok(j) => j,
             Err(RequestError::Invalid(m)) => return conn.fail(ErrorCode::InvalidRequest, m),
             Err(RequestError::NotFound(m)) => return conn.fail(ErrorCode::NotFound, m),
+            Err(RequestError::TemplateMissing(m)) => {
+                return conn.fail(ErrorCode::TemplateMissing, m)
+            }
         };
         let Some(slot) = self.reserve_slot() else {
             self.counters.refused_busy += 1;
@@ -590,7 +621,10 @@ impl Server {
             .filter(|c| {
                 matches!(
                     c.state,
-                    State::Bundle { .. } | State::Running(_) | State::Collecting(_)
+                    State::Bundle { .. }
+                        | State::Starting(_)
+                        | State::Running(_)
+                        | State::Collecting(_)
                 )
             })
             .count()
@@ -605,7 +639,7 @@ impl Server {
         data: Vec<u8>,
     ) {
         conn.deadline = None;
-        let limits = CgroupLimits {
+        let cgroup_limits = CgroupLimits {
             memory_bytes: job.limits.memory_bytes,
             pids: job.limits.pids,
             cpu_quota_us: CPU_PERIOD_US,
@@ -629,55 +663,51 @@ impl Server {
             stdin,
             template: job.template,
         };
-        let started = self.start_sandbox(id, &plan, &limits);
+        let order = sandbox::write_order(&plan);
         drop(plan);
         drop(data);
-        match started {
-            Ok((sb, cgroup, cpu_base_ns)) => {
-                let us = u64::try_from(sb.spawn_time.as_micros()).unwrap_or(u64::MAX);
-                self.record_spawn(us);
-                log::info!(
-                    "job started job={} label={} slot={} spawn_us={}",
-                    id,
-                    job.label,
-                    slot,
-                    us
-                );
-                conn.send(&Response::Started { spawn_us: us });
-                let mut j = Job::new(id, job.label, slot, job.limits, job.outputs, cgroup, sb);
-                j.cpu_base_ns = cpu_base_ns;
-                conn.state = State::Running(Box::new(j));
+        let meta = JobMeta {
+            id,
+            label: job.label,
+            slot,
+            limits: job.limits,
+            outputs: job.outputs,
+            cgroup_limits,
+        };
+        match order {
+            Ok(order) => {
+                let warm = self.pool.take();
+                self.launch(conn, meta, order, warm, false);
             }
-            Err((code, msg)) => {
-                self.counters.setup_failures += 1;
-                log::error!("sandbox setup failed job={} error={}", id, msg);
-                self.slots[slot as usize] = false;
-                conn.fail(code, msg);
-            }
+            Err(e) => self.setup_failed(conn, &meta, &e),
         }
     }
 
-    /// Starts `plan` in a warm sandbox, or in one prepared now if the pool is empty (or its
-    /// sandbox turns out broken before the job had any part in it: then once more, fresh).
-    /// Returns the running sandbox, its cgroup and the CPU time the cgroup had used before.
-    fn start_sandbox(
+    /// Hands `order` to a warm sandbox, or to one prepared now if there is none (or it turns
+    /// out broken before the job had any part in it: then once more, fresh), and leaves the
+    /// connection `Starting`: the loop polls the sandbox's control socket from here on.
+    fn launch(
         &mut self,
-        id: JobId,
-        plan: &JobPlan<'_>,
-        limits: &CgroupLimits,
-    ) -> Result<StartedSandbox, (ErrorCode, String)> {
-        let mut warm = self.pool.take();
+        conn: &mut Conn,
+        meta: JobMeta,
+        order: sandbox::JobOrder,
+        mut warm: Option<WarmSandbox>,
+        cancelled: bool,
+    ) {
         loop {
             let was_warm = warm.is_some();
             let ws = match warm.take() {
                 Some(ws) => ws,
-                None => self.prepare_now(id, limits)?,
+                None => match self.prepare_now(meta.id, &meta.cgroup_limits) {
+                    Ok(ws) => ws,
+                    Err((code, msg)) => return self.start_refused(conn, &meta, code, msg),
+                },
             };
             let WarmSandbox {
                 warm: sb,
                 mut cgroup,
             } = ws;
-            let base = match set_job_limits(cgroup.as_mut(), limits) {
+            let base = match set_job_limits(cgroup.as_mut(), &meta.cgroup_limits) {
                 Ok(base) => base,
                 Err(msg) => {
                     drop(sb);
@@ -685,34 +715,198 @@ impl Server {
                     if was_warm {
                         // Its cgroup broke while it waited (removed by hand, or by another
                         // helper's stale-cgroup cleanup): the job had no part in it.
-                        log::warn!("a warm sandbox's cgroup had failed; preparing a fresh one job={} error={}", id, msg);
+                        log::warn!("a warm sandbox's cgroup had failed; preparing a fresh one job={} error={}", meta.id, msg);
                         self.pool.pause(Instant::now());
                         continue;
                     }
-                    return Err((ErrorCode::SandboxSetup, msg));
+                    return self.start_refused(conn, &meta, ErrorCode::SandboxSetup, msg);
                 }
             };
-            match sandbox::start(&self.settings, sb, plan) {
-                Ok(spawned) => return Ok((spawned, cgroup, base)),
+            match sandbox::begin(&self.settings, sb, &order) {
+                Ok(starting) => {
+                    conn.state = State::Starting(Box::new(Starting {
+                        job: meta,
+                        order,
+                        sandbox: starting,
+                        cgroup,
+                        cpu_base_ns: base,
+                        was_warm,
+                        cancelled,
+                    }));
+                    return;
+                }
                 Err(e) => {
                     self.teardown(cgroup, None);
                     if was_warm && !e.prepared {
                         log::warn!(
                             "a warm sandbox had failed; preparing a fresh one job={} error={}",
-                            id,
+                            meta.id,
                             e.error
                         );
                         self.pool.pause(Instant::now());
                         continue;
                     }
-                    let code = if e.error.step == SetupStep::Exec {
-                        ErrorCode::ExecFailed
-                    } else {
-                        ErrorCode::SandboxSetup
-                    };
-                    return Err((code, e.error.to_string()));
+                    return self.setup_failed(conn, &meta, &e.error);
                 }
             }
+        }
+    }
+
+    /// The control socket of a starting sandbox is readable: the job runs, or its start failed
+    /// (retried in a fresh sandbox if a warm one failed before it got the job).
+    fn on_starting(&mut self, id: u64) {
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
+        };
+        match std::mem::replace(&mut conn.state, State::Closing) {
+            State::Starting(s) => {
+                let Starting {
+                    job,
+                    order,
+                    sandbox,
+                    cgroup,
+                    cpu_base_ns,
+                    was_warm,
+                    cancelled,
+                } = *s;
+                match sandbox.poll() {
+                    Ok(StartPoll::Pending(sandbox)) => {
+                        conn.state = State::Starting(Box::new(Starting {
+                            job,
+                            order,
+                            sandbox,
+                            cgroup,
+                            cpu_base_ns,
+                            was_warm,
+                            cancelled,
+                        }));
+                    }
+                    Ok(StartPoll::Started(spawned)) => {
+                        self.started(&mut conn, job, spawned, cgroup, cpu_base_ns, cancelled);
+                    }
+                    Err(e) => {
+                        self.start_failed(&mut conn, job, order, cgroup, was_warm, cancelled, e)
+                    }
+                }
+            }
+            other => conn.state = other,
+        }
+        self.conns.insert(id, conn);
+    }
+
+    /// J has `execve`d: tell the client and supervise the job.
+    fn started(
+        &mut self,
+        conn: &mut Conn,
+        meta: JobMeta,
+        sb: sandbox::Spawned,
+        cgroup: Box<dyn JobCgroup>,
+        cpu_base_ns: u64,
+        cancelled: bool,
+    ) {
+        let us = u64::try_from(sb.spawn_time.as_micros()).unwrap_or(u64::MAX);
+        self.record_spawn(us);
+        log::info!(
+            "job started job={} label={} slot={} spawn_us={}",
+            meta.id,
+            meta.label,
+            meta.slot,
+            us
+        );
+        conn.send(&Response::Started { spawn_us: us });
+        let JobMeta {
+            id,
+            label,
+            slot,
+            limits,
+            outputs,
+            ..
+        } = meta;
+        let mut j = Job::new(id, label, slot, limits, outputs, cgroup, sb);
+        j.cpu_base_ns = cpu_base_ns;
+        if cancelled || conn.stream.is_none() {
+            j.kill(ExitReason::Cancelled);
+        }
+        conn.state = State::Running(Box::new(j));
+    }
+
+    /// A start failed (C reported a step, died, or timed out; C is killed and reaped).
+    #[allow(clippy::too_many_arguments)]
+    fn start_failed(
+        &mut self,
+        conn: &mut Conn,
+        meta: JobMeta,
+        order: sandbox::JobOrder,
+        cgroup: Box<dyn JobCgroup>,
+        was_warm: bool,
+        cancelled: bool,
+        e: sandbox::StartError,
+    ) {
+        self.teardown(cgroup, None);
+        if was_warm && !e.prepared {
+            log::warn!(
+                "a warm sandbox had failed; preparing a fresh one job={} error={}",
+                meta.id,
+                e.error
+            );
+            self.pool.pause(Instant::now());
+            return self.launch(conn, meta, order, None, cancelled);
+        }
+        self.setup_failed(conn, &meta, &e.error);
+    }
+
+    /// The job cannot run: `ExecFailed` for the program, `SandboxSetup` for any other step.
+    fn setup_failed(&mut self, conn: &mut Conn, meta: &JobMeta, error: &sandbox::SetupError) {
+        let code = if error.step == SetupStep::Exec {
+            ErrorCode::ExecFailed
+        } else {
+            ErrorCode::SandboxSetup
+        };
+        self.start_refused(conn, meta, code, error.to_string());
+    }
+
+    /// Frees the slot of a job whose sandbox did not start (nothing of it runs: C, if there
+    /// was one, is reaped and its cgroup handed to teardown) and tells the client.
+    fn start_refused(&mut self, conn: &mut Conn, meta: &JobMeta, code: ErrorCode, msg: String) {
+        self.counters.setup_failures += 1;
+        log::error!("sandbox setup failed job={} error={}", meta.id, msg);
+        self.slots[meta.slot as usize] = false;
+        conn.fail(code, msg);
+    }
+
+    /// Drops a start in progress (the client went away, broke the protocol, or the helper
+    /// stops): kills and reaps C, tears down its cgroup, frees the slot.
+    fn abandon_start(&mut self, s: Starting) {
+        log::info!("sandbox start abandoned job={}", s.job.id);
+        drop(s.sandbox);
+        self.teardown(s.cgroup, None);
+        self.slots[s.job.slot as usize] = false;
+    }
+
+    /// Starts that have not answered by their deadline fail (`Protocol`, ETIMEDOUT).
+    fn check_starts(&mut self, now: Instant) {
+        let late: Vec<u64> = (self.conns.iter())
+            .filter(|(_, c)| matches!(&c.state, State::Starting(s) if now >= s.sandbox.deadline()))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            let Some(mut conn) = self.conns.remove(&id) else {
+                continue;
+            };
+            if let State::Starting(s) = std::mem::replace(&mut conn.state, State::Closing) {
+                let s = *s;
+                let e = s.sandbox.timed_out();
+                self.start_failed(
+                    &mut conn,
+                    s.job,
+                    s.order,
+                    s.cgroup,
+                    s.was_warm,
+                    s.cancelled,
+                    e,
+                );
+            }
+            self.conns.insert(id, conn);
         }
     }
 
@@ -738,7 +932,7 @@ impl Server {
         let running = self
             .conns
             .values()
-            .any(|c| matches!(c.state, State::Running(_)));
+            .any(|c| matches!(c.state, State::Starting(_) | State::Running(_)));
         !running || self.pool.is_low()
     }
 
@@ -1015,6 +1209,7 @@ impl Server {
 
     fn tick(&mut self, now: Instant) {
         self.accept_paused = false;
+        self.check_starts(now);
         self.check_collections(now);
         for conn in self.conns.values_mut() {
             if let State::Running(job) = &mut conn.state {
@@ -1081,13 +1276,18 @@ impl Server {
             AdminRequest::List => AdminResponse::List(self.list()),
             AdminRequest::Kill(id) => {
                 let found = self.conns.values_mut().find_map(|c| match &mut c.state {
-                    State::Running(j) if j.id == id => Some(j),
+                    State::Running(j) if j.id == id => Some(Ok(j)),
+                    State::Starting(s) if s.job.id == id => Some(Err(s)),
                     _ => None,
                 });
                 match found {
                     Some(job) => {
                         log::info!("killed by admin job={}", id);
-                        job.kill(ExitReason::Cancelled);
+                        match job {
+                            Ok(job) => job.kill(ExitReason::Cancelled),
+                            // Killed as soon as it runs (see `Starting::cancelled`).
+                            Err(starting) => starting.cancelled = true,
+                        }
                         AdminResponse::Killed(id)
                     }
                     None => {
@@ -1184,6 +1384,7 @@ impl Server {
                         }
                     }
                     State::Collecting(c) => self.release(*c.end()),
+                    State::Starting(s) => self.abandon_start(*s),
                     _ => {}
                 }
             }
@@ -1226,9 +1427,6 @@ fn summarize(samples: &VecDeque<u64>) -> LatencySummary {
         max_us: v[v.len() - 1],
     }
 }
-
-/// A started sandbox, its cgroup, and the CPU time the cgroup had used before the job.
-type StartedSandbox = (sandbox::Spawned, Box<dyn JobCgroup>, u64);
 
 /// Writes the job's limits into a (warm) sandbox's cgroup and returns the CPU time the cgroup
 /// has used so far, which is not the job's.

@@ -34,6 +34,8 @@ pub struct ValidJob {
 pub enum RequestError {
     Invalid(String),
     NotFound(String),
+    /// The template does not exist or has no usable lock file.
+    TemplateMissing(String),
 }
 
 fn invalid(msg: impl Into<String>) -> RequestError {
@@ -44,7 +46,7 @@ fn invalid(msg: impl Into<String>) -> RequestError {
 pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
     let limits = clamp(&spec.limits, &cfg.defaults, &cfg.maxima)?;
     let argv = validate_argv(cfg, &spec.argv)?;
-    let env = build_env(&spec.env)?;
+    let env = build_env(&spec.env, spec.template.is_some())?;
     // The job's own argv and env, as the gateway counted them (the same rule): the interpreter's
     // path and the sandbox's fixed variables are the helper's, and small.
     if rules::argv_env_bytes(&spec.argv, &spec.env) > MAX_ARGV_ENV_BYTES {
@@ -160,16 +162,16 @@ fn validate_argv(cfg: &Config, argv: &[String]) -> Result<Vec<CString>, RequestE
     Ok(out)
 }
 
-/// The sandbox's fixed variables plus the request's allowed ones. Nothing from the helper's own
-/// environment is passed.
-fn build_env(extra: &[(String, String)]) -> Result<Vec<CString>, RequestError> {
+/// The sandbox's fixed variables, a template's ([`rules::TEMPLATE_ENV`]) when the job has one,
+/// plus the request's allowed ones. Nothing from the helper's own environment is passed.
+fn build_env(extra: &[(String, String)], template: bool) -> Result<Vec<CString>, RequestError> {
     if extra.len() > MAX_ENV {
         return Err(invalid(format!(
             "more than {MAX_ENV} environment variables"
         )));
     }
     let mut env = vec![
-        "PATH=/usr/local/bin:/usr/bin:/bin".to_owned(),
+        format!("PATH={}", rules::JOB_PATH),
         "HOME=/work".to_owned(),
         "TMPDIR=/tmp".to_owned(),
         "USER=sandbox".to_owned(),
@@ -177,9 +179,20 @@ fn build_env(extra: &[(String, String)]) -> Result<Vec<CString>, RequestError> {
         "LANG=C.UTF-8".to_owned(),
         "PWD=/work".to_owned(),
     ];
+    if template {
+        for (k, v) in rules::TEMPLATE_ENV {
+            match env
+                .iter_mut()
+                .find(|e| e.split_once('=').is_some_and(|(n, _)| n == k))
+            {
+                Some(e) => *e = format!("{k}={v}"),
+                None => env.push(format!("{k}={v}")),
+            }
+        }
+    }
     let mut seen = HashSet::new();
     for (k, v) in extra {
-        if let Err(e) = rules::check_env_name(k) {
+        if let Err(e) = rules::check_job_env_name(k, template) {
             return Err(invalid(format!("env key {k:?} may not be set: {e}")));
         }
         if !seen.insert(k.as_str()) {
@@ -262,15 +275,26 @@ fn validate_stdin(
     }
 }
 
+/// A valid name of a template that exists with a lock file. (The sandbox reads the lock again
+/// from the job's own clone of the template; this early check gives the typed refusal.)
 fn template_name(cfg: &Config, name: &str) -> Result<String, RequestError> {
     if !sandrun_ipc::rules::is_template_name(name) {
         return Err(invalid(format!("template name {name:?} is not valid")));
     }
     let path = cfg.template_dir.join(name);
     match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.is_dir() => Ok(name.to_owned()),
-        _ => Err(RequestError::NotFound(format!(
-            "template {name:?} does not exist"
+        Ok(m) if m.is_dir() => {}
+        _ => {
+            return Err(RequestError::TemplateMissing(format!(
+                "template {name:?} does not exist"
+            )))
+        }
+    }
+    match std::fs::symlink_metadata(path.join(rules::LOCK_FILE)) {
+        Ok(m) if m.is_file() => Ok(name.to_owned()),
+        _ => Err(RequestError::TemplateMissing(format!(
+            "template {name:?} has no {} (it was not built by sandrunctl env build)",
+            rules::LOCK_FILE
         ))),
     }
 }
@@ -442,6 +466,60 @@ mod tests {
         s.limits.tmpfs_bytes = Some(1 << 20);
         s.bundle = vec![file("big", 2 << 20)];
         assert!(validate(&cfg(), s).is_err(), "oversized bundle accepted");
+    }
+
+    fn cfg_with_templates(dir: &std::path::Path) -> Config {
+        let text = format!("template_dir = \"{}\"", dir.display());
+        Config::from_text(&text, &NoUsers).unwrap()
+    }
+
+    #[test]
+    fn given_a_template_then_its_variables_are_set_and_the_job_cannot_override_them() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("py")).unwrap();
+        std::fs::write(t.path().join("py").join(rules::LOCK_FILE), "{}").unwrap();
+        let c = cfg_with_templates(t.path());
+        let mut s = spec(&["python3", "main.py"]);
+        s.template = Some("py".into());
+        let j = validate(&c, s.clone()).unwrap();
+        let env: Vec<&str> = j.env.iter().map(|e| e.to_str().unwrap()).collect();
+        assert!(env.contains(&"PYTHONPATH=/env"), "{env:?}");
+        assert!(env.contains(&"NODE_PATH=/env/node_modules"), "{env:?}");
+        assert!(
+            env.contains(&"PATH=/env/bin:/usr/local/bin:/usr/bin:/bin"),
+            "{env:?}"
+        );
+        assert_eq!(env.iter().filter(|e| e.starts_with("PATH=")).count(), 1);
+        for k in ["PYTHONPATH", "NODE_PATH"] {
+            let mut s = s.clone();
+            s.env = vec![(k.into(), "/elsewhere".into())];
+            let e = validate(&c, s).unwrap_err();
+            assert!(
+                matches!(&e, RequestError::Invalid(m) if m.contains(k)),
+                "{e:?}"
+            );
+        }
+        // Without a template, the job's own PYTHONPATH is its business.
+        let mut s = spec(&["python3", "main.py"]);
+        s.env = vec![("PYTHONPATH".into(), "src".into())];
+        let j = validate(&c, s).unwrap();
+        assert!(j.env.iter().any(|e| e.to_bytes() == b"PYTHONPATH=src"));
+    }
+
+    #[test]
+    fn given_an_absent_template_or_one_without_a_lock_then_it_is_missing() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("bare")).unwrap();
+        let c = cfg_with_templates(t.path());
+        for name in ["absent", "bare"] {
+            let mut s = spec(&["python3"]);
+            s.template = Some(name.into());
+            let e = validate(&c, s).unwrap_err();
+            assert!(
+                matches!(e, RequestError::TemplateMissing(_)),
+                "{name}: {e:?}"
+            );
+        }
     }
 
     #[test]
