@@ -4,7 +4,10 @@
 # the package depends on. No mount and no loop device: mmdebstrap writes a directory and
 # `mkfs.ext4 -d` turns it into a disk image; the kernel and initrd are copied out for -kernel/-initrd.
 #
-#   bash tests/vm/build-image.sh        # prints the image directory (target/vm/image-<hash>)
+#   bash tests/vm/build-image.sh               # prints the image directory (target/vm/image-<hash>)
+#   VM_SELINUX=1 bash tests/vm/build-image.sh  # the SELinux variant (target/vm/image-selinux-<hash>):
+#                                              # selinux-basics, the default policy, auditd, the
+#                                              # tree labelled, SELinux permissive at boot
 #
 # The image is cached under target/vm/ keyed by this script's hash: a rerun with an unchanged
 # script prints the cached directory at once. Needs root, mmdebstrap, e2fsprogs and apt access to
@@ -64,6 +67,18 @@ WantedBy=multi-user.target
 UNIT
   systemctl --root "$r" enable sandrun-vm-run.service >/dev/null 2>&1
   rm -f "$r/etc/machine-id" && : >"$r/etc/machine-id"
+  if [ "${VM_SELINUX:-0}" = 1 ]; then
+    # Permissive at boot: the guest's script turns enforcing on for its own checks, so a denial
+    # of the minimal system's boot cannot hide the result.
+    sed -i 's/^SELINUX=.*/SELINUX=permissive/; s/^SELINUXTYPE=.*/SELINUXTYPE=default/' \
+      "$r/etc/selinux/config"
+    # Label the tree now (the kernel here has no SELinux, but root may write the xattrs, and
+    # mkfs.ext4 -d copies them): no relabelling boot.
+    setfiles -r "$r" "$r/etc/selinux/default/contexts/files/file_contexts" "$r" 2>&1 \
+      | grep -v 'Read-only file system\|ignoring' >&2 || true
+    python3 -c 'import os, sys; os.getxattr(sys.argv[1], "security.selinux")' "$r/usr/bin/bash" \
+      || { echo "build-image: setfiles left /usr/bin/bash unlabelled" >&2; exit 1; }
+  fi
   apt-get -o RootDir="$r" clean 2>/dev/null || rm -rf "$r/var/cache/apt/archives/"*.deb
 }
 if [ "${1:-}" = --customize ]; then
@@ -76,8 +91,11 @@ cd "$(dirname "$0")/../.."
 for t in mmdebstrap mkfs.ext4; do
   command -v "$t" >/dev/null || { echo "build-image: $t is missing (packaging/deps.sh)" >&2; exit 1; }
 done
+selinux=${VM_SELINUX:-0}
+variant=image
+[ "$selinux" = 1 ] && variant=image-selinux
 hash=$(sha256sum "$0" | cut -c1-16)
-out=target/vm/image-$hash
+out=target/vm/$variant-$hash
 if [ -f "$out/done" ]; then
   echo "$out"
   exit 0
@@ -96,13 +114,18 @@ pkgs=(
   passwd openssl libseccomp2 libgcc-s1 libc6 libssl3 libsystemd0
   python3 nodejs curl ca-certificates procps mount util-linux
 )
+if [ "$selinux" = 1 ]; then
+  # The SELinux run (tests/vm/guest-selinux.sh): policy, tools, audit log.
+  pkgs+=(selinux-basics selinux-policy-default selinux-utils policycoreutils auditd)
+  command -v setfiles >/dev/null || { echo "build-image: setfiles is missing (policycoreutils)" >&2; exit 1; }
+fi
 include=$(IFS=,; echo "${pkgs[*]}")
 
 # --variant=apt: the Essential set plus apt, so the guest has apt and dpkg for `dpkg -i` and
 # `apt purge`. No Recommends: the guest holds only what is named here and what it depends on.
 mmdebstrap --variant=apt --components=main --include="$include" \
   --aptopt='APT::Install-Recommends "false"' \
-  --customize-hook="bash '$PWD/tests/vm/build-image.sh' --customize \"\$1\"" \
+  --customize-hook="VM_SELINUX=$selinux bash '$PWD/tests/vm/build-image.sh' --customize \"\$1\"" \
   bookworm "$root" \
   "deb http://deb.debian.org/debian bookworm main" \
   "deb http://deb.debian.org/debian bookworm-updates main" \
@@ -117,9 +140,11 @@ rm -rf "$root"
 echo "$(($(date +%s) - start))" >"$out.tmp/build-seconds"
 : >"$out.tmp/done"
 mv "$out.tmp" "$out"
-# Only the current image is kept (each is a 2 GB sparse file).
-for old in target/vm/image-*; do
-  [ "$old" = "$out" ] || rm -rf "$old"
+# Only the current image of each variant is kept (each is a 2 GB sparse file).
+for old in target/vm/$variant-*; do
+  [ "$old" = "$out" ] && continue
+  [ "$variant" = image ] && case "$old" in target/vm/image-selinux-*) continue ;; esac
+  rm -rf "$old"
 done
 echo "build-image: built $out in $(cat "$out/build-seconds")s" >&2
 echo "$out"

@@ -9,6 +9,8 @@
 #                                        # install this .deb, build nothing (CI: packaging/test.sh
 #                                        # passes the one install-test.sh built)
 #   VM_TIMEOUT=1200 bash tests/vm/run.sh # seconds for boot + suite (default 900)
+#   VM_SELINUX=1 bash tests/vm/run.sh    # the SELinux run: the SELinux image variant, booted
+#                                        # with security=selinux, runs guest-selinux-suite.sh
 #
 # QEMU runs with TCG, not KVM: /dev/kvm on these machines is PVM, under which a stock Debian
 # kernel never finishes booting. Needs root (the image build), qemu-system-x86, mmdebstrap and
@@ -20,7 +22,8 @@ command -v qemu-system-x86_64 >/dev/null || { echo "vm: qemu-system-x86_64 is mi
 timeout_s=${VM_TIMEOUT:-900}
 t0=$(date +%s)
 
-image=$(bash tests/vm/build-image.sh | tail -n1)
+selinux=${VM_SELINUX:-0}
+image=$(VM_SELINUX=$selinux bash tests/vm/build-image.sh | tail -n1)
 t_image=$(($(date +%s) - t0))
 echo "vm: image $image (${t_image}s)"
 t_pkg=$(date +%s)
@@ -38,7 +41,15 @@ share=target/vm/share
 rm -rf "$share"
 mkdir -p "$share"
 cp "$deb" "$share/sandrun.deb"
-cp tests/vm/guest.sh "$share/guest.sh"
+# The image's runner starts $share/guest.sh.
+kernel_lsm=
+if [ "$selinux" = 1 ]; then
+  cp tests/vm/guest-selinux-suite.sh "$share/guest.sh"
+  cp tests/vm/guest-selinux.sh "$share/guest-selinux.sh"
+  kernel_lsm=" security=selinux selinux=1"
+else
+  cp tests/vm/guest.sh "$share/guest.sh"
+fi
 console=target/vm/console.log
 
 t_boot=$(date +%s)
@@ -48,7 +59,7 @@ timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 \
   -accel tcg,thread=multi -cpu max -smp "${VM_CPUS:-2}" -m "${VM_MEMORY:-2048}" \
   -nographic -monitor none -serial stdio -nic none -no-reboot \
   -kernel "$image/vmlinuz" -initrd "$image/initrd.img" \
-  -append "root=/dev/vda rw console=ttyS0 systemd.unified_cgroup_hierarchy=1 panic=-1 quiet" \
+  -append "root=/dev/vda rw console=ttyS0 systemd.unified_cgroup_hierarchy=1 panic=-1 quiet$kernel_lsm" \
   -drive "file=$image/rootfs.ext4,if=virtio,format=raw,snapshot=on" \
   -virtfs "local,path=$share,mount_tag=share,security_model=passthrough,id=share" \
   </dev/null >"$console" 2>&1 || rc=$?
