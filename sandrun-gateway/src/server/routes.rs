@@ -726,12 +726,8 @@ fn logs(state: &AppState, client: ClientKey, id: &str) -> ApiResult {
         .ok_or_else(|| ApiError::not_found("job"))?;
     let (status, [stdout, stderr], truncated) =
         copied.map_err(|full| budget_refusal(state, full))?;
-    let [stdout, stderr] = [stdout, stderr].map(LogText::from);
-    charge
-        .try_grow(stdout.extra_bytes() + stderr.extra_bytes())
-        .map_err(|full| budget_refusal(state, full))?;
-    let (stdout, stdout_base64) = stdout.into_parts();
-    let (stderr, stderr_base64) = stderr.into_parts();
+    let [(stdout, stdout_base64), (stderr, stderr_base64)] =
+        log_texts([stdout, stderr], &mut charge).map_err(|full| budget_refusal(state, full))?;
     let body = LogsBody {
         job_id: id.to_string(),
         status,
@@ -754,9 +750,20 @@ pub(super) fn charged_logs(
     Ok([StreamKind::Stdout, StreamKind::Stderr].map(|k| job.log_bytes(k)))
 }
 
+/// Both logs as text and base64, `[(stdout, stdout_base64), (stderr, stderr_base64)]`, the
+/// bytes of those renderings charged to `charge` before they are made.
+pub(super) fn log_texts(
+    logs: [Vec<u8>; 2],
+    charge: &mut Reservation,
+) -> Result<[(String, String); 2], BudgetFull> {
+    let texts = logs.map(LogText::from);
+    charge.try_grow(texts.iter().map(LogText::extra_bytes).sum())?;
+    Ok(texts.map(LogText::into_parts))
+}
+
 /// One log stream on its way to becoming JSON text: its exact bytes, and how many bytes its
 /// text and base64 forms take beyond them, known before either is made.
-pub(super) struct LogText {
+struct LogText {
     bytes: Vec<u8>,
     /// Bytes of the lossy text when it cannot reuse `bytes` (invalid UTF-8), else 0.
     lossy_len: usize,

@@ -25,8 +25,8 @@ use crate::ratelimit::ClientKey;
 use crate::server::outputs::listed;
 use crate::server::response::{json, ApiError, ApiResult, Body};
 use crate::server::routes::{
-    budget_refusal, charged_json, charged_logs, client_key, discard_behind, status_body, submit,
-    LogText,
+    budget_refusal, charged_json, charged_logs, client_key, discard_behind, log_texts, status_body,
+    submit,
 };
 
 /// `POST /run[?wait=SECONDS]`.
@@ -127,12 +127,8 @@ fn finished(state: &AppState, client: ClientKey, id: JobId) -> ApiResult {
         .ok_or_else(|| ApiError::not_found("job (deleted while waiting)"))?;
     let (mut body, [stdout, stderr], files, exit_code, truncated) =
         copied.map_err(|full| budget_refusal(state, full))?;
-    let [stdout, stderr] = [stdout, stderr].map(LogText::from);
-    charge
-        .try_grow(stdout.extra_bytes() + stderr.extra_bytes())
-        .map_err(|full| budget_refusal(state, full))?;
-    let (stdout, stdout_base64) = stdout.into_parts();
-    let (stderr, stderr_base64) = stderr.into_parts();
+    let [(stdout, stdout_base64), (stderr, stderr_base64)] =
+        log_texts([stdout, stderr], &mut charge).map_err(|full| budget_refusal(state, full))?;
     let extra = json!({
         "exit_code": exit_code,
         "stdout": stdout,

@@ -736,17 +736,7 @@ impl Server {
                     return;
                 }
                 Err(e) => {
-                    self.teardown(cgroup, None);
-                    if was_warm && !e.prepared {
-                        log::warn!(
-                            "a warm sandbox had failed; preparing a fresh one job={} error={}",
-                            meta.id,
-                            e.error
-                        );
-                        self.pool.pause(Instant::now());
-                        continue;
-                    }
-                    return self.setup_failed(conn, &meta, &e.error);
+                    return self.start_failed(conn, meta, order, cgroup, was_warm, cancelled, e)
                 }
             }
         }
