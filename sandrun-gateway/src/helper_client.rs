@@ -34,6 +34,19 @@ use crate::manifest::Manifest;
 /// (`Accepted` and `Started`, `Exited` and `Done`), which then take one system call, not four.
 type Channel = AsyncClientChannel<BufReader<UnixStream>>;
 
+/// A connection to the helper at `socket`, past the handshake.
+async fn connect(socket: &Path) -> Result<Channel, HelperError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| HelperError::Connect {
+            path: socket.to_owned(),
+            source,
+        })?;
+    let mut channel = AsyncClientChannel::new(BufReader::new(stream));
+    handshake(&mut channel).await?;
+    Ok(channel)
+}
+
 /// Live events of a running job, delivered as they arrive.
 #[derive(Debug)]
 pub enum HelperEvent {
@@ -182,14 +195,7 @@ async fn converse(
     budget: &Arc<MemoryBudget>,
     mut on_event: impl FnMut(HelperEvent),
 ) -> Result<HelperResult, HelperError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| HelperError::Connect {
-            path: socket.to_owned(),
-            source,
-        })?;
-    let mut channel = AsyncClientChannel::new(BufReader::new(stream));
-    handshake(&mut channel).await?;
+    let mut channel = connect(socket).await?;
     let limits = submit(&mut channel, pending).await?;
     on_event(HelperEvent::Accepted(limits));
     send_bundle(&mut channel, pending).await?;
@@ -231,14 +237,7 @@ pub struct LockSummary {
 /// The helper's template list ([`Request::ListTemplates`]) on a connection of its own.
 pub async fn list_templates(socket: &Path) -> Result<Vec<TemplateSummary>, HelperError> {
     const STEP: &str = "listing templates";
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| HelperError::Connect {
-            path: socket.to_owned(),
-            source,
-        })?;
-    let mut channel = AsyncClientChannel::new(BufReader::new(stream));
-    handshake(&mut channel).await?;
+    let mut channel = connect(socket).await?;
     send(&mut channel, Request::ListTemplates, STEP).await?;
     let mut out = Vec::new();
     loop {
