@@ -6,7 +6,8 @@
 //! `{"type":"exit","status":...,"reason":...,"exit_code":...,"signal":...}`,
 //! `{"type":"error","error":...}`.
 //!
-//! An output event's `data_base64` is exactly the chunk's bytes; `data` is the chunk as lossy
+//! An output event carries at most [`WS_EVENT_CHUNK`] bytes of output (a larger chunk from the
+//! helper is sent as several events). Its `data_base64` is exactly the chunk's bytes; `data` is the chunk as lossy
 //! UTF-8 text, decoded per subscriber with [`Utf8Carry`]: a multi-byte sequence left incomplete at
 //! the end of a chunk is held back and decoded with the next chunk of the same stream, so a
 //! character split between chunks arrives whole in the later event. A sequence still incomplete
