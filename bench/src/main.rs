@@ -2,7 +2,8 @@
 //! `packaging/bench.sh`; it starts its own release `sandrund` and `sandrun-gateway --dev`, with
 //! raised limits, in a private cgroup, and prints one Markdown table: for every figure the
 //! median, the p90, the p99, the run count and the ratio against a reference measured in the
-//! same run. Figures 8 and 9 (issue 14) run the real `sandrunctl` binary as a user does, next
+//! same run. Figures 11 and 12 (issue 9) are a normal client's latency under a slowloris and a
+//! trivial job's under four attackers collecting hard links. Figures 8 and 9 (issue 14) run the real `sandrunctl` binary as a user does, next
 //! to bubblewrap, crun and firejail; a tool that is missing is listed as skipped.
 //!
 //! It measures only; nothing here is part of the test suite, and no test asserts a time.
@@ -13,8 +14,10 @@
 //! `--quick` takes fewer samples (for development); `--only 1,7` runs some figures; `--bin-dir`
 //! is where `sandrund` and `sandrun-gateway` are (default: next to this binary).
 
+mod collection;
 mod env;
 mod gateway;
+mod hostile;
 mod https;
 mod machine;
 mod process;
@@ -219,6 +222,9 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
     step(10, "outputs", &mut || {
         spawn::figure_outputs(&daemons.socket, sizes.spawn_runs)
     })?;
+    step(12, "collection under attack", &mut || {
+        collection::figure_collection(&daemons.socket, sizes.e2e_runs * 2)
+    })?;
     step(7, "scaling", &mut || {
         spawn::figure_scaling(&daemons.socket, sizes.scaling_runs)
     })?;
@@ -258,6 +264,9 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
             &daemons,
             sizes.throughput_jobs,
         ))
+    })?;
+    step(11, "slowloris", &mut || {
+        rt.block_on(hostile::figure_slowloris(&client, sizes.e2e_runs))
     })?;
     step(6, "subscribers", &mut || {
         rt.block_on(gateway::figure_subscribers(

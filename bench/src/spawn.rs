@@ -148,7 +148,7 @@ pub fn figure_outputs(socket: &Path, runs: usize) -> Result<Vec<Row>, BenchError
 }
 
 /// Connects to the helper and says `Hello` as a submitter.
-fn connect_submitter(socket: &Path) -> Result<ClientChannel<UnixStream>, BenchError> {
+pub fn connect_submitter(socket: &Path) -> Result<ClientChannel<UnixStream>, BenchError> {
     let stream = UnixStream::connect(socket).map_err(|e| BenchError::io("connect", e))?;
     let mut ch: ClientChannel<UnixStream> = ClientChannel::new(stream);
     let hello = Hello {
@@ -166,12 +166,12 @@ fn true_spec() -> JobSpec {
     sandrun_test_support::job_spec(&["/bin/true"], "bench")
 }
 
-fn send(ch: &mut ClientChannel<UnixStream>, req: &Request) -> Result<(), BenchError> {
+pub fn send(ch: &mut ClientChannel<UnixStream>, req: &Request) -> Result<(), BenchError> {
     ch.send(req)
         .map_err(|e| BenchError::job(format!("sending to the helper: {e}")))
 }
 
-fn recv(ch: &mut ClientChannel<UnixStream>) -> Result<Response, BenchError> {
+pub fn recv(ch: &mut ClientChannel<UnixStream>) -> Result<Response, BenchError> {
     ch.recv()
         .map_err(|e| BenchError::job(format!("reading from the helper: {e}")))
 }

@@ -63,6 +63,13 @@ impl Default for Retention {
     }
 }
 
+/// HTTP/2's initial flow-control window (RFC 9113 6.9.2): a peer may send this much before it
+/// has seen any SETTINGS or WINDOW_UPDATE, so no window can be smaller.
+pub const H2_MIN_WINDOW: u32 = 65_535;
+
+/// HTTP/2's largest flow-control window (2^31 - 1).
+const H2_MAX_WINDOW: u32 = (1 << 31) - 1;
+
 /// Connection-level protections.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -98,6 +105,14 @@ pub struct HttpLimits {
     pub max_connection_s: u64,
     /// Bytes of request head accepted.
     pub max_header_bytes: usize,
+    /// HTTP/2: bytes of one stream's request body the client may send before the gateway reads
+    /// them (the stream's initial flow-control window).
+    pub http2_stream_window_bytes: u32,
+    /// HTTP/2: bytes of request bodies, all streams together, the client may send before the
+    /// gateway reads them (the connection's flow-control window). This is what one HTTP/2
+    /// connection can make the gateway hold unread; it is charged to the client's memory share
+    /// for the connection's life.
+    pub http2_connection_window_bytes: u32,
 }
 
 impl Default for HttpLimits {
@@ -115,6 +130,8 @@ impl Default for HttpLimits {
             body_rate_grace_ms: 10_000,
             max_connection_s: 600,
             max_header_bytes: 16 * 1024,
+            http2_stream_window_bytes: 256 * 1024,
+            http2_connection_window_bytes: 512 * 1024,
         }
     }
 }
@@ -380,6 +397,20 @@ impl Config {
                 "every http.*_timeout_ms must be at least 1",
             ),
             (
+                self.http.http2_stream_window_bytes < H2_MIN_WINDOW
+                    || self.http.http2_connection_window_bytes < H2_MIN_WINDOW,
+                "http.http2_*_window_bytes must be at least 65535 (HTTP/2's initial window)",
+            ),
+            (
+                self.http.http2_stream_window_bytes > H2_MAX_WINDOW
+                    || self.http.http2_connection_window_bytes > H2_MAX_WINDOW,
+                "http.http2_*_window_bytes must be at most 2147483647",
+            ),
+            (
+                self.http.http2_stream_window_bytes > self.http.http2_connection_window_bytes,
+                "http.http2_stream_window_bytes must be at most http.http2_connection_window_bytes",
+            ),
+            (
                 self.http.min_body_bytes_per_s == 0,
                 "http.min_body_bytes_per_s must be at least 1",
             ),
@@ -524,6 +555,25 @@ mod tests {
         let mut config = Config::default();
         config.http.min_body_bytes_per_s = 0;
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn given_http2_windows_out_of_range_or_a_stream_window_above_the_connection_then_refused() {
+        let config = Config::default();
+        assert_eq!(
+            (
+                config.http.http2_stream_window_bytes,
+                config.http.http2_connection_window_bytes
+            ),
+            (256 << 10, 512 << 10)
+        );
+        for (stream, conn) in [(65_534, 1 << 20), (1 << 20, 1 << 19), (1 << 20, 1 << 31)] {
+            let mut config = Config::default();
+            config.http.http2_stream_window_bytes = stream;
+            config.http.http2_connection_window_bytes = conn;
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("http2_"), "{stream} {conn}: {err}");
+        }
     }
 
     #[test]

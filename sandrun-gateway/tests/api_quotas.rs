@@ -137,3 +137,48 @@ async fn given_a_client_holding_its_queue_share_then_it_gets_429_while_another_c
     assert_eq!(gw.wait_finished(&bystander).await["status"], "completed");
     gw.shutdown().await;
 }
+
+/// Issue 9: every answer's body is charged to its caller before it is handed to the connection
+/// (held until it is written or dropped), small JSON included: a caller whose share cannot hold
+/// the answer gets 429 JSON instead, and the same request is answered once the share has room.
+#[tokio::test]
+async fn given_a_caller_holding_its_share_then_a_get_answer_is_refused_with_429_json_until_it_has_room(
+) {
+    let gw = TestGateway::start_with(|c| c.retention.memory_budget_bytes = 1 << 20).await;
+    let budget = gw.state.jobs.budget();
+    let metrics = gw.get("/metrics").await;
+    assert_eq!(metrics.status, StatusCode::OK, "{}", metrics.text());
+    let size = metrics.body.len() as u64;
+    assert!(size > 1024, "a /metrics answer of {size} bytes");
+    // The caller (127.0.0.1) holds all of its share but 1 KiB: smaller than the answer.
+    let me = sandrun_gateway::ratelimit::ClientKey::V4([127, 0, 0, 1]);
+    let held = budget.reserve(me, budget.share() - 1024).unwrap();
+    let refused = gw.get("/metrics").await;
+    let error = refused.assert_error(StatusCode::TOO_MANY_REQUESTS);
+    assert!(error.contains("share"), "{error}");
+    assert!(refused.header("retry-after").is_some());
+    // A small answer still fits (and its charge is released once it is written).
+    let health = gw.get("/health").await;
+    assert_eq!(health.status, StatusCode::OK, "{}", health.text());
+    assert!(settles(|| budget.used_by(&me) == budget.share() - 1024).await);
+    drop(held);
+    let again = gw.get("/metrics").await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text());
+    assert!(
+        settles(|| budget.used() == 0).await,
+        "every answer's charge is released once it is written: {} bytes held",
+        budget.used()
+    );
+}
+
+/// Whether `check` holds within 5 s (an answer's charge is released when hyper drops its body,
+/// which may be just after the client has read it).
+async fn settles(check: impl Fn() -> bool) -> bool {
+    for _ in 0..500 {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}

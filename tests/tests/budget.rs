@@ -50,6 +50,28 @@ fn stats_from(stack: &Stack, from: Ipv4Addr) -> Value {
     r.json()
 }
 
+/// What the caller of a `/stats` answer holds apart from the connection that asked (curl speaks
+/// HTTP/2, whose window is charged to the caller for the connection's life).
+fn held_apart_from_this_connection(stats: &Value) -> u64 {
+    let memory = &stats["memory"];
+    let used = memory["used_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no memory.used_bytes in {stats}"));
+    used.saturating_sub(memory["this_connection_bytes"].as_u64().unwrap_or(0))
+}
+
+/// The same for the whole gateway (`system.memory_used_bytes`).
+fn system_apart_from_this_connection(stats: &Value) -> u64 {
+    let used = stats["system"]["memory_used_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no system.memory_used_bytes in {stats}"));
+    used.saturating_sub(
+        stats["memory"]["this_connection_bytes"]
+            .as_u64()
+            .unwrap_or(0),
+    )
+}
+
 /// Each attacker job writes seven outputs of 1 MiB + 4 KiB (within the helper's 8 MiB output
 /// cap): four such jobs (28 files) are more than the whole 24 MiB budget, and the old gateway
 /// kept 23 of them, leaving less than 1 MiB for anyone else for the results' whole TTL.
@@ -83,9 +105,7 @@ fn given_one_client_filling_the_result_budget_then_another_client_still_gets_its
         skipped > 0,
         "the attacker's outputs past its share are listed as skipped"
     );
-    let held = attacker["memory"]["used_bytes"]
-        .as_u64()
-        .unwrap_or(u64::MAX);
+    let held = held_apart_from_this_connection(&attacker);
     assert!(
         held >= kept && held <= SHARE_BYTES,
         "the attacker's charge is {held}: {attacker}"
@@ -192,7 +212,7 @@ fn given_expanding_uploads_with_withheld_boundaries_then_they_are_charged_refuse
         "completed"
     );
     // The warm job's log stays charged for its TTL.
-    let used_before = stats_from(&stack, BYSTANDER)["system"]["memory_used_bytes"].clone();
+    let used_before = system_apart_from_this_connection(&stats_from(&stack, BYSTANDER));
     let rss_before = vm_rss_kib(stack.gateway_pid());
     let request = withheld_upload(&expanding_archive(5));
     let sources: Vec<Ipv4Addr> = (3..=10).map(|d| Ipv4Addr::new(127, 0, 0, d)).collect();
@@ -209,9 +229,7 @@ fn given_expanding_uploads_with_withheld_boundaries_then_they_are_charged_refuse
         answers.push((*from, answer_within(s, Duration::from_secs(3))));
     }
     let stats = stats_from(&stack, BYSTANDER);
-    let used = stats["system"]["memory_used_bytes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no system.memory_used_bytes in {stats}"));
+    let used = system_apart_from_this_connection(&stats);
     let rss = vm_rss_kib(stack.gateway_pid());
     let codes: Vec<u16> = answers.iter().map(|(_, (code, _))| *code).collect();
     eprintln!("withheld uploads: answers {codes:?}, used {used} B, rss {rss_before} -> {rss} KiB");
@@ -241,7 +259,7 @@ fn given_expanding_uploads_with_withheld_boundaries_then_they_are_charged_refuse
 
     drop((uploads, again));
     let released = eventually(Duration::from_secs(10), || {
-        stats_from(&stack, BYSTANDER)["system"]["memory_used_bytes"] == used_before
+        system_apart_from_this_connection(&stats_from(&stack, BYSTANDER)) == used_before
     });
     assert!(released, "{}", stats_from(&stack, BYSTANDER));
     let id = submit_from(&stack, BYSTANDER, &sh_job("mkdir -p out; echo ok > out/x"));
@@ -250,16 +268,19 @@ fn given_expanding_uploads_with_withheld_boundaries_then_they_are_charged_refuse
 
 /// Issue 9 item 1, downloads: `GET /download/{id}` deletes the job, and the old gateway
 /// released its charge before the tarball was even built, so stalled downloads held memory
-/// `/stats` no longer counted. Now the charge lasts until the last byte is handed to the
-/// connection or the client goes away.
+/// `/stats` no longer counted. Now the job's charge and the archive's stay charged to the
+/// downloading client until the last byte is handed to the connection or the client goes away:
+/// while a download stalls, the same address is refused an upload (429, its share is held) while
+/// another address is served, and the charge is released when the stalled connection is dropped.
 #[test]
-fn given_a_stalled_tarball_download_then_its_memory_stays_charged_until_the_client_disconnects() {
+fn given_a_stalled_tarball_download_then_it_stays_charged_refuses_that_address_and_is_released() {
     sandrun_tests::require_root();
-    // A 64 MiB budget: one client's share (16 MiB) holds the 7 MiB output.
+    // A 64 MiB budget: one client's share (16 MiB) holds the 7 MiB output and its archive.
     let gateway = "[retention]\nmemory_budget_bytes = 67108864\nfailed_ttl_s = 3600\n";
     let stack = Stack::start(&config(""), gateway);
-    let used = |stack: &Stack| stats_from(stack, BYSTANDER)["system"]["memory_used_bytes"].clone();
-    let before = used(&stack);
+    let system = |stack: &Stack| system_apart_from_this_connection(&stats_from(stack, BYSTANDER));
+    let held_by = |from| held_apart_from_this_connection(&stats_from(&stack, from));
+    let before = system(&stack);
     // 7 MiB of noise (the helper's default output cap is 8 MiB): more than the kernel's socket
     // buffers take from a client that reads nothing.
     let script = "mkdir -p out; head -c 7340032 /dev/urandom > out/big";
@@ -274,19 +295,54 @@ fn given_a_stalled_tarball_download_then_its_memory_stays_charged_until_the_clie
         .write_all(request.as_bytes())
         .expect("send the request");
     stalled.flush().expect("flush");
-    // Read nothing; give the gateway time to build the tarball and fill the socket buffers.
-    std::thread::sleep(Duration::from_secs(3));
-    let (code, _) = stack.get_json(&format!("/status/{id}"));
-    assert_eq!(code, 404, "the download deleted the job");
-    let during = used(&stack).as_u64().expect("memory used, while stalled");
-    eprintln!("stalled download: used {before} before, {during} while stalled");
+    // Read the answer's first record only (the tarball is built and being sent), then nothing:
+    // the gateway fills the socket buffers and holds the rest.
+    let (code, head) = answer_within(&mut stalled, Duration::from_secs(60));
+    assert_eq!(code, 200, "the download's head: {head}");
+    let (deleted, _) = stack.get_json(&format!("/status/{id}"));
+    assert_eq!(deleted, 404, "the download deleted the job");
+    std::thread::sleep(Duration::from_secs(1));
+    let during = system(&stack);
+    let attacker = held_by(ATTACKER);
+    eprintln!("stalled download: used {before} before, {during} while stalled; the attacker holds {attacker}");
+    // The job's 7 MiB and the archive's (at least 7 MiB of noise).
     assert!(
-        during >= before.as_u64().expect("memory used, before") + (6 << 20),
-        "a stalled 7 MiB download is charged: {during} bytes used"
+        attacker >= 14 << 20 && during >= before + (14 << 20),
+        "a stalled 7 MiB download is charged: the attacker holds {attacker}, {during} used"
     );
+    // Its share is held: another upload from the same address is refused with JSON, another
+    // address's is accepted and runs.
+    let upload = |from| {
+        let mut parts = sh_job("wc -c data.bin");
+        parts.insert(0, Part::file("data.bin", sandrun_tests::noise(2 << 20, 9)));
+        stack.submit_from(from, &parts)
+    };
+    let refused = upload(ATTACKER);
+    eprintln!(
+        "upload while stalled: {} {}",
+        refused.status,
+        refused.text()
+    );
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(refused.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("share")));
+    let served = upload(BYSTANDER);
+    assert_eq!(served.status, 200, "{}", served.text());
+    let other = served.json()["job_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(stack.wait_finished(&other)["status"], "completed");
     drop(stalled);
-    let released = eventually(Duration::from_secs(10), || used(&stack) == before);
-    assert!(released, "after the disconnect: {}", used(&stack));
+    let released = eventually(Duration::from_secs(10), || held_by(ATTACKER) == 0);
+    assert!(
+        released,
+        "after the disconnect: {}",
+        stats_from(&stack, ATTACKER)
+    );
+    let again = upload(ATTACKER);
+    assert_eq!(again.status, 200, "after the disconnect: {}", again.text());
 }
 
 /// Issue 9 item 1, WebSocket backlogs: the event messages queued for a subscriber that reads
@@ -308,17 +364,18 @@ fn given_a_websocket_subscriber_that_never_reads_then_its_backlog_is_bounded_and
     stack.wait_finished(&id);
     std::thread::sleep(Duration::from_secs(2));
     let (_, stats) = stack.get_json("/stats");
-    let backlog = stats["memory"]["used_bytes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no memory.used_bytes in {stats}"));
+    let backlog = held_apart_from_this_connection(&stats);
     eprintln!("stalled subscriber: {backlog} bytes charged; {stats}");
+    // The socket's write buffer (twice its 132 KiB cap, for the socket's life) and the queued
+    // messages (at most 128 KiB).
+    let socket = 2 * (132 << 10);
     assert!(
-        backlog > 0 && backlog <= (256 << 10) + (2 << 20),
-        "the subscriber's backlog charge is {backlog}: {stats}"
+        backlog > socket && backlog <= socket + (128 << 10),
+        "the subscriber's charge is {backlog}: {stats}"
     );
     drop(stalled);
     let released = eventually(Duration::from_secs(10), || {
-        stack.get_json("/stats").1["memory"]["used_bytes"] == 0
+        held_apart_from_this_connection(&stack.get_json("/stats").1) == 0
     });
     assert!(released, "{}", stack.get_json("/stats").1);
 }
@@ -380,7 +437,7 @@ fn given_clients_behind_a_trusted_proxy_then_each_forwarded_client_has_its_own_m
     // The proxy itself, and the other client behind it, hold nothing.
     let of_proxy = stack.curl_from(PROXY, &[], "/stats").json();
     assert_eq!(of_proxy["client"], PROXY.to_string(), "{of_proxy}");
-    assert_eq!(of_proxy["memory"]["used_bytes"], 0, "{of_proxy}");
+    assert_eq!(held_apart_from_this_connection(&of_proxy), 0, "{of_proxy}");
     assert_eq!(stats_of(&b)["memory"]["used_bytes"], 0);
     let small = "mkdir -p out; head -c 1048576 /dev/urandom > out/b";
     let id = via_proxy(&b, &sh_job(small));
@@ -397,7 +454,7 @@ fn given_clients_behind_a_trusted_proxy_then_each_forwarded_client_has_its_own_m
         "client b's output is charged to b: {of_b}"
     );
     assert_eq!(
-        stack.curl_from(PROXY, &[], "/stats").json()["memory"]["used_bytes"],
+        held_apart_from_this_connection(&stack.curl_from(PROXY, &[], "/stats").json()),
         0
     );
 }
@@ -424,7 +481,7 @@ fn given_stalled_log_requests_then_their_answers_are_charged_to_the_caller_and_r
     assert_eq!(logs.status, 200, "{}", logs.text());
     let answer = logs.body.len() as u64;
     assert!(answer > 7 << 20, "the answer is {answer} bytes");
-    let held_by = |from: Ipv4Addr| stats_from(&stack, from)["memory"]["used_bytes"].clone();
+    let held_by = |from: Ipv4Addr| held_apart_from_this_connection(&stats_from(&stack, from));
     assert_eq!(held_by(ATTACKER), 0);
     let config = tls_client_config(&stack.ca_path());
     let request = format!("GET /logs/{id} HTTP/1.1\r\nHost: localhost\r\n\r\n");
@@ -434,9 +491,7 @@ fn given_stalled_log_requests_then_their_answers_are_charged_to_the_caller_and_r
         .expect("send the request");
     stalled.flush().expect("flush");
     // Read nothing: more than the kernel's socket buffers take stays in the gateway.
-    let charged = eventually(Duration::from_secs(10), || {
-        held_by(ATTACKER).as_u64().unwrap_or(0) >= answer
-    });
+    let charged = eventually(Duration::from_secs(10), || held_by(ATTACKER) >= answer);
     let held = held_by(ATTACKER);
     eprintln!("a stalled /logs answer of {answer} bytes: the caller holds {held}");
     assert!(
@@ -453,4 +508,66 @@ fn given_stalled_log_requests_then_their_answers_are_charged_to_the_caller_and_r
     drop(stalled);
     let released = eventually(Duration::from_secs(10), || held_by(ATTACKER) == 0);
     assert!(released, "after the disconnect: {}", held_by(ATTACKER));
+}
+
+/// Issue 9: an HTTP/2 client may send up to its connection's flow-control window of request
+/// bodies before the gateway reads them (hyper's default was 1 MiB a connection, uncharged).
+/// The window is now configured (`http.http2_*_window_bytes`) and charged to the client for the
+/// connection's life, from its start: `/stats` shows it, a client whose share cannot hold one
+/// more window is answered 429 JSON on every request of a new HTTP/2 connection (HTTP/1.1, which
+/// has no window, still serves it), and others are served.
+#[test]
+fn given_http2_connections_then_each_window_is_charged_to_its_client_and_refused_past_its_share() {
+    sandrun_tests::require_root();
+    // A 24 MiB budget (6 MiB shares) and a 4 MiB connection window.
+    let gateway = format!(
+        "[retention]\nmemory_budget_bytes = {BUDGET_BYTES}\nfailed_ttl_s = 3600\n[http]\n\
+         http2_stream_window_bytes = 1048576\nhttp2_connection_window_bytes = 4194304\n"
+    );
+    let stack = Stack::start(&config(""), &gateway);
+    let over = |from, version: &str, path: &str| stack.curl_from(from, &[version], path);
+    let h2 = over(BYSTANDER, "--http2", "/stats");
+    assert_eq!(h2.status, 200, "{}", h2.text());
+    let stats = h2.json();
+    eprintln!("/stats over HTTP/2: {stats}");
+    assert_eq!(stats["memory"]["this_connection_bytes"], 4 << 20, "{stats}");
+    assert_eq!(stats["memory"]["used_bytes"], 4 << 20, "{stats}");
+    // The window is released with its connection; HTTP/1.1 has none.
+    let released = eventually(Duration::from_secs(10), || {
+        over(BYSTANDER, "--http1.1", "/stats").json()["memory"]["used_bytes"] == 0
+    });
+    assert!(
+        released,
+        "{}",
+        over(BYSTANDER, "--http1.1", "/stats").text()
+    );
+    assert_eq!(
+        over(BYSTANDER, "--http1.1", "/stats").json()["memory"]["this_connection_bytes"],
+        0
+    );
+    // The attacker holds 3 MiB of outputs: another 4 MiB window does not fit its share.
+    let script = "mkdir -p out; head -c 3145728 /dev/urandom > out/big";
+    let id = submit_from(&stack, ATTACKER, &sh_job(script));
+    assert_eq!(stack.wait_finished(&id)["status"], "completed");
+    let refused = over(ATTACKER, "--http2", &format!("/status/{id}"));
+    eprintln!(
+        "HTTP/2 past the share: {} {}",
+        refused.status,
+        refused.text()
+    );
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("share")),
+        "{}",
+        refused.text()
+    );
+    let h1 = over(ATTACKER, "--http1.1", &format!("/status/{id}"));
+    assert_eq!(
+        (h1.status, &h1.json()["status"]),
+        (200, &json!("completed"))
+    );
+    let other = over(BYSTANDER, "--http2", &format!("/status/{id}"));
+    assert_eq!(other.status, 200, "{}", other.text());
 }

@@ -35,6 +35,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::H2_MIN_WINDOW;
+use crate::jobs::{BudgetFull, Reservation};
 use crate::ratelimit::ClientKey;
 use phases::{InFlightBody, PhaseTimeouts, Phases, Watched};
 
@@ -55,6 +57,10 @@ pub struct ConnInfo {
     /// This connection's place in its client's connection count (released on drop), also
     /// held by an upgraded WebSocket.
     pub client_slot: Arc<Option<ClientConnection>>,
+    /// Bytes this connection holds charged to the address it comes from for its whole life
+    /// (an HTTP/2 connection's flow-control window; 0 for HTTP/1.1): `/stats` reports it, so a
+    /// caller can tell its own connection from what it holds otherwise.
+    pub window_charge: u64,
 }
 
 /// A connection's places in the global pool and in its client's count, held together.
@@ -189,6 +195,7 @@ pub async fn run(
                     peer,
                     permit: Arc::new(permit),
                     client_slot: Arc::new(client_slot),
+                    window_charge: 0,
                 };
                 let task = Connection {
                     tcp,
@@ -229,6 +236,24 @@ enum Serve {
     Api,
     /// A plain HTTP connection that is not served: every request is told to use `https://`.
     UseHttps,
+    /// An HTTP/2 connection whose flow-control window could not be charged to its client: every
+    /// request gets the budget's refusal (429 or 503 JSON), on the protocol's smallest windows.
+    OverBudget(BudgetFull),
+}
+
+/// Charges an HTTP/2 connection's flow-control window (the request-body bytes its client may
+/// send before the gateway reads them) to the client's memory share, for the connection's life.
+/// A trusted proxy carries many clients' streams: its connections are charged within the whole
+/// budget only.
+fn charge_h2_window(state: &AppState, peer: SocketAddr) -> Result<Reservation, BudgetFull> {
+    let window = u64::from(state.config.http.http2_connection_window_bytes);
+    let mut charge = state.jobs.budget().empty(ClientKey::from_ip(peer.ip()));
+    if crate::ratelimit::is_trusted_proxy(peer.ip(), &state.config.trusted_proxies) {
+        charge.try_grow_past_share(window)?;
+    } else {
+        charge.try_grow(window)?;
+    }
+    Ok(charge)
 }
 
 fn phase_timeouts(http: &crate::config::HttpLimits) -> PhaseTimeouts {
@@ -241,7 +266,7 @@ fn phase_timeouts(http: &crate::config::HttpLimits) -> PhaseTimeouts {
 }
 
 impl Connection {
-    async fn with_shutdown(self, shutdown: watch::Receiver<bool>) {
+    async fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) {
         let http = &self.state.config.http;
         let handshake_timeout = Duration::from_millis(http.tls_handshake_timeout_ms);
         // The first byte is part of the handshake phase: a silent connection is closed at its end.
@@ -272,8 +297,23 @@ impl Connection {
             Err(_) => return tracing::debug!("TLS handshake timed out"),
         };
         let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        // The window's charge is held until the connection ends.
+        let (serve, _window) = if http2 {
+            match charge_h2_window(&self.state, self.conn.peer) {
+                Ok(charge) => {
+                    self.conn.window_charge = charge.bytes();
+                    (Serve::Api, Some(charge))
+                }
+                Err(full) => {
+                    tracing::debug!(?full, "HTTP/2 window not charged: refusing the connection");
+                    (Serve::OverBudget(full), None)
+                }
+            }
+        } else {
+            (Serve::Api, None)
+        };
         let parts = (self.state, self.cors, self.conn);
-        serve_http(tls, http2, Serve::Api, parts, shutdown).await;
+        serve_http(tls, http2, serve, parts, shutdown).await;
     }
 }
 
@@ -303,6 +343,7 @@ async fn serve_http<S>(
                 let origin = req.headers().get(hyper::header::ORIGIN).cloned();
                 let mut response = match serve {
                     Serve::UseHttps => plain::use_https(&req),
+                    Serve::OverBudget(full) => routes::answer_refusal(&state, full).into_response(),
                     Serve::Api if cors::is_preflight(&req) => cors::preflight(&cors, &req),
                     Serve::Api => routes::handle(state, conn, req).await,
                 };
@@ -326,9 +367,20 @@ async fn serve_http<S>(
         .header_read_timeout(timeouts.keep_alive.max(timeouts.first_request) + timeouts.header)
         .max_buf_size(max_header_bytes.max(8192))
         .keep_alive(true);
+    // The windows bound the request-body bytes an HTTP/2 client makes the gateway hold unread;
+    // a connection whose window was not charged gets the protocol's smallest.
+    let (stream_window, connection_window) = match serve {
+        Serve::OverBudget(_) => (H2_MIN_WINDOW, H2_MIN_WINDOW),
+        _ => (
+            http.http2_stream_window_bytes,
+            http.http2_connection_window_bytes,
+        ),
+    };
     builder
         .http2()
         .timer(TokioTimer::new())
+        .initial_stream_window_size(stream_window)
+        .initial_connection_window_size(connection_window)
         .max_concurrent_streams(32)
         .max_header_list_size(u32::try_from(max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));

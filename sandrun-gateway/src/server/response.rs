@@ -27,17 +27,39 @@ pub const BODY_CHUNK_BYTES: usize = 64 * 1024;
 pub struct Body {
     data: Bytes,
     held: Option<SharedReservation>,
+    /// The bytes are part of the binary (the web UI's files): nothing is held for the caller.
+    compiled_in: bool,
 }
 
 impl Body {
     pub fn new(data: Bytes) -> Body {
-        Body { data, held: None }
+        Body {
+            data,
+            held: None,
+            compiled_in: false,
+        }
+    }
+
+    /// A body of bytes compiled into the binary, which no caller can make the gateway hold.
+    pub fn compiled_in(data: &'static [u8]) -> Body {
+        Body {
+            data: Bytes::from_static(data),
+            held: None,
+            compiled_in: true,
+        }
     }
 
     /// Keeps `held` charged until the last chunk is handed to the connection or the body is
     /// dropped.
     pub fn hold(&mut self, held: SharedReservation) {
         self.held = Some(held);
+    }
+
+    /// The bytes this body holds for its caller that no charge covers yet: `None` when it
+    /// already holds a charge (a job's data, a charged answer), is compiled in, or is empty.
+    pub fn uncharged_bytes(&self) -> Option<u64> {
+        let covered = self.held.is_some() || self.compiled_in || self.data.is_empty();
+        (!covered).then_some(self.data.len() as u64)
     }
 }
 
@@ -170,7 +192,11 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 }
 
 pub fn bytes_response(status: StatusCode, content_type: &str, body: Bytes) -> Response<Body> {
-    let mut response = Response::new(Body::new(body));
+    body_response(status, content_type, Body::new(body))
+}
+
+pub fn body_response(status: StatusCode, content_type: &str, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     let value = HeaderValue::from_str(content_type)
         .unwrap_or(HeaderValue::from_static("application/octet-stream"));

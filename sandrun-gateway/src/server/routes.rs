@@ -40,10 +40,58 @@ pub async fn handle(
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    match route(state, conn, req).await {
+    let client = client_key(&state, conn.peer, &req);
+    let changes_state = !matches!(*req.method(), Method::GET | Method::HEAD);
+    let response = match route(Arc::clone(&state), conn, req).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
-    }
+    };
+    charge_answer(&state, client, changes_state, response)
+}
+
+/// Charges an answer's body to its caller before it is handed to the connection, where it may
+/// wait as long as the caller does not read, and keeps it charged until its last chunk is
+/// handed over or the connection is dropped. This is the one place every answer passes: a body
+/// that already holds a charge (a job's outputs, `/logs`, `/run`) or is compiled in (the web
+/// UI) is left as it is.
+///
+/// A caller past its share (or a full budget) gets the refusal, 429 (or 503) JSON, instead of
+/// the answer to a GET. The answer to a request that changed something (a submission, a
+/// cancellation) is charged as held, even past the limits: refusing it would hide what was
+/// done, and the bytes exist either way, so the budget counts them and refuses others.
+/// The refusal itself is a fixed-size text, not charged.
+fn charge_answer(
+    state: &AppState,
+    client: ClientKey,
+    changes_state: bool,
+    mut response: Response<Body>,
+) -> Response<Body> {
+    let Some(bytes) = response.body().uncharged_bytes() else {
+        return response;
+    };
+    let budget = state.jobs.budget();
+    let charge = if changes_state {
+        let held = SharedReservation::new(budget.empty(client));
+        held.charge_held(bytes);
+        held
+    } else {
+        match budget.reserve(client, bytes) {
+            Ok(charge) => SharedReservation::new(charge),
+            Err(full) => return answer_refusal(state, full).into_response(),
+        }
+    };
+    response.body_mut().hold(charge);
+    response
+}
+
+/// The refusal of an answer (or an HTTP/2 connection's window) that could not be charged: as
+/// [`budget_refusal`], one larger than a whole share being the caller's share too.
+pub(super) fn answer_refusal(state: &AppState, full: BudgetFull) -> ApiError {
+    let full = match full {
+        BudgetFull::LargerThanShare => BudgetFull::ClientShare,
+        other => other,
+    };
+    budget_refusal(state, full)
 }
 
 async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> ApiResult {
@@ -65,7 +113,7 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
         (["download", id], Method::GET) => outputs::tarball(&state, id).await,
         (["download", id, file], Method::GET) => outputs::file(&state, id, file),
         (["jobs", id], Method::DELETE) => delete(&state, id),
-        (["stats"], Method::GET) => Ok(stats(&state, &client_key(&state, conn.peer, &req))),
+        (["stats"], Method::GET) => Ok(stats(&state, &conn, &client_key(&state, conn.peer, &req))),
         (["environments"], Method::GET) => environments(&state).await,
         (["health"], Method::GET) => Ok(health(&state)),
         (["metrics"], Method::GET) => Ok(metrics(&state)),
@@ -244,7 +292,7 @@ fn metrics(state: &AppState) -> Response<Body> {
     )
 }
 
-fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
+fn stats(state: &AppState, conn: &ConnInfo, client: &ClientKey) -> Response<Body> {
     let now = Instant::now();
     let quota = state.limiter().quota(*client, now);
     let refusal = state.limiter().check(*client, now).err();
@@ -276,6 +324,9 @@ fn stats(state: &AppState, client: &ClientKey) -> Response<Body> {
         "memory": {
             "used_bytes": state.jobs.budget().used_by(client),
             "share_bytes": state.jobs.budget().share(),
+            // Of `system.memory_used_bytes` (and of `used_bytes` when the caller is the
+            // connection's own address): this connection's HTTP/2 window.
+            "this_connection_bytes": conn.window_charge,
         },
     });
     json(StatusCode::OK, &body)

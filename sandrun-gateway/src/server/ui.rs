@@ -16,7 +16,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, ETAG, IF_NONE_MATCH, LOCATION, V
 use hyper::{Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 
-use crate::server::response::{bytes_response, ApiError, ApiResult, Body};
+use crate::server::response::{body_response, bytes_response, ApiError, ApiResult, Body};
 
 /// The policy sent with every UI asset. `connect-src 'self'` covers the same-origin `wss:`
 /// WebSocket in current browsers; `blob:` images are the output previews.
@@ -167,10 +167,10 @@ fn asset_response<B>(index: usize, req: &Request<B>) -> Response<Body> {
         r.headers_mut().remove(hyper::header::CONTENT_TYPE);
         r
     } else {
-        bytes_response(
+        body_response(
             StatusCode::OK,
             asset.content_type,
-            Bytes::from_static(asset.bytes),
+            Body::compiled_in(asset.bytes),
         )
     };
     let headers = response.headers_mut();

@@ -6,7 +6,8 @@
 //! `{"type":"exit","status":...,"reason":...,"exit_code":...,"signal":...}`,
 //! `{"type":"error","error":...}`.
 //!
-//! An output event's `data_base64` is exactly the chunk's bytes; `data` is the chunk as lossy
+//! An output event carries at most [`WS_EVENT_CHUNK`] bytes of output (a larger chunk from the
+//! helper is sent as several events). Its `data_base64` is exactly the chunk's bytes; `data` is the chunk as lossy
 //! UTF-8 text, decoded per subscriber with [`Utf8Carry`]: a multi-byte sequence left incomplete at
 //! the end of a chunk is held back and decoded with the next chunk of the same stream, so a
 //! character split between chunks arrives whole in the later event. A sequence still incomplete
@@ -28,7 +29,7 @@ use serde_json::json;
 use crate::gateway::AppState;
 use crate::jobs::{JobEvent, JobId, Reservation, StreamKind};
 use crate::server::response::{ApiError, ApiResult};
-use crate::server::routes::{client_key, job_id};
+use crate::server::routes::{budget_refusal, client_key, job_id};
 use crate::server::text::{base64, Utf8Carry};
 use crate::server::ConnInfo;
 
@@ -36,12 +37,28 @@ use crate::server::ConnInfo;
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 
 /// Event messages queued on one socket before they are flushed (and the charge for them
-/// released): the socket's backlog is at most this plus one message.
-pub const WS_BACKLOG_BYTES: usize = 256 * 1024;
+/// released): the socket's backlog is at most this.
+pub const WS_BACKLOG_BYTES: usize = 128 * 1024;
 
-/// The hard cap on one socket's write buffer: the backlog bound plus the largest event message
-/// (a 256 KiB chunk of control characters is 1.5 MiB of JSON text plus 342 KiB of base64).
-pub const WS_MAX_WRITE_BUFFER: usize = WS_BACKLOG_BYTES + 2 * 1024 * 1024;
+/// Bytes of job output in one event message: a larger chunk from the helper is sent as several
+/// events, so the largest message (16 KiB of control characters: 96 KiB of JSON text plus
+/// 22 KiB of base64) fits well within the backlog.
+pub const WS_EVENT_CHUNK: usize = 16 * 1024;
+
+/// The hard cap on one socket's write buffer: the backlog plus room for control frames (a pong,
+/// the close frame). A write past it fails and ends the stream.
+pub const WS_MAX_WRITE_BUFFER: usize = WS_BACKLOG_BYTES + 4 * 1024;
+
+/// What one socket is charged for its whole life: its write buffer's capacity, which it keeps
+/// after a flush. The buffer grows by doubling up to at most [`WS_MAX_WRITE_BUFFER`] bytes in
+/// use, so its capacity stays below twice that.
+pub const WS_SOCKET_CHARGE: u64 = 2 * WS_MAX_WRITE_BUFFER as u64;
+
+/// tungstenite writes its buffer out once it holds this much.
+const WS_WRITE_BUFFER: usize = 64 * 1024;
+
+// tungstenite panics on a configuration whose cap is not above its write threshold.
+const _: () = assert!(WS_WRITE_BUFFER < WS_MAX_WRITE_BUFFER);
 
 pub fn upgrade(
     state: &Arc<AppState>,
@@ -61,14 +78,20 @@ pub fn upgrade(
     let config = WebSocketConfig {
         max_message_size: Some(MAX_CLIENT_MESSAGE),
         max_frame_size: Some(MAX_CLIENT_MESSAGE),
+        write_buffer_size: WS_WRITE_BUFFER,
         max_write_buffer_size: WS_MAX_WRITE_BUFFER,
         ..WebSocketConfig::default()
     };
-    // The messages queued for this socket are charged to the subscriber.
-    let backlog = state
+    // The socket's write buffer is charged to the subscriber for the socket's life, before
+    // the upgrade: one past its share is refused with the budget's JSON error.
+    let client = client_key(state, conn.peer, &req);
+    let socket_charge = state
         .jobs
         .budget()
-        .empty(client_key(state, conn.peer, &req));
+        .reserve(client, WS_SOCKET_CHARGE)
+        .map_err(|full| budget_refusal(state, full))?;
+    // The messages queued for this socket are charged to the subscriber too, until flushed.
+    let backlog = state.jobs.budget().empty(client);
     let (response, socket) = hyper_tungstenite::upgrade(&mut req, Some(config))
         .map_err(|e| ApiError::bad_request(format!("bad WebSocket upgrade: {e}")))?;
     let state = Arc::clone(state);
@@ -76,6 +99,7 @@ pub fn upgrade(
         // Both connection slots, the global one and the client's, stay taken while the
         // socket lives: an upgrade must not let a client past its connection cap.
         let _slots = conn.slots();
+        let _socket_charge = socket_charge;
         match socket.await {
             Ok(ws) => stream_events(&state, id, ws, changes, backlog).await,
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
@@ -107,7 +131,8 @@ async fn stream_events(
         cursor += events.len();
         // The new events are queued, then written together (one TLS record, one system call),
         // up to WS_BACKLOG_BYTES at a time.
-        for event in &events {
+        for event in events.iter().flat_map(messages_of) {
+            let event = &event;
             if matches!(event, JobEvent::Exit(_)) {
                 for tail in text.flush() {
                     let tail = tail.to_string();
@@ -148,6 +173,21 @@ async fn stream_events(
                 Some(Ok(_)) => {}
             },
         }
+    }
+}
+
+/// The events one event becomes on the socket: an output chunk larger than [`WS_EVENT_CHUNK`]
+/// is split (the text decoders carry a character split between two pieces into the later one).
+fn messages_of(event: &JobEvent) -> Vec<JobEvent> {
+    match event {
+        JobEvent::Output(kind, bytes) if bytes.len() > WS_EVENT_CHUNK => (0..bytes.len())
+            .step_by(WS_EVENT_CHUNK)
+            .map(|at| {
+                let end = (at + WS_EVENT_CHUNK).min(bytes.len());
+                JobEvent::Output(*kind, bytes.slice(at..end))
+            })
+            .collect(),
+        other => vec![other.clone()],
     }
 }
 
@@ -256,6 +296,43 @@ fn output_json(kind: StreamKind, text: &str, bytes_base64: &str) -> serde_json::
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    #[test]
+    fn given_a_large_output_chunk_then_it_becomes_pieces_whose_messages_fit_the_backlog() {
+        let big = Bytes::from(vec![1u8; 3 * WS_EVENT_CHUNK + 5]);
+        let pieces = messages_of(&JobEvent::Output(StreamKind::Stderr, big.clone()));
+        let sizes: Vec<usize> = pieces
+            .iter()
+            .map(|p| match p {
+                JobEvent::Output(StreamKind::Stderr, b) => b.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, [WS_EVENT_CHUNK, WS_EVENT_CHUNK, WS_EVENT_CHUNK, 5]);
+        let joined: Vec<u8> = pieces
+            .iter()
+            .flat_map(|p| match p {
+                JobEvent::Output(_, b) => b.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(joined, big);
+        // The largest message, with the carry and the framing, fits the backlog and the cap.
+        let largest = event_bound(&pieces[0]) + 14;
+        assert!(largest <= WS_BACKLOG_BYTES as u64, "{largest}");
+        // A split character arrives whole in the later piece.
+        let euro = "€".as_bytes();
+        let mut text = vec![b'a'; WS_EVENT_CHUNK - 1];
+        text.extend_from_slice(euro);
+        let pieces = messages_of(&JobEvent::Output(StreamKind::Stdout, Bytes::from(text)));
+        let mut decoders = TextDecoders::default();
+        let last = pieces
+            .iter()
+            .map(|p| decoders.event_json(p))
+            .last()
+            .expect("two pieces");
+        assert_eq!(last["data"], "€");
+    }
 
     #[test]
     fn given_worst_case_chunks_then_their_messages_fit_the_bound() {
