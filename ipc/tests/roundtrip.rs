@@ -429,6 +429,7 @@ fn spec_with(path: &str, pattern: &str) -> JobSpec {
         network: NetworkPolicy::None,
         label: String::new(),
         stdin_bytes: 0,
+        requirements: Vec::new(),
     }
 }
 

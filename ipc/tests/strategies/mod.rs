@@ -170,6 +170,7 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
                 network: NetworkPolicy::None,
                 label,
                 stdin_bytes,
+                requirements: Vec::new(),
             },
         )
 }
@@ -232,6 +233,7 @@ pub fn exit_report() -> impl Strategy<Value = ExitReport> {
                 stdout_truncated,
                 stderr_truncated,
                 template_lock,
+                requirements: None,
             },
         )
 }
