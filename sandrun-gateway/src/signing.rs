@@ -388,6 +388,54 @@ mod tests {
     }
 
     #[test]
+    fn given_requirements_then_the_message_is_v3_with_their_sorted_lines_after_the_template() {
+        let lock = [0xcd; 32];
+        let installed = vec![
+            sandrun_ipc::InstalledPackage {
+                name: "zeta".into(),
+                version: "2.0".into(),
+                wheel: "zeta-2.0-py3-none-any.whl".into(),
+                sha256: [0xaa; 32],
+            },
+            sandrun_ipc::InstalledPackage {
+                name: "alpha".into(),
+                version: "1.0".into(),
+                wheel: "alpha-1.0-py3-none-any.whl".into(),
+                sha256: [0xbb; 32],
+            },
+        ];
+        let mut c = claim(&[], &[1; 32]);
+        c.requirements = Some(&installed);
+        let v3 = String::from_utf8(canonical_message(&c)).unwrap();
+        let expected = format!(
+            "sandrun-result-v3\njob_id=0123abcd\njob_hash={}\nrequirements=2\n\
+             requirement={} zeta==2.0\nrequirement={} alpha==1.0\nexit_code=0\ncpu_ms=1234\n\
+             memory_peak_bytes=5000000\ncompleted_at=1700000000\noutputs=0\n",
+            "01".repeat(32),
+            "aa".repeat(32),
+            "bb".repeat(32)
+        );
+        assert_eq!(v3, expected);
+        assert_eq!(c.format(), RESULT_DOMAIN_V3);
+        c.environment = Some(EnvironmentClaim {
+            name: "small",
+            lock_sha256: &lock,
+        });
+        let with_env = String::from_utf8(canonical_message(&c)).unwrap();
+        assert!(
+            with_env.contains(&format!(
+                "environment_lock={}\nrequirements=2\n",
+                "cd".repeat(32)
+            )),
+            "{with_env}"
+        );
+        // Nothing installed (all from the template) is still format 3, with a count of 0.
+        c.requirements = Some(&[]);
+        let none = String::from_utf8(canonical_message(&c)).unwrap();
+        assert!(none.contains("\nrequirements=0\nexit_code=0\n"), "{none}");
+    }
+
+    #[test]
     fn given_a_claim_then_the_message_is_the_documented_text_with_sorted_outputs() {
         let outputs = vec![
             ("z.txt".to_owned(), [0xbb; 32]),

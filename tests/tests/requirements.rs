@@ -393,3 +393,96 @@ fn given_a_helper_without_a_wheelhouse_then_a_job_with_requirements_is_refused_n
     let error = outcome.error.as_ref().expect("refused");
     assert_eq!(error.code, ErrorCode::InvalidRequest, "{error:?}");
 }
+
+/// The build user `sandrunctl env wheelhouse add` downloads as; created here as the package
+/// would.
+fn ensure_build_user() {
+    const BUILD_USER: &str = "sandrun-build";
+    if nix::unistd::User::from_name(BUILD_USER)
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        return;
+    }
+    let out = Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home", "--home-dir"])
+        .args(["/nonexistent", "--shell", "/usr/sbin/nologin", BUILD_USER])
+        .output()
+        .expect("run useradd");
+    // Exit status 9: created meanwhile by another test.
+    assert!(
+        out.status.success() || out.status.code() == Some(9),
+        "useradd {BUILD_USER}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn given_wheelhouse_add_from_pypi_then_the_wheel_is_listed_with_its_hash_and_a_job_installs_it() {
+    ensure_build_user();
+    let (wh, _, _) = wheelhouse();
+    let stack = stack_with(wh.path());
+    let def = stack.dir().join("wheels.txt");
+    fs::write(&def, "six==1.17.0\n").expect("write requirements");
+    let dir = wh.path().display().to_string();
+    let def = def.display().to_string();
+    let add = |args: &[&str]| {
+        let mut all = vec!["--json", "env", "wheelhouse", "--wheelhouse-dir", &dir];
+        all.extend_from_slice(args);
+        let out = stack.helper().ctl(&all);
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        serde_json::from_str::<Value>(text.lines().last().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}: {text}"))
+    };
+    let added = add(&["add", &def]);
+    let six = &added["wheels"][0];
+    assert_eq!(six["name"], "six", "{added}");
+    assert_eq!(six["added"], true, "{added}");
+    let wheel = six["wheel"].as_str().expect("wheel").to_owned();
+    let bytes = fs::read(wh.path().join(&wheel)).expect("the wheel is in the wheelhouse");
+    assert_eq!(
+        six["sha256"],
+        hex::encode(Sha256::digest(&bytes)),
+        "{added}"
+    );
+    let mode = fs::metadata(wh.path().join(&wheel))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o644);
+    // Nothing of the download is left beside the wheels.
+    let hidden: Vec<_> = fs::read_dir(wh.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+    // Again: the same bytes are already there, nothing changes.
+    let again = add(&["add", &def]);
+    assert_eq!(again["wheels"][0]["added"], false, "{again}");
+    let listed = add(&["list"]);
+    assert!(
+        listed["wheels"]
+            .as_array()
+            .expect("wheels")
+            .iter()
+            .any(|w| w["wheel"] == wheel.as_str() && w["sha256"] == six["sha256"]),
+        "{listed}"
+    );
+
+    let id = submit_with_requirements(
+        &stack,
+        "import six\nprint(six.__version__)\n",
+        json!(["six==1.17.0"]),
+    );
+    let status = stack.wait_finished(&id);
+    let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+    assert_eq!(status["status"], "completed", "{status}\n{logs}");
+    assert_eq!(logs["stdout"], "1.17.0\n", "{logs}");
+    assert_eq!(
+        status["requirements"]["installed"][0]["sha256"], six["sha256"],
+        "{status}"
+    );
+}
