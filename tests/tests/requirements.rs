@@ -486,3 +486,34 @@ fn given_wheelhouse_add_from_pypi_then_the_wheel_is_listed_with_its_hash_and_a_j
         "{status}"
     );
 }
+
+#[test]
+fn given_a_gateway_whose_helper_has_no_wheelhouse_then_a_job_with_requirements_fails_with_reason_requirements(
+) {
+    let cfg = config("wheelhouse_dir = \"/nonexistent/sandrun-wheelhouse\"");
+    let stack = Stack::start(&cfg, "");
+    let id = submit_with_requirements(&stack, "print('the job ran')\n", json!(["alpha"]));
+    let status = stack.wait_finished(&id);
+    assert_eq!(status["status"], "failed", "{status}");
+    assert_eq!(status["reason"], "requirements", "{status}");
+    assert!(
+        status["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("wheelhouse")),
+        "{status}"
+    );
+    // A job without requirements is not affected, nor is one that merely ships a
+    // requirements.txt (it is an ordinary file unless the manifest lists requirements).
+    let id = stack.submit_ok(&[
+        Part::file(
+            "main.py",
+            "print(open('requirements.txt').read().strip())\n",
+        ),
+        Part::file("requirements.txt", "numpy==1.26.4\n"),
+    ]);
+    let status = stack.wait_finished(&id);
+    let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+    assert_eq!(status["status"], "completed", "{status}\n{logs}");
+    assert_eq!(logs["stdout"], "numpy==1.26.4\n", "{logs}");
+    assert_eq!(status["requirements"], Value::Null, "{status}");
+}
