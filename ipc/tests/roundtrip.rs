@@ -440,5 +440,5 @@ fn given_the_hello_example_of_docs_protocol_md_then_the_bytes_match() {
         role: sandrun_ipc::Role::Submitter,
     };
     let frame = encode(&Request::Hello(hello)).expect("encodes");
-    assert_eq!(frame, [3, 0, 0, 0, 0, 5, 0]);
+    assert_eq!(frame, [3, 0, 0, 0, 0, 6, 0]);
 }
