@@ -113,6 +113,8 @@ const RESULT_DIR: &str = "../tmp/.sandrun-req";
 const MAX_RESULT_BYTES: u64 = 64 * 1024;
 /// Largest failure message kept.
 const MAX_MESSAGE_CHARS: usize = 300;
+/// Most distributions one job's report may name (each a distinct wheel).
+const MAX_INSTALLED: usize = 256;
 
 /// The job's argv, run through the install step: `python -I -c INSTALL_PY REQS ARGV...`.
 pub fn wrap_argv(python: &str, requirements: &[String], argv: Vec<String>) -> Vec<String> {
@@ -145,9 +147,17 @@ pub fn outcome(workdir: Option<BorrowedFd<'_>>, wheelhouse: &Path) -> Requiremen
     let Some(text) = read_result(workdir, c"../tmp/.sandrun-req/installed") else {
         return failed("the requirements install did not finish".to_owned());
     };
-    let mut installed = Vec::new();
+    let mut installed: Vec<InstalledPackage> = Vec::new();
     for line in text.lines() {
+        if installed.len() == MAX_INSTALLED {
+            return failed(format!("more than {MAX_INSTALLED} distributions installed"));
+        }
         match installed_package(line, wheelhouse) {
+            // The job wrote this list: one wheel named twice is a lie, not an install (and
+            // would only make the helper hash it again).
+            Ok(p) if installed.iter().any(|q| q.wheel == p.wheel) => {
+                return failed(format!("{RESULT_DIR}/installed names {} twice", p.wheel))
+            }
             Ok(p) => installed.push(p),
             Err(msg) => return failed(msg),
         }
@@ -190,21 +200,56 @@ fn installed_package(line: &str, wheelhouse: &Path) -> Result<InstalledPackage, 
     })
 }
 
+/// The identity of a wheelhouse file as `fstat` sees it: a file replaced or changed in any way
+/// (new inode, other size, new mtime or ctime) is hashed again.
+type FileKey = (u64, u64, i64, i64, i64, i64, i64);
+
+/// Hashes of wheelhouse files already read, so that jobs installing the same wheels do not make
+/// the helper's loop read them again (bounded: cleared when full).
+static HASHES: std::sync::Mutex<Option<std::collections::HashMap<FileKey, [u8; 32]>>> =
+    std::sync::Mutex::new(None);
+const MAX_CACHED_HASHES: usize = 4096;
+
 /// SHA-256 of `<wheelhouse>/<wheel>` (a plain name, checked by the caller), a regular file,
 /// not through a symlink.
 fn hash_wheel(wheelhouse: &Path, wheel: &str) -> std::io::Result<[u8; 32]> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(wheelhouse.join(wheel))?;
-    if !file.metadata()?.is_file() {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
+    }
+    let key: FileKey = (
+        meta.dev(),
+        meta.ino(),
+        i64::try_from(meta.size()).unwrap_or(i64::MAX),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    );
+    let cached = HASHES
+        .lock()
+        .ok()
+        .and_then(|m| m.as_ref().and_then(|m| m.get(&key).copied()));
+    if let Some(hash) = cached {
+        return Ok(hash);
     }
     let mut hasher = Sha256::new();
     let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
     std::io::copy(&mut reader, &mut hasher)?;
-    Ok(hasher.finalize().into())
+    let hash: [u8; 32] = hasher.finalize().into();
+    if let Ok(mut m) = HASHES.lock() {
+        let m = m.get_or_insert_with(Default::default);
+        if m.len() >= MAX_CACHED_HASHES {
+            m.clear();
+        }
+        m.insert(key, hash);
+    }
+    Ok(hash)
 }
 
 const RESOLVE_NO_XDEV: u64 = 0x01;
@@ -313,7 +358,9 @@ mod tests {
             Some("the requirements install did not finish")
         );
         let dir = root.path().join("tmp/.sandrun-req");
+        std::fs::write(wh.path().join("a-1-py3-none-any.whl"), b"a").expect("write");
         for line in [
+            "a 1 a-1-py3-none-any.whl\na 1 a-1-py3-none-any.whl\n",
             "x 1 ../../etc/passwd.whl",
             "x 1 missing-1-py3-none-any.whl",
             "x 1",
