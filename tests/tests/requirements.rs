@@ -517,3 +517,26 @@ fn given_a_gateway_whose_helper_has_no_wheelhouse_then_a_job_with_requirements_f
     assert_eq!(logs["stdout"], "numpy==1.26.4\n", "{logs}");
     assert_eq!(status["requirements"], Value::Null, "{status}");
 }
+
+#[test]
+fn given_an_install_larger_than_the_jobs_memory_then_it_fails_with_reason_memory_limit() {
+    let (wh, _, _) = wheelhouse();
+    let helper = Helper::start(&config(&format!(
+        "wheelhouse_dir = \"{}\"",
+        wh.path().display()
+    )));
+    // pip alone needs several times this; the install is charged to the job's own cgroup.
+    let mut job = Job::new(&["python3", "-c", "print('the job ran')"])
+        .limits(|l| l.memory_bytes = Some(12 << 20));
+    job.spec.requirements = vec!["alpha".into()];
+    let outcome = helper.run(&job);
+    let report = outcome.report();
+    assert_eq!(
+        report.reason,
+        ExitReason::MemoryLimit,
+        "{}",
+        outcome.describe()
+    );
+    assert!(outcome.stdout.is_empty(), "{}", outcome.describe());
+    assert!(report.requirements.is_some(), "{}", outcome.describe());
+}
