@@ -210,7 +210,7 @@ impl Manifest {
         policy: &ManifestPolicy,
         files: &BundleBuilder,
     ) -> Result<Manifest, ManifestError> {
-        let requirements = requirements(raw.requirements)?;
+        let requirements = requirements(raw.requirements, files)?;
         let (entrypoint, auto_interpreter) = entrypoint(raw.entrypoint, files)?;
         let interpreter = interpreter(raw.interpreter, &entrypoint, auto_interpreter, policy)?;
         let environment = environment(raw.environment, policy)?;
@@ -308,22 +308,43 @@ struct CanonicalManifest<'a> {
     requirements: &'a [String],
 }
 
+/// The upload's file that `"requirements": true` installs.
+pub const REQUIREMENTS_FILE: &str = "requirements.txt";
+
 /// `requirements`: a list of requirement lines, or one string in requirements-file syntax
-/// (blank lines and `#` comment lines are dropped). `null`, `[]`, `""` and `{}` ask for
-/// nothing. Every line must pass [`rules::check_requirements`] (names, version specifiers and
+/// (blank lines and `#` comment lines are dropped), or `true` for the upload's top-level
+/// `requirements.txt` read the same way. `null`, `false`, `[]`, `""` and `{}` ask for nothing.
+/// Every line must pass [`rules::check_requirements`] (names, version specifiers and
 /// `--hash=sha256:` only).
-fn requirements(v: Option<serde_json::Value>) -> Result<Vec<String>, ManifestError> {
+fn requirements(
+    v: Option<serde_json::Value>,
+    files: &BundleBuilder,
+) -> Result<Vec<String>, ManifestError> {
     use serde_json::Value;
     let field = "requirements";
-    let lines: Vec<String> = match v {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Object(o)) if o.is_empty() => Vec::new(),
-        Some(Value::String(s)) => s
-            .lines()
+    let text_lines = |s: &str| -> Vec<String> {
+        s.lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
             .map(str::to_owned)
-            .collect(),
+            .collect()
+    };
+    let lines: Vec<String> = match v {
+        None | Some(Value::Null | Value::Bool(false)) => Vec::new(),
+        Some(Value::Object(o)) if o.is_empty() => Vec::new(),
+        Some(Value::String(s)) => text_lines(&s),
+        Some(Value::Bool(true)) => {
+            let Some(data) = files.file_data(REQUIREMENTS_FILE) else {
+                return Err(ManifestError::new(
+                    field,
+                    format!("true, but the upload has no top-level {REQUIREMENTS_FILE}"),
+                ));
+            };
+            let text = std::str::from_utf8(data).map_err(|_| {
+                ManifestError::new(field, format!("{REQUIREMENTS_FILE} is not UTF-8"))
+            })?;
+            text_lines(text)
+        }
         Some(Value::Array(a)) => a
             .into_iter()
             .enumerate()
@@ -544,6 +565,23 @@ mod tests {
         b
     }
 
+    fn parse_with(json: &str, with: &[(&str, &[u8])]) -> Result<Manifest, ManifestError> {
+        let mut b = BundleBuilder::new(BundleCaps {
+            max_entries: 100,
+            max_bytes: 1 << 20,
+        });
+        for (n, data) in with {
+            b.add_file(
+                BundlePath::new(*n).unwrap(),
+                0o644,
+                Bytes::copy_from_slice(data),
+            )
+            .unwrap();
+        }
+        let raw = RawManifest::parse(json.as_bytes())?;
+        Manifest::from_raw(raw, &ManifestPolicy::default(), &b)
+    }
+
     fn parse(json: &str, names: &[&str]) -> Result<Manifest, ManifestError> {
         let raw = RawManifest::parse(json.as_bytes())?;
         Manifest::from_raw(raw, &ManifestPolicy::default(), &files(names))
@@ -690,6 +728,7 @@ mod tests {
             (r#"["-r other.txt"]"#, "manifest.requirements[0]:"),
             (r#"[1]"#, "manifest.requirements[0]:"),
             ("true", "manifest.requirements:"),
+            ("3", "manifest.requirements:"),
             (r#""six\n/etc/passwd""#, "manifest.requirements[1]:"),
         ] {
             let e = err(&format!(
@@ -697,6 +736,35 @@ mod tests {
             ));
             assert!(e.starts_with(field), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn given_requirements_true_then_the_uploads_requirements_txt_is_read_and_checked() {
+        let m = parse_with(
+            r#"{"entrypoint":"main.py","requirements":true}"#,
+            &[
+                ("main.py", b"".as_slice()),
+                ("requirements.txt", b"# x\nsix==1.17.0\n\nalpha\n"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(m.requirements, ["six==1.17.0", "alpha"]);
+        let e = parse_with(
+            r#"{"entrypoint":"main.py","requirements":true}"#,
+            &[("main.py", b"".as_slice()), ("requirements.txt", b"-e .\n")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("manifest.requirements[0]:"), "{e}");
+        let e = err(r#"{"entrypoint":"main.py","requirements":true}"#);
+        assert!(e.contains("requirements.txt"), "{e}");
+        // Shipping the file without asking installs nothing.
+        let m = parse_with(
+            r#"{"entrypoint":"main.py"}"#,
+            &[("main.py", b"".as_slice()), ("requirements.txt", b"six\n")],
+        )
+        .unwrap();
+        assert!(m.requirements.is_empty());
     }
 
     #[test]

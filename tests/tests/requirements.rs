@@ -540,3 +540,28 @@ fn given_an_install_larger_than_the_jobs_memory_then_it_fails_with_reason_memory
     assert!(outcome.stdout.is_empty(), "{}", outcome.describe());
     assert!(report.requirements.is_some(), "{}", outcome.describe());
 }
+
+#[test]
+fn given_requirements_true_then_the_uploads_requirements_txt_is_installed() {
+    let (wh, _, alpha_sha) = wheelhouse();
+    let stack = stack_with(wh.path());
+    let id = stack.submit_ok(&[
+        Part::file("main.py", IMPORT_ALPHA),
+        Part::file("requirements.txt", "# pinned\nalpha==1.0\n"),
+        Part::manifest(&json!({"entrypoint": "main.py", "requirements": true})),
+    ]);
+    let status = stack.wait_finished(&id);
+    let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+    assert_eq!(status["status"], "completed", "{status}\n{logs}");
+    assert_eq!(logs["stdout"], "alpha 1.0\nno beta\n", "{logs}");
+    assert_eq!(
+        status["requirements"]["installed"][0]["sha256"], alpha_sha,
+        "{status}"
+    );
+    let r = stack.submit(&[
+        Part::file("main.py", IMPORT_ALPHA),
+        Part::manifest(&json!({"entrypoint": "main.py", "requirements": true})),
+    ]);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("requirements.txt"), "{}", r.text());
+}

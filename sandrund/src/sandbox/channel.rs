@@ -243,8 +243,9 @@ pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedF
     }
 }
 
-/// Receives one message and at most three fds (the order, a template, the wheelhouse). Blocking, it waits until one arrives or the peer
-/// closes; non-blocking, `None` means nothing is queued yet.
+/// Receives one message and at most three fds (the order, a template, the wheelhouse).
+/// Blocking, it waits until one arrives or the peer closes; non-blocking, `None` means nothing
+/// is queued yet.
 fn recv(sock: &OwnedFd, block: bool) -> Result<Option<(Message, Vec<OwnedFd>)>, SetupError> {
     let mut buf = [0u8; MESSAGE_LEN + 1];
     let mut cmsg = nix::cmsg_space!([RawFd; 3]);
