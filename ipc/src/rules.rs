@@ -176,8 +176,10 @@ pub fn is_template_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
-/// Most lines a job's `requirements` may have.
-pub const MAX_REQUIREMENTS: usize = 256;
+/// Most lines a job's `requirements` may have. The helper passes them to the install step as
+/// one argument, which the kernel caps at 128 KiB (`MAX_ARG_STRLEN`): 64 lines of at most
+/// [`MAX_REQUIREMENT_BYTES`] stay well below it.
+pub const MAX_REQUIREMENTS: usize = 64;
 
 /// Longest requirement line, in bytes.
 pub const MAX_REQUIREMENT_BYTES: usize = 1024;

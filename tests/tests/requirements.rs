@@ -565,3 +565,36 @@ fn given_requirements_true_then_the_uploads_requirements_txt_is_installed() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("requirements.txt"), "{}", r.text());
 }
+
+#[test]
+fn given_the_most_and_longest_requirement_lines_then_the_install_step_still_starts() {
+    let (wh, _, _) = wheelhouse();
+    let helper = Helper::start(&config(&format!(
+        "wheelhouse_dir = \"{}\"",
+        wh.path().display()
+    )));
+    let hashes = format!(" --hash=sha256:{}", "0".repeat(64)).repeat(12);
+    let lines: Vec<String> = (0..sandrun_ipc::rules::MAX_REQUIREMENTS)
+        .map(|i| format!("pkg{i:04}==1.0{hashes}"))
+        .collect();
+    assert!(lines
+        .iter()
+        .all(|l| l.len() > 900 && l.len() <= sandrun_ipc::rules::MAX_REQUIREMENT_BYTES));
+    let mut job = Job::new(&["python3", "-c", "print('the job ran')"]);
+    job.spec.requirements = lines;
+    let outcome = helper.run(&job);
+    // pip ran (and found none of them): not a sandbox setup failure (E2BIG at execve).
+    let report = outcome.report();
+    assert_eq!(
+        report.reason,
+        ExitReason::Requirements,
+        "{}",
+        outcome.describe()
+    );
+    let error = report
+        .requirements
+        .as_ref()
+        .and_then(|r| r.error.as_deref())
+        .unwrap_or_default();
+    assert!(error.contains("pkg0000"), "{error}: {}", outcome.describe());
+}
