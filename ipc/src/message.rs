@@ -9,7 +9,7 @@ use crate::error::IpcError;
 use crate::validate::{BundlePath, OutputPattern, PrintablePath};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Who a connecting client claims to be. The helper checks the claim against `SO_PEERCRED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +114,32 @@ pub struct JobSpec {
     /// stream; the job's fd 0 reads exactly them, then end of file. 0 means `/dev/null`.
     /// At most the helper's `max_stdin_bytes`, and counted against `tmpfs_bytes`.
     pub stdin_bytes: u64,
+    /// Python requirements to install offline from the helper's wheelhouse before the job's
+    /// command runs (one requirement per entry, [`crate::rules::check_requirements`]); empty
+    /// means none and no wheelhouse is mounted.
+    pub requirements: Vec<String>,
+}
+
+/// One distribution a job's requirements installed from the wheelhouse.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstalledPackage {
+    pub name: String,
+    pub version: String,
+    /// File name of the wheel in the wheelhouse.
+    pub wheel: String,
+    /// SHA-256 of that wheel, read by the helper from the wheelhouse (not from the job).
+    pub sha256: [u8; 32],
+}
+
+/// What a job's requirements came to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequirementsReport {
+    /// What was installed, sorted by name. Requirements the template already satisfied are not
+    /// installed and not listed.
+    pub installed: Vec<InstalledPackage>,
+    /// Why the install failed (the job's command did not run; reason
+    /// [`ExitReason::Requirements`]); `None` when it succeeded.
+    pub error: Option<String>,
 }
 
 /// Admin requests (role [`Role::Admin`]).
@@ -176,10 +202,14 @@ pub enum ExitReason {
     /// The job's environment template does not exist (or has no lock file) when the job was to
     /// start. Set by the gateway from the helper's [`crate::ErrorCode::TemplateMissing`].
     Environment,
+    /// The job's requirements could not be installed from the wheelhouse (a distribution it
+    /// lacks, a hash that does not match, the job's tmpfs full); the job's command did not run.
+    /// [`RequirementsReport::error`] says why.
+    Requirements,
 }
 
 impl ExitReason {
-    pub const ALL: [ExitReason; 10] = [
+    pub const ALL: [ExitReason; 11] = [
         ExitReason::None,
         ExitReason::Timeout,
         ExitReason::MemoryLimit,
@@ -190,6 +220,7 @@ impl ExitReason {
         ExitReason::Internal,
         ExitReason::Unavailable,
         ExitReason::Environment,
+        ExitReason::Requirements,
     ];
 
     /// The stable snake_case name used in JSON and logs.
@@ -205,6 +236,7 @@ impl ExitReason {
             ExitReason::Internal => "internal",
             ExitReason::Unavailable => "unavailable",
             ExitReason::Environment => "environment",
+            ExitReason::Requirements => "requirements",
         }
     }
 }
@@ -226,6 +258,9 @@ pub struct ExitReport {
     /// from the job's own read-only clone of the template (the tree mounted at `/env`); `None`
     /// for a job without a template.
     pub template_lock: Option<[u8; 32]>,
+    /// What the job's requirements installed (or why they failed); `None` for a job without
+    /// requirements.
+    pub requirements: Option<RequirementsReport>,
 }
 
 /// Why a path matching an output pattern was not returned.

@@ -176,6 +176,157 @@ pub fn is_template_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// Most lines a job's `requirements` may have. The helper passes them to the install step as
+/// one argument, which the kernel caps at 128 KiB (`MAX_ARG_STRLEN`): 64 lines of at most
+/// [`MAX_REQUIREMENT_BYTES`] stay well below it.
+pub const MAX_REQUIREMENTS: usize = 64;
+
+/// Longest requirement line, in bytes.
+pub const MAX_REQUIREMENT_BYTES: usize = 1024;
+
+/// Where the sandbox mounts the operator's wheelhouse (read-only) for a job with requirements.
+pub const WHEELHOUSE_MOUNT: &str = "/wheelhouse";
+
+/// Why a requirement line is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RequirementError {
+    Empty,
+    TooLong,
+    /// The distribution name is not `[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?`.
+    Name,
+    /// Something other than extras, a version specifier and `--hash=sha256:<64 hex>` options:
+    /// URLs, paths, `-e`, `-r`, `--index-url`, `-f`, environment markers and the like.
+    Syntax(String),
+}
+
+impl std::fmt::Display for RequirementError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RequirementError::Empty => write!(f, "empty requirement"),
+            RequirementError::TooLong => {
+                write!(f, "longer than {MAX_REQUIREMENT_BYTES} bytes")
+            }
+            RequirementError::Name => write!(
+                f,
+                "must start with a distribution name ([A-Za-z0-9._-], no URL or path)"
+            ),
+            RequirementError::Syntax(what) => write!(
+                f,
+                "{what}: only `name[extras] <version specifier> --hash=sha256:<hex>` is \
+                 allowed (no options, URLs, paths, includes or markers)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RequirementError {}
+
+/// Checks one requirement line of a job (pip requirements-file syntax, restricted) and returns
+/// its distribution name. Allowed: `name`, `name[extra,...]`, a version specifier made of
+/// `<>=!~` operators, versions, `,` and `*`, and any number of `--hash=sha256:<64 hex>`.
+/// Everything else pip would accept (options such as `-e`, `-r`, `-f`, `--index-url`, URLs,
+/// local paths, markers after `;`, comments) is refused, so a job's requirements can only name
+/// distributions of the wheelhouse.
+///
+/// ```
+/// use sandrun_ipc::rules::check_requirement;
+/// assert_eq!(check_requirement("six==1.17.0").unwrap(), "six");
+/// assert!(check_requirement("six @ https://example.com/six.whl").is_err());
+/// assert!(check_requirement("-r other.txt").is_err());
+/// ```
+pub fn check_requirement(line: &str) -> Result<String, RequirementError> {
+    if line.len() > MAX_REQUIREMENT_BYTES {
+        return Err(RequirementError::TooLong);
+    }
+    let line = line.trim_matches(' ');
+    if line.is_empty() {
+        return Err(RequirementError::Empty);
+    }
+    let mut words = line.split(' ').filter(|w| !w.is_empty()).peekable();
+    let mut spec = String::new();
+    let mut first_word = 0;
+    while let Some(w) = words.peek() {
+        // Every option, not only `--hash=`, ends the specifier (and is then refused below
+        // unless it is a hash): `six --no-deps` must not read as a name `six--no-deps`.
+        if w.starts_with('-') {
+            break;
+        }
+        if spec.is_empty() {
+            first_word = w.len();
+        }
+        spec.push_str(w);
+        words.next();
+    }
+    for w in words {
+        let ok = w.strip_prefix("--hash=sha256:").is_some_and(|h| {
+            h.len() == 64
+                && h.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        });
+        if !ok {
+            return Err(RequirementError::Syntax(format!("`{}`", truncate(w))));
+        }
+    }
+    let name_end = spec
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        .unwrap_or(spec.len());
+    // The name is the first word's own (`six x` is not `sixx`).
+    let name_end = name_end.min(first_word);
+    let name = &spec[..name_end];
+    let name_ok = !name.is_empty()
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !name_ok {
+        return Err(RequirementError::Name);
+    }
+    let mut rest = &spec[name_end..];
+    if let Some(after) = rest.strip_prefix('[') {
+        let Some(close) = after.find(']') else {
+            return Err(RequirementError::Syntax("unclosed extras".to_owned()));
+        };
+        let extras = &after[..close];
+        let extras_ok = extras.split(',').all(|e| {
+            !e.is_empty()
+                && e.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        });
+        if !extras_ok {
+            return Err(RequirementError::Syntax("extras".to_owned()));
+        }
+        rest = &after[close + 1..];
+    }
+    if !rest.is_empty() {
+        let ops_ok = rest.starts_with(['<', '>', '=', '!', '~'])
+            && rest
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "<>=!~.,*+".contains(c));
+        if !ops_ok {
+            return Err(RequirementError::Syntax(format!("`{}`", truncate(rest))));
+        }
+    }
+    Ok(name.to_owned())
+}
+
+/// Checks a job's whole `requirements` (one requirement per entry); the error names the entry.
+pub fn check_requirements(lines: &[String]) -> Result<(), (usize, RequirementError)> {
+    if lines.len() > MAX_REQUIREMENTS {
+        return Err((MAX_REQUIREMENTS, RequirementError::TooLong));
+    }
+    for (i, line) in lines.iter().enumerate() {
+        check_requirement(line).map_err(|e| (i, e))?;
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +375,49 @@ mod tests {
         );
         assert_eq!(check_job_env_name("GREETING", true), Ok(()));
         assert!(TEMPLATE_ENV.iter().all(|(_, v)| v.contains(TEMPLATE_MOUNT)));
+    }
+
+    #[test]
+    fn given_requirement_lines_then_only_names_specifiers_and_hashes_pass() {
+        let hash = format!("--hash=sha256:{}", "a".repeat(64));
+        for (line, name) in [
+            ("six", "six"),
+            ("six==1.17.0", "six"),
+            ("  Six_x.y-z >= 1.0, <2 ", "Six_x.y-z"),
+            ("pkg[extra,two]~=1.2", "pkg"),
+            (&format!("six==1.17.0 {hash} {hash}"), "six"),
+        ] {
+            assert_eq!(check_requirement(line).as_deref(), Ok(name), "{line}");
+        }
+        for line in [
+            "",
+            "-e .",
+            "-r other.txt",
+            "-f /tmp",
+            "--index-url https://evil",
+            "--extra-index-url=https://evil",
+            "six @ https://example.com/six.whl",
+            "./six-1.0-py3-none-any.whl",
+            "/wheelhouse/six.whl",
+            "https://example.com/six.whl",
+            "six; python_version > '3'",
+            "six # comment",
+            "six --hash=md5:abc",
+            &format!("six --hash=sha256:{}", "A".repeat(64)),
+            "six --no-deps",
+            "six -e",
+            "six x",
+            "six\nnumpy",
+            "six\t==1",
+            "pkg[ex",
+            &"a".repeat(MAX_REQUIREMENT_BYTES + 1),
+        ] {
+            assert!(check_requirement(line).is_err(), "accepted {line:?}");
+        }
+        let many = vec!["six".to_owned(); MAX_REQUIREMENTS + 1];
+        assert!(check_requirements(&many).is_err());
+        let two = vec!["six".to_owned(), "-e .".to_owned()];
+        assert_eq!(check_requirements(&two).map_err(|e| e.0), Err(1));
     }
 
     #[test]

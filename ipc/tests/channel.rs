@@ -69,6 +69,7 @@ fn given_the_peer_closes_between_frames_then_recv_reports_closed() {
         stdout_truncated: false,
         stderr_truncated: false,
         template_lock: None,
+        requirements: None,
     });
     helper.send(&exited).expect("helper sends");
     drop(helper);

@@ -271,9 +271,16 @@ fn finish_from_result(state: &AppState, id: JobId, done: HelperResult) -> Finish
     let completed_at_unix = unix_now();
     let signature = sign_result(state, id, &done.exit, &done.outputs, completed_at_unix);
     let ttl = state.config.ttl(summary.status == JobStatus::Failed);
+    // Why the job's requirements could not be installed (reason `requirements`).
+    let message = done
+        .exit
+        .requirements
+        .as_ref()
+        .and_then(|r| r.error.as_ref())
+        .map(|e| format!("requirements: {e}"));
     Finish {
         summary,
-        message: None,
+        message,
         exit: Some(done.exit),
         outputs: done.outputs,
         skipped: done.skipped,
@@ -291,6 +298,14 @@ fn finish_from_error(state: &AppState, error: &HelperError) -> Finish {
         // now: the job's own reason, not the gateway's fault.
         HelperError::Refused(e) if e.code == sandrun_ipc::ErrorCode::TemplateMissing => {
             (ExitReason::Environment, e.message.clone())
+        }
+        // The helper refused the job's requirements (its wheelhouse is missing, a line it does
+        // not accept): the job's own reason.
+        HelperError::Refused(e)
+            if e.code == sandrun_ipc::ErrorCode::InvalidRequest
+                && e.message.starts_with("requirements") =>
+        {
+            (ExitReason::Requirements, e.message.clone())
         }
         other => (ExitReason::Internal, other.to_string()),
     };
@@ -348,6 +363,7 @@ fn sign_result(
             .as_deref()
             .zip(exit.template_lock.as_ref())
             .map(|(name, lock_sha256)| EnvironmentClaim { name, lock_sha256 }),
+        requirements: exit.requirements.as_ref().map(|r| r.installed.as_slice()),
     };
     Some(state.worker_key.sign(&canonical_message(&claim)))
 }

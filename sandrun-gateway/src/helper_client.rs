@@ -156,6 +156,7 @@ pub fn job_spec(
         network: NetworkPolicy::None,
         label,
         stdin_bytes,
+        requirements: manifest.requirements.clone(),
     };
     let files = bundle.files().iter().map(|f| f.data.clone()).collect();
     (spec, files)
@@ -200,7 +201,8 @@ async fn converse(
     on_event(HelperEvent::Accepted(limits));
     send_bundle(&mut channel, pending).await?;
     let template = pending.spec.template.is_some();
-    let exit = receive_run(&mut channel, template, &mut on_event).await?;
+    let requirements = !pending.spec.requirements.is_empty();
+    let exit = receive_run(&mut channel, template, requirements, &mut on_event).await?;
     let inputs = input_files(pending);
     // Outputs are charged to the job's client, like its bundle.
     let reservation = budget.empty(pending.reservation.client());
@@ -365,6 +367,7 @@ async fn send_bundle(channel: &mut Channel, pending: &PendingJob) -> Result<(), 
 async fn receive_run(
     channel: &mut Channel,
     template: bool,
+    requirements: bool,
     on_event: &mut impl FnMut(HelperEvent),
 ) -> Result<ExitReport, HelperError> {
     const STEP: &str = "waiting for the job to run";
@@ -379,6 +382,13 @@ async fn receive_run(
                 return Err(protocol(
                     STEP,
                     "the exit report's template lock does not match the job's template".to_owned(),
+                ))
+            }
+            // Likewise what a job's requirements installed.
+            Response::Exited(report) if report.requirements.is_some() != requirements => {
+                return Err(protocol(
+                    STEP,
+                    "the exit report's requirements do not match the job's".to_owned(),
                 ))
             }
             Response::Exited(report) => return Ok(report),

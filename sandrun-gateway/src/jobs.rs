@@ -846,6 +846,7 @@ mod tests {
             network: sandrun_ipc::NetworkPolicy::None,
             label: String::new(),
             stdin_bytes: 0,
+            requirements: Vec::new(),
         }
     }
 

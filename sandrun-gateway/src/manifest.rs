@@ -90,6 +90,9 @@ pub struct Manifest {
     pub timeout_s: u64,
     pub memory_mb: u64,
     pub cpu_seconds: u64,
+    /// Python requirements to install from the helper's wheelhouse, one per entry, each checked
+    /// by [`rules::check_requirement`]; empty for none.
+    pub requirements: Vec<String>,
 }
 
 /// A manifest the client got wrong. The message names the field.
@@ -207,12 +210,7 @@ impl Manifest {
         policy: &ManifestPolicy,
         files: &BundleBuilder,
     ) -> Result<Manifest, ManifestError> {
-        if raw.requirements.as_ref().is_some_and(requirements_asked) {
-            return Err(ManifestError::new(
-                "requirements",
-                "requirements are not supported yet",
-            ));
-        }
+        let requirements = requirements(raw.requirements, files)?;
         let (entrypoint, auto_interpreter) = entrypoint(raw.entrypoint, files)?;
         let interpreter = interpreter(raw.interpreter, &entrypoint, auto_interpreter, policy)?;
         let environment = environment(raw.environment, policy)?;
@@ -242,6 +240,7 @@ impl Manifest {
                 DEFAULT_CPU_SECONDS,
                 policy.max_cpu_seconds,
             )?,
+            requirements,
         };
         manifest.check_argv_env_size()?;
         Ok(manifest)
@@ -278,6 +277,7 @@ impl Manifest {
             timeout: self.timeout_s,
             memory_mb: self.memory_mb,
             cpu_seconds: self.cpu_seconds,
+            requirements: &self.requirements,
         };
         // Invariant: the struct holds only strings, integers, sequences and string-keyed maps,
         // which serde_json always serializes.
@@ -303,17 +303,75 @@ struct CanonicalManifest<'a> {
     timeout: u64,
     memory_mb: u64,
     cpu_seconds: u64,
+    /// Only when there are requirements, so a job without them hashes exactly as before.
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    requirements: &'a [String],
 }
 
-/// `null`, `[]`, `""` and `{}` ask for nothing; anything else asks for packages.
-fn requirements_asked(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::Null => false,
-        serde_json::Value::Array(a) => !a.is_empty(),
-        serde_json::Value::String(s) => !s.trim().is_empty(),
-        serde_json::Value::Object(o) => !o.is_empty(),
-        _ => true,
+/// The upload's file that `"requirements": true` installs.
+pub const REQUIREMENTS_FILE: &str = "requirements.txt";
+
+/// `requirements`: a list of requirement lines, or one string in requirements-file syntax
+/// (blank lines and `#` comment lines are dropped), or `true` for the upload's top-level
+/// `requirements.txt` read the same way. `null`, `false`, `[]`, `""` and `{}` ask for nothing.
+/// Every line must pass [`rules::check_requirements`] (names, version specifiers and
+/// `--hash=sha256:` only).
+fn requirements(
+    v: Option<serde_json::Value>,
+    files: &BundleBuilder,
+) -> Result<Vec<String>, ManifestError> {
+    use serde_json::Value;
+    let field = "requirements";
+    let text_lines = |s: &str| -> Vec<String> {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect()
+    };
+    let lines: Vec<String> = match v {
+        None | Some(Value::Null | Value::Bool(false)) => Vec::new(),
+        Some(Value::Object(o)) if o.is_empty() => Vec::new(),
+        Some(Value::String(s)) => text_lines(&s),
+        Some(Value::Bool(true)) => {
+            let Some(data) = files.file_data(REQUIREMENTS_FILE) else {
+                return Err(ManifestError::new(
+                    field,
+                    format!("true, but the upload has no top-level {REQUIREMENTS_FILE}"),
+                ));
+            };
+            let text = std::str::from_utf8(data).map_err(|_| {
+                ManifestError::new(field, format!("{REQUIREMENTS_FILE} is not UTF-8"))
+            })?;
+            text_lines(text)
+        }
+        Some(Value::Array(a)) => a
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(ManifestError::new(
+                    &format!("{field}[{i}]"),
+                    "must be a string",
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(ManifestError::new(
+                field,
+                "must be a list of requirement strings or one requirements-file string",
+            ))
+        }
+    };
+    if lines.len() > rules::MAX_REQUIREMENTS {
+        return Err(ManifestError::new(
+            field,
+            format!("more than {} requirements", rules::MAX_REQUIREMENTS),
+        ));
     }
+    rules::check_requirements(&lines)
+        .map_err(|(i, e)| ManifestError::new(&format!("{field}[{i}]"), e.to_string()))?;
+    Ok(lines)
 }
 
 /// The entry point and, when it was auto-detected, its interpreter.
@@ -507,6 +565,23 @@ mod tests {
         b
     }
 
+    fn parse_with(json: &str, with: &[(&str, &[u8])]) -> Result<Manifest, ManifestError> {
+        let mut b = BundleBuilder::new(BundleCaps {
+            max_entries: 100,
+            max_bytes: 1 << 20,
+        });
+        for (n, data) in with {
+            b.add_file(
+                BundlePath::new(*n).unwrap(),
+                0o644,
+                Bytes::copy_from_slice(data),
+            )
+            .unwrap();
+        }
+        let raw = RawManifest::parse(json.as_bytes())?;
+        Manifest::from_raw(raw, &ManifestPolicy::default(), &b)
+    }
+
     fn parse(json: &str, names: &[&str]) -> Result<Manifest, ManifestError> {
         let raw = RawManifest::parse(json.as_bytes())?;
         Manifest::from_raw(raw, &ManifestPolicy::default(), &files(names))
@@ -619,16 +694,92 @@ mod tests {
     }
 
     #[test]
-    fn given_requirements_then_they_are_refused_clearly() {
-        assert_eq!(
-            err(r#"{"entrypoint":"main.py","requirements":["numpy"]}"#),
-            "manifest.requirements: requirements are not supported yet"
-        );
-        assert!(parse(
-            r#"{"entrypoint":"main.py","requirements":[]}"#,
-            &["main.py"]
+    fn given_requirements_then_good_lines_are_kept_and_bad_ones_refused_naming_the_entry() {
+        let m = parse(
+            r#"{"entrypoint":"main.py","requirements":["six==1.17.0","alpha"]}"#,
+            &["main.py"],
         )
-        .is_ok());
+        .unwrap();
+        assert_eq!(m.requirements, ["six==1.17.0", "alpha"]);
+        let m = parse(
+            r##"{"entrypoint":"main.py","requirements":"# pinned\nsix==1.17.0\n\nalpha\n"}"##,
+            &["main.py"],
+        )
+        .unwrap();
+        assert_eq!(m.requirements, ["six==1.17.0", "alpha"]);
+        for empty in ["[]", "null", "\"\"", "{}"] {
+            let m = parse(
+                &format!(r#"{{"entrypoint":"main.py","requirements":{empty}}}"#),
+                &["main.py"],
+            )
+            .unwrap();
+            assert!(m.requirements.is_empty(), "{empty}");
+        }
+        for (bad, field) in [
+            (r#"["six","-e ."]"#, "manifest.requirements[1]:"),
+            (
+                r#"["--index-url https://evil"]"#,
+                "manifest.requirements[0]:",
+            ),
+            (
+                r#"["six @ https://x/six.whl"]"#,
+                "manifest.requirements[0]:",
+            ),
+            (r#"["-r other.txt"]"#, "manifest.requirements[0]:"),
+            (r#"[1]"#, "manifest.requirements[0]:"),
+            ("true", "manifest.requirements:"),
+            ("3", "manifest.requirements:"),
+            (r#""six\n/etc/passwd""#, "manifest.requirements[1]:"),
+        ] {
+            let e = err(&format!(
+                r#"{{"entrypoint":"main.py","requirements":{bad}}}"#
+            ));
+            assert!(e.starts_with(field), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn given_requirements_true_then_the_uploads_requirements_txt_is_read_and_checked() {
+        let m = parse_with(
+            r#"{"entrypoint":"main.py","requirements":true}"#,
+            &[
+                ("main.py", b"".as_slice()),
+                ("requirements.txt", b"# x\nsix==1.17.0\n\nalpha\n"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(m.requirements, ["six==1.17.0", "alpha"]);
+        let e = parse_with(
+            r#"{"entrypoint":"main.py","requirements":true}"#,
+            &[("main.py", b"".as_slice()), ("requirements.txt", b"-e .\n")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("manifest.requirements[0]:"), "{e}");
+        let e = err(r#"{"entrypoint":"main.py","requirements":true}"#);
+        assert!(e.contains("requirements.txt"), "{e}");
+        // Shipping the file without asking installs nothing.
+        let m = parse_with(
+            r#"{"entrypoint":"main.py"}"#,
+            &[("main.py", b"".as_slice()), ("requirements.txt", b"six\n")],
+        )
+        .unwrap();
+        assert!(m.requirements.is_empty());
+    }
+
+    #[test]
+    fn given_requirements_then_they_are_in_the_canonical_manifest_and_without_them_nothing_changes()
+    {
+        let with = parse(
+            r#"{"entrypoint":"main.py","requirements":["six"]}"#,
+            &["main.py"],
+        )
+        .unwrap();
+        let without = parse(r#"{"entrypoint":"main.py"}"#, &["main.py"]).unwrap();
+        let with = String::from_utf8(with.canonical_json()).unwrap();
+        let without = String::from_utf8(without.canonical_json()).unwrap();
+        assert!(with.ends_with(r#","requirements":["six"]}"#), "{with}");
+        assert!(!without.contains("requirements"), "{without}");
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub const RESULT_DOMAIN: &str = "sandrun-result-v1";
 /// First line of the signed result message of a job with an environment template: the v1 lines
 /// plus `environment=` and `environment_lock=` after `job_hash=`.
 pub const RESULT_DOMAIN_V2: &str = "sandrun-result-v2";
+/// First line of the signed result message of a job with requirements: the lines of v1 (or v2
+/// with a template), plus `requirements=<count>` and one `requirement=` line per installed
+/// distribution before `exit_code=`.
+pub const RESULT_DOMAIN_V3: &str = "sandrun-result-v3";
 /// Largest key file read, in bytes (a PKCS#8 Ed25519 PEM is about 120).
 const MAX_KEY_FILE_BYTES: u64 = 16 * 1024;
 
@@ -200,6 +204,9 @@ pub struct ResultClaim<'a> {
     /// The job's environment template and the SHA-256 of its `sandrun-lock.json`, as the helper
     /// read it from the job's own template mount; `None` for a job without one.
     pub environment: Option<EnvironmentClaim<'a>>,
+    /// What the job's requirements installed from the wheelhouse (sha256 of each wheel as the
+    /// helper read it there); `None` for a job without requirements.
+    pub requirements: Option<&'a [sandrun_ipc::InstalledPackage]>,
 }
 
 /// The template part of a [`ResultClaim`].
@@ -214,7 +221,9 @@ impl ResultClaim<'_> {
     /// result are those of format 1, so every verifier of format 1 keeps working), else
     /// [`RESULT_DOMAIN_V2`].
     pub fn format(&self) -> &'static str {
-        if self.environment.is_some() {
+        if self.requirements.is_some() {
+            RESULT_DOMAIN_V3
+        } else if self.environment.is_some() {
             RESULT_DOMAIN_V2
         } else {
             RESULT_DOMAIN
@@ -225,11 +234,13 @@ impl ResultClaim<'_> {
 /// The exact bytes signed for a result (see `docs/signatures.md`):
 ///
 /// ```text
-/// sandrun-result-v1                  (sandrun-result-v2 for a job with a template)
+/// sandrun-result-v1                  (v2 for a job with a template, v3 with requirements)
 /// job_id=<job id>
 /// job_hash=<64 hex>
-/// environment=<template name>        (v2 only)
-/// environment_lock=<64 hex sha256 of the template's sandrun-lock.json>   (v2 only)
+/// environment=<template name>        (a job with a template: v2, or v3)
+/// environment_lock=<64 hex sha256 of the template's sandrun-lock.json>   (likewise)
+/// requirements=<count>               (v3 only)
+/// requirement=<64 hex sha256 of the wheel> <name>==<version>   (v3, one per line, sorted)
 /// exit_code=<decimal, or "none">
 /// cpu_ms=<decimal>
 /// memory_peak_bytes=<decimal>
@@ -251,8 +262,23 @@ pub fn canonical_message(c: &ResultClaim) -> Vec<u8> {
             hex::encode(e.lock_sha256)
         )
     });
+    let requirements = c.requirements.map_or_else(String::new, |list| {
+        let mut lines: Vec<String> = list
+            .iter()
+            .map(|p| {
+                format!(
+                    "requirement={} {}=={}\n",
+                    hex::encode(p.sha256),
+                    escape_line(&p.name),
+                    escape_line(&p.version)
+                )
+            })
+            .collect();
+        lines.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        format!("requirements={}\n{}", list.len(), lines.concat())
+    });
     let mut out = format!(
-        "{}\njob_id={}\njob_hash={}\n{environment}exit_code={exit_code}\ncpu_ms={}\n\
+        "{}\njob_id={}\njob_hash={}\n{environment}{requirements}exit_code={exit_code}\ncpu_ms={}\n\
          memory_peak_bytes={}\ncompleted_at={}\noutputs={}\n",
         c.format(),
         escape_line(c.job_id),
@@ -330,6 +356,7 @@ mod tests {
             outputs,
             completed_at: 1_700_000_000,
             environment: None,
+            requirements: None,
         }
     }
 
@@ -358,6 +385,54 @@ mod tests {
         );
         assert_eq!(v2, expected);
         assert_eq!(c.format(), RESULT_DOMAIN_V2);
+    }
+
+    #[test]
+    fn given_requirements_then_the_message_is_v3_with_their_sorted_lines_after_the_template() {
+        let lock = [0xcd; 32];
+        let installed = vec![
+            sandrun_ipc::InstalledPackage {
+                name: "zeta".into(),
+                version: "2.0".into(),
+                wheel: "zeta-2.0-py3-none-any.whl".into(),
+                sha256: [0xaa; 32],
+            },
+            sandrun_ipc::InstalledPackage {
+                name: "alpha".into(),
+                version: "1.0".into(),
+                wheel: "alpha-1.0-py3-none-any.whl".into(),
+                sha256: [0xbb; 32],
+            },
+        ];
+        let mut c = claim(&[], &[1; 32]);
+        c.requirements = Some(&installed);
+        let v3 = String::from_utf8(canonical_message(&c)).unwrap();
+        let expected = format!(
+            "sandrun-result-v3\njob_id=0123abcd\njob_hash={}\nrequirements=2\n\
+             requirement={} zeta==2.0\nrequirement={} alpha==1.0\nexit_code=0\ncpu_ms=1234\n\
+             memory_peak_bytes=5000000\ncompleted_at=1700000000\noutputs=0\n",
+            "01".repeat(32),
+            "aa".repeat(32),
+            "bb".repeat(32)
+        );
+        assert_eq!(v3, expected);
+        assert_eq!(c.format(), RESULT_DOMAIN_V3);
+        c.environment = Some(EnvironmentClaim {
+            name: "small",
+            lock_sha256: &lock,
+        });
+        let with_env = String::from_utf8(canonical_message(&c)).unwrap();
+        assert!(
+            with_env.contains(&format!(
+                "environment_lock={}\nrequirements=2\n",
+                "cd".repeat(32)
+            )),
+            "{with_env}"
+        );
+        // Nothing installed (all from the template) is still format 3, with a count of 0.
+        c.requirements = Some(&[]);
+        let none = String::from_utf8(canonical_message(&c)).unwrap();
+        assert!(none.contains("\nrequirements=0\nexit_code=0\n"), "{none}");
     }
 
     #[test]

@@ -102,6 +102,7 @@ fn verify_signature(status: &serde_json::Value, id: &str) {
         outputs: &outputs,
         completed_at: status["completed_at"].as_u64().unwrap(),
         environment: None,
+        requirements: None,
     };
     let signature = status["worker_metadata"]["signature"].as_str().unwrap();
     let signature = base64::engine::general_purpose::STANDARD

@@ -84,8 +84,8 @@ async fn given_manifest_errors_then_the_400_names_the_field() {
             "manifest.env.LD_PRELOAD",
         ),
         (
-            r#"{"entrypoint":"main.py","requirements":["numpy"]}"#,
-            "manifest.requirements",
+            r#"{"entrypoint":"main.py","requirements":["numpy","-e ."]}"#,
+            "manifest.requirements[1]",
         ),
         (r#"{"entrypoint":"main.py","colour":"blue"}"#, "colour"),
         (r#"{"entrypoint":"other.py"}"#, "manifest.entrypoint"),

@@ -49,6 +49,7 @@ async fn given_a_signed_result_then_openssl_verifies_it_and_rejects_a_flipped_by
         outputs: &outputs,
         completed_at: 1_750_000_000,
         environment: None,
+        requirements: None,
     };
     let key = WorkerKey::generate();
     let msg = canonical_message(&claim);

@@ -586,11 +586,21 @@ function signedMessage(status) {
   const env = status.environment_lock
     ? `environment=${escapeLine(status.environment)}\nenvironment_lock=${status.environment_lock}\n`
     : "";
+  // Format 3 (a job with requirements) adds what they installed, one line per wheel, sorted.
+  const installed = status.requirements ? status.requirements.installed || [] : null;
+  const reqLines = (installed || [])
+    .map((p) => utf8(`requirement=${p.sha256} ${escapeLine(p.name)}==${escapeLine(p.version)}\n`))
+    .sort(compareBytes)
+    .map((b) => new TextDecoder().decode(b))
+    .join("");
+  const reqs = installed ? `requirements=${installed.length}\n${reqLines}` : "";
+  const format = installed ? "sandrun-result-v3\n" : env ? "sandrun-result-v2\n" : "sandrun-result-v1\n";
   let text =
-    (env ? "sandrun-result-v2\n" : "sandrun-result-v1\n") +
+    format +
     `job_id=${escapeLine(status.job_id)}\n` +
     `job_hash=${status.job_hash}\n` +
     env +
+    reqs +
     `exit_code=${m.exit_code ?? "none"}\n` +
     `cpu_ms=${status.cpu_ms}\n` +
     `memory_peak_bytes=${m.memory_peak_bytes}\n` +

@@ -94,6 +94,8 @@ pub(crate) enum EnvCommand {
     Show { name: String },
     /// Remove a template (deleted once no job is running; new jobs no longer find it at once).
     Rm { name: String },
+    /// The wheelhouse jobs install their `requirements` from: add, list.
+    Wheelhouse(crate::wheelhouse::WheelhouseArgs),
 }
 
 /// Runs one `env` subcommand.
@@ -118,6 +120,7 @@ pub(crate) fn dispatch(socket: &Path, args: &EnvArgs, json: bool) -> Result<i32,
         EnvCommand::List => list(dir, json),
         EnvCommand::Show { name } => show(dir, name, json),
         EnvCommand::Rm { name } => rm(socket, dir, name, json),
+        EnvCommand::Wheelhouse(args) => crate::wheelhouse::dispatch(args, json),
     }
 }
 
@@ -317,11 +320,11 @@ impl Definition {
 }
 
 /// One downloaded wheel.
-struct Wheel {
-    file: String,
-    name: String,
-    version: String,
-    sha256: String,
+pub(crate) struct Wheel {
+    pub(crate) file: String,
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) sha256: String,
 }
 
 /// What the install step reported from inside the sandbox.
@@ -369,7 +372,7 @@ impl Lock<'_> {
 }
 
 /// The build user's uid and gid; refused if absent or root.
-fn build_user() -> Result<User, CtlError> {
+pub(crate) fn build_user() -> Result<User, CtlError> {
     let missing = || {
         failed(
             BUILD_USER,
@@ -392,7 +395,11 @@ fn build_user() -> Result<User, CtlError> {
 
 /// Step 1: `pip download` as the build user into a private directory, then copies and hashes
 /// the wheels into `wheels_out` (root-owned).
-fn download(user: &User, requirements: &Path, wheels_out: &Path) -> Result<Vec<Wheel>, CtlError> {
+pub(crate) fn download(
+    user: &User,
+    requirements: &Path,
+    wheels_out: &Path,
+) -> Result<Vec<Wheel>, CtlError> {
     let private = nix::unistd::mkdtemp("/tmp/sandrun-build-XXXXXX")
         .map_err(|e| failed(BUILD_USER, &format!("mkdtemp: {e}")))?;
     let private = Scratch(private);

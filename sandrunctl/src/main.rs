@@ -15,6 +15,7 @@ mod env;
 mod error;
 mod outputs;
 mod run;
+mod wheelhouse;
 
 use clap::Parser;
 

@@ -75,6 +75,7 @@ fn job_spec(args: &RunArgs, bundle: &Bundle) -> Result<JobSpec, CtlError> {
         network: NetworkPolicy::None,
         label: "sandrunctl".to_owned(),
         stdin_bytes: 0,
+        requirements: Vec::new(),
     })
 }
 
@@ -383,6 +384,7 @@ mod tests {
             stdout_truncated: false,
             stderr_truncated: false,
             template_lock: None,
+            requirements: None,
         }
     }
 

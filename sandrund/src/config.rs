@@ -80,6 +80,9 @@ pub const MAX_START_TIMEOUT_S: u32 = 600;
 /// own default of 1 MiB so that the gateway's cap is the one clients meet.
 pub const DEFAULT_MAX_STDIN_BYTES: u64 = 16 << 20;
 
+/// The wheelhouse by default (`wheelhouse_dir`).
+pub const DEFAULT_WHEELHOUSE_DIR: &str = "/var/lib/sandrun/wheelhouse";
+
 /// The file as written; every key optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,6 +97,7 @@ struct RawConfig {
     slot_count: Option<u32>,
     mount_point: Option<PathBuf>,
     template_dir: Option<PathBuf>,
+    wheelhouse_dir: Option<PathBuf>,
     max_stdin_bytes: Option<u64>,
     maxima: Option<LimitSet>,
     defaults: Option<LimitSet>,
@@ -119,6 +123,9 @@ pub struct Config {
     pub slot_count: u32,
     pub mount_point: PathBuf,
     pub template_dir: PathBuf,
+    /// The operator's wheelhouse: wheels a job's `requirements` may install, mounted read-only
+    /// at `/wheelhouse` for such a job (`sandrunctl env wheelhouse add` fills it).
+    pub wheelhouse_dir: PathBuf,
     /// The most bytes of standard input a job may have (they also count against its tmpfs).
     pub max_stdin_bytes: u64,
     pub maxima: LimitSet,
@@ -227,6 +234,9 @@ impl Config {
             template_dir: raw
                 .template_dir
                 .unwrap_or_else(|| "/var/lib/sandrun/templates".into()),
+            wheelhouse_dir: raw
+                .wheelhouse_dir
+                .unwrap_or_else(|| DEFAULT_WHEELHOUSE_DIR.into()),
             max_stdin_bytes: raw.max_stdin_bytes.unwrap_or(DEFAULT_MAX_STDIN_BYTES),
             maxima,
             defaults,
@@ -282,8 +292,13 @@ impl Config {
                 )));
             }
         }
-        if !self.mount_point.is_absolute() || !self.template_dir.is_absolute() {
-            return Err(err("mount_point and template_dir must be absolute"));
+        if !self.mount_point.is_absolute()
+            || !self.template_dir.is_absolute()
+            || !self.wheelhouse_dir.is_absolute()
+        {
+            return Err(err(
+                "mount_point, template_dir and wheelhouse_dir must be absolute",
+            ));
         }
         Ok(())
     }

@@ -104,6 +104,7 @@ fn requests() -> Result<Vec<Request>, Box<dyn std::error::Error>> {
         network: NetworkPolicy::None,
         label: "job-1".into(),
         stdin_bytes: 4,
+        requirements: vec!["six==1.17.0".to_owned()],
     };
     Ok(vec![
         Request::Hello(Hello {
@@ -145,6 +146,7 @@ fn responses() -> Result<Vec<Response>, Box<dyn std::error::Error>> {
         stdout_truncated: false,
         stderr_truncated: true,
         template_lock: None,
+        requirements: None,
     };
     let stats = Stats {
         running: 1,

@@ -7,9 +7,9 @@ use proptest::option;
 use proptest::prelude::*;
 use sandrun_ipc::{
     AdminRequest, AdminResponse, BundleEntry, BundlePath, ErrorCode, ExitReason, ExitReport,
-    GrantedLimits, Hello, IpcError, JobId, JobSpec, LatencySummary, Limits, NetworkPolicy,
-    OutputFileHeader, OutputPattern, PrintablePath, Request, Response, Role, SandboxInfo, SkipKind,
-    Stats, TemplateInfo, TemplateLock,
+    GrantedLimits, Hello, InstalledPackage, IpcError, JobId, JobSpec, LatencySummary, Limits,
+    NetworkPolicy, OutputFileHeader, OutputPattern, PrintablePath, Request, RequirementsReport,
+    Response, Role, SandboxInfo, SkipKind, Stats, TemplateInfo, TemplateLock,
 };
 
 /// Free text (labels, argv, messages): any characters, including control characters.
@@ -157,9 +157,21 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
         option::of(text()),
         text(),
         any::<u64>(),
+        vec(text(), 0..3),
     )
         .prop_map(
-            |(argv, env, workdir, bundle, limits, outputs, template, label, stdin_bytes)| JobSpec {
+            |(
+                argv,
+                env,
+                workdir,
+                bundle,
+                limits,
+                outputs,
+                template,
+                label,
+                stdin_bytes,
+                requirements,
+            )| JobSpec {
                 argv,
                 env,
                 workdir,
@@ -170,6 +182,7 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
                 network: NetworkPolicy::None,
                 label,
                 stdin_bytes,
+                requirements,
             },
         )
 }
@@ -199,6 +212,24 @@ pub fn exit_reason() -> impl Strategy<Value = ExitReason> {
     proptest::sample::select(ExitReason::ALL.to_vec())
 }
 
+pub fn requirements_report() -> impl Strategy<Value = RequirementsReport> {
+    (
+        vec(
+            (text(), text(), text(), any::<[u8; 32]>()).prop_map(
+                |(name, version, wheel, sha256)| InstalledPackage {
+                    name,
+                    version,
+                    wheel,
+                    sha256,
+                },
+            ),
+            0..3,
+        ),
+        option::of(text()),
+    )
+        .prop_map(|(installed, error)| RequirementsReport { installed, error })
+}
+
 pub fn exit_report() -> impl Strategy<Value = ExitReport> {
     (
         option::of(any::<i32>()),
@@ -210,6 +241,7 @@ pub fn exit_report() -> impl Strategy<Value = ExitReport> {
         any::<bool>(),
         any::<bool>(),
         option::of(any::<[u8; 32]>()),
+        option::of(requirements_report()),
     )
         .prop_map(
             |(
@@ -222,6 +254,7 @@ pub fn exit_report() -> impl Strategy<Value = ExitReport> {
                 stdout_truncated,
                 stderr_truncated,
                 template_lock,
+                requirements,
             )| ExitReport {
                 exit_code,
                 signal,
@@ -232,6 +265,7 @@ pub fn exit_report() -> impl Strategy<Value = ExitReport> {
                 stdout_truncated,
                 stderr_truncated,
                 template_lock,
+                requirements,
             },
         )
 }

@@ -746,12 +746,25 @@ pub(super) fn status_body(
         // (format `sandrun-result-v2`) with the result.
         "environment": job.info.environment,
         "environment_lock": exit.and_then(|e| e.template_lock).map(hex::encode),
+        // What the job's requirements installed from the wheelhouse (signed, format
+        // `sandrun-result-v3`), or why they failed; null for a job without requirements.
+        "requirements": exit.and_then(|e| e.requirements.as_ref()).map(|r| json!({
+            "installed": r.installed.iter().map(|p| json!({
+                "name": p.name,
+                "version": p.version,
+                "wheel": p.wheel,
+                "sha256": hex::encode(p.sha256),
+            })).collect::<Vec<_>>(),
+            "error": r.error,
+        })),
         "worker_metadata": {
             "worker_id": worker_id[0],
             "worker_id_hex": worker_id[1],
             "signature": job.signature,
             "signature_format": job.signature.as_ref().map(|_| {
-                if job.info.environment.is_some() {
+                if exit.is_some_and(|e| e.requirements.is_some()) {
+                    crate::signing::RESULT_DOMAIN_V3
+                } else if job.info.environment.is_some() {
                     crate::signing::RESULT_DOMAIN_V2
                 } else {
                     crate::signing::RESULT_DOMAIN

@@ -228,6 +228,7 @@ async fn run_script(ch: &mut HelperChannel, script: &str, stdin: &[u8]) -> bool 
         stdout_truncated: false,
         stderr_truncated: false,
         template_lock: None,
+        requirements: None,
     };
     let mut tail: Vec<IpcResponse> = Vec::new();
     for line in script.lines() {

@@ -133,22 +133,30 @@ pub(super) fn send_failure(sock: RawFd, err: &SetupError) -> Result<(), i32> {
     send(sock, &Message::Failed(err.clone()), None)
 }
 
-/// The helper's side: hands C its job order, and the detached mount of the job's template if
-/// it has one.
-pub(super) fn send_go(sock: RawFd, order: RawFd, template: Option<RawFd>) -> Result<(), i32> {
-    let fds: Vec<RawFd> = std::iter::once(order).chain(template).collect();
+/// The helper's side: hands C its job order, and the detached mounts of the job's template and
+/// of the wheelhouse if it has them (in that order).
+pub(super) fn send_go(
+    sock: RawFd,
+    order: RawFd,
+    template: Option<RawFd>,
+    wheelhouse: Option<RawFd>,
+) -> Result<(), i32> {
+    let fds: Vec<RawFd> = std::iter::once(order)
+        .chain(template)
+        .chain(wheelhouse)
+        .collect();
     send_fds(sock, &Message::Go, &fds)
 }
 
-/// C's side: blocks until the helper sends `Go` and returns the order's fd and the template's,
-/// if any. The helper closing the channel (it dropped this prepared sandbox) or any other
-/// message is a `Protocol` failure.
-pub(super) fn wait_for_go(sock: &OwnedFd) -> Result<(OwnedFd, Option<OwnedFd>), SetupError> {
+/// C's side: blocks until the helper sends `Go` and returns the order's fd and the mounts that
+/// came with it (the order says which they are). The helper closing the channel (it dropped
+/// this prepared sandbox) or any other message is a `Protocol` failure.
+pub(super) fn wait_for_go(sock: &OwnedFd) -> Result<(OwnedFd, Vec<OwnedFd>), SetupError> {
     let (msg, fds) =
         recv(sock, true)?.ok_or_else(|| protocol(libc::EPROTO, "no message on a blocking read"))?;
     let mut fds = fds.into_iter();
     match (msg, fds.next()) {
-        (Message::Go, Some(order)) => Ok((order, fds.next())),
+        (Message::Go, Some(order)) => Ok((order, fds.collect())),
         _ => Err(protocol(libc::EPROTO, "expected the job order")),
     }
 }
@@ -235,11 +243,12 @@ pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedF
     }
 }
 
-/// Receives one message and at most two fds. Blocking, it waits until one arrives or the peer
-/// closes; non-blocking, `None` means nothing is queued yet.
+/// Receives one message and at most three fds (the order, a template, the wheelhouse).
+/// Blocking, it waits until one arrives or the peer closes; non-blocking, `None` means nothing
+/// is queued yet.
 fn recv(sock: &OwnedFd, block: bool) -> Result<Option<(Message, Vec<OwnedFd>)>, SetupError> {
     let mut buf = [0u8; MESSAGE_LEN + 1];
-    let mut cmsg = nix::cmsg_space!([RawFd; 2]);
+    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
     let (bytes, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
@@ -284,7 +293,7 @@ fn recv(sock: &OwnedFd, block: bool) -> Result<Option<(Message, Vec<OwnedFd>)>, 
         let detail = "the other end of the sandbox channel closed without a report";
         return Err(protocol(0, detail));
     }
-    if truncated || fds.len() > 2 {
+    if truncated || fds.len() > 3 {
         return Err(protocol(libc::EPROTO, "oversized control message"));
     }
     let msg = decode(&buf[..bytes])?;

@@ -121,7 +121,7 @@ fn init(
     channel::send_workdir(ctrl.as_raw_fd(), prepared.work.as_raw_fd())
         .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
     // Prepared. Nothing of any job has been seen, run or written before this point.
-    let (order_fd, template) = channel::wait_for_go(ctrl)?;
+    let (order_fd, trees) = channel::wait_for_go(ctrl)?;
     let mapped = order::Mapped::new(&order_fd)?;
     drop(order_fd);
     let order::Read {
@@ -131,15 +131,20 @@ fn init(
     } = order::read(mapped.bytes())?;
     let (uid, gid) = (UserId(order.uid), GroupId(order.gid));
     check_identity(uid, gid)?;
-    if order.template.is_some() != template.is_some() {
-        let detail = "template in the order without its mount, or the reverse";
+    let want = usize::from(order.template.is_some()) + usize::from(order.wheelhouse);
+    if trees.len() != want {
+        let detail = "the mounts that came with the order are not the ones it names";
         return Err(fail(SetupStep::Protocol, libc::EPROTO, detail));
     }
-    let has_env = mounts::finish_root(&order.limits, uid, gid, template)?;
+    let mut trees = trees.into_iter();
+    let template = order.template.as_ref().and_then(|_| trees.next());
+    let wheelhouse = trees.next();
+    let has_wheelhouse = wheelhouse.is_some();
+    let has_env = mounts::finish_root(&order.limits, uid, gid, template, wheelhouse)?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
     give_output_pipes(&fds, &order)?;
     identity::drop_privileges(uid, gid)?;
-    apply_landlock(ruleset, has_env)?;
+    apply_landlock(ruleset, has_env, has_wheelhouse)?;
     let work = prepared.work;
     bundle::write_bundle(work.as_raw_fd(), &order.bundle, data)?;
     let stdin = write_stdin(stdin)?;
@@ -196,11 +201,23 @@ fn prepare_landlock(bound_dirs: &[&'static str]) -> Result<PreparedRuleset, Setu
     landlock::prepare(&rules).map_err(|msg| fail(SetupStep::Landlock, 0, msg))
 }
 
-/// Enforces the prepared ruleset, with read and execute on `/env` if the job has a template.
-fn apply_landlock(ruleset: PreparedRuleset, has_env: bool) -> Result<(), SetupError> {
-    let ruleset = match has_env {
-        true => ruleset.allow_read_exec(&[Path::new("/env")]),
-        false => Ok(ruleset),
+/// Enforces the prepared ruleset, with read and execute on `/env` if the job has a template
+/// and on `/wheelhouse` if it has requirements (both are read-only mounts).
+fn apply_landlock(
+    ruleset: PreparedRuleset,
+    has_env: bool,
+    has_wheelhouse: bool,
+) -> Result<(), SetupError> {
+    let mut extra: Vec<&Path> = Vec::new();
+    if has_env {
+        extra.push(Path::new("/env"));
+    }
+    if has_wheelhouse {
+        extra.push(Path::new(sandrun_ipc::rules::WHEELHOUSE_MOUNT));
+    }
+    let ruleset = match extra.is_empty() {
+        false => ruleset.allow_read_exec(&extra),
+        true => Ok(ruleset),
     };
     ruleset
         .and_then(PreparedRuleset::restrict)

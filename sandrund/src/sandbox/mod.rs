@@ -66,6 +66,8 @@ pub struct SandboxSettings {
     pub mount_point: PathBuf,
     /// Directory holding read-only environment templates (`<dir>/<name>`), bound at `/env`.
     pub template_dir: PathBuf,
+    /// The operator's wheelhouse, bound read-only at `/wheelhouse` for a job with requirements.
+    pub wheelhouse_dir: PathBuf,
     /// How long C may take from `Go` to J's `execve` before the helper gives up and kills it.
     pub start_timeout: Duration,
 }
@@ -90,6 +92,9 @@ pub struct JobPlan<'a> {
     /// Name of the template (a directory below `SandboxSettings::template_dir`) to bind
     /// read-only at `/env`, if any.
     pub template: Option<String>,
+    /// Whether to bind `SandboxSettings::wheelhouse_dir` read-only at `/wheelhouse` (the job
+    /// installs its requirements from it).
+    pub wheelhouse: bool,
 }
 
 /// A running sandbox, as the helper supervises it.
@@ -115,6 +120,9 @@ pub struct Spawned {
     /// SHA-256 of the lock file of the job's template, read from the very clone mounted at
     /// `/env`; `None` without a template.
     pub template_lock: Option<[u8; 32]>,
+    /// The job installs requirements before its command (its exit report says what they came
+    /// to).
+    pub requirements: bool,
 }
 
 /// How C gets into its job's cgroup.
@@ -212,11 +220,13 @@ pub enum SetupStep {
     InitName,
     /// Writing the job's stdin into its tmpfs and opening it for J's fd 0.
     WriteStdin,
+    /// Binding the operator's wheelhouse read-only at `/wheelhouse`.
+    BindWheelhouse,
 }
 
 impl SetupStep {
     /// Every step, indexed by its `repr(u8)` value (the wire encoding of the control channel).
-    const ALL: [SetupStep; 34] = [
+    const ALL: [SetupStep; 35] = [
         SetupStep::Clone,
         SetupStep::JoinCgroup,
         SetupStep::UnshareCgroupNs,
@@ -251,6 +261,7 @@ impl SetupStep {
         SetupStep::MaskProc,
         SetupStep::InitName,
         SetupStep::WriteStdin,
+        SetupStep::BindWheelhouse,
     ];
 
     fn index(self) -> u8 {
@@ -406,6 +417,8 @@ pub struct JobOrder {
     memfd: OwnedFd,
     /// The template to clone for the sandbox that gets the order, if any.
     template: Option<String>,
+    /// Whether the sandbox that gets the order gets the wheelhouse too.
+    wheelhouse: bool,
 }
 
 /// Checks the plan and writes its order. The plan's data may be dropped afterwards.
@@ -414,6 +427,7 @@ pub fn write_order(plan: &JobPlan<'_>) -> Result<JobOrder, SetupError> {
     Ok(JobOrder {
         memfd: order::write(plan)?,
         template: plan.template.clone(),
+        wheelhouse: plan.wheelhouse,
     })
 }
 
@@ -430,6 +444,7 @@ pub struct Starting {
     deadline: Instant,
     /// sha256 of the job's template lock file, read from the job's own clone.
     template_lock: Option<[u8; 32]>,
+    requirements: bool,
 }
 
 /// What a readable control socket came to.
@@ -473,9 +488,26 @@ pub fn begin(
         ),
         None => None,
     };
+    let wheelhouse = match order.wheelhouse {
+        true => Some(
+            clone_tree(&settings.wheelhouse_dir, SetupStep::BindWheelhouse).map_err(|error| {
+                StartError {
+                    error,
+                    prepared: true,
+                }
+            })?,
+        ),
+        false => None,
+    };
     let template_fd = template.as_ref().map(AsRawFd::as_raw_fd);
-    let sent = channel::send_go(warm.ctrl.as_raw_fd(), order.memfd.as_raw_fd(), template_fd);
-    drop(template);
+    let wheelhouse_fd = wheelhouse.as_ref().map(AsRawFd::as_raw_fd);
+    let sent = channel::send_go(
+        warm.ctrl.as_raw_fd(),
+        order.memfd.as_raw_fd(),
+        template_fd,
+        wheelhouse_fd,
+    );
+    drop((template, wheelhouse));
     // If C already failed or died, its report (or the closed channel) is waiting on the
     // channel, and `poll` returns it. A `Go` that could not even be sent means C was gone
     // before it got the job: the job had no part in that failure.
@@ -486,6 +518,7 @@ pub fn begin(
         started,
         deadline: started + settings.start_timeout,
         template_lock,
+        requirements: order.wheelhouse,
     })
 }
 
@@ -532,6 +565,7 @@ impl Starting {
             workdir,
             spawn_time: self.started.elapsed(),
             template_lock: self.template_lock,
+            requirements: self.requirements,
         }))
     }
 
@@ -583,13 +617,19 @@ fn clone_template(template_dir: &std::path::Path, name: &str) -> Result<OwnedFd,
     let (Some(std::path::Component::Normal(_)), None) = (parts.next(), parts.next()) else {
         return Err(sys::fail(step, libc::EINVAL, "template name"));
     };
-    let path = template_dir.join(name);
-    let tree = sys::open_tree_clone(&path).map_err(|e| sys::fail(step, e, name))?;
-    let stat = nix::sys::stat::fstat(tree.as_raw_fd()).map_err(sys::at(step, name))?;
+    clone_tree(&template_dir.join(name), step)
+}
+
+/// A detached, read-only, nosuid, nodev copy of the mount tree at `path` (a directory; a
+/// symlink at its last component is not followed), for one job.
+fn clone_tree(path: &std::path::Path, step: SetupStep) -> Result<OwnedFd, SetupError> {
+    let name = path.display().to_string();
+    let tree = sys::open_tree_clone(path).map_err(|e| sys::fail(step, e, &name))?;
+    let stat = nix::sys::stat::fstat(tree.as_raw_fd()).map_err(sys::at(step, &name))?;
     if stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
         return Err(sys::fail(step, libc::ENOTDIR, name));
     }
-    sys::make_tree_readonly(&tree).map_err(|e| sys::fail(step, e, name))?;
+    sys::make_tree_readonly(&tree).map_err(|e| sys::fail(step, e, &name))?;
     Ok(tree)
 }
 

@@ -90,6 +90,7 @@ pub(super) fn finish_root(
     uid: UserId,
     gid: GroupId,
     template: Option<OwnedFd>,
+    wheelhouse: Option<OwnedFd>,
 ) -> Result<bool, SetupError> {
     let root = Path::new("/");
     // 9. The job's size and inode caps.
@@ -99,11 +100,15 @@ pub(super) fn finish_root(
     // 11. The environment template at `/env`.
     let has_env = match template {
         Some(tree) => {
-            attach_template(tree)?;
+            attach_readonly(tree, "env", SetupStep::BindTemplate)?;
             true
         }
         None => false,
     };
+    // 11b. The operator's wheelhouse at `/wheelhouse`, for a job with requirements.
+    if let Some(tree) = wheelhouse {
+        attach_readonly(tree, "wheelhouse", SetupStep::BindWheelhouse)?;
+    }
     // 12. `/work` belongs to the job's user.
     own_work_dir(root, uid, gid)?;
     Ok(has_env)
@@ -435,19 +440,19 @@ impl DeviceNodes {
 /// same template see the same files but not the same inodes. The tree is attached at a
 /// temporary point, overlaid, then detached (the overlay keeps its own reference); a mount
 /// nested inside the template is not part of the overlay (overlayfs does not cross mounts).
-fn attach_template(tree: OwnedFd) -> Result<(), SetupError> {
-    let step = SetupStep::BindTemplate;
+/// The wheelhouse is attached the same way at `/wheelhouse`.
+fn attach_readonly(tree: OwnedFd, name: &str, step: SetupStep) -> Result<(), SetupError> {
     let root = Path::new("/");
-    let target = root.join("env");
+    let target = root.join(name);
     make_dir(&target, 0o755, step)?;
-    let lower = root.join(".sandrun-template");
+    let lower = root.join(format!(".sandrun-lower-{name}"));
     make_dir(&lower, 0o700, step)?;
-    sys::move_mount_here(&tree, &lower).map_err(|e| fail(step, e, "attach the template"))?;
+    sys::move_mount_here(&tree, &lower).map_err(|e| fail(step, e, "attach the tree"))?;
     drop(tree);
     let empty = EmptyLayer::create(root, step)?;
     overlay_readonly(&lower, &target, &empty, step)?;
     empty.remove()?;
-    umount2(&lower, MntFlags::MNT_DETACH).map_err(at(step, "detach the template"))?;
+    umount2(&lower, MntFlags::MNT_DETACH).map_err(at(step, "detach the tree"))?;
     std::fs::remove_dir(&lower).map_err(io_at(step, &lower))
 }
 

@@ -42,6 +42,7 @@ struct HeaderRef<'a> {
     bundle: &'a [BundleEntry],
     template: Option<&'a str>,
     stdin_bytes: u64,
+    wheelhouse: bool,
 }
 
 /// The header as C reads it. Field order matches [`HeaderRef`].
@@ -57,6 +58,8 @@ pub(super) struct Order {
     pub(super) template: Option<String>,
     /// Length of the job's stdin, the last bytes of the data.
     pub(super) stdin_bytes: u64,
+    /// The wheelhouse's mount comes with the order (after the template's, if any).
+    pub(super) wheelhouse: bool,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -77,6 +80,7 @@ pub(super) fn write(plan: &JobPlan<'_>) -> Result<OwnedFd, SetupError> {
         template: plan.template.as_deref(),
         stdin_bytes: u64::try_from(plan.stdin.len())
             .map_err(|_| fail(step, libc::EFBIG, "job stdin"))?,
+        wheelhouse: plan.wheelhouse,
     };
     let bytes = bincode::serde::encode_to_vec(&header, config())
         .map_err(|e| fail(step, libc::EINVAL, format!("job order: {e}")))?;
@@ -239,6 +243,7 @@ mod tests {
             bundle_data: b"hello",
             stdin: b"in\n",
             template: Some("python".to_owned()),
+            wheelhouse: true,
         };
         let fd = write(&plan).expect("written");
         let mapped = Mapped::new(&fd).expect("mapped");
@@ -272,6 +277,7 @@ mod tests {
             bundle_data: &[],
             stdin: &[],
             template: None,
+            wheelhouse: false,
         };
         let fd = write(&plan).expect("written");
         let mut file = std::fs::File::from(fd);

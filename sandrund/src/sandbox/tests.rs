@@ -82,6 +82,7 @@ impl Job {
         let settings = SandboxSettings {
             mount_point: root.path().to_owned(),
             template_dir: self.template_dir.clone(),
+            wheelhouse_dir: PathBuf::from("/nonexistent"),
             start_timeout: std::time::Duration::from_secs(60),
         };
         let plan = JobPlan {
@@ -99,6 +100,7 @@ impl Job {
             bundle_data: &self.data,
             stdin: &self.stdin,
             template: self.template.clone(),
+            wheelhouse: false,
         };
         let filter = SeccompProgram::compile().expect("the job filter compiles");
         spawn(&settings, &plan, &filter, cgroup)
@@ -817,7 +819,7 @@ fn given_peer_reports_and_closes_with_our_message_unread_then_the_report_is_read
     )
     .expect("socketpair");
     let order = std::fs::File::open("/dev/null").expect("an fd to send");
-    channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None).expect("send Go");
+    channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None, None).expect("send Go");
     let report = sys::fail(SetupStep::Hostname, libc::EPERM, "sandbox");
     channel::send_failure(init.as_raw_fd(), &report).expect("send the report");
     drop(init);
@@ -838,7 +840,7 @@ fn given_peer_closes_with_our_message_unread_and_no_report_then_it_is_a_protocol
     )
     .expect("socketpair");
     let order = std::fs::File::open("/dev/null").expect("an fd to send");
-    channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None).expect("send Go");
+    channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None, None).expect("send Go");
     drop(init);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     let got = channel::wait_for_ready(&helper, deadline).expect_err("C is gone");

@@ -147,6 +147,8 @@ pub struct Job {
     reaped_at: Option<Instant>,
     /// The lock hash of the job's template, for its exit report.
     template_lock: Option<[u8; 32]>,
+    /// The job installed requirements first (its report says what they came to).
+    requirements: bool,
 }
 
 impl Job {
@@ -167,6 +169,7 @@ impl Job {
             status,
             workdir,
             template_lock,
+            requirements,
             ..
         } = sandbox;
         // Read when poll says so (`on_status`); a blocking read could stall the loop.
@@ -196,6 +199,7 @@ impl Job {
             stats_failures: 0,
             reaped_at: None,
             template_lock,
+            requirements,
         }
     }
 
@@ -348,8 +352,9 @@ impl Job {
         true
     }
 
-    /// Builds the exit report from the status and the cgroup's figures.
-    pub fn report(&mut self) -> ExitReport {
+    /// Builds the exit report from the status and the cgroup's figures (and, for a job with
+    /// requirements, from its tmpfs and the wheelhouse).
+    pub fn report(&mut self, wheelhouse: &std::path::Path) -> ExitReport {
         if let Ok(stats) = self.stats() {
             self.last_stats = stats;
         }
@@ -374,6 +379,15 @@ impl Job {
         } else {
             ExitReason::None
         };
+        let requirements = self.requirements.then(|| {
+            use std::os::fd::AsFd;
+            super::requirements::outcome(self.workdir.as_ref().map(|w| w.as_fd()), wheelhouse)
+        });
+        let failed = requirements.as_ref().is_some_and(|r| r.error.is_some());
+        let reason = match reason {
+            ExitReason::None | ExitReason::OutputLimit if failed => ExitReason::Requirements,
+            other => other,
+        };
         ExitReport {
             exit_code,
             signal,
@@ -384,6 +398,7 @@ impl Job {
             stdout_truncated: self.stdout.truncated,
             stderr_truncated: self.stderr.truncated,
             template_lock: self.template_lock,
+            requirements,
         }
     }
 }

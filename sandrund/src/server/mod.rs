@@ -11,6 +11,7 @@ mod job;
 mod peer;
 mod pool;
 mod request;
+mod requirements;
 pub mod systemd;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -165,6 +166,7 @@ impl Server {
         let settings = SandboxSettings {
             mount_point: cfg.mount_point.clone(),
             template_dir: cfg.template_dir.clone(),
+            wheelhouse_dir: cfg.wheelhouse_dir.clone(),
             start_timeout: Duration::from_secs(u64::from(cfg.start_timeout_s)),
         };
         let slots = vec![false; cfg.slot_count as usize];
@@ -662,6 +664,7 @@ impl Server {
             bundle_data,
             stdin,
             template: job.template,
+            wheelhouse: job.requirements,
         };
         let order = sandbox::write_order(&plan);
         drop(plan);
@@ -1116,7 +1119,7 @@ impl Server {
 
     /// The job ended: report, start its collector (or release the cgroup and the slot).
     fn finish(&mut self, conn: &mut Conn, mut job: Box<Job>) {
-        let report = job.report();
+        let report = job.report(&self.cfg.wheelhouse_dir);
         let entry = self
             .counters
             .by_reason

@@ -27,6 +27,8 @@ pub struct ValidJob {
     /// A template name checked to exist below the configured template directory.
     pub template: Option<String>,
     pub label: String,
+    /// The job installs requirements from the wheelhouse first (its argv runs the install).
+    pub requirements: bool,
 }
 
 /// Why a request was refused, and whose fault: the message names the field.
@@ -45,7 +47,11 @@ fn invalid(msg: impl Into<String>) -> RequestError {
 /// Validates and clamps `spec`.
 pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
     let limits = clamp(&spec.limits, &cfg.defaults, &cfg.maxima)?;
-    let argv = validate_argv(cfg, &spec.argv)?;
+    let mut argv = validate_argv(cfg, &spec.argv)?;
+    let requirements = !spec.requirements.is_empty();
+    if requirements {
+        argv = with_requirements(cfg, &spec.requirements, argv)?;
+    }
     let env = build_env(&spec.env, spec.template.is_some())?;
     // The job's own argv and env, as the gateway counted them (the same rule): the interpreter's
     // path and the sandbox's fixed variables are the helper's, and small.
@@ -86,7 +92,39 @@ pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
         outputs: spec.outputs,
         template,
         label,
+        requirements,
     })
+}
+
+/// Checks a job's requirements and runs its command through the install step
+/// ([`super::requirements::INSTALL_PY`]).
+fn with_requirements(
+    cfg: &Config,
+    requirements: &[String],
+    argv: Vec<CString>,
+) -> Result<Vec<CString>, RequestError> {
+    rules::check_requirements(requirements)
+        .map_err(|(i, e)| invalid(format!("requirements[{i}]: {e}")))?;
+    if !cfg.wheelhouse_dir.is_dir() {
+        return Err(invalid(format!(
+            "requirements: this helper has no wheelhouse ({} is not a directory)",
+            cfg.wheelhouse_dir.display()
+        )));
+    }
+    let Some(python) = cfg.interpreters.get("python3") else {
+        return Err(invalid(
+            "requirements: the helper has no python3 interpreter to install them with",
+        ));
+    };
+    let argv: Vec<String> = argv
+        .into_iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let python = python.to_string_lossy();
+    super::requirements::wrap_argv(&python, requirements, argv)
+        .iter()
+        .map(|a| cstring("argv", a))
+        .collect()
 }
 
 /// Requested values, or the defaults, never above the maxima. A zero request is refused.
@@ -332,6 +370,7 @@ mod tests {
             network: NetworkPolicy::None,
             label: "t".into(),
             stdin_bytes: 0,
+            requirements: Vec::new(),
         }
     }
 

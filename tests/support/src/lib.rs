@@ -34,6 +34,7 @@ pub fn job_spec(argv: &[&str], label: &str) -> sandrun_ipc::JobSpec {
         network: sandrun_ipc::NetworkPolicy::None,
         label: label.to_owned(),
         stdin_bytes: 0,
+        requirements: Vec::new(),
     }
 }
 

@@ -382,7 +382,11 @@ fn manifest_seeds() -> Seeds {
         ),
         (
             "bad-requirements",
-            r#"{"entrypoint":"main.py","requirements":["numpy"]}"#,
+            r#"{"entrypoint":"main.py","requirements":["numpy @ https://evil/numpy.whl"]}"#,
+        ),
+        (
+            "ok-requirements",
+            r#"{"entrypoint":"main.py","requirements":["six==1.17.0","alpha>=1,<2"]}"#,
         ),
         ("bad-trailing", r#"{"entrypoint":"main.py"} x"#),
     ];
