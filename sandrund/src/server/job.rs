@@ -26,6 +26,8 @@ pub struct JobMeta {
     pub slot: u32,
     pub limits: GrantedLimits,
     pub outputs: Vec<OutputPattern>,
+    /// The most output files returned (1000, or `max_build_output_files` for a build).
+    pub max_output_files: usize,
     /// The limits written into the sandbox's cgroup (also for a sandbox prepared on retry).
     pub cgroup_limits: crate::cgroup::CgroupLimits,
 }
@@ -121,6 +123,8 @@ pub struct Job {
     pub started: Instant,
     pub limits: GrantedLimits,
     pub outputs: Vec<OutputPattern>,
+    /// The most output files returned (see [`JobMeta::max_output_files`]).
+    pub max_output_files: usize,
     pub cgroup: Box<dyn JobCgroup>,
     /// C's pid and pidfd.
     pub pid: crate::ids::ProcessId,
@@ -184,6 +188,7 @@ impl Job {
             started: Instant::now(),
             limits,
             outputs,
+            max_output_files: MAX_OUTPUT_FILES,
             cgroup,
             pid,
             pidfd,
@@ -543,6 +548,7 @@ impl Collection {
         let limits = CollectLimits {
             max_visited: usize::try_from(job.limits.file_count).unwrap_or(usize::MAX),
             max_total_bytes: job.limits.tmpfs_bytes,
+            max_files: job.max_output_files,
             budget: COLLECT_BUDGET,
         };
         let patterns = std::mem::take(&mut job.outputs);
@@ -638,7 +644,8 @@ impl Collection {
             self.frames += 1;
             let most = usize::try_from(self.job.limits.file_count)
                 .unwrap_or(usize::MAX)
-                .saturating_add(MAX_OUTPUT_FILES + 2);
+                .saturating_add(self.job.max_output_files)
+                .saturating_add(2);
             if self.frames > most {
                 return bad("too many entries");
             }
@@ -655,7 +662,9 @@ impl Collection {
             (Response::OutputFile(h), None) => {
                 self.files += 1;
                 self.bytes = self.bytes.saturating_add(h.size);
-                if self.files > MAX_OUTPUT_FILES || self.bytes > self.job.limits.tmpfs_bytes {
+                if self.files > self.job.max_output_files
+                    || self.bytes > self.job.limits.tmpfs_bytes
+                {
                     return bad("more files or bytes than the job's limits");
                 }
                 self.left = Some(h.size).filter(|&s| s > 0);
