@@ -908,8 +908,8 @@ fn check_installed(
             "install",
             &format!(
                 "the template has {files} files but {got} came back (a build job returns at \
-                 most the helper's max_build_output_files, 100000 by default); nothing was \
-                 changed"
+                 most the helper's max_build_output_files, 100000 by default, hashed within \
+                 20 s of CPU time); nothing was changed"
             ),
         ));
     }

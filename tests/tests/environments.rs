@@ -532,3 +532,39 @@ fn given_a_build_job_then_it_returns_more_than_1000_files_and_an_ordinary_job_do
     assert_eq!(build.outputs.len(), 1500, "{}", counts(&build));
     assert!(build.skipped.is_empty(), "{}", counts(&build));
 }
+
+/// The shipped `data-science` definition (numpy, pandas, matplotlib: more files than the 1000
+/// an ordinary job may return) builds whole through the build job's own cap. Ignored by
+/// default: it downloads about 60 MB of wheels (`cargo test ... -- --ignored`).
+#[test]
+#[ignore = "downloads the data-science wheels (network, about a minute)"]
+fn given_the_shipped_data_science_definition_then_it_builds_with_more_than_1000_files() {
+    ensure_build_user();
+    let templates = template_dir();
+    let helper = Helper::start(&helper_config(templates.path()));
+    let def =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/environments/data-science.txt");
+    let out = env_build(&helper, templates.path(), "data-science", &def);
+    assert!(out.status.success(), "{out:?}");
+    fn count(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                if e.file_type().unwrap().is_dir() {
+                    count(&e.path())
+                } else {
+                    1
+                }
+            })
+            .sum()
+    }
+    let files = count(&templates.path().join("data-science"));
+    assert!(files > 1000, "{files} files");
+    let (lock, _) = lock_of(templates.path(), "data-science");
+    let names = package_names(&lock);
+    for p in ["numpy", "pandas", "matplotlib"] {
+        assert!(names.iter().any(|n| n == p), "{names:?}");
+    }
+    println!("data-science: {files} files, {} packages", names.len());
+}

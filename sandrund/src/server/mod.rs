@@ -682,6 +682,7 @@ impl Server {
             limits: job.limits,
             outputs: job.outputs,
             max_output_files: job.max_output_files,
+            collect_budget: job.collect_budget,
             cgroup_limits,
         };
         match order {
@@ -821,11 +822,13 @@ impl Server {
             limits,
             outputs,
             max_output_files,
+            collect_budget,
             ..
         } = meta;
         let mut j = Job::new(id, label, slot, limits, outputs, cgroup, sb);
         j.cpu_base_ns = cpu_base_ns;
         j.max_output_files = max_output_files;
+        j.collect_budget = collect_budget;
         if cancelled || conn.stream.is_none() {
             j.kill(ExitReason::Cancelled);
         }
