@@ -218,6 +218,7 @@ pub(crate) fn build(socket: &Path, args: &BuildArgs<'_>, json: bool) -> Result<i
         info: &info,
         wheels: &wheels,
         npm: &npm,
+        downloader_uid: user.uid.as_raw(),
     }
     .render();
     write_file(&tree.join(LOCK_FILE), &lock)?;
@@ -466,6 +467,8 @@ struct Lock<'a> {
     info: &'a BuildInfo,
     wheels: &'a [Wheel],
     npm: &'a [NpmPackage],
+    /// The build user's uid, which pip and npm ran as (checked on the files they wrote).
+    downloader_uid: u32,
 }
 
 impl Lock<'_> {
@@ -501,6 +504,7 @@ impl Lock<'_> {
             "built_at_unix": now,
             "interpreter": {"name": "python3", "path": PYTHON, "version": self.info.python},
             "installer_uid": self.info.uid,
+            "downloader_uid": self.downloader_uid,
             "definition_sha256": self.def.sha256,
             "packages": packages,
             "node": node,
@@ -579,11 +583,12 @@ pub(crate) fn download(
             &format!("pip download failed ({status}); nothing was changed"),
         ));
     }
-    copy_wheels(&dest, wheels_out)
+    copy_wheels(&dest, wheels_out, user.uid.as_raw())
 }
 
-/// Copies each `*.whl` (regular files only, not following links) and hashes the copied bytes.
-fn copy_wheels(from: &Path, to: &Path) -> Result<Vec<Wheel>, CtlError> {
+/// Copies each `*.whl` (regular files only, not following links, written by `owner`: pip ran as
+/// the build user) and hashes the copied bytes.
+fn copy_wheels(from: &Path, to: &Path, owner: u32) -> Result<Vec<Wheel>, CtlError> {
     let err = |what: &str, e: &dyn std::fmt::Display| failed("wheels", &format!("{what}: {e}"));
     let mut wheels = Vec::new();
     for entry in fs::read_dir(from).map_err(|e| err("reading downloads", &e))? {
@@ -600,8 +605,12 @@ fn copy_wheels(from: &Path, to: &Path) -> Result<Vec<Wheel>, CtlError> {
             .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
             .open(entry.path())
             .map_err(|e| err(&file, &e))?;
-        if !src.metadata().map_err(|e| err(&file, &e))?.is_file() {
+        let meta = src.metadata().map_err(|e| err(&file, &e))?;
+        if !meta.is_file() {
             return Err(failed(&file, "not a regular file"));
+        }
+        if meta.uid() != owner {
+            return Err(failed(&file, "not written by the build user"));
         }
         let mut dst = fs::OpenOptions::new()
             .write(true)
@@ -675,6 +684,16 @@ fn download_npm(user: &User, specs: &[String], out: &Path) -> Result<Vec<NpmPack
     npm_as_build_user(user, &private.0, &cache, &resolve)?;
     let fetch: Vec<&str> = ["ci", "--no-bin-links"].into_iter().chain(common).collect();
     npm_as_build_user(user, &private.0, &cache, &fetch)?;
+    // npm wrote the lock as the build user (the uid the lock file records as `downloader_uid`).
+    let written = open_regular(&private.0.join("package-lock.json"))?
+        .metadata()
+        .map_err(|e| failed("package-lock.json", &e.to_string()))?;
+    if written.uid() != user.uid.as_raw() {
+        return Err(failed(
+            "package-lock.json",
+            "not written by the build user; nothing was changed",
+        ));
+    }
     for f in ["package.json", "package-lock.json"] {
         copy_regular(&private.0.join(f), &out.join(f), MAX_NPM_LOCK_BYTES)?;
     }

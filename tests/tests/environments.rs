@@ -116,6 +116,13 @@ fn given_a_definition_when_built_then_the_lock_lists_hashed_wheels_installed_by_
     let six = &lock["packages"][0];
     assert_eq!(six["version"], "1.17.0", "{lock}");
     assert_eq!(six["sha256"].as_str().map(str::len), Some(64), "{lock}");
+    // pip download ran as the build user (the wheels it wrote are its), never root.
+    let build_uid = nix::unistd::User::from_name(BUILD_USER)
+        .unwrap()
+        .expect("build user")
+        .uid
+        .as_raw();
+    assert_eq!(lock["downloader_uid"], build_uid, "{lock}");
     // Recorded from inside the install step (os.getuid()): a slot uid, never root.
     let uid = lock["installer_uid"].as_u64().expect("installer_uid");
     assert_ne!(uid, 0, "{lock}");
@@ -454,7 +461,16 @@ fn given_an_npm_line_when_built_then_a_node_job_requires_it_offline_and_the_lock
             .is_some_and(|v| v.split('.').count() == 3),
         "{lock}"
     );
-    // npm ci ran inside the install job, which recorded its own uid: a slot uid, never root.
+    // npm resolved and fetched as the build user (sandrunctl checks the owner of the files npm
+    // wrote) ...
+    let build_uid = nix::unistd::User::from_name(BUILD_USER)
+        .unwrap()
+        .expect("build user")
+        .uid
+        .as_raw();
+    assert_eq!(lock["downloader_uid"], build_uid, "{lock}");
+    assert_ne!(build_uid, 0);
+    // ... and npm ci ran inside the install job, which recorded its own uid: a slot uid.
     let uid = lock["installer_uid"].as_u64().expect("installer_uid");
     assert_ne!(uid, 0, "{lock}");
     assert!(
