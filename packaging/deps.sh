@@ -32,7 +32,8 @@ missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-# npm for the browser tests' playwright-core. A nodejs that ships its own npm (NodeSource's)
+# npm for the browser tests' playwright-core and for `sandrunctl env build`'s `npm:` lines
+# (tests/tests/environments.rs builds an npm template). A nodejs that ships its own npm (NodeSource's)
 # conflicts with Debian's npm package, so it is only installed when no npm is there.
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ "${#missing[@]}" -gt 0 ]; then

@@ -63,7 +63,7 @@ Maintainer: sandrun developers <sandrun@localhost>
 Section: admin
 Priority: optional
 Depends: $depends, passwd, openssl
-Recommends: python3, python3-pip, nodejs, systemd
+Recommends: python3, python3-pip, nodejs, npm, systemd
 Installed-Size: $(du -sk --exclude=DEBIAN "$stage" | cut -f1)
 Description: anonymous batch jobs in Linux sandboxes, over HTTPS
  sandrun-gateway (unprivileged HTTPS front end) hands validated jobs to sandrund (root helper

@@ -146,6 +146,9 @@ pub struct Daemons {
     pub gateway: Daemon,
     pub helper: Daemon,
     pub socket: PathBuf,
+    /// The helper's `template_dir` (root-owned, 0755, in the bench's temp dir; figure 11
+    /// builds its `numpy` template there).
+    pub template_dir: PathBuf,
     pub gateway_addr: SocketAddr,
     /// PEM of the gateway's `--dev` certificate.
     pub ca_pem: String,
@@ -155,10 +158,11 @@ pub struct Daemons {
 /// Helper jobs at once; the throughput figure runs 16 at a time.
 pub const MAX_CONCURRENT: u32 = 16;
 
-fn helper_config() -> String {
+fn helper_config(template_dir: &Path) -> String {
     format!(
         "gateway_user = \"sandrun\"\nmax_concurrent = {MAX_CONCURRENT}\nslot_count = 64\n\
-         slot_uid_base = 300000\n"
+         slot_uid_base = 300000\ntemplate_dir = \"{}\"\n",
+        template_dir.display()
     )
 }
 
@@ -188,7 +192,11 @@ impl Daemons {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .map_err(|e| env_err("chmod of the temp dir", e))?;
         let socket = dir.path().join("sandrund.sock");
-        let helper = start_helper(bin_dir, dir.path(), &socket)?;
+        let template_dir = dir.path().join("templates");
+        std::fs::create_dir(&template_dir).map_err(|e| env_err("creating templates/", e))?;
+        std::fs::set_permissions(&template_dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| env_err("chmod of templates/", e))?;
+        let helper = start_helper(bin_dir, dir.path(), &socket, &template_dir)?;
         let ca_path = dir.path().join("gateway-ca.pem");
         let (gateway, gateway_addr) = start_gateway(bin_dir, dir.path(), &socket, &ca_path)?;
         let ca_pem = std::fs::read_to_string(&ca_path)
@@ -197,6 +205,7 @@ impl Daemons {
             gateway,
             helper,
             socket,
+            template_dir,
             gateway_addr,
             ca_pem,
             _dir: dir,
@@ -210,9 +219,14 @@ fn write_private(path: &Path, text: &str) -> Result<(), EnvError> {
         .map_err(|e| env_err("chmod of a config file", e))
 }
 
-fn start_helper(bin_dir: &Path, dir: &Path, socket: &Path) -> Result<Daemon, EnvError> {
+fn start_helper(
+    bin_dir: &Path,
+    dir: &Path,
+    socket: &Path,
+    template_dir: &Path,
+) -> Result<Daemon, EnvError> {
     let config = dir.join("sandrund.toml");
-    write_private(&config, &helper_config())?;
+    write_private(&config, &helper_config(template_dir))?;
     let child = Command::new(bin_dir.join("sandrund"))
         .arg("--socket")
         .arg(socket)

@@ -4,7 +4,8 @@
 //! median, the p90, the p99, the run count and the ratio against a reference measured in the
 //! same run. Figures 11 and 12 (issue 9) are a normal client's latency under a slowloris and a
 //! trivial job's under four attackers collecting hard links. Figures 8 and 9 (issue 14) run the real `sandrunctl` binary as a user does, next
-//! to bubblewrap, crun and firejail; a tool that is missing is listed as skipped.
+//! to bubblewrap, crun and firejail; a tool that is missing is listed as skipped. Figure 13
+//! (issue 12) builds a `numpy` template and times a job importing it.
 //!
 //! It measures only; nothing here is part of the test suite, and no test asserts a time.
 //!
@@ -20,6 +21,7 @@ mod gateway;
 mod hostile;
 mod https;
 mod machine;
+mod numpy;
 mod process;
 mod spawn;
 mod stats;
@@ -227,6 +229,9 @@ fn run(opts: &Options) -> Result<Vec<Row>, BenchError> {
     })?;
     step(7, "scaling", &mut || {
         spawn::figure_scaling(&daemons.socket, sizes.scaling_runs)
+    })?;
+    step(13, "numpy template", &mut || {
+        numpy::figure_numpy(&opts.bin_dir, &daemons, sizes.e2e_runs)
     })?;
     if wanted(8) || wanted(9) {
         // sandrunctl and bubblewrap must run; if they cannot, both figures fail (and say why),

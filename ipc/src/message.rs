@@ -9,7 +9,7 @@ use crate::error::IpcError;
 use crate::validate::{BundlePath, OutputPattern, PrintablePath};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Who a connecting client claims to be. The helper checks the claim against `SO_PEERCRED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +114,10 @@ pub struct JobSpec {
     /// stream; the job's fd 0 reads exactly them, then end of file. 0 means `/dev/null`.
     /// At most the helper's `max_stdin_bytes`, and counted against `tmpfs_bytes`.
     pub stdin_bytes: u64,
+    /// A template build (`sandrunctl env build`): the job may return up to the helper's
+    /// `max_build_output_files` files instead of 1000. Accepted only from a root peer that is
+    /// not the gateway's uid; the gateway never sets it.
+    pub build: bool,
     /// Python requirements to install offline from the helper's wheelhouse before the job's
     /// command runs (one requirement per entry, [`crate::rules::check_requirements`]); empty
     /// means none and no wheelhouse is mounted.

@@ -430,6 +430,7 @@ fn spec_with(path: &str, pattern: &str) -> JobSpec {
         label: String::new(),
         stdin_bytes: 0,
         requirements: Vec::new(),
+        build: false,
     }
 }
 
@@ -440,5 +441,5 @@ fn given_the_hello_example_of_docs_protocol_md_then_the_bytes_match() {
         role: sandrun_ipc::Role::Submitter,
     };
     let frame = encode(&Request::Hello(hello)).expect("encodes");
-    assert_eq!(frame, [3, 0, 0, 0, 0, 6, 0]);
+    assert_eq!(frame, [3, 0, 0, 0, 0, 7, 0]);
 }

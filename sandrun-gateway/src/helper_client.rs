@@ -157,6 +157,8 @@ pub fn job_spec(
         label,
         stdin_bytes,
         requirements: manifest.requirements.clone(),
+        // Public jobs never get the build jobs' output-file limit.
+        build: false,
     };
     let files = bundle.files().iter().map(|f| f.data.clone()).collect();
     (spec, files)

@@ -847,6 +847,7 @@ mod tests {
             label: String::new(),
             stdin_bytes: 0,
             requirements: Vec::new(),
+            build: false,
         }
     }
 

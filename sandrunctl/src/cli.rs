@@ -80,6 +80,9 @@ pub(crate) struct RunArgs {
     /// The program and its arguments (an interpreter name or an absolute path in the sandbox).
     #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
     pub(crate) argv: Vec<String>,
+    /// A template build (`env build` only, never a command-line flag): more output files.
+    #[arg(skip)]
+    pub(crate) build: bool,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

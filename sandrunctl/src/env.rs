@@ -5,8 +5,17 @@
 //!    host's network: `python3 -m pip download --only-binary=:all:` into a private directory.
 //!    Wheels only, so no package's build code runs. The wheels are then copied into a
 //!    root-owned input directory, hashed while copied (these hashes go into the lock).
+//!    `npm:` lines go the same way: as the build user, `npm install --package-lock-only
+//!    --ignore-scripts` resolves a `package-lock.json` (name, version, registry integrity of every
+//!    package) and `npm ci --ignore-scripts` fills a private npm cache with the tarballs; no
+//!    package script runs. The lock and the cache's `_cacache` tree are copied root-owned into the
+//!    input (directories and regular files only).
 //! 2. **Install** offline, in an ordinary job sandbox of the helper (per-slot uid, no network):
-//!    `pip install --no-index --find-links /work/wheels --target /work/env`. The tree comes back
+//!    `pip install --no-index --find-links /work/wheels --target /work/env`, then `npm ci
+//!    --offline --ignore-scripts --no-bin-links --cache /work/npm/cache --prefix /work/env` (npm
+//!    checks every tarball against the lock's integrity). The job is a template build
+//!    (`JobSpec::build`): it may return up to the helper's `max_build_output_files` files, not
+//!    1000. The tree comes back
 //!    through the job-output path into `<template_dir>/.staging-NAME-<rand>`, gets its lock file
 //!    (`sandrun-lock.json`) and is published with `renameat2(RENAME_EXCHANGE)` (or
 //!    `RENAME_NOREPLACE` for a new name). A failed build removes its staging and changes nothing.
@@ -41,6 +50,15 @@ pub(crate) use sandrun_ipc::rules::LOCK_FILE;
 const LOCK_FORMAT: &str = "sandrun-lock/1";
 /// The interpreter whose wheels are downloaded and that installs them (the sandbox's).
 const PYTHON: &str = "/usr/bin/python3";
+/// npm (Debian's `npm`, which runs on `/usr/bin/node`): resolves and fetches as the build user,
+/// installs offline in the sandbox.
+const NPM: &str = "/usr/bin/npm";
+/// The node that runs npm and the template's jobs (recorded in the lock).
+const NODE: &str = "/usr/bin/node";
+/// Most entries copied from the npm cache into the build input.
+const MAX_NPM_CACHE_FILES: usize = 200_000;
+/// Largest `package.json` / `package-lock.json` read back from the build user's directory.
+const MAX_NPM_LOCK_BYTES: u64 = 16 << 20;
 /// Largest definition file read.
 const MAX_DEFINITION_BYTES: u64 = 1 << 20;
 /// Name prefixes of the entries `env` itself keeps in the template directory.
@@ -50,17 +68,37 @@ const RETIRED_PREFIX: &str = ".retired-";
 
 /// The install step, run inside the sandbox as the job's uid. pip's own output goes to stderr so
 /// that `sandrunctl --json` prints one object on stdout.
-const INSTALL_PY: &str = r#"import os, subprocess, sys
-cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", "/work/wheels",
-       "--target", "/work/env", "--no-cache-dir", "--disable-pip-version-check",
-       "--no-compile", "-r", "/work/requirements.txt"]
-r = subprocess.run(cmd, stdout=sys.stderr, env=dict(os.environ, PIP_NO_INPUT="1"))
-if r.returncode != 0:
-    sys.exit(r.returncode)
-files = sum(len(f) for _, _, f in os.walk("/work/env"))
+const INSTALL_PY: &str = r#"import os, shutil, subprocess, sys
+def run(cmd, env):
+    r = subprocess.run(cmd, stdout=sys.stderr, env=env)
+    if r.returncode != 0:
+        sys.exit(r.returncode)
+os.makedirs("/work/env", exist_ok=True)
+if any(n.endswith(".whl") for n in os.listdir("/work/wheels")):
+    run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", "/work/wheels",
+         "--target", "/work/env", "--no-cache-dir", "--disable-pip-version-check",
+         "--no-compile", "-r", "/work/requirements.txt"], dict(os.environ, PIP_NO_INPUT="1"))
+node = None
+if os.path.isdir("/work/npm"):
+    for f in ("package.json", "package-lock.json"):
+        shutil.copyfile("/work/npm/" + f, "/work/env/" + f)
+    os.makedirs("/tmp/npm-home", exist_ok=True)
+    env = dict(os.environ, HOME="/tmp/npm-home", npm_config_update_notifier="false")
+    run(["npm", "ci", "--offline", "--ignore-scripts", "--no-bin-links", "--no-audit",
+         "--no-fund", "--cache", "/work/npm/cache", "--prefix", "/work/env"], env)
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True,
+                          check=True).stdout.strip().lstrip("v")
+files = 0
+for d, dirs, names in os.walk("/work/env"):
+    for n in dirs + names:
+        if os.path.islink(os.path.join(d, n)):
+            sys.exit(f"the installed tree has a symbolic link: {os.path.join(d, n)}")
+    files += len(names)
 v = sys.version_info
 with open("/work/build-info.txt", "w") as out:
     out.write(f"uid={os.getuid()}\npython={v.major}.{v.minor}.{v.micro}\nfiles={files}\n")
+    if node is not None:
+        out.write(f"node={node}\n")
 "#;
 
 /// `sandrunctl env ...`.
@@ -78,7 +116,8 @@ pub(crate) enum EnvCommand {
     /// Build (or rebuild) template NAME from a definition file and publish it atomically.
     Build {
         name: String,
-        /// Python requirements, in pip's requirements-file syntax.
+        /// Python requirements, in pip's requirements-file syntax, and `npm: <name>[@<range>]`
+        /// lines.
         #[arg(long)]
         from: PathBuf,
         /// Wall-clock and CPU limit of the offline install job, in seconds.
@@ -149,19 +188,37 @@ pub(crate) fn build(socket: &Path, args: &BuildArgs<'_>, json: bool) -> Result<i
     mkdir(&input.join("wheels"), 0o755)?;
     write_file(&input.join("requirements.txt"), def.python.as_bytes())?;
     write_file(&input.join("install.py"), INSTALL_PY.as_bytes())?;
-    let wheels = download(
-        &user,
-        &input.join("requirements.txt"),
-        &input.join("wheels"),
-    )?;
+    let wheels = if def.has_python {
+        download(
+            &user,
+            &input.join("requirements.txt"),
+            &input.join("wheels"),
+        )?
+    } else {
+        Vec::new()
+    };
+    let npm = if def.npm.is_empty() {
+        Vec::new()
+    } else {
+        mkdir(&input.join("npm"), 0o755)?;
+        download_npm(&user, &def.npm, &input.join("npm"))?
+    };
     let info = install(socket, args, &input, &staging.0)?;
+    if !npm.is_empty() && info.node.is_none() {
+        return Err(failed(
+            args.name,
+            "the install step did not report node's version",
+        ));
+    }
     let tree = staging.0.join("env");
-    check_installed(&tree, &wheels, info.files)?;
+    check_installed(&tree, &wheels, &npm, info.files)?;
     let lock = Lock {
         name: args.name,
         def: &def,
         info: &info,
         wheels: &wheels,
+        npm: &npm,
+        downloader_uid: user.uid.as_raw(),
     }
     .render();
     write_file(&tree.join(LOCK_FILE), &lock)?;
@@ -173,14 +230,17 @@ pub(crate) fn build(socket: &Path, args: &BuildArgs<'_>, json: bool) -> Result<i
     if json {
         let obj = serde_json::json!({
             "name": args.name, "lock_sha256": lock_hash, "packages": wheels.len(),
-            "installer_uid": info.uid, "interpreter": info.python, "retired_kept": kept,
+            "npm_packages": npm.len(), "installer_uid": info.uid, "interpreter": info.python,
+            "node": info.node, "retired_kept": kept,
         });
         println!("{obj}");
     } else {
         println!(
-            "built {} ({} packages, python {}, installer uid {}): lock sha256 {lock_hash}",
+            "built {} ({} packages, {} npm packages, python {}, installer uid {}): lock sha256 \
+             {lock_hash}",
             args.name,
             wheels.len(),
+            npm.len(),
             info.python,
             info.uid
         );
@@ -272,6 +332,10 @@ pub(crate) fn rm(
 struct Definition {
     /// The Python requirements, as pip's requirements-file syntax (passed to pip as they are).
     python: String,
+    /// Whether `python` holds any requirement (a definition may be npm-only).
+    has_python: bool,
+    /// The `npm:` lines' specs, `[@scope/]name[@range]`, checked by [`check_npm_spec`].
+    npm: Vec<String>,
     sha256: String,
 }
 
@@ -296,27 +360,76 @@ impl Definition {
         }
         let text = String::from_utf8(bytes).map_err(|_| input("the definition is not UTF-8"))?;
         let mut python = String::new();
-        let mut any = false;
+        let mut has_python = false;
+        let mut npm = Vec::new();
         for line in text.lines() {
             let t = line.trim();
-            if t.starts_with("npm:") {
-                return Err(input(
-                    "npm: lines are not supported by env build yet (see docs/environments.md)",
-                ));
+            if let Some(rest) = t.strip_prefix("npm:") {
+                let spec = rest.split('#').next().unwrap_or_default().trim();
+                check_npm_spec(spec).map_err(|e| input(&format!("npm: {spec:?}: {e}")))?;
+                npm.push(spec.to_owned());
+                // pip reads the same file: the line becomes a comment there.
+                python.push_str("# ");
+                python.push_str(line);
+                python.push('\n');
+                continue;
             }
             if t.starts_with("-e") || t.starts_with("--editable") {
                 return Err(input("editable requirements cannot go into a template"));
             }
-            any |= !t.is_empty() && !t.starts_with('#');
+            has_python |= !t.is_empty() && !t.starts_with('#');
             python.push_str(line);
             python.push('\n');
         }
-        if !any {
+        if !has_python && npm.is_empty() {
             return Err(input("the definition lists no requirement"));
         }
         let sha256 = hex(&Sha256::digest(text.as_bytes()));
-        Ok(Definition { python, sha256 })
+        Ok(Definition {
+            python,
+            has_python,
+            npm,
+            sha256,
+        })
     }
+}
+
+/// An npm registry spec: `[@scope/]name[@range]`. Names use npm's characters (lower-case
+/// letters, digits, `-._~`, not starting with `.`, `_` or `-`), the range those of semver ranges and
+/// dist-tags (`^~<>=*|+.-`, letters, digits). No `:` or extra `/`, so no URL, git, file or alias
+/// spec (those fetch from elsewhere or run `prepare` scripts), and no leading `-` (no option).
+fn check_npm_spec(spec: &str) -> Result<(), &'static str> {
+    let (scope, rest) = match spec.strip_prefix('@') {
+        Some(s) => {
+            let (scope, rest) = s.split_once('/').ok_or("a scoped name is @scope/name")?;
+            (Some(scope), rest)
+        }
+        None => (None, spec),
+    };
+    let (name, range) = match rest.split_once('@') {
+        Some((n, r)) => (n, Some(r)),
+        None => (rest, None),
+    };
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 214
+            && !n.starts_with(['.', '_', '-'])
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._~".contains(&b))
+    };
+    if !scope.is_none_or(name_ok) || !name_ok(name) {
+        return Err("not a registry package name ([@scope/]name, lower-case, no URL or path)");
+    }
+    if let Some(r) = range {
+        let ok = !r.is_empty()
+            && r.len() <= 128
+            && r.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"^~<>=*|+.-".contains(&b));
+        if !ok {
+            return Err("the version range after @ may hold letters, digits and ^~<>=*|+.- only");
+        }
+    }
+    Ok(())
 }
 
 /// One downloaded wheel.
@@ -327,10 +440,24 @@ pub(crate) struct Wheel {
     pub(crate) sha256: String,
 }
 
+/// One npm package of the resolved `package-lock.json`.
+struct NpmPackage {
+    /// Where it is installed below the template (`node_modules/a`, `node_modules/a/node_modules/b`).
+    path: String,
+    name: String,
+    version: String,
+    /// The registry's Subresource Integrity string (`sha512-<base64>`); `npm ci` checks every
+    /// tarball against it.
+    integrity: String,
+    resolved: String,
+}
+
 /// What the install step reported from inside the sandbox.
 struct BuildInfo {
     uid: u32,
     python: String,
+    /// node's version, when the definition had npm packages.
+    node: Option<String>,
     files: u64,
 }
 
@@ -339,6 +466,9 @@ struct Lock<'a> {
     def: &'a Definition,
     info: &'a BuildInfo,
     wheels: &'a [Wheel],
+    npm: &'a [NpmPackage],
+    /// The build user's uid, which pip and npm ran as (checked on the files they wrote).
+    downloader_uid: u32,
 }
 
 impl Lock<'_> {
@@ -354,6 +484,19 @@ impl Lock<'_> {
                                    "sha256": w.sha256})
             })
             .collect();
+        let npm: Vec<_> = self
+            .npm
+            .iter()
+            .map(|p| {
+                serde_json::json!({"name": p.name, "version": p.version, "path": p.path,
+                                   "integrity": p.integrity, "resolved": p.resolved})
+            })
+            .collect();
+        let node = self
+            .info
+            .node
+            .as_ref()
+            .map(|v| serde_json::json!({"name": "node", "path": NODE, "version": v}));
         let lock = serde_json::json!({
             "format": LOCK_FORMAT,
             "name": self.name,
@@ -361,9 +504,11 @@ impl Lock<'_> {
             "built_at_unix": now,
             "interpreter": {"name": "python3", "path": PYTHON, "version": self.info.python},
             "installer_uid": self.info.uid,
+            "downloader_uid": self.downloader_uid,
             "definition_sha256": self.def.sha256,
             "packages": packages,
-            "npm": [],
+            "node": node,
+            "npm": npm,
         });
         let mut text = serde_json::to_vec_pretty(&lock).unwrap_or_default();
         text.push(b'\n');
@@ -438,11 +583,12 @@ pub(crate) fn download(
             &format!("pip download failed ({status}); nothing was changed"),
         ));
     }
-    copy_wheels(&dest, wheels_out)
+    copy_wheels(&dest, wheels_out, user.uid.as_raw())
 }
 
-/// Copies each `*.whl` (regular files only, not following links) and hashes the copied bytes.
-fn copy_wheels(from: &Path, to: &Path) -> Result<Vec<Wheel>, CtlError> {
+/// Copies each `*.whl` (regular files only, not following links, written by `owner`: pip ran as
+/// the build user) and hashes the copied bytes.
+fn copy_wheels(from: &Path, to: &Path, owner: u32) -> Result<Vec<Wheel>, CtlError> {
     let err = |what: &str, e: &dyn std::fmt::Display| failed("wheels", &format!("{what}: {e}"));
     let mut wheels = Vec::new();
     for entry in fs::read_dir(from).map_err(|e| err("reading downloads", &e))? {
@@ -459,8 +605,12 @@ fn copy_wheels(from: &Path, to: &Path) -> Result<Vec<Wheel>, CtlError> {
             .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
             .open(entry.path())
             .map_err(|e| err(&file, &e))?;
-        if !src.metadata().map_err(|e| err(&file, &e))?.is_file() {
+        let meta = src.metadata().map_err(|e| err(&file, &e))?;
+        if !meta.is_file() {
             return Err(failed(&file, "not a regular file"));
+        }
+        if meta.uid() != owner {
+            return Err(failed(&file, "not written by the build user"));
         }
         let mut dst = fs::OpenOptions::new()
             .write(true)
@@ -502,6 +652,213 @@ fn wheel_name(file: &str) -> Option<(String, String)> {
     Some((parts[0].to_owned(), parts[1].to_owned()))
 }
 
+/// Step 1 for `npm:` lines, as the build user: resolves a `package-lock.json` and fills a
+/// private npm cache with every tarball (scripts disabled), then copies `package.json`,
+/// `package-lock.json` and the cache's `_cacache` into `out` (root-owned) and reads the lock.
+fn download_npm(user: &User, specs: &[String], out: &Path) -> Result<Vec<NpmPackage>, CtlError> {
+    let private = nix::unistd::mkdtemp("/tmp/sandrun-build-npm-XXXXXX")
+        .map_err(|e| failed(BUILD_USER, &format!("mkdtemp: {e}")))?;
+    let private = Scratch(private);
+    let manifest = private.0.join("package.json");
+    write_file(
+        &manifest,
+        br#"{"name": "sandrun-template", "version": "0.0.0", "private": true}"#,
+    )?;
+    for p in [&private.0, &manifest] {
+        nix::unistd::chown(p, Some(user.uid), Some(user.gid))
+            .map_err(|e| failed(BUILD_USER, &format!("chown: {e}")))?;
+    }
+    let cache = private.0.join("cache");
+    let common = [
+        "--ignore-scripts",
+        "--no-audit",
+        "--no-fund",
+        "--no-update-notifier",
+        "--loglevel=warn",
+    ];
+    let resolve: Vec<&str> = ["install", "--package-lock-only"]
+        .into_iter()
+        .chain(common)
+        .chain(specs.iter().map(String::as_str))
+        .collect();
+    npm_as_build_user(user, &private.0, &cache, &resolve)?;
+    let fetch: Vec<&str> = ["ci", "--no-bin-links"].into_iter().chain(common).collect();
+    npm_as_build_user(user, &private.0, &cache, &fetch)?;
+    // npm wrote the lock as the build user (the uid the lock file records as `downloader_uid`).
+    let written = open_regular(&private.0.join("package-lock.json"))?
+        .metadata()
+        .map_err(|e| failed("package-lock.json", &e.to_string()))?;
+    if written.uid() != user.uid.as_raw() {
+        return Err(failed(
+            "package-lock.json",
+            "not written by the build user; nothing was changed",
+        ));
+    }
+    for f in ["package.json", "package-lock.json"] {
+        copy_regular(&private.0.join(f), &out.join(f), MAX_NPM_LOCK_BYTES)?;
+    }
+    let mut copied = 0;
+    mkdir(&out.join("cache"), 0o755)?;
+    copy_tree(
+        &cache.join("_cacache"),
+        &out.join("cache").join("_cacache"),
+        0,
+        &mut copied,
+    )?;
+    let mut text = Vec::new();
+    fs::File::open(out.join("package-lock.json"))
+        .and_then(|f| f.take(MAX_NPM_LOCK_BYTES).read_to_end(&mut text))
+        .map_err(|e| failed("package-lock.json", &e.to_string()))?;
+    npm_packages(&text)
+}
+
+/// Runs `npm ARGS` as the build user in `dir`, its cache at `cache`, with the host's network.
+fn npm_as_build_user(user: &User, dir: &Path, cache: &Path, args: &[&str]) -> Result<(), CtlError> {
+    let status = Command::new(NPM)
+        .args(args)
+        .arg("--cache")
+        .arg(cache)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir)
+        .env("LANG", "C.UTF-8")
+        .current_dir(dir)
+        // As for pip: the gid, no supplementary groups, then the uid.
+        .gid(user.gid.as_raw())
+        .uid(user.uid.as_raw())
+        .stdout(std::io::stderr())
+        .status()
+        .map_err(|e| failed(BUILD_USER, &format!("starting {NPM}: {e}")))?;
+    if !status.success() {
+        return Err(failed(
+            BUILD_USER,
+            &format!("npm {} failed ({status}); nothing was changed", args[0]),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens a regular file without following links (and without blocking on a FIFO).
+fn open_regular(path: &Path) -> Result<fs::File, CtlError> {
+    let what = path.display().to_string();
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
+        .open(path)
+        .map_err(|e| failed(&what, &e.to_string()))?;
+    if !file
+        .metadata()
+        .map_err(|e| failed(&what, &e.to_string()))?
+        .is_file()
+    {
+        return Err(failed(&what, "not a regular file"));
+    }
+    Ok(file)
+}
+
+/// Copies one regular file of at most `max` bytes (the copy is root's, 0644).
+fn copy_regular(from: &Path, to: &Path, max: u64) -> Result<(), CtlError> {
+    let what = from.display().to_string();
+    let src = open_regular(from)?;
+    let mut dst = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(to)
+        .map_err(|e| failed(&to.display().to_string(), &e.to_string()))?;
+    let n = std::io::copy(&mut src.take(max + 1), &mut dst)
+        .map_err(|e| failed(&what, &e.to_string()))?;
+    if n > max {
+        return Err(failed(&what, &format!("larger than {max} bytes")));
+    }
+    Ok(())
+}
+
+/// Copies the build user's npm cache tree: directories and regular files only (anything else
+/// fails the build), at most [`MAX_NPM_CACHE_FILES`] entries, 32 levels.
+fn copy_tree(from: &Path, to: &Path, depth: usize, copied: &mut usize) -> Result<(), CtlError> {
+    let what = from.display().to_string();
+    if depth > 32 {
+        return Err(failed(&what, "the npm cache is nested too deep"));
+    }
+    mkdir(to, 0o755)?;
+    for entry in fs::read_dir(from).map_err(|e| failed(&what, &e.to_string()))? {
+        let entry = entry.map_err(|e| failed(&what, &e.to_string()))?;
+        *copied += 1;
+        if *copied > MAX_NPM_CACHE_FILES {
+            return Err(failed(&what, "the npm cache has too many entries"));
+        }
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let meta = fs::symlink_metadata(&src).map_err(|e| failed(&what, &e.to_string()))?;
+        if meta.is_dir() {
+            copy_tree(&src, &dst, depth + 1, copied)?;
+        } else if meta.is_file() {
+            copy_regular(&src, &dst, u64::MAX - 1)?;
+        } else {
+            return Err(failed(
+                &src.display().to_string(),
+                "the npm cache holds something other than files and directories",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The packages of a `package-lock.json` (lockfileVersion 2 or 3: its `packages` map). Every
+/// one must come from the registry with a sha512, sha384 or sha256 integrity.
+fn npm_packages(lock: &[u8]) -> Result<Vec<NpmPackage>, CtlError> {
+    let bad = |why: &str| failed("package-lock.json", why);
+    let json: serde_json::Value =
+        serde_json::from_slice(lock).map_err(|e| bad(&format!("not JSON: {e}")))?;
+    let map = json["packages"]
+        .as_object()
+        .ok_or_else(|| bad("no `packages` map (npm 7 or later writes one)"))?;
+    let mut out = Vec::new();
+    for (path, p) in map {
+        if path.is_empty() {
+            continue;
+        }
+        let name = path
+            .rsplit_once("node_modules/")
+            .map(|(_, n)| n)
+            .filter(|_| path.starts_with("node_modules/"))
+            .ok_or_else(|| bad(&format!("{path:?} is not below node_modules")))?;
+        let parts_ok = path
+            .split('/')
+            .all(|s| !s.is_empty() && s != "." && s != "..");
+        let has_range = name.get(1..).is_some_and(|r| r.contains('@'));
+        if !parts_ok || has_range || check_npm_spec(name).is_err() {
+            return Err(bad(&format!("{path:?} is not a package path")));
+        }
+        let field = |k: &str| p[k].as_str().map(str::to_owned);
+        if p["link"].as_bool() == Some(true) {
+            return Err(bad(&format!("{path:?} is a link, not a registry package")));
+        }
+        let integrity = field("integrity")
+            .filter(|i| {
+                ["sha512-", "sha384-", "sha256-"]
+                    .iter()
+                    .any(|a| i.starts_with(a))
+            })
+            .ok_or_else(|| {
+                bad(&format!(
+                    "{path:?} has no sha512/sha384/sha256 integrity (not from the registry?)"
+                ))
+            })?;
+        out.push(NpmPackage {
+            path: path.clone(),
+            name: name.to_owned(),
+            version: field("version").ok_or_else(|| bad(&format!("{path:?} has no version")))?,
+            integrity,
+            resolved: field("resolved").unwrap_or_default(),
+        });
+    }
+    if out.is_empty() {
+        return Err(bad("npm resolved no package"));
+    }
+    Ok(out)
+}
+
 /// Step 2: the offline install in a job sandbox; the tree lands in `staging/env`.
 fn install(
     socket: &Path,
@@ -520,6 +877,7 @@ fn install(
         stdin: None,
         env: Vec::new(),
         argv: vec!["python3".to_owned(), "install.py".to_owned()],
+        build: true,
     };
     let code = crate::run::run(socket, &run, false)?;
     if code != 0 {
@@ -539,33 +897,45 @@ fn install(
     let info = BuildInfo {
         uid: kv.get("uid").and_then(|v| v.parse().ok()).ok_or_else(bad)?,
         python: (*kv.get("python").ok_or_else(bad)?).to_owned(),
+        node: kv.get("node").map(|v| (*v).to_owned()),
         files: kv
             .get("files")
             .and_then(|v| v.parse().ok())
             .ok_or_else(bad)?,
     };
-    let version_ok = info
-        .python
-        .split('.')
-        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let is_version = |v: &str| {
+        v.split('.')
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let version_ok = is_version(&info.python) && info.node.as_deref().is_none_or(is_version);
     if !version_ok || info.uid == 0 {
         return Err(bad());
     }
     Ok(info)
 }
 
-/// Every file the install step made came back, and every wheel was installed.
-fn check_installed(tree: &Path, wheels: &[Wheel], files: u64) -> Result<(), CtlError> {
+/// Every file the install step made came back, and every wheel and npm package was installed.
+fn check_installed(
+    tree: &Path,
+    wheels: &[Wheel],
+    npm: &[NpmPackage],
+    files: u64,
+) -> Result<(), CtlError> {
     let got = count_files(tree)?;
     if got != files {
         return Err(failed(
             "install",
             &format!(
-                "the template has {files} files but {got} came back (the helper returns at most \
-                 {} files per job); nothing was changed",
-                1000
+                "the template has {files} files but {got} came back (a build job returns at \
+                 most the helper's max_build_output_files, 100000 by default, hashed within \
+                 20 s of CPU time); nothing was changed"
             ),
         ));
+    }
+    for p in npm {
+        if !tree.join(&p.path).join("package.json").is_file() {
+            return Err(failed(&p.path, "resolved but not installed"));
+        }
     }
     let dist_infos: Vec<String> = fs::read_dir(tree)
         .map_err(|e| failed("install", &e.to_string()))?
@@ -824,6 +1194,86 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339(1_796_212_800), "2026-12-02T12:00:00Z");
+    }
+
+    #[test]
+    fn given_npm_specs_then_only_registry_names_and_ranges_pass() {
+        for ok in [
+            "left-pad",
+            "left-pad@1.3.0",
+            "@types/node@^20.1",
+            "a.b_c~d@>=1.0.0<2",
+            "x@latest",
+        ] {
+            assert!(check_npm_spec(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-g",
+            "--global",
+            "Left-Pad",
+            ".hidden",
+            "git+https://x/y.git",
+            "github:a/b",
+            "file:../x",
+            "./local",
+            "a/b",
+            "@scope",
+            "@/x",
+            "x@",
+            "x@1 || 2",
+            "x@$(id)",
+            "alias@npm:left-pad",
+        ] {
+            assert!(check_npm_spec(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn given_a_definition_with_npm_lines_then_they_are_split_from_the_pip_requirements() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("def.txt");
+        fs::write(&p, "six==1.17.0\nnpm: left-pad@1.3.0  # tiny\n").unwrap();
+        let def = Definition::read(&p).unwrap();
+        assert_eq!(def.npm, ["left-pad@1.3.0"]);
+        assert!(def.has_python);
+        assert!(
+            !def.python.lines().any(|l| l.starts_with("npm:")),
+            "{}",
+            def.python
+        );
+        fs::write(&p, "# only npm\nnpm: left-pad\n").unwrap();
+        let def = Definition::read(&p).unwrap();
+        assert!(!def.has_python && def.npm == ["left-pad"]);
+        fs::write(&p, "npm: git+https://example.com/x.git\n").unwrap();
+        assert!(Definition::read(&p).is_err());
+    }
+
+    #[test]
+    fn given_package_locks_then_registry_packages_are_read_and_others_refused() {
+        let lock = br#"{"lockfileVersion": 3, "packages": {
+            "": {"name": "sandrun-template"},
+            "node_modules/left-pad": {"version": "1.3.0",
+                "resolved": "https://registry.npmjs.org/left-pad/-/left-pad-1.3.0.tgz",
+                "integrity": "sha512-XI5MPzVNApjAyhQzphX8BkmKsKUxD4LdyK24iZeQEeLFrDHnZrJpSbsJsJJZvx68Cf3aJ5kdVs2fEx7ATYHeXHRW=="},
+            "node_modules/@s/a/node_modules/b": {"version": "2.0.0", "integrity": "sha256-AAAA"}}}"#;
+        let p = npm_packages(lock).unwrap();
+        let names: Vec<_> = p
+            .iter()
+            .map(|p| (p.name.as_str(), p.version.as_str()))
+            .collect();
+        assert_eq!(names, [("b", "2.0.0"), ("left-pad", "1.3.0")]);
+        for bad in [
+            r#"{"packages": {"node_modules/x": {"version": "1", "integrity": "sha1-AAAA"}}}"#,
+            r#"{"packages": {"node_modules/x": {"version": "1"}}}"#,
+            r#"{"packages": {"node_modules/x": {"link": true, "integrity": "sha512-A"}}}"#,
+            r#"{"packages": {"../x": {"version": "1", "integrity": "sha512-A"}}}"#,
+            r#"{"packages": {"node_modules/../../x": {"version": "1", "integrity": "sha512-A"}}}"#,
+            r#"{"packages": {"": {}}}"#,
+            r#"{"lockfileVersion": 1}"#,
+        ] {
+            assert!(npm_packages(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

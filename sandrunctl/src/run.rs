@@ -76,6 +76,7 @@ fn job_spec(args: &RunArgs, bundle: &Bundle) -> Result<JobSpec, CtlError> {
         label: "sandrunctl".to_owned(),
         stdin_bytes: 0,
         requirements: Vec::new(),
+        build: args.build,
     })
 }
 

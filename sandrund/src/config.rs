@@ -79,6 +79,11 @@ pub const MAX_START_TIMEOUT_S: u32 = 600;
 /// Default cap on one job's standard input (`JobSpec::stdin_bytes`): 16 MiB, above the gateway's
 /// own default of 1 MiB so that the gateway's cap is the one clients meet.
 pub const DEFAULT_MAX_STDIN_BYTES: u64 = 16 << 20;
+/// Default cap on the output files a template build job (`JobSpec::build`, root's `sandrunctl
+/// env build` only) returns: a numpy tree has thousands. Public jobs keep 1000.
+pub const DEFAULT_MAX_BUILD_OUTPUT_FILES: u32 = 100_000;
+/// The most an operator may set (the helper relays, and the collector visits, that many).
+pub const MAX_BUILD_OUTPUT_FILES: u32 = 1_000_000;
 
 /// The wheelhouse by default (`wheelhouse_dir`).
 pub const DEFAULT_WHEELHOUSE_DIR: &str = "/var/lib/sandrun/wheelhouse";
@@ -99,6 +104,7 @@ struct RawConfig {
     template_dir: Option<PathBuf>,
     wheelhouse_dir: Option<PathBuf>,
     max_stdin_bytes: Option<u64>,
+    max_build_output_files: Option<u32>,
     maxima: Option<LimitSet>,
     defaults: Option<LimitSet>,
     interpreters: Option<BTreeMap<String, PathBuf>>,
@@ -128,6 +134,8 @@ pub struct Config {
     pub wheelhouse_dir: PathBuf,
     /// The most bytes of standard input a job may have (they also count against its tmpfs).
     pub max_stdin_bytes: u64,
+    /// The most output files a template build job returns (public jobs: 1000).
+    pub max_build_output_files: u32,
     pub maxima: LimitSet,
     /// Already clamped to `maxima`.
     pub defaults: LimitSet,
@@ -238,6 +246,9 @@ impl Config {
                 .wheelhouse_dir
                 .unwrap_or_else(|| DEFAULT_WHEELHOUSE_DIR.into()),
             max_stdin_bytes: raw.max_stdin_bytes.unwrap_or(DEFAULT_MAX_STDIN_BYTES),
+            max_build_output_files: raw
+                .max_build_output_files
+                .unwrap_or(DEFAULT_MAX_BUILD_OUTPUT_FILES),
             maxima,
             defaults,
             interpreters,
@@ -284,6 +295,11 @@ impl Config {
             return Err(err(
                 "maxima too small: tmpfs >= 1 MiB, file_count >= 64, output > 0",
             ));
+        }
+        if !(1000..=MAX_BUILD_OUTPUT_FILES).contains(&self.max_build_output_files) {
+            return Err(err(format!(
+                "max_build_output_files must be between 1000 and {MAX_BUILD_OUTPUT_FILES}"
+            )));
         }
         for (name, path) in &self.interpreters {
             if name.is_empty() || name.contains('/') || !path.is_absolute() {

@@ -105,6 +105,7 @@ fn requests() -> Result<Vec<Request>, Box<dyn std::error::Error>> {
         label: "job-1".into(),
         stdin_bytes: 4,
         requirements: vec!["six==1.17.0".to_owned()],
+        build: false,
     };
     Ok(vec![
         Request::Hello(Hello {

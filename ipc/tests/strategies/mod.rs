@@ -158,6 +158,7 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
         text(),
         any::<u64>(),
         vec(text(), 0..3),
+        any::<bool>(),
     )
         .prop_map(
             |(
@@ -171,6 +172,7 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
                 label,
                 stdin_bytes,
                 requirements,
+                build,
             )| JobSpec {
                 argv,
                 env,
@@ -183,6 +185,7 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
                 label,
                 stdin_bytes,
                 requirements,
+                build,
             },
         )
 }

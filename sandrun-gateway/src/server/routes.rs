@@ -100,7 +100,7 @@ async fn route(state: Arc<AppState>, conn: ConnInfo, req: Request<Incoming>) -> 
     let method = req.method().clone();
     match (segments.as_slice(), method) {
         ([""], Method::GET) if ui::prefers_html(&req) => Ok(ui::index(&req)),
-        ([""], Method::GET) => Ok(service_info(&state)),
+        ([""], Method::GET) => Ok(service_info(&state).await),
         (["ui"], Method::GET) => ui::serve(&req, None),
         (["ui", name], Method::GET) => ui::serve(&req, Some(name)),
         (["submit"], Method::POST) => submit(&state, conn.peer, req).await.map(|(_, r)| r),
@@ -151,8 +151,17 @@ pub fn client_key<B>(state: &AppState, peer: SocketAddr, req: &Request<B>) -> Cl
     ))
 }
 
-fn service_info(state: &AppState) -> Response<Body> {
+async fn service_info(state: &AppState) -> Response<Body> {
     let c = &state.config;
+    // The templates a job may name now (built, with a lock, and allowed): `null` with the reason
+    // when the helper cannot be asked, never a made-up list.
+    let (built, built_error) = match usable_templates(state).await {
+        Ok(list) => {
+            let names: Vec<String> = list.into_iter().map(|t| t.name).collect();
+            (json!(names), serde_json::Value::Null)
+        }
+        Err(e) => (serde_json::Value::Null, json!(e)),
+    };
     let body = json!({
         // The original clients' connection test checks for "sandrun".
         "service": "sandrun",
@@ -174,7 +183,11 @@ fn service_info(state: &AppState) -> Response<Body> {
             "failed_result_ttl_s": c.retention.failed_ttl_s,
         },
         "interpreters": c.policy.interpreters,
-        "environments": c.policy.environments,
+        // The names a manifest's `environment` may take now; `GET /environments` has the details.
+        "environments": built,
+        "environments_error": built_error,
+        // The gateway's allow-list (`[policy] environments`); empty: every built template.
+        "environments_allowed": c.policy.environments,
         "endpoints": [
             "GET /", "POST /submit", "POST /run", "GET /status/{id}", "GET /logs/{id}", "GET /outputs/{id}",
             "GET /outputs/{id}/{path}", "GET /download/{id}", "GET /download/{id}/{path}",
@@ -252,11 +265,21 @@ async fn environments(state: &AppState) -> ApiResult {
                         .collect()
                 })
                 .unwrap_or_default();
+            let npm: Vec<serde_json::Value> = lock.json["npm"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| json!({"name": p["name"], "version": p["version"], "integrity": p["integrity"]}))
+                        .collect()
+                })
+                .unwrap_or_default();
             json!({
                 "name": t.name,
                 "lock_sha256": hex::encode(lock.sha256),
                 "interpreter": lock.json["interpreter"],
                 "packages": packages,
+                "node": lock.json["node"],
+                "npm": npm,
                 "built_at": lock.json["built_at"],
             })
         })

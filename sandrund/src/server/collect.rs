@@ -30,7 +30,8 @@ use sandrun_ipc::{
 };
 use sha2::{Digest, Sha256};
 
-/// Most output files returned per job.
+/// Most output files returned per job (a template build job's cap is the helper's
+/// `max_build_output_files` instead: [`CollectLimits::max_files`]).
 pub const MAX_OUTPUT_FILES: usize = 1000;
 
 /// Bounds of one collection.
@@ -40,6 +41,8 @@ pub struct CollectLimits {
     pub max_visited: usize,
     /// Total bytes of matched regular files, returned or not.
     pub max_total_bytes: u64,
+    /// Regular files returned at most; the rest are reported as `TooMany`.
+    pub max_files: usize,
     /// The walk's own CPU time (hashing included; sending the files afterwards is not).
     pub budget: Duration,
 }
@@ -395,7 +398,7 @@ impl Collector {
         else {
             return self.skip(&rel, SkipKind::InvalidName);
         };
-        if self.files >= MAX_OUTPUT_FILES {
+        if self.files >= self.limits.max_files {
             return self.skip(&rel, SkipKind::TooMany);
         }
         if self.total > self.limits.max_total_bytes {
@@ -518,8 +521,33 @@ mod tests {
         CollectLimits {
             max_visited: 10_000,
             max_total_bytes: 1 << 20,
+            max_files: MAX_OUTPUT_FILES,
             budget: Duration::from_secs(60),
         }
+    }
+
+    #[test]
+    fn given_more_files_than_max_files_then_the_rest_are_skipped_as_too_many() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..1005 {
+            std::fs::write(d.path().join(format!("f{i:04}")), b"x").unwrap();
+        }
+        let public = run(d.path(), &["*"], limits());
+        assert_eq!(files(&public).len(), MAX_OUTPUT_FILES);
+        assert_eq!(skipped(&public).len(), 5);
+        assert!(skipped(&public)
+            .iter()
+            .all(|(_, k)| *k == SkipKind::TooMany));
+        let build = run(
+            d.path(),
+            &["*"],
+            CollectLimits {
+                max_files: 100_000,
+                ..limits()
+            },
+        );
+        assert_eq!(files(&build).len(), 1005);
+        assert!(skipped(&build).is_empty());
     }
 
     fn run(dir: &std::path::Path, p: &[&str], l: CollectLimits) -> Vec<Collected> {

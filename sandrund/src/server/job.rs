@@ -26,6 +26,10 @@ pub struct JobMeta {
     pub slot: u32,
     pub limits: GrantedLimits,
     pub outputs: Vec<OutputPattern>,
+    /// The most output files returned (1000, or `max_build_output_files` for a build).
+    pub max_output_files: usize,
+    /// The output collection's CPU budget (longer for a build).
+    pub collect_budget: Duration,
     /// The limits written into the sandbox's cgroup (also for a sandbox prepared on retry).
     pub cgroup_limits: crate::cgroup::CgroupLimits,
 }
@@ -121,6 +125,10 @@ pub struct Job {
     pub started: Instant,
     pub limits: GrantedLimits,
     pub outputs: Vec<OutputPattern>,
+    /// The most output files returned (see [`JobMeta::max_output_files`]).
+    pub max_output_files: usize,
+    /// The output collection's CPU budget (see [`JobMeta::collect_budget`]).
+    pub collect_budget: Duration,
     pub cgroup: Box<dyn JobCgroup>,
     /// C's pid and pidfd.
     pub pid: crate::ids::ProcessId,
@@ -184,6 +192,8 @@ impl Job {
             started: Instant::now(),
             limits,
             outputs,
+            max_output_files: MAX_OUTPUT_FILES,
+            collect_budget: COLLECT_BUDGET,
             cgroup,
             pid,
             pidfd,
@@ -467,7 +477,11 @@ const MAX_STATS_FAILURES: u32 = 10;
 /// How long the pipes of an exited job wait for a client that does not read.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
 /// The most CPU time one output collection's walk and hashing may take.
-const COLLECT_BUDGET: Duration = Duration::from_secs(2);
+pub const COLLECT_BUDGET: Duration = Duration::from_secs(2);
+/// The same for a template build (`JobSpec::build`: thousands of files, hundreds of MB to hash).
+/// Below the helper's `COLLECT_STALL` (30 s without a frame from the collector), because the
+/// walk sends nothing until it has hashed everything.
+pub const BUILD_COLLECT_BUDGET: Duration = Duration::from_secs(20);
 
 /// Splits a raw wait status into exit code or signal. No status (C died first): SIGKILL.
 pub fn decode_status(status: Option<i32>) -> (Option<i32>, Option<i32>) {
@@ -543,7 +557,8 @@ impl Collection {
         let limits = CollectLimits {
             max_visited: usize::try_from(job.limits.file_count).unwrap_or(usize::MAX),
             max_total_bytes: job.limits.tmpfs_bytes,
-            budget: COLLECT_BUDGET,
+            max_files: job.max_output_files,
+            budget: job.collect_budget,
         };
         let patterns = std::mem::take(&mut job.outputs);
         let join: Vec<_> = job.cgroup.join_fds().iter().map(AsFd::as_fd).collect();
@@ -638,7 +653,8 @@ impl Collection {
             self.frames += 1;
             let most = usize::try_from(self.job.limits.file_count)
                 .unwrap_or(usize::MAX)
-                .saturating_add(MAX_OUTPUT_FILES + 2);
+                .saturating_add(self.job.max_output_files)
+                .saturating_add(2);
             if self.frames > most {
                 return bad("too many entries");
             }
@@ -655,7 +671,9 @@ impl Collection {
             (Response::OutputFile(h), None) => {
                 self.files += 1;
                 self.bytes = self.bytes.saturating_add(h.size);
-                if self.files > MAX_OUTPUT_FILES || self.bytes > self.job.limits.tmpfs_bytes {
+                if self.files > self.job.max_output_files
+                    || self.bytes > self.job.limits.tmpfs_bytes
+                {
                     return bad("more files or bytes than the job's limits");
                 }
                 self.left = Some(h.size).filter(|&s| s > 0);

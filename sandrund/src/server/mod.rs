@@ -34,7 +34,7 @@ use crate::sandbox::{
 };
 use conn::{Conn, Incoming, State, HIGH_WATER};
 use job::{Collection, Exiting, Job, JobMeta, Relayed, Released, Starting};
-use peer::{authorize, may_connect, Peer};
+use peer::{authorize, may_build, may_connect, Peer};
 use pool::{Pool, WarmSandbox};
 use request::{validate, RequestError};
 
@@ -571,6 +571,12 @@ impl Server {
                 return conn.fail(ErrorCode::TemplateMissing, m)
             }
         };
+        if job.build && !may_build(&self.cfg, &conn.peer) {
+            return conn.fail(
+                ErrorCode::InvalidRequest,
+                "build: only root's sandrunctl env build may submit a template build job",
+            );
+        }
         let Some(slot) = self.reserve_slot() else {
             self.counters.refused_busy += 1;
             conn.fail(
@@ -675,6 +681,8 @@ impl Server {
             slot,
             limits: job.limits,
             outputs: job.outputs,
+            max_output_files: job.max_output_files,
+            collect_budget: job.collect_budget,
             cgroup_limits,
         };
         match order {
@@ -813,10 +821,14 @@ impl Server {
             slot,
             limits,
             outputs,
+            max_output_files,
+            collect_budget,
             ..
         } = meta;
         let mut j = Job::new(id, label, slot, limits, outputs, cgroup, sb);
         j.cpu_base_ns = cpu_base_ns;
+        j.max_output_files = max_output_files;
+        j.collect_budget = collect_budget;
         if cancelled || conn.stream.is_none() {
             j.kill(ExitReason::Cancelled);
         }

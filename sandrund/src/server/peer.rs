@@ -57,6 +57,12 @@ pub fn may_connect(cfg: &Config, peer: &Peer) -> bool {
     authorize(cfg, peer, Role::Submitter) || authorize(cfg, peer, Role::Admin)
 }
 
+/// Whether `peer` may submit a template build job (`JobSpec::build`, more output files): root
+/// only, and never the gateway's uid (a gateway misconfigured to run as root stays public).
+pub fn may_build(cfg: &Config, peer: &Peer) -> bool {
+    peer.uid.0 == 0 && cfg.gateway_uid != Some(peer.uid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +120,16 @@ mod tests {
             Role::Admin,
             &never
         ));
+    }
+
+    #[test]
+    fn given_peers_then_only_root_that_is_not_the_gateway_may_build() {
+        let cfg = Config::from_text("", &Users).unwrap();
+        assert!(may_build(&cfg, &peer(0, 0)));
+        assert!(!may_build(&cfg, &peer(500, 500)), "the gateway");
+        assert!(!may_build(&cfg, &peer(600, 700)), "an admin");
+        let mut root_gateway = cfg.clone();
+        root_gateway.gateway_uid = Some(UserId(0));
+        assert!(!may_build(&root_gateway, &peer(0, 0)));
     }
 }

@@ -8,6 +8,8 @@ use sandrun_ipc::{BundleEntry, GrantedLimits, JobSpec, Limits, OutputPattern};
 
 use crate::config::{Config, LimitSet};
 
+use super::collect::MAX_OUTPUT_FILES;
+use super::job::{BUILD_COLLECT_BUDGET, COLLECT_BUDGET};
 use sandrun_ipc::rules::{self, MAX_ARGS, MAX_ARGV_ENV_BYTES, MAX_ENV, MAX_OUTPUT_PATTERNS};
 
 /// A request that passed validation.
@@ -29,6 +31,14 @@ pub struct ValidJob {
     pub label: String,
     /// The job installs requirements from the wheelhouse first (its argv runs the install).
     pub requirements: bool,
+    /// A template build (`JobSpec::build`); the caller checks that the peer may ask for it.
+    pub build: bool,
+    /// The most output files the job returns: `MAX_OUTPUT_FILES`, or the configured
+    /// `max_build_output_files` for a build.
+    pub max_output_files: usize,
+    /// The CPU time the output collection may take: `COLLECT_BUDGET`, or the longer
+    /// `BUILD_COLLECT_BUDGET` for a build (thousands of files to hash).
+    pub collect_budget: std::time::Duration,
 }
 
 /// Why a request was refused, and whose fault: the message names the field.
@@ -93,6 +103,17 @@ pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
         template,
         label,
         requirements,
+        build: spec.build,
+        max_output_files: if spec.build {
+            usize::try_from(cfg.max_build_output_files).unwrap_or(MAX_OUTPUT_FILES)
+        } else {
+            MAX_OUTPUT_FILES
+        },
+        collect_budget: if spec.build {
+            BUILD_COLLECT_BUDGET
+        } else {
+            COLLECT_BUDGET
+        },
     })
 }
 
@@ -371,6 +392,7 @@ mod tests {
             label: "t".into(),
             stdin_bytes: 0,
             requirements: Vec::new(),
+            build: false,
         }
     }
 
@@ -408,6 +430,18 @@ mod tests {
         assert_eq!(j.limits.pids, c.maxima.pids);
         assert_eq!(j.limits.tmpfs_bytes, c.maxima.tmpfs_bytes);
         assert_eq!(j.argv[0].to_str().unwrap(), "/usr/bin/python3");
+    }
+
+    #[test]
+    fn given_a_build_job_then_it_gets_the_build_output_file_cap_and_others_keep_1000() {
+        let public = validate(&cfg(), spec(&["python3", "main.py"])).unwrap();
+        assert_eq!((public.build, public.max_output_files), (false, 1000));
+        assert_eq!(public.collect_budget, COLLECT_BUDGET);
+        let mut s = spec(&["python3", "main.py"]);
+        s.build = true;
+        let build = validate(&cfg(), s).unwrap();
+        assert_eq!((build.build, build.max_output_files), (true, 100_000));
+        assert_eq!(build.collect_budget, BUILD_COLLECT_BUDGET);
     }
 
     #[test]

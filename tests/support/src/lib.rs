@@ -35,6 +35,7 @@ pub fn job_spec(argv: &[&str], label: &str) -> sandrun_ipc::JobSpec {
         label: label.to_owned(),
         stdin_bytes: 0,
         requirements: Vec::new(),
+        build: false,
     }
 }
 
