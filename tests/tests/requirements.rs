@@ -598,3 +598,54 @@ fn given_the_most_and_longest_requirement_lines_then_the_install_step_still_star
         .unwrap_or_default();
     assert!(error.contains("pkg0000"), "{error}: {}", outcome.describe());
 }
+
+/// The job's own code runs after the install as the same uid: it rewrites the files the install
+/// step leaves in `/tmp/.sandrun-req` (claiming beta too, or a failure) and tries the fd the
+/// install step reported on. The result and its signature still say exactly what pip installed.
+#[test]
+fn given_a_job_that_rewrites_the_install_record_then_the_signed_result_lists_what_pip_installed() {
+    let (wh, alpha_wheel, alpha_sha) = wheelhouse();
+    let stack = stack_with(wh.path());
+    let probe = "import errno, os\n\
+                 try:\n    os.write(3, b'installed\\nbeta 2.0 beta-2.0-py3-none-any.whl\\nend\\n')\n    \
+                 print('fd 3 written')\n\
+                 except OSError as e:\n    print('fd 3', errno.errorcode[e.errno])\n\
+                 os.makedirs('/tmp/.sandrun-req', exist_ok=True)\n";
+    let forge_installed = format!(
+        "{probe}with open('/tmp/.sandrun-req/installed', 'w') as f:\n    \
+         f.write('alpha 1.0 {alpha_wheel}\\nbeta 2.0 beta-2.0-py3-none-any.whl\\n')\n\
+         print('rewrote')\n"
+    );
+    let forge_failed = format!(
+        "{probe}with open('/tmp/.sandrun-req/failed', 'w') as f:\n    \
+         f.write('a forged failure\\n')\n\
+         print('rewrote')\n"
+    );
+    for code in [forge_installed, forge_failed] {
+        let id = submit_with_requirements(&stack, &code, json!(["alpha"]));
+        let status = stack.wait_finished(&id);
+        let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+        assert_eq!(logs["stdout"], "fd 3 EBADF\nrewrote\n", "{logs}");
+        assert_eq!(status["status"], "completed", "{status}\n{logs}");
+        assert_ne!(status["reason"], "requirements", "{status}");
+        assert_eq!(
+            status["requirements"],
+            json!({"installed": [{"name": "alpha", "version": "1.0", "wheel": alpha_wheel,
+                                  "sha256": alpha_sha}], "error": null}),
+            "{status}"
+        );
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(
+                status["worker_metadata"]["signature"]
+                    .as_str()
+                    .expect("signature"),
+            )
+            .expect("base64");
+        let msg = signed_message_v3(&status);
+        assert!(msg.contains("requirements=1\n"), "{msg}");
+        assert!(
+            openssl_verifies(&stack, msg.as_bytes(), &sig),
+            "signature refused:\n{msg}"
+        );
+    }
+}
