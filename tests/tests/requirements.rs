@@ -649,3 +649,38 @@ fn given_a_job_that_rewrites_the_install_record_then_the_signed_result_lists_wha
         );
     }
 }
+
+/// The job's files and variables must not run inside the install: a `pip` package in `/work`
+/// (pip runs as `python -m pip`, which would put its working directory first on `sys.path`)
+/// and `PYTHONPATH=/work` with a `sitecustomize.py`, each of which would otherwise write pip's
+/// report itself and so choose what the signed result lists.
+#[test]
+fn given_job_files_shadowing_pip_or_a_sitecustomize_then_the_install_runs_the_real_pip() {
+    let (wh, alpha_wheel, alpha_sha) = wheelhouse();
+    let stack = stack_with(wh.path());
+    let fake_report = "import json\n\
+                       def forge():\n    \
+                       with open('/tmp/.sandrun-req/report.json', 'w') as f:\n        \
+                       json.dump({'install': [{'metadata': {'name': 'beta', 'version': '2.0'}, \
+                       'download_info': {'url': 'file:///wheelhouse/beta-2.0-py3-none-any.whl'}}]}, f)\n";
+    let pip_main = format!("{fake_report}forge()\n");
+    let sitecustomize = format!("{fake_report}import atexit, sys\natexit.register(forge)\n");
+    let id = stack.submit_ok(&[
+        Part::file("main.py", IMPORT_ALPHA),
+        Part::file("pip/__init__.py", ""),
+        Part::file("pip/__main__.py", pip_main),
+        Part::file("sitecustomize.py", sitecustomize),
+        Part::manifest(&json!({"entrypoint": "main.py", "requirements": ["alpha"],
+                               "env": {"PYTHONPATH": "/work"}})),
+    ]);
+    let status = stack.wait_finished(&id);
+    let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+    assert_eq!(status["status"], "completed", "{status}\n{logs}");
+    assert_eq!(logs["stdout"], "alpha 1.0\nno beta\n", "{logs}");
+    assert_eq!(
+        status["requirements"],
+        json!({"installed": [{"name": "alpha", "version": "1.0", "wheel": alpha_wheel,
+                              "sha256": alpha_sha}], "error": null}),
+        "{status}"
+    );
+}
