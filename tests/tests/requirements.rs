@@ -4,7 +4,9 @@
 //! set in `/status` and in the signature (verified with openssl), a missing distribution and a
 //! wrong pinned hash failing with reason `requirements`, an install that fills the job's tmpfs,
 //! a requirement the template already provides not being installed again, a helper without a
-//! wheelhouse refusing, and bad requirement lines refused with a 400. Slot uid ranges from the
+//! wheelhouse refusing, bad requirement lines refused with a 400, and a job that cannot change
+//! what the install step reports (rewriting its files afterwards, writing to fd 3, shadowing
+//! pip or planting a `sitecustomize.py` for it). Slot uid ranges from the
 //! allocator (`config(..)`).
 
 use std::fs;

@@ -7,17 +7,26 @@
 //! /wheelhouse --prefix /tmp/.sandrun-req/prefix`. pip sees the template's packages through
 //! `PYTHONPATH=/env`, so a requirement the template satisfies is not installed again. A line with
 //! `--hash=sha256:` turns on pip's hash-checking mode for the whole file (every requirement must
-//! then pin one). On failure the script writes `/tmp/.sandrun-req/failed` (one line naming the
-//! cause) and exits 1 without running the command; on success it writes
-//! `/tmp/.sandrun-req/installed` (`name version wheel` per line, from pip's `--report`) and
-//! `execve`s the command with the install directory first on `PYTHONPATH`.
+//! then pin one).
 //!
-//! After the job, [`outcome`] reads those two files from the job's tmpfs (through the `/work`
-//! fd, `openat2` without following any link or leaving the tmpfs) and hashes each named wheel
-//! **from the wheelhouse itself**, so the hashes reported and signed are those of the
-//! operator's files, never numbers the job wrote. The job's own code runs after the install as
-//! the same uid and could rewrite the file listing what was installed; it can only name wheels
-//! of the wheelhouse that way, and its code is covered by the signed job hash.
+//! The script reports on fd 3, the write end of a pipe the helper made for this job alone
+//! (sent with `Go`; C gives it to J only, at fd 3 without close-on-exec, and keeps no copy; the
+//! helper closed its own copy once sent). It writes one record there: `installed`, then `name
+//! version wheel` per line (from pip's `--report`), or `failed <cause>`, then `end`, at most
+//! 60000 bytes (so the write never blocks on the pipe's 64 KiB), and closes it. On failure it
+//! exits 1 without running the command; on success it `execve`s the command with the install
+//! directory first on `PYTHONPATH`. The job's own code therefore starts with no way to add to
+//! or change the record (fd 3 is `EBADF` for it), and what it writes in `/tmp/.sandrun-req`
+//! counts for nothing. No code of the job runs while fd 3 is open: the script itself runs with
+//! `-I`, and pip (a `subprocess.run`, which closes fds other than 0-2) runs with a fixed
+//! environment (none of the job's variables, `PYTHONPATH=/env` only with a template) and
+//! `/tmp/.sandrun-req` as its working directory (so `python -m pip` cannot pick up a `pip` of
+//! the job's `/work`).
+//!
+//! After the job, [`outcome`] reads the record from the helper's read end (non-blocking, at
+//! most 64 KiB; missing, cut short or malformed: "the requirements install did not finish")
+//! and hashes each named wheel **from the wheelhouse itself**, so the hashes reported and
+//! signed are those of the operator's files.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
