@@ -612,6 +612,9 @@ fn given_a_job_that_rewrites_the_install_record_then_the_signed_result_lists_wha
                  try:\n    os.write(3, b'installed\\nbeta 2.0 beta-2.0-py3-none-any.whl\\nend\\n')\n    \
                  print('fd 3 written')\n\
                  except OSError as e:\n    print('fd 3', errno.errorcode[e.errno])\n\
+                 def is_open(fd):\n    try:\n        os.fstat(fd)\n        return True\n    \
+                 except OSError:\n        return False\n\
+                 print('open', [fd for fd in range(3, 1024) if is_open(fd)])\n\
                  os.makedirs('/tmp/.sandrun-req', exist_ok=True)\n";
     let forge_installed = format!(
         "{probe}with open('/tmp/.sandrun-req/installed', 'w') as f:\n    \
@@ -627,7 +630,7 @@ fn given_a_job_that_rewrites_the_install_record_then_the_signed_result_lists_wha
         let id = submit_with_requirements(&stack, &code, json!(["alpha"]));
         let status = stack.wait_finished(&id);
         let (_, logs) = stack.get_json(&format!("/logs/{id}"));
-        assert_eq!(logs["stdout"], "fd 3 EBADF\nrewrote\n", "{logs}");
+        assert_eq!(logs["stdout"], "fd 3 EBADF\nopen []\nrewrote\n", "{logs}");
         assert_eq!(status["status"], "completed", "{status}\n{logs}");
         assert_ne!(status["reason"], "requirements", "{status}");
         assert_eq!(
