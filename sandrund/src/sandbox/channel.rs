@@ -248,12 +248,12 @@ pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedF
     }
 }
 
-/// Receives one message and at most [`MAX_FDS`] fds (the order, a template, the wheelhouse and
-/// the requirements record pipe).
-/// Blocking, it waits until one arrives or the peer closes; non-blocking, `None` means nothing
-/// is queued yet.
+/// Most fds one message carries: the order, a template, the wheelhouse and the requirements
+/// record pipe.
 const MAX_FDS: usize = 4;
 
+/// Receives one message and at most [`MAX_FDS`] fds. Blocking, it waits until one arrives or
+/// the peer closes; non-blocking, `None` means nothing is queued yet.
 fn recv(sock: &OwnedFd, block: bool) -> Result<Option<(Message, Vec<OwnedFd>)>, SetupError> {
     let mut buf = [0u8; MESSAGE_LEN + 1];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
