@@ -4,7 +4,9 @@
 //! set in `/status` and in the signature (verified with openssl), a missing distribution and a
 //! wrong pinned hash failing with reason `requirements`, an install that fills the job's tmpfs,
 //! a requirement the template already provides not being installed again, a helper without a
-//! wheelhouse refusing, and bad requirement lines refused with a 400. Slot uid ranges from the
+//! wheelhouse refusing, bad requirement lines refused with a 400, and a job that cannot change
+//! what the install step reports (rewriting its files afterwards, writing to fd 3, shadowing
+//! pip or planting a `sitecustomize.py` for it). Slot uid ranges from the
 //! allocator (`config(..)`).
 
 use std::fs;
@@ -597,4 +599,93 @@ fn given_the_most_and_longest_requirement_lines_then_the_install_step_still_star
         .and_then(|r| r.error.as_deref())
         .unwrap_or_default();
     assert!(error.contains("pkg0000"), "{error}: {}", outcome.describe());
+}
+
+/// The job's own code runs after the install as the same uid: it rewrites the files the install
+/// step leaves in `/tmp/.sandrun-req` (claiming beta too, or a failure) and tries the fd the
+/// install step reported on. The result and its signature still say exactly what pip installed.
+#[test]
+fn given_a_job_that_rewrites_the_install_record_then_the_signed_result_lists_what_pip_installed() {
+    let (wh, alpha_wheel, alpha_sha) = wheelhouse();
+    let stack = stack_with(wh.path());
+    let probe = "import errno, os\n\
+                 try:\n    os.write(3, b'installed\\nbeta 2.0 beta-2.0-py3-none-any.whl\\nend\\n')\n    \
+                 print('fd 3 written')\n\
+                 except OSError as e:\n    print('fd 3', errno.errorcode[e.errno])\n\
+                 def is_open(fd):\n    try:\n        os.fstat(fd)\n        return True\n    \
+                 except OSError:\n        return False\n\
+                 print('open', [fd for fd in range(3, 1024) if is_open(fd)])\n\
+                 os.makedirs('/tmp/.sandrun-req', exist_ok=True)\n";
+    let forge_installed = format!(
+        "{probe}with open('/tmp/.sandrun-req/installed', 'w') as f:\n    \
+         f.write('alpha 1.0 {alpha_wheel}\\nbeta 2.0 beta-2.0-py3-none-any.whl\\n')\n\
+         print('rewrote')\n"
+    );
+    let forge_failed = format!(
+        "{probe}with open('/tmp/.sandrun-req/failed', 'w') as f:\n    \
+         f.write('a forged failure\\n')\n\
+         print('rewrote')\n"
+    );
+    for code in [forge_installed, forge_failed] {
+        let id = submit_with_requirements(&stack, &code, json!(["alpha"]));
+        let status = stack.wait_finished(&id);
+        let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+        assert_eq!(logs["stdout"], "fd 3 EBADF\nopen []\nrewrote\n", "{logs}");
+        assert_eq!(status["status"], "completed", "{status}\n{logs}");
+        assert_ne!(status["reason"], "requirements", "{status}");
+        assert_eq!(
+            status["requirements"],
+            json!({"installed": [{"name": "alpha", "version": "1.0", "wheel": alpha_wheel,
+                                  "sha256": alpha_sha}], "error": null}),
+            "{status}"
+        );
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(
+                status["worker_metadata"]["signature"]
+                    .as_str()
+                    .expect("signature"),
+            )
+            .expect("base64");
+        let msg = signed_message_v3(&status);
+        assert!(msg.contains("requirements=1\n"), "{msg}");
+        assert!(
+            openssl_verifies(&stack, msg.as_bytes(), &sig),
+            "signature refused:\n{msg}"
+        );
+    }
+}
+
+/// The job's files and variables must not run inside the install: a `pip` package in `/work`
+/// (pip runs as `python -m pip`, which would put its working directory first on `sys.path`)
+/// and `PYTHONPATH=/work` with a `sitecustomize.py`, each of which would otherwise write pip's
+/// report itself and so choose what the signed result lists.
+#[test]
+fn given_job_files_shadowing_pip_or_a_sitecustomize_then_the_install_runs_the_real_pip() {
+    let (wh, alpha_wheel, alpha_sha) = wheelhouse();
+    let stack = stack_with(wh.path());
+    let fake_report = "import json\n\
+                       def forge():\n    \
+                       with open('/tmp/.sandrun-req/report.json', 'w') as f:\n        \
+                       json.dump({'install': [{'metadata': {'name': 'beta', 'version': '2.0'}, \
+                       'download_info': {'url': 'file:///wheelhouse/beta-2.0-py3-none-any.whl'}}]}, f)\n";
+    let pip_main = format!("{fake_report}forge()\n");
+    let sitecustomize = format!("{fake_report}import atexit, sys\natexit.register(forge)\n");
+    let id = stack.submit_ok(&[
+        Part::file("main.py", IMPORT_ALPHA),
+        Part::file("pip/__init__.py", ""),
+        Part::file("pip/__main__.py", pip_main),
+        Part::file("sitecustomize.py", sitecustomize),
+        Part::manifest(&json!({"entrypoint": "main.py", "requirements": ["alpha"],
+                               "env": {"PYTHONPATH": "/work"}})),
+    ]);
+    let status = stack.wait_finished(&id);
+    let (_, logs) = stack.get_json(&format!("/logs/{id}"));
+    assert_eq!(status["status"], "completed", "{status}\n{logs}");
+    assert_eq!(logs["stdout"], "alpha 1.0\nno beta\n", "{logs}");
+    assert_eq!(
+        status["requirements"],
+        json!({"installed": [{"name": "alpha", "version": "1.0", "wheel": alpha_wheel,
+                              "sha256": alpha_sha}], "error": null}),
+        "{status}"
+    );
 }

@@ -134,16 +134,21 @@ pub(super) fn send_failure(sock: RawFd, err: &SetupError) -> Result<(), i32> {
 }
 
 /// The helper's side: hands C its job order, and the detached mounts of the job's template and
-/// of the wheelhouse if it has them (in that order).
+/// of the wheelhouse if it has them, then the write end of the requirements record pipe (with
+/// the wheelhouse), in that order.
 pub(super) fn send_go(
     sock: RawFd,
     order: RawFd,
     template: Option<RawFd>,
-    wheelhouse: Option<RawFd>,
+    wheelhouse: Option<(RawFd, RawFd)>,
 ) -> Result<(), i32> {
     let fds: Vec<RawFd> = std::iter::once(order)
         .chain(template)
-        .chain(wheelhouse)
+        .chain(
+            wheelhouse
+                .into_iter()
+                .flat_map(|(tree, record)| [tree, record]),
+        )
         .collect();
     send_fds(sock, &Message::Go, &fds)
 }
@@ -243,12 +248,15 @@ pub(super) fn wait_for_ready(sock: &OwnedFd, deadline: Instant) -> Result<OwnedF
     }
 }
 
-/// Receives one message and at most three fds (the order, a template, the wheelhouse).
-/// Blocking, it waits until one arrives or the peer closes; non-blocking, `None` means nothing
-/// is queued yet.
+/// Most fds one message carries: the order, a template, the wheelhouse and the requirements
+/// record pipe.
+const MAX_FDS: usize = 4;
+
+/// Receives one message and at most [`MAX_FDS`] fds. Blocking, it waits until one arrives or
+/// the peer closes; non-blocking, `None` means nothing is queued yet.
 fn recv(sock: &OwnedFd, block: bool) -> Result<Option<(Message, Vec<OwnedFd>)>, SetupError> {
     let mut buf = [0u8; MESSAGE_LEN + 1];
-    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (bytes, fds, truncated) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
@@ -293,7 +301,7 @@ fn recv(sock: &OwnedFd, block: bool) -> Result<Option<(Message, Vec<OwnedFd>)>, 
         let detail = "the other end of the sandbox channel closed without a report";
         return Err(protocol(0, detail));
     }
-    if truncated || fds.len() > 3 {
+    if truncated || fds.len() > MAX_FDS {
         return Err(protocol(libc::EPROTO, "oversized control message"));
     }
     let msg = decode(&buf[..bytes])?;

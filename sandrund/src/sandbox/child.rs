@@ -131,7 +131,8 @@ fn init(
     } = order::read(mapped.bytes())?;
     let (uid, gid) = (UserId(order.uid), GroupId(order.gid));
     check_identity(uid, gid)?;
-    let want = usize::from(order.template.is_some()) + usize::from(order.wheelhouse);
+    // The wheelhouse comes with the write end of the requirements record pipe.
+    let want = usize::from(order.template.is_some()) + 2 * usize::from(order.wheelhouse);
     if trees.len() != want {
         let detail = "the mounts that came with the order are not the ones it names";
         return Err(fail(SetupStep::Protocol, libc::EPROTO, detail));
@@ -140,6 +141,14 @@ fn init(
     let template = order.template.as_ref().and_then(|_| trees.next());
     let wheelhouse = trees.next();
     let has_wheelhouse = wheelhouse.is_some();
+    // Above the fd J gives it (RECORD_FD), so J's dup2 onto 0-2 and 3 clobbers nothing it needs.
+    let record = match trees.next() {
+        Some(fd) => Some(
+            sys::relocate_from(fd.as_raw_fd(), RECORD_FD + 1)
+                .map_err(|e| fail(SetupStep::ForkJob, e, "requirements record pipe"))?,
+        ),
+        None => None,
+    };
     let has_env = mounts::finish_root(&order.limits, uid, gid, template, wheelhouse)?;
     unshare(CloneFlags::CLONE_NEWCGROUP).map_err(at(SetupStep::UnshareCgroupNs, ""))?;
     give_output_pipes(&fds, &order)?;
@@ -152,7 +161,7 @@ fn init(
     let dir = bundle::open_workdir(work.as_raw_fd(), &order.workdir)?;
     fchdir(dir.as_raw_fd()).map_err(at(SetupStep::WorkDir, "fchdir"))?;
     drop((dir, work));
-    let job = start_job(&order, filter, stdin, fds.stdout, fds.stderr)?;
+    let job = start_job(&order, filter, stdin, record, fds.stdout, fds.stderr)?;
     if channel::send_ready(ctrl.as_raw_fd()).is_err() {
         // The helper is gone: exiting kills J with the whole pid namespace.
         exit_now(EXIT_SETUP_FAILED);
@@ -274,10 +283,16 @@ fn write_stdin(bytes: &[u8]) -> Result<Option<OwnedFd>, SetupError> {
     Ok(Some(high))
 }
 
+/// J's fd for the requirements record pipe (see `server/requirements.rs`).
+pub(super) const RECORD_FD: RawFd = 3;
+
 /// What J needs for `execve`, prepared by C so that J allocates nothing after seccomp.
 struct Exec<'a> {
     /// J's fd 0: the job's stdin file, or `None` for `/dev/null`.
     stdin: Option<RawFd>,
+    /// The write end of the requirements record pipe, J's [`RECORD_FD`] (a job with
+    /// requirements only; above `RECORD_FD`).
+    record: Option<RawFd>,
     argv: Vec<*const c_char>,
     env: Vec<*const c_char>,
     filter: &'a SeccompProgram,
@@ -296,17 +311,20 @@ fn start_job(
     plan: &order::Order,
     filter: &SeccompProgram,
     stdin: Option<OwnedFd>,
+    record: Option<OwnedFd>,
     stdout: OwnedFd,
     stderr: OwnedFd,
 ) -> Result<libc::pid_t, SetupError> {
     let step = SetupStep::ForkJob;
     let (report_r, low_report_w) = pipe2(OFlag::O_CLOEXEC).map_err(at(step, "exec-error pipe"))?;
-    // C closed 0-2, so the pipe may sit there; J's dup2 onto 0-2 must not clobber it.
-    let report_w =
-        sys::relocate(low_report_w.as_raw_fd()).map_err(|e| fail(step, e, "exec-error pipe"))?;
+    // C closed 0-2, so the pipe may sit there; J's dup2 onto 0-2 and RECORD_FD must not
+    // clobber it.
+    let report_w = sys::relocate_from(low_report_w.as_raw_fd(), RECORD_FD + 1)
+        .map_err(|e| fail(step, e, "exec-error pipe"))?;
     drop(low_report_w);
     let exec = Exec {
         stdin: stdin.as_ref().map(AsRawFd::as_raw_fd),
+        record: record.as_ref().map(AsRawFd::as_raw_fd),
         argv: null_terminated(&plan.argv),
         env: null_terminated(&plan.env),
         filter,
@@ -318,7 +336,9 @@ fn start_job(
     // (signal dispositions, stdio, limits, session, seccomp) belong to J's own process.
     let pid = unsafe { sys::vfork_run(|| run_job(&exec, out, err, report)) }
         .map_err(|e| fail(step, e, "fork"))?;
-    drop((report_w, stdin, stdout, stderr));
+    // C keeps no copy of the record pipe: a process of the job (same uid) could reach it
+    // through /proc/1/fd.
+    drop((report_w, stdin, record, stdout, stderr));
     wait_for_exec(&report_r, pid)
 }
 
@@ -410,7 +430,20 @@ fn job_steps(
     rlimits(exec.limits)?;
     setsid().map_err(|e| (SetupStep::Setsid, e as i32, ""))?;
     umask(Mode::from_bits_truncate(0o022));
-    sys::close_all_except(&[0, 1, 2, report]).map_err(|e| (SetupStep::CloseFds, e, "job"))?;
+    // The record pipe, at RECORD_FD without close-on-exec (dup2 clears it; `record` is above
+    // RECORD_FD, so never equal): the install step writes its record there and closes it
+    // before it executes the job's command. Without requirements RECORD_FD is closed below.
+    if let Some(record) = exec.record {
+        nix::unistd::dup2(record, RECORD_FD).map_err(|e| (SetupStep::Stdio, e as i32, "dup2"))?;
+    }
+    let keep = [
+        0,
+        1,
+        2,
+        report,
+        if exec.record.is_some() { RECORD_FD } else { 0 },
+    ];
+    sys::close_all_except(&keep).map_err(|e| (SetupStep::CloseFds, e, "job"))?;
     exec.filter
         .install()
         .map_err(|e| (SetupStep::Seccomp, e, ""))?;

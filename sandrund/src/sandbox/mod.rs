@@ -120,9 +120,10 @@ pub struct Spawned {
     /// SHA-256 of the lock file of the job's template, read from the very clone mounted at
     /// `/env`; `None` without a template.
     pub template_lock: Option<[u8; 32]>,
-    /// The job installs requirements before its command (its exit report says what they came
-    /// to).
-    pub requirements: bool,
+    /// For a job with requirements: the read end (non-blocking, close-on-exec) of the pipe on
+    /// which its install step writes its one record (see `server/requirements.rs`). Nothing
+    /// else of the helper or the sandbox keeps a write end once J has `execve`d.
+    pub requirements: Option<OwnedFd>,
 }
 
 /// How C gets into its job's cgroup.
@@ -444,7 +445,8 @@ pub struct Starting {
     deadline: Instant,
     /// sha256 of the job's template lock file, read from the job's own clone.
     template_lock: Option<[u8; 32]>,
-    requirements: bool,
+    /// Read end of the requirements record pipe, for a job with requirements.
+    requirements: Option<OwnedFd>,
 }
 
 /// What a readable control socket came to.
@@ -499,15 +501,32 @@ pub fn begin(
         ),
         false => None,
     };
+    // The install step's only way to report (see `server/requirements.rs`): C hands the write
+    // end to J alone, and the helper's copy is closed as soon as it is sent.
+    let record = match order.wheelhouse {
+        true => Some(
+            output_pipe(SetupStep::BindWheelhouse, "requirements record pipe").map_err(
+                |error| StartError {
+                    error,
+                    prepared: true,
+                },
+            )?,
+        ),
+        false => None,
+    };
+    let (record_r, record_w) = record.unzip();
     let template_fd = template.as_ref().map(AsRawFd::as_raw_fd);
-    let wheelhouse_fd = wheelhouse.as_ref().map(AsRawFd::as_raw_fd);
+    let wheelhouse_fds = wheelhouse
+        .as_ref()
+        .zip(record_w.as_ref())
+        .map(|(tree, record)| (tree.as_raw_fd(), record.as_raw_fd()));
     let sent = channel::send_go(
         warm.ctrl.as_raw_fd(),
         order.memfd.as_raw_fd(),
         template_fd,
-        wheelhouse_fd,
+        wheelhouse_fds,
     );
-    drop((template, wheelhouse));
+    drop((template, wheelhouse, record_w));
     // If C already failed or died, its report (or the closed channel) is waiting on the
     // channel, and `poll` returns it. A `Go` that could not even be sent means C was gone
     // before it got the job: the job had no part in that failure.
@@ -518,7 +537,7 @@ pub fn begin(
         started,
         deadline: started + settings.start_timeout,
         template_lock,
-        requirements: order.wheelhouse,
+        requirements: record_r,
     })
 }
 
@@ -674,8 +693,8 @@ impl Ends {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(sys::at(step, "socketpair"))?;
-        let (stdout_r, stdout_w) = output_pipe()?;
-        let (stderr_r, stderr_w) = output_pipe()?;
+        let (stdout_r, stdout_w) = output_pipe(SetupStep::Clone, "output pipe")?;
+        let (stderr_r, stderr_w) = output_pipe(SetupStep::Clone, "output pipe")?;
         let (status_r, status_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys::at(step, "status pipe"))?;
         Ok(Ends {
             ctrl_parent,
@@ -701,12 +720,11 @@ impl Ends {
 }
 
 /// A pipe whose read end (the helper's) is non-blocking; both ends close-on-exec.
-fn output_pipe() -> Result<(OwnedFd, OwnedFd), SetupError> {
-    let step = SetupStep::Clone;
-    let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys::at(step, "output pipe"))?;
+fn output_pipe(step: SetupStep, what: &'static str) -> Result<(OwnedFd, OwnedFd), SetupError> {
+    let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys::at(step, what))?;
     let flags = OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
-        .map_err(sys::at(step, "output pipe O_NONBLOCK"))?;
+        .map_err(sys::at(step, what))?;
     Ok((r, w))
 }
 

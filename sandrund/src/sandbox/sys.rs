@@ -142,8 +142,13 @@ pub(super) fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, i32> {
 
 /// Duplicates `fd` to a new close-on-exec fd numbered 3 or more.
 pub(super) fn relocate(fd: RawFd) -> Result<OwnedFd, i32> {
+    relocate_from(fd, 3)
+}
+
+/// Duplicates `fd` to a new close-on-exec fd numbered `lowest` or more.
+pub(super) fn relocate_from(fd: RawFd, lowest: RawFd) -> Result<OwnedFd, i32> {
     // SAFETY: F_DUPFD_CLOEXEC only reads fd and returns a new fd or -1.
-    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, lowest) };
     if new < 0 {
         return Err(errno());
     }

@@ -155,8 +155,9 @@ pub struct Job {
     reaped_at: Option<Instant>,
     /// The lock hash of the job's template, for its exit report.
     template_lock: Option<[u8; 32]>,
-    /// The job installed requirements first (its report says what they came to).
-    requirements: bool,
+    /// For a job that installed requirements first: the read end of its record pipe (its
+    /// report says what they came to).
+    requirements: Option<OwnedFd>,
 }
 
 impl Job {
@@ -363,7 +364,7 @@ impl Job {
     }
 
     /// Builds the exit report from the status and the cgroup's figures (and, for a job with
-    /// requirements, from its tmpfs and the wheelhouse).
+    /// requirements, from its record pipe and the wheelhouse).
     pub fn report(&mut self, wheelhouse: &std::path::Path) -> ExitReport {
         if let Ok(stats) = self.stats() {
             self.last_stats = stats;
@@ -389,10 +390,10 @@ impl Job {
         } else {
             ExitReason::None
         };
-        let requirements = self.requirements.then(|| {
-            use std::os::fd::AsFd;
-            super::requirements::outcome(self.workdir.as_ref().map(|w| w.as_fd()), wheelhouse)
-        });
+        let requirements = self
+            .requirements
+            .as_ref()
+            .map(|record| super::requirements::outcome(record.as_fd(), wheelhouse));
         let failed = requirements.as_ref().is_some_and(|r| r.error.is_some());
         let reason = match reason {
             ExitReason::None | ExitReason::OutputLimit if failed => ExitReason::Requirements,

@@ -7,25 +7,30 @@
 //! /wheelhouse --prefix /tmp/.sandrun-req/prefix`. pip sees the template's packages through
 //! `PYTHONPATH=/env`, so a requirement the template satisfies is not installed again. A line with
 //! `--hash=sha256:` turns on pip's hash-checking mode for the whole file (every requirement must
-//! then pin one). On failure the script writes `/tmp/.sandrun-req/failed` (one line naming the
-//! cause) and exits 1 without running the command; on success it writes
-//! `/tmp/.sandrun-req/installed` (`name version wheel` per line, from pip's `--report`) and
-//! `execve`s the command with the install directory first on `PYTHONPATH`.
+//! then pin one).
 //!
-//! After the job, [`outcome`] reads those two files from the job's tmpfs (through the `/work`
-//! fd, `openat2` without following any link or leaving the tmpfs) and hashes each named wheel
-//! **from the wheelhouse itself**, so the hashes reported and signed are those of the
-//! operator's files, never numbers the job wrote. The job's own code runs after the install as
-//! the same uid and could rewrite the file listing what was installed; it can only name wheels
-//! of the wheelhouse that way, and its code is covered by the signed job hash.
+//! The script reports on fd 3, the write end of a pipe the helper made for this job alone
+//! (sent with `Go`; C gives it to J only, at fd 3 without close-on-exec, and keeps no copy; the
+//! helper closed its own copy once sent). It writes one record there: `installed`, then `name
+//! version wheel` per line (from pip's `--report`), or `failed <cause>`, then `end`, at most
+//! 60000 bytes (so the write never blocks on the pipe's 64 KiB), and closes it. On failure it
+//! exits 1 without running the command; on success it `execve`s the command with the install
+//! directory first on `PYTHONPATH`. The job's own code therefore starts with no way to add to
+//! or change the record (fd 3 is `EBADF` for it), and what it writes in `/tmp/.sandrun-req`
+//! counts for nothing. No code of the job runs while fd 3 is open: the script itself runs with
+//! `-I`, and pip (a `subprocess.run`, which closes fds other than 0-2) runs with a fixed
+//! environment (none of the job's variables, `PYTHONPATH=/env` only with a template) and
+//! `/tmp/.sandrun-req` as its working directory (so `python -m pip` cannot pick up a `pip` of
+//! the job's `/work`).
+//!
+//! After the job, [`outcome`] reads the record from the helper's read end (non-blocking, at
+//! most 64 KiB; missing, cut short or malformed: "the requirements install did not finish")
+//! and hashes each named wheel **from the wheelhouse itself**, so the hashes reported and
+//! signed are those of the operator's files.
 
-use std::ffi::CStr;
-use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 
-use nix::fcntl::OFlag;
-use nix::sys::stat::{fstat, SFlag};
 use sandrun_ipc::{InstalledPackage, RequirementsReport};
 use sha2::{Digest, Sha256};
 
@@ -36,10 +41,17 @@ base = "/tmp/.sandrun-req"
 def put(name, text):
     with open(os.path.join(base, name), "w") as f:
         f.write(text)
+def record(text):
+    data = text.encode("utf-8", "replace")
+    try:
+        while data:
+            data = data[os.write(3, data):]
+    finally:
+        os.close(3)
 def fail(msg):
     sys.stderr.write("sandrun: requirements: " + msg + "\n")
     try:
-        put("failed", msg[:400] + "\n")
+        record("failed " + msg[:400].replace("\n", " ") + "\nend\n")
     except OSError:
         pass
     sys.exit(1)
@@ -54,8 +66,12 @@ try:
            "--disable-pip-version-check", "--no-compile", "--no-warn-script-location",
            "--no-input", "--progress-bar", "off", "--report", base + "/report.json",
            "-r", base + "/requirements.txt"]
+    penv = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": base, "TMPDIR": "/tmp",
+            "LANG": "C.UTF-8"}
+    if os.environ.get("PYTHONPATH") == "/env":
+        penv["PYTHONPATH"] = "/env"
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT)
+                       stderr=subprocess.STDOUT, cwd=base, env=penv, close_fds=True)
 except OSError as e:
     if e.errno in (27, 28):
         fail("the job's tmpfs is full (raise limits.tmpfs_mb)")
@@ -87,7 +103,9 @@ try:
             fail(md["name"] + " did not come from the wheelhouse")
         wheel = urllib.parse.unquote(url[len("file:///wheelhouse/"):])
         lines.append(md["name"] + " " + md["version"] + " " + wheel + "\n")
-    put("installed", "".join(lines))
+    text = "installed\n" + "".join(lines) + "end\n"
+    if len(text.encode("utf-8", "replace")) > 60000:
+        fail("the list of installed distributions is longer than 60000 bytes")
 except OSError as e:
     if e.errno in (27, 28):
         fail("the job's tmpfs is full (raise limits.tmpfs_mb)")
@@ -101,20 +119,24 @@ env = dict(os.environ)
 if site:
     env["PYTHONPATH"] = site + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
 try:
+    record(text)
+except OSError as e:
+    fail("could not report the install: " + str(e.strerror))
+try:
     os.execve(argv[0], argv, env)
 except OSError as e:
     sys.stderr.write("sandrun: cannot execute " + argv[0] + ": " + str(e.strerror) + "\n")
     sys.exit(127)
 "#;
 
-/// The directory of the two result files, relative to the job's `/work`.
-const RESULT_DIR: &str = "../tmp/.sandrun-req";
-/// Largest result file read.
-const MAX_RESULT_BYTES: u64 = 64 * 1024;
+/// Largest record read.
+const MAX_RECORD_BYTES: usize = 64 * 1024;
 /// Largest failure message kept.
 const MAX_MESSAGE_CHARS: usize = 300;
 /// Most distributions one job's report may name (each a distinct wheel).
 const MAX_INSTALLED: usize = 256;
+/// What the helper says when the record is missing, cut short or malformed.
+const NOT_FINISHED: &str = "the requirements install did not finish";
 
 /// The job's argv, run through the install step: `python -I -c INSTALL_PY REQS ARGV...`.
 pub fn wrap_argv(python: &str, requirements: &[String], argv: Vec<String>) -> Vec<String> {
@@ -131,32 +153,72 @@ pub fn wrap_argv(python: &str, requirements: &[String], argv: Vec<String>) -> Ve
     out
 }
 
-/// What the job's requirements came to (see the module docs). `workdir` is the job's `/work`
-/// fd; `wheelhouse` the helper's `wheelhouse_dir`.
-pub fn outcome(workdir: Option<BorrowedFd<'_>>, wheelhouse: &Path) -> RequirementsReport {
-    let failed = |msg: String| RequirementsReport {
+/// What the job's requirements came to (see the module docs), from the read end of the job's
+/// record pipe (non-blocking; every write end is closed once the job has ended). `wheelhouse`
+/// is the helper's `wheelhouse_dir`.
+pub fn outcome(record: BorrowedFd<'_>, wheelhouse: &Path) -> RequirementsReport {
+    match read_record(record) {
+        Ok(text) => parse_record(&text, wheelhouse),
+        Err(msg) => failed(msg),
+    }
+}
+
+fn failed(msg: String) -> RequirementsReport {
+    RequirementsReport {
         installed: Vec::new(),
         error: Some(msg),
-    };
-    let Some(workdir) = workdir else {
-        return failed("the job's tmpfs was gone before the install was checked".to_owned());
-    };
-    if let Some(text) = read_result(workdir, c"../tmp/.sandrun-req/failed") {
-        return failed(printable(text.lines().next().unwrap_or("")));
     }
-    let Some(text) = read_result(workdir, c"../tmp/.sandrun-req/installed") else {
-        return failed("the requirements install did not finish".to_owned());
+}
+
+/// Everything in the pipe, up to [`MAX_RECORD_BYTES`], without blocking.
+fn read_record(fd: BorrowedFd<'_>) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+            Ok(0) | Err(nix::errno::Errno::EAGAIN) => break,
+            Ok(n) => {
+                bytes.extend_from_slice(&buf[..n]);
+                if bytes.len() > MAX_RECORD_BYTES {
+                    return Err(format!(
+                        "the install step's record is longer than {MAX_RECORD_BYTES} bytes"
+                    ));
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("the install step's record cannot be read: {e}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `installed` then `name version wheel` lines, or one `failed MESSAGE` line, then `end`.
+/// Anything else (nothing written, cut short by a kill) is [`NOT_FINISHED`].
+fn parse_record(text: &str, wheelhouse: &Path) -> RequirementsReport {
+    let Some(body) = text.strip_suffix("end\n") else {
+        return failed(NOT_FINISHED.to_owned());
     };
+    let mut lines = body.lines();
+    let first = lines.next().unwrap_or("");
+    if let Some(msg) = first.strip_prefix("failed ") {
+        if lines.next().is_some() {
+            return failed(NOT_FINISHED.to_owned());
+        }
+        return failed(printable(msg));
+    }
+    if first != "installed" {
+        return failed(NOT_FINISHED.to_owned());
+    }
     let mut installed: Vec<InstalledPackage> = Vec::new();
-    for line in text.lines() {
+    for line in lines {
         if installed.len() == MAX_INSTALLED {
             return failed(format!("more than {MAX_INSTALLED} distributions installed"));
         }
         match installed_package(line, wheelhouse) {
-            // The job wrote this list: one wheel named twice is a lie, not an install (and
+            // pip installs a distribution once: one wheel named twice is not an install (and
             // would only make the helper hash it again).
             Ok(p) if installed.iter().any(|q| q.wheel == p.wheel) => {
-                return failed(format!("{RESULT_DIR}/installed names {} twice", p.wheel))
+                return failed(format!("the install step named {} twice", p.wheel))
             }
             Ok(p) => installed.push(p),
             Err(msg) => return failed(msg),
@@ -171,7 +233,7 @@ pub fn outcome(workdir: Option<BorrowedFd<'_>>, wheelhouse: &Path) -> Requiremen
 
 /// One `name version wheel` line, with the wheel hashed from the wheelhouse.
 fn installed_package(line: &str, wheelhouse: &Path) -> Result<InstalledPackage, String> {
-    let bad = || format!("{RESULT_DIR}/installed has a malformed line");
+    let bad = || "the install step's record has a malformed line".to_owned();
     let mut words = line.split(' ');
     let (Some(name), Some(version), Some(wheel), None) =
         (words.next(), words.next(), words.next(), words.next())
@@ -252,54 +314,6 @@ fn hash_wheel(wheelhouse: &Path, wheel: &str) -> std::io::Result<[u8; 32]> {
     Ok(hash)
 }
 
-const RESOLVE_NO_XDEV: u64 = 0x01;
-const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
-const RESOLVE_NO_SYMLINKS: u64 = 0x04;
-
-#[repr(C)]
-struct OpenHow {
-    flags: u64,
-    mode: u64,
-    resolve: u64,
-}
-
-/// Reads one result file of the job's tmpfs: `path` from `/work`, never following a link
-/// (`RESOLVE_NO_SYMLINKS`) nor leaving the tmpfs (`RESOLVE_NO_XDEV`), a regular file of at most
-/// [`MAX_RESULT_BYTES`]. `None` if it is not there or is anything else.
-fn read_result(workdir: BorrowedFd<'_>, path: &CStr) -> Option<String> {
-    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let how = OpenHow {
-        flags: u64::from(flags.bits().cast_unsigned()),
-        mode: 0,
-        resolve: RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
-    };
-    // SAFETY: `workdir` is a valid borrowed fd, `path` is NUL-terminated and `how` is a live,
-    // properly laid out `struct open_how` whose size we pass; the kernel only reads them during
-    // the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            workdir.as_raw_fd(),
-            path.as_ptr(),
-            &how as *const OpenHow,
-            std::mem::size_of::<OpenHow>(),
-        )
-    };
-    let fd = i32::try_from(ret).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: the syscall succeeded and returned a new descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let st = fstat(fd.as_raw_fd()).ok()?;
-    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
-        return None;
-    }
-    let mut bytes = Vec::new();
-    std::fs::File::from(fd)
-        .take(MAX_RESULT_BYTES)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    Some(String::from_utf8_lossy(&bytes).into_owned())
-}
-
 /// Printable ASCII only, bounded.
 fn printable(s: &str) -> String {
     let s: String = s
@@ -317,28 +331,29 @@ fn printable(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, OwnedFd};
 
-    fn job_tmpfs() -> (tempfile::TempDir, std::fs::File) {
-        let root = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(root.path().join("work")).expect("work");
-        std::fs::create_dir_all(root.path().join("tmp/.sandrun-req")).expect("tmp");
-        let work = std::fs::File::open(root.path().join("work")).expect("open work");
-        (root, work)
+    /// The read end of a pipe holding `record`, its write end closed (as after the job).
+    fn record(text: &str) -> OwnedFd {
+        let (r, w) = nix::unistd::pipe().expect("pipe");
+        nix::unistd::write(&w, text.as_bytes()).expect("write");
+        drop(w);
+        nix::fcntl::fcntl(
+            r.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .expect("O_NONBLOCK");
+        r
     }
 
     #[test]
-    fn given_an_installed_list_then_wheels_are_hashed_from_the_wheelhouse_and_sorted() {
-        let (root, work) = job_tmpfs();
+    fn given_an_installed_record_then_wheels_are_hashed_from_the_wheelhouse_and_sorted() {
         let wh = tempfile::tempdir().expect("wheelhouse");
         std::fs::write(wh.path().join("b-2.0-py3-none-any.whl"), b"bee").expect("write");
         std::fs::write(wh.path().join("a-1.0-py3-none-any.whl"), b"ay").expect("write");
-        std::fs::write(
-            root.path().join("tmp/.sandrun-req/installed"),
-            "b 2.0 b-2.0-py3-none-any.whl\na 1.0 a-1.0-py3-none-any.whl\n",
-        )
-        .expect("write");
-        let r = outcome(Some(work.as_fd()), wh.path());
+        let fd =
+            record("installed\nb 2.0 b-2.0-py3-none-any.whl\na 1.0 a-1.0-py3-none-any.whl\nend\n");
+        let r = outcome(fd.as_fd(), wh.path());
         assert_eq!(r.error, None);
         let names: Vec<&str> = r.installed.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
@@ -346,54 +361,63 @@ mod tests {
             r.installed[1].sha256,
             <[u8; 32]>::from(Sha256::digest(b"bee"))
         );
+        let r = outcome(record("installed\nend\n").as_fd(), wh.path());
+        assert_eq!((r.error, r.installed.len()), (None, 0));
     }
 
     #[test]
-    fn given_a_failure_file_or_none_or_a_lie_then_the_report_says_so() {
-        let (root, work) = job_tmpfs();
+    fn given_a_failure_record_or_none_or_a_bad_one_then_the_report_says_so() {
         let wh = tempfile::tempdir().expect("wheelhouse");
-        let r = outcome(Some(work.as_fd()), wh.path());
-        assert_eq!(
-            r.error.as_deref(),
-            Some("the requirements install did not finish")
-        );
-        let dir = root.path().join("tmp/.sandrun-req");
         std::fs::write(wh.path().join("a-1-py3-none-any.whl"), b"a").expect("write");
-        for line in [
-            "a 1 a-1-py3-none-any.whl\na 1 a-1-py3-none-any.whl\n",
-            "x 1 ../../etc/passwd.whl",
-            "x 1 missing-1-py3-none-any.whl",
-            "x 1",
+        for (text, want) in [
+            ("", NOT_FINISHED),
+            // Cut short (the install step was killed while writing it).
+            ("installed\na 1 a-1-py3-none-any.whl\n", NOT_FINISHED),
+            ("something\nend\n", NOT_FINISHED),
+            ("failed x\ninstalled\nend\n", NOT_FINISHED),
+            (
+                "installed\na 1 a-1-py3-none-any.whl\na 1 a-1-py3-none-any.whl\nend\n",
+                "the install step named a-1-py3-none-any.whl twice",
+            ),
+            (
+                "installed\nx 1 ../../etc/passwd.whl\nend\n",
+                "the install step's record has a malformed line",
+            ),
+            (
+                "installed\nx 1\nend\n",
+                "the install step's record has a malformed line",
+            ),
+            (
+                "failed the wheelhouse has no distribution for zz\x1b\nend\n",
+                "the wheelhouse has no distribution for zz",
+            ),
         ] {
-            std::fs::write(dir.join("installed"), line).expect("write");
-            let r = outcome(Some(work.as_fd()), wh.path());
-            assert!(r.error.is_some(), "{line}");
+            let r = outcome(record(text).as_fd(), wh.path());
+            assert_eq!(r.error.as_deref(), Some(want), "{text:?}");
             assert!(r.installed.is_empty());
         }
-        std::fs::write(
-            dir.join("failed"),
-            "the wheelhouse has no distribution for zz\x1b\n",
-        )
-        .expect("write");
-        let r = outcome(Some(work.as_fd()), wh.path());
-        assert_eq!(
-            r.error.as_deref(),
-            Some("the wheelhouse has no distribution for zz")
+        let r = outcome(
+            record("installed\nx 1 missing-1-py3-none-any.whl\nend\n").as_fd(),
+            wh.path(),
         );
+        assert!(r
+            .error
+            .is_some_and(|e| e.contains("missing-1-py3-none-any.whl")));
     }
 
     #[test]
-    fn given_a_symlinked_result_dir_then_nothing_outside_is_read() {
-        let (root, work) = job_tmpfs();
-        let outside = tempfile::tempdir().expect("outside");
-        std::fs::write(outside.path().join("failed"), "secret\n").expect("write");
-        std::fs::remove_dir(root.path().join("tmp/.sandrun-req")).expect("rmdir");
-        std::os::unix::fs::symlink(outside.path(), root.path().join("tmp/.sandrun-req"))
-            .expect("symlink");
-        let r = outcome(Some(work.as_fd()), Path::new("/nonexistent"));
-        assert_eq!(
-            r.error.as_deref(),
-            Some("the requirements install did not finish")
-        );
+    fn given_an_oversized_record_or_an_open_writer_then_the_read_never_blocks_nor_grows() {
+        let wh = Path::new("/nonexistent");
+        // A writer still open and nothing written: EAGAIN, not a hang.
+        let (r, _w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).expect("pipe");
+        let got = outcome(r.as_fd(), wh);
+        assert_eq!(got.error.as_deref(), Some(NOT_FINISHED));
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).expect("pipe");
+        nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 17))
+            .expect("F_SETPIPE_SZ");
+        let big = vec![b'x'; MAX_RECORD_BYTES + 1];
+        assert_eq!(nix::unistd::write(&w, &big).expect("write"), big.len());
+        let got = outcome(r.as_fd(), wh);
+        assert!(got.error.is_some_and(|e| e.contains("longer than")));
     }
 }
