@@ -5,7 +5,6 @@
 //! Validated jobs go to the root helper `sandrund` over the typed `sandrun-ipc` protocol, one
 //! connection per job.
 
-pub mod app;
 pub mod bundle;
 pub mod config;
 pub mod gateway;
@@ -18,5 +17,6 @@ pub mod queue;
 pub mod ratelimit;
 pub mod server;
 pub mod signing;
+pub mod startup;
 pub mod systemd;
 pub mod upload;
