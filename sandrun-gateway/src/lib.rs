@@ -7,7 +7,6 @@
 
 pub mod bundle;
 pub mod config;
-pub mod gateway;
 pub mod helper_client;
 pub mod jobs;
 pub mod manifest;
@@ -15,8 +14,10 @@ pub mod metrics;
 pub mod privdrop;
 pub mod queue;
 pub mod ratelimit;
+pub mod scheduler;
 pub mod server;
 pub mod signing;
 pub mod startup;
+pub mod state;
 pub mod systemd;
 pub mod upload;

@@ -40,7 +40,8 @@ use crate::jobs::{BudgetFull, Reservation};
 use crate::ratelimit::ClientKey;
 use phases::{InFlightBody, PhaseTimeouts, Phases, Watched};
 
-use crate::gateway::{run_scheduler, stopped, AppState};
+use crate::scheduler::{run_scheduler, stopped};
+use crate::state::AppState;
 
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

@@ -13,7 +13,6 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::bundle::BundleError;
-use crate::gateway::AppState;
 use crate::helper_client::job_spec;
 use crate::jobs::{
     BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, Reservation,
@@ -25,6 +24,7 @@ use crate::server::body::{timed_body, BodyPace, BodyVerdict};
 use crate::server::response::{bytes_response, json, quota_headers, ApiError, ApiResult, Body};
 use crate::server::text::base64;
 use crate::server::{outputs, run, ui, ws, ConnInfo};
+use crate::state::AppState;
 use crate::upload::slots::SlotRefused;
 use crate::upload::{parse_submission, UploadError};
 

@@ -19,7 +19,6 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::gateway::AppState;
 use crate::jobs::JobId;
 use crate::ratelimit::ClientKey;
 use crate::server::outputs::listed;
@@ -28,6 +27,7 @@ use crate::server::routes::{
     budget_refusal, charged_json, charged_logs, client_key, discard_behind, log_texts, status_body,
     submit,
 };
+use crate::state::AppState;
 
 /// `POST /run[?wait=SECONDS]`.
 pub async fn run(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> ApiResult {
