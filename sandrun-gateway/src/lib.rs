@@ -5,6 +5,7 @@
 //! Validated jobs go to the root helper `sandrund` over the typed `sandrun-ipc` protocol, one
 //! connection per job.
 
+pub mod budget;
 pub mod bundle;
 pub mod config;
 pub mod helper_client;

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::budget::MemoryBudget;
 use crate::config::{ClientShares, Config};
-use crate::jobs::{JobTable, MemoryBudget};
+use crate::jobs::JobTable;
 use crate::manifest::ManifestPolicy;
 use crate::metrics::{Gauges, Metrics};
 use crate::ratelimit::RateLimiter;

@@ -35,8 +35,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::budget::{BudgetFull, Reservation};
 use crate::config::H2_MIN_WINDOW;
-use crate::jobs::{BudgetFull, Reservation};
 use crate::ratelimit::ClientKey;
 use phases::{InFlightBody, PhaseTimeouts, Phases, Watched};
 

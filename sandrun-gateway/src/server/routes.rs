@@ -12,12 +12,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::budget::{BudgetFull, Reservation, SharedReservation};
 use crate::bundle::BundleError;
 use crate::helper_client::job_spec;
-use crate::jobs::{
-    BudgetFull, DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, Reservation,
-    SharedReservation, StreamKind,
-};
+use crate::jobs::{DeleteOutcome, Job, JobId, JobInfo, JobStatus, PendingJob, StreamKind};
 use crate::queue::QueueFull;
 use crate::ratelimit::{client_ip, ClientKey};
 use crate::server::body::{timed_body, BodyPace, BodyVerdict};

@@ -26,7 +26,8 @@ use hyper_tungstenite::tungstenite::Message;
 use hyper_tungstenite::HyperWebsocketStream;
 use serde_json::json;
 
-use crate::jobs::{JobEvent, JobId, Reservation, StreamKind};
+use crate::budget::Reservation;
+use crate::jobs::{JobEvent, JobId, StreamKind};
 use crate::server::response::{ApiError, ApiResult};
 use crate::server::routes::{budget_refusal, client_key, job_id};
 use crate::server::text::{base64, Utf8Carry};
