@@ -9,8 +9,9 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 
 use crate::jobs::{JobStatus, OutputFile};
+use crate::server::params::job_id;
+use crate::server::refusals::budget_refusal;
 use crate::server::response::{bytes_response, json, ApiError, ApiResult, Body};
-use crate::server::routes::{budget_refusal, job_id};
 use crate::state::AppState;
 
 #[derive(Serialize)]

@@ -28,8 +28,9 @@ use serde_json::json;
 
 use crate::budget::Reservation;
 use crate::jobs::{JobEvent, JobId, StreamKind};
+use crate::server::params::{client_key, job_id};
+use crate::server::refusals::budget_refusal;
 use crate::server::response::{ApiError, ApiResult};
-use crate::server::routes::{budget_refusal, client_key, job_id};
 use crate::server::text::{base64, Utf8Carry};
 use crate::server::ConnInfo;
 use crate::state::AppState;
