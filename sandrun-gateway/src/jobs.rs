@@ -173,7 +173,13 @@ pub struct Job {
     pending: Option<PendingJob>,
     cancel: Arc<Notify>,
     changed: watch::Sender<u64>,
-    /// Logs and outputs; response bodies sending outputs hold it too.
+    /// The job's charge against the memory budget for what it produces: its retained log bytes (grown by `push_output`, up to the log cap
+    /// and the client's share) and, once it finishes, its outputs (the helper's reservation is
+    /// absorbed into it). The charge is the submitting client's. It is shared: a response body
+    /// sending outputs, and a WebSocket reading the event log, hold a clone ([`Job::held`]), so
+    /// the bytes stay charged until the last holder is done even if the job is deleted first;
+    /// it is released when the last clone is dropped. The job's inputs are charged separately,
+    /// to `PendingJob::reservation`, and released when the job ends (or is deleted queued).
     held: SharedReservation,
     /// Times the helper did not take the job (it waited in the queue again after each).
     helper_attempts: u32,
@@ -237,7 +243,8 @@ impl Job {
         String::from_utf8_lossy(&self.log_bytes(kind)).into_owned()
     }
 
-    /// The charge for the job's data, for a response that sends some of it.
+    /// A clone of the job's charge for its logs and outputs (the field `held`), for a response
+    /// that sends some of them: the bytes stay charged until that response is done.
     pub fn held(&self) -> SharedReservation {
         self.held.clone()
     }
