@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use sandrun_ipc::{sanitize_mode, BundleEntry, BundlePath};
 
-use crate::jobs::{BudgetFull, SharedReservation};
+use crate::budget::{BudgetFull, SharedReservation};
 
 /// Mode of a plain uploaded file (no mode travels with a multipart part).
 pub const DEFAULT_FILE_MODE: u32 = 0o644;

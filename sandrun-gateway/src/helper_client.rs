@@ -26,8 +26,9 @@ use tokio::io::BufReader;
 use tokio::net::UnixStream;
 use tokio::sync::Notify;
 
+use crate::budget::{MemoryBudget, Reservation};
 use crate::bundle::Bundle;
-use crate::jobs::{MemoryBudget, OutputFile, PendingJob, Reservation, SkippedOutput};
+use crate::jobs::{OutputFile, PendingJob, SkippedOutput};
 use crate::manifest::Manifest;
 
 /// The helper connection. Reads are buffered: the helper often writes several frames at once

@@ -5,10 +5,9 @@
 //! Validated jobs go to the root helper `sandrund` over the typed `sandrun-ipc` protocol, one
 //! connection per job.
 
-pub mod app;
+pub mod budget;
 pub mod bundle;
 pub mod config;
-pub mod gateway;
 pub mod helper_client;
 pub mod jobs;
 pub mod manifest;
@@ -16,7 +15,10 @@ pub mod metrics;
 pub mod privdrop;
 pub mod queue;
 pub mod ratelimit;
+pub mod scheduler;
 pub mod server;
 pub mod signing;
+pub mod startup;
+pub mod state;
 pub mod systemd;
 pub mod upload;

@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    sandrun_gateway::app::main()
+    sandrun_gateway::startup::main()
 }

@@ -281,7 +281,7 @@ fn given_the_parser_future_then_it_can_be_spawned_on_a_multi_threaded_runtime() 
     fn assert_send<T: Send>(_: &T) {}
     let limits = UploadLimits::default();
     let policy = policy();
-    let charge = sandrun_gateway::jobs::SharedReservation::unlimited();
+    let charge = sandrun_gateway::budget::SharedReservation::unlimited();
     let fut = parse_submission(None, chunked(Vec::new()), &limits, &policy, &charge);
     assert_send(&fut);
 }
@@ -294,7 +294,7 @@ fn charged_parse(
     u64,
     u64,
 ) {
-    use sandrun_gateway::jobs::{MemoryBudget, SharedReservation};
+    use sandrun_gateway::budget::{MemoryBudget, SharedReservation};
     let budget = MemoryBudget::new(budget_bytes * 4, budget_bytes);
     let charge = SharedReservation::new(
         budget.empty(sandrun_gateway::ratelimit::ClientKey::V4([10, 0, 0, 1])),

@@ -183,7 +183,7 @@ fn submit(
         body,
         limits,
         &policy(),
-        &sandrun_gateway::jobs::SharedReservation::unlimited(),
+        &sandrun_gateway::budget::SharedReservation::unlimited(),
     ))
 }
 

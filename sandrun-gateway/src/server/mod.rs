@@ -13,11 +13,15 @@
 mod body;
 pub mod cors;
 mod outputs;
+mod params;
 mod phases;
 mod plain;
+mod refusals;
 pub mod response;
 mod routes;
 mod run;
+mod submit;
+mod templates;
 mod text;
 pub mod tls;
 mod ui;
@@ -35,12 +39,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
+use crate::budget::{BudgetFull, Reservation};
 use crate::config::H2_MIN_WINDOW;
-use crate::jobs::{BudgetFull, Reservation};
 use crate::ratelimit::ClientKey;
 use phases::{InFlightBody, PhaseTimeouts, Phases, Watched};
 
-use crate::gateway::{run_scheduler, stopped, AppState};
+use crate::scheduler::{run_scheduler, stopped};
+use crate::state::AppState;
 
 /// How long shutdown waits for open connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -343,7 +348,9 @@ async fn serve_http<S>(
                 let origin = req.headers().get(hyper::header::ORIGIN).cloned();
                 let mut response = match serve {
                     Serve::UseHttps => plain::use_https(&req),
-                    Serve::OverBudget(full) => routes::answer_refusal(&state, full).into_response(),
+                    Serve::OverBudget(full) => {
+                        refusals::answer_refusal(&state, full).into_response()
+                    }
                     Serve::Api if cors::is_preflight(&req) => cors::preflight(&cors, &req),
                     Serve::Api => routes::handle(state, conn, req).await,
                 };

@@ -8,10 +8,11 @@ use hyper::header::{HeaderValue, CONTENT_DISPOSITION};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
-use crate::gateway::AppState;
 use crate::jobs::{JobStatus, OutputFile};
+use crate::server::params::job_id;
+use crate::server::refusals::budget_refusal;
 use crate::server::response::{bytes_response, json, ApiError, ApiResult, Body};
-use crate::server::routes::{budget_refusal, job_id};
+use crate::state::AppState;
 
 #[derive(Serialize)]
 pub(super) struct Listed {

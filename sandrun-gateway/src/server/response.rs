@@ -13,7 +13,7 @@ use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
-use crate::jobs::SharedReservation;
+use crate::budget::SharedReservation;
 use crate::ratelimit::QuotaHeader;
 
 /// Bytes of a body handed to the connection at a time. The connection asks for the next chunk
@@ -214,7 +214,7 @@ pub type ApiResult = Result<Response<Body>, ApiError>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::MemoryBudget;
+    use crate::budget::MemoryBudget;
     use crate::ratelimit::ClientKey;
     use http_body_util::BodyExt;
 

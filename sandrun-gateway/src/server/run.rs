@@ -19,15 +19,15 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::gateway::AppState;
 use crate::jobs::JobId;
 use crate::ratelimit::ClientKey;
 use crate::server::outputs::listed;
+use crate::server::params::client_key;
+use crate::server::refusals::budget_refusal;
 use crate::server::response::{json, ApiError, ApiResult, Body};
-use crate::server::routes::{
-    budget_refusal, charged_json, charged_logs, client_key, discard_behind, log_texts, status_body,
-    submit,
-};
+use crate::server::routes::{charged_json, charged_logs, log_texts, status_body};
+use crate::server::submit::{discard_behind, submit};
+use crate::state::AppState;
 
 /// `POST /run[?wait=SECONDS]`.
 pub async fn run(state: &Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> ApiResult {

@@ -26,12 +26,14 @@ use hyper_tungstenite::tungstenite::Message;
 use hyper_tungstenite::HyperWebsocketStream;
 use serde_json::json;
 
-use crate::gateway::AppState;
-use crate::jobs::{JobEvent, JobId, Reservation, StreamKind};
+use crate::budget::Reservation;
+use crate::jobs::{JobEvent, JobId, StreamKind};
+use crate::server::params::{client_key, job_id};
+use crate::server::refusals::budget_refusal;
 use crate::server::response::{ApiError, ApiResult};
-use crate::server::routes::{budget_refusal, client_key, job_id};
 use crate::server::text::{base64, Utf8Carry};
 use crate::server::ConnInfo;
+use crate::state::AppState;
 
 /// Clients only send control frames; anything big is refused by the codec.
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;

@@ -29,8 +29,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use sandrun_ipc::BundlePath;
 
+use crate::budget::{BudgetFull, SharedReservation};
 use crate::bundle::{Bundle, BundleBuilder, BundleCaps, BundleError, DEFAULT_FILE_MODE};
-use crate::jobs::{BudgetFull, SharedReservation};
 use crate::manifest::{Manifest, ManifestError, ManifestPolicy, RawManifest};
 use crate::signing::job_hash;
 

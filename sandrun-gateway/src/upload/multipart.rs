@@ -17,7 +17,7 @@ use tokio::sync::mpsc::Sender;
 
 use super::feed::PartMsg;
 use super::{hand_over, Flow, UploadError, UploadLimits};
-use crate::jobs::SharedReservation;
+use crate::budget::SharedReservation;
 use crate::manifest::MAX_MANIFEST_BYTES;
 
 /// Reads every part of a multipart body and hands each one over as it arrives. Only `files`

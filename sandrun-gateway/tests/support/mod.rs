@@ -22,9 +22,9 @@ use hyper::{HeaderMap, Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use sandrun_gateway::config::Config;
-use sandrun_gateway::gateway::AppState;
 use sandrun_gateway::server;
 use sandrun_gateway::signing::WorkerKey;
+use sandrun_gateway::state::AppState;
 use sandrun_ipc::tokio_adapter::AsyncChannel;
 use sandrun_ipc::{
     BundleEntry, BundlePath, ErrorCode, ExitReason, ExitReport, GrantedLimits, Hello, IpcError,

@@ -94,7 +94,7 @@ where
         body,
         limits,
         &policy(),
-        &sandrun_gateway::jobs::SharedReservation::unlimited(),
+        &sandrun_gateway::budget::SharedReservation::unlimited(),
     )
     .await
 }

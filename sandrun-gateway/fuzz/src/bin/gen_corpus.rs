@@ -340,7 +340,7 @@ fn legacy_seeds() -> Seeds {
 }
 
 fn manifest_seeds() -> Seeds {
-    let seeds: [(&'static str, &str); 14] = [
+    let seeds: [(&'static str, &str); 15] = [
         ("ok-empty", "{}"),
         ("ok-minimal", r#"{"entrypoint":"main.py"}"#),
         (

@@ -1,166 +1,21 @@
-//! The gateway's shared state and its scheduler: takes jobs from the fair queue while fewer than
-//! `max_running` run, runs each in its own task (one helper connection per job), records the
-//! result, signs it, and expires old jobs.
+//! The scheduler: takes jobs from the fair queue while fewer than `max_running` run, runs each
+//! in its own task (one helper connection per job), records the result, signs it, and expires
+//! old jobs. The state it shares with the handlers is [`AppState`].
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sandrun_ipc::{ExitReason, ExitReport};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
-use crate::config::{ClientShares, Config};
 use crate::helper_client::{self, HelperError, HelperEvent, HelperResult};
-use crate::jobs::{Dispatch, ExitSummary, Finish, JobId, JobStatus, JobTable, MemoryBudget};
+use crate::jobs::{Dispatch, ExitSummary, Finish, JobId, JobStatus};
 use crate::jobs::{OutputFile, StreamKind};
-use crate::manifest::ManifestPolicy;
-use crate::metrics::{Gauges, Metrics};
-use crate::ratelimit::RateLimiter;
-use crate::signing::{canonical_message, EnvironmentClaim, ResultClaim, WorkerKey};
-use crate::upload::slots::UploadSlots;
-use crate::upload::UploadLimits;
+use crate::signing::{canonical_message, EnvironmentClaim, ResultClaim};
+use crate::state::AppState;
 
 /// How often expired jobs and idle quota entries are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
-/// Everything the handlers and the scheduler share.
-#[derive(Debug)]
-pub struct AppState {
-    pub config: Config,
-    pub policy: ManifestPolicy,
-    pub upload_limits: UploadLimits,
-    /// Uploads in progress at once.
-    pub uploads: UploadSlots,
-    pub jobs: JobTable,
-    pub limiter: Mutex<RateLimiter>,
-    pub metrics: Metrics,
-    pub worker_key: WorkerKey,
-    wake: Notify,
-    busy: Mutex<Backoff>,
-}
-
-/// The pause before the queue is offered to the helper again after it could not take a job:
-/// `busy_retry_ms`, doubled after each refusal that came after the last pause ended, up to
-/// `busy_retry_max_ms`; back to the start once the helper accepts a job.
-#[derive(Debug, Default)]
-struct Backoff {
-    until: Option<Instant>,
-    /// Refusals in a row (one per pause).
-    streak: u32,
-}
-
-impl AppState {
-    pub fn new(config: Config, worker_key: WorkerKey) -> Arc<AppState> {
-        let limit = config.retention.memory_budget_bytes;
-        let budget = MemoryBudget::new(
-            limit,
-            ClientShares::of(limit, config.client_shares.memory_percent),
-        );
-        let queue_share =
-            ClientShares::of_count(config.queue_capacity, config.client_shares.queue_percent);
-        let jobs = JobTable::new(
-            config.queue_capacity,
-            queue_share,
-            budget,
-            config.retention.log_bytes,
-        );
-        Arc::new(AppState {
-            policy: manifest_policy(&config),
-            upload_limits: UploadLimits {
-                max_body_bytes: config.max_body_bytes,
-                max_stdin_bytes: config.max_stdin_bytes,
-                ..UploadLimits::default()
-            },
-            uploads: UploadSlots::new(
-                config.max_concurrent_uploads,
-                config.uploads_per_client(),
-                Duration::from_millis(config.upload_wait_ms),
-            ),
-            jobs,
-            limiter: Mutex::new(RateLimiter::new(config.client_limits.clone())),
-            metrics: Metrics::new(),
-            worker_key,
-            wake: Notify::new(),
-            busy: Mutex::new(Backoff::default()),
-            config,
-        })
-    }
-
-    /// Tells the scheduler that the queue or the running set changed.
-    pub fn wake_scheduler(&self) {
-        self.wake.notify_one();
-    }
-
-    pub fn limiter(&self) -> std::sync::MutexGuard<'_, RateLimiter> {
-        // The limiter's maps stay consistent across a panic in a caller.
-        self.limiter.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub fn gauges(&self) -> Gauges {
-        let counts = self.jobs.counts();
-        Gauges {
-            queued: counts.queued,
-            running: counts.running,
-            finished_held: counts.finished,
-            memory_used_bytes: self.jobs.budget().used(),
-            memory_budget_bytes: self.jobs.budget().limit(),
-            uploads_in_progress: self.uploads.in_progress(),
-            uploads_waiting: self.uploads.waiting(),
-        }
-    }
-
-    fn backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
-        self.busy.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn busy_pause(&self) -> Option<Duration> {
-        let mut backoff = self.backoff();
-        let until = backoff.until?;
-        let left = until.checked_duration_since(Instant::now());
-        if left.is_none() {
-            backoff.until = None;
-        }
-        left
-    }
-
-    /// The helper could not take a job: pause the queue, longer each time in a row. Refusals
-    /// during a pause (jobs sent just before it) do not lengthen it.
-    fn set_busy(&self) {
-        let mut backoff = self.backoff();
-        let now = Instant::now();
-        if backoff.until.is_some_and(|until| until > now) {
-            return;
-        }
-        let pause = pause_ms(
-            self.config.busy_retry_ms,
-            self.config.busy_retry_max_ms,
-            backoff.streak,
-        );
-        backoff.streak = backoff.streak.saturating_add(1);
-        backoff.until = Some(now + Duration::from_millis(pause));
-    }
-
-    /// The helper took a job: the next refusal starts the backoff from the beginning.
-    fn helper_accepted(&self) {
-        self.backoff().streak = 0;
-    }
-}
-
-/// The pause after `streak` earlier pauses in a row: `first` doubled each time, at most `max`.
-fn pause_ms(first: u64, max: u64, streak: u32) -> u64 {
-    let factor = 1u64 << streak.min(16);
-    first.saturating_mul(factor).min(max.max(first))
-}
-
-fn manifest_policy(config: &Config) -> ManifestPolicy {
-    let p = &config.policy;
-    ManifestPolicy {
-        interpreters: p.interpreters.clone(),
-        environments: p.environments.clone(),
-        max_timeout_s: p.max_timeout_s,
-        max_memory_mb: p.max_memory_mb,
-        max_cpu_seconds: p.max_cpu_seconds,
-    }
-}
 
 /// Runs the scheduler until `shutdown` turns true.
 pub async fn run_scheduler(state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
@@ -377,17 +232,4 @@ fn unix_now() -> u64 {
 /// Resolves once `shutdown` is true (or its sender is gone).
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pause_ms;
-
-    #[test]
-    fn given_refusals_in_a_row_then_the_pause_doubles_up_to_the_maximum() {
-        let pauses: Vec<u64> = (0..8).map(|n| pause_ms(500, 8000, n)).collect();
-        assert_eq!(pauses, [500, 1000, 2000, 4000, 8000, 8000, 8000, 8000]);
-        assert_eq!(pause_ms(500, 8000, u32::MAX), 8000);
-        assert_eq!(pause_ms(500, 100, 3), 500, "max below first: first");
-    }
 }

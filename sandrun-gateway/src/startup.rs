@@ -18,9 +18,9 @@ use rustls::ServerConfig;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::gateway::AppState;
 use crate::server::{self, tls};
 use crate::signing::WorkerKey;
+use crate::state::AppState;
 use crate::{privdrop, systemd};
 
 #[derive(Debug, Parser)]
