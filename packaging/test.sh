@@ -45,9 +45,17 @@ FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash packaging/fuzz-smoke.sh
 phase fuzz-smoke
 # The VM suite (tests/vm/, docs/operations.md "VM suite"): a Debian 12 guest with systemd as PID 1
 # and cgroup v2 under QEMU installs the .deb install-test.sh just built (VM_DEB: no second build),
-# runs the job suite under the hardened units and checks their exposure scores. Last, alone: it
-# uses both cores. Its image is built from Debian's packages when target/vm has none (~5 min).
+# runs the job suite under the hardened units and checks their exposure scores. Last with
+# vm-selinux, alone: each uses both cores. Its image is built from Debian's packages when
+# target/vm has none (~5 min).
 VM_DEB=$(ls target/package/sandrun_*.deb) bash tests/vm/run.sh
 phase vm-suite
+# The SELinux run (docs/operations.md, "SELinux"): the image variant with Debian's reference
+# policy and auditd, booted with security=selinux; the same .deb loads the module, and
+# guest-selinux-suite.sh runs the job suite permissive, then enforcing, with no AVC for sandrun's
+# own work, and checks that a job's network socket and its read of a key-labelled file are
+# denied. Its image is built when target/vm has none (~8 min here under load), the run ~3-4 min.
+VM_SELINUX=1 VM_DEB=$(ls target/package/sandrun_*.deb) bash tests/vm/run.sh
+phase vm-selinux
 echo "test.sh: times: ${times[*]}, total $(($(date +%s) - t_start))s"
 echo "all tests passed"

@@ -39,10 +39,12 @@ policy=$(find "$root/etc/selinux/default/policy" -name "policy.*" | head -n1)
 fc=$root/etc/selinux/default/contexts/files/file_contexts
 echo "selinux link-check: linked into $(basename "$base"/selinux-policy-default_*.deb .deb)"
 
-seinfo "$policy" --polcap | grep -qw nnp_nosuid_transition || fail "policy capability nnp_nosuid_transition is off"
+# (Each query's output is taken whole before grep -q reads it: piped, grep -q's early exit
+# could kill the writer with SIGPIPE, and pipefail would turn a match into a failure.)
+grep -qw nnp_nosuid_transition <<<"$(seinfo "$policy" --polcap)" || fail "policy capability nnp_nosuid_transition is off"
 # Jobs enter sandrun_job_t at the execve of a program, and the helper runs nothing itself.
 for t in bin_t shell_exec_t sandrun_job_file_t sandrun_template_t; do
-  sesearch "$policy" -T -s sandrund_t -t "$t" -c process | grep -q 'sandrun_job_t;' \
+  grep -q 'sandrun_job_t;' <<<"$(sesearch "$policy" -T -s sandrund_t -t "$t" -c process)" \
     || fail "no transition to sandrun_job_t on $t"
 done
 [ -z "$(sesearch "$policy" -A -s sandrund_t -c file -p execute_no_trans)" ] \
@@ -62,7 +64,7 @@ done
 [ -z "$(sesearch "$policy" -A -s sandrund_t -t sandrun_key_t)" ] || fail "the helper may read the gateway's keys"
 # The gateway connects to nothing but the helper.
 [ -z "$(sesearch "$policy" -A -s sandrun_gateway_t -p name_connect)" ] || fail "the gateway may connect out"
-sesearch "$policy" -A -s sandrun_gateway_t -t sandrund_t -c unix_stream_socket -p connectto | grep -q . \
+grep -q . <<<"$(sesearch "$policy" -A -s sandrun_gateway_t -t sandrund_t -c unix_stream_socket -p connectto)" \
   || fail "the gateway may not connect to the helper"
 # The file contexts made it in.
 for p in /usr/bin/sandrund /usr/bin/sandrun-gateway /run/sandrun /etc/sandrun/tls /var/lib/sandrun/templates; do

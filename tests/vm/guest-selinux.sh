@@ -38,10 +38,14 @@ mode=$(getenforce)
 semodule -l | grep -x sandrun >/dev/null || fail "module sandrun is not loaded"
 ok "SELinux $mode, module sandrun loaded, nnp_nosuid_transition on"
 
-# AVC records since a point in time: from auditd when it runs, else from the kernel log.
+# AVC denials since a point in time (epoch seconds), from the audit log when auditd runs, else
+# from the kernel log. The records' own timestamps (msg=audit(EPOCH.ms:serial)) are compared:
+# `ausearch -ts` takes its time in the locale's format and matched nothing here, which let
+# every denial through.
 avcs_since() {
-  if command -v ausearch >/dev/null && systemctl is-active -q auditd; then
-    ausearch -m AVC,USER_AVC,SELINUX_ERR -ts "$(date -d "@$1" '+%x %T')" 2>/dev/null || true
+  if systemctl is-active -q auditd; then
+    awk -v t="$1" 'match($0, /msg=audit\([0-9]+/) && substr($0, RSTART + 10, RLENGTH - 10) + 0 >= t' \
+      /var/log/audit/audit.log | grep -E 'avc: +denied|SELINUX_ERR' || true
   else
     journalctl -k -o cat --since "@$1" 2>/dev/null | grep -E 'avc: +denied|SELINUX_ERR' || true
   fi
@@ -145,8 +149,11 @@ echo "$av" | grep -E '^allowed=' | grep -qw read && fail "policy lets jobs read 
 ok "policy: sandrun_job_t may not read sandrun_key_t"
 # ...and a job that sees such a file cannot read it: a world-readable stand-in (not the real
 # key) under /usr, which jobs see through their overlay, labelled like the key. In enforcing
-# mode the overlay's check of its mounter (sandrund_t) may be the one that refuses.
-probe_dir=/usr/local/share/sandrun-selinux-probe
+# mode the overlay's check of its mounter (sandrund_t) may be the one that refuses: the VM run
+# logs `sandrund_t sandrun_key_t:file getattr` from comm="cat", the job's open then fails.
+# A directory of its own per run: overlayfs does not promise to see a lower directory that was
+# removed and made again while it is mounted.
+probe_dir=/usr/local/share/sandrun-selinux-probe-${mode,,}
 mkdir -p "$probe_dir"
 trap 'rm -rf "$tmp" "$probe_dir"' EXIT
 echo "-----BEGIN PRIVATE KEY----- stand-in" >"$probe_dir/key.pem"
@@ -156,6 +163,7 @@ probe=$(date +%s)
 sleep 1
 rc=0
 out=$(sandrunctl run -- /bin/cat "$probe_dir/key.pem" 2>&1) || rc=$?
+echo "selinux: a job's cat of $probe_dir/key.pem: status $rc: $out"
 if [ "${mode,,}" = enforcing ]; then
   if [ "$rc" = 0 ] || echo "$out" | grep -q 'PRIVATE KEY'; then
     fail "a job read a file labelled sandrun_key_t: $out"
@@ -163,8 +171,21 @@ if [ "${mode,,}" = enforcing ]; then
 fi
 sleep 1
 avcs_since "$probe" | grep -E 'scontext=[^ ]*:(sandrun_job_t|sandrund_t):' \
-  | grep 'tcontext=[^ ]*:sandrun_key_t:' | grep -qE 'denied +\{ [^}]*(read|open)' \
-  || fail "no AVC for a job's read of a sandrun_key_t file"
+  | grep 'tcontext=[^ ]*:sandrun_key_t:' | grep -qE 'denied +\{ [^}]*(read|open|getattr)' \
+  || { avcs_since "$probe" >&2; fail "no AVC for a job's read of a sandrun_key_t file"; }
 rm -rf "$probe_dir"
 ok "a job's read of the gateway's key is denied (status $rc)"
+# The real key material: not even in a job's view (its /etc is its own tmpfs, /run is not
+# there), whatever SELinux says.
+for k in /etc/sandrun/tls/key.pem /etc/sandrun/worker.key /run/credentials/sandrun-gateway.service; do
+  [ -e "$k" ] || fail "$k does not exist on the host"
+  rc=0
+  out=$(sandrunctl run -- /bin/ls -l "$k" 2>&1) || rc=$?
+  case "$rc:$out" in
+    0:*) fail "a job sees $k: $out" ;;
+    *"No such file or directory"*) ;;
+    *) fail "a job's ls -l $k failed for another reason (status $rc): $out" ;;
+  esac
+done
+ok "the gateway's real key files and credentials are not in a job's view"
 echo "selinux: all checks passed ($mode)"
