@@ -229,7 +229,7 @@ fn given_the_helper_unit_then_it_keeps_out_what_breaks_jobs() {
         ),
         (
             "ProtectControlGroups",
-            "the helper writes its delegated cgroup subtree",
+            "the helper writes its delegated cgroup subtree, read-only under it (systemd 252, VM suite)",
         ),
     ] {
         let v = get(key);
