@@ -1,55 +1,70 @@
-//! The connection to `sandrund`: connect, handshake, and a write half that a second thread (the
-//! Ctrl-C handler) can share without interleaving frames.
+//! The connection to `sandrund`: connect, handshake (pipelined with the first requests), and a
+//! buffered read half.
+//!
+//! The helper reads a connection's messages in order and stops at the first it refuses, so a
+//! client need not wait for `Hello`'s answer before sending what follows: [`send_hello`]
+//! writes `Hello` and the caller's frames in one `write`, then reads the answers in order. A
+//! refused `Hello` is still the first answer, and a write that fails because the helper already
+//! closed is answered by reading the error it sent (see [`send`]), never by a bare `EPIPE`.
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use sandrun_ipc::blocking::ClientChannel;
-use sandrun_ipc::{Hello, Request, Response, Role, PROTOCOL_VERSION};
+use sandrun_ipc::{ChannelError, Hello, Request, Response, Role, PROTOCOL_VERSION};
 
 use crate::error::CtlError;
 
-/// The write half, shared. Each `write` call writes a whole buffer under the lock, and
-/// [`ClientChannel::send`] writes a whole frame in one `write_all`, so frames never interleave.
-#[derive(Clone)]
-pub(crate) struct SharedWriter(Arc<Mutex<UnixStream>>);
+/// How many bytes one read asks for: a whole small frame (and its header) in one system call.
+const READ_BUF_BYTES: usize = 64 * 1024;
 
-impl SharedWriter {
-    /// Writes one complete frame.
-    pub(crate) fn write_frame(&self, frame: &[u8]) -> io::Result<()> {
-        let mut stream = self
-            .0
-            .lock()
-            .map_err(|_| io::Error::other("writer lock poisoned"))?;
-        stream.write_all(frame)?;
-        stream.flush()
-    }
-}
-
-/// A socket whose reads go to the read half and whose writes go through [`SharedWriter`].
+/// The socket, with a read buffer so that a frame's header and payload (and often the next
+/// frames) come in one `read`.
 pub(crate) struct Conn {
-    read: UnixStream,
-    write: SharedWriter,
+    stream: UnixStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
 }
 
 impl Conn {
-    pub(crate) fn writer(&self) -> SharedWriter {
-        self.write.clone()
+    fn new(stream: UnixStream) -> Conn {
+        Conn {
+            stream,
+            buf: vec![0; READ_BUF_BYTES],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The socket's descriptor (for the Ctrl-C handler, which writes one `Cancel` frame).
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
     }
 }
 
 impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read.read(buf)
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.start == self.end {
+            // A large read bypasses the buffer: nothing is copied twice.
+            if out.len() >= self.buf.len() {
+                return self.stream.read(out);
+            }
+            self.end = self.stream.read(&mut self.buf)?;
+            self.start = 0;
+        }
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
     }
 }
 
 impl Write for Conn {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write.write_frame(buf)?;
-        Ok(buf.len())
+        self.stream.write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -61,26 +76,40 @@ pub(crate) type Channel = ClientChannel<Conn>;
 
 /// Connects to `socket` and completes the handshake for `role`.
 pub(crate) fn connect(socket: &Path, role: Role) -> Result<Channel, CtlError> {
+    let mut chan = open(socket)?;
+    send_hello(&mut chan, role, &[])?;
+    await_hello(&mut chan)?;
+    Ok(chan)
+}
+
+/// Connects to `socket`.
+pub(crate) fn open(socket: &Path) -> Result<Channel, CtlError> {
     let stream = UnixStream::connect(socket).map_err(|source| CtlError::Connect {
         path: socket.to_owned(),
         source,
     })?;
-    let write = stream.try_clone().map_err(|source| CtlError::Connect {
-        path: socket.to_owned(),
-        source,
-    })?;
-    let conn = Conn {
-        read: stream,
-        write: SharedWriter(Arc::new(Mutex::new(write))),
-    };
-    let mut chan = ClientChannel::new(conn);
-    let hello = Hello {
+    Ok(ClientChannel::new(Conn::new(stream)))
+}
+
+/// Writes `Hello` for `role` followed by `then` (whole encoded frames) in one write. The
+/// answers come in order: first `Hello`'s (see [`await_hello`]), then those to `then`.
+pub(crate) fn send_hello(chan: &mut Channel, role: Role, then: &[u8]) -> Result<(), CtlError> {
+    let hello = Request::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
         role,
-    };
-    send(&mut chan, &Request::Hello(hello), "sending hello")?;
-    match recv(&mut chan, "waiting for hello")? {
-        Response::Hello(_) => Ok(chan),
+    });
+    let mut frames = sandrun_ipc::encode(&hello).map_err(|e| CtlError::Channel {
+        step: "sending hello",
+        source: ChannelError::from(e),
+    })?;
+    frames.extend_from_slice(then);
+    write_frames(chan, &frames, "sending hello")
+}
+
+/// Reads the helper's answer to `Hello`: its `Hello`, or its refusal as [`CtlError::Helper`].
+pub(crate) fn await_hello(chan: &mut Channel) -> Result<(), CtlError> {
+    match recv(chan, "waiting for hello")? {
+        Response::Hello(_) => Ok(()),
         other => Err(unexpected("waiting for hello", &other)),
     }
 }
@@ -88,11 +117,28 @@ pub(crate) fn connect(socket: &Path, role: Role) -> Result<Channel, CtlError> {
 /// Sends one request. If the helper already closed the connection, the error it sent first (for
 /// example `busy`) is more useful than the broken pipe, so it is read and returned instead.
 pub(crate) fn send(chan: &mut Channel, req: &Request, step: &'static str) -> Result<(), CtlError> {
-    match chan.send(req) {
+    let frame = sandrun_ipc::encode(req).map_err(|e| CtlError::Channel {
+        step,
+        source: ChannelError::from(e),
+    })?;
+    write_frames(chan, &frame, step)
+}
+
+/// Writes whole encoded frames; on failure, prefers the helper's error (see [`send`]).
+pub(crate) fn write_frames(
+    chan: &mut Channel,
+    frames: &[u8],
+    step: &'static str,
+) -> Result<(), CtlError> {
+    // `&UnixStream` writes straight to the socket; the channel only keeps it.
+    match (&chan.get_ref().stream).write_all(frames) {
         Ok(()) => Ok(()),
         Err(source) => match chan.recv() {
             Ok(Response::Error(e)) => Err(CtlError::Helper(e)),
-            _ => Err(CtlError::Channel { step, source }),
+            _ => Err(CtlError::Channel {
+                step,
+                source: ChannelError::Io(source),
+            }),
         },
     }
 }

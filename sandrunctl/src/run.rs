@@ -2,10 +2,8 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicUsize, Ordering};
 
-use nix::sys::signal::{SigSet, Signal};
 use sandrun_ipc::{
     ExitReport, JobId, JobSpec, Limits, NetworkPolicy, OutputFileHeader, OutputPattern,
     PrintablePath, Request, Response, Role, SkipKind,
@@ -13,7 +11,7 @@ use sandrun_ipc::{
 
 use crate::bundle::{self, Bundle};
 use crate::cli::RunArgs;
-use crate::conn::{self, Channel, SharedWriter};
+use crate::conn::{self, Channel};
 use crate::error::CtlError;
 use crate::outputs::{hex, OutFile, Outputs};
 
@@ -31,15 +29,20 @@ pub(crate) fn run(socket: &Path, args: &RunArgs, json: bool) -> Result<i32, CtlE
     spec.stdin_bytes = stdin.len() as u64;
     // Before anything is submitted: a refused output directory costs no job.
     let outputs = Outputs::plan(args.out_dir.as_deref(), spec.outputs.clone())?;
-    let signals = block_interrupts();
-    let mut chan = conn::connect(socket, Role::Submitter)?;
-    let submitted = Arc::new(AtomicBool::new(false));
-    spawn_canceller(signals, chan.get_ref().writer(), Arc::clone(&submitted));
+    let _interrupts = Interrupts::install()?;
+    let first = first_frames(spec, &bundle, &stdin)?;
+    let mut chan = conn::open(socket)?;
+    conn::send_hello(&mut chan, Role::Submitter, &first.frames)?;
+    // Once the whole input is written, a first Ctrl-C may send `Cancel` (the helper reads it
+    // after the input, in order); before, it exits at once. The output directory is made only
+    // after `Accepted`, so exiting at once never leaves one behind.
+    if first.with_input {
+        Interrupts::submitted(chan.get_ref().raw_fd());
+    }
+    conn::await_hello(&mut chan)?;
     let mut outputs = outputs;
-    let job_id = upload(&mut chan, spec, &bundle, &stdin)?;
-    // Only now: before this, a first Ctrl-C exits at once (skipping every destructor), so a
-    // directory made earlier would be left behind.
-    submitted.store(true, Ordering::SeqCst);
+    let job_id = upload(&mut chan, &first, &bundle, &stdin)?;
+    Interrupts::submitted(chan.get_ref().raw_fd());
     outputs.accepted(job_id)?;
     let mut job = JobResult::new(json, outputs);
     job.receive(&mut chan)?;
@@ -109,64 +112,183 @@ fn read_stdin(path: &Path) -> Result<Vec<u8>, CtlError> {
     Ok(bytes)
 }
 
-/// Blocks SIGINT and SIGTERM in this thread (and so in every thread started later) so that only
-/// the canceller thread receives them.
-fn block_interrupts() -> SigSet {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    // Blocking fails only for an invalid `how`, which this is not; if it did fail, the default
-    // action (terminate) still closes the connection, which kills the job too.
-    let _ = set.thread_block();
-    set
+/// The most input bytes (files and stdin) sent together with `Hello` and `Submit`, before the
+/// helper has accepted the job. A larger input waits for `Accepted`, so that a refused job (for
+/// example `busy`) costs no upload.
+const PIPELINED_INPUT_BYTES: u64 = 64 * 1024;
+
+/// The frames written right after `Hello`: `Submit`, and for a small input the whole input
+/// and `BundleEnd` too.
+struct FirstFrames {
+    frames: Vec<u8>,
+    /// Whether the input went with them.
+    with_input: bool,
 }
 
-/// The first Ctrl-C sends `Cancel` once the job is fully submitted (the helper then reports it
-/// as cancelled); before that, or on a second Ctrl-C, the client exits at once, and closing the
-/// connection kills the job too.
-fn spawn_canceller(signals: SigSet, writer: SharedWriter, submitted: Arc<AtomicBool>) {
-    std::thread::spawn(move || {
-        let mut cancelled = false;
-        while let Ok(sig) = signals.wait() {
-            let code = 128 + sig as i32;
-            if cancelled || !submitted.load(Ordering::SeqCst) {
-                std::process::exit(code);
-            }
-            cancelled = true;
-            eprintln!("sandrunctl: cancelling the job (again to quit at once)");
-            let sent = sandrun_ipc::encode(&Request::Cancel)
-                .ok()
-                .is_some_and(|frame| writer.write_frame(&frame).is_ok());
-            if !sent {
-                std::process::exit(code);
-            }
-        }
-    });
+fn encoded(req: &Request, step: &'static str) -> Result<Vec<u8>, CtlError> {
+    sandrun_ipc::encode(req).map_err(|e| CtlError::Channel {
+        step,
+        source: e.into(),
+    })
 }
 
-/// Sends the job, waits for the helper's verdict (`Accepted`, or its error such as `busy`), and
-/// only then sends the input files, then the stdin bytes. Returns the accepted job's id.
+fn first_frames(spec: JobSpec, bundle: &Bundle, stdin: &[u8]) -> Result<FirstFrames, CtlError> {
+    let mut frames = encoded(&Request::Submit(Box::new(spec)), "sending the job")?;
+    let input: u64 = bundle.files.iter().map(|(_, size)| size).sum::<u64>() + stdin.len() as u64;
+    let with_input = input <= PIPELINED_INPUT_BYTES;
+    if with_input {
+        input_frames(bundle, stdin, |frame| {
+            frames.extend_from_slice(&frame);
+            Ok(())
+        })?;
+    }
+    Ok(FirstFrames { frames, with_input })
+}
+
+/// Encodes the input files, then the stdin bytes, then `BundleEnd`, handing each frame to `put`.
+fn input_frames(
+    bundle: &Bundle,
+    stdin: &[u8],
+    mut put: impl FnMut(Vec<u8>) -> Result<(), CtlError>,
+) -> Result<(), CtlError> {
+    bundle::stream_files(&bundle.files, |chunk| {
+        put(encoded(
+            &Request::BundleChunk(chunk),
+            "sending input files",
+        )?)
+    })?;
+    for chunk in stdin.chunks(sandrun_ipc::MAX_CHUNK_BYTES) {
+        put(encoded(
+            &Request::BundleChunk(chunk.to_vec()),
+            "sending stdin",
+        )?)?;
+    }
+    put(encoded(&Request::BundleEnd, "ending the input")?)
+}
+
+/// Waits for the helper's verdict on the job (`Accepted`, or its error such as `busy`) and,
+/// unless it already went with `Submit`, only then sends the input files, then the stdin bytes.
+/// Returns the accepted job's id.
 fn upload(
     chan: &mut Channel,
-    spec: JobSpec,
+    first: &FirstFrames,
     bundle: &Bundle,
     stdin: &[u8],
 ) -> Result<JobId, CtlError> {
     const STEP: &str = "waiting for the helper to accept the job";
-    conn::send(chan, &Request::Submit(Box::new(spec)), "sending the job")?;
     let job_id = match conn::recv(chan, STEP)? {
         Response::Accepted { job_id, .. } => job_id,
         other => return Err(conn::unexpected(STEP, &other)),
     };
-    bundle::stream_files(&bundle.files, |chunk| {
-        conn::send(chan, &Request::BundleChunk(chunk), "sending input files")
-    })?;
-    for chunk in stdin.chunks(sandrun_ipc::MAX_CHUNK_BYTES) {
-        let chunk = Request::BundleChunk(chunk.to_vec());
-        conn::send(chan, &chunk, "sending stdin")?;
+    if !first.with_input {
+        input_frames(bundle, stdin, |frame| {
+            conn::write_frames(chan, &frame, "sending input files")
+        })?;
     }
-    conn::send(chan, &Request::BundleEnd, "ending the input")?;
     Ok(job_id)
+}
+
+/// What the SIGINT/SIGTERM handler needs: whether the job is fully submitted, whether it was
+/// already cancelled, the socket, and the encoded `Cancel` frame (made before the handler is
+/// installed, so the handler allocates nothing).
+static SUBMITTED: AtomicBool = AtomicBool::new(false);
+static CANCELLED: AtomicBool = AtomicBool::new(false);
+static SOCKET_FD: AtomicI32 = AtomicI32::new(-1);
+static CANCEL_FRAME: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static CANCEL_LEN: AtomicUsize = AtomicUsize::new(0);
+
+/// SIGINT and SIGTERM during `run`. The first one sends `Cancel` once the job is fully
+/// submitted (the helper then reports it as cancelled); before that, or on a second one, the
+/// client exits at once with 128 + the signal, and closing the connection kills the job too.
+///
+/// A signal handler rather than a thread waiting in `sigwait`: the main thread is the only one
+/// that writes to the socket, and after submission it only reads, so the handler's one small
+/// write cannot interleave with another frame. Dropping this restores "exit at once".
+struct Interrupts;
+
+impl Interrupts {
+    fn install() -> Result<Interrupts, CtlError> {
+        if CANCEL_FRAME.load(Ordering::SeqCst).is_null() {
+            let frame = encoded(&Request::Cancel, "preparing cancel")?.into_boxed_slice();
+            CANCEL_LEN.store(frame.len(), Ordering::SeqCst);
+            // Leaked on purpose: the handler may read it at any time until the process ends.
+            CANCEL_FRAME.store(Box::leak(frame).as_mut_ptr(), Ordering::SeqCst);
+        }
+        SUBMITTED.store(false, Ordering::SeqCst);
+        CANCELLED.store(false, Ordering::SeqCst);
+        SOCKET_FD.store(-1, Ordering::SeqCst);
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: `action` is fully initialised (zeroed, then handler, mask and flags set);
+            // `on_interrupt` only calls async-signal-safe functions (`write`, `_exit`) and
+            // touches only atomics and the leaked, never-freed `Cancel` frame.
+            let rc = unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_interrupt as extern "C" fn(libc::c_int) as usize;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaddset(&mut action.sa_mask, libc::SIGINT);
+                libc::sigaddset(&mut action.sa_mask, libc::SIGTERM);
+                libc::sigaction(sig, &action, std::ptr::null_mut())
+            };
+            if rc != 0 {
+                return Err(CtlError::Channel {
+                    step: "installing the Ctrl-C handler",
+                    source: std::io::Error::last_os_error().into(),
+                });
+            }
+        }
+        Ok(Interrupts)
+    }
+
+    /// The job is fully submitted on `fd`: a first signal now cancels it.
+    fn submitted(fd: i32) {
+        SOCKET_FD.store(fd, Ordering::SeqCst);
+        SUBMITTED.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Interrupts {
+    fn drop(&mut self) {
+        // The socket is about to close: from now on a signal exits at once.
+        SUBMITTED.store(false, Ordering::SeqCst);
+        SOCKET_FD.store(-1, Ordering::SeqCst);
+    }
+}
+
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    let code = 128 + sig;
+    if CANCELLED.swap(true, Ordering::SeqCst) || !SUBMITTED.load(Ordering::SeqCst) {
+        // SAFETY: `_exit` is async-signal-safe and ends the process; nothing is left half-done
+        // that a destructor would have to finish (see `Interrupts`).
+        unsafe { libc::_exit(code) };
+    }
+    // SAFETY: `__errno_location` returns this thread's errno; it is saved and restored so the
+    // interrupted call sees its own.
+    let saved_errno = unsafe { *libc::__errno_location() };
+    const MSG: &[u8] = b"sandrunctl: cancelling the job (again to quit at once)\n";
+    // SAFETY: `write` is async-signal-safe; `MSG` is a static buffer of `MSG.len()` bytes.
+    let _ = unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+    let fd = SOCKET_FD.load(Ordering::SeqCst);
+    let frame = CANCEL_FRAME.load(Ordering::SeqCst);
+    let len = CANCEL_LEN.load(Ordering::SeqCst);
+    let mut sent = 0;
+    while sent < len {
+        // SAFETY: `frame` points to the leaked `len`-byte `Cancel` frame (stored before the
+        // handler was installed, never freed), so `frame + sent` has `len - sent` valid bytes;
+        // `write` is async-signal-safe.
+        let n = unsafe { libc::write(fd, frame.add(sent).cast(), len - sent) };
+        if n > 0 {
+            sent += n.unsigned_abs();
+        // SAFETY: as above, this thread's errno.
+        } else if n < 0 && unsafe { *libc::__errno_location() } == libc::EINTR {
+            continue;
+        } else {
+            // SAFETY: as above.
+            unsafe { libc::_exit(code) };
+        }
+    }
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved_errno };
 }
 
 /// Everything received about the job.

@@ -63,6 +63,43 @@ fn given_run_json_then_one_object_with_the_documented_fields_is_printed() {
     assert_eq!(v["skipped"], serde_json::json!([]), "{v}");
 }
 
+/// A small input goes with `Submit` in one write; one above 64 KiB waits for `Accepted`. Both
+/// reach the job byte for byte, files first and then stdin.
+#[test]
+fn given_small_and_large_inputs_with_stdin_then_the_job_reads_them_exactly() {
+    let helper = Helper::start(&config(""));
+    let work = tempfile::tempdir().expect("tempdir");
+    for size in [10usize, 300 * 1024] {
+        let input = work.path().join(format!("in-{size}"));
+        fs::create_dir_all(&input).expect("mkdir");
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251).to_le_bytes()[0]).collect();
+        fs::write(input.join("blob"), &data).expect("write input");
+        let stdin: Vec<u8> = (0..size).map(|i| (i * 13 % 253).to_le_bytes()[0]).collect();
+        let stdin_path = work.path().join(format!("stdin-{size}"));
+        fs::write(&stdin_path, &stdin).expect("write stdin");
+        let out = helper.ctl(&[
+            "run",
+            "--json",
+            "--input",
+            input.to_str().expect("utf-8"),
+            "--stdin",
+            stdin_path.to_str().expect("utf-8"),
+            "--",
+            "/bin/sh",
+            "-c",
+            "sha256sum blob; sha256sum -",
+        ]);
+        let v = json_of(&out);
+        assert_eq!(v["exit_code"], 0, "{size}: {v}");
+        let expected = format!(
+            "{}  blob\n{}  -\n",
+            hex(&Sha256::digest(&data)),
+            hex(&Sha256::digest(&stdin))
+        );
+        assert_eq!(v["stdout"], expected.as_str(), "{size}: {v}");
+    }
+}
+
 #[test]
 fn given_input_and_output_patterns_then_outputs_are_written_under_out_dir_with_sha256() {
     let helper = Helper::start(&config(""));

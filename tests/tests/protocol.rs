@@ -1,7 +1,9 @@
 //! Protocol abuse and authorization against a real helper: every bad connection is closed on
 //! its own while a concurrent job on another connection still completes.
 
+use std::fs;
 use std::net::Shutdown;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::Output;
 
@@ -196,6 +198,59 @@ fn given_submitter_only_peer_when_sending_admin_requests_then_they_are_refused()
         assert_eq!(json_code(&out), "not_authorized", "{cmd}: {out:?}");
     }
     // The refused drain did not take effect.
+    assert_still_serves(&helper);
+}
+
+/// `sandrunctl run` writes `Hello`, `Submit` and the input in one write without waiting for
+/// `Hello`'s answer: a peer that may connect (an admin) but not submit must still get the
+/// helper's `not_authorized`, not a broken pipe or a closed connection, and no job runs.
+#[test]
+fn given_admin_only_peer_when_run_pipelines_its_job_then_the_refused_hello_is_reported() {
+    let helper = Helper::start(&config(&format!(
+        "gateway_user = \"{GATEWAY_UID}\"\ngateway_group = \"{GATEWAY_GID}\"\n\
+         admin_group = \"{GATEWAY_GID}\""
+    )));
+    let dir = tempfile::tempdir_in(helper.dir()).expect("input dir");
+    fs::write(dir.path().join("small"), b"pipelined with the job").expect("input file");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let input = dir.path().to_str().expect("utf-8 path");
+    for args in [
+        &["run", "--json", "--", "/bin/true"][..],
+        &["run", "--json", "--input", input, "--", "/bin/true"][..],
+    ] {
+        let out = ctl_as(&helper, STRANGER_UID, GATEWAY_GID, args);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {out:?}");
+        assert_eq!(json_code(&out), "not_authorized", "{args:?}: {out:?}");
+    }
+    // The same admin is served as an admin on the same socket.
+    let stats = ctl_as(&helper, STRANGER_UID, GATEWAY_GID, &["--json", "stats"]);
+    assert_eq!(stats.status.code(), Some(0), "{stats:?}");
+    let v: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats json");
+    assert_eq!(v["Stats"]["jobs_started"], 0, "{v}");
+    assert_still_serves(&helper);
+}
+
+/// A refused `Submit` whose input was pipelined behind it (see the test above) is reported as
+/// the helper's `busy`, and the running job is untouched.
+#[test]
+fn given_all_slots_busy_when_run_pipelines_a_small_input_then_busy_is_reported() {
+    let helper = Helper::start(&config("max_concurrent = 1"));
+    let mut first = helper.submit(&Job::new(&["/bin/sleep", "300"]));
+    first.wait_started().expect("first job started");
+    let dir = tempfile::tempdir_in(helper.dir()).expect("input dir");
+    fs::write(dir.path().join("small"), b"pipelined with the job").expect("input file");
+    let input = dir.path().to_str().expect("utf-8 path");
+    let out = helper.ctl(&["run", "--json", "--input", input, "--", "/bin/true"]);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert_eq!(json_code(&out), "busy", "{out:?}");
+    first.cancel();
+    let first = first.finish();
+    assert_eq!(
+        first.report().reason,
+        sandrun_ipc::ExitReason::Cancelled,
+        "{}",
+        first.describe()
+    );
     assert_still_serves(&helper);
 }
 
