@@ -21,7 +21,7 @@ pub mod response;
 mod routes;
 mod run;
 mod submit;
-mod templates;
+pub(crate) mod templates;
 mod text;
 pub mod tls;
 mod ui;
