@@ -31,6 +31,7 @@ pub struct TemplateCache {
 
 #[derive(Debug)]
 struct Cached {
+    /// When the helper was asked.
     at: Instant,
     listed: Result<Vec<TemplateSummary>, String>,
 }
@@ -66,10 +67,12 @@ pub(super) async fn usable_templates(
     let usable = match slot.as_ref() {
         Some(cached) if age == Age::Cached && cached.fresh(Instant::now()) => cached,
         Some(cached) if age == Age::Fresh && cached.at >= asked => cached,
-        _ => slot.insert(Cached {
-            listed: fetch(state).await,
-            at: Instant::now(),
-        }),
+        _ => {
+            // Timed from the request's start: the list may predate anything after it.
+            let at = Instant::now();
+            let listed = fetch(state).await;
+            slot.insert(Cached { at, listed })
+        }
     };
     let listed = usable.listed.clone()?;
     let allowed = &state.config.policy.environments;
