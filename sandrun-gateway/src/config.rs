@@ -433,9 +433,38 @@ impl Config {
                 message: message.to_owned(),
             });
         }
+        self.check_memory_share_holds_a_connection()?;
         crate::server::cors::AllowedOrigins::parse(&self.cors_allowed_origins)
             .map(drop)
             .map_err(|message| ConfigError::Invalid { message })
+    }
+
+    /// Every HTTP/2 connection is charged its connection window, and every WebSocket its write
+    /// buffer, to its client's memory share for its whole life: a share smaller than either
+    /// would refuse every such connection (429), so the configuration is refused instead.
+    fn check_memory_share_holds_a_connection(&self) -> Result<(), ConfigError> {
+        let share = ClientShares::of(
+            self.retention.memory_budget_bytes,
+            self.client_shares.memory_percent,
+        );
+        let window = u64::from(self.http.http2_connection_window_bytes);
+        let socket = crate::server::ws::WS_SOCKET_CHARGE;
+        let message = if window > share {
+            format!(
+                "http.http2_connection_window_bytes ({window}) must fit in one client's memory \
+                 share ({share} bytes: retention.memory_budget_bytes x \
+                 client_shares.memory_percent), or every HTTP/2 connection is refused"
+            )
+        } else if socket > share {
+            format!(
+                "one client's memory share ({share} bytes: retention.memory_budget_bytes x \
+                 client_shares.memory_percent) must hold a WebSocket's {socket}-byte write \
+                 buffer, or every WebSocket is refused"
+            )
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::Invalid { message })
     }
 
     /// Connections one client may hold at once: the smaller of
@@ -574,6 +603,34 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains("http2_"), "{stream} {conn}: {err}");
         }
+    }
+
+    #[test]
+    fn given_a_memory_share_smaller_than_an_http2_window_or_a_websocket_then_validation_refuses_it()
+    {
+        // 4 MiB budget, 25 %: a 1 MiB share.
+        let mut config = Config::default();
+        config.retention.memory_budget_bytes = 4 << 20;
+        config.http.http2_stream_window_bytes = 1 << 20;
+        config.http.http2_connection_window_bytes = 1 << 20;
+        assert!(config.validate().is_ok());
+        config.http.http2_connection_window_bytes = (1 << 20) + 1;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("http.http2_connection_window_bytes")
+                && err.contains("retention.memory_budget_bytes")
+                && err.contains("client_shares.memory_percent"),
+            "{err}"
+        );
+        // A share below one WebSocket's charge, with the smallest window.
+        let mut config = Config::default();
+        config.http.http2_stream_window_bytes = H2_MIN_WINDOW;
+        config.http.http2_connection_window_bytes = H2_MIN_WINDOW;
+        config.retention.memory_budget_bytes = 4 * crate::server::ws::WS_SOCKET_CHARGE - 4;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("WebSocket"), "{err}");
+        config.retention.memory_budget_bytes = 4 * crate::server::ws::WS_SOCKET_CHARGE;
+        assert!(config.validate().is_ok());
     }
 
     #[test]

@@ -50,6 +50,8 @@ struct Inner {
     /// Refused requests by cause.
     rejections: BTreeMap<&'static str, u64>,
     submitted: u64,
+    /// Requests for the helper's template list (the rest were answered from the cache).
+    template_list_fetches: u64,
     spawn: Histogram,
     end_to_end: Histogram,
 }
@@ -90,6 +92,14 @@ impl Metrics {
 
     pub fn job_spawned(&self, spawn: Duration) {
         self.with(|m| m.spawn.observe(spawn));
+    }
+
+    pub fn template_list_fetched(&self) {
+        self.with(|m| m.template_list_fetches += 1);
+    }
+
+    pub fn template_list_fetches(&self) -> u64 {
+        self.with(|m| m.template_list_fetches)
     }
 
     pub fn rejected(&self, cause: &'static str) {
@@ -148,6 +158,20 @@ fn render_counters(out: &mut String, m: &Inner) {
             "sandrun_gateway_jobs_finished_total{{status=\"{status}\",reason=\"{reason}\"}} {n}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP sandrun_gateway_template_list_fetches_total Requests to the helper for its \
+         template list (GET /, GET /environments and submissions share a 2 s cache)."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE sandrun_gateway_template_list_fetches_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "sandrun_gateway_template_list_fetches_total {}",
+        m.template_list_fetches
+    );
     let _ = writeln!(
         out,
         "# HELP sandrun_gateway_rejections_total Refused requests by cause."

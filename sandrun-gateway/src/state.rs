@@ -32,6 +32,8 @@ pub struct AppState {
     /// Wakes the scheduler ([`AppState::wake_scheduler`]).
     pub(crate) wake: Notify,
     busy: Mutex<Backoff>,
+    /// The helper's template list, shared for a moment (`server::templates`).
+    pub(crate) templates: crate::server::templates::TemplateCache,
 }
 
 /// The pause before the queue is offered to the helper again after it could not take a job:
@@ -77,6 +79,7 @@ impl AppState {
             worker_key,
             wake: Notify::new(),
             busy: Mutex::new(Backoff::default()),
+            templates: Default::default(),
             config,
         })
     }

@@ -514,8 +514,9 @@ fn given_stalled_log_requests_then_their_answers_are_charged_to_the_caller_and_r
 /// bodies before the gateway reads them (hyper's default was 1 MiB a connection, uncharged).
 /// The window is now configured (`http.http2_*_window_bytes`) and charged to the client for the
 /// connection's life, from its start: `/stats` shows it, a client whose share cannot hold one
-/// more window is answered 429 JSON on every request of a new HTTP/2 connection (HTTP/1.1, which
-/// has no window, still serves it), and others are served.
+/// more window is answered 429 JSON on a new HTTP/2 connection (but for the requests that free
+/// or read what it holds, below; HTTP/1.1, which has no window, serves it all), and others are
+/// served.
 #[test]
 fn given_http2_connections_then_each_window_is_charged_to_its_client_and_refused_past_its_share() {
     sandrun_tests::require_root();
@@ -549,7 +550,7 @@ fn given_http2_connections_then_each_window_is_charged_to_its_client_and_refused
     let script = "mkdir -p out; head -c 3145728 /dev/urandom > out/big";
     let id = submit_from(&stack, ATTACKER, &sh_job(script));
     assert_eq!(stack.wait_finished(&id)["status"], "completed");
-    let refused = over(ATTACKER, "--http2", &format!("/status/{id}"));
+    let refused = over(ATTACKER, "--http2", "/environments");
     eprintln!(
         "HTTP/2 past the share: {} {}",
         refused.status,
@@ -570,4 +571,66 @@ fn given_http2_connections_then_each_window_is_charged_to_its_client_and_refused
     );
     let other = over(BYSTANDER, "--http2", &format!("/status/{id}"));
     assert_eq!(other.status, 200, "{}", other.text());
+}
+
+/// Review of issue 9's window charge: a client whose finished job's outputs fill its share so
+/// that a new HTTP/2 connection's window does not fit must still be able to download and delete
+/// that job over HTTP/2 (browsers, the web UI and curl speak it), or it is locked out until the
+/// TTL. Such a connection serves `GET /download/*` and `DELETE /jobs/*` (on the smallest windows)
+/// and refuses the rest; once deleted, the client submits again over HTTP/2.
+#[test]
+fn given_outputs_filling_the_share_then_a_new_http2_connection_still_downloads_and_deletes_them() {
+    sandrun_tests::require_root();
+    // A 24 MiB budget (6 MiB shares) and a 4 MiB connection window.
+    let gateway = format!(
+        "[retention]\nmemory_budget_bytes = {BUDGET_BYTES}\nfailed_ttl_s = 3600\n[http]\n\
+         http2_stream_window_bytes = 1048576\nhttp2_connection_window_bytes = 4194304\n"
+    );
+    let stack = Stack::start(&config(""), &gateway);
+    let h2 = |args: &[&str], path: &str| {
+        let mut all = vec!["--http2"];
+        all.extend_from_slice(args);
+        stack.curl_from(ATTACKER, &all, path)
+    };
+    let script = "mkdir -p out; head -c 3145728 /dev/urandom > out/big";
+    let id = submit_from(&stack, ATTACKER, &sh_job(script));
+    assert_eq!(stack.wait_finished(&id)["status"], "completed");
+    // The connection is over budget: a request that neither frees nor reads held memory is refused.
+    let refused = h2(&[], "/environments");
+    assert_eq!(refused.status, 429, "{}", refused.text());
+
+    let file = h2(&[], &format!("/download/{id}/out/big"));
+    assert_eq!(
+        (file.status, file.body.len()),
+        (200, 3_145_728),
+        "download over HTTP/2 past the share: {}",
+        file.text()
+    );
+    let deleted = h2(&["-X", "DELETE"], &format!("/jobs/{id}"));
+    assert_eq!(
+        deleted.status,
+        200,
+        "delete over HTTP/2: {}",
+        deleted.text()
+    );
+    let held = || {
+        stack.curl_from(ATTACKER, &["--http1.1"], "/stats").json()["memory"]["used_bytes"]
+            .as_u64()
+            .unwrap_or(u64::MAX)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || held() == 0),
+        "the deleted job's outputs are released: {}",
+        held()
+    );
+    let again = stack.submit_with(
+        &["--interface", &ATTACKER.to_string(), "--http2"],
+        &sh_job("true"),
+    );
+    assert_eq!(
+        again.status,
+        200,
+        "submit over HTTP/2 after the delete: {}",
+        again.text()
+    );
 }

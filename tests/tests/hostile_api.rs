@@ -981,3 +981,53 @@ fn given_one_address_opening_a_hundred_connections_then_the_gateway_keeps_at_mos
     assert_eq!(normal_job_from(&stack, BYSTANDER), "completed");
     drop(sockets);
 }
+
+/// The helper's template fetches the gateway has made (`/metrics`).
+fn template_list_fetches(stack: &Stack) -> u64 {
+    let text = stack.get("/metrics").text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("sandrun_gateway_template_list_fetches_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no template_list_fetches_total in /metrics:\n{text}"))
+}
+
+/// Review of `GET /`: each anonymous `GET /` (and `GET /environments`) asked the helper for its
+/// template list, and the helper reads every template's lock file in its single loop, so anyone
+/// could keep it busy. The gateway now keeps the list for 2 s and concurrent callers share one
+/// request: 16 concurrent `GET /` and 16 `GET /environments` make at most one helper request,
+/// and the list is asked again once it is older than that.
+#[test]
+fn given_concurrent_anonymous_service_info_requests_then_the_helper_is_asked_at_most_once() {
+    let stack = stack();
+    // Past any fetch made while the stack started, so that this burst starts with a stale list.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = template_list_fetches(&stack);
+    let started = Instant::now();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let calls: Vec<_> = (0..32)
+            .map(|i| {
+                let stack = &stack;
+                let path = if i % 2 == 0 { "/" } else { "/environments" };
+                scope.spawn(move || stack.get(path).status)
+            })
+            .collect();
+        calls
+            .into_iter()
+            .map(|c| c.join().expect("a GET thread"))
+            .collect()
+    });
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let took = started.elapsed();
+    let burst = template_list_fetches(&stack) - before;
+    // One request per 2 s that the burst lasted (a loaded machine may stretch it past one).
+    let allowed = 1 + took.as_secs() / 2;
+    assert!(
+        burst >= 1 && burst <= allowed,
+        "32 concurrent GET / and /environments in {took:?} asked the helper {burst} times"
+    );
+    // Once the list is older than its 2 s, the next caller asks again (once).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(stack.get("/").status, 200);
+    assert_eq!(stack.get("/environments").status, 200);
+    assert_eq!(template_list_fetches(&stack) - before, burst + 1);
+}

@@ -21,11 +21,11 @@ pub mod response;
 mod routes;
 mod run;
 mod submit;
-mod templates;
+pub(crate) mod templates;
 mod text;
 pub mod tls;
 mod ui;
-mod ws;
+pub(crate) mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -241,9 +241,33 @@ enum Serve {
     Api,
     /// A plain HTTP connection that is not served: every request is told to use `https://`.
     UseHttps,
-    /// An HTTP/2 connection whose flow-control window could not be charged to its client: every
-    /// request gets the budget's refusal (429 or 503 JSON), on the protocol's smallest windows.
+    /// An HTTP/2 connection whose flow-control window could not be charged to its client: it
+    /// serves only the requests of [`frees_or_reads_held`], every other request gets the
+    /// budget's refusal (429 or 503 JSON), on the protocol's smallest windows.
     OverBudget(BudgetFull),
+}
+
+/// The requests an HTTP/2 connection whose window did not fit its client's share still serves:
+/// the ones that free the memory the client holds (`DELETE /jobs/{id}`) or only read what is
+/// already charged or small (`/download/*`, `/outputs/*`, `/status/{id}`, `/stats`). Without
+/// them a client whose finished jobs fill its share could not fetch or delete them over HTTP/2
+/// (browsers, curl) until their TTL. None of them has a request body, and the connection keeps
+/// the protocol's smallest windows; an answer that is not charged yet is still charged (and
+/// refused past the share) as on any connection.
+fn frees_or_reads_held<B>(req: &hyper::Request<B>) -> bool {
+    use hyper::Method;
+    let path = req.uri().path().trim_start_matches('/');
+    let first = path.split('/').next().unwrap_or("");
+    let has_id = path.split('/').nth(1).is_some_and(|id| !id.is_empty());
+    match *req.method() {
+        Method::DELETE => first == "jobs" && has_id,
+        Method::GET => match first {
+            "download" | "outputs" | "status" => has_id,
+            "stats" => path == "stats",
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// Charges an HTTP/2 connection's flow-control window (the request-body bytes its client may
@@ -348,6 +372,9 @@ async fn serve_http<S>(
                 let origin = req.headers().get(hyper::header::ORIGIN).cloned();
                 let mut response = match serve {
                     Serve::UseHttps => plain::use_https(&req),
+                    Serve::OverBudget(_) if frees_or_reads_held(&req) => {
+                        routes::handle(state, conn, req).await
+                    }
                     Serve::OverBudget(full) => {
                         refusals::answer_refusal(&state, full).into_response()
                     }

@@ -18,7 +18,7 @@ use crate::server::params::{client_key, job_id};
 use crate::server::refusals::{answer_refusal, budget_refusal, LOAD_RETRY};
 use crate::server::response::{bytes_response, json, ApiError, ApiResult, Body};
 use crate::server::submit::submit;
-use crate::server::templates::usable_templates;
+use crate::server::templates::{usable_templates, Age};
 use crate::server::text::base64;
 use crate::server::{outputs, run, ui, ws, ConnInfo};
 use crate::state::AppState;
@@ -119,7 +119,7 @@ async fn service_info(state: &AppState) -> Response<Body> {
     let c = &state.config;
     // The templates a job may name now (built, with a lock, and allowed): `null` with the reason
     // when the helper cannot be asked, never a made-up list.
-    let (built, built_error) = match usable_templates(state).await {
+    let (built, built_error) = match usable_templates(state, Age::Cached).await {
         Ok(list) => {
             let names: Vec<String> = list.into_iter().map(|t| t.name).collect();
             (json!(names), serde_json::Value::Null)
@@ -170,7 +170,7 @@ async fn service_info(state: &AppState) -> Response<Body> {
 /// `GET /environments`: the built templates, asked of the helper, each with its lock hash,
 /// interpreter and packages (from its `sandrun-lock.json`).
 async fn environments(state: &AppState) -> ApiResult {
-    let list = usable_templates(state).await.map_err(|e| {
+    let list = usable_templates(state, Age::Cached).await.map_err(|e| {
         ApiError::unavailable(format!("the template list is unavailable: {e}"), LOAD_RETRY)
     })?;
     let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();

@@ -22,7 +22,7 @@ use crate::server::body::{timed_body, BodyPace, BodyVerdict};
 use crate::server::params::client_key;
 use crate::server::refusals::{budget_refusal, LOAD_RETRY};
 use crate::server::response::{json, quota_headers, ApiError, Body};
-use crate::server::templates::usable_templates;
+use crate::server::templates::{usable_templates, Age};
 use crate::state::AppState;
 use crate::upload::slots::SlotRefused;
 use crate::upload::{parse_submission, UploadError};
@@ -252,10 +252,20 @@ fn enqueue(
 
 /// A manifest's `environment` must name a built template: a 400 at submit. If the helper
 /// cannot be asked now (restarting), the job is accepted and the helper checks when it starts
-/// it: a missing template then fails the job with reason `environment`.
+/// it: a missing template then fails the job with reason `environment`. The cached list is
+/// enough to accept (a template removed since fails the job the same way); a name it lacks is
+/// looked up in a fresh list before the job is refused, so a template built a moment ago is
+/// not refused.
 async fn check_environment_built(state: &AppState, name: &str) -> Result<(), ApiError> {
-    match usable_templates(state).await {
-        Ok(list) if list.iter().any(|t| t.name == name) => Ok(()),
+    let named =
+        |list: &[crate::helper_client::TemplateSummary]| list.iter().any(|t| t.name == name);
+    let listed = match usable_templates(state, Age::Cached).await {
+        Ok(list) if named(&list) => return Ok(()),
+        Ok(_) => usable_templates(state, Age::Fresh).await,
+        Err(e) => Err(e),
+    };
+    match listed {
+        Ok(list) if named(&list) => Ok(()),
         Ok(list) => {
             state.metrics.rejected("upload_invalid");
             let names: Vec<&str> = list.iter().map(|t| t.name.as_str()).collect();
