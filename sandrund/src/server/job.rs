@@ -390,15 +390,24 @@ impl Job {
         } else {
             ExitReason::None
         };
-        let requirements = self
+        let outcome = self
             .requirements
             .as_ref()
             .map(|record| super::requirements::outcome(record.as_fd(), wheelhouse));
-        let failed = requirements.as_ref().is_some_and(|r| r.error.is_some());
-        let reason = match reason {
-            ExitReason::None | ExitReason::OutputLimit if failed => ExitReason::Requirements,
-            other => other,
+        let reason = match (reason, &outcome) {
+            (ExitReason::None | ExitReason::OutputLimit, Some(o)) if o.report.error.is_some() => {
+                if o.command_ran {
+                    // The install succeeded and the command ran, but the helper cannot attest
+                    // what was installed (a wheel it cannot re-read): the helper's failure,
+                    // not the job's requirements.
+                    ExitReason::Internal
+                } else {
+                    ExitReason::Requirements
+                }
+            }
+            (other, _) => other,
         };
+        let requirements = outcome.map(|o| o.report);
         ExitReport {
             exit_code,
             signal,

@@ -153,13 +153,28 @@ pub fn wrap_argv(python: &str, requirements: &[String], argv: Vec<String>) -> Ve
     out
 }
 
+/// What the job's requirements came to: the report, and whether the install step finished and
+/// handed over to the command.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: RequirementsReport,
+    /// The record is a complete `installed` one: the install succeeded and the script then
+    /// `execve`d the job's command. An error in the report is then the helper's (a wheel it
+    /// cannot hash, a list it refuses), not the install's: the job's reason is `internal`, not
+    /// `requirements` ("the command did not run").
+    pub command_ran: bool,
+}
+
 /// What the job's requirements came to (see the module docs), from the read end of the job's
 /// record pipe (non-blocking; every write end is closed once the job has ended). `wheelhouse`
 /// is the helper's `wheelhouse_dir`.
-pub fn outcome(record: BorrowedFd<'_>, wheelhouse: &Path) -> RequirementsReport {
+pub fn outcome(record: BorrowedFd<'_>, wheelhouse: &Path) -> Outcome {
     match read_record(record) {
         Ok(text) => parse_record(&text, wheelhouse),
-        Err(msg) => failed(msg),
+        Err(msg) => Outcome {
+            report: failed(msg),
+            command_ran: false,
+        },
     }
 }
 
@@ -194,21 +209,36 @@ fn read_record(fd: BorrowedFd<'_>) -> Result<String, String> {
 
 /// `installed` then `name version wheel` lines, or one `failed MESSAGE` line, then `end`.
 /// Anything else (nothing written, cut short by a kill) is [`NOT_FINISHED`].
-fn parse_record(text: &str, wheelhouse: &Path) -> RequirementsReport {
+fn parse_record(text: &str, wheelhouse: &Path) -> Outcome {
+    let not_run = |report| Outcome {
+        report,
+        command_ran: false,
+    };
     let Some(body) = text.strip_suffix("end\n") else {
-        return failed(NOT_FINISHED.to_owned());
+        return not_run(failed(NOT_FINISHED.to_owned()));
     };
     let mut lines = body.lines();
     let first = lines.next().unwrap_or("");
     if let Some(msg) = first.strip_prefix("failed ") {
         if lines.next().is_some() {
-            return failed(NOT_FINISHED.to_owned());
+            return not_run(failed(NOT_FINISHED.to_owned()));
         }
-        return failed(printable(msg));
+        return not_run(failed(printable(msg)));
     }
     if first != "installed" {
-        return failed(NOT_FINISHED.to_owned());
+        return not_run(failed(NOT_FINISHED.to_owned()));
     }
+    Outcome {
+        report: installed_list(lines, wheelhouse),
+        command_ran: true,
+    }
+}
+
+/// The `name version wheel` lines of a complete `installed` record, each wheel hashed.
+fn installed_list<'a>(
+    lines: impl Iterator<Item = &'a str>,
+    wheelhouse: &Path,
+) -> RequirementsReport {
     let mut installed: Vec<InstalledPackage> = Vec::new();
     for line in lines {
         if installed.len() == MAX_INSTALLED {
@@ -353,7 +383,9 @@ mod tests {
         std::fs::write(wh.path().join("a-1.0-py3-none-any.whl"), b"ay").expect("write");
         let fd =
             record("installed\nb 2.0 b-2.0-py3-none-any.whl\na 1.0 a-1.0-py3-none-any.whl\nend\n");
-        let r = outcome(fd.as_fd(), wh.path());
+        let got = outcome(fd.as_fd(), wh.path());
+        assert!(got.command_ran);
+        let r = got.report;
         assert_eq!(r.error, None);
         let names: Vec<&str> = r.installed.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
@@ -361,7 +393,7 @@ mod tests {
             r.installed[1].sha256,
             <[u8; 32]>::from(Sha256::digest(b"bee"))
         );
-        let r = outcome(record("installed\nend\n").as_fd(), wh.path());
+        let r = outcome(record("installed\nend\n").as_fd(), wh.path()).report;
         assert_eq!((r.error, r.installed.len()), (None, 0));
     }
 
@@ -369,38 +401,48 @@ mod tests {
     fn given_a_failure_record_or_none_or_a_bad_one_then_the_report_says_so() {
         let wh = tempfile::tempdir().expect("wheelhouse");
         std::fs::write(wh.path().join("a-1-py3-none-any.whl"), b"a").expect("write");
-        for (text, want) in [
-            ("", NOT_FINISHED),
+        // (record, error, whether the command ran: only after a complete `installed` record)
+        for (text, want, ran) in [
+            ("", NOT_FINISHED, false),
             // Cut short (the install step was killed while writing it).
-            ("installed\na 1 a-1-py3-none-any.whl\n", NOT_FINISHED),
-            ("something\nend\n", NOT_FINISHED),
-            ("failed x\ninstalled\nend\n", NOT_FINISHED),
+            ("installed\na 1 a-1-py3-none-any.whl\n", NOT_FINISHED, false),
+            ("something\nend\n", NOT_FINISHED, false),
+            ("failed x\ninstalled\nend\n", NOT_FINISHED, false),
             (
                 "installed\na 1 a-1-py3-none-any.whl\na 1 a-1-py3-none-any.whl\nend\n",
                 "the install step named a-1-py3-none-any.whl twice",
+                true,
             ),
             (
                 "installed\nx 1 ../../etc/passwd.whl\nend\n",
                 "the install step's record has a malformed line",
+                true,
             ),
             (
                 "installed\nx 1\nend\n",
                 "the install step's record has a malformed line",
+                true,
             ),
             (
                 "failed the wheelhouse has no distribution for zz\x1b\nend\n",
                 "the wheelhouse has no distribution for zz",
+                false,
             ),
         ] {
-            let r = outcome(record(text).as_fd(), wh.path());
-            assert_eq!(r.error.as_deref(), Some(want), "{text:?}");
-            assert!(r.installed.is_empty());
+            let got = outcome(record(text).as_fd(), wh.path());
+            assert_eq!(got.report.error.as_deref(), Some(want), "{text:?}");
+            assert_eq!(got.command_ran, ran, "{text:?}");
+            assert!(got.report.installed.is_empty());
         }
-        let r = outcome(
+        // The install succeeded (the command ran) but a wheel cannot be re-read: an error, and
+        // the command did run.
+        let got = outcome(
             record("installed\nx 1 missing-1-py3-none-any.whl\nend\n").as_fd(),
             wh.path(),
         );
-        assert!(r
+        assert!(got.command_ran);
+        assert!(got
+            .report
             .error
             .is_some_and(|e| e.contains("missing-1-py3-none-any.whl")));
     }
@@ -410,7 +452,7 @@ mod tests {
         let wh = Path::new("/nonexistent");
         // A writer still open and nothing written: EAGAIN, not a hang.
         let (r, _w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).expect("pipe");
-        let got = outcome(r.as_fd(), wh);
+        let got = outcome(r.as_fd(), wh).report;
         assert_eq!(got.error.as_deref(), Some(NOT_FINISHED));
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).expect("pipe");
         nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 17))
@@ -418,6 +460,7 @@ mod tests {
         let big = vec![b'x'; MAX_RECORD_BYTES + 1];
         assert_eq!(nix::unistd::write(&w, &big).expect("write"), big.len());
         let got = outcome(r.as_fd(), wh);
-        assert!(got.error.is_some_and(|e| e.contains("longer than")));
+        assert!(!got.command_ran);
+        assert!(got.report.error.is_some_and(|e| e.contains("longer than")));
     }
 }
