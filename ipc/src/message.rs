@@ -142,7 +142,9 @@ pub struct RequirementsReport {
     /// installed and not listed.
     pub installed: Vec<InstalledPackage>,
     /// Why the install failed (the job's command did not run; reason
-    /// [`ExitReason::Requirements`]); `None` when it succeeded.
+    /// [`ExitReason::Requirements`]), or why the helper cannot attest a successful install
+    /// after the command ran (a wheel it cannot re-read to hash; reason
+    /// [`ExitReason::Internal`], `installed` empty); `None` when it succeeded.
     pub error: Option<String>,
 }
 

@@ -193,6 +193,8 @@ pub const WHEELHOUSE_MOUNT: &str = "/wheelhouse";
 pub enum RequirementError {
     Empty,
     TooLong,
+    /// More than [`MAX_REQUIREMENTS`] lines (reported at the first line past the limit).
+    TooMany,
     /// The distribution name is not `[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?`.
     Name,
     /// Something other than extras, a version specifier and `--hash=sha256:<64 hex>` options:
@@ -206,6 +208,9 @@ impl std::fmt::Display for RequirementError {
             RequirementError::Empty => write!(f, "empty requirement"),
             RequirementError::TooLong => {
                 write!(f, "longer than {MAX_REQUIREMENT_BYTES} bytes")
+            }
+            RequirementError::TooMany => {
+                write!(f, "more than {MAX_REQUIREMENTS} requirements")
             }
             RequirementError::Name => write!(
                 f,
@@ -311,7 +316,7 @@ pub fn check_requirement(line: &str) -> Result<String, RequirementError> {
 /// Checks a job's whole `requirements` (one requirement per entry); the error names the entry.
 pub fn check_requirements(lines: &[String]) -> Result<(), (usize, RequirementError)> {
     if lines.len() > MAX_REQUIREMENTS {
-        return Err((MAX_REQUIREMENTS, RequirementError::TooLong));
+        return Err((MAX_REQUIREMENTS, RequirementError::TooMany));
     }
     for (i, line) in lines.iter().enumerate() {
         check_requirement(line).map_err(|e| (i, e))?;
@@ -415,7 +420,13 @@ mod tests {
             assert!(check_requirement(line).is_err(), "accepted {line:?}");
         }
         let many = vec!["six".to_owned(); MAX_REQUIREMENTS + 1];
-        assert!(check_requirements(&many).is_err());
+        let (at, e) = check_requirements(&many).expect_err("too many accepted");
+        assert_eq!((at, &e), (MAX_REQUIREMENTS, &RequirementError::TooMany));
+        assert_eq!(
+            e.to_string(),
+            format!("more than {MAX_REQUIREMENTS} requirements")
+        );
+        assert!(check_requirements(&many[..MAX_REQUIREMENTS]).is_ok());
         let two = vec!["six".to_owned(), "-e .".to_owned()];
         assert_eq!(check_requirements(&two).map_err(|e| e.0), Err(1));
     }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::helper_client::{self, HelperError, HelperEvent, HelperResult};
 use crate::jobs::{Dispatch, ExitSummary, Finish, JobId, JobStatus};
 use crate::jobs::{OutputFile, StreamKind};
-use crate::signing::{canonical_message, EnvironmentClaim, ResultClaim};
+use crate::signing::{canonical_message, EnvironmentClaim, RequirementsClaim, ResultClaim};
 use crate::state::AppState;
 
 /// How often expired jobs and idle quota entries are swept.
@@ -218,7 +218,10 @@ fn sign_result(
             .as_deref()
             .zip(exit.template_lock.as_ref())
             .map(|(name, lock_sha256)| EnvironmentClaim { name, lock_sha256 }),
-        requirements: exit.requirements.as_ref().map(|r| r.installed.as_slice()),
+        requirements: exit
+            .requirements
+            .as_ref()
+            .map(RequirementsClaim::from_report),
     };
     Some(state.worker_key.sign(&canonical_message(&claim)))
 }

@@ -205,8 +205,29 @@ pub struct ResultClaim<'a> {
     /// read it from the job's own template mount; `None` for a job without one.
     pub environment: Option<EnvironmentClaim<'a>>,
     /// What the job's requirements installed from the wheelhouse (sha256 of each wheel as the
-    /// helper read it there); `None` for a job without requirements.
-    pub requirements: Option<&'a [sandrun_ipc::InstalledPackage]>,
+    /// helper read it there) and whether the install succeeded; `None` for a job without
+    /// requirements.
+    pub requirements: Option<RequirementsClaim<'a>>,
+}
+
+/// The requirements part of a [`ResultClaim`].
+#[derive(Debug, Clone, Copy)]
+pub struct RequirementsClaim<'a> {
+    pub installed: &'a [sandrun_ipc::InstalledPackage],
+    /// The install failed or its outcome could not be attested (the report has an `error`; the
+    /// list is then empty). Signed as `requirements_result=failed`, so that a failed install
+    /// (exit code 1 from the install step) never has the bytes of a job whose template had
+    /// every requirement and whose command exited 1.
+    pub failed: bool,
+}
+
+impl<'a> RequirementsClaim<'a> {
+    pub fn from_report(report: &'a sandrun_ipc::RequirementsReport) -> Self {
+        RequirementsClaim {
+            installed: &report.installed,
+            failed: report.error.is_some(),
+        }
+    }
 }
 
 /// The template part of a [`ResultClaim`].
@@ -241,6 +262,7 @@ impl ResultClaim<'_> {
 /// environment_lock=<64 hex sha256 of the template's sandrun-lock.json>   (likewise)
 /// requirements=<count>               (v3 only)
 /// requirement=<64 hex sha256 of the wheel> <name>==<version>   (v3, one per line, sorted)
+/// requirements_result=<installed|failed>   (v3 only)
 /// exit_code=<decimal, or "none">
 /// cpu_ms=<decimal>
 /// memory_peak_bytes=<decimal>
@@ -262,8 +284,9 @@ pub fn canonical_message(c: &ResultClaim) -> Vec<u8> {
             hex::encode(e.lock_sha256)
         )
     });
-    let requirements = c.requirements.map_or_else(String::new, |list| {
-        let mut lines: Vec<String> = list
+    let requirements = c.requirements.map_or_else(String::new, |r| {
+        let mut lines: Vec<String> = r
+            .installed
             .iter()
             .map(|p| {
                 format!(
@@ -275,7 +298,12 @@ pub fn canonical_message(c: &ResultClaim) -> Vec<u8> {
             })
             .collect();
         lines.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        format!("requirements={}\n{}", list.len(), lines.concat())
+        let result = if r.failed { "failed" } else { "installed" };
+        format!(
+            "requirements={}\n{}requirements_result={result}\n",
+            r.installed.len(),
+            lines.concat()
+        )
     });
     let mut out = format!(
         "{}\njob_id={}\njob_hash={}\n{environment}{requirements}exit_code={exit_code}\ncpu_ms={}\n\
@@ -405,11 +433,15 @@ mod tests {
             },
         ];
         let mut c = claim(&[], &[1; 32]);
-        c.requirements = Some(&installed);
+        c.requirements = Some(RequirementsClaim {
+            installed: &installed,
+            failed: false,
+        });
         let v3 = String::from_utf8(canonical_message(&c)).unwrap();
         let expected = format!(
             "sandrun-result-v3\njob_id=0123abcd\njob_hash={}\nrequirements=2\n\
-             requirement={} zeta==2.0\nrequirement={} alpha==1.0\nexit_code=0\ncpu_ms=1234\n\
+             requirement={} zeta==2.0\nrequirement={} alpha==1.0\nrequirements_result=installed\n\
+             exit_code=0\ncpu_ms=1234\n\
              memory_peak_bytes=5000000\ncompleted_at=1700000000\noutputs=0\n",
             "01".repeat(32),
             "aa".repeat(32),
@@ -430,9 +462,29 @@ mod tests {
             "{with_env}"
         );
         // Nothing installed (all from the template) is still format 3, with a count of 0.
-        c.requirements = Some(&[]);
+        c.requirements = Some(RequirementsClaim {
+            installed: &[],
+            failed: false,
+        });
         let none = String::from_utf8(canonical_message(&c)).unwrap();
-        assert!(none.contains("\nrequirements=0\nexit_code=0\n"), "{none}");
+        assert!(
+            none.contains("\nrequirements=0\nrequirements_result=installed\nexit_code=0\n"),
+            "{none}"
+        );
+        // A failed install (the install step exits 1) is not the same message as a template
+        // that had everything and a command that exited 1.
+        c.exit_code = Some(1);
+        let ran = canonical_message(&c);
+        c.requirements = Some(RequirementsClaim {
+            installed: &[],
+            failed: true,
+        });
+        let failed = String::from_utf8(canonical_message(&c)).unwrap();
+        assert!(
+            failed.contains("\nrequirements=0\nrequirements_result=failed\nexit_code=1\n"),
+            "{failed}"
+        );
+        assert_ne!(ran, failed.into_bytes());
     }
 
     #[test]

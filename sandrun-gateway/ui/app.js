@@ -593,7 +593,11 @@ function signedMessage(status) {
     .sort(compareBytes)
     .map((b) => new TextDecoder().decode(b))
     .join("");
-  const reqs = installed ? `requirements=${installed.length}\n${reqLines}` : "";
+  // ...then whether the install succeeded (a failed one is `failed`, its list empty).
+  const reqResult = status.requirements && status.requirements.error != null ? "failed" : "installed";
+  const reqs = installed
+    ? `requirements=${installed.length}\n${reqLines}requirements_result=${reqResult}\n`
+    : "";
   const format = installed ? "sandrun-result-v3\n" : env ? "sandrun-result-v2\n" : "sandrun-result-v1\n";
   let text =
     format +

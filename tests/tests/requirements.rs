@@ -106,6 +106,11 @@ fn signed_message_v3(status: &Value) -> String {
         })
         .collect();
     lines.sort();
+    let result = if status["requirements"]["error"].is_null() {
+        "installed"
+    } else {
+        "failed"
+    };
     let mut outputs: Vec<(String, String)> = status["output_files"]
         .as_object()
         .expect("output_files")
@@ -115,7 +120,8 @@ fn signed_message_v3(status: &Value) -> String {
     outputs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut msg = format!(
         "sandrun-result-v3\njob_id={}\njob_hash={}\nrequirements={}\n{}\
-         exit_code={exit_code}\ncpu_ms={}\nmemory_peak_bytes={}\ncompleted_at={}\noutputs={}\n",
+         requirements_result={result}\nexit_code={exit_code}\ncpu_ms={}\nmemory_peak_bytes={}\n\
+         completed_at={}\noutputs={}\n",
         status["job_id"].as_str().expect("job_id"),
         status["job_hash"].as_str().expect("job_hash"),
         installed.len(),
@@ -237,6 +243,30 @@ fn given_a_requirement_the_wheelhouse_lacks_or_a_wrong_hash_then_the_job_fails_w
     let message = status["message"].as_str().unwrap_or_default();
     assert!(message.contains("sandrun-no-such-pkg"), "{status}");
     assert_eq!(logs["stdout"], "", "the job's code ran: {logs}");
+    // The signed result says the install failed: its bytes are not those of a job whose
+    // template had every requirement and whose command exited 1.
+    assert_eq!(status["execution_metadata"]["exit_code"], 1, "{status}");
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(
+            status["worker_metadata"]["signature"]
+                .as_str()
+                .expect("signature"),
+        )
+        .expect("base64");
+    let msg = signed_message_v3(&status);
+    assert!(
+        msg.contains("\nrequirements=0\nrequirements_result=failed\nexit_code=1\n"),
+        "{msg}"
+    );
+    assert!(
+        openssl_verifies(&stack, msg.as_bytes(), &sig),
+        "signature refused:\n{msg}"
+    );
+    let as_if_ran = msg.replace(
+        "requirements_result=failed",
+        "requirements_result=installed",
+    );
+    assert!(!openssl_verifies(&stack, as_if_ran.as_bytes(), &sig));
 
     let wrong = format!("alpha==1.0 --hash=sha256:{}", "0".repeat(64));
     let id = submit_with_requirements(&stack, code, json!([wrong]));

@@ -303,7 +303,12 @@ impl Server {
             || !self.teardowns.is_empty()
             || !self.exiting.is_empty()
             || self.accept_paused;
-        let timeout = if refill {
+        // A job whose wheels are being hashed goes on at the next turn, after the others.
+        let hashing = self
+            .conns
+            .values()
+            .any(|c| matches!(&c.state, State::Running(job) if job.is_hashing()));
+        let timeout = if refill || hashing {
             PollTimeout::ZERO
         } else if busy {
             PollTimeout::from(100u16)
@@ -1070,7 +1075,7 @@ impl Server {
     fn progress(&mut self, conn: &mut Conn, now: Instant) {
         match std::mem::replace(&mut conn.state, State::Closing) {
             State::Running(mut job) => {
-                if job.is_finished(now) {
+                if job.is_finished(now) && job.requirements_hashed(&self.cfg.wheelhouse_dir) {
                     self.finish(conn, job);
                     // Relay at once what the collector may already have sent.
                     if matches!(conn.state, State::Collecting(_)) {

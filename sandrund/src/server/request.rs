@@ -124,8 +124,10 @@ fn with_requirements(
     requirements: &[String],
     argv: Vec<CString>,
 ) -> Result<Vec<CString>, RequestError> {
-    rules::check_requirements(requirements)
-        .map_err(|(i, e)| invalid(format!("requirements[{i}]: {e}")))?;
+    rules::check_requirements(requirements).map_err(|(i, e)| match e {
+        rules::RequirementError::TooMany => invalid(format!("requirements: {e}")),
+        e => invalid(format!("requirements[{i}]: {e}")),
+    })?;
     if !cfg.wheelhouse_dir.is_dir() {
         return Err(invalid(format!(
             "requirements: this helper has no wheelhouse ({} is not a directory)",

@@ -26,7 +26,12 @@
 //! After the job, [`outcome`] reads the record from the helper's read end (non-blocking, at
 //! most 64 KiB; missing, cut short or malformed: "the requirements install did not finish")
 //! and hashes each named wheel **from the wheelhouse itself**, so the hashes reported and
-//! signed are those of the operator's files.
+//! signed are those of the operator's files. The helper's loop is single-threaded (it forks
+//! with raw `clone`), so the hashing is cooperative: [`begin`] reads the record and opens the
+//! wheels, [`Hashing::step`] hashes at most a budget (4 MiB per job per turn of the loop, see
+//! `Job::requirements_hashed`), and the job is reported once every wheel is hashed; other jobs
+//! are served between the steps. Hashes are cached per file identity, so only a wheel's first
+//! use costs this.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
@@ -153,13 +158,148 @@ pub fn wrap_argv(python: &str, requirements: &[String], argv: Vec<String>) -> Ve
     out
 }
 
+/// What the job's requirements came to: the report, and whether the install step finished and
+/// handed over to the command.
+#[derive(Debug)]
+pub struct Outcome {
+    pub report: RequirementsReport,
+    /// The record is a complete `installed` one: the install succeeded and the script then
+    /// `execve`d the job's command. An error in the report is then the helper's (a wheel it
+    /// cannot hash, a list it refuses), not the install's: the job's reason is `internal`, not
+    /// `requirements` ("the command did not run").
+    pub command_ran: bool,
+}
+
 /// What the job's requirements came to (see the module docs), from the read end of the job's
 /// record pipe (non-blocking; every write end is closed once the job has ended). `wheelhouse`
 /// is the helper's `wheelhouse_dir`.
-pub fn outcome(record: BorrowedFd<'_>, wheelhouse: &Path) -> RequirementsReport {
-    match read_record(record) {
+///
+/// Hashes the wheels at once: the helper's loop uses [`begin`] and [`Hashing::step`] instead.
+pub fn outcome(record: BorrowedFd<'_>, wheelhouse: &Path) -> Outcome {
+    let mut hashing = begin(record, wheelhouse);
+    loop {
+        if let Some(done) = hashing.step(usize::MAX) {
+            return done;
+        }
+    }
+}
+
+/// Reads the record and opens (but does not read) the wheels it names: cheap, on the loop.
+/// The hashing itself is done by [`Hashing::step`], a bounded amount at a time, so that a
+/// first use of large wheels never holds up the helper's other jobs.
+pub fn begin(record: BorrowedFd<'_>, wheelhouse: &Path) -> Hashing {
+    let outcome = match read_record(record) {
         Ok(text) => parse_record(&text, wheelhouse),
-        Err(msg) => failed(msg),
+        Err(msg) => Outcome {
+            report: failed(msg),
+            command_ran: false,
+        },
+    };
+    let pending = if outcome.report.error.is_none() {
+        outcome
+            .report
+            .installed
+            .iter()
+            .map(|p| p.wheel.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Hashing {
+        outcome,
+        wheelhouse: wheelhouse.to_owned(),
+        pending,
+        next: 0,
+        current: None,
+    }
+}
+
+/// A report whose wheels are being hashed (see [`begin`]).
+pub struct Hashing {
+    outcome: Outcome,
+    wheelhouse: std::path::PathBuf,
+    /// The wheels of `outcome.report.installed`, in that order; `next` is the first not
+    /// finished.
+    pending: Vec<String>,
+    next: usize,
+    /// The wheel being read: its file, identity and hash so far.
+    current: Option<(std::fs::File, FileKey, Sha256)>,
+}
+
+impl Hashing {
+    /// Hashes at most about `budget` bytes (one read of up to 1 MiB past it at most); the
+    /// outcome once every wheel is hashed, or at the first that cannot be read.
+    pub fn step(&mut self, budget: usize) -> Option<Outcome> {
+        let mut spent = 0usize;
+        while self.next < self.pending.len() {
+            if spent >= budget {
+                return None;
+            }
+            match self.advance(budget - spent) {
+                Ok(n) => spent = spent.saturating_add(n),
+                Err(e) => {
+                    let wheel = &self.pending[self.next];
+                    return Some(Outcome {
+                        report: failed(format!(
+                            "wheel {wheel} of the wheelhouse cannot be read: {e}"
+                        )),
+                        command_ran: self.outcome.command_ran,
+                    });
+                }
+            }
+        }
+        let mut done = Outcome {
+            report: RequirementsReport {
+                installed: std::mem::take(&mut self.outcome.report.installed),
+                error: self.outcome.report.error.take(),
+            },
+            command_ran: self.outcome.command_ran,
+        };
+        done.report
+            .installed
+            .sort_by(|a: &InstalledPackage, b| a.name.cmp(&b.name));
+        Some(done)
+    }
+
+    /// Reads up to `budget` bytes (at least one chunk) of the current wheel, opening it first,
+    /// and finishes it at its end; returns the bytes read.
+    fn advance(&mut self, budget: usize) -> std::io::Result<usize> {
+        use std::io::Read;
+        const CHUNK: usize = 1 << 20;
+        let (mut file, key, mut hasher) = match self.current.take() {
+            Some(c) => c,
+            None => {
+                let (file, key) = open_wheel(&self.wheelhouse, &self.pending[self.next])?;
+                if let Some(hash) = cached(&key) {
+                    self.outcome.report.installed[self.next].sha256 = hash;
+                    self.next += 1;
+                    return Ok(0);
+                }
+                (file, key, Sha256::new())
+            }
+        };
+        let mut buf = vec![0u8; CHUNK.min(budget.max(1 << 16))];
+        let mut read = 0usize;
+        loop {
+            let n = match file.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if n == 0 {
+                let hash: [u8; 32] = hasher.finalize().into();
+                remember(key, hash);
+                self.outcome.report.installed[self.next].sha256 = hash;
+                self.next += 1;
+                return Ok(read);
+            }
+            hasher.update(&buf[..n]);
+            read += n;
+            if read >= budget {
+                self.current = Some((file, key, hasher));
+                return Ok(read);
+            }
+        }
     }
 }
 
@@ -194,21 +334,36 @@ fn read_record(fd: BorrowedFd<'_>) -> Result<String, String> {
 
 /// `installed` then `name version wheel` lines, or one `failed MESSAGE` line, then `end`.
 /// Anything else (nothing written, cut short by a kill) is [`NOT_FINISHED`].
-fn parse_record(text: &str, wheelhouse: &Path) -> RequirementsReport {
+fn parse_record(text: &str, wheelhouse: &Path) -> Outcome {
+    let not_run = |report| Outcome {
+        report,
+        command_ran: false,
+    };
     let Some(body) = text.strip_suffix("end\n") else {
-        return failed(NOT_FINISHED.to_owned());
+        return not_run(failed(NOT_FINISHED.to_owned()));
     };
     let mut lines = body.lines();
     let first = lines.next().unwrap_or("");
     if let Some(msg) = first.strip_prefix("failed ") {
         if lines.next().is_some() {
-            return failed(NOT_FINISHED.to_owned());
+            return not_run(failed(NOT_FINISHED.to_owned()));
         }
-        return failed(printable(msg));
+        return not_run(failed(printable(msg)));
     }
     if first != "installed" {
-        return failed(NOT_FINISHED.to_owned());
+        return not_run(failed(NOT_FINISHED.to_owned()));
     }
+    Outcome {
+        report: installed_list(lines, wheelhouse),
+        command_ran: true,
+    }
+}
+
+/// The `name version wheel` lines of a complete `installed` record, each wheel hashed.
+fn installed_list<'a>(
+    lines: impl Iterator<Item = &'a str>,
+    wheelhouse: &Path,
+) -> RequirementsReport {
     let mut installed: Vec<InstalledPackage> = Vec::new();
     for line in lines {
         if installed.len() == MAX_INSTALLED {
@@ -224,14 +379,13 @@ fn parse_record(text: &str, wheelhouse: &Path) -> RequirementsReport {
             Err(msg) => return failed(msg),
         }
     }
-    installed.sort_by(|a: &InstalledPackage, b| a.name.cmp(&b.name));
     RequirementsReport {
         installed,
         error: None,
     }
 }
 
-/// One `name version wheel` line, with the wheel hashed from the wheelhouse.
+/// One `name version wheel` line (its hash still to be computed from the wheelhouse).
 fn installed_package(line: &str, wheelhouse: &Path) -> Result<InstalledPackage, String> {
     let bad = || "the install step's record has a malformed line".to_owned();
     let mut words = line.split(' ');
@@ -252,13 +406,14 @@ fn installed_package(line: &str, wheelhouse: &Path) -> Result<InstalledPackage, 
     if !wheel.ends_with(".whl") || wheel.starts_with('.') {
         return Err(bad());
     }
-    let sha256 = hash_wheel(wheelhouse, wheel)
+    // Opened now (cheap), so a wheel that is not there fails here; hashed by `Hashing::step`.
+    open_wheel(wheelhouse, wheel)
         .map_err(|e| format!("wheel {wheel} of the wheelhouse cannot be read: {e}"))?;
     Ok(InstalledPackage {
         name: name.to_owned(),
         version: version.to_owned(),
         wheel: wheel.to_owned(),
-        sha256,
+        sha256: [0; 32],
     })
 }
 
@@ -272,9 +427,9 @@ static HASHES: std::sync::Mutex<Option<std::collections::HashMap<FileKey, [u8; 3
     std::sync::Mutex::new(None);
 const MAX_CACHED_HASHES: usize = 4096;
 
-/// SHA-256 of `<wheelhouse>/<wheel>` (a plain name, checked by the caller), a regular file,
-/// not through a symlink.
-fn hash_wheel(wheelhouse: &Path, wheel: &str) -> std::io::Result<[u8; 32]> {
+/// `<wheelhouse>/<wheel>` (a plain name, checked by the caller), a regular file, not through a
+/// symlink, opened for reading, with its identity.
+fn open_wheel(wheelhouse: &Path, wheel: &str) -> std::io::Result<(std::fs::File, FileKey)> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -293,17 +448,17 @@ fn hash_wheel(wheelhouse: &Path, wheel: &str) -> std::io::Result<[u8; 32]> {
         meta.ctime(),
         meta.ctime_nsec(),
     );
-    let cached = HASHES
+    Ok((file, key))
+}
+
+fn cached(key: &FileKey) -> Option<[u8; 32]> {
+    HASHES
         .lock()
         .ok()
-        .and_then(|m| m.as_ref().and_then(|m| m.get(&key).copied()));
-    if let Some(hash) = cached {
-        return Ok(hash);
-    }
-    let mut hasher = Sha256::new();
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
-    std::io::copy(&mut reader, &mut hasher)?;
-    let hash: [u8; 32] = hasher.finalize().into();
+        .and_then(|m| m.as_ref().and_then(|m| m.get(key).copied()))
+}
+
+fn remember(key: FileKey, hash: [u8; 32]) {
     if let Ok(mut m) = HASHES.lock() {
         let m = m.get_or_insert_with(Default::default);
         if m.len() >= MAX_CACHED_HASHES {
@@ -311,7 +466,6 @@ fn hash_wheel(wheelhouse: &Path, wheel: &str) -> std::io::Result<[u8; 32]> {
         }
         m.insert(key, hash);
     }
-    Ok(hash)
 }
 
 /// Printable ASCII only, bounded.
@@ -353,7 +507,9 @@ mod tests {
         std::fs::write(wh.path().join("a-1.0-py3-none-any.whl"), b"ay").expect("write");
         let fd =
             record("installed\nb 2.0 b-2.0-py3-none-any.whl\na 1.0 a-1.0-py3-none-any.whl\nend\n");
-        let r = outcome(fd.as_fd(), wh.path());
+        let got = outcome(fd.as_fd(), wh.path());
+        assert!(got.command_ran);
+        let r = got.report;
         assert_eq!(r.error, None);
         let names: Vec<&str> = r.installed.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
@@ -361,46 +517,114 @@ mod tests {
             r.installed[1].sha256,
             <[u8; 32]>::from(Sha256::digest(b"bee"))
         );
-        let r = outcome(record("installed\nend\n").as_fd(), wh.path());
+        let r = outcome(record("installed\nend\n").as_fd(), wh.path()).report;
         assert_eq!((r.error, r.installed.len()), (None, 0));
+    }
+
+    #[test]
+    fn given_a_large_wheel_then_each_step_hashes_at_most_its_budget_and_the_hash_is_the_whole_files(
+    ) {
+        let wh = tempfile::tempdir().expect("wheelhouse");
+        // 5 MiB + 3 bytes, distinct contents (not in the cache from another test).
+        let big: Vec<u8> = (0..(5 << 20) + 3u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
+            .collect();
+        std::fs::write(wh.path().join("big-1-py3-none-any.whl"), &big).expect("write");
+        std::fs::write(wh.path().join("a-1-py3-none-any.whl"), b"small").expect("write");
+        let fd = record("installed\nbig 1 big-1-py3-none-any.whl\na 1 a-1-py3-none-any.whl\nend\n");
+        let mut hashing = begin(fd.as_fd(), wh.path());
+        let mut steps = 0;
+        let done = loop {
+            steps += 1;
+            assert!(steps < 100, "no end");
+            if let Some(done) = hashing.step(1 << 20) {
+                break done;
+            }
+        };
+        // 1 MiB a step: at least five steps before the end, never all at once.
+        assert!(steps >= 5, "{steps} steps");
+        assert!(done.command_ran);
+        assert_eq!(done.report.error, None);
+        let names: Vec<&str> = done
+            .report
+            .installed
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["a", "big"]);
+        assert_eq!(
+            done.report.installed[1].sha256,
+            <[u8; 32]>::from(Sha256::digest(&big))
+        );
+        assert_eq!(
+            done.report.installed[0].sha256,
+            <[u8; 32]>::from(Sha256::digest(b"small"))
+        );
+        // Hashed once: the next job's report comes from the cache in one step.
+        let fd = record("installed\nbig 1 big-1-py3-none-any.whl\nend\n");
+        let again = begin(fd.as_fd(), wh.path()).step(1).expect("cached");
+        assert_eq!(
+            again.report.installed[0].sha256,
+            done.report.installed[1].sha256
+        );
+        // A wheel removed after the record was read: an error naming it, the command ran.
+        let fd = record("installed\na 1 a-1-py3-none-any.whl\nend\n");
+        let mut hashing = begin(fd.as_fd(), wh.path());
+        std::fs::remove_file(wh.path().join("a-1-py3-none-any.whl")).expect("rm");
+        let gone = hashing.step(usize::MAX).expect("done");
+        assert!(gone.command_ran);
+        assert!(gone
+            .report
+            .error
+            .is_some_and(|e| e.contains("a-1-py3-none-any.whl")));
     }
 
     #[test]
     fn given_a_failure_record_or_none_or_a_bad_one_then_the_report_says_so() {
         let wh = tempfile::tempdir().expect("wheelhouse");
         std::fs::write(wh.path().join("a-1-py3-none-any.whl"), b"a").expect("write");
-        for (text, want) in [
-            ("", NOT_FINISHED),
+        // (record, error, whether the command ran: only after a complete `installed` record)
+        for (text, want, ran) in [
+            ("", NOT_FINISHED, false),
             // Cut short (the install step was killed while writing it).
-            ("installed\na 1 a-1-py3-none-any.whl\n", NOT_FINISHED),
-            ("something\nend\n", NOT_FINISHED),
-            ("failed x\ninstalled\nend\n", NOT_FINISHED),
+            ("installed\na 1 a-1-py3-none-any.whl\n", NOT_FINISHED, false),
+            ("something\nend\n", NOT_FINISHED, false),
+            ("failed x\ninstalled\nend\n", NOT_FINISHED, false),
             (
                 "installed\na 1 a-1-py3-none-any.whl\na 1 a-1-py3-none-any.whl\nend\n",
                 "the install step named a-1-py3-none-any.whl twice",
+                true,
             ),
             (
                 "installed\nx 1 ../../etc/passwd.whl\nend\n",
                 "the install step's record has a malformed line",
+                true,
             ),
             (
                 "installed\nx 1\nend\n",
                 "the install step's record has a malformed line",
+                true,
             ),
             (
                 "failed the wheelhouse has no distribution for zz\x1b\nend\n",
                 "the wheelhouse has no distribution for zz",
+                false,
             ),
         ] {
-            let r = outcome(record(text).as_fd(), wh.path());
-            assert_eq!(r.error.as_deref(), Some(want), "{text:?}");
-            assert!(r.installed.is_empty());
+            let got = outcome(record(text).as_fd(), wh.path());
+            assert_eq!(got.report.error.as_deref(), Some(want), "{text:?}");
+            assert_eq!(got.command_ran, ran, "{text:?}");
+            assert!(got.report.installed.is_empty());
         }
-        let r = outcome(
+        // The install succeeded (the command ran) but a wheel cannot be re-read: an error, and
+        // the command did run.
+        let got = outcome(
             record("installed\nx 1 missing-1-py3-none-any.whl\nend\n").as_fd(),
             wh.path(),
         );
-        assert!(r
+        assert!(got.command_ran);
+        assert!(got
+            .report
             .error
             .is_some_and(|e| e.contains("missing-1-py3-none-any.whl")));
     }
@@ -410,7 +634,7 @@ mod tests {
         let wh = Path::new("/nonexistent");
         // A writer still open and nothing written: EAGAIN, not a hang.
         let (r, _w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).expect("pipe");
-        let got = outcome(r.as_fd(), wh);
+        let got = outcome(r.as_fd(), wh).report;
         assert_eq!(got.error.as_deref(), Some(NOT_FINISHED));
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_NONBLOCK).expect("pipe");
         nix::fcntl::fcntl(w.as_raw_fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 17))
@@ -418,6 +642,7 @@ mod tests {
         let big = vec![b'x'; MAX_RECORD_BYTES + 1];
         assert_eq!(nix::unistd::write(&w, &big).expect("write"), big.len());
         let got = outcome(r.as_fd(), wh);
-        assert!(got.error.is_some_and(|e| e.contains("longer than")));
+        assert!(!got.command_ran);
+        assert!(got.report.error.is_some_and(|e| e.contains("longer than")));
     }
 }
