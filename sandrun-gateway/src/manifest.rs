@@ -311,9 +311,60 @@ struct CanonicalManifest<'a> {
 /// The upload's file that `"requirements": true` installs.
 pub const REQUIREMENTS_FILE: &str = "requirements.txt";
 
+/// The original Sandrun's form, `"requirements": "requirements.txt"`: a one-word string that is
+/// the path of a file in the upload names that file (read as requirements-file text). A word
+/// ending in `.txt` that is not in the upload, or a dependency file of another installer
+/// (`package.json`, `Gemfile`, ...), is refused here rather than read as a distribution name.
+fn requirements_file_name<'a>(
+    s: &'a str,
+    files: &BundleBuilder,
+) -> Result<Option<&'a str>, ManifestError> {
+    let word = s.trim();
+    if word.is_empty() || word.contains(char::is_whitespace) {
+        return Ok(None);
+    }
+    let base = word.rsplit('/').next().unwrap_or(word);
+    let other = [
+        ("package.json", "npm"),
+        ("package-lock.json", "npm"),
+        ("Gemfile", "bundler"),
+        ("Gemfile.lock", "bundler"),
+        ("Pipfile", "pipenv"),
+        ("pyproject.toml", "a Python build backend"),
+    ];
+    if let Some((_, tool)) = other.iter().find(|(f, _)| *f == base) {
+        return Err(ManifestError::new(
+            "requirements",
+            format!(
+                "{word:?} is a dependency file for {tool}, which jobs do not run; per-job \
+                 requirements are pip requirements from the operator's wheelhouse (npm packages \
+                 come from an environment template: GET /environments)"
+            ),
+        ));
+    }
+    if files.file_data(word).is_some() {
+        return Ok(Some(word));
+    }
+    if word.ends_with(".txt") || word.contains('/') {
+        return Err(ManifestError::new(
+            "requirements",
+            format!("names the file {word:?}, which the upload does not have"),
+        ));
+    }
+    Ok(None)
+}
+
+/// An upload's file as UTF-8 text, for `requirements`.
+fn upload_text<'a>(files: &'a BundleBuilder, name: &str) -> Result<&'a str, ManifestError> {
+    let data: &[u8] = files.file_data(name).map_or(&[], |d| d);
+    std::str::from_utf8(data)
+        .map_err(|_| ManifestError::new("requirements", format!("{name} is not UTF-8")))
+}
+
 /// `requirements`: a list of requirement lines, or one string in requirements-file syntax
-/// (blank lines and `#` comment lines are dropped), or `true` for the upload's top-level
-/// `requirements.txt` read the same way. `null`, `false`, `[]`, `""` and `{}` ask for nothing.
+/// (blank lines and `#` comment lines are dropped), or one string naming a file of the upload
+/// (the original's `"requirements.txt"`, see [`requirements_file_name`]), or `true` for the
+/// upload's top-level `requirements.txt`, both read the same way. `null`, `false`, `[]`, `""` and `{}` ask for nothing.
 /// Every line must pass [`rules::check_requirements`] (names, version specifiers and
 /// `--hash=sha256:` only).
 fn requirements(
@@ -332,18 +383,18 @@ fn requirements(
     let lines: Vec<String> = match v {
         None | Some(Value::Null | Value::Bool(false)) => Vec::new(),
         Some(Value::Object(o)) if o.is_empty() => Vec::new(),
-        Some(Value::String(s)) => text_lines(&s),
+        Some(Value::String(s)) => match requirements_file_name(&s, files)? {
+            Some(name) => text_lines(upload_text(files, name)?),
+            None => text_lines(&s),
+        },
         Some(Value::Bool(true)) => {
-            let Some(data) = files.file_data(REQUIREMENTS_FILE) else {
+            if files.file_data(REQUIREMENTS_FILE).is_none() {
                 return Err(ManifestError::new(
                     field,
                     format!("true, but the upload has no top-level {REQUIREMENTS_FILE}"),
                 ));
-            };
-            let text = std::str::from_utf8(data).map_err(|_| {
-                ManifestError::new(field, format!("{REQUIREMENTS_FILE} is not UTF-8"))
-            })?;
-            text_lines(text)
+            }
+            text_lines(upload_text(files, REQUIREMENTS_FILE)?)
         }
         Some(Value::Array(a)) => a
             .into_iter()
@@ -758,6 +809,47 @@ mod tests {
         assert!(e.starts_with("manifest.requirements[0]:"), "{e}");
         let e = err(r#"{"entrypoint":"main.py","requirements":true}"#);
         assert!(e.contains("requirements.txt"), "{e}");
+        // The original Sandrun's form names the file.
+        let m = parse_with(
+            r#"{"entrypoint":"main.py","requirements":"requirements.txt"}"#,
+            &[
+                ("main.py", b"".as_slice()),
+                ("requirements.txt", b"six==1.17.0\n"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(m.requirements, ["six==1.17.0"]);
+        let m = parse_with(
+            r#"{"entrypoint":"main.py","requirements":"deps/py.txt"}"#,
+            &[("main.py", b"".as_slice()), ("deps/py.txt", b"alpha\n")],
+        )
+        .unwrap();
+        assert_eq!(m.requirements, ["alpha"]);
+        // A file name that is not in the upload, or another installer's file: a 400 naming it,
+        // never a pip install of a distribution called "requirements.txt".
+        let e = parse_with(
+            r#"{"entrypoint":"main.py","requirements":"package.json"}"#,
+            &[("main.py", b"".as_slice()), ("package.json", b"{}")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("manifest.requirements:") && e.contains("npm"),
+            "a package.json in the upload is still npm's: {e}"
+        );
+        for (manifest, says) in [
+            (r#""requirements.txt""#, "which the upload does not have"),
+            (r#""package.json""#, "npm"),
+            (r#""Gemfile""#, "bundler"),
+        ] {
+            let e = err(&format!(
+                r#"{{"entrypoint":"main.py","requirements":{manifest}}}"#
+            ));
+            assert!(
+                e.starts_with("manifest.requirements:") && e.contains(says),
+                "{manifest}: {e}"
+            );
+        }
         // Shipping the file without asking installs nothing.
         let m = parse_with(
             r#"{"entrypoint":"main.py"}"#,
