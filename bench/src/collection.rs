@@ -19,24 +19,8 @@ use crate::spawn::{connect_submitter, recv, send};
 use crate::stats::{Row, Summary};
 use crate::BenchError;
 
-/// One 200 MiB sparse file, 3,000 hard links to it whose names cannot travel, a few more with
-/// bad characters, a file deeper than 32 levels, and four links with good names: the attacker of
-/// `tests/tests/collection.rs`.
-const ATTACKER: &str = r#"
-import os
-fd = os.open('big', os.O_CREAT | os.O_WRONLY, 0o644)
-os.ftruncate(fd, 200 << 20)
-os.close(fd)
-for i in range(3000):
-    os.link('big', 'a\n%d' % i)
-for i in range(4):
-    os.link('big', '0ok%d' % i)
-for name in [b'star*', b'q?', b'back\\slash', b'tab\tx', b'bad\xff']:
-    os.link(b'big', name)
-deep = '/'.join(['d'] * 40)
-os.makedirs(deep)
-os.link('big', deep + '/f')
-"#;
+/// The attacker of `tests/tests/collection.rs`.
+const ATTACKER: &str = sandrun_test_support::HARD_LINK_ATTACKER;
 
 const ATTACKERS: usize = 4;
 /// Time the attackers have to reach their first collection before the measurement.

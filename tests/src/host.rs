@@ -3,6 +3,33 @@
 use std::fs;
 use std::ops::Range;
 use std::path::Path;
+use std::process::Command;
+
+/// The unprivileged user `sandrunctl env build` and `env wheelhouse add` download as.
+pub const BUILD_USER: &str = "sandrun-build";
+
+/// Creates [`BUILD_USER`] (a system user with no home and no shell) unless it exists, as the
+/// package's sysusers entry would.
+pub fn ensure_build_user() {
+    if nix::unistd::User::from_name(BUILD_USER)
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        return;
+    }
+    let out = Command::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home", "--home-dir"])
+        .args(["/nonexistent", "--shell", "/usr/sbin/nologin", BUILD_USER])
+        .output()
+        .expect("run useradd");
+    // Exit status 9: created meanwhile by another test.
+    assert!(
+        out.status.success() || out.status.code() == Some(9),
+        "useradd {BUILD_USER}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
 
 /// One field of `/proc/<pid>/status` (`Name`, `PPid`, `Uid`, ...), trimmed; `None` if the process
 /// or the field is not there.

@@ -179,6 +179,35 @@ impl Stack {
         self.dir.path().join("worker.key")
     }
 
+    /// Whether `openssl` (not the gateway's own code) verifies `sig` over `msg` with the public
+    /// half of the worker key: an independent check of a result signature.
+    pub fn openssl_verifies(&self, msg: &[u8], sig: &[u8]) -> bool {
+        let scratch = tempfile::tempdir_in(self.dir.path()).expect("openssl scratch dir");
+        let pub_pem = scratch.path().join("worker.pub.pem");
+        let out = Command::new("openssl")
+            .args(["pkey", "-pubout", "-in"])
+            .arg(self.worker_key_path())
+            .arg("-out")
+            .arg(&pub_pem)
+            .output()
+            .expect("run openssl (package openssl must be installed)");
+        assert!(out.status.success(), "openssl pkey: {out:?}");
+        let (m, s) = (scratch.path().join("msg"), scratch.path().join("sig"));
+        fs::write(&m, msg).expect("write msg");
+        fs::write(&s, sig).expect("write sig");
+        Command::new("openssl")
+            .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
+            .arg(&pub_pem)
+            .args(["-rawin", "-in"])
+            .arg(&m)
+            .arg("-sigfile")
+            .arg(&s)
+            .output()
+            .expect("run openssl pkeyutl")
+            .status
+            .success()
+    }
+
     /// The socket path the gateway was given (a symlink to the current helper's socket).
     pub fn helper_socket_link(&self) -> PathBuf {
         self.dir.path().join("helper.sock")

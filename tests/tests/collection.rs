@@ -24,24 +24,8 @@ fn measuring() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A job that leaves one 200 MiB (sparse) file and 3,000 hard links to it whose names cannot
-/// travel (`a\n<i>`), a few more with `*`, `?`, `\`, tab and invalid UTF-8, a file deeper than
-/// 32 levels, and four links with good names (so collection has something to hash).
-const ATTACKER: &str = r#"
-import os
-fd = os.open('big', os.O_CREAT | os.O_WRONLY, 0o644)
-os.ftruncate(fd, 200 << 20)
-os.close(fd)
-for i in range(3000):
-    os.link('big', 'a\n%d' % i)
-for i in range(4):
-    os.link('big', '0ok%d' % i)
-for name in [b'star*', b'q?', b'back\\slash', b'tab\tx', b'bad\xff']:
-    os.link(b'big', name)
-deep = '/'.join(['d'] * 40)
-os.makedirs(deep)
-os.link('big', deep + '/f')
-"#;
+/// The attacker of issue 9 item 7 (`sandrun_test_support::HARD_LINK_ATTACKER`).
+const ATTACKER: &str = sandrun_test_support::HARD_LINK_ATTACKER;
 
 /// The attacker job; with `collect` false its output pattern matches nothing, so it loads the
 /// machine the same way (python, 3,000 links, spawn and teardown) without any collection.

@@ -6,38 +6,15 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use sandrun_ipc::ErrorCode;
+use sandrun_tests::host::{ensure_build_user, BUILD_USER};
 use sandrun_tests::stack::{Part, Stack};
 use sandrun_tests::{config, Config, Helper, Job};
-
-/// The build user `sandrunctl env build` downloads as; created here as the package would.
-const BUILD_USER: &str = "sandrun-build";
-
-fn ensure_build_user() {
-    if nix::unistd::User::from_name(BUILD_USER)
-        .ok()
-        .flatten()
-        .is_some()
-    {
-        return;
-    }
-    let out = Command::new("useradd")
-        .args(["--system", "--user-group", "--no-create-home", "--home-dir"])
-        .args(["/nonexistent", "--shell", "/usr/sbin/nologin", BUILD_USER])
-        .output()
-        .expect("run useradd");
-    // Exit status 9: created meanwhile by another test.
-    assert!(
-        out.status.success() || out.status.code() == Some(9),
-        "useradd {BUILD_USER}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A root-owned 0755 template directory (what `template_dir` needs).
 fn template_dir() -> tempfile::TempDir {
@@ -226,35 +203,6 @@ fn signed_message_v2(status: &Value) -> String {
     msg
 }
 
-/// Whether `openssl pkeyutl -verify -rawin` (docs/signatures.md, section 4) accepts `sig` over
-/// `msg` with the stack's worker key.
-fn openssl_verifies(stack: &Stack, msg: &[u8], sig: &[u8]) -> bool {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let pub_pem = scratch.path().join("worker.pub.pem");
-    let out = Command::new("openssl")
-        .args(["pkey", "-pubout", "-in"])
-        .arg(stack.worker_key_path())
-        .arg("-out")
-        .arg(&pub_pem)
-        .output()
-        .expect("run openssl (package openssl must be installed)");
-    assert!(out.status.success(), "openssl pkey: {out:?}");
-    let (m, s) = (scratch.path().join("msg"), scratch.path().join("sig"));
-    fs::write(&m, msg).expect("write msg");
-    fs::write(&s, sig).expect("write sig");
-    Command::new("openssl")
-        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
-        .arg(&pub_pem)
-        .args(["-rawin", "-in"])
-        .arg(&m)
-        .arg("-sigfile")
-        .arg(&s)
-        .output()
-        .expect("run openssl pkeyutl")
-        .status
-        .success()
-}
-
 /// A stack whose helper uses `templates`, with template `small` (six 1.17.0) built in it.
 fn stack_with_small(templates: &Path, extra: &str) -> (Stack, String) {
     ensure_build_user();
@@ -321,7 +269,7 @@ fn given_a_built_template_when_a_job_names_it_then_it_imports_its_packages_and_t
         .expect("base64");
     let msg = signed_message_v2(&status).into_bytes();
     assert!(
-        openssl_verifies(&stack, &msg, &sig),
+        stack.openssl_verifies(&msg, &sig),
         "signature refused:\n{}",
         String::from_utf8_lossy(&msg)
     );
@@ -329,7 +277,7 @@ fn given_a_built_template_when_a_job_names_it_then_it_imports_its_packages_and_t
     let text = String::from_utf8(msg).expect("utf-8");
     let forged = text.replace(&hash, &"0".repeat(64));
     assert_ne!(forged, text);
-    assert!(!openssl_verifies(&stack, forged.as_bytes(), &sig));
+    assert!(!stack.openssl_verifies(forged.as_bytes(), &sig));
 
     // A job without the template does not see it (and is signed as format 1).
     let id = stack.submit_ok(&[Part::file(

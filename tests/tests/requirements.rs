@@ -12,7 +12,6 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
 use base64::Engine as _;
 use serde_json::{json, Value};
@@ -20,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use sandrun_ipc::{ErrorCode, ExitReason};
 use sandrun_tests::archive;
+use sandrun_tests::host::ensure_build_user;
 use sandrun_tests::stack::{Part, Stack};
 use sandrun_tests::{config, Helper, Job};
 
@@ -139,34 +139,6 @@ fn signed_message_v3(status: &Value) -> String {
     msg
 }
 
-/// Whether `openssl pkeyutl -verify -rawin` accepts `sig` over `msg` with the stack's key.
-fn openssl_verifies(stack: &Stack, msg: &[u8], sig: &[u8]) -> bool {
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let pub_pem = scratch.path().join("worker.pub.pem");
-    let out = Command::new("openssl")
-        .args(["pkey", "-pubout", "-in"])
-        .arg(stack.worker_key_path())
-        .arg("-out")
-        .arg(&pub_pem)
-        .output()
-        .expect("run openssl (package openssl must be installed)");
-    assert!(out.status.success(), "openssl pkey: {out:?}");
-    let (m, s) = (scratch.path().join("msg"), scratch.path().join("sig"));
-    fs::write(&m, msg).expect("write msg");
-    fs::write(&s, sig).expect("write sig");
-    Command::new("openssl")
-        .args(["pkeyutl", "-verify", "-pubin", "-inkey"])
-        .arg(&pub_pem)
-        .args(["-rawin", "-in"])
-        .arg(&m)
-        .arg("-sigfile")
-        .arg(&s)
-        .output()
-        .expect("run openssl pkeyutl")
-        .status
-        .success()
-}
-
 fn submit_with_requirements(stack: &Stack, code: &str, requirements: Value) -> String {
     stack.submit_ok(&[
         Part::file("main.py", code),
@@ -203,13 +175,13 @@ fn given_a_wheelhouse_when_a_job_requires_one_wheel_then_it_imports_it_and_the_s
         .expect("base64");
     let msg = signed_message_v3(&status);
     assert!(
-        openssl_verifies(&stack, msg.as_bytes(), &sig),
+        stack.openssl_verifies(msg.as_bytes(), &sig),
         "signature refused:\n{msg}"
     );
     // Another wheel hash in the message: the signature no longer verifies.
     let forged = msg.replace(&alpha_sha, &"0".repeat(64));
     assert_ne!(forged, msg);
-    assert!(!openssl_verifies(&stack, forged.as_bytes(), &sig));
+    assert!(!stack.openssl_verifies(forged.as_bytes(), &sig));
 
     // The job's installed files counted against its own tmpfs and are gone with it: a job
     // without requirements sees neither the wheelhouse nor alpha.
@@ -259,14 +231,14 @@ fn given_a_requirement_the_wheelhouse_lacks_or_a_wrong_hash_then_the_job_fails_w
         "{msg}"
     );
     assert!(
-        openssl_verifies(&stack, msg.as_bytes(), &sig),
+        stack.openssl_verifies(msg.as_bytes(), &sig),
         "signature refused:\n{msg}"
     );
     let as_if_ran = msg.replace(
         "requirements_result=failed",
         "requirements_result=installed",
     );
-    assert!(!openssl_verifies(&stack, as_if_ran.as_bytes(), &sig));
+    assert!(!stack.openssl_verifies(as_if_ran.as_bytes(), &sig));
 
     let wrong = format!("alpha==1.0 --hash=sha256:{}", "0".repeat(64));
     let id = submit_with_requirements(&stack, code, json!([wrong]));
@@ -424,30 +396,6 @@ fn given_a_helper_without_a_wheelhouse_then_a_job_with_requirements_is_refused_n
     let outcome = helper.run(&job);
     let error = outcome.error.as_ref().expect("refused");
     assert_eq!(error.code, ErrorCode::InvalidRequest, "{error:?}");
-}
-
-/// The build user `sandrunctl env wheelhouse add` downloads as; created here as the package
-/// would.
-fn ensure_build_user() {
-    const BUILD_USER: &str = "sandrun-build";
-    if nix::unistd::User::from_name(BUILD_USER)
-        .ok()
-        .flatten()
-        .is_some()
-    {
-        return;
-    }
-    let out = Command::new("useradd")
-        .args(["--system", "--user-group", "--no-create-home", "--home-dir"])
-        .args(["/nonexistent", "--shell", "/usr/sbin/nologin", BUILD_USER])
-        .output()
-        .expect("run useradd");
-    // Exit status 9: created meanwhile by another test.
-    assert!(
-        out.status.success() || out.status.code() == Some(9),
-        "useradd {BUILD_USER}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -679,7 +627,7 @@ fn given_a_job_that_rewrites_the_install_record_then_the_signed_result_lists_wha
         let msg = signed_message_v3(&status);
         assert!(msg.contains("requirements=1\n"), "{msg}");
         assert!(
-            openssl_verifies(&stack, msg.as_bytes(), &sig),
+            stack.openssl_verifies(msg.as_bytes(), &sig),
             "signature refused:\n{msg}"
         );
     }

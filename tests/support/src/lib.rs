@@ -55,6 +55,27 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// The hard-link collection attacker of issue 9 (item 7), as Python for `python3 -c`: one
+/// 200 MiB sparse file, 3,000 hard links to it whose names cannot travel (`a\n<i>`), a few more
+/// with `*`, `?`, `\`, tab and invalid UTF-8, a file deeper than 32 levels, and four links with
+/// good names (so collection has something to hash). Used by `tests/tests/collection.rs` (the
+/// behaviour) and the bench's figure 12 (the timing).
+pub const HARD_LINK_ATTACKER: &str = r#"
+import os
+fd = os.open('big', os.O_CREAT | os.O_WRONLY, 0o644)
+os.ftruncate(fd, 200 << 20)
+os.close(fd)
+for i in range(3000):
+    os.link('big', 'a\n%d' % i)
+for i in range(4):
+    os.link('big', '0ok%d' % i)
+for name in [b'star*', b'q?', b'back\\slash', b'tab\tx', b'bad\xff']:
+    os.link(b'big', name)
+deep = '/'.join(['d'] * 40)
+os.makedirs(deep)
+os.link('big', deep + '/f')
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
