@@ -739,7 +739,7 @@ fn npm_as_build_user(user: &User, dir: &Path, cache: &Path, args: &[&str]) -> Re
 }
 
 /// Opens a regular file without following links (and without blocking on a FIFO).
-fn open_regular(path: &Path) -> Result<fs::File, CtlError> {
+pub(crate) fn open_regular(path: &Path) -> Result<fs::File, CtlError> {
     let what = path.display().to_string();
     let file = fs::OpenOptions::new()
         .read(true)
@@ -1154,7 +1154,7 @@ fn rfc3339(secs: u64) -> String {
     )
 }
 
-fn failed(what: &str, reason: &str) -> CtlError {
+pub(crate) fn failed(what: &str, reason: &str) -> CtlError {
     CtlError::Template {
         what: what.to_owned(),
         reason: reason.to_owned(),

@@ -13,13 +13,15 @@
 
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{renameat2, OFlag, RenameFlags};
+use nix::fcntl::{renameat2, RenameFlags};
 use sha2::{Digest, Sha256};
 
+use crate::env::{failed, open_regular};
 use crate::error::CtlError;
+use crate::outputs::hex;
 
 /// The helper's `wheelhouse_dir` by default.
 pub(crate) const DEFAULT_WHEELHOUSE_DIR: &str = "/var/lib/sandrun/wheelhouse";
@@ -48,13 +50,6 @@ pub(crate) fn dispatch(args: &WheelhouseArgs, json: bool) -> Result<i32, CtlErro
     match &args.command {
         WheelhouseCommand::Add { file } => add(dir, file, json),
         WheelhouseCommand::List => list(dir, json),
-    }
-}
-
-fn failed(what: &str, reason: &str) -> CtlError {
-    CtlError::Template {
-        what: what.to_owned(),
-        reason: reason.to_owned(),
     }
 }
 
@@ -172,35 +167,11 @@ fn list(dir: &Path, json: bool) -> Result<i32, CtlError> {
 
 /// sha256 (hex) of a regular file, not through a symlink.
 fn sha256_of(path: &Path) -> Result<String, CtlError> {
-    let what = path.display().to_string();
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK).bits())
-        .open(path)
-        .map_err(|e| failed(&what, &e.to_string()))?;
-    if !f
-        .metadata()
-        .map_err(|e| failed(&what, &e.to_string()))?
-        .is_file()
-    {
-        return Err(failed(&what, "not a regular file"));
-    }
+    let mut f = open_regular(path)?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| failed(&what, &e.to_string()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    std::io::copy(&mut f, &mut hasher)
+        .map_err(|e| failed(&path.display().to_string(), &e.to_string()))?;
+    Ok(hex(&hasher.finalize()))
 }
 
 fn random_hex() -> Result<String, CtlError> {

@@ -15,6 +15,7 @@ pub mod client;
 pub mod helper;
 pub mod host;
 pub mod hostile;
+pub mod signature;
 pub mod slots;
 pub mod stack;
 

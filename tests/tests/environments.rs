@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 
 use sandrun_ipc::ErrorCode;
 use sandrun_tests::host::{ensure_build_user, BUILD_USER};
+use sandrun_tests::signature::result_message;
 use sandrun_tests::stack::{Part, Stack};
 use sandrun_tests::{config, Config, Helper, Job};
 
@@ -170,37 +171,14 @@ fn given_a_failing_build_then_the_previous_template_is_untouched_and_rm_removes_
 /// The signed message of `docs/signatures.md` (format 2: a job with a template), rebuilt from
 /// `/status` alone.
 fn signed_message_v2(status: &Value) -> String {
-    let meta = &status["execution_metadata"];
-    let exit_code = meta["exit_code"]
-        .as_i64()
-        .map_or("none".to_owned(), |c| c.to_string());
-    let mut outputs: Vec<(String, String)> = status["output_files"]
-        .as_object()
-        .expect("output_files")
-        .iter()
-        .map(|(p, i)| (p.clone(), i["sha256"].as_str().expect("sha256").to_owned()))
-        .collect();
-    outputs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let mut msg = format!(
-        "sandrun-result-v2\njob_id={}\njob_hash={}\nenvironment={}\nenvironment_lock={}\n\
-         exit_code={exit_code}\ncpu_ms={}\nmemory_peak_bytes={}\ncompleted_at={}\noutputs={}\n",
-        status["job_id"].as_str().expect("job_id"),
-        status["job_hash"].as_str().expect("job_hash"),
+    let lines = format!(
+        "environment={}\nenvironment_lock={}\n",
         status["environment"].as_str().expect("environment"),
         status["environment_lock"]
             .as_str()
             .expect("environment_lock"),
-        status["cpu_ms"].as_u64().expect("cpu_ms"),
-        meta["memory_peak_bytes"]
-            .as_u64()
-            .expect("memory_peak_bytes"),
-        status["completed_at"].as_u64().expect("completed_at"),
-        outputs.len(),
     );
-    for (path, sha) in outputs {
-        msg.push_str(&format!("output={sha} {path}\n"));
-    }
-    msg
+    result_message(status, "sandrun-result-v2", &lines)
 }
 
 /// A stack whose helper uses `templates`, with template `small` (six 1.17.0) built in it.

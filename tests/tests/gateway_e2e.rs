@@ -12,6 +12,7 @@ use sandrun_tests::archive::{tar_gz, untar_gz, zip};
 use sandrun_tests::config;
 use sandrun_tests::helper::HANG_GUARD;
 use sandrun_tests::host::{mounts_mentioning, processes_with_uids};
+use sandrun_tests::signature::result_message;
 use sandrun_tests::stack::{Part, Stack};
 
 fn stack() -> Stack {
@@ -480,38 +481,7 @@ fn given_the_helper_killed_mid_job_then_the_job_fails_internal_and_jobs_waiting_
 
 /// The canonical result message of `docs/signatures.md`, rebuilt from `/status` alone.
 fn canonical_message(status: &Value) -> String {
-    let meta = &status["execution_metadata"];
-    let exit_code = meta["exit_code"]
-        .as_i64()
-        .map_or("none".to_owned(), |c| c.to_string());
-    let mut outputs: Vec<(String, String)> = status["output_files"]
-        .as_object()
-        .expect("output_files is an object")
-        .iter()
-        .map(|(path, info)| {
-            (
-                path.clone(),
-                info["sha256"].as_str().expect("sha256").to_owned(),
-            )
-        })
-        .collect();
-    outputs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let mut msg = format!(
-        "sandrun-result-v1\njob_id={}\njob_hash={}\nexit_code={exit_code}\ncpu_ms={}\n\
-         memory_peak_bytes={}\ncompleted_at={}\noutputs={}\n",
-        status["job_id"].as_str().expect("job_id"),
-        status["job_hash"].as_str().expect("job_hash"),
-        status["cpu_ms"].as_u64().expect("cpu_ms"),
-        meta["memory_peak_bytes"]
-            .as_u64()
-            .expect("memory_peak_bytes"),
-        status["completed_at"].as_u64().expect("completed_at"),
-        outputs.len(),
-    );
-    for (path, sha) in outputs {
-        msg.push_str(&format!("output={sha} {path}\n"));
-    }
-    msg
+    result_message(status, "sandrun-result-v1", "")
 }
 
 /// The job hash of `docs/signatures.md` for `files` and a canonical manifest.

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 use sandrun_ipc::{ErrorCode, ExitReason};
 use sandrun_tests::archive;
 use sandrun_tests::host::ensure_build_user;
+use sandrun_tests::signature::result_message;
 use sandrun_tests::stack::{Part, Stack};
 use sandrun_tests::{config, Helper, Job};
 
@@ -87,10 +88,6 @@ const IMPORT_ALPHA: &str = "import alpha\nprint('alpha', alpha.V)\n\
 
 /// The signed message of `docs/signatures.md`, format 3 without a template, from `/status`.
 fn signed_message_v3(status: &Value) -> String {
-    let meta = &status["execution_metadata"];
-    let exit_code = meta["exit_code"]
-        .as_i64()
-        .map_or("none".to_owned(), |c| c.to_string());
     let installed = status["requirements"]["installed"]
         .as_array()
         .expect("installed");
@@ -111,32 +108,12 @@ fn signed_message_v3(status: &Value) -> String {
     } else {
         "failed"
     };
-    let mut outputs: Vec<(String, String)> = status["output_files"]
-        .as_object()
-        .expect("output_files")
-        .iter()
-        .map(|(p, i)| (p.clone(), i["sha256"].as_str().expect("sha256").to_owned()))
-        .collect();
-    outputs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-    let mut msg = format!(
-        "sandrun-result-v3\njob_id={}\njob_hash={}\nrequirements={}\n{}\
-         requirements_result={result}\nexit_code={exit_code}\ncpu_ms={}\nmemory_peak_bytes={}\n\
-         completed_at={}\noutputs={}\n",
-        status["job_id"].as_str().expect("job_id"),
-        status["job_hash"].as_str().expect("job_hash"),
+    let format_lines = format!(
+        "requirements={}\n{}requirements_result={result}\n",
         installed.len(),
-        lines.concat(),
-        status["cpu_ms"].as_u64().expect("cpu_ms"),
-        meta["memory_peak_bytes"]
-            .as_u64()
-            .expect("memory_peak_bytes"),
-        status["completed_at"].as_u64().expect("completed_at"),
-        outputs.len(),
+        lines.concat()
     );
-    for (path, sha) in outputs {
-        msg.push_str(&format!("output={sha} {path}\n"));
-    }
-    msg
+    result_message(status, "sandrun-result-v3", &format_lines)
 }
 
 fn submit_with_requirements(stack: &Stack, code: &str, requirements: Value) -> String {
@@ -144,6 +121,22 @@ fn submit_with_requirements(stack: &Stack, code: &str, requirements: Value) -> S
         Part::file("main.py", code),
         Part::manifest(&json!({"entrypoint": "main.py", "requirements": requirements})),
     ])
+}
+
+/// The cause a job that ended with reason `requirements` reports (panics on any other reason).
+fn requirements_error(outcome: &sandrun_tests::Outcome) -> String {
+    let report = outcome.report();
+    assert_eq!(
+        report.reason,
+        ExitReason::Requirements,
+        "{}",
+        outcome.describe()
+    );
+    report
+        .requirements
+        .as_ref()
+        .and_then(|r| r.error.clone())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -360,18 +353,7 @@ fn given_an_install_larger_than_the_jobs_tmpfs_then_it_fails_with_reason_require
         .limits(|l| l.tmpfs_bytes = Some(4 << 20));
     job.spec.requirements = vec!["big".into()];
     let outcome = helper.run(&job);
-    let report = outcome.report();
-    assert_eq!(
-        report.reason,
-        ExitReason::Requirements,
-        "{}",
-        outcome.describe()
-    );
-    let error = report
-        .requirements
-        .as_ref()
-        .and_then(|r| r.error.as_deref())
-        .unwrap_or_default();
+    let error = requirements_error(&outcome);
     assert!(error.contains("tmpfs"), "{error}: {}", outcome.describe());
     assert!(outcome.stdout.is_empty(), "{}", outcome.describe());
 }
@@ -564,18 +546,7 @@ fn given_the_most_and_longest_requirement_lines_then_the_install_step_still_star
     job.spec.requirements = lines;
     let outcome = helper.run(&job);
     // pip ran (and found none of them): not a sandbox setup failure (E2BIG at execve).
-    let report = outcome.report();
-    assert_eq!(
-        report.reason,
-        ExitReason::Requirements,
-        "{}",
-        outcome.describe()
-    );
-    let error = report
-        .requirements
-        .as_ref()
-        .and_then(|r| r.error.as_deref())
-        .unwrap_or_default();
+    let error = requirements_error(&outcome);
     assert!(error.contains("pkg0000"), "{error}: {}", outcome.describe());
 }
 
