@@ -553,36 +553,19 @@ pub(crate) fn download(
     let reqs = private.0.join("requirements.txt");
     fs::copy(requirements, &reqs).map_err(|e| failed(BUILD_USER, &format!("copy: {e}")))?;
     let dest = private.0.join("wheels");
-    let status = Command::new(PYTHON)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--only-binary=:all:",
-            "--no-cache-dir",
-        ])
-        .args(["--disable-pip-version-check", "--no-input", "-d"])
-        .arg(&dest)
-        .arg("-r")
-        .arg(&reqs)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("HOME", &private.0)
-        .env("LANG", "C.UTF-8")
-        .current_dir(&private.0)
-        // std sets the gid, then (because a uid is set and no groups are given) drops every
-        // supplementary group with setgroups(0), then sets the uid.
-        .gid(user.gid.as_raw())
-        .uid(user.uid.as_raw())
-        .stdout(std::io::stderr())
-        .status()
-        .map_err(|e| failed(BUILD_USER, &format!("starting pip download: {e}")))?;
-    if !status.success() {
-        return Err(failed(
-            BUILD_USER,
-            &format!("pip download failed ({status}); nothing was changed"),
-        ));
-    }
+    let mut pip = Command::new(PYTHON);
+    pip.args([
+        "-m",
+        "pip",
+        "download",
+        "--only-binary=:all:",
+        "--no-cache-dir",
+    ])
+    .args(["--disable-pip-version-check", "--no-input", "-d"])
+    .arg(&dest)
+    .arg("-r")
+    .arg(&reqs);
+    run_as_build_user(pip, user, &private.0, "pip download", "pip download")?;
     copy_wheels(&dest, wheels_out, user.uid.as_raw())
 }
 
@@ -714,25 +697,38 @@ fn download_npm(user: &User, specs: &[String], out: &Path) -> Result<Vec<NpmPack
 
 /// Runs `npm ARGS` as the build user in `dir`, its cache at `cache`, with the host's network.
 fn npm_as_build_user(user: &User, dir: &Path, cache: &Path, args: &[&str]) -> Result<(), CtlError> {
-    let status = Command::new(NPM)
-        .args(args)
-        .arg("--cache")
-        .arg(cache)
+    let mut npm = Command::new(NPM);
+    npm.args(args).arg("--cache").arg(cache);
+    run_as_build_user(npm, user, dir, NPM, &format!("npm {}", args[0]))
+}
+
+/// Runs `cmd` as the build user with `dir` as its working and home directory, a clean
+/// environment and the host's network; its stdout goes to stderr (so `--json` prints one
+/// object). `start` and `what` name it in the errors.
+fn run_as_build_user(
+    mut cmd: Command,
+    user: &User,
+    dir: &Path,
+    start: &str,
+    what: &str,
+) -> Result<(), CtlError> {
+    let status = cmd
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .env("HOME", dir)
         .env("LANG", "C.UTF-8")
         .current_dir(dir)
-        // As for pip: the gid, no supplementary groups, then the uid.
+        // std sets the gid, then (because a uid is set and no groups are given) drops every
+        // supplementary group with setgroups(0), then sets the uid.
         .gid(user.gid.as_raw())
         .uid(user.uid.as_raw())
         .stdout(std::io::stderr())
         .status()
-        .map_err(|e| failed(BUILD_USER, &format!("starting {NPM}: {e}")))?;
+        .map_err(|e| failed(BUILD_USER, &format!("starting {start}: {e}")))?;
     if !status.success() {
         return Err(failed(
             BUILD_USER,
-            &format!("npm {} failed ({status}); nothing was changed", args[0]),
+            &format!("{what} failed ({status}); nothing was changed"),
         ));
     }
     Ok(())
