@@ -7,6 +7,7 @@ use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use sandrun_ipc::GrantedLimits;
 use serde::Deserialize;
 
 use crate::ids::{GroupId, UserId};
@@ -14,57 +15,27 @@ use crate::ids::{GroupId, UserId};
 /// Default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/sandrun/sandrund.sock";
 
-/// Resource figures used for both `[maxima]` and `[defaults]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitSet {
-    pub wall_ms: u64,
-    pub memory_bytes: u64,
-    pub cpu_ms: u64,
-    pub pids: u32,
-    pub output_bytes: u64,
-    pub tmpfs_bytes: u64,
-    pub file_count: u32,
-}
+/// The built-in `[maxima]`: the most the helper grants any job.
+pub const BUILTIN_MAXIMA: GrantedLimits = GrantedLimits {
+    wall_ms: 3_600_000,
+    memory_bytes: 2 << 30,
+    cpu_ms: 3_600_000,
+    pids: 256,
+    output_bytes: 64 << 20,
+    tmpfs_bytes: 1 << 30,
+    file_count: 100_000,
+};
 
-impl LimitSet {
-    fn builtin_maxima() -> Self {
-        LimitSet {
-            wall_ms: 3_600_000,
-            memory_bytes: 2 << 30,
-            cpu_ms: 3_600_000,
-            pids: 256,
-            output_bytes: 64 << 20,
-            tmpfs_bytes: 1 << 30,
-            file_count: 100_000,
-        }
-    }
-
-    fn builtin_defaults() -> Self {
-        LimitSet {
-            wall_ms: 300_000,
-            memory_bytes: 512 << 20,
-            cpu_ms: 60_000,
-            pids: 64,
-            output_bytes: 8 << 20,
-            tmpfs_bytes: 256 << 20,
-            file_count: 10_000,
-        }
-    }
-
-    /// Field-by-field minimum.
-    fn min(&self, other: &LimitSet) -> LimitSet {
-        LimitSet {
-            wall_ms: self.wall_ms.min(other.wall_ms),
-            memory_bytes: self.memory_bytes.min(other.memory_bytes),
-            cpu_ms: self.cpu_ms.min(other.cpu_ms),
-            pids: self.pids.min(other.pids),
-            output_bytes: self.output_bytes.min(other.output_bytes),
-            tmpfs_bytes: self.tmpfs_bytes.min(other.tmpfs_bytes),
-            file_count: self.file_count.min(other.file_count),
-        }
-    }
-}
+/// The built-in `[defaults]`: what a job that asks for nothing gets.
+pub const BUILTIN_DEFAULTS: GrantedLimits = GrantedLimits {
+    wall_ms: 300_000,
+    memory_bytes: 512 << 20,
+    cpu_ms: 60_000,
+    pids: 64,
+    output_bytes: 8 << 20,
+    tmpfs_bytes: 256 << 20,
+    file_count: 10_000,
+};
 
 /// Prepared sandboxes kept by default: a preparation can take 20 ms when the kernel is slow to
 /// migrate a task into a cgroup (v1), so a few are kept for jobs arriving back to back.
@@ -105,8 +76,8 @@ struct RawConfig {
     wheelhouse_dir: Option<PathBuf>,
     max_stdin_bytes: Option<u64>,
     max_build_output_files: Option<u32>,
-    maxima: Option<LimitSet>,
-    defaults: Option<LimitSet>,
+    maxima: Option<GrantedLimits>,
+    defaults: Option<GrantedLimits>,
     interpreters: Option<BTreeMap<String, PathBuf>>,
 }
 
@@ -136,9 +107,9 @@ pub struct Config {
     pub max_stdin_bytes: u64,
     /// The most output files a template build job returns (public jobs: 1000).
     pub max_build_output_files: u32,
-    pub maxima: LimitSet,
+    pub maxima: GrantedLimits,
     /// Already clamped to `maxima`.
-    pub defaults: LimitSet,
+    pub defaults: GrantedLimits,
     /// Name → absolute path inside the sandbox.
     pub interpreters: BTreeMap<String, PathBuf>,
 }
@@ -217,11 +188,8 @@ impl Config {
             ),
             None => users.group("sandrun-admin"),
         };
-        let maxima = raw.maxima.unwrap_or_else(LimitSet::builtin_maxima);
-        let defaults = raw
-            .defaults
-            .unwrap_or_else(LimitSet::builtin_defaults)
-            .min(&maxima);
+        let maxima = raw.maxima.unwrap_or(BUILTIN_MAXIMA);
+        let defaults = raw.defaults.unwrap_or(BUILTIN_DEFAULTS).min(&maxima);
         let max_concurrent = raw.max_concurrent.unwrap_or(8);
         let warm_sandboxes = raw.warm_sandboxes.unwrap_or(DEFAULT_WARM_SANDBOXES);
         let slot_count = raw.slot_count.unwrap_or(64);
@@ -445,7 +413,7 @@ mod tests {
         assert_eq!(c.gateway_uid, Some(UserId(999)));
         assert_eq!(c.socket_gid, Some(GroupId(998)));
         assert_eq!(c.admin_gid, Some(GroupId(997)));
-        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+        assert_eq!(c.maxima, BUILTIN_MAXIMA);
         assert_eq!(c.interpreters["python3"], PathBuf::from("/usr/bin/python3"));
     }
 
@@ -453,7 +421,7 @@ mod tests {
     fn given_a_config_path_with_nothing_there_then_the_builtin_defaults_apply() {
         let dir = tempfile::tempdir().unwrap();
         let c = Config::load(Some(&dir.path().join("sandrund.toml"))).unwrap();
-        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+        assert_eq!(c.maxima, BUILTIN_MAXIMA);
     }
 
     #[test]
@@ -463,7 +431,7 @@ mod tests {
         std::fs::write(&path, "").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let c = Config::load(Some(&path)).unwrap();
-        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+        assert_eq!(c.maxima, BUILTIN_MAXIMA);
     }
 
     #[test]
