@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use crate::ids::{GroupId, UserId};
 
-/// Default socket path.
-pub const DEFAULT_SOCKET: &str = "/run/sandrun/sandrund.sock";
+pub use sandrun_ipc::rules::DEFAULT_SOCKET;
+use sandrun_ipc::rules::{DEFAULT_TEMPLATE_DIR, DEFAULT_WHEELHOUSE_DIR};
 
 /// The built-in `[maxima]`: the most the helper grants any job.
 pub const BUILTIN_MAXIMA: GrantedLimits = GrantedLimits {
@@ -55,9 +55,6 @@ pub const DEFAULT_MAX_STDIN_BYTES: u64 = 16 << 20;
 pub const DEFAULT_MAX_BUILD_OUTPUT_FILES: u32 = 100_000;
 /// The most an operator may set (the helper relays, and the collector visits, that many).
 pub const MAX_BUILD_OUTPUT_FILES: u32 = 1_000_000;
-
-/// The wheelhouse by default (`wheelhouse_dir`).
-pub const DEFAULT_WHEELHOUSE_DIR: &str = "/var/lib/sandrun/wheelhouse";
 
 /// The file as written; every key optional.
 #[derive(Debug, Default, Deserialize)]
@@ -229,7 +226,7 @@ impl Config {
                 .unwrap_or_else(|| "/run/sandrun/root".into()),
             template_dir: raw
                 .template_dir
-                .unwrap_or_else(|| "/var/lib/sandrun/templates".into()),
+                .unwrap_or_else(|| DEFAULT_TEMPLATE_DIR.into()),
             wheelhouse_dir: raw
                 .wheelhouse_dir
                 .unwrap_or_else(|| DEFAULT_WHEELHOUSE_DIR.into()),
