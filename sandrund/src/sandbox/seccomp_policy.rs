@@ -8,6 +8,9 @@
 //! Syscalls are named the libseccomp way, so the syscall numbers (and the architecture check)
 //! are libseccomp's business. The filters are native-arch only (x86_64).
 
+use Check::{Always, Flags, Low32};
+use IfUnknown::{Fail, Skip};
+
 /// What a filter does with a syscall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Action {
@@ -17,9 +20,6 @@ pub(crate) enum Action {
     /// Kill the whole process (`SIGSYS`).
     KillProcess,
 }
-
-use Check::{Always, Flags, Low32};
-use IfUnknown::{Fail, Skip};
 
 pub(crate) const ALLOW: Action = Action::Allow;
 pub(crate) const KILL: Action = Action::KillProcess;
