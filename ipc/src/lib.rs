@@ -25,6 +25,7 @@ pub mod blocking;
 mod bytes;
 pub mod codec;
 mod error;
+mod limits;
 mod message;
 pub mod rules;
 #[cfg(feature = "tokio")]
@@ -33,6 +34,7 @@ mod validate;
 
 pub use codec::{decode, encode, CodecError, FrameDecoder, MAX_CHUNK_BYTES, MAX_FRAME_BYTES};
 pub use error::{ErrorCode, IpcError, UnknownErrorCode};
+pub use limits::{GrantedLimits, Limits, ZeroLimit, MIN_FILE_COUNT, MIN_MEMORY_BYTES, MIN_PIDS};
 pub use message::*;
 pub use validate::{
     sanitize_mode, BundlePath, OutputPattern, PathError, PrintablePath, ALLOWED_MODE_BITS,

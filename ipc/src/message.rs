@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::IpcError;
+use crate::limits::{GrantedLimits, Limits};
 use crate::validate::{BundlePath, OutputPattern, PrintablePath};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
@@ -35,38 +36,6 @@ impl std::fmt::Display for JobId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0)
     }
-}
-
-/// Resource limits a client asks for. The helper clamps every field to its configured maxima and
-/// reports the granted values in [`Response::Accepted`]. `None` means "the helper's default".
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Limits {
-    /// Wall-clock timeout in milliseconds.
-    pub wall_ms: Option<u64>,
-    /// Memory limit in bytes (swap is always 0).
-    pub memory_bytes: Option<u64>,
-    /// CPU time in milliseconds, summed over every process of the job.
-    pub cpu_ms: Option<u64>,
-    /// Maximum number of tasks (processes and threads) alive at once.
-    pub pids: Option<u32>,
-    /// Bytes kept per output stream (stdout, stderr); the rest is dropped and flagged.
-    pub output_bytes: Option<u64>,
-    /// Size of the job's tmpfs root in bytes (inputs, outputs, /tmp).
-    pub tmpfs_bytes: Option<u64>,
-    /// Maximum number of inodes on the job's tmpfs.
-    pub file_count: Option<u32>,
-}
-
-/// Limits after clamping: every field is set.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GrantedLimits {
-    pub wall_ms: u64,
-    pub memory_bytes: u64,
-    pub cpu_ms: u64,
-    pub pids: u32,
-    pub output_bytes: u64,
-    pub tmpfs_bytes: u64,
-    pub file_count: u32,
 }
 
 /// Network policy of a job. Only `None` exists: the job has a private loopback and nothing else.

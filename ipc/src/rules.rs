@@ -94,6 +94,16 @@ pub fn argv_env_bytes(argv: &[String], env: &[(String, String)]) -> usize {
     args.saturating_add(vars)
 }
 
+/// The socket the helper listens on by default (`sandrund --socket`, the gateway's
+/// `helper_socket`, `sandrunctl --socket`).
+pub const DEFAULT_SOCKET: &str = "/run/sandrun/sandrund.sock";
+
+/// The helper's `template_dir` by default (where `sandrunctl env build` puts templates).
+pub const DEFAULT_TEMPLATE_DIR: &str = "/var/lib/sandrun/templates";
+
+/// The helper's `wheelhouse_dir` by default (which `sandrunctl env wheelhouse add` fills).
+pub const DEFAULT_WHEELHOUSE_DIR: &str = "/var/lib/sandrun/wheelhouse";
+
 /// Where a job's template is mounted, read-only, inside its sandbox.
 pub const TEMPLATE_MOUNT: &str = "/env";
 

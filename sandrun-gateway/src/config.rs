@@ -11,7 +11,7 @@ use serde::Deserialize;
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 /// Default path of the root helper's socket.
-pub const DEFAULT_HELPER_SOCKET: &str = "/run/sandrun/sandrund.sock";
+pub const DEFAULT_HELPER_SOCKET: &str = sandrun_ipc::rules::DEFAULT_SOCKET;
 /// Default unprivileged user the gateway drops to when started as root.
 pub const DEFAULT_USER: &str = "sandrun";
 

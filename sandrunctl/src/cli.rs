@@ -3,11 +3,9 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use sandrun_ipc::rules::DEFAULT_SOCKET;
 
 use crate::error::CtlError;
-
-/// The socket `sandrund` listens on by default.
-pub(crate) const DEFAULT_SOCKET: &str = "/run/sandrun/sandrund.sock";
 
 #[derive(Debug, Parser)]
 #[command(

@@ -34,14 +34,13 @@ use std::process::Command;
 
 use nix::fcntl::{renameat2, OFlag, RenameFlags};
 use nix::unistd::User;
+use sandrun_ipc::rules::DEFAULT_TEMPLATE_DIR;
 use sandrun_ipc::{AdminRequest, AdminResponse};
 use sha2::{Digest, Sha256};
 
 use crate::cli::RunArgs;
 use crate::error::CtlError;
 
-/// The template directory `sandrund` uses by default (its `template_dir`).
-pub(crate) const DEFAULT_TEMPLATE_DIR: &str = "/var/lib/sandrun/templates";
 /// The unprivileged user that downloads packages.
 pub(crate) const BUILD_USER: &str = "sandrun-build";
 /// The lock file at the top of every template.

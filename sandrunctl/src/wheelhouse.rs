@@ -17,14 +17,13 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{renameat2, RenameFlags};
+use sandrun_ipc::rules::DEFAULT_WHEELHOUSE_DIR;
 use sha2::{Digest, Sha256};
 
 use crate::env::{failed, open_regular};
 use crate::error::CtlError;
 use crate::outputs::hex;
 
-/// The helper's `wheelhouse_dir` by default.
-pub(crate) const DEFAULT_WHEELHOUSE_DIR: &str = "/var/lib/sandrun/wheelhouse";
 const STAGING_PREFIX: &str = ".staging-";
 
 /// `sandrunctl env wheelhouse ...`.

@@ -7,64 +7,35 @@ use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use sandrun_ipc::GrantedLimits;
 use serde::Deserialize;
 
 use crate::ids::{GroupId, UserId};
 
-/// Default socket path.
-pub const DEFAULT_SOCKET: &str = "/run/sandrun/sandrund.sock";
+pub use sandrun_ipc::rules::DEFAULT_SOCKET;
+use sandrun_ipc::rules::{DEFAULT_TEMPLATE_DIR, DEFAULT_WHEELHOUSE_DIR};
 
-/// Resource figures used for both `[maxima]` and `[defaults]`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitSet {
-    pub wall_ms: u64,
-    pub memory_bytes: u64,
-    pub cpu_ms: u64,
-    pub pids: u32,
-    pub output_bytes: u64,
-    pub tmpfs_bytes: u64,
-    pub file_count: u32,
-}
+/// The built-in `[maxima]`: the most the helper grants any job.
+pub const BUILTIN_MAXIMA: GrantedLimits = GrantedLimits {
+    wall_ms: 3_600_000,
+    memory_bytes: 2 << 30,
+    cpu_ms: 3_600_000,
+    pids: 256,
+    output_bytes: 64 << 20,
+    tmpfs_bytes: 1 << 30,
+    file_count: 100_000,
+};
 
-impl LimitSet {
-    fn builtin_maxima() -> Self {
-        LimitSet {
-            wall_ms: 3_600_000,
-            memory_bytes: 2 << 30,
-            cpu_ms: 3_600_000,
-            pids: 256,
-            output_bytes: 64 << 20,
-            tmpfs_bytes: 1 << 30,
-            file_count: 100_000,
-        }
-    }
-
-    fn builtin_defaults() -> Self {
-        LimitSet {
-            wall_ms: 300_000,
-            memory_bytes: 512 << 20,
-            cpu_ms: 60_000,
-            pids: 64,
-            output_bytes: 8 << 20,
-            tmpfs_bytes: 256 << 20,
-            file_count: 10_000,
-        }
-    }
-
-    /// Field-by-field minimum.
-    fn min(&self, other: &LimitSet) -> LimitSet {
-        LimitSet {
-            wall_ms: self.wall_ms.min(other.wall_ms),
-            memory_bytes: self.memory_bytes.min(other.memory_bytes),
-            cpu_ms: self.cpu_ms.min(other.cpu_ms),
-            pids: self.pids.min(other.pids),
-            output_bytes: self.output_bytes.min(other.output_bytes),
-            tmpfs_bytes: self.tmpfs_bytes.min(other.tmpfs_bytes),
-            file_count: self.file_count.min(other.file_count),
-        }
-    }
-}
+/// The built-in `[defaults]`: what a job that asks for nothing gets.
+pub const BUILTIN_DEFAULTS: GrantedLimits = GrantedLimits {
+    wall_ms: 300_000,
+    memory_bytes: 512 << 20,
+    cpu_ms: 60_000,
+    pids: 64,
+    output_bytes: 8 << 20,
+    tmpfs_bytes: 256 << 20,
+    file_count: 10_000,
+};
 
 /// Prepared sandboxes kept by default: a preparation can take 20 ms when the kernel is slow to
 /// migrate a task into a cgroup (v1), so a few are kept for jobs arriving back to back.
@@ -85,9 +56,6 @@ pub const DEFAULT_MAX_BUILD_OUTPUT_FILES: u32 = 100_000;
 /// The most an operator may set (the helper relays, and the collector visits, that many).
 pub const MAX_BUILD_OUTPUT_FILES: u32 = 1_000_000;
 
-/// The wheelhouse by default (`wheelhouse_dir`).
-pub const DEFAULT_WHEELHOUSE_DIR: &str = "/var/lib/sandrun/wheelhouse";
-
 /// The file as written; every key optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,8 +73,8 @@ struct RawConfig {
     wheelhouse_dir: Option<PathBuf>,
     max_stdin_bytes: Option<u64>,
     max_build_output_files: Option<u32>,
-    maxima: Option<LimitSet>,
-    defaults: Option<LimitSet>,
+    maxima: Option<GrantedLimits>,
+    defaults: Option<GrantedLimits>,
     interpreters: Option<BTreeMap<String, PathBuf>>,
 }
 
@@ -136,27 +104,63 @@ pub struct Config {
     pub max_stdin_bytes: u64,
     /// The most output files a template build job returns (public jobs: 1000).
     pub max_build_output_files: u32,
-    pub maxima: LimitSet,
+    pub maxima: GrantedLimits,
     /// Already clamped to `maxima`.
-    pub defaults: LimitSet,
+    pub defaults: GrantedLimits,
     /// Name → absolute path inside the sandbox.
     pub interpreters: BTreeMap<String, PathBuf>,
 }
 
 /// A configuration problem: always the operator's to fix.
 #[derive(Debug)]
-pub struct ConfigError(pub String);
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file cannot be opened, examined or read (`step`: "stat" or "read").
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Someone other than root could have written the file (or it is not a plain file).
+    Untrusted {
+        path: PathBuf,
+        problem: &'static str,
+    },
+    /// Not TOML, an unknown key, a value of the wrong type.
+    Parse(toml::de::Error),
+    /// `key` names a user or group the system does not know.
+    UnknownName { key: &'static str, name: String },
+    /// A value outside what the helper accepts; the message names the key and the rule.
+    Invalid(String),
+}
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "configuration error: {}", self.0)
+        write!(f, "configuration error: ")?;
+        match self {
+            Self::Io { step, path, source } => {
+                write!(f, "cannot {step} {}: {source}", path.display())
+            }
+            Self::Untrusted { path, problem } => write!(f, "{} {problem}", path.display()),
+            Self::Parse(e) => write!(f, "{e}"),
+            Self::UnknownName { key, name } => write!(f, "{key} {name:?} not found"),
+            Self::Invalid(msg) => write!(f, "{msg}"),
+        }
     }
 }
 
-impl std::error::Error for ConfigError {}
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Io { source, .. } => Some(source),
+            Self::Parse(e) => Some(e),
+            Self::Untrusted { .. } | Self::UnknownName { .. } | Self::Invalid(_) => None,
+        }
+    }
+}
 
 fn err(msg: impl Into<String>) -> ConfigError {
-    ConfigError(msg.into())
+    ConfigError::Invalid(msg.into())
 }
 
 impl Config {
@@ -168,19 +172,16 @@ impl Config {
             // The packaged unit always passes `--config /etc/sandrun/sandrund.toml`, and every
             // key is optional: an absent file means the built-in defaults (said in the log, so
             // a typo in the path is visible), never a refusal to start.
-            Some(p) if is_absent(p)? => {
-                log::info!(
-                    "no configuration file: built-in defaults path={}",
-                    p.display()
-                );
-                RawConfig::default()
-            }
-            Some(p) => {
-                check_trusted_file(p)?;
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| err(format!("cannot read {}: {e}", p.display())))?;
-                parse_raw(&text)?
-            }
+            Some(p) => match read_trusted(p)? {
+                Some(text) => parse_raw(&text)?,
+                None => {
+                    log::info!(
+                        "no configuration file: built-in defaults path={}",
+                        p.display()
+                    );
+                    RawConfig::default()
+                }
+            },
         };
         Config::from_raw(raw, &SystemUsers)
     }
@@ -192,36 +193,20 @@ impl Config {
     }
 
     fn from_raw(raw: RawConfig, users: &dyn UserDb) -> Result<Config, ConfigError> {
-        let explicit_user = raw.gateway_user.is_some();
-        let user_name = raw.gateway_user.unwrap_or_else(|| "sandrun".to_owned());
-        let gateway = match users.user(&user_name) {
-            Some(u) => Some(u),
-            None if explicit_user => {
-                return Err(err(format!("gateway_user {user_name:?} not found")))
-            }
-            None => None,
+        let gateway = match raw.gateway_user {
+            Some(name) => named("gateway_user", &name, users.user(&name))?,
+            None => users.user("sandrun"),
         };
         let socket_gid = match raw.gateway_group {
-            Some(g) => Some(
-                users
-                    .group(&g)
-                    .ok_or_else(|| err(format!("gateway_group {g:?} not found")))?,
-            ),
+            Some(name) => named("gateway_group", &name, users.group(&name))?,
             None => gateway.map(|(_, gid)| gid),
         };
         let admin_gid = match raw.admin_group {
-            Some(g) => Some(
-                users
-                    .group(&g)
-                    .ok_or_else(|| err(format!("admin_group {g:?} not found")))?,
-            ),
+            Some(name) => named("admin_group", &name, users.group(&name))?,
             None => users.group("sandrun-admin"),
         };
-        let maxima = raw.maxima.unwrap_or_else(LimitSet::builtin_maxima);
-        let defaults = raw
-            .defaults
-            .unwrap_or_else(LimitSet::builtin_defaults)
-            .min(&maxima);
+        let maxima = raw.maxima.unwrap_or(BUILTIN_MAXIMA);
+        let defaults = raw.defaults.unwrap_or(BUILTIN_DEFAULTS).min(&maxima);
         let max_concurrent = raw.max_concurrent.unwrap_or(8);
         let warm_sandboxes = raw.warm_sandboxes.unwrap_or(DEFAULT_WARM_SANDBOXES);
         let slot_count = raw.slot_count.unwrap_or(64);
@@ -241,7 +226,7 @@ impl Config {
                 .unwrap_or_else(|| "/run/sandrun/root".into()),
             template_dir: raw
                 .template_dir
-                .unwrap_or_else(|| "/var/lib/sandrun/templates".into()),
+                .unwrap_or_else(|| DEFAULT_TEMPLATE_DIR.into()),
             wheelhouse_dir: raw
                 .wheelhouse_dir
                 .unwrap_or_else(|| DEFAULT_WHEELHOUSE_DIR.into()),
@@ -325,8 +310,16 @@ impl Config {
     }
 }
 
+/// A user or group the file names: it must exist (a built-in name may not; then only root).
+fn named<T>(key: &'static str, name: &str, found: Option<T>) -> Result<Option<T>, ConfigError> {
+    found.map(Some).ok_or_else(|| ConfigError::UnknownName {
+        key,
+        name: name.to_owned(),
+    })
+}
+
 fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| err(e.to_string()))
+    toml::from_str(text).map_err(ConfigError::Parse)
 }
 
 fn default_interpreters() -> BTreeMap<String, PathBuf> {
@@ -342,33 +335,48 @@ fn default_interpreters() -> BTreeMap<String, PathBuf> {
     .collect()
 }
 
-/// True if nothing at all is at `path` (a dangling symlink or an unreadable directory is an error,
-/// not absence).
-fn is_absent(path: &Path) -> Result<bool, ConfigError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(_) => Ok(false),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(err(format!("cannot stat {}: {e}", path.display()))),
-    }
-}
-
-/// Refuses a config file that someone other than root could have written.
-fn check_trusted_file(path: &Path) -> Result<(), ConfigError> {
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| err(format!("cannot stat {}: {e}", path.display())))?;
+/// The text of the configuration file at `path`, or `None` if nothing at all is there. The
+/// file is opened without following a symlink (a symlink, dangling or not, is "not a regular
+/// file") and checked through its descriptor: a regular file owned by root and not writable by
+/// group or others, so what is read is what was checked.
+fn read_trusted(path: &Path) -> Result<Option<String>, ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let untrusted = |problem| ConfigError::Untrusted {
+        path: path.to_owned(),
+        problem,
+    };
+    let io = |step| {
+        move |source| ConfigError::Io {
+            step,
+            path: path.to_owned(),
+            source,
+        }
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(untrusted("is not a regular file"))
+        }
+        Err(e) => return Err(io("stat")(e)),
+    };
+    let meta = file.metadata().map_err(io("stat"))?;
     if !meta.file_type().is_file() {
-        return Err(err(format!("{} is not a regular file", path.display())));
+        return Err(untrusted("is not a regular file"));
     }
     if meta.uid() != 0 {
-        return Err(err(format!("{} must be owned by root", path.display())));
+        return Err(untrusted("must be owned by root"));
     }
     if meta.mode() & 0o022 != 0 {
-        return Err(err(format!(
-            "{} must not be writable by group or others",
-            path.display()
-        )));
+        return Err(untrusted("must not be writable by group or others"));
     }
-    Ok(())
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(io("read"))?;
+    Ok(Some(text))
 }
 
 /// User and group lookups (the real one reads the system databases through libc).
@@ -445,7 +453,7 @@ mod tests {
         assert_eq!(c.gateway_uid, Some(UserId(999)));
         assert_eq!(c.socket_gid, Some(GroupId(998)));
         assert_eq!(c.admin_gid, Some(GroupId(997)));
-        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+        assert_eq!(c.maxima, BUILTIN_MAXIMA);
         assert_eq!(c.interpreters["python3"], PathBuf::from("/usr/bin/python3"));
     }
 
@@ -453,7 +461,7 @@ mod tests {
     fn given_a_config_path_with_nothing_there_then_the_builtin_defaults_apply() {
         let dir = tempfile::tempdir().unwrap();
         let c = Config::load(Some(&dir.path().join("sandrund.toml"))).unwrap();
-        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+        assert_eq!(c.maxima, BUILTIN_MAXIMA);
     }
 
     #[test]
@@ -463,7 +471,7 @@ mod tests {
         std::fs::write(&path, "").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let c = Config::load(Some(&path)).unwrap();
-        assert_eq!(c.maxima, LimitSet::builtin_maxima());
+        assert_eq!(c.maxima, BUILTIN_MAXIMA);
     }
 
     #[test]
@@ -505,14 +513,14 @@ mod tests {
         );
         for bad in ["start_timeout_s = 0", "start_timeout_s = 601"] {
             let e = Config::from_text(bad, &FakeUsers).unwrap_err();
-            assert!(e.0.contains("start_timeout_s"), "{bad}: {e}");
+            assert!(e.to_string().contains("start_timeout_s"), "{bad}: {e}");
         }
     }
 
     #[test]
     fn given_unknown_keys_then_the_file_is_refused() {
         let e = Config::from_text("max_concurent = 3", &FakeUsers).unwrap_err();
-        assert!(e.0.contains("max_concurent"), "{e}");
+        assert!(e.to_string().contains("max_concurent"), "{e}");
         assert!(Config::from_text("[maxima]\nwall_ms = 1\nbogus = 2", &FakeUsers).is_err());
     }
 
@@ -554,10 +562,10 @@ mod tests {
         let p = dir.path().join("c.toml");
         std::fs::write(&p, "").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o664)).unwrap();
-        assert!(check_trusted_file(&p).is_err());
+        assert!(read_trusted(&p).is_err());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         if nix::unistd::geteuid().is_root() {
-            assert!(check_trusted_file(&p).is_ok());
+            assert!(read_trusted(&p).is_ok());
         }
     }
 }

@@ -13,6 +13,7 @@ use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
+use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::stat::{fstat, SFlag};
 use sandrun_ipc::rules::{
@@ -26,21 +27,21 @@ use crate::server::collect::open_beneath;
 /// Why a template's lock file is not usable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LockError {
-    /// Absent, or not reachable without a symlink (errno).
-    Open(i32),
+    /// Absent, or not reachable without a symlink.
+    Open(Errno),
     /// Not a regular file.
     NotAFile,
     /// Larger than [`MAX_LOCK_BYTES`].
     TooLarge,
-    /// Reading failed (errno).
-    Read(i32),
+    /// Reading failed.
+    Read(Errno),
 }
 
 impl LockError {
     /// The errno a setup failure reports for it.
     pub(crate) fn errno(self) -> i32 {
         match self {
-            LockError::Open(e) | LockError::Read(e) => e,
+            LockError::Open(e) | LockError::Read(e) => e as i32,
             LockError::NotAFile => libc::EINVAL,
             LockError::TooLarge => libc::EFBIG,
         }
@@ -53,15 +54,11 @@ impl std::fmt::Display for LockError {
             LockError::Open(e) => write!(
                 f,
                 "{LOCK_FILE} cannot be opened ({}): not a template built by sandrunctl env build?",
-                nix::errno::Errno::from_raw(*e).desc()
+                e.desc()
             ),
             LockError::NotAFile => write!(f, "{LOCK_FILE} is not a regular file"),
             LockError::TooLarge => write!(f, "{LOCK_FILE} is larger than {MAX_LOCK_BYTES} bytes"),
-            LockError::Read(e) => write!(
-                f,
-                "{LOCK_FILE} cannot be read ({})",
-                nix::errno::Errno::from_raw(*e).desc()
-            ),
+            LockError::Read(e) => write!(f, "{LOCK_FILE} cannot be read ({})", e.desc()),
         }
     }
 }
@@ -69,10 +66,10 @@ impl std::fmt::Display for LockError {
 /// The lock file at the top of the template tree `tree` (a directory fd), with its SHA-256.
 pub(crate) fn read_lock(tree: BorrowedFd<'_>) -> Result<TemplateLock, LockError> {
     // Invariant: LOCK_FILE is a constant without NUL bytes.
-    let name = CString::new(LOCK_FILE).map_err(|_| LockError::Open(libc::EINVAL))?;
-    let fd = open_beneath(tree, &name, OFlag::O_RDONLY | OFlag::O_NONBLOCK)
-        .map_err(|e| LockError::Open(e as i32))?;
-    let st = fstat(fd.as_raw_fd()).map_err(|e| LockError::Read(e as i32))?;
+    let name = CString::new(LOCK_FILE).map_err(|_| LockError::Open(Errno::EINVAL))?;
+    let fd =
+        open_beneath(tree, &name, OFlag::O_RDONLY | OFlag::O_NONBLOCK).map_err(LockError::Open)?;
+    let st = fstat(fd.as_raw_fd()).map_err(LockError::Read)?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG {
         return Err(LockError::NotAFile);
     }
@@ -83,7 +80,7 @@ pub(crate) fn read_lock(tree: BorrowedFd<'_>) -> Result<TemplateLock, LockError>
     std::fs::File::from(fd)
         .take(MAX_LOCK_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| LockError::Read(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        .map_err(|e| LockError::Read(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))?;
     // It grew since the fstat.
     if bytes.len() > MAX_LOCK_BYTES {
         return Err(LockError::TooLarge);
@@ -175,7 +172,7 @@ mod tests {
     #[test]
     fn given_no_lock_a_symlinked_one_a_directory_or_a_huge_one_then_each_is_refused() {
         let t = tempfile::tempdir().unwrap();
-        assert_eq!(lock_of(t.path()), Err(LockError::Open(libc::ENOENT)));
+        assert_eq!(lock_of(t.path()), Err(LockError::Open(Errno::ENOENT)));
         std::fs::write(t.path().join("real.json"), b"{}").unwrap();
         std::os::unix::fs::symlink("real.json", t.path().join(LOCK_FILE)).unwrap();
         assert!(matches!(lock_of(t.path()), Err(LockError::Open(_))));

@@ -1,26 +1,7 @@
-//! The job's seccomp filter: an allow-list with argument checks, compiled once at helper start-up
-//! into a BPF program, and installed in each job process right before `execve`.
-//!
-//! # Policy
-//!
-//! The policy is data, in `seccomp_policy.rs`: [`ALLOWED`] and [`REFUSED`], plus the
-//! argument-checked syscalls in [`ARG_CHECKED`]. Syscalls are named the libseccomp way, so the syscall numbers (and the
-//! architecture check) are libseccomp's business. The filter is native-arch only (x86_64).
-//!
-//! | Case | Action |
-//! |------|--------|
-//! | syscall in [`ALLOWED`] | allow |
-//! | syscall in [`REFUSED`] (namespaces, mount family, tracing, BPF, io_uring, keys, kexec, modules, clock/time setting, ...) | `EPERM` |
-//! | any other syscall, including `clone3` and syscalls newer than the list | `ENOSYS` (libc falls back, e.g. `clone3` to `clone`) |
-//! | `clone` with any of `CLONE_NEW{NS,USER,PID,NET,IPC,UTS,CGROUP,TIME}` in `flags` | `EPERM`, otherwise allow |
-//! | `ioctl` whose request's **low 32 bits** are `TIOCSTI` or `TIOCLINUX` | `EPERM`, otherwise allow |
-//! | `socket` whose domain's low 32 bits are not `AF_UNIX`, `AF_INET` or `AF_INET6` | `EPERM`, otherwise allow |
-//! | `personality` other than `0` (`PER_LINUX`) or `0xffffffff` (query) | `EPERM`, otherwise allow |
-//! | a foreign architecture (e.g. i386 `int 0x80`) or an x32 syscall (`nr \| 0x40000000`) | kill the process (`SIGSYS`) |
-//!
-//! `prctl` is allowed without argument checks: every option that could loosen the sandbox is
-//! either one-way (`PR_SET_NO_NEW_PRIVS`, `PR_CAPBSET_DROP`, `PR_SET_SECCOMP`, which can only
-//! stack a further filter) or needs a capability the job does not hold (`PR_SET_MM`).
+//! The seccomp compiler: turns a [`Policy`] of `seccomp_policy.rs` (the job's, [`JOB`], and the
+//! output collector's, [`COLLECTOR`]) into a classic-BPF program, once at helper start-up; the
+//! job's is installed in each job process right before `execve`. The policies themselves, and
+//! what each rule means, are in that file; this one holds no policy.
 //!
 //! # How the argument checks are built
 //!
@@ -30,24 +11,24 @@
 //! a1 == TIOCSTI` exports as a bare `allow ioctl`). So every argument-checked syscall here gets
 //! **only conditional rules, whose conditions are disjoint and together cover every value**: the
 //! result depends neither on rule order nor on precedence, and [`SeccompProgram::compile`]
-//! refuses a policy that names a syscall in two lists.
+//! refuses a policy that names a syscall in two rules.
 //!
-//! "Allow unless the low 32 bits equal X or Y" is written as one allow rule per prefix block of
-//! the 32-bit values other than X and Y (`MaskedEqual(mask, prefix)`, with the mask's upper 32
-//! bits clear, so the upper bits of the register never matter), plus one `EPERM` rule per
-//! refused value (`MaskedEqual(0xffff_ffff, X)`); "allow only X, Y" is the mirror image. See
-//! [`complement_blocks`]. The namespace check on `clone` uses one allow rule
-//! (`flags & NS_MASK == 0`) and one `EPERM` rule per namespace bit.
+//! A [`Check::Low32`] ("allow unless the low 32 bits equal X or Y", or "allow only X, Y") is
+//! written as one rule per listed value (`MaskedEqual(0xffff_ffff, X)`) plus one rule per prefix
+//! block of the other 32-bit values (`MaskedEqual(mask, prefix)`, with the mask's upper 32 bits
+//! clear, so the upper bits of the register never matter). See [`complement_blocks`]. A
+//! [`Check::Flags`] (the namespace check on `clone`) is one rule for "no bit set"
+//! (`flags & mask == 0`) and one rule per bit.
 //!
-//! Foreign architectures hit libseccomp's architecture check, whose action is `KILL_PROCESS`;
-//! libseccomp's x86_64 filter sends x32 numbers (`nr >= 0x40000000`) to the same action. Both
-//! are proved by the tests (i386 `int 0x80` and x32 `getpid` die of `SIGSYS`).
+//! Foreign architectures hit libseccomp's architecture check, whose action is the policy's
+//! `foreign_arch`; libseccomp's x86_64 filter sends x32 numbers (`nr >= 0x40000000`) to the same
+//! action. Both are proved by the tests (i386 `int 0x80` and x32 `getpid` die of `SIGSYS`).
 //!
-//! The compiled program (about 820 instructions, a binary tree over the syscall numbers) is checked against [`MAX_INSTRUCTIONS`] (the
-//! kernel's `BPF_MAXINSNS`). The tests run `sh`, `bash` with coreutils, `python3` (threads,
-//! `subprocess`) and `node` under the filter; with the default action switched to `LOG`, such
-//! workloads (including `multiprocessing`, `asyncio`, sockets, `sqlite3`, worker threads) hit no
-//! unlisted syscall but `clone3`.
+//! The compiled job program (about 820 instructions, a binary tree over the syscall numbers) is
+//! checked against [`MAX_INSTRUCTIONS`] (the kernel's `BPF_MAXINSNS`). The tests run `sh`, `bash`
+//! with coreutils, `python3` (threads, `subprocess`) and `node` under the filter; with the default
+//! action switched to `LOG`, such workloads (including `multiprocessing`, `asyncio`, sockets,
+//! `sqlite3`, worker threads) hit no unlisted syscall but `clone3`.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::OwnedFd;
@@ -87,7 +68,7 @@ pub enum SeccompError {
     Malformed { bytes: usize },
     /// The program is empty or longer than the kernel accepts.
     BadLength { instructions: usize },
-    /// A syscall is named in two policy lists (an unconditional rule would absorb its
+    /// A syscall is named in two policy rules (an unconditional rule would absorb its
     /// argument checks, or allow and refuse would clash).
     PolicyConflict { name: &'static str },
 }
@@ -131,13 +112,19 @@ impl std::error::Error for SeccompError {
 }
 
 impl SeccompProgram {
-    /// Builds and compiles the job filter.
+    /// Compiles the job filter, [`JOB`].
     pub fn compile() -> Result<Self, SeccompError> {
-        Self::from_context(&build_filter()?)
+        Self::from_policy(&JOB)
     }
 
-    fn from_context(ctx: &ScmpFilterContext) -> Result<Self, SeccompError> {
-        let filter = export(ctx)?;
+    /// Compiles the output collector's filter, [`COLLECTOR`]: its allow-list, and
+    /// `KILL_PROCESS` for everything else.
+    pub fn compile_collector() -> Result<Self, SeccompError> {
+        Self::from_policy(&COLLECTOR)
+    }
+
+    fn from_policy(policy: &Policy) -> Result<Self, SeccompError> {
+        let filter = export(&build(policy)?)?;
         let len = u16::try_from(filter.len())
             .ok()
             .filter(|&n| n > 0 && usize::from(n) <= MAX_INSTRUCTIONS)
@@ -147,96 +134,50 @@ impl SeccompProgram {
         Ok(Self { filter, len })
     }
 
-    /// Builds and compiles the output collector's filter: [`COLLECTOR_ALLOWED`], and
-    /// `KILL_PROCESS` for everything else.
-    pub fn compile_collector() -> Result<Self, SeccompError> {
-        let lib = |step| move |source| SeccompError::Libseccomp { step, source };
-        let mut ctx = ScmpFilterContext::new_filter(ScmpAction::KillProcess)
-            .map_err(lib("create collector filter"))?;
-        ctx.set_act_badarch(ScmpAction::KillProcess)
-            .map_err(lib("set bad-arch action"))?;
-        for &name in COLLECTOR_ALLOWED {
-            ctx.add_rule_exact(ScmpAction::Allow, resolve(name)?)
-                .map_err(lib("add collector allow rule"))?;
-        }
-        Self::from_context(&ctx)
-    }
-
     /// Number of BPF instructions.
     #[cfg(test)]
     pub fn instructions(&self) -> usize {
         self.filter.len()
     }
-
-    /// Installs the filter on the calling thread. `NO_NEW_PRIVS` must already be set. Returns
-    /// the errno on failure. Allocation-free.
-    pub fn install(&self) -> Result<(), i32> {
-        let prog = libc::sock_fprog {
-            len: self.len,
-            // The kernel only reads the program; the pointer is `*mut` by C declaration only.
-            filter: self.filter.as_ptr().cast_mut(),
-        };
-        // SAFETY: `prog` points at `self.filter`, which holds `self.len` initialized
-        // instructions and outlives the call; the kernel copies the program before returning.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0 as libc::c_uint,
-                std::ptr::addr_of!(prog),
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(nix::errno::Errno::last_raw())
-        }
-    }
 }
 
-/// Builds the libseccomp filter context for the policy documented at the top of this file.
-fn build_filter() -> Result<ScmpFilterContext, SeccompError> {
-    check_no_conflicts(&[ALLOWED, REFUSED, ARG_CHECKED])?;
-    let lib = |step| move |source| SeccompError::Libseccomp { step, source };
-    let mut ctx = ScmpFilterContext::new_filter(ScmpAction::Errno(libc::ENOSYS))
-        .map_err(lib("create filter"))?;
-    ctx.set_act_badarch(ScmpAction::KillProcess)
+/// Builds the libseccomp filter context for `policy`, its rules in order.
+fn build(policy: &Policy) -> Result<ScmpFilterContext, SeccompError> {
+    let names: Vec<&[&'static str]> = policy.rules.iter().map(|r| r.syscalls).collect();
+    check_no_conflicts(&names)?;
+    let mut ctx =
+        ScmpFilterContext::new_filter(action(policy.otherwise)).map_err(lib("create filter"))?;
+    ctx.set_act_badarch(action(policy.foreign_arch))
         .map_err(lib("set bad-arch action"))?;
-    // A binary tree over the syscall numbers instead of a linear list: each syscall is decided
-    // in a few comparisons, which matters twice: at run time, and when the kernel installs the
-    // filter, since it then evaluates the filter for every syscall number to build its cache of
-    // always-allowed calls (that took 0.6 ms per job with the linear list).
-    ctx.set_ctl_optimize(2)
-        .map_err(lib("set binary-tree optimization"))?;
-    for &name in ALLOWED {
-        let syscall = resolve(name)?;
-        ctx.add_rule_exact(ScmpAction::Allow, syscall)
-            .map_err(lib("add allow rule"))?;
+    if policy.layout == Layout::BinaryTree {
+        ctx.set_ctl_optimize(2)
+            .map_err(lib("set binary-tree optimization"))?;
     }
-    for &name in REFUSED {
-        // A name unknown to this libseccomp stays refused by the default action.
-        if let Ok(syscall) = ScmpSyscall::from_name(name) {
-            ctx.add_rule_exact(eperm(), syscall)
-                .map_err(lib("add refuse rule"))?;
+    for rule in policy.rules {
+        for &name in rule.syscalls {
+            let syscall = match (ScmpSyscall::from_name(name), rule.if_unknown) {
+                (Ok(syscall), _) => syscall,
+                (Err(_), IfUnknown::Skip) => continue,
+                (Err(source), IfUnknown::Fail) => {
+                    return Err(SeccompError::UnknownSyscall { name, source })
+                }
+            };
+            add_rules(&mut ctx, syscall, rule.check)?;
         }
     }
-    add_clone_rules(&mut ctx)?;
-    add_low32_rules(&mut ctx, "ioctl", 1, &REFUSED_IOCTLS, Allowed::Others)?;
-    add_low32_rules(
-        &mut ctx,
-        "socket",
-        0,
-        &ALLOWED_SOCKET_DOMAINS,
-        Allowed::Listed,
-    )?;
-    add_low32_rules(
-        &mut ctx,
-        "personality",
-        0,
-        &ALLOWED_PERSONALITIES,
-        Allowed::Listed,
-    )?;
     Ok(ctx)
+}
+
+fn lib(step: &'static str) -> impl Fn(LibError) -> SeccompError {
+    move |source| SeccompError::Libseccomp { step, source }
+}
+
+fn action(action: Action) -> ScmpAction {
+    match action {
+        Action::Allow => ScmpAction::Allow,
+        Action::Errno(errno) => ScmpAction::Errno(errno),
+        Action::KillProcess => ScmpAction::KillProcess,
+    }
 }
 
 /// Each syscall name appears at most once across `lists`.
@@ -252,73 +193,53 @@ fn check_no_conflicts(lists: &[&[&'static str]]) -> Result<(), SeccompError> {
     }
 }
 
-fn eperm() -> ScmpAction {
-    ScmpAction::Errno(libc::EPERM)
-}
-
-fn resolve(name: &'static str) -> Result<ScmpSyscall, SeccompError> {
-    ScmpSyscall::from_name(name).map_err(|source| SeccompError::UnknownSyscall { name, source })
-}
-
-/// `clone`: allow when no namespace flag is set; `EPERM` when any one is (one rule per bit).
-fn add_clone_rules(ctx: &mut ScmpFilterContext) -> Result<(), SeccompError> {
-    let clone = resolve("clone")?;
-    let mask: u64 = NAMESPACE_FLAGS.iter().fold(0, |acc, f| acc | f);
-    let none_set = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(mask), 0);
-    add_conditional(ctx, ScmpAction::Allow, clone, none_set)?;
-    for flag in NAMESPACE_FLAGS {
-        let set = ScmpArgCompare::new(0, ScmpCompareOp::MaskedEqual(flag), flag);
-        add_conditional(ctx, eperm(), clone, set)?;
-    }
-    Ok(())
-}
-
-/// Which side of a low-32-bit value list is allowed; the other side gets `EPERM`.
-#[derive(Clone, Copy)]
-enum Allowed {
-    /// Only the listed values are allowed.
-    Listed,
-    /// Every value except the listed ones is allowed.
-    Others,
-}
-
-/// Adds disjoint rules on argument `arg` of `name`, comparing its low 32 bits against `values`:
-/// one exact-match rule per listed value and one prefix-block rule per block of the rest.
-fn add_low32_rules(
+/// The rules of one syscall: one unconditional rule, or disjoint conditional ones covering
+/// every value (see the module docs).
+fn add_rules(
     ctx: &mut ScmpFilterContext,
-    name: &'static str,
-    arg: u32,
-    values: &[u32],
-    allowed: Allowed,
-) -> Result<(), SeccompError> {
-    let syscall = resolve(name)?;
-    let (listed, others) = match allowed {
-        Allowed::Listed => (ScmpAction::Allow, eperm()),
-        Allowed::Others => (eperm(), ScmpAction::Allow),
-    };
-    for &value in values {
-        let cmp = ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(LOW_32_BITS), value.into());
-        add_conditional(ctx, listed, syscall, cmp)?;
-    }
-    for (mask, prefix) in complement_blocks(values) {
-        let cmp = ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(mask.into()), prefix.into());
-        add_conditional(ctx, others, syscall, cmp)?;
-    }
-    Ok(())
-}
-
-fn add_conditional(
-    ctx: &mut ScmpFilterContext,
-    action: ScmpAction,
     syscall: ScmpSyscall,
-    cmp: ScmpArgCompare,
+    check: Check,
 ) -> Result<(), SeccompError> {
-    ctx.add_rule_conditional_exact(action, syscall, &[cmp])
-        .map_err(|source| SeccompError::Libseccomp {
-            step: "add argument rule",
-            source,
-        })
+    let mut conditional = |act: Action, arg: u32, mask: u64, value: u64| {
+        let cmp = ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(mask), value);
+        ctx.add_rule_conditional_exact(action(act), syscall, &[cmp])
+            .map_err(lib("add argument rule"))
+    };
+    match check {
+        Check::Always(act) => {
+            return ctx
+                .add_rule_exact(action(act), syscall)
+                .map_err(lib("add rule"))
+        }
+        Check::Flags {
+            arg,
+            bits,
+            clear,
+            set,
+        } => {
+            conditional(clear, arg, bits.iter().fold(0, |acc, b| acc | b), 0)?;
+            for &bit in bits {
+                conditional(set, arg, bit, bit)?;
+            }
+        }
+        Check::Low32 {
+            arg,
+            values,
+            listed,
+            others,
+        } => {
+            for &value in values {
+                conditional(listed, arg, LOW_32_BITS, value.into())?;
+            }
+            for (mask, prefix) in complement_blocks(values) {
+                conditional(others, arg, mask.into(), prefix.into())?;
+            }
+        }
+    }
+    Ok(())
 }
+
+const LOW_32_BITS: u64 = 0xffff_ffff;
 
 /// The prefix blocks `(mask, prefix)` that together hold exactly the 32-bit values not in
 /// `excluded`: `v` is in a block when `v & mask == prefix`. Blocks are disjoint; there are at
@@ -361,11 +282,7 @@ fn export(ctx: &ScmpFilterContext) -> Result<Vec<libc::sock_filter>, SeccompErro
         source: e.into(),
     })?;
     let mut file = std::fs::File::from(fd);
-    ctx.export_bpf(&mut file)
-        .map_err(|source| SeccompError::Libseccomp {
-            step: "export BPF",
-            source,
-        })?;
+    ctx.export_bpf(&mut file).map_err(lib("export BPF"))?;
     file.seek(SeekFrom::Start(0)).map_err(io("rewind memfd"))?;
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).map_err(io("read memfd"))?;
@@ -386,6 +303,37 @@ fn parse_instructions(bytes: &[u8]) -> Result<Vec<libc::sock_filter>, SeccompErr
         k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
     });
     Ok(instructions.collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// FFI: the only unsafe code of this module (installing a compiled program).
+// ---------------------------------------------------------------------------------------------
+
+impl SeccompProgram {
+    /// Installs the filter on the calling thread. `NO_NEW_PRIVS` must already be set. Returns
+    /// the errno on failure. Allocation-free.
+    pub fn install(&self) -> Result<(), i32> {
+        let prog = libc::sock_fprog {
+            len: self.len,
+            // The kernel only reads the program; the pointer is `*mut` by C declaration only.
+            filter: self.filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: `prog` points at `self.filter`, which holds `self.len` initialized
+        // instructions and outlives the call; the kernel copies the program before returning.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0 as libc::c_uint,
+                std::ptr::addr_of!(prog),
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(nix::errno::Errno::last_raw())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -865,7 +813,10 @@ mod tests {
             err,
             Err(SeccompError::PolicyConflict { name: "ioctl" })
         ));
-        assert!(check_no_conflicts(&[ALLOWED, REFUSED, ARG_CHECKED]).is_ok());
+        for policy in [JOB, COLLECTOR] {
+            let lists: Vec<&[&str]> = policy.rules.iter().map(|r| r.syscalls).collect();
+            assert!(check_no_conflicts(&lists).is_ok());
+        }
     }
 
     #[test]

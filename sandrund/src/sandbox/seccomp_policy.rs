@@ -1,6 +1,140 @@
-//! The job's seccomp policy, as data: which syscalls are allowed, refused, or allowed only with
-//! certain arguments, and the collector's allow-list. `seccomp.rs` compiles these tables once at
-//! start-up into a BPF program (the module docs there say how); nothing here runs code.
+//! The seccomp policies, as data: for each role (the job, the output collector) which syscalls
+//! are allowed, which are refused with which errno, which are decided by their arguments, and
+//! what every other syscall and a foreign architecture get. `seccomp.rs` compiles them once at
+//! start-up into BPF programs; nothing here runs code. A reviewer reads [`JOB`] and
+//! [`COLLECTOR`] and the lists they name; docs/sandrund.md "Seccomp policy" says the same in a
+//! table.
+//!
+//! Syscalls are named the libseccomp way, so the syscall numbers (and the architecture check)
+//! are libseccomp's business. The filters are native-arch only (x86_64).
+
+use Check::{Always, Flags, Low32};
+use IfUnknown::{Fail, Skip};
+
+/// What a filter does with a syscall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Action {
+    Allow,
+    /// Fail the syscall with this errno; the kernel never sees it.
+    Errno(i32),
+    /// Kill the whole process (`SIGSYS`).
+    KillProcess,
+}
+
+pub(crate) const ALLOW: Action = Action::Allow;
+pub(crate) const KILL: Action = Action::KillProcess;
+/// `EPERM`: refused, and libc does not fall back.
+pub(crate) const EPERM: Action = Action::Errno(libc::EPERM);
+/// `ENOSYS`: "not implemented", so libc falls back (e.g. `clone3` to `clone`).
+pub(crate) const ENOSYS: Action = Action::Errno(libc::ENOSYS);
+
+/// How the syscalls of a [`Rule`] are decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// Whatever the arguments.
+    Always(Action),
+    /// By the bits `bits` of argument `arg`: `clear` when none is set, `set` when any is.
+    Flags {
+        arg: u32,
+        bits: &'static [u64],
+        clear: Action,
+        set: Action,
+    },
+    /// By the **low 32 bits** of argument `arg` (the kernel reads an `int` or truncates):
+    /// `listed` when they equal one of `values`, `others` for every other value.
+    Low32 {
+        arg: u32,
+        values: &'static [u32],
+        listed: Action,
+        others: Action,
+    },
+}
+
+/// What a policy does when this libseccomp does not know a name of a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum IfUnknown {
+    /// Start-up fails (libseccomp too old for the allow-list?).
+    Fail,
+    /// The rule skips the name: for refusals, the policy's default refuses it anyway.
+    Skip,
+}
+
+/// One line of a policy: these syscalls, decided this way.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rule {
+    pub syscalls: &'static [&'static str],
+    pub check: Check,
+    pub if_unknown: IfUnknown,
+}
+
+/// How the compiled program looks for the syscall numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// libseccomp's default: one comparison after another, in rule order.
+    Linear,
+    /// A binary tree over the syscall numbers (libseccomp's optimization level 2): each syscall
+    /// is decided in a few comparisons, which matters twice: at run time, and when the kernel
+    /// installs the filter, since it then evaluates the filter for every syscall number to
+    /// build its cache of always-allowed calls (that took 0.6 ms per job with the linear list).
+    BinaryTree,
+}
+
+/// A whole filter. No syscall may appear in two rules: libseccomp lets an unconditional rule
+/// absorb a conditional one for the same syscall (see `seccomp.rs`), so the compiler refuses it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Policy {
+    pub rules: &'static [Rule],
+    /// For every syscall no rule names.
+    pub otherwise: Action,
+    /// For a foreign architecture (e.g. i386 `int 0x80`) or an x32 syscall (`nr | 0x40000000`).
+    pub foreign_arch: Action,
+    pub layout: Layout,
+}
+
+/// The job's filter, installed in each job process right before `execve`.
+///
+/// | Case | Action |
+/// |------|--------|
+/// | syscall in [`ALLOWED`] | allow |
+/// | syscall in [`REFUSED`] (namespaces, mount family, tracing, BPF, io_uring, keys, kexec, modules, clock/time setting, ...) | `EPERM` |
+/// | any other syscall, including `clone3` and syscalls newer than the list | `ENOSYS` (libc falls back, e.g. `clone3` to `clone`) |
+/// | `clone` with any of [`NAMESPACE_FLAGS`] in `flags` | `EPERM`, otherwise allow |
+/// | `ioctl` whose request's **low 32 bits** are `TIOCSTI` or `TIOCLINUX` | `EPERM`, otherwise allow |
+/// | `socket` whose domain's low 32 bits are not `AF_UNIX`, `AF_INET` or `AF_INET6` | `EPERM`, otherwise allow |
+/// | `personality` other than `0` (`PER_LINUX`) or `0xffffffff` (query) | `EPERM`, otherwise allow |
+/// | a foreign architecture or an x32 syscall | kill the process (`SIGSYS`) |
+///
+/// `prctl` is allowed without argument checks: every option that could loosen the sandbox is
+/// either one-way (`PR_SET_NO_NEW_PRIVS`, `PR_CAPBSET_DROP`, `PR_SET_SECCOMP`, which can only
+/// stack a further filter) or needs a capability the job does not hold (`PR_SET_MM`).
+#[rustfmt::skip]
+pub(crate) const JOB: Policy = Policy {
+    rules: &[
+        Rule { syscalls: ALLOWED, check: Always(ALLOW), if_unknown: Fail },
+        Rule { syscalls: REFUSED, check: Always(EPERM), if_unknown: Skip },
+        Rule { syscalls: &["clone"], if_unknown: Fail,
+               check: Flags { arg: 0, bits: &NAMESPACE_FLAGS, clear: ALLOW, set: EPERM } },
+        Rule { syscalls: &["ioctl"], if_unknown: Fail,
+               check: Low32 { arg: 1, values: &REFUSED_IOCTLS, listed: EPERM, others: ALLOW } },
+        Rule { syscalls: &["socket"], if_unknown: Fail,
+               check: Low32 { arg: 0, values: &SOCKET_DOMAINS, listed: ALLOW, others: EPERM } },
+        Rule { syscalls: &["personality"], if_unknown: Fail,
+               check: Low32 { arg: 0, values: &PERSONALITIES, listed: ALLOW, others: EPERM } },
+    ],
+    otherwise: ENOSYS,
+    foreign_arch: KILL,
+    layout: Layout::BinaryTree,
+};
+
+/// The output collector's filter (see `collector.rs`): [`COLLECTOR_ALLOWED`], and every other
+/// syscall kills it.
+#[rustfmt::skip]
+pub(crate) const COLLECTOR: Policy = Policy {
+    rules: &[Rule { syscalls: COLLECTOR_ALLOWED, check: Always(ALLOW), if_unknown: Fail }],
+    otherwise: KILL,
+    foreign_arch: KILL,
+    layout: Layout::Linear,
+};
 
 /// Syscalls allowed without argument checks: what python3, node, bash and coreutils need for
 /// files, memory, time, signals, processes, sockets and IPC inside their own namespaces.
@@ -92,9 +226,6 @@ pub(crate) const COLLECTOR_ALLOWED: &[&str] = &[
     "exit_group",
 ];
 
-/// The syscalls whose rules are built from argument checks, for documentation and tests.
-pub(crate) const ARG_CHECKED: &[&str] = &["clone", "ioctl", "socket", "personality"];
-
 /// The kernel's limit on a classic-BPF program (`BPF_MAXINSNS`).
 pub(crate) const MAX_INSTRUCTIONS: usize = 4096;
 
@@ -113,18 +244,16 @@ pub(crate) const NAMESPACE_FLAGS: [u64; 8] = [
 
 /// `ioctl` requests refused (compared on the low 32 bits, as the kernel truncates them).
 pub(crate) const REFUSED_IOCTLS: [u32; 2] = [TIOCSTI, TIOCLINUX];
-pub(crate) const TIOCSTI: u32 = 0x5412;
-pub(crate) const TIOCLINUX: u32 = 0x541c;
+const TIOCSTI: u32 = 0x5412;
+const TIOCLINUX: u32 = 0x541c;
 const _: () = assert!(libc::TIOCSTI == TIOCSTI as u64 && libc::TIOCLINUX == TIOCLINUX as u64);
 
 /// Socket domains allowed (compared on the low 32 bits: the kernel reads an `int`).
-pub(crate) const ALLOWED_SOCKET_DOMAINS: [u32; 3] = [
+pub(crate) const SOCKET_DOMAINS: [u32; 3] = [
     libc::AF_UNIX as u32,
     libc::AF_INET as u32,
     libc::AF_INET6 as u32,
 ];
 
 /// `personality` values allowed: `PER_LINUX` and the query value.
-pub(crate) const ALLOWED_PERSONALITIES: [u32; 2] = [0, 0xffff_ffff];
-
-pub(crate) const LOW_32_BITS: u64 = 0xffff_ffff;
+pub(crate) const PERSONALITIES: [u32; 2] = [0, 0xffff_ffff];

@@ -4,9 +4,9 @@
 use std::collections::HashSet;
 use std::ffi::CString;
 
-use sandrun_ipc::{BundleEntry, GrantedLimits, JobSpec, Limits, OutputPattern};
+use sandrun_ipc::{BundleEntry, GrantedLimits, JobSpec, OutputPattern};
 
-use crate::config::{Config, LimitSet};
+use crate::config::Config;
 
 use super::collect::MAX_OUTPUT_FILES;
 use super::job::{BUILD_COLLECT_BUDGET, COLLECT_BUDGET};
@@ -56,7 +56,10 @@ fn invalid(msg: impl Into<String>) -> RequestError {
 
 /// Validates and clamps `spec`.
 pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
-    let limits = clamp(&spec.limits, &cfg.defaults, &cfg.maxima)?;
+    let limits = spec
+        .limits
+        .grant(&cfg.defaults, &cfg.maxima)
+        .map_err(|e| invalid(e.to_string()))?;
     let mut argv = validate_argv(cfg, &spec.argv)?;
     let requirements = !spec.requirements.is_empty();
     if requirements {
@@ -148,47 +151,6 @@ fn with_requirements(
         .iter()
         .map(|a| cstring("argv", a))
         .collect()
-}
-
-/// Requested values, or the defaults, never above the maxima. A zero request is refused.
-pub fn clamp(req: &Limits, def: &LimitSet, max: &LimitSet) -> Result<GrantedLimits, RequestError> {
-    fn pick<T: Ord + Copy + Default>(
-        name: &str,
-        req: Option<T>,
-        def: T,
-        max: T,
-    ) -> Result<T, RequestError> {
-        match req {
-            Some(v) if v == T::default() => Err(invalid(format!("limits.{name} must be positive"))),
-            Some(v) => Ok(v.min(max)),
-            None => Ok(def.min(max)),
-        }
-    }
-    Ok(GrantedLimits {
-        wall_ms: pick("wall_ms", req.wall_ms, def.wall_ms, max.wall_ms)?,
-        memory_bytes: pick(
-            "memory_bytes",
-            req.memory_bytes,
-            def.memory_bytes,
-            max.memory_bytes,
-        )?
-        .max(8 << 20),
-        cpu_ms: pick("cpu_ms", req.cpu_ms, def.cpu_ms, max.cpu_ms)?,
-        pids: pick("pids", req.pids, def.pids, max.pids)?.max(2),
-        output_bytes: pick(
-            "output_bytes",
-            req.output_bytes,
-            def.output_bytes,
-            max.output_bytes,
-        )?,
-        tmpfs_bytes: pick(
-            "tmpfs_bytes",
-            req.tmpfs_bytes,
-            def.tmpfs_bytes,
-            max.tmpfs_bytes,
-        )?,
-        file_count: pick("file_count", req.file_count, def.file_count, max.file_count)?.max(64),
-    })
 }
 
 fn cstring(what: &str, s: &str) -> Result<CString, RequestError> {
@@ -365,7 +327,7 @@ mod tests {
     use super::*;
     use crate::config::UserDb;
     use crate::ids::{GroupId, UserId};
-    use sandrun_ipc::{BundlePath, NetworkPolicy};
+    use sandrun_ipc::{BundlePath, Limits, NetworkPolicy};
 
     struct NoUsers;
     impl UserDb for NoUsers {

@@ -1,0 +1,92 @@
+import json, os, re, subprocess, sys, urllib.parse
+reqs, argv = sys.argv[1], sys.argv[2:]
+base = "/tmp/.sandrun-req"
+def put(name, text):
+    with open(os.path.join(base, name), "w") as f:
+        f.write(text)
+def record(text):
+    data = text.encode("utf-8", "replace")
+    try:
+        while data:
+            data = data[os.write(3, data):]
+    finally:
+        os.close(3)
+def fail(msg):
+    sys.stderr.write("sandrun: requirements: " + msg + "\n")
+    try:
+        record("failed " + msg[:400].replace("\n", " ") + "\nend\n")
+    except OSError:
+        pass
+    sys.exit(1)
+def nospace(text):
+    return any(s in text for s in ("No space left on device", "[Errno 28]", "[Errno 27]",
+                                   "File too large", "Disk quota exceeded"))
+try:
+    os.mkdir(base, 0o700)
+    put("requirements.txt", reqs)
+    cmd = [sys.executable, "-m", "pip", "install", "--isolated", "--no-index",
+           "--find-links", "/wheelhouse", "--prefix", base + "/prefix", "--no-cache-dir",
+           "--disable-pip-version-check", "--no-compile", "--no-warn-script-location",
+           "--no-input", "--progress-bar", "off", "--report", base + "/report.json",
+           "-r", base + "/requirements.txt"]
+    penv = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": base, "TMPDIR": "/tmp",
+            "LANG": "C.UTF-8"}
+    if os.environ.get("PYTHONPATH") == "/env":
+        penv["PYTHONPATH"] = "/env"
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, cwd=base, env=penv, close_fds=True)
+except OSError as e:
+    if e.errno in (27, 28):
+        fail("the job's tmpfs is full (raise limits.tmpfs_mb)")
+    fail("could not run pip: " + str(e.strerror))
+out = p.stdout.decode("utf-8", "replace")
+sys.stderr.write(out)
+sys.stderr.flush()
+if p.returncode != 0:
+    m = re.search(r"No matching distribution found for (\S+)", out)
+    h = re.search(r"^\s+(\S+) from file:", out, re.M)
+    if nospace(out):
+        fail("the job's tmpfs is full (raise limits.tmpfs_mb)")
+    if m:
+        fail("the wheelhouse has no distribution for " + m.group(1))
+    if "DO NOT MATCH THE HASHES" in out:
+        fail("a wheel does not match its pinned hash: " + (h.group(1) if h else "see the log"))
+    if "Hashes are required" in out:
+        fail("when one requirement pins a --hash, every one must (pip's hash-checking mode)")
+    if p.returncode < 0:
+        fail("pip was killed by signal " + str(-p.returncode))
+    fail("pip install failed with exit code " + str(p.returncode) + " (see the job's stderr)")
+try:
+    with open(base + "/report.json") as f:
+        report = json.load(f)
+    lines = []
+    for item in report.get("install", []):
+        md, url = item["metadata"], item["download_info"]["url"]
+        if not url.startswith("file:///wheelhouse/"):
+            fail(md["name"] + " did not come from the wheelhouse")
+        wheel = urllib.parse.unquote(url[len("file:///wheelhouse/"):])
+        lines.append(md["name"] + " " + md["version"] + " " + wheel + "\n")
+    text = "installed\n" + "".join(lines) + "end\n"
+    if len(text.encode("utf-8", "replace")) > 60000:
+        fail("the list of installed distributions is longer than 60000 bytes")
+except OSError as e:
+    if e.errno in (27, 28):
+        fail("the job's tmpfs is full (raise limits.tmpfs_mb)")
+    fail("could not read pip's report: " + str(e.strerror))
+site = None
+for root, dirs, _ in os.walk(base + "/prefix"):
+    for d in ("site-packages", "dist-packages"):
+        if d in dirs:
+            site = site or os.path.join(root, d)
+env = dict(os.environ)
+if site:
+    env["PYTHONPATH"] = site + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+try:
+    record(text)
+except OSError as e:
+    fail("could not report the install: " + str(e.strerror))
+try:
+    os.execve(argv[0], argv, env)
+except OSError as e:
+    sys.stderr.write("sandrun: cannot execute " + argv[0] + ": " + str(e.strerror) + "\n")
+    sys.exit(127)
