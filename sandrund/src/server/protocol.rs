@@ -201,7 +201,7 @@ impl Server {
         conn.fail(ErrorCode::InvalidRequest, msg);
     }
 
-    /// The peer closed: a running job is cancelled, anything else is dropped.
+    /// The peer closed: a running job is cancelled, anything else given up ([`Server::abandon`]).
     pub(super) fn peer_gone(&mut self, conn: &mut Conn) {
         conn.stream = None;
         match std::mem::replace(&mut conn.state, State::Closing) {
@@ -228,12 +228,14 @@ impl Server {
         conn.fail(code, msg);
     }
 
-    /// Gives up a job that does not run yet: a start in progress is abandoned, an upload's slot
-    /// freed. Any other state holds nothing.
+    /// Gives up a job that does not run: a start in progress is abandoned, an upload's slot
+    /// freed, a collection ended and its job released (its cgroup removed, then its slot freed).
+    /// Any other state holds nothing.
     fn abandon(&mut self, state: State) {
         match state {
             State::Starting(s) => self.abandon_start(*s),
             State::Bundle(upload) => self.slots.free(upload.slot),
+            State::Collecting(c) => self.release(*c.end()),
             _ => {}
         }
     }
