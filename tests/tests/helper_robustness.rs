@@ -133,3 +133,22 @@ fn given_pathological_output_patterns_then_other_jobs_limits_are_still_enforced(
         report.wall_ms
     );
 }
+
+/// A client that hangs up while its job's outputs stream to it: the collection ends and the
+/// job's cgroup is removed (its slot freed with it), not dropped and left behind.
+#[test]
+fn given_a_client_that_leaves_while_its_outputs_stream_then_the_jobs_cgroup_is_removed() {
+    let helper = Helper::start(&config(""));
+    let job = Job::new(&["/bin/sh", "-c", "head -c 16000000 /dev/zero > big.bin"]).output("*.bin");
+    let mut conn = helper.submit(&job);
+    conn.wait_started().expect("job started");
+    wait_until("the job to end", || running(&helper) == 0);
+    // The helper is relaying the 16 MB file, at most about 1 MiB ahead of this client, which has
+    // not read it: the collection is mid-file when the client goes.
+    drop(conn);
+    wait_until("the job's cgroup to be removed", || {
+        helper.cgroup().job_dirs().is_empty()
+    });
+    let log = helper.log();
+    assert!(!log.contains("dropped without remove"), "{log}");
+}

@@ -10,6 +10,7 @@ use sandrun_ipc::{codec, ErrorCode, FrameDecoder, IpcError, JobId, Request, Resp
 use super::job::{Collection, Job, Starting};
 use super::peer::Peer;
 use super::request::ValidJob;
+use super::slots::Slot;
 
 /// Time a closing connection has to take its last messages before it is dropped.
 pub const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -27,12 +28,7 @@ pub enum State {
     /// Handshake done; a submitter may send `Submit`, an admin any number of admin requests.
     Idle(Role),
     /// Receiving the bundle of an accepted job (a slot is reserved).
-    Bundle {
-        job: Box<ValidJob>,
-        id: JobId,
-        slot: u32,
-        data: Vec<u8>,
-    },
+    Bundle(Upload),
     /// The sandbox has its order; the loop waits (polls) for J's `execve`.
     Starting(Box<Starting>),
     /// The sandbox runs.
@@ -41,6 +37,14 @@ pub enum State {
     Collecting(Box<Collection>),
     /// Nothing more to do; closes once the outgoing buffer is flushed.
     Closing,
+}
+
+/// An accepted job whose bundle (and stdin) is arriving.
+pub struct Upload {
+    pub job: Box<ValidJob>,
+    pub id: JobId,
+    pub slot: Slot,
+    pub data: Vec<u8>,
 }
 
 pub struct Conn {

@@ -11,8 +11,9 @@ use sandrun_ipc::{
     ExitReason, ExitReport, FrameDecoder, GrantedLimits, JobId, OutputPattern, Response,
 };
 
-use super::collect::{self, CollectLimits, MAX_OUTPUT_FILES};
+use super::collect::{self, CollectLimits};
 use super::conn::{Conn, HIGH_WATER};
+use super::slots::Slot;
 use crate::cgroup::{CgroupStats, JobCgroup};
 use crate::ids::{GroupId, UserId};
 use crate::sandbox::collector::{self, CollectorChild, CollectorPlan};
@@ -23,7 +24,7 @@ use crate::sandbox::{self, CgroupJoin, Spawned};
 pub struct JobMeta {
     pub id: JobId,
     pub label: String,
-    pub slot: u32,
+    pub slot: Slot,
     pub limits: GrantedLimits,
     pub outputs: Vec<OutputPattern>,
     /// The most output files returned (1000, or `max_build_output_files` for a build).
@@ -32,24 +33,49 @@ pub struct JobMeta {
     pub collect_budget: Duration,
     /// The limits written into the sandbox's cgroup (also for a sandbox prepared on retry).
     pub cgroup_limits: crate::cgroup::CgroupLimits,
+    /// `Cancel` (or an admin kill) arrived while starting: the job is killed once it runs, so
+    /// the client gets `Started` and then `Exited` with reason `cancelled`, as before.
+    pub cancelled: bool,
 }
 
 /// A job whose sandbox has been sent its order and has not yet reported that J has `execve`d
 /// (the loop polls its control socket). Holds the job's slot; dropping the sandbox kills and
 /// reaps C, after which the caller tears the cgroup down.
 pub struct Starting {
+    pub sandbox: sandbox::Starting,
+    pub launch: Launch,
+}
+
+/// A job handed to a sandbox, all but the sandbox itself: what the job needs once it runs, and
+/// what a retry in a fresh sandbox needs.
+pub struct Launch {
     pub job: JobMeta,
     /// Kept so that a warm sandbox that turns out broken before it got the job can be replaced.
     pub order: sandbox::JobOrder,
-    pub sandbox: sandbox::Starting,
     pub cgroup: Box<dyn JobCgroup>,
     /// CPU time the cgroup had used before the job (see [`Job::cpu_base_ns`]).
     pub cpu_base_ns: u64,
     /// The sandbox came from the pool (a failure it had before the job may be retried fresh).
     pub was_warm: bool,
-    /// `Cancel` (or an admin kill) arrived while starting: the job is killed once it runs, so
-    /// the client gets `Started` and then `Exited` with reason `cancelled`, as before.
-    pub cancelled: bool,
+}
+
+/// One of the job's two output streams.
+#[derive(Clone, Copy)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub const BOTH: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
+
+    /// The message that carries `chunk` of this stream to the client.
+    pub fn message(self, chunk: Vec<u8>) -> Response {
+        match self {
+            Stream::Stdout => Response::Stdout(chunk),
+            Stream::Stderr => Response::Stderr(chunk),
+        }
+    }
 }
 
 /// One output stream of the job (stdout or stderr).
@@ -121,7 +147,7 @@ impl Pipe {
 pub struct Job {
     pub id: JobId,
     pub label: String,
-    pub slot: u32,
+    pub slot: Slot,
     pub started: Instant,
     pub limits: GrantedLimits,
     pub outputs: Vec<OutputPattern>,
@@ -165,13 +191,11 @@ pub struct Job {
 }
 
 impl Job {
+    /// The job `meta` runs in `sandbox`, whose cgroup had used `cpu_base_ns` before it.
     pub fn new(
-        id: JobId,
-        label: String,
-        slot: u32,
-        limits: GrantedLimits,
-        outputs: Vec<OutputPattern>,
+        meta: JobMeta,
         cgroup: Box<dyn JobCgroup>,
+        cpu_base_ns: u64,
         sandbox: Spawned,
     ) -> Job {
         let Spawned {
@@ -191,14 +215,14 @@ impl Job {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         );
         Job {
-            id,
-            label,
-            slot,
+            id: meta.id,
+            label: meta.label,
+            slot: meta.slot,
             started: Instant::now(),
-            limits,
-            outputs,
-            max_output_files: MAX_OUTPUT_FILES,
-            collect_budget: COLLECT_BUDGET,
+            limits: meta.limits,
+            outputs: meta.outputs,
+            max_output_files: meta.max_output_files,
+            collect_budget: meta.collect_budget,
             cgroup,
             pid,
             pidfd,
@@ -210,7 +234,7 @@ impl Job {
             status: None,
             kill_reason: None,
             last_stats: CgroupStats::default(),
-            cpu_base_ns: 0,
+            cpu_base_ns,
             stats_failures: 0,
             reaped_at: None,
             template_lock,
@@ -325,6 +349,20 @@ impl Job {
         }
         // Whatever is left in the pid namespace died with C; make sure of it.
         let _ = self.cgroup.kill_all();
+    }
+
+    pub fn pipe(&self, stream: Stream) -> &Pipe {
+        match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        }
+    }
+
+    pub fn pipe_mut(&mut self, stream: Stream) -> &mut Pipe {
+        match stream {
+            Stream::Stdout => &mut self.stdout,
+            Stream::Stderr => &mut self.stderr,
+        }
     }
 
     /// C's pidfd: readable once C has exited.
@@ -466,7 +504,10 @@ impl Job {
 /// What is left of a job once it has been reported: its cgroup and slot, free now if C has been
 /// reaped, or once C (already past the end of the job) has exited.
 pub enum Released {
-    Free(Box<dyn JobCgroup>, u32),
+    Free {
+        cgroup: Box<dyn JobCgroup>,
+        slot: Slot,
+    },
     Exiting(Exiting),
 }
 
@@ -476,7 +517,7 @@ pub struct Exiting {
     pub pid: crate::ids::ProcessId,
     pidfd: OwnedFd,
     pub cgroup: Box<dyn JobCgroup>,
-    pub slot: u32,
+    pub slot: Slot,
     pub since: Instant,
 }
 
@@ -510,7 +551,10 @@ impl Job {
     /// Gives back the cgroup and slot, or what must be waited for before they are free.
     pub fn release(self) -> Released {
         if self.reaped {
-            return Released::Free(self.cgroup, self.slot);
+            return Released::Free {
+                cgroup: self.cgroup,
+                slot: self.slot,
+            };
         }
         Released::Exiting(Exiting {
             pid: self.pid,

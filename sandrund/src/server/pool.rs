@@ -3,12 +3,18 @@
 //! used for exactly one job and then destroyed like any other; nothing is ever reused.
 //!
 //! The loop refills the pool only when it has nothing else to do (see `Server::wait`), so
-//! preparing sandboxes never delays a running job's events.
+//! preparing sandboxes never delays a running job's events. This file holds the pool and the
+//! `Server`'s part in it (refill, prepare now, empty).
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use sandrun_ipc::JobId;
+
+use super::conn::State;
+use super::start::one_cpu;
+use super::Server;
 use crate::cgroup::{CgroupLimits, CgroupManager, JobCgroup};
 use crate::sandbox::{self, seccomp::SeccompProgram, CgroupJoin, SandboxSettings, Warm};
 
@@ -122,5 +128,63 @@ pub fn prepare(
             message: e.to_string(),
             cgroup: Some(cgroup),
         }),
+    }
+}
+
+impl Server {
+    /// Prepares a sandbox for job `id` at once (the pool was empty).
+    pub(super) fn prepare_now(
+        &mut self,
+        id: JobId,
+        limits: &CgroupLimits,
+    ) -> Result<WarmSandbox, String> {
+        let name = format!("job-{}", id.0);
+        let prepared = prepare(&name, &*self.cgroups, &self.settings, &self.filter, limits);
+        prepared.map_err(|f| self.discard(f))
+    }
+
+    /// Whether the loop should prepare a sandbox ahead when it is idle. While jobs run, only a
+    /// pool down to its last half is refilled: cloning takes most of a millisecond of the loop,
+    /// which a job that is about to end would otherwise wait for before its end is reported;
+    /// under a steady load the pool still never runs dry.
+    pub(super) fn wants_refill(&self, now: Instant) -> bool {
+        if self.draining || !self.pool.wants_more(now) {
+            return false;
+        }
+        let running = (self.conns.values())
+            .any(|c| matches!(c.state, State::Starting(_) | State::Running(_)));
+        !running || self.pool.is_low()
+    }
+
+    /// Prepares one sandbox for the pool, with the default limits (each job's own are written
+    /// when it starts).
+    pub(super) fn refill_one(&mut self) {
+        let limits = one_cpu(self.cfg.defaults.memory_bytes, self.cfg.defaults.pids);
+        if let Err(f) = self
+            .pool
+            .fill_one(&*self.cgroups, &self.settings, &self.filter, &limits)
+        {
+            self.counters.setup_failures += 1;
+            let message = self.discard(f);
+            log::error!("cannot prepare a warm sandbox; retrying in 1 s error={message}");
+            self.pool.pause(Instant::now());
+        }
+    }
+
+    /// Tears down what a failed preparation left (its cgroup; C is already reaped) and returns
+    /// why it failed.
+    fn discard(&mut self, failed: Failed) -> String {
+        if let Some(cgroup) = failed.cgroup {
+            self.teardown(cgroup, None);
+        }
+        failed.message
+    }
+
+    /// Kills the warm sandboxes and removes their cgroups.
+    pub(super) fn empty_pool(&mut self) {
+        for ws in self.pool.take_all() {
+            drop(ws.warm);
+            self.teardown(ws.cgroup, None);
+        }
     }
 }

@@ -88,12 +88,7 @@ pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
         None => None,
         Some(name) => Some(template_name(cfg, name)?),
     };
-    let label: String = spec
-        .label
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(64)
-        .collect();
+    let label = printable_label(&spec.label);
     Ok(ValidJob {
         argv,
         env,
@@ -118,6 +113,11 @@ pub fn validate(cfg: &Config, spec: JobSpec) -> Result<ValidJob, RequestError> {
             COLLECT_BUDGET
         },
     })
+}
+
+/// The job's label as it is logged and listed: at most 64 characters, none of them control.
+fn printable_label(label: &str) -> String {
+    label.chars().filter(|c| !c.is_control()).take(64).collect()
 }
 
 /// Checks a job's requirements and runs its command through the install step
