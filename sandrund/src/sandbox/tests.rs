@@ -287,7 +287,7 @@ fn given_bundle_larger_than_the_tmpfs_when_spawned_then_write_bundle_fails_with_
     let err = job.spawn().expect_err("the bundle cannot fit");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::WriteBundle, libc::ENOSPC),
+        (SetupStep::WriteBundle, Errno::ENOSPC),
         "{err}"
     );
     assert!(
@@ -303,7 +303,7 @@ fn given_missing_program_when_spawned_then_an_exec_error_is_returned() {
         .expect_err("nothing to execute");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::Exec, libc::ENOENT),
+        (SetupStep::Exec, Errno::ENOENT),
         "{err}"
     );
 }
@@ -327,7 +327,7 @@ fn given_workdir_that_escapes_when_spawned_then_it_is_refused() {
     let err = job.spawn().expect_err("workdir must stay under /work");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::WorkDir, libc::EINVAL),
+        (SetupStep::WorkDir, Errno::EINVAL),
         "{err}"
     );
 }
@@ -420,7 +420,7 @@ fn given_a_template_that_is_a_symlink_when_spawned_then_it_is_refused() {
     let err = job.spawn().expect_err("refused");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::BindTemplate, libc::ENOTDIR)
+        (SetupStep::BindTemplate, Errno::ENOTDIR)
     );
 }
 
@@ -446,7 +446,7 @@ fn given_a_template_when_spawned_then_the_lock_hash_is_that_of_its_lock_and_none
         .expect_err("a template without a lock is refused");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::BindTemplate, libc::ENOENT)
+        (SetupStep::BindTemplate, Errno::ENOENT)
     );
 }
 
@@ -607,9 +607,9 @@ fn given_every_setup_step_then_its_wire_index_round_trips() {
 
 #[test]
 fn given_failure_message_when_encoded_and_decoded_then_it_is_unchanged() {
-    let err = sys::fail(
+    let err = super::fail(
         SetupStep::BindTemplate,
-        libc::ENOENT,
+        Errno::ENOENT,
         "/var/lib/sandrun/t/py",
     );
     let bytes = channel::encode(&channel::Message::Failed(err.clone()));
@@ -619,7 +619,7 @@ fn given_failure_message_when_encoded_and_decoded_then_it_is_unchanged() {
 #[test]
 fn given_overlong_multibyte_detail_when_encoded_then_it_is_cut_at_a_char_boundary() {
     let detail = "é".repeat(200);
-    let bytes = channel::encode_failure(SetupStep::Exec, 2, &detail);
+    let bytes = channel::encode_failure(SetupStep::Exec, Errno::ENOENT, &detail);
     let Ok(channel::Message::Failed(err)) = channel::decode(&bytes) else {
         panic!("decodes");
     };
@@ -637,7 +637,7 @@ fn given_garbage_control_messages_then_they_are_protocol_errors() {
     bytes[0] = 99;
     let unknown_kind = channel::decode(&bytes).err().map(|e| e.step);
     assert_eq!(unknown_kind, Some(SetupStep::Protocol));
-    let mut bytes = channel::encode_failure(SetupStep::Exec, 2, "");
+    let mut bytes = channel::encode_failure(SetupStep::Exec, Errno::ENOENT, "");
     bytes[1] = 250;
     let unknown_step = channel::decode(&bytes).err().map(|e| e.step);
     assert_eq!(unknown_step, Some(SetupStep::Protocol));
@@ -820,7 +820,7 @@ fn given_peer_reports_and_closes_with_our_message_unread_then_the_report_is_read
     .expect("socketpair");
     let order = std::fs::File::open("/dev/null").expect("an fd to send");
     channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None, None).expect("send Go");
-    let report = sys::fail(SetupStep::Hostname, libc::EPERM, "sandbox");
+    let report = super::fail(SetupStep::Hostname, Errno::EPERM, "sandbox");
     channel::send_failure(init.as_raw_fd(), &report).expect("send the report");
     drop(init);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -983,7 +983,9 @@ fn given_clone3_refused_with_eperm_then_the_failure_names_clone3_and_there_is_no
         match job.spawn_joining(CgroupJoin::Into(cgroup.fd.as_fd())) {
             Ok(_) => Err("the sandbox started without clone3".into()),
             Err(e)
-                if e.step == SetupStep::Clone && e.detail == "clone3" && e.errno == libc::EPERM =>
+                if e.step == SetupStep::Clone
+                    && e.detail == "clone3"
+                    && e.errno == Errno::EPERM =>
             {
                 (clone3_fallbacks() == before)
                     .then_some(())
