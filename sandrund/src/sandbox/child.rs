@@ -124,7 +124,7 @@ fn init(
         .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
     // Prepared. Nothing of any job has been seen, run or written before this point.
     let (order_fd, trees) = channel::wait_for_go(ctrl)?;
-    let mapped = order::Mapped::new(&order_fd)?;
+    let mapped = order::map(&order_fd)?;
     drop(order_fd);
     let order::Read {
         order,

@@ -24,14 +24,14 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use nix::errno::Errno;
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use sandrun_ipc::{ErrorCode, IpcError, Response};
 
-use super::fail;
 use super::seccomp::SeccompProgram;
 use super::sys::{self, exit_now};
-use super::{identity, landlock, CgroupJoin, SetupError, SetupStep};
+use super::{at, fail, identity, landlock, CgroupJoin, SetupError, SetupStep};
 use crate::ids::{GroupId, ProcessId, UserId};
 
 /// K's name (`/proc/<pid>/comm` and its command line), so operators and tests can find it.
@@ -77,9 +77,7 @@ impl CollectorChild {
         unsafe {
             libc::kill(self.pid.0, libc::SIGKILL);
             let mut status = 0;
-            while libc::waitpid(self.pid.0, &mut status, 0) < 0
-                && sys::errno() == nix::errno::Errno::EINTR
-            {}
+            while libc::waitpid(self.pid.0, &mut status, 0) < 0 && sys::errno() == Errno::EINTR {}
         }
     }
 }
@@ -104,7 +102,7 @@ where
         None,
         SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(super::at(SetupStep::Clone, "collector socketpair"))?;
+    .map_err(at(SetupStep::Clone, "collector socketpair"))?;
     let pid = match plan.cgroup {
         // SAFETY: the caller is single-threaded (documented precondition); K only runs
         // `run_collector`, which never returns.
@@ -126,7 +124,7 @@ where
     child.stream.set_nonblocking(true).map_err(|e| {
         fail(
             SetupStep::Clone,
-            nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            Errno::from_raw(e.raw_os_error().unwrap_or(0)),
             "collector socket",
         )
     })?;
@@ -182,22 +180,12 @@ fn confine(plan: &CollectorPlan<'_>, sock: RawFd) -> Result<OwnedFd, SetupError>
         (Resource::RLIMIT_FSIZE, 0),
         (Resource::RLIMIT_CORE, 0),
     ] {
-        setrlimit(resource, value, value).map_err(super::at(SetupStep::Rlimits, "collector"))?;
+        setrlimit(resource, value, value).map_err(at(SetupStep::Rlimits, "collector"))?;
     }
     identity::drop_privileges(plan.uid, plan.gid)?;
-    landlock::restrict_to_read_beneath(workdir.as_fd()).map_err(|m| {
-        fail(
-            SetupStep::Landlock,
-            nix::errno::Errno::UnknownErrno,
-            m.to_string(),
-        )
-    })?;
-    plan.filter.install().map_err(|e| {
-        fail(
-            SetupStep::Seccomp,
-            nix::errno::Errno::from_raw(e),
-            "collector",
-        )
-    })?;
+    landlock::restrict_to_read_beneath(workdir.as_fd())?;
+    plan.filter
+        .install()
+        .map_err(|e| fail(SetupStep::Seccomp, Errno::from_raw(e), "collector"))?;
     Ok(workdir)
 }

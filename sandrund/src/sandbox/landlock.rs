@@ -13,7 +13,7 @@
 #![forbid(unsafe_code)]
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use landlock::{
     Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
@@ -32,32 +32,15 @@ pub enum LandlockError {
     Unsupported(Errno),
     /// A path of a rule cannot be opened or examined: the sandbox's layout lacks it (a bind the
     /// operator configured, or a bug).
-    Path {
-        path: PathBuf,
-        what: &'static str,
-        source: String,
-    },
-    /// The kernel or the `landlock` crate refused a step of building or enforcing the ruleset.
-    Ruleset {
-        step: RulesetStep,
-        source: RulesetError,
-    },
+    Path { what: String, source: String },
+    /// The kernel or the `landlock` crate refused a step (`what`) of building the ruleset or
+    /// enforcing it.
+    Ruleset { what: String, source: RulesetError },
     /// The ruleset was enforced only in part (a bug, or a kernel that lost a feature).
     NotEnforced {
         ruleset: RulesetStatus,
         no_new_privs: bool,
     },
-}
-
-/// The step of building or enforcing a ruleset that failed; a rule names its path (`None`: the
-/// collector's work directory).
-#[derive(Debug)]
-pub enum RulesetStep {
-    Handle(ABI),
-    Scope,
-    Create,
-    AddRule(Option<PathBuf>),
-    Restrict,
 }
 
 impl std::fmt::Display for LandlockError {
@@ -67,28 +50,8 @@ impl std::fmt::Display for LandlockError {
                 f,
                 "landlock: kernel does not support Landlock (version query: {errno})"
             ),
-            LandlockError::Path { path, what, source } => {
-                write!(f, "landlock: {what} {}: {source}", path.display())
-            }
-            LandlockError::Ruleset { step, source } => match step {
-                RulesetStep::Handle(abi) => {
-                    write!(
-                        f,
-                        "landlock: handle filesystem access (ABI {abi:?}): {source}"
-                    )
-                }
-                RulesetStep::Scope => {
-                    write!(f, "landlock: scope signals and abstract sockets: {source}")
-                }
-                RulesetStep::Create => write!(f, "landlock: create ruleset: {source}"),
-                RulesetStep::AddRule(Some(path)) => {
-                    write!(f, "landlock: add rule for {}: {source}", path.display())
-                }
-                RulesetStep::AddRule(None) => {
-                    write!(f, "landlock: add rule for the work directory: {source}")
-                }
-                RulesetStep::Restrict => write!(f, "landlock: restrict_self: {source}"),
-            },
+            LandlockError::Path { what, source } => write!(f, "landlock: {what}: {source}"),
+            LandlockError::Ruleset { what, source } => write!(f, "landlock: {what}: {source}"),
             LandlockError::NotEnforced {
                 ruleset,
                 no_new_privs,
@@ -108,8 +71,9 @@ impl From<LandlockError> for SetupError {
     }
 }
 
-fn refused(step: RulesetStep) -> impl FnOnce(RulesetError) -> LandlockError {
-    move |source| LandlockError::Ruleset { step, source }
+fn refused(what: impl Into<String>) -> impl FnOnce(RulesetError) -> LandlockError {
+    let what = what.into();
+    move |source| LandlockError::Ruleset { what, source }
 }
 
 /// Paths and their access, as seen after `pivot_root`.
@@ -166,7 +130,7 @@ impl PreparedRuleset {
         let status = self
             .created
             .restrict_self()
-            .map_err(refused(RulesetStep::Restrict))?;
+            .map_err(refused("restrict_self"))?;
         if status.ruleset != RulesetStatus::FullyEnforced || !status.no_new_privs {
             return Err(LandlockError::NotEnforced {
                 ruleset: status.ruleset,
@@ -185,7 +149,7 @@ pub fn restrict_to_read_beneath(dir: BorrowedFd<'_>) -> Result<(), LandlockError
     let rights = (AccessFs::ReadFile | AccessFs::ReadDir) & AccessFs::from_all(abi);
     let created = create_ruleset(abi)?
         .add_rule(PathBeneath::new(dir, rights))
-        .map_err(refused(RulesetStep::AddRule(None)))?;
+        .map_err(refused("add rule for the work directory"))?;
     PreparedRuleset { created, abi }.restrict()
 }
 
@@ -194,12 +158,14 @@ fn create_ruleset(abi: ABI) -> Result<RulesetCreated, LandlockError> {
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::HardRequirement)
         .handle_access(AccessFs::from_all(abi))
-        .map_err(refused(RulesetStep::Handle(abi)))?;
+        .map_err(refused(format!("handle filesystem access (ABI {abi:?})")))?;
     let scopes = Scope::from_all(abi);
     if !scopes.is_empty() {
-        ruleset = ruleset.scope(scopes).map_err(refused(RulesetStep::Scope))?;
+        ruleset = ruleset
+            .scope(scopes)
+            .map_err(refused("scope signals and abstract sockets"))?;
     }
-    ruleset.create().map_err(refused(RulesetStep::Create))
+    ruleset.create().map_err(refused("create ruleset"))
 }
 
 /// The running kernel's Landlock ABI (capped at the newest the crate knows); at least ABI 1.
@@ -235,17 +201,14 @@ fn add_rules(
         };
         created = created
             .add_rule(PathBeneath::new(fd, rights))
-            .map_err(refused(RulesetStep::AddRule(Some(path.to_path_buf()))))?;
+            .map_err(refused(format!("add rule for {}", path.display())))?;
     }
     Ok(created)
 }
 
-fn path_error(path: &Path, what: &'static str, e: impl std::fmt::Display) -> LandlockError {
-    LandlockError::Path {
-        path: path.to_path_buf(),
-        what,
-        source: e.to_string(),
-    }
+fn path_error(path: &Path, what: &str, e: impl std::fmt::Display) -> LandlockError {
+    let (what, source) = (format!("{what} {}", path.display()), e.to_string());
+    LandlockError::Path { what, source }
 }
 
 #[cfg(test)]

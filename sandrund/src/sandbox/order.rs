@@ -110,22 +110,10 @@ pub(super) fn write(plan: &JobPlan<'_>) -> Result<OwnedFd, SetupError> {
     Ok(fd)
 }
 
-/// C's read-only mapping of a sealed order memfd; unmapped on drop, so the bundle's pages are
-/// freed once it is written (C lives as long as the job).
-pub(super) struct Mapped(sys::SealedMap);
-
-impl Mapped {
-    /// Maps the memfd after checking that it carries the seals that make it immutable.
-    pub(super) fn new(fd: &OwnedFd) -> Result<Mapped, SetupError> {
-        sys::SealedMap::new(fd)
-            .map(Mapped)
-            .map_err(|(e, what)| fail(SetupStep::Protocol, e, what))
-    }
-
-    /// The mapped bytes.
-    pub(super) fn bytes(&self) -> &[u8] {
-        self.0.bytes()
-    }
+/// Maps C's sealed order memfd read-only after checking its seals; unmapped on drop, so the
+/// bundle's pages are freed once it is written (C lives as long as the job).
+pub(super) fn map(fd: &OwnedFd) -> Result<sys::SealedMap, SetupError> {
+    sys::SealedMap::new(fd).map_err(|(e, what)| fail(SetupStep::Protocol, e, what))
 }
 
 /// What C reads from the mapped order: the header, the bundle's file contents and the stdin.
@@ -217,7 +205,7 @@ mod tests {
             wheelhouse: true,
         };
         let fd = write(&plan).expect("written");
-        let mapped = Mapped::new(&fd).expect("mapped");
+        let mapped = map(&fd).expect("mapped");
         let Read {
             order,
             files: data,
@@ -262,7 +250,7 @@ mod tests {
         let mut file = std::fs::File::from(fd);
         file.write_all(&[0u8; 16]).expect("write");
         let fd = OwnedFd::from(file);
-        let err = Mapped::new(&fd).err().expect("refused");
+        let err = map(&fd).err().expect("refused");
         assert_eq!((err.step, err.errno), (SetupStep::Protocol, Errno::EPERM));
     }
 
