@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{openat, OFlag};
+use nix::fcntl::OFlag;
 use nix::sys::stat::{fstatat, Mode};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
@@ -225,15 +225,8 @@ fn given_job_that_writes_a_file_when_it_has_ended_then_the_workdir_fd_still_read
     assert_eq!(done.exit_code(), 0, "{done:?}");
     // C is reaped, so the job's mount namespace is gone; the fd keeps the tmpfs.
     let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let raw = openat(
-        Some(done.workdir.as_raw_fd()),
-        "out.txt",
-        flags,
-        Mode::empty(),
-    )
-    .expect("out.txt is in the work dir");
-    // SAFETY: openat just returned this fd; nothing else owns it.
-    let file: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+    let file = sys::openat(done.workdir.as_raw_fd(), "out.txt", flags, Mode::empty())
+        .expect("out.txt is in the work dir");
     assert_eq!(drain(&file), "result\n");
 }
 
@@ -527,16 +520,7 @@ fn given_job_with_a_background_child_when_the_job_ends_then_no_process_of_it_is_
 
 /// A pidfd of `pid` (which must be alive now).
 fn pidfd_of(pid: i32) -> OwnedFd {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).expect("pidfd_open result fits an fd");
-    assert!(
-        fd >= 0,
-        "pidfd_open({pid}): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: pidfd_open just returned this new fd; nothing else owns it.
-    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    sys::pidfd_open(pid).unwrap_or_else(|e| panic!("pidfd_open({pid}): {e}"))
 }
 
 /// Whether the process behind `pidfd` has exited (its pidfd is readable).
@@ -736,8 +720,7 @@ fn given_an_init_with_a_child_and_an_orphan_when_it_kills_the_rest_then_both_are
     // The init still lives (it pauses): only its own kill-and-reap can have ended them.
     let init_alive = !has_exited(&init_fd);
     let all_gone = sleeper_fds.iter().all(has_exited);
-    // SAFETY: kill takes plain integers; init is our unreaped child.
-    unsafe { libc::kill(init, libc::SIGKILL) };
+    let _ = sys::sigkill(init);
     let _ = waitpid(Pid::from_raw(init), None);
     assert_eq!(&answer, b"k");
     assert!(init_alive, "the init died before the check");
@@ -787,8 +770,7 @@ fn given_a_v2_cgroup_when_a_sandbox_is_cloned_into_it_then_its_init_is_there_wit
         .collect();
     let init = spawned.pid.0;
     let in_cgroup = members.contains(&init);
-    // SAFETY: kill takes plain integers; `init` is this test's unreaped child.
-    unsafe { libc::kill(init, libc::SIGKILL) };
+    let _ = sys::sigkill(init);
     let _ = waitpid(Pid::from_raw(init), None);
     drop(spawned);
     for _ in 0..100 {
@@ -951,8 +933,7 @@ fn given_clone3_answers_enosys_then_the_sandbox_is_cloned_and_joins_its_v2_cgrou
         let mut pids = vec![init];
         pids.extend(find_processes(&["/bin/sh", "-c", &script]));
         let places: Vec<Option<String>> = pids.iter().map(|&p| unified_cgroup_of(p)).collect();
-        // SAFETY: kill takes plain integers; `init` is this process's unreaped child.
-        unsafe { libc::kill(init, libc::SIGKILL) };
+        let _ = sys::sigkill(init);
         let _ = waitpid(Pid::from_raw(init), None);
         drop(spawned);
         let after = clone3_fallbacks();
