@@ -2,6 +2,8 @@
 //! configuration, prepare directories and the socket, compile the seccomp filter, detect cgroups,
 //! and hand over to the event loop.
 
+#![forbid(unsafe_code)]
+
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,38 @@ use crate::cgroup;
 use crate::config::{Config, DEFAULT_SOCKET};
 use crate::sandbox::seccomp::SeccompProgram;
 use crate::server::{systemd, Server};
+use crate::sys;
+
+/// Why the helper did not start. Each message says what failed; the variant says whose fault
+/// it is.
+#[derive(Debug)]
+#[non_exhaustive]
+pub(crate) enum StartupError {
+    /// The command line is wrong (or `--help` was asked for): the message is the usage.
+    Usage(String),
+    /// The operator started the helper without root or without a capability it needs.
+    Privileges(String),
+    /// The operator's configuration, or the files and directories it names.
+    Config(String),
+    /// The host lacks something the helper needs (a syscall, cgroup controllers, seccomp).
+    Host(String),
+    /// The event loop failed after start-up (an I/O error the helper cannot recover from).
+    Serving(String),
+}
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartupError::Usage(m)
+            | StartupError::Privileges(m)
+            | StartupError::Config(m)
+            | StartupError::Host(m)
+            | StartupError::Serving(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for StartupError {}
 
 /// Command-line options. Parsed by hand: two flags do not justify a parser in a root process.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -21,30 +55,34 @@ pub(crate) struct Options {
 const USAGE: &str = "usage: sandrund [--socket PATH] [--config FILE]";
 
 /// Parses `args` (without the program name).
-pub(crate) fn parse_args(args: &[String]) -> Result<Options, String> {
+pub(crate) fn parse_args(args: &[String]) -> Result<Options, StartupError> {
     let mut opts = Options::default();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut value = |name: &str| {
             it.next()
                 .map(PathBuf::from)
-                .ok_or_else(|| format!("{name} needs a value\n{USAGE}"))
+                .ok_or_else(|| StartupError::Usage(format!("{name} needs a value\n{USAGE}")))
         };
         match a.as_str() {
             "--socket" => opts.socket = Some(value("--socket")?),
             "--config" => opts.config = Some(value("--config")?),
-            "-h" | "--help" => return Err(USAGE.to_owned()),
-            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+            "-h" | "--help" => return Err(StartupError::Usage(USAGE.to_owned())),
+            other => {
+                let msg = format!("unknown argument {other:?}\n{USAGE}");
+                return Err(StartupError::Usage(msg));
+            }
         }
     }
     Ok(opts)
 }
 
 /// The helper must run as root with the capabilities its sandbox setup needs.
-pub(crate) fn self_check() -> Result<(), String> {
+pub(crate) fn self_check() -> Result<(), StartupError> {
     use caps::{CapSet, Capability};
     if !nix::unistd::geteuid().is_root() {
-        return Err("sandrund must run as root (it creates namespaces, cgroups and mounts)".into());
+        let msg = "sandrund must run as root (it creates namespaces, cgroups and mounts)";
+        return Err(StartupError::Privileges(msg.into()));
     }
     for cap in [
         Capability::CAP_SYS_ADMIN,
@@ -60,9 +98,9 @@ pub(crate) fn self_check() -> Result<(), String> {
         Capability::CAP_MKNOD,
     ] {
         if !caps::has_cap(None, CapSet::Effective, cap).unwrap_or(false) {
-            return Err(format!(
+            return Err(StartupError::Privileges(format!(
                 "sandrund lacks {cap} in its effective capability set"
-            ));
+            )));
         }
     }
     Ok(())
@@ -70,21 +108,14 @@ pub(crate) fn self_check() -> Result<(), String> {
 
 /// Closes every inherited descriptor except stdio and a systemd-passed socket, clears the
 /// environment (keeping only what systemd integration reads), and sets a strict umask.
-pub(crate) fn sanitize_process() -> Result<(), String> {
+pub(crate) fn sanitize_process() -> Result<(), StartupError> {
     let keep_from_systemd = std::env::var("LISTEN_PID").ok()
         == Some(std::process::id().to_string())
         && std::env::var("LISTEN_FDS").ok().as_deref() == Some("1");
     let first_closed: u32 = if keep_from_systemd { 4 } else { 3 };
-    // SAFETY: close_range only closes descriptors; at this point the process is single-threaded
-    // and owns no descriptors above stdio (and the systemd socket, which is kept) that any Rust
-    // object refers to.
-    let r = unsafe { libc::syscall(libc::SYS_close_range, first_closed, u32::MAX, 0u32) };
-    if r != 0 {
-        return Err(format!(
-            "close_range failed: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
+    sys::close_inherited_from(first_closed).map_err(|e| {
+        StartupError::Host(format!("close_range failed: {}", std::io::Error::from(e)))
+    })?;
     let keep = [
         "NOTIFY_SOCKET",
         "LISTEN_PID",
@@ -105,43 +136,55 @@ pub(crate) fn sanitize_process() -> Result<(), String> {
 /// What the helper can take away from itself without hindering its work: it never executes
 /// anything, so no exec may ever gain privileges (`NO_NEW_PRIVS`, inherited by every sandbox);
 /// and the descriptor soft limit goes up to the hard limit, since each job holds several.
-fn restrict_self() -> Result<(), String> {
-    pin_malloc_thresholds();
-    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("cannot set NO_NEW_PRIVS: {e}"))?;
+fn restrict_self() -> Result<(), StartupError> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| format!("getrlimit: {e}"))?;
+    let host = StartupError::Host;
+    sys::pin_malloc_thresholds(MALLOC_THRESHOLD);
+    nix::sys::prctl::set_no_new_privs()
+        .map_err(|e| host(format!("cannot set NO_NEW_PRIVS: {e}")))?;
+    let (_, hard) =
+        getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| host(format!("getrlimit: {e}")))?;
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-        .map_err(|e| format!("cannot raise RLIMIT_NOFILE to {hard}: {e}"))
+        .map_err(|e| host(format!("cannot raise RLIMIT_NOFILE to {hard}: {e}")))
+}
+
+/// A start-up failure in what the operator configured.
+fn cfg_err(msg: String) -> StartupError {
+    StartupError::Config(msg)
 }
 
 /// Creates the socket directory and binds the socket with mode 0660 and the gateway's group. The
 /// socket is created under umask 0177 so it is never more open than 0600 before the chmod.
-fn bind_socket(path: &Path, cfg: &Config) -> Result<UnixListener, String> {
+fn bind_socket(path: &Path, cfg: &Config) -> Result<UnixListener, StartupError> {
     if let Some(dir) = path.parent() {
         create_public_dirs(dir)?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|e| format!("cannot remove stale socket: {e}"))?
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .map_err(|e| cfg_err(format!("cannot remove stale socket: {e}")))?,
+        Ok(_) => {
+            return Err(cfg_err(format!(
+                "{} exists and is not a socket",
+                path.display()
+            )))
         }
-        Ok(_) => return Err(format!("{} exists and is not a socket", path.display())),
         Err(_) => {}
     }
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let listener = UnixListener::bind(path);
     nix::sys::stat::umask(old);
-    let listener = listener.map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    let listener = listener.map_err(|e| cfg_err(format!("cannot bind {}: {e}", path.display())))?;
     let gid = cfg.socket_gid.map(|g| nix::unistd::Gid::from_raw(g.0));
     nix::unistd::chown(path, Some(nix::unistd::Uid::from_raw(0)), gid)
-        .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
+        .map_err(|e| cfg_err(format!("cannot chown {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))?;
+        .map_err(|e| cfg_err(format!("cannot chmod {}: {e}", path.display())))?;
     Ok(listener)
 }
 
 /// Creates `dir` and its missing parents with mode 0755, whatever the process umask (077 after
 /// `sanitize_process`) would make of it.
-fn create_public_dirs(dir: &Path) -> Result<(), String> {
+fn create_public_dirs(dir: &Path) -> Result<(), StartupError> {
     use nix::sys::stat::{umask, Mode};
     let old = umask(Mode::from_bits_truncate(0o022));
     let made = std::fs::DirBuilder::new()
@@ -149,33 +192,33 @@ fn create_public_dirs(dir: &Path) -> Result<(), String> {
         .mode(0o755)
         .create(dir);
     umask(old);
-    made.map_err(|e| format!("cannot create {}: {e}", dir.display()))
+    made.map_err(|e| cfg_err(format!("cannot create {}: {e}", dir.display())))
 }
 
 /// The root-owned, private directory that job mount namespaces mount their tmpfs on. Its parents
 /// (often the socket's directory, `/run/sandrun`) are created 0755: only the mount point itself
 /// is private.
-fn prepare_mount_point(path: &Path) -> Result<(), String> {
+fn prepare_mount_point(path: &Path) -> Result<(), StartupError> {
     if let Some(parent) = path.parent() {
         create_public_dirs(parent)?;
     }
     match std::fs::DirBuilder::new().mode(0o700).create(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(format!("cannot create {}: {e}", path.display())),
+        Err(e) => return Err(cfg_err(format!("cannot create {}: {e}", path.display()))),
     }
-    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| cfg_err(e.to_string()))?;
     if !meta.is_dir() {
-        return Err(format!("{} is not a directory", path.display()));
+        return Err(cfg_err(format!("{} is not a directory", path.display())));
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| e.to_string())
+        .map_err(|e| cfg_err(e.to_string()))
 }
 
 /// The gateway must be able to reach the socket: every directory above it must be searchable
 /// by others (or by the socket's group). Fails with a clear message instead of a gateway that
 /// gets "permission denied" on every job.
-fn check_socket_reachable(path: &Path, cfg: &Config) -> Result<(), String> {
+fn check_socket_reachable(path: &Path, cfg: &Config) -> Result<(), StartupError> {
     use std::os::unix::fs::MetadataExt;
     if cfg.gateway_uid.is_none() {
         // Root-only use (sandrunctl): a private directory is fine.
@@ -183,16 +226,17 @@ fn check_socket_reachable(path: &Path, cfg: &Config) -> Result<(), String> {
     }
     let mut dir = path.parent();
     while let Some(d) = dir {
-        let meta = std::fs::metadata(d).map_err(|e| format!("cannot stat {}: {e}", d.display()))?;
+        let meta = std::fs::metadata(d)
+            .map_err(|e| cfg_err(format!("cannot stat {}: {e}", d.display())))?;
         let mode = meta.mode();
         let by_group = cfg.socket_gid.is_some_and(|g| g.0 == meta.gid()) && mode & 0o010 != 0;
         if mode & 0o001 == 0 && !by_group {
-            return Err(format!(
+            return Err(cfg_err(format!(
                 "{} (mode {:o}) is not searchable by the gateway: it could not reach {}",
                 d.display(),
                 mode & 0o7777,
                 path.display()
-            ));
+            )));
         }
         dir = d.parent();
     }
@@ -203,15 +247,7 @@ fn check_socket_reachable(path: &Path, cfg: &Config) -> Result<(), String> {
 /// its mmap threshold after such frees, so later large buffers come from the heap, fragment it
 /// and keep the RSS high. Fixed thresholds keep large buffers in their own mappings, returned to
 /// the kernel on free, so the helper's RSS stays flat over thousands of jobs.
-fn pin_malloc_thresholds() {
-    const THRESHOLD: libc::c_int = 128 * 1024;
-    // SAFETY: mallopt only tunes the allocator; it is called once, while the process is
-    // single-threaded and before any large allocation. A zero return (refused) is harmless.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, THRESHOLD);
-    }
-}
+const MALLOC_THRESHOLD: libc::c_int = 128 * 1024;
 
 /// The whole start-up, then the loop. Returns the process exit code.
 pub fn main_with_args(args: &[String]) -> i32 {
@@ -229,20 +265,23 @@ pub fn main_with_args(args: &[String]) -> i32 {
     }
 }
 
-fn run(args: &[String]) -> Result<(), String> {
+fn run(args: &[String]) -> Result<(), StartupError> {
     let opts = parse_args(args)?;
     self_check()?;
     sanitize_process()?;
-    let cfg = Config::load(opts.config.as_deref()).map_err(|e| e.to_string())?;
+    let cfg = Config::load(opts.config.as_deref()).map_err(|e| cfg_err(e.to_string()))?;
     prepare_mount_point(&cfg.mount_point)?;
-    let cgroups = cgroup::detect().map_err(|e| format!("cgroups: {e}"))?;
+    let cgroups = cgroup::detect().map_err(|e| StartupError::Host(format!("cgroups: {e}")))?;
     match cgroups.cleanup_stale() {
         Ok(0) => {}
         Ok(n) => log::warn!("removed job cgroups left by an earlier helper count={}", n),
-        Err(e) => return Err(format!("cannot clean stale job cgroups: {e}")),
+        Err(e) => {
+            let msg = format!("cannot clean stale job cgroups: {e}");
+            return Err(StartupError::Host(msg));
+        }
     }
-    let filter = SeccompProgram::compile().map_err(|e| e.to_string())?;
-    let listener = match systemd::take_activated_listener()? {
+    let filter = SeccompProgram::compile().map_err(|e| StartupError::Host(e.to_string()))?;
+    let listener = match systemd::take_activated_listener().map_err(cfg_err)? {
         Some(l) => {
             log::info!("using the socket passed by systemd");
             l
@@ -261,11 +300,14 @@ fn run(args: &[String]) -> Result<(), String> {
         cfg.gateway_uid.map(|u| u.0),
         cgroups.layout()
     );
-    let mut server = Server::new(cfg, listener, cgroups, filter).map_err(|e| e.to_string())?;
+    let mut server = Server::new(cfg, listener, cgroups, filter)
+        .map_err(|e| StartupError::Serving(e.to_string()))?;
     if let Err(e) = systemd::notify("READY=1\nSTATUS=serving") {
         log::warn!("{e}");
     }
-    server.run().map_err(|e| format!("event loop failed: {e}"))
+    server
+        .run()
+        .map_err(|e| StartupError::Serving(format!("event loop failed: {e}")))
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! Id newtypes, so a uid cannot be passed where a gid or pid is expected.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 
 /// A user id.

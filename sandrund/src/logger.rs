@@ -6,6 +6,8 @@
 //! its syslog priority, `<3>` to `<7>`, and carries no timestamp (the journal has its own);
 //! otherwise (a terminal, a file) lines read `2026-01-31T12:00:00.123Z WARN message`. No colours.
 
+#![forbid(unsafe_code)]
+
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,13 +1,18 @@
 //! The parts of a job cgroup's life that v1 and v2 share: checking the request, creating the
 //! directories with rollback, killing by `cgroup.procs`, removing, and start-up cleanup.
 
+#![forbid(unsafe_code)]
+
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nix::errno::Errno;
+
 use super::fs::{io_error, Host};
 use super::{CgroupError, CgroupLimits, JobCgroup};
+use crate::sys;
 
 /// The directory below the helper's cgroup that holds every job cgroup.
 pub(crate) const SANDRUN_DIR: &str = "sandrun";
@@ -189,39 +194,14 @@ fn open_pidfds(pids: &[i32]) -> Result<Vec<(i32, OwnedFd)>, CgroupError> {
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and a flags word and returns a new descriptor or -1;
-    // it reads and writes no memory of ours.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let fd = RawFd::try_from(ret).map_err(|_| io::Error::other("pidfd out of range"))?;
-    // SAFETY: the kernel just returned `fd` as a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    sys::pidfd_open(pid).map_err(io::Error::from)
 }
 
 fn send_sigkill(pidfd: &OwnedFd) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: pidfd is a live pidfd we own; the siginfo pointer is null, which the kernel
-    // accepts (it then fills in a default siginfo); flags are 0.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if ret == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    // ESRCH: the process exited (and may be a zombie) since the pidfd was opened.
-    if error.raw_os_error() == Some(libc::ESRCH) {
-        Ok(())
-    } else {
-        Err(error)
+    match sys::pidfd_kill(pidfd.as_fd()) {
+        // ESRCH: the process exited (and may be a zombie) since the pidfd was opened.
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 

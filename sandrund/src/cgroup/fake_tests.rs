@@ -3,6 +3,8 @@
 //! process, and refuses to enable controllers in a cgroup that has processes (the v2
 //! no-internal-process rule).
 
+#![forbid(unsafe_code)]
+
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};

@@ -3,6 +3,8 @@
 //! control files) and `rmdir` (refuse while processes remain); reads and writes are plain file
 //! I/O in both.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};

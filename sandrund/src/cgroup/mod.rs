@@ -6,6 +6,9 @@
 //! Every function takes its root paths from a [`CgroupLayout`], so the v2 (and v1) code is
 //! unit-tested against a fake tree in a temporary directory.
 
+// `root_tests` (tests only) still makes raw calls of its own.
+#![cfg_attr(not(test), forbid(unsafe_code))]
+
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
@@ -18,6 +21,7 @@ mod v2;
 #[cfg(test)]
 mod fake_tests;
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod root_tests;
 
 pub use fs::Host;

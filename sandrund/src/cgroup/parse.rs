@@ -3,6 +3,8 @@
 //! `/proc/self/cgroup`, `/proc/self/mountinfo` and `/proc/swaps`. Every failure is a typed
 //! [`CgroupError::Parse`] naming the file; nothing here panics on unexpected contents.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use super::CgroupError;

@@ -16,6 +16,8 @@
 //! `memory.oom_control` (kernel ≥ 4.13; older kernels: `memory.failcnt > 0` counts as one, an
 //! over-estimate since it also counts reclaim at the limit).
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 

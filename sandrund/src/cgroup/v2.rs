@@ -17,6 +17,8 @@
 //! `memory.peak` needs Linux ≥ 5.19; without it the peak is the largest `memory.current` seen
 //! by `stats()`, which can miss a short spike between two reads.
 
+#![forbid(unsafe_code)]
+
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};

@@ -3,15 +3,17 @@
 //! directory fd, so nothing is ever followed out of it even if a path were not the validated
 //! `BundlePath` it claims to be. Errors name the entry by index, never by name or contents.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+#![forbid(unsafe_code)]
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, OFlag};
+use nix::fcntl::OFlag;
 use nix::sys::stat::{fchmod, mkdirat, Mode};
 use sandrun_ipc::{sanitize_mode, BundleEntry, BundlePath};
 
-use super::sys::{fail, write_all};
-use super::{SetupError, SetupStep};
+use super::{fail, SetupError, SetupStep};
+use crate::sys::{self, write_all};
 
 /// Creates every entry under `work` in order, files with their contents taken in order from
 /// `data`, which must hold exactly the sum of the file sizes.
@@ -23,16 +25,16 @@ pub(super) fn write_bundle(
     let mut offset = 0usize;
     let mut dirs = Vec::new();
     for (index, entry) in entries.iter().enumerate() {
-        let err = |e: i32| fail(SetupStep::WriteBundle, e, format!("bundle entry {index}"));
+        let err = |e: Errno| fail(SetupStep::WriteBundle, e, format!("bundle entry {index}"));
         match entry {
             BundleEntry::Dir { path, mode } => {
                 make_dir(work, path).map_err(err)?;
                 dirs.push((path, *mode, index));
             }
             BundleEntry::File { path, mode, size } => {
-                let size = usize::try_from(*size).map_err(|_| err(libc::EFBIG))?;
-                let end = offset.checked_add(size).ok_or_else(|| err(libc::EINVAL))?;
-                let contents = data.get(offset..end).ok_or_else(|| err(libc::EINVAL))?;
+                let size = usize::try_from(*size).map_err(|_| err(Errno::EFBIG))?;
+                let end = offset.checked_add(size).ok_or_else(|| err(Errno::EINVAL))?;
+                let contents = data.get(offset..end).ok_or_else(|| err(Errno::EINVAL))?;
                 write_file(work, path, contents, *mode).map_err(err)?;
                 offset = end;
             }
@@ -40,7 +42,7 @@ pub(super) fn write_bundle(
     }
     if offset != data.len() {
         let detail = "bundle data longer than its files";
-        return Err(fail(SetupStep::WriteBundle, libc::EINVAL, detail));
+        return Err(fail(SetupStep::WriteBundle, Errno::EINVAL, detail));
     }
     // Directories get their final modes last, deepest (latest) first, so a read-only
     // directory does not stop the entries below it from being written.
@@ -56,50 +58,44 @@ pub(super) fn write_bundle(
 pub(super) fn open_workdir(work: RawFd, rel: &str) -> Result<OwnedFd, SetupError> {
     let step = SetupStep::WorkDir;
     if rel.is_empty() {
-        return dup(work).map_err(|e| fail(step, e, "/work"));
+        return sys::relocate_from(work, 0).map_err(|e| fail(step, e, "/work"));
     }
-    let path = BundlePath::new(rel).map_err(|_| fail(step, libc::EINVAL, "workdir"))?;
-    let mut dir = dup(work).map_err(|e| fail(step, e, "/work"))?;
+    let path = BundlePath::new(rel).map_err(|_| fail(step, Errno::EINVAL, "workdir"))?;
+    let mut dir = sys::relocate_from(work, 0).map_err(|e| fail(step, e, "/work"))?;
     for name in path.components() {
         dir = open_dir(dir.as_raw_fd(), name).map_err(|e| fail(step, e, "workdir"))?;
     }
     Ok(dir)
 }
 
-fn make_dir(work: RawFd, path: &BundlePath) -> Result<(), i32> {
+fn make_dir(work: RawFd, path: &BundlePath) -> Result<(), Errno> {
     let (parent, name) = open_parent(work, path)?;
     mkdirat(
         Some(parent.as_raw_fd()),
         name,
         Mode::from_bits_truncate(0o700),
     )
-    .map_err(errno)
 }
 
-fn write_file(work: RawFd, path: &BundlePath, contents: &[u8], mode: u32) -> Result<(), i32> {
+fn write_file(work: RawFd, path: &BundlePath, contents: &[u8], mode: u32) -> Result<(), Errno> {
     let (parent, name) = open_parent(work, path)?;
     let flags =
         OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
-    let raw = openat(
-        Some(parent.as_raw_fd()),
+    let file = sys::openat(
+        parent.as_raw_fd(),
         name,
         flags,
         Mode::from_bits_truncate(0o600),
-    )
-    .map_err(errno)?;
-    // SAFETY: openat just returned this fd; nothing else owns it.
-    let file = unsafe { OwnedFd::from_raw_fd(raw) };
+    )?;
     write_all(file.as_raw_fd(), contents)?;
-    fchmod(file.as_raw_fd(), mode_bits(mode)).map_err(errno)
+    fchmod(file.as_raw_fd(), mode_bits(mode))
 }
 
-fn set_dir_mode(work: RawFd, path: &BundlePath, mode: u32) -> Result<(), i32> {
+fn set_dir_mode(work: RawFd, path: &BundlePath, mode: u32) -> Result<(), Errno> {
     let (parent, name) = open_parent(work, path)?;
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let raw = openat(Some(parent.as_raw_fd()), name, flags, Mode::empty()).map_err(errno)?;
-    // SAFETY: openat just returned this fd; nothing else owns it.
-    let dir = unsafe { OwnedFd::from_raw_fd(raw) };
-    fchmod(dir.as_raw_fd(), mode_bits(mode)).map_err(errno)
+    let dir = sys::openat(parent.as_raw_fd(), name, flags, Mode::empty())?;
+    fchmod(dir.as_raw_fd(), mode_bits(mode))
 }
 
 /// Only permission bits survive: setuid, setgid and sticky are stripped.
@@ -109,45 +105,29 @@ fn mode_bits(mode: u32) -> Mode {
 
 /// Walks every component of `path` but the last, returning the parent directory and the last
 /// component.
-fn open_parent(work: RawFd, path: &BundlePath) -> Result<(OwnedFd, &str), i32> {
+fn open_parent(work: RawFd, path: &BundlePath) -> Result<(OwnedFd, &str), Errno> {
     let mut parts: Vec<&str> = path.components().collect();
-    let name = parts.pop().ok_or(libc::EINVAL)?;
+    let name = parts.pop().ok_or(Errno::EINVAL)?;
     check_component(name)?;
-    let mut dir = dup(work)?;
+    let mut dir = sys::relocate_from(work, 0)?;
     for part in parts {
         dir = open_dir(dir.as_raw_fd(), part)?;
     }
     Ok((dir, name))
 }
 
-fn open_dir(dir: RawFd, name: &str) -> Result<OwnedFd, i32> {
+fn open_dir(dir: RawFd, name: &str) -> Result<OwnedFd, Errno> {
     check_component(name)?;
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let raw = openat(Some(dir), name, flags, Mode::empty()).map_err(errno)?;
-    // SAFETY: openat just returned this fd; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    sys::openat(dir, name, flags, Mode::empty())
 }
 
 /// Defence in depth: a component is one plain name.
-fn check_component(name: &str) -> Result<(), i32> {
+fn check_component(name: &str) -> Result<(), Errno> {
     if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
-        return Err(libc::EINVAL);
+        return Err(Errno::EINVAL);
     }
     Ok(())
-}
-
-fn dup(fd: RawFd) -> Result<OwnedFd, i32> {
-    // SAFETY: F_DUPFD_CLOEXEC only reads fd and returns a new fd or -1.
-    let raw = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(super::sys::errno());
-    }
-    // SAFETY: fcntl just returned this fd; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-fn errno(e: Errno) -> i32 {
-    e as i32
 }
 
 #[cfg(test)]
@@ -157,7 +137,7 @@ mod tests {
     #[test]
     fn given_dot_dot_or_slash_component_then_it_is_refused() {
         for bad in ["", ".", "..", "a/b", "a\0b"] {
-            assert_eq!(check_component(bad), Err(libc::EINVAL), "{bad:?}");
+            assert_eq!(check_component(bad), Err(Errno::EINVAL), "{bad:?}");
         }
         assert_eq!(check_component("main.py"), Ok(()));
     }

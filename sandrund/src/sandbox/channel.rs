@@ -9,18 +9,20 @@
 //! Message layout (`MESSAGE_LEN` bytes): kind (u8), step index (u8), errno (i32, little
 //! endian), detail length (u8), detail (UTF-8, at most `DETAIL_MAX` bytes, zero padded).
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+#![forbid(unsafe_code)]
+
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 #[cfg(test)]
 use std::time::Instant;
 
 use nix::errno::Errno;
 #[cfg(test)]
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
-use super::sys::fail;
-use super::{SetupError, SetupStep};
+use super::{fail, SetupError, SetupStep};
+use crate::sys;
 
 /// Size of every message.
 pub(super) const MESSAGE_LEN: usize = 128;
@@ -54,10 +56,10 @@ pub(super) fn encode(msg: &Message) -> [u8; MESSAGE_LEN] {
 }
 
 /// Encodes a `Failed` message without allocating (usable after seccomp is installed).
-pub(super) fn encode_failure(step: SetupStep, errno: i32, detail: &str) -> [u8; MESSAGE_LEN] {
+pub(super) fn encode_failure(step: SetupStep, errno: Errno, detail: &str) -> [u8; MESSAGE_LEN] {
     let mut buf = header(KIND_FAILED);
     buf[1] = step.index();
-    buf[2..6].copy_from_slice(&errno.to_le_bytes());
+    buf[2..6].copy_from_slice(&(errno as i32).to_le_bytes());
     let detail = truncate(detail, DETAIL_MAX);
     let len = detail.len();
     // DETAIL_MAX < 256, so the length fits in the u8 field.
@@ -69,30 +71,30 @@ pub(super) fn encode_failure(step: SetupStep, errno: i32, detail: &str) -> [u8; 
 /// Decodes a message; anything malformed is a `Protocol` error.
 pub(super) fn decode(buf: &[u8]) -> Result<Message, SetupError> {
     if buf.len() != MESSAGE_LEN {
-        return Err(protocol(libc::EPROTO, "control message of the wrong size"));
+        return Err(protocol(Errno::EPROTO, "control message of the wrong size"));
     }
     match buf[0] {
         KIND_WORKDIR => Ok(Message::WorkDir),
         KIND_READY => Ok(Message::Ready),
         KIND_GO => Ok(Message::Go),
         KIND_FAILED => decode_failure(buf),
-        _ => Err(protocol(libc::EPROTO, "unknown control message kind")),
+        _ => Err(protocol(Errno::EPROTO, "unknown control message kind")),
     }
 }
 
 fn decode_failure(buf: &[u8]) -> Result<Message, SetupError> {
     let step = SetupStep::from_index(buf[1])
-        .ok_or_else(|| protocol(libc::EPROTO, "unknown setup step index"))?;
+        .ok_or_else(|| protocol(Errno::EPROTO, "unknown setup step index"))?;
     let mut errno = [0u8; 4];
     errno.copy_from_slice(&buf[2..6]);
     let len = usize::from(buf[6]);
     if len > DETAIL_MAX {
-        return Err(protocol(libc::EPROTO, "control message detail too long"));
+        return Err(protocol(Errno::EPROTO, "control message detail too long"));
     }
     let detail = String::from_utf8_lossy(&buf[HEADER_LEN..HEADER_LEN + len]).into_owned();
     Ok(Message::Failed(fail(
         step,
-        i32::from_le_bytes(errno),
+        Errno::from_raw(i32::from_le_bytes(errno)),
         detail,
     )))
 }
@@ -114,22 +116,22 @@ fn truncate(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-fn protocol(errno: i32, detail: &str) -> SetupError {
+fn protocol(errno: Errno, detail: &str) -> SetupError {
     fail(SetupStep::Protocol, errno, detail)
 }
 
 /// C's side: sends the work directory fd.
-pub(super) fn send_workdir(sock: RawFd, workdir: RawFd) -> Result<(), i32> {
+pub(super) fn send_workdir(sock: RawFd, workdir: RawFd) -> Result<(), Errno> {
     send(sock, &Message::WorkDir, Some(workdir))
 }
 
 /// C's side: tells the helper that J has `execve`d.
-pub(super) fn send_ready(sock: RawFd) -> Result<(), i32> {
+pub(super) fn send_ready(sock: RawFd) -> Result<(), Errno> {
     send(sock, &Message::Ready, None)
 }
 
 /// C's side: reports the failed step.
-pub(super) fn send_failure(sock: RawFd, err: &SetupError) -> Result<(), i32> {
+pub(super) fn send_failure(sock: RawFd, err: &SetupError) -> Result<(), Errno> {
     send(sock, &Message::Failed(err.clone()), None)
 }
 
@@ -141,7 +143,7 @@ pub(super) fn send_go(
     order: RawFd,
     template: Option<RawFd>,
     wheelhouse: Option<(RawFd, RawFd)>,
-) -> Result<(), i32> {
+) -> Result<(), Errno> {
     let fds: Vec<RawFd> = std::iter::once(order)
         .chain(template)
         .chain(
@@ -157,21 +159,21 @@ pub(super) fn send_go(
 /// came with it (the order says which they are). The helper closing the channel (it dropped
 /// this prepared sandbox) or any other message is a `Protocol` failure.
 pub(super) fn wait_for_go(sock: &OwnedFd) -> Result<(OwnedFd, Vec<OwnedFd>), SetupError> {
-    let (msg, fds) =
-        recv(sock, true)?.ok_or_else(|| protocol(libc::EPROTO, "no message on a blocking read"))?;
+    let (msg, fds) = recv(sock, true)?
+        .ok_or_else(|| protocol(Errno::EPROTO, "no message on a blocking read"))?;
     let mut fds = fds.into_iter();
     match (msg, fds.next()) {
         (Message::Go, Some(order)) => Ok((order, fds.collect())),
-        _ => Err(protocol(libc::EPROTO, "expected the job order")),
+        _ => Err(protocol(Errno::EPROTO, "expected the job order")),
     }
 }
 
-fn send(sock: RawFd, msg: &Message, fd: Option<RawFd>) -> Result<(), i32> {
+fn send(sock: RawFd, msg: &Message, fd: Option<RawFd>) -> Result<(), Errno> {
     let fds: Vec<RawFd> = fd.into_iter().collect();
     send_fds(sock, msg, &fds)
 }
 
-fn send_fds(sock: RawFd, msg: &Message, fds: &[RawFd]) -> Result<(), i32> {
+fn send_fds(sock: RawFd, msg: &Message, fds: &[RawFd]) -> Result<(), Errno> {
     let buf = encode(msg);
     let iov = [IoSlice::new(&buf)];
     let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
@@ -183,7 +185,7 @@ fn send_fds(sock: RawFd, msg: &Message, fds: &[RawFd]) -> Result<(), i32> {
         match sendmsg::<()>(sock, &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
             Ok(_) => return Ok(()),
             Err(Errno::EINTR) => continue,
-            Err(e) => return Err(e as i32),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -221,13 +223,18 @@ impl ReadyWait {
                 return Ok(None);
             };
             if fds.len() > 1 {
-                return Err(failed(protocol(libc::EPROTO, "unexpected fds")));
+                return Err(failed(protocol(Errno::EPROTO, "unexpected fds")));
             }
             match (msg, fds.into_iter().next(), prepared) {
                 (Message::Failed(e), _, _) => return Err(failed(e)),
                 (Message::WorkDir, Some(fd), false) => self.workdir = Some(fd),
                 (Message::Ready, None, true) => return Ok(self.workdir.take()),
-                _ => return Err(failed(protocol(libc::EPROTO, "unexpected control message"))),
+                _ => {
+                    return Err(failed(protocol(
+                        Errno::EPROTO,
+                        "unexpected control message",
+                    )))
+                }
             }
         }
     }
@@ -257,52 +264,36 @@ const MAX_FDS: usize = 4;
 fn recv(sock: &OwnedFd, block: bool) -> Result<Option<(Message, Vec<OwnedFd>)>, SetupError> {
     let mut buf = [0u8; MESSAGE_LEN + 1];
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (bytes, fds, truncated) = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
-        if !block {
-            flags |= MsgFlags::MSG_DONTWAIT;
+    let mut flags = MsgFlags::empty();
+    if !block {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let mut resets = 0;
+    let received = loop {
+        match sys::recv_with_fds(sock.as_raw_fd(), &mut buf, &mut cmsg, flags) {
+            Err((Errno::EINTR, _)) => continue,
+            // C closed its end with a message of ours still unread in its queue (it failed
+            // before it read `Go`). The kernel then sets ECONNRESET on our socket, and recvmsg
+            // reports that pending error *before* the messages queued for us, and clears it
+            // (net/core/datagram.c checks sock_error first). So read again: C's `Failed`
+            // report, if it sent one, comes next, and then end of file. The error is set once
+            // per close, so a second one is a real failure.
+            Err((Errno::ECONNRESET, _)) if resets == 0 => resets += 1,
+            Err((Errno::EAGAIN, _)) if !block => return Ok(None),
+            other => break other,
         }
-        let mut resets = 0;
-        let r = loop {
-            match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), flags) {
-                Err(Errno::EINTR) => continue,
-                // C closed its end with a message of ours still unread in its queue (it failed
-                // before it read `Go`). The kernel then sets ECONNRESET on our socket, and
-                // recvmsg reports that pending error *before* the messages queued for us, and
-                // clears it (net/core/datagram.c checks sock_error first). So read again: C's
-                // `Failed` report, if it sent one, comes next, and then end of file. The error
-                // is set once per close, so a second one is a real failure.
-                Err(Errno::ECONNRESET) if resets == 0 => resets += 1,
-                Err(Errno::EAGAIN) if !block => return Ok(None),
-                other => break other,
-            }
-        };
-        let r = r.map_err(|e| protocol(e as i32, "recvmsg on the control channel"))?;
-        let mut fds = Vec::new();
-        let cmsgs = r
-            .cmsgs()
-            .map_err(|e| protocol(e as i32, "control message fds"))?;
-        for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for fd in raw {
-                    // SAFETY: the kernel installed this fd in our table for this message;
-                    // nothing else owns it.
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        let truncated = r
-            .flags
-            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-        (r.bytes, fds, truncated)
     };
+    let sys::Received {
+        bytes,
+        fds,
+        truncated,
+    } = received.map_err(|(e, what)| protocol(e, what))?;
     if bytes == 0 {
         let detail = "the other end of the sandbox channel closed without a report";
-        return Err(protocol(0, detail));
+        return Err(protocol(Errno::UnknownErrno, detail));
     }
     if truncated || fds.len() > MAX_FDS {
-        return Err(protocol(libc::EPROTO, "oversized control message"));
+        return Err(protocol(Errno::EPROTO, "oversized control message"));
     }
     let msg = decode(&buf[..bytes])?;
     Ok(Some((msg, fds)))
@@ -315,14 +306,14 @@ pub(super) fn wait_readable(sock: &OwnedFd, deadline: Instant) -> Result<(), Set
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(protocol(libc::ETIMEDOUT, "sandbox setup timed out"));
+            return Err(protocol(Errno::ETIMEDOUT, "sandbox setup timed out"));
         }
         let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
         let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) | Err(Errno::EINTR) => continue,
             Ok(_) => return Ok(()),
-            Err(e) => return Err(protocol(e as i32, "poll on the control channel")),
+            Err(e) => return Err(protocol(e, "poll on the control channel")),
         }
     }
 }

@@ -2,12 +2,14 @@
 //! everything up and then reaps, and J, the job, which finishes its own setup and `execve`s.
 //! Neither ever returns: both leave through `_exit`.
 
+#![forbid(unsafe_code)]
+
 use std::convert::Infallible;
-use std::ffi::{c_char, CString};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -18,10 +20,10 @@ use sandrun_ipc::GrantedLimits;
 use super::landlock::{self, LandlockRules, PreparedRuleset};
 use super::mounts::{self, DEVICES};
 use super::seccomp::SeccompProgram;
-use super::sys::{self, at, exit_now, fail};
+use super::{at, fail, SandboxSettings, SetupError, SetupStep};
 use super::{bundle, channel, etc, identity, net, order};
-use super::{SandboxSettings, SetupError, SetupStep};
 use crate::ids::{GroupId, UserId};
+use crate::sys::{self, exit_now};
 
 /// Exit code of C or J when it panicked (a bug).
 const EXIT_PANIC: i32 = 101;
@@ -122,7 +124,7 @@ fn init(
         .map_err(|e| fail(SetupStep::Protocol, e, "send work dir"))?;
     // Prepared. Nothing of any job has been seen, run or written before this point.
     let (order_fd, trees) = channel::wait_for_go(ctrl)?;
-    let mapped = order::Mapped::new(&order_fd)?;
+    let mapped = order::map(&order_fd)?;
     drop(order_fd);
     let order::Read {
         order,
@@ -135,7 +137,7 @@ fn init(
     let want = usize::from(order.template.is_some()) + 2 * usize::from(order.wheelhouse);
     if trees.len() != want {
         let detail = "the mounts that came with the order are not the ones it names";
-        return Err(fail(SetupStep::Protocol, libc::EPROTO, detail));
+        return Err(fail(SetupStep::Protocol, Errno::EPROTO, detail));
     }
     let mut trees = trees.into_iter();
     let template = order.template.as_ref().and_then(|_| trees.next());
@@ -183,10 +185,10 @@ fn join_cgroup(fds: Vec<OwnedFd>) -> Result<(), SetupError> {
 /// dangerous to get wrong.
 fn check_identity(uid: UserId, gid: GroupId) -> Result<(), SetupError> {
     if uid.0 == 0 {
-        return Err(fail(SetupStep::SetUid, libc::EINVAL, "job uid 0"));
+        return Err(fail(SetupStep::SetUid, Errno::EINVAL, "job uid 0"));
     }
     if gid.0 == 0 {
-        return Err(fail(SetupStep::SetGid, libc::EINVAL, "job gid 0"));
+        return Err(fail(SetupStep::SetGid, Errno::EINVAL, "job gid 0"));
     }
     Ok(())
 }
@@ -207,7 +209,7 @@ fn prepare_landlock(bound_dirs: &[&'static str]) -> Result<PreparedRuleset, Setu
         // `ls /` (the original's jobs could): names only, no new file can be opened.
         list_only: &[Path::new("/")],
     };
-    landlock::prepare(&rules).map_err(|msg| fail(SetupStep::Landlock, 0, msg))
+    Ok(landlock::prepare(&rules)?)
 }
 
 /// Enforces the prepared ruleset, with read and execute on `/env` if the job has a template
@@ -228,9 +230,7 @@ fn apply_landlock(
         false => ruleset.allow_read_exec(&extra),
         true => Ok(ruleset),
     };
-    ruleset
-        .and_then(PreparedRuleset::restrict)
-        .map_err(|msg| fail(SetupStep::Landlock, 0, msg))
+    Ok(ruleset.and_then(PreparedRuleset::restrict)?)
 }
 
 /// Makes the job's uid the owner of its stdout and stderr pipes, while C is still root. J's
@@ -263,20 +263,16 @@ fn write_stdin(bytes: &[u8]) -> Result<Option<OwnedFd>, SetupError> {
     }
     let step = SetupStep::WriteStdin;
     let create = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY;
-    let writer = nix::fcntl::open(
+    let writer = sys::open(
         STDIN_FILE,
         create | OFlag::O_CLOEXEC,
         Mode::S_IRUSR | Mode::S_IWUSR,
     )
     .map_err(at(step, STDIN_FILE))?;
-    // SAFETY: open just returned this fd; nothing else owns it.
-    let writer = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(writer) };
     sys::write_all(writer.as_raw_fd(), bytes).map_err(|e| fail(step, e, STDIN_FILE))?;
     drop(writer);
     let read = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let reader = nix::fcntl::open(STDIN_FILE, read, Mode::empty()).map_err(at(step, STDIN_FILE))?;
-    // SAFETY: open just returned this fd; nothing else owns it.
-    let reader = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(reader) };
+    let reader = sys::open(STDIN_FILE, read, Mode::empty()).map_err(at(step, STDIN_FILE))?;
     nix::unistd::unlink(STDIN_FILE).map_err(at(step, STDIN_FILE))?;
     // C closed 0-2, so the fd may sit there; J's dup2 onto 0-2 must not clobber it.
     let high = sys::relocate(reader.as_raw_fd()).map_err(|e| fail(step, e, STDIN_FILE))?;
@@ -293,16 +289,9 @@ struct Exec<'a> {
     /// The write end of the requirements record pipe, J's [`RECORD_FD`] (a job with
     /// requirements only; above `RECORD_FD`).
     record: Option<RawFd>,
-    argv: Vec<*const c_char>,
-    env: Vec<*const c_char>,
+    args: sys::ExecArgs<'a>,
     filter: &'a SeccompProgram,
     limits: &'a GrantedLimits,
-}
-
-fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
-    let mut ptrs: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
-    ptrs.push(std::ptr::null());
-    ptrs
 }
 
 /// Forks J and waits until it has `execve`d (the exec-error pipe reaches end of file) or
@@ -325,16 +314,16 @@ fn start_job(
     let exec = Exec {
         stdin: stdin.as_ref().map(AsRawFd::as_raw_fd),
         record: record.as_ref().map(AsRawFd::as_raw_fd),
-        argv: null_terminated(&plan.argv),
-        env: null_terminated(&plan.env),
+        args: sys::ExecArgs::new(&plan.argv, &plan.env)
+            .ok_or_else(|| fail(SetupStep::Exec, Errno::EINVAL, "empty argv"))?,
         filter,
         limits: &plan.limits,
     };
     let (out, err, report) = (stdout.as_raw_fd(), stderr.as_raw_fd(), report_w.as_raw_fd());
-    // SAFETY: C is single-threaded. J runs `run_job`, which ends in execve or _exit; its only
-    // allocation (in close_all_except) is freed before either, and the rest of its changes
-    // (signal dispositions, stdio, limits, session, seccomp) belong to J's own process.
-    let pid = unsafe { sys::vfork_run(|| run_job(&exec, out, err, report)) }
+    // J runs `run_job`, which ends in execve or _exit; its only allocation (in
+    // close_all_except) is freed before either, and the rest of its changes (signal
+    // dispositions, stdio, limits, session, seccomp) belong to J's own process.
+    let pid = sys::spawn_vforked(|| run_job(&exec, out, err, report))
         .map_err(|e| fail(step, e, "fork"))?;
     // C keeps no copy of the record pipe: a process of the job (same uid) could reach it
     // through /proc/1/fd.
@@ -351,7 +340,7 @@ fn wait_for_exec(report: &OwnedFd, job: libc::pid_t) -> Result<libc::pid_t, Setu
     }
     let err = match channel::decode(&buf[..read]) {
         Ok(channel::Message::Failed(err)) => err,
-        Ok(_) => fail(SetupStep::Protocol, libc::EPROTO, "exec-error pipe"),
+        Ok(_) => fail(SetupStep::Protocol, Errno::EPROTO, "exec-error pipe"),
         Err(err) => err,
     };
     Err(err)
@@ -364,17 +353,15 @@ fn wait_for_exec(report: &OwnedFd, job: libc::pid_t) -> Result<libc::pid_t, Setu
 /// (which tears down the namespaces). Then C exits.
 fn supervise(job: libc::pid_t, status: OwnedFd) -> ! {
     loop {
-        let mut wstatus: libc::c_int = 0;
-        // SAFETY: wstatus is a valid, writable c_int.
-        let pid = unsafe { libc::waitpid(-1, &mut wstatus, 0) };
-        if pid == job {
-            if kill_the_rest().is_ok() {
-                let _ = sys::write_all(status.as_raw_fd(), &wstatus.to_ne_bytes());
+        match sys::wait_raw(-1) {
+            Ok((pid, wstatus)) if pid == job => {
+                if kill_the_rest().is_ok() {
+                    let _ = sys::write_all(status.as_raw_fd(), &wstatus.to_ne_bytes());
+                }
+                exit_now(0);
             }
-            exit_now(0);
-        }
-        if pid < 0 && sys::errno() != libc::EINTR {
-            exit_now(EXIT_SETUP_FAILED);
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(_) => exit_now(EXIT_SETUP_FAILED),
         }
     }
 }
@@ -382,19 +369,14 @@ fn supervise(job: libc::pid_t, status: OwnedFd) -> ! {
 /// SIGKILLs every other process of the pid namespace and reaps them all (orphans are C's
 /// children too). A fork racing with the kill is refused by the kernel (the forking process
 /// has a fatal signal pending), and the loop repeats until nothing is left.
-pub(super) fn kill_the_rest() -> Result<(), i32> {
+pub(super) fn kill_the_rest() -> Result<(), Errno> {
     loop {
-        // SAFETY: kill(-1) only sends a signal (to every process C may signal in its namespace).
-        unsafe { libc::kill(-1, libc::SIGKILL) };
-        let mut wstatus: libc::c_int = 0;
-        // SAFETY: wstatus is a valid, writable c_int.
-        let pid = unsafe { libc::waitpid(-1, &mut wstatus, 0) };
-        if pid < 0 {
-            match sys::errno() {
-                libc::ECHILD => return Ok(()),
-                libc::EINTR => continue,
-                e => return Err(e),
-            }
+        // kill(-1): every process C may signal in its namespace.
+        let _ = sys::sigkill(-1);
+        match sys::wait_raw(-1) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => return Ok(()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -417,7 +399,7 @@ fn run_job(exec: &Exec<'_>, stdout: RawFd, stderr: RawFd, report: RawFd) -> ! {
     }
 }
 
-type JobFailure = (SetupStep, i32, &'static str);
+type JobFailure = (SetupStep, Errno, &'static str);
 
 fn job_steps(
     exec: &Exec<'_>,
@@ -428,13 +410,13 @@ fn job_steps(
     sys::reset_signals().map_err(|e| (SetupStep::Signals, e, "job"))?;
     stdio(exec.stdin, stdout, stderr)?;
     rlimits(exec.limits)?;
-    setsid().map_err(|e| (SetupStep::Setsid, e as i32, ""))?;
+    setsid().map_err(|e| (SetupStep::Setsid, e, ""))?;
     umask(Mode::from_bits_truncate(0o022));
     // The record pipe, at RECORD_FD without close-on-exec (dup2 clears it; `record` is above
     // RECORD_FD, so never equal): the install step writes its record there and closes it
     // before it executes the job's command. Without requirements RECORD_FD is closed below.
     if let Some(record) = exec.record {
-        nix::unistd::dup2(record, RECORD_FD).map_err(|e| (SetupStep::Stdio, e as i32, "dup2"))?;
+        nix::unistd::dup2(record, RECORD_FD).map_err(|e| (SetupStep::Stdio, e, "dup2"))?;
     }
     let keep = [
         0,
@@ -446,11 +428,8 @@ fn job_steps(
     sys::close_all_except(&keep).map_err(|e| (SetupStep::CloseFds, e, "job"))?;
     exec.filter
         .install()
-        .map_err(|e| (SetupStep::Seccomp, e, ""))?;
-    // SAFETY: argv and env are null-terminated arrays of pointers to NUL-terminated strings
-    // that live in this process's memory (the plan C was forked with) until execve.
-    unsafe { libc::execve(exec.argv[0], exec.argv.as_ptr(), exec.env.as_ptr()) };
-    Err((SetupStep::Exec, sys::errno(), "execve"))
+        .map_err(|e| (SetupStep::Seccomp, Errno::from_raw(e), ""))?;
+    Err((SetupStep::Exec, sys::execve(&exec.args), "execve"))
 }
 
 /// stdin is the job's stdin file, or `/dev/null` inside the sandbox; stdout and stderr are the
@@ -460,10 +439,10 @@ fn stdio(stdin: Option<RawFd>, stdout: RawFd, stderr: RawFd) -> Result<(), JobFa
     let input = match stdin {
         Some(fd) => fd,
         None => nix::fcntl::open("/dev/null", OFlag::O_RDWR, Mode::empty())
-            .map_err(|e| (step, e as i32, "/dev/null"))?,
+            .map_err(|e| (step, e, "/dev/null"))?,
     };
     for (from, to) in [(input, 0), (stdout, 1), (stderr, 2)] {
-        nix::unistd::dup2(from, to).map_err(|e| (step, e as i32, "dup2"))?;
+        nix::unistd::dup2(from, to).map_err(|e| (step, e, "dup2"))?;
     }
     Ok(())
 }
@@ -478,7 +457,7 @@ fn rlimits(limits: &GrantedLimits) -> Result<(), JobFailure> {
         (Resource::RLIMIT_CPU, cpu_seconds),
     ];
     for (resource, value) in wanted {
-        let err = |e: nix::errno::Errno| (SetupStep::Rlimits, e as i32, "setrlimit");
+        let err = |e: Errno| (SetupStep::Rlimits, e, "setrlimit");
         let (_, hard) = getrlimit(resource).map_err(err)?;
         // Lowering needs no privilege; never try to raise a hard limit.
         let value = value.min(hard);

@@ -24,13 +24,14 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use nix::errno::Errno;
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use sandrun_ipc::{ErrorCode, IpcError, Response};
 
 use super::seccomp::SeccompProgram;
-use super::sys::{self, exit_now, fail};
-use super::{identity, landlock, CgroupJoin, SetupError, SetupStep};
+use super::sys::{self, exit_now};
+use super::{at, fail, identity, landlock, CgroupJoin, SetupError, SetupStep};
 use crate::ids::{GroupId, ProcessId, UserId};
 
 /// K's name (`/proc/<pid>/comm` and its command line), so operators and tests can find it.
@@ -76,7 +77,7 @@ impl CollectorChild {
         unsafe {
             libc::kill(self.pid.0, libc::SIGKILL);
             let mut status = 0;
-            while libc::waitpid(self.pid.0, &mut status, 0) < 0 && sys::errno() == libc::EINTR {}
+            while libc::waitpid(self.pid.0, &mut status, 0) < 0 && sys::errno() == Errno::EINTR {}
         }
     }
 }
@@ -101,7 +102,7 @@ where
         None,
         SockFlag::SOCK_CLOEXEC,
     )
-    .map_err(sys::at(SetupStep::Clone, "collector socketpair"))?;
+    .map_err(at(SetupStep::Clone, "collector socketpair"))?;
     let pid = match plan.cgroup {
         // SAFETY: the caller is single-threaded (documented precondition); K only runs
         // `run_collector`, which never returns.
@@ -123,7 +124,7 @@ where
     child.stream.set_nonblocking(true).map_err(|e| {
         fail(
             SetupStep::Clone,
-            e.raw_os_error().unwrap_or(0),
+            Errno::from_raw(e.raw_os_error().unwrap_or(0)),
             "collector socket",
         )
     })?;
@@ -179,13 +180,12 @@ fn confine(plan: &CollectorPlan<'_>, sock: RawFd) -> Result<OwnedFd, SetupError>
         (Resource::RLIMIT_FSIZE, 0),
         (Resource::RLIMIT_CORE, 0),
     ] {
-        setrlimit(resource, value, value).map_err(sys::at(SetupStep::Rlimits, "collector"))?;
+        setrlimit(resource, value, value).map_err(at(SetupStep::Rlimits, "collector"))?;
     }
     identity::drop_privileges(plan.uid, plan.gid)?;
-    landlock::restrict_to_read_beneath(workdir.as_fd())
-        .map_err(|m| fail(SetupStep::Landlock, 0, m))?;
+    landlock::restrict_to_read_beneath(workdir.as_fd())?;
     plan.filter
         .install()
-        .map_err(|e| fail(SetupStep::Seccomp, e, "collector"))?;
+        .map_err(|e| fail(SetupStep::Seccomp, Errno::from_raw(e), "collector"))?;
     Ok(workdir)
 }

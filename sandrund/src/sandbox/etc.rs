@@ -1,5 +1,7 @@
 //! The generated files of the sandbox's minimal `/etc`. Pure functions, so they are unit-tested.
 
+#![forbid(unsafe_code)]
+
 use crate::ids::{GroupId, UserId};
 
 /// The sandbox's host name (also written to `/etc/hostname`).

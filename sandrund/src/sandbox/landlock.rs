@@ -10,13 +10,71 @@
 //! The kernel's ABI is queried directly (the crate keeps its own query private), then capped at
 //! the newest ABI the crate knows.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 
 use landlock::{
     Access, AccessFs, BitFlags, CompatLevel, Compatible, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    RulesetCreated, RulesetCreatedAttr, RulesetError, RulesetStatus, Scope, ABI,
 };
+use nix::errno::Errno;
+
+use super::{fail, SetupError, SetupStep};
+use crate::sys;
+
+/// Why Landlock could not be applied. The job does not run (fails closed).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LandlockError {
+    /// The host's kernel has no Landlock (not built in, or not in the `lsm=` list).
+    Unsupported(Errno),
+    /// A path of a rule cannot be opened or examined: the sandbox's layout lacks it (a bind the
+    /// operator configured, or a bug).
+    Path { what: String, source: String },
+    /// The kernel or the `landlock` crate refused a step (`what`) of building the ruleset or
+    /// enforcing it.
+    Ruleset { what: String, source: RulesetError },
+    /// The ruleset was enforced only in part (a bug, or a kernel that lost a feature).
+    NotEnforced {
+        ruleset: RulesetStatus,
+        no_new_privs: bool,
+    },
+}
+
+impl std::fmt::Display for LandlockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LandlockError::Unsupported(errno) => write!(
+                f,
+                "landlock: kernel does not support Landlock (version query: {errno})"
+            ),
+            LandlockError::Path { what, source } => write!(f, "landlock: {what}: {source}"),
+            LandlockError::Ruleset { what, source } => write!(f, "landlock: {what}: {source}"),
+            LandlockError::NotEnforced {
+                ruleset,
+                no_new_privs,
+            } => write!(
+                f,
+                "landlock: not fully enforced (ruleset {ruleset:?}, no_new_privs {no_new_privs})"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LandlockError {}
+
+impl From<LandlockError> for SetupError {
+    fn from(e: LandlockError) -> SetupError {
+        fail(SetupStep::Landlock, Errno::UnknownErrno, e.to_string())
+    }
+}
+
+fn refused(what: impl Into<String>) -> impl FnOnce(RulesetError) -> LandlockError {
+    let what = what.into();
+    move |source| LandlockError::Ruleset { what, source }
+}
 
 /// Paths and their access, as seen after `pivot_root`.
 pub struct LandlockRules<'a> {
@@ -34,7 +92,7 @@ pub struct LandlockRules<'a> {
 /// Restricts the calling process. `NO_NEW_PRIVS` must already be set. Tests only: the sandbox
 /// prepares the ruleset early and restricts later.
 #[cfg(test)]
-pub fn restrict_self(rules: &LandlockRules<'_>) -> Result<(), String> {
+pub fn restrict_self(rules: &LandlockRules<'_>) -> Result<(), LandlockError> {
     prepare(rules)?.restrict()
 }
 
@@ -46,7 +104,7 @@ pub struct PreparedRuleset {
 }
 
 /// Builds the ruleset for `rules` without enforcing it.
-pub fn prepare(rules: &LandlockRules<'_>) -> Result<PreparedRuleset, String> {
+pub fn prepare(rules: &LandlockRules<'_>) -> Result<PreparedRuleset, LandlockError> {
     let abi = kernel_abi()?;
     let mut created = create_ruleset(abi)?;
     created = add_rules(created, abi, rules.read_exec, read_exec_access())?;
@@ -62,22 +120,22 @@ fn read_exec_access() -> BitFlags<AccessFs> {
 
 impl PreparedRuleset {
     /// Adds read and execute on more paths (the job's template).
-    pub fn allow_read_exec(self, paths: &[&Path]) -> Result<Self, String> {
+    pub fn allow_read_exec(self, paths: &[&Path]) -> Result<Self, LandlockError> {
         let created = add_rules(self.created, self.abi, paths, read_exec_access())?;
         Ok(PreparedRuleset { created, ..self })
     }
 
     /// Enforces the ruleset on the calling process. `NO_NEW_PRIVS` must already be set.
-    pub fn restrict(self) -> Result<(), String> {
+    pub fn restrict(self) -> Result<(), LandlockError> {
         let status = self
             .created
             .restrict_self()
-            .map_err(|e| format!("landlock: restrict_self: {e}"))?;
+            .map_err(refused("restrict_self"))?;
         if status.ruleset != RulesetStatus::FullyEnforced || !status.no_new_privs {
-            return Err(format!(
-                "landlock: not fully enforced (ruleset {:?}, no_new_privs {})",
-                status.ruleset, status.no_new_privs
-            ));
+            return Err(LandlockError::NotEnforced {
+                ruleset: status.ruleset,
+                no_new_privs: status.no_new_privs,
+            });
         }
         Ok(())
     }
@@ -86,51 +144,33 @@ impl PreparedRuleset {
 /// Restricts the calling process to reading files and listing directories beneath `dir` (the
 /// output collector): every filesystem right is handled and nothing else is granted, so no other
 /// path of any mount namespace can be opened. `NO_NEW_PRIVS` must already be set.
-pub fn restrict_to_read_beneath(dir: BorrowedFd<'_>) -> Result<(), String> {
+pub fn restrict_to_read_beneath(dir: BorrowedFd<'_>) -> Result<(), LandlockError> {
     let abi = kernel_abi()?;
     let rights = (AccessFs::ReadFile | AccessFs::ReadDir) & AccessFs::from_all(abi);
     let created = create_ruleset(abi)?
         .add_rule(PathBeneath::new(dir, rights))
-        .map_err(|e| format!("landlock: add rule for the work directory: {e}"))?;
+        .map_err(refused("add rule for the work directory"))?;
     PreparedRuleset { created, abi }.restrict()
 }
 
 /// A ruleset handling every filesystem right and every scope of `abi`, in hard-requirement mode.
-fn create_ruleset(abi: ABI) -> Result<RulesetCreated, String> {
+fn create_ruleset(abi: ABI) -> Result<RulesetCreated, LandlockError> {
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::HardRequirement)
         .handle_access(AccessFs::from_all(abi))
-        .map_err(|e| format!("landlock: handle filesystem access (ABI {abi:?}): {e}"))?;
+        .map_err(refused(format!("handle filesystem access (ABI {abi:?})")))?;
     let scopes = Scope::from_all(abi);
     if !scopes.is_empty() {
         ruleset = ruleset
             .scope(scopes)
-            .map_err(|e| format!("landlock: scope signals and abstract sockets: {e}"))?;
+            .map_err(refused("scope signals and abstract sockets"))?;
     }
-    ruleset
-        .create()
-        .map_err(|e| format!("landlock: create ruleset: {e}"))
+    ruleset.create().map_err(refused("create ruleset"))
 }
 
 /// The running kernel's Landlock ABI (capped at the newest the crate knows); at least ABI 1.
-fn kernel_abi() -> Result<ABI, String> {
-    // SAFETY: with a null attribute pointer, size 0 and LANDLOCK_CREATE_RULESET_VERSION, the
-    // kernel reads no memory and returns the ABI version (or -1 with errno).
-    let version = unsafe {
-        libc::syscall(
-            libc::SYS_landlock_create_ruleset,
-            std::ptr::null::<libc::c_void>(),
-            0usize,
-            1u32, // LANDLOCK_CREATE_RULESET_VERSION
-        )
-    };
-    if version < 1 {
-        let errno = nix::errno::Errno::last();
-        return Err(format!(
-            "landlock: kernel does not support Landlock (version query: {errno})"
-        ));
-    }
-    let version = i32::try_from(version).unwrap_or(i32::MAX);
+fn kernel_abi() -> Result<ABI, LandlockError> {
+    let version = sys::landlock_abi_version().map_err(LandlockError::Unsupported)?;
     Ok(ABI::from(version))
 }
 
@@ -148,13 +188,12 @@ fn add_rules(
     abi: ABI,
     paths: &[&Path],
     access: BitFlags<AccessFs>,
-) -> Result<RulesetCreated, String> {
+) -> Result<RulesetCreated, LandlockError> {
     let handled = AccessFs::from_all(abi);
     for path in paths {
-        let fd =
-            PathFd::new(path).map_err(|e| format!("landlock: open {}: {e}", path.display()))?;
+        let fd = PathFd::new(path).map_err(|e| path_error(path, "open", e))?;
         let stat = nix::sys::stat::fstat(fd.as_fd().as_raw_fd())
-            .map_err(|e| format!("landlock: stat {}: {e}", path.display()))?;
+            .map_err(|e| path_error(path, "stat", e))?;
         let is_dir = stat.st_mode & libc::S_IFMT == libc::S_IFDIR;
         let rights = match is_dir {
             true => access & handled,
@@ -162,9 +201,14 @@ fn add_rules(
         };
         created = created
             .add_rule(PathBeneath::new(fd, rights))
-            .map_err(|e| format!("landlock: add rule for {}: {e}", path.display()))?;
+            .map_err(refused(format!("add rule for {}", path.display())))?;
     }
     Ok(created)
+}
+
+fn path_error(path: &Path, what: &str, e: impl std::fmt::Display) -> LandlockError {
+    let (what, source) = (format!("{what} {}", path.display()), e.to_string());
+    LandlockError::Path { what, source }
 }
 
 #[cfg(test)]
@@ -175,7 +219,9 @@ mod tests {
     use std::os::unix::net::{SocketAddr, UnixListener};
     use std::path::PathBuf;
 
-    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::fcntl::OFlag;
+    use nix::sys::stat::Mode;
+    use nix::sys::wait::WaitStatus;
     use nix::unistd::Pid;
 
     use super::*;
@@ -202,34 +248,21 @@ mod tests {
     }
 
     /// Forks a child that applies `rules`, then runs `probe` and exits with its code.
-    /// `restrict_self` allocates; glibc's fork leaves malloc usable in the child, and the
-    /// child takes no other lock (no printing).
     fn run_restricted(rules: &LandlockRules<'_>, probe: impl FnOnce() -> i32) -> WaitStatus {
-        // SAFETY: see above; the child ends with `_exit` and never returns into the harness.
-        match unsafe { libc::fork() } {
-            -1 => panic!("fork: {}", nix::errno::Errno::last()),
-            0 => {
-                let code = match restrict_self(rules) {
-                    Ok(()) => probe(),
-                    Err(_) => RESTRICT_FAILED,
-                };
-                // SAFETY: ends the child without unwinding into the test harness.
-                unsafe { libc::_exit(code) }
-            }
-            pid => waitpid(Pid::from_raw(pid), None).expect("waitpid on our own child"),
-        }
+        sys::in_forked_child(|| match restrict_self(rules) {
+            Ok(()) => probe(),
+            Err(_) => RESTRICT_FAILED,
+        })
     }
 
-    /// `open(2)`'s errno, or 0 on success (the fd is closed).
-    fn open_errno(path: &CString, flags: libc::c_int) -> i32 {
-        // SAFETY: `path` is NUL-terminated; mode is an integer.
-        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
-        if fd < 0 {
-            return nix::errno::Errno::last_raw();
-        }
-        // SAFETY: `fd` was just opened by us.
-        unsafe { libc::close(fd) };
-        0
+    /// `open(2)`'s outcome (the fd is closed).
+    fn open_errno(path: &CString, flags: OFlag) -> Result<(), Errno> {
+        sys::open(
+            path.as_c_str(),
+            flags | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .map(drop)
     }
 
     #[test]
@@ -250,16 +283,16 @@ mod tests {
             list_only: &[],
         };
         let status = run_restricted(&rules, || {
-            let create = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
+            let create = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY;
             let checks = [
-                open_errno(&outside, libc::O_RDONLY) == libc::EACCES,
-                open_errno(&usr_file, libc::O_RDONLY) == 0,
-                open_errno(&usr_file, libc::O_WRONLY) == libc::EACCES,
-                open_errno(&usr_new, create) == libc::EACCES,
-                open_errno(&tmp_new, create) == 0,
-                open_errno(&null, libc::O_RDWR) == 0,
-                open_errno(&null, libc::O_WRONLY | libc::O_TRUNC) == 0,
-                open_errno(&zero, libc::O_RDONLY) == libc::EACCES,
+                open_errno(&outside, OFlag::O_RDONLY) == Err(Errno::EACCES),
+                open_errno(&usr_file, OFlag::O_RDONLY).is_ok(),
+                open_errno(&usr_file, OFlag::O_WRONLY) == Err(Errno::EACCES),
+                open_errno(&usr_new, create) == Err(Errno::EACCES),
+                open_errno(&tmp_new, create).is_ok(),
+                open_errno(&null, OFlag::O_RDWR).is_ok(),
+                open_errno(&null, OFlag::O_WRONLY | OFlag::O_TRUNC).is_ok(),
+                open_errno(&zero, OFlag::O_RDONLY) == Err(Errno::EACCES),
             ];
             match checks.iter().position(|ok| !ok) {
                 Some(i) => 1 + i32::try_from(i).unwrap_or(50),
@@ -288,34 +321,28 @@ mod tests {
         let created = cstring(&tmp.path().join("created"));
         let outside = cstring(&first_existing(&["/etc/hostname", "/etc/passwd"]));
         let usr_file = cstring(&first_existing(&["/usr/bin/env", "/usr/bin/sh"]));
-        // SAFETY: as `run_restricted`: the child ends with `_exit`.
-        let status = match unsafe { libc::fork() } {
-            -1 => panic!("fork: {}", nix::errno::Errno::last()),
-            0 => {
-                // SAFETY: prctl with integer arguments reads no memory.
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-                let code = match restrict_to_read_beneath(dir.as_fd()) {
-                    Ok(()) => {
-                        let create = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
-                        let checks = [
-                            open_errno(&inside, libc::O_RDONLY) == 0,
-                            open_errno(&inside, libc::O_WRONLY) == libc::EACCES,
-                            open_errno(&created, create) == libc::EACCES,
-                            open_errno(&outside, libc::O_RDONLY) == libc::EACCES,
-                            open_errno(&usr_file, libc::O_RDONLY) == libc::EACCES,
-                        ];
-                        match checks.iter().position(|ok| !ok) {
-                            Some(i) => 1 + i32::try_from(i).unwrap_or(50),
-                            None => ALL_CHECKS_PASSED,
-                        }
-                    }
-                    Err(_) => RESTRICT_FAILED,
-                };
-                // SAFETY: ends the child without unwinding into the test harness.
-                unsafe { libc::_exit(code) }
+        let status = sys::in_forked_child(|| {
+            if nix::sys::prctl::set_no_new_privs().is_err() {
+                return RESTRICT_FAILED;
             }
-            pid => waitpid(Pid::from_raw(pid), None).expect("waitpid on our own child"),
-        };
+            match restrict_to_read_beneath(dir.as_fd()) {
+                Ok(()) => {
+                    let create = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY;
+                    let checks = [
+                        open_errno(&inside, OFlag::O_RDONLY).is_ok(),
+                        open_errno(&inside, OFlag::O_WRONLY) == Err(Errno::EACCES),
+                        open_errno(&created, create) == Err(Errno::EACCES),
+                        open_errno(&outside, OFlag::O_RDONLY) == Err(Errno::EACCES),
+                        open_errno(&usr_file, OFlag::O_RDONLY) == Err(Errno::EACCES),
+                    ];
+                    match checks.iter().position(|ok| !ok) {
+                        Some(i) => 1 + i32::try_from(i).unwrap_or(50),
+                        None => ALL_CHECKS_PASSED,
+                    }
+                }
+                Err(_) => RESTRICT_FAILED,
+            }
+        });
         assert_eq!(
             status,
             WaitStatus::Exited(status_pid(status), ALL_CHECKS_PASSED),
@@ -338,12 +365,9 @@ mod tests {
             list_only: &[],
         };
         let status = run_restricted(&rules, || {
-            // SAFETY: signal 0 only checks permission; getppid has no arguments.
-            let rc = unsafe { libc::kill(libc::getppid(), 0) };
-            if rc == 0 {
-                SYSCALL_SUCCEEDED
-            } else {
-                nix::errno::Errno::last_raw()
+            match nix::sys::signal::kill(nix::unistd::getppid(), None) {
+                Ok(()) => SYSCALL_SUCCEEDED,
+                Err(e) => e as i32,
             }
         });
         assert_eq!(status, WaitStatus::Exited(status_pid(status), libc::EPERM));
@@ -361,38 +385,25 @@ mod tests {
             devices: &[],
             list_only: &[],
         };
-        let sun = abstract_sockaddr(name.as_bytes());
-        let status = run_restricted(&rules, || connect_errno(&sun, name.len()));
+        let status = run_restricted(&rules, || connect_errno(name.as_bytes()));
         assert_eq!(status, WaitStatus::Exited(status_pid(status), libc::EPERM));
     }
 
-    fn abstract_sockaddr(name: &[u8]) -> libc::sockaddr_un {
-        // SAFETY: sockaddr_un is plain data; all-zero is a valid value.
-        let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        sun.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).expect("AF_UNIX is 1");
-        for (dst, &src) in sun.sun_path[1..].iter_mut().zip(name) {
-            *dst = src as libc::c_char;
-        }
-        sun
-    }
-
-    /// `connect(2)`'s errno on a fresh Unix socket, or `SYSCALL_SUCCEEDED`. Raw calls only (child side).
-    fn connect_errno(sun: &libc::sockaddr_un, name_len: usize) -> i32 {
-        let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name_len;
-        // SAFETY: plain socket creation.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
-        // SAFETY: `sun` is a valid sockaddr_un and `len` does not exceed its size.
-        let rc = unsafe {
-            libc::connect(
-                fd,
-                std::ptr::from_ref(sun).cast(),
-                libc::socklen_t::try_from(len).unwrap_or(0),
-            )
-        };
-        if rc == 0 {
-            SYSCALL_SUCCEEDED
-        } else {
-            nix::errno::Errno::last_raw()
+    /// `connect(2)`'s errno on a fresh Unix socket to abstract `name`, or `SYSCALL_SUCCEEDED`.
+    fn connect_errno(name: &[u8]) -> i32 {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let outcome = UnixAddr::new_abstract(name).and_then(|addr| {
+            let sock = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::empty(),
+                None,
+            )?;
+            connect(sock.as_raw_fd(), &addr)
+        });
+        match outcome {
+            Ok(()) => SYSCALL_SUCCEEDED,
+            Err(e) => e as i32,
         }
     }
 

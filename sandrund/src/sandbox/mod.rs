@@ -31,6 +31,7 @@
 mod bundle;
 mod channel;
 mod child;
+#[allow(unsafe_code)]
 pub mod collector;
 mod etc;
 mod identity;
@@ -38,10 +39,11 @@ pub mod landlock;
 mod mounts;
 mod net;
 mod order;
+#[allow(unsafe_code)]
 pub mod seccomp;
 mod seccomp_policy;
-mod sys;
 #[cfg(test)]
+#[allow(unsafe_code)]
 mod tests;
 
 use std::ffi::CString;
@@ -50,6 +52,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::pipe2;
@@ -57,6 +60,7 @@ use nix::unistd::pipe2;
 use sandrun_ipc::{BundleEntry, GrantedLimits};
 
 use crate::ids::{GroupId, ProcessId, UserId};
+use crate::sys;
 
 /// Host-wide settings for every sandbox, from the helper's configuration.
 #[derive(Debug, Clone)]
@@ -278,8 +282,8 @@ impl SetupStep {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetupError {
     pub step: SetupStep,
-    /// errno, when the step failed in a syscall.
-    pub errno: i32,
+    /// errno, when the step failed in a syscall; `Errno::UnknownErrno` (0) otherwise.
+    pub errno: Errno,
     /// Extra detail: the path or value concerned. Never job contents.
     pub detail: String,
 }
@@ -290,14 +294,28 @@ impl std::fmt::Display for SetupError {
         if !self.detail.is_empty() {
             write!(f, " ({})", self.detail)?;
         }
-        if self.errno != 0 {
-            write!(f, ": {}", std::io::Error::from_raw_os_error(self.errno))?;
+        if self.errno != Errno::UnknownErrno {
+            write!(f, ": {}", std::io::Error::from(self.errno))?;
         }
         Ok(())
     }
 }
 
 impl std::error::Error for SetupError {}
+
+/// Builds the error of one step.
+pub(crate) fn fail(step: SetupStep, errno: Errno, detail: impl Into<String>) -> SetupError {
+    SetupError {
+        step,
+        errno,
+        detail: detail.into(),
+    }
+}
+
+/// Maps a nix error to the error of `step`, with `detail` (a path or a value, never job data).
+pub(crate) fn at(step: SetupStep, detail: &str) -> impl FnOnce(Errno) -> SetupError + '_ {
+    move |e| fail(step, e, detail)
+}
 
 /// The namespaces C is cloned into (the cgroup namespace comes later, after C joined its
 /// cgroup).
@@ -325,7 +343,8 @@ pub fn spawn(
 /// Clones a new C and lets it prepare everything that does not depend on a job (see the module
 /// docs) while the helper goes on: returns at once, without waiting for C.
 ///
-/// Must be called from a single-threaded process (C is created with a raw `clone`), and the
+/// Must be called from a single-threaded process (C is created with a raw `clone`, see
+/// `sys::clone_child`), and the
 /// calling thread must outlive the sandbox: an idle C exits when its control socket closes,
 /// and from its job on C gets `SIGKILL` when the thread that created it exits
 /// (`PR_SET_PDEATHSIG`), so a dead helper leaves nothing running. The helper must not ignore
@@ -341,45 +360,48 @@ pub fn prepare(
         CgroupJoin::Procs(fds) => fds.iter().map(AsRawFd::as_raw_fd).collect(),
         CgroupJoin::Into(_) | CgroupJoin::None => Vec::new(),
     };
-    // The job cgroup's `cgroup.procs` when `clone3` is unavailable; open until C has its copy.
-    let mut fallback_procs = None;
-    let pid = match cgroup {
-        // SAFETY: prepare's documented precondition is a single-threaded caller (the helper's
-        // design); C only runs `run_init`, which never returns.
-        CgroupJoin::Into(dir) => match unsafe { sys::fork_into_cgroup(NAMESPACES, dir) } {
-            Err(libc::ENOSYS) => {
-                // clone3 is refused (seccomp of systemd's RestrictNamespaces=, an old container
-                // profile, gVisor): plain clone, and C joins the cgroup through its
-                // cgroup.procs as its first step, before anything of a job (as on v1).
-                let fd = sys::open_cgroup_procs(dir)
-                    .map_err(|e| sys::fail(SetupStep::JoinCgroup, e, "cgroup.procs"))?;
-                procs.push(fd.as_raw_fd());
-                fallback_procs = Some(fd);
-                note_clone3_fallback();
-                // SAFETY: as above.
-                unsafe { sys::fork_raw(NAMESPACES) }
-                    .map_err(|e| sys::fail(SetupStep::Clone, e, "clone"))
-            }
-            other => other.map_err(|e| sys::fail(SetupStep::Clone, e, "clone3")),
-        },
-        // SAFETY: as above.
-        CgroupJoin::Procs(_) | CgroupJoin::None => unsafe { sys::fork_raw(NAMESPACES) }
-            .map_err(|e| sys::fail(SetupStep::Clone, e, "clone")),
-    }?;
-    if pid == 0 {
+    // C's whole life: `run_init` never returns.
+    let init = |procs: &[RawFd]| -> std::convert::Infallible {
         let fds = child::InitFds {
             ctrl: ends.ctrl_child.as_raw_fd(),
             stdout: ends.stdout_w.as_raw_fd(),
             stderr: ends.stderr_w.as_raw_fd(),
             status: ends.status_w.as_raw_fd(),
-            cgroup: &procs,
+            cgroup: procs,
         };
-        child::run_init(settings, filter, fds);
-    }
+        child::run_init(settings, filter, fds)
+    };
+    // The job cgroup's `cgroup.procs` when `clone3` is unavailable; open until C has its copy.
+    let mut fallback_procs = None;
+    let plain = sys::CloneHow::Plain;
+    let pid = match cgroup {
+        CgroupJoin::Into(dir) => {
+            let how = sys::CloneHow::IntoCgroup(dir);
+            match sys::clone_child(NAMESPACES, how, || init(&procs)) {
+                Err(Errno::ENOSYS) => {
+                    // clone3 is refused (seccomp of systemd's RestrictNamespaces=, an old
+                    // container profile, gVisor): plain clone, and C joins the cgroup through
+                    // its cgroup.procs as its first step, before anything of a job (as on v1).
+                    let fd = sys::open_cgroup_procs(dir)
+                        .map_err(|e| fail(SetupStep::JoinCgroup, e, "cgroup.procs"))?;
+                    procs.push(fd.as_raw_fd());
+                    fallback_procs = Some(fd);
+                    note_clone3_fallback();
+                    sys::clone_child(NAMESPACES, plain, || init(&procs))
+                        .map_err(|e| fail(SetupStep::Clone, e, "clone"))
+                }
+                other => other.map_err(|e| fail(SetupStep::Clone, e, "clone3")),
+            }
+        }
+        CgroupJoin::Procs(_) | CgroupJoin::None => {
+            sys::clone_child(NAMESPACES, plain, || init(&procs))
+                .map_err(|e| fail(SetupStep::Clone, e, "clone"))
+        }
+    }?;
     drop(fallback_procs);
     let guard = InitGuard(pid);
     let (ctrl, stdout, stderr, status) = ends.into_parent_ends();
-    let pidfd = sys::pidfd_open(pid).map_err(|e| sys::fail(SetupStep::Clone, e, "pidfd_open"))?;
+    let pidfd = sys::pidfd_open(pid).map_err(|e| fail(SetupStep::Clone, e, "pidfd_open"))?;
     Ok(Warm {
         guard,
         pidfd,
@@ -481,7 +503,13 @@ pub fn begin(
         // read-only, so it cannot be another template's or change before the job sees it.
         Some(tree) => Some(
             crate::template::read_lock(tree.as_fd())
-                .map_err(|e| sys::fail(SetupStep::BindTemplate, e.errno(), e.to_string()))
+                .map_err(|e| {
+                    fail(
+                        SetupStep::BindTemplate,
+                        Errno::from_raw(e.errno()),
+                        e.to_string(),
+                    )
+                })
                 .map_err(|error| StartError {
                     error,
                     prepared: true,
@@ -591,9 +619,9 @@ impl Starting {
     /// Gives up: C did not answer by the deadline. Kills and reaps C.
     pub fn timed_out(self) -> StartError {
         StartError {
-            error: sys::fail(
+            error: fail(
                 SetupStep::Protocol,
-                libc::ETIMEDOUT,
+                Errno::ETIMEDOUT,
                 "sandbox setup timed out",
             ),
             prepared: self.wait.prepared() && self.sent,
@@ -634,7 +662,7 @@ fn clone_template(template_dir: &std::path::Path, name: &str) -> Result<OwnedFd,
     let step = SetupStep::BindTemplate;
     let mut parts = std::path::Path::new(name).components();
     let (Some(std::path::Component::Normal(_)), None) = (parts.next(), parts.next()) else {
-        return Err(sys::fail(step, libc::EINVAL, "template name"));
+        return Err(fail(step, Errno::EINVAL, "template name"));
     };
     clone_tree(&template_dir.join(name), step)
 }
@@ -643,31 +671,31 @@ fn clone_template(template_dir: &std::path::Path, name: &str) -> Result<OwnedFd,
 /// symlink at its last component is not followed), for one job.
 fn clone_tree(path: &std::path::Path, step: SetupStep) -> Result<OwnedFd, SetupError> {
     let name = path.display().to_string();
-    let tree = sys::open_tree_clone(path).map_err(|e| sys::fail(step, e, &name))?;
-    let stat = nix::sys::stat::fstat(tree.as_raw_fd()).map_err(sys::at(step, &name))?;
+    let tree = sys::open_tree_clone(path).map_err(|e| fail(step, e, &name))?;
+    let stat = nix::sys::stat::fstat(tree.as_raw_fd()).map_err(at(step, &name))?;
     if stat.st_mode & libc::S_IFMT != libc::S_IFDIR {
-        return Err(sys::fail(step, libc::ENOTDIR, name));
+        return Err(fail(step, Errno::ENOTDIR, name));
     }
-    sys::make_tree_readonly(&tree).map_err(|e| sys::fail(step, e, &name))?;
+    sys::make_tree_readonly(&tree).map_err(|e| fail(step, e, &name))?;
     Ok(tree)
 }
 
 /// Refuses plans no sandbox may run, before anything is created.
 fn check_plan(plan: &JobPlan<'_>) -> Result<(), SetupError> {
     if plan.uid.0 == 0 {
-        return Err(sys::fail(SetupStep::SetUid, libc::EINVAL, "job uid 0"));
+        return Err(fail(SetupStep::SetUid, Errno::EINVAL, "job uid 0"));
     }
     if plan.gid.0 == 0 {
-        return Err(sys::fail(SetupStep::SetGid, libc::EINVAL, "job gid 0"));
+        return Err(fail(SetupStep::SetGid, Errno::EINVAL, "job gid 0"));
     }
     match plan.argv.first() {
         Some(program) if program.as_bytes().starts_with(b"/") => Ok(()),
-        Some(_) => Err(sys::fail(
+        Some(_) => Err(fail(
             SetupStep::Exec,
-            libc::EINVAL,
+            Errno::EINVAL,
             "argv[0] is not absolute",
         )),
-        None => Err(sys::fail(SetupStep::Exec, libc::EINVAL, "empty argv")),
+        None => Err(fail(SetupStep::Exec, Errno::EINVAL, "empty argv")),
     }
 }
 
@@ -692,10 +720,10 @@ impl Ends {
             None,
             SockFlag::SOCK_CLOEXEC,
         )
-        .map_err(sys::at(step, "socketpair"))?;
+        .map_err(at(step, "socketpair"))?;
         let (stdout_r, stdout_w) = output_pipe(SetupStep::Clone, "output pipe")?;
         let (stderr_r, stderr_w) = output_pipe(SetupStep::Clone, "output pipe")?;
-        let (status_r, status_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys::at(step, "status pipe"))?;
+        let (status_r, status_w) = pipe2(OFlag::O_CLOEXEC).map_err(at(step, "status pipe"))?;
         Ok(Ends {
             ctrl_parent,
             ctrl_child,
@@ -721,10 +749,10 @@ impl Ends {
 
 /// A pipe whose read end (the helper's) is non-blocking; both ends close-on-exec.
 fn output_pipe(step: SetupStep, what: &'static str) -> Result<(OwnedFd, OwnedFd), SetupError> {
-    let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(sys::at(step, what))?;
+    let (r, w) = pipe2(OFlag::O_CLOEXEC).map_err(at(step, what))?;
     let flags = OFlag::O_NONBLOCK;
     nix::fcntl::fcntl(r.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))
-        .map_err(sys::at(step, what))?;
+        .map_err(at(step, what))?;
     Ok((r, w))
 }
 
@@ -741,12 +769,6 @@ impl InitGuard {
 
 impl Drop for InitGuard {
     fn drop(&mut self) {
-        // SAFETY: kill and waitpid take plain integers and a valid out-pointer; the pid is our
-        // own unreaped child, so it cannot have been reused.
-        unsafe {
-            libc::kill(self.0, libc::SIGKILL);
-            let mut status = 0;
-            while libc::waitpid(self.0, &mut status, 0) < 0 && sys::errno() == libc::EINTR {}
-        }
+        sys::kill_and_reap(self.0);
     }
 }

@@ -8,6 +8,8 @@
 //! are overlays (each mount its own superblock, so its own inodes, over the host's read-only
 //! files), the `/etc` files are copies, and `/proc`'s host-wide files are masked.
 
+#![forbid(unsafe_code)]
+
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::fd::OwnedFd;
@@ -19,9 +21,11 @@ use nix::sys::stat::Mode;
 use nix::unistd::{chdir, mkdir, pivot_root};
 use sandrun_ipc::GrantedLimits;
 
-use super::sys::{self, at, fail};
-use super::{etc, SetupError, SetupStep};
+use nix::errno::Errno;
+
+use super::{at, etc, fail, SetupError, SetupStep};
 use crate::ids::{GroupId, UserId};
+use crate::sys;
 
 /// Host directories that are recreated as the same symlink, or mounted as a private read-only
 /// overlay, when present.
@@ -124,7 +128,7 @@ pub(super) fn tmpfs_options(limits: &GrantedLimits) -> Result<String, SetupError
     if limits.tmpfs_bytes == 0 {
         return Err(fail(
             SetupStep::MountTmpfsRoot,
-            libc::EINVAL,
+            Errno::EINVAL,
             "tmpfs size 0 would be unlimited",
         ));
     }
@@ -163,14 +167,14 @@ fn overlay_system_dirs(root: &Path) -> Result<Vec<&'static str>, SetupError> {
     let step = SetupStep::OverlaySystemDirs;
     let empty = EmptyLayer::create(root, step)?;
     if mirror(Path::new("/usr"), &root.join("usr"), &empty, step)? != Mirrored::Dir {
-        return Err(fail(step, libc::ENOTDIR, "/usr"));
+        return Err(fail(step, Errno::ENOTDIR, "/usr"));
     }
     let mut bound = Vec::new();
     for name in SYSTEM_DIRS {
         let host = Path::new("/").join(name);
         match mirror(&host, &root.join(name), &empty, step)? {
             Mirrored::Dir => bound.push(name),
-            Mirrored::File => return Err(fail(step, libc::ENOTDIR, host.display().to_string())),
+            Mirrored::File => return Err(fail(step, Errno::ENOTDIR, host.display().to_string())),
             Mirrored::Absent | Mirrored::Symlink => {}
         }
     }
@@ -226,7 +230,7 @@ fn overlay_readonly(
 ) -> Result<(), SetupError> {
     let detail = host.display().to_string();
     let options =
-        overlay_options(host, &empty.path).ok_or_else(|| fail(step, libc::EINVAL, &*detail))?;
+        overlay_options(host, &empty.path).ok_or_else(|| fail(step, Errno::EINVAL, &*detail))?;
     let flags = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
         Some("sandrun"),
@@ -415,7 +419,7 @@ impl DeviceNodes {
             let host = Path::new("/dev").join(name);
             let meta = std::fs::metadata(&host).map_err(io_at(step, &host))?;
             if !std::os::unix::fs::FileTypeExt::is_char_device(&meta.file_type()) {
-                return Err(fail(step, libc::ENODEV, host.display().to_string()));
+                return Err(fail(step, Errno::ENODEV, host.display().to_string()));
             }
             let rdev = std::os::unix::fs::MetadataExt::rdev(&meta);
             let node = dir.join(name);
@@ -460,9 +464,7 @@ fn open_dir_path(path: &Path, step: SetupStep) -> Result<OwnedFd, SetupError> {
     use nix::fcntl::OFlag;
     let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let detail = path.display().to_string();
-    let raw = nix::fcntl::open(path, flags, Mode::empty()).map_err(at(step, &detail))?;
-    // SAFETY: open just returned this fd; nothing else owns it.
-    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) })
+    sys::open(path, flags, Mode::empty()).map_err(at(step, &detail))
 }
 
 fn make_work_dirs(root: &Path) -> Result<(), SetupError> {
@@ -535,7 +537,7 @@ fn copy_file(host: &Path, dst: &Path, step: SetupStep) -> Result<(), SetupError>
         .read_to_end(&mut contents)
         .map_err(io_at(step, host))?;
     if u64::try_from(contents.len()).map_or(true, |n| n > MAX_COPIED_BYTES) {
-        return Err(fail(step, libc::EFBIG, host.display().to_string()));
+        return Err(fail(step, Errno::EFBIG, host.display().to_string()));
     }
     write_new_file(dst, &contents, step)?;
     std::fs::set_permissions(dst, std::os::unix::fs::PermissionsExt::from_mode(0o444))
@@ -568,7 +570,7 @@ fn write_new_file(path: &Path, contents: &[u8], step: SetupStep) -> Result<(), S
 
 fn io_at(step: SetupStep, path: &Path) -> impl FnOnce(std::io::Error) -> SetupError + '_ {
     move |e| {
-        let errno = e.raw_os_error().unwrap_or(libc::EIO);
+        let errno = Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
         fail(step, errno, path.display().to_string())
     }
 }
@@ -637,7 +639,7 @@ mod tests {
         let err = tmpfs_options(&limits(0, 100)).err();
         assert_eq!(
             err.map(|e| (e.step, e.errno)),
-            Some((SetupStep::MountTmpfsRoot, libc::EINVAL))
+            Some((SetupStep::MountTmpfsRoot, Errno::EINVAL))
         );
     }
 }

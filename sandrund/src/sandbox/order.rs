@@ -8,22 +8,22 @@
 //! F_SEAL_GROW | F_SEAL_SEAL`) make the contents immutable before C sees them, so C's mapping
 //! can be read as a plain byte slice.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CString;
 use std::io::Write;
-use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::ptr::NonNull;
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
-use nix::sys::stat::fstat;
 use serde::{Deserialize, Serialize};
 
 use sandrun_ipc::{BundleEntry, GrantedLimits};
 
-use super::sys::fail;
-use super::{JobPlan, SetupError, SetupStep};
+use nix::errno::Errno;
+
+use super::{fail, JobPlan, SetupError, SetupStep};
+use crate::sys;
 
 /// Largest header C accepts: argv, env and bundle entries are bounded far below this by the
 /// helper's request validation; the bound keeps a corrupt length from allocating without limit.
@@ -79,17 +79,23 @@ pub(super) fn write(plan: &JobPlan<'_>) -> Result<OwnedFd, SetupError> {
         bundle: plan.bundle,
         template: plan.template.as_deref(),
         stdin_bytes: u64::try_from(plan.stdin.len())
-            .map_err(|_| fail(step, libc::EFBIG, "job stdin"))?,
+            .map_err(|_| fail(step, Errno::EFBIG, "job stdin"))?,
         wheelhouse: plan.wheelhouse,
     };
     let bytes = bincode::serde::encode_to_vec(&header, config())
-        .map_err(|e| fail(step, libc::EINVAL, format!("job order: {e}")))?;
+        .map_err(|e| fail(step, Errno::EINVAL, format!("job order: {e}")))?;
     let name = c"sandrun-job-order";
     let flags = MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING;
-    let fd = memfd_create(name, flags).map_err(|e| fail(step, e as i32, "memfd_create"))?;
+    let fd = memfd_create(name, flags).map_err(|e| fail(step, e, "memfd_create"))?;
     let mut file = std::fs::File::from(fd);
-    let len = u64::try_from(bytes.len()).map_err(|_| fail(step, libc::EFBIG, "job order"))?;
-    let io = |e: std::io::Error| fail(step, e.raw_os_error().unwrap_or(libc::EIO), "job order");
+    let len = u64::try_from(bytes.len()).map_err(|_| fail(step, Errno::EFBIG, "job order"))?;
+    let io = |e: std::io::Error| {
+        fail(
+            step,
+            Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            "job order",
+        )
+    };
     file.write_all(&len.to_le_bytes()).map_err(io)?;
     file.write_all(&bytes).map_err(io)?;
     file.write_all(plan.bundle_data).map_err(io)?;
@@ -100,61 +106,14 @@ pub(super) fn write(plan: &JobPlan<'_>) -> Result<OwnedFd, SetupError> {
         | SealFlag::F_SEAL_GROW
         | SealFlag::F_SEAL_SEAL;
     fcntl(fd.as_raw_fd(), FcntlArg::F_ADD_SEALS(seals))
-        .map_err(|e| fail(step, e as i32, "seal the job order"))?;
+        .map_err(|e| fail(step, e, "seal the job order"))?;
     Ok(fd)
 }
 
-/// C's read-only mapping of a sealed order memfd; unmapped on drop, so the bundle's pages are
-/// freed once it is written (C lives as long as the job).
-pub(super) struct Mapped {
-    ptr: NonNull<libc::c_void>,
-    len: usize,
-}
-
-impl Mapped {
-    /// Maps the memfd after checking that it carries the seals that make it immutable.
-    pub(super) fn new(fd: &OwnedFd) -> Result<Mapped, SetupError> {
-        let step = SetupStep::Protocol;
-        let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS)
-            .map_err(|e| fail(step, e as i32, "job order seals"))?;
-        let needed = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW;
-        if !SealFlag::from_bits_truncate(seals).contains(needed) {
-            return Err(fail(step, libc::EPERM, "job order is not sealed"));
-        }
-        let size = fstat(fd.as_raw_fd()).map_err(|e| fail(step, e as i32, "job order size"))?;
-        let len = usize::try_from(size.st_size).map_err(|_| fail(step, libc::EFBIG, "size"))?;
-        let nonzero = NonZeroUsize::new(len).ok_or_else(|| fail(step, libc::EINVAL, "empty"))?;
-        // SAFETY: a fresh private read-only mapping of a whole file; the kernel picks the
-        // address, so no existing memory is affected.
-        let ptr = unsafe {
-            mmap(
-                None,
-                nonzero,
-                ProtFlags::PROT_READ,
-                MapFlags::MAP_PRIVATE,
-                fd,
-                0,
-            )
-        }
-        .map_err(|e| fail(step, e as i32, "map the job order"))?;
-        Ok(Mapped { ptr, len })
-    }
-
-    /// The mapped bytes.
-    pub(super) fn bytes(&self) -> &[u8] {
-        // SAFETY: `ptr` is a live PROT_READ mapping of exactly `len` bytes until drop; the
-        // memfd's seals (checked in `new`) forbid writes and size changes, so the bytes cannot
-        // change or vanish under the slice.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast::<u8>(), self.len) }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was created in `new` with this address and length, and no slice
-        // from `bytes` outlives `self` (it borrows it).
-        let _ = unsafe { munmap(self.ptr, self.len) };
-    }
+/// Maps C's sealed order memfd read-only after checking its seals; unmapped on drop, so the
+/// bundle's pages are freed once it is written (C lives as long as the job).
+pub(super) fn map(fd: &OwnedFd) -> Result<sys::SealedMap, SetupError> {
+    sys::SealedMap::new(fd).map_err(|(e, what)| fail(SetupStep::Protocol, e, what))
 }
 
 /// What C reads from the mapped order: the header, the bundle's file contents and the stdin.
@@ -169,7 +128,7 @@ pub(super) fn read(bytes: &[u8]) -> Result<Read<'_>, SetupError> {
     let bad = |detail: &str| {
         fail(
             SetupStep::Protocol,
-            libc::EPROTO,
+            Errno::EPROTO,
             format!("job order: {detail}"),
         )
     };
@@ -246,7 +205,7 @@ mod tests {
             wheelhouse: true,
         };
         let fd = write(&plan).expect("written");
-        let mapped = Mapped::new(&fd).expect("mapped");
+        let mapped = map(&fd).expect("mapped");
         let Read {
             order,
             files: data,
@@ -291,8 +250,8 @@ mod tests {
         let mut file = std::fs::File::from(fd);
         file.write_all(&[0u8; 16]).expect("write");
         let fd = OwnedFd::from(file);
-        let err = Mapped::new(&fd).err().expect("refused");
-        assert_eq!((err.step, err.errno), (SetupStep::Protocol, libc::EPERM));
+        let err = map(&fd).err().expect("refused");
+        assert_eq!((err.step, err.errno), (SetupStep::Protocol, Errno::EPERM));
     }
 
     #[test]

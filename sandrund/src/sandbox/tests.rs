@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{openat, OFlag};
+use nix::fcntl::OFlag;
 use nix::sys::stat::{fstatat, Mode};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
@@ -225,15 +225,8 @@ fn given_job_that_writes_a_file_when_it_has_ended_then_the_workdir_fd_still_read
     assert_eq!(done.exit_code(), 0, "{done:?}");
     // C is reaped, so the job's mount namespace is gone; the fd keeps the tmpfs.
     let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-    let raw = openat(
-        Some(done.workdir.as_raw_fd()),
-        "out.txt",
-        flags,
-        Mode::empty(),
-    )
-    .expect("out.txt is in the work dir");
-    // SAFETY: openat just returned this fd; nothing else owns it.
-    let file: OwnedFd = unsafe { std::os::fd::FromRawFd::from_raw_fd(raw) };
+    let file = sys::openat(done.workdir.as_raw_fd(), "out.txt", flags, Mode::empty())
+        .expect("out.txt is in the work dir");
     assert_eq!(drain(&file), "result\n");
 }
 
@@ -287,7 +280,7 @@ fn given_bundle_larger_than_the_tmpfs_when_spawned_then_write_bundle_fails_with_
     let err = job.spawn().expect_err("the bundle cannot fit");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::WriteBundle, libc::ENOSPC),
+        (SetupStep::WriteBundle, Errno::ENOSPC),
         "{err}"
     );
     assert!(
@@ -303,7 +296,7 @@ fn given_missing_program_when_spawned_then_an_exec_error_is_returned() {
         .expect_err("nothing to execute");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::Exec, libc::ENOENT),
+        (SetupStep::Exec, Errno::ENOENT),
         "{err}"
     );
 }
@@ -327,7 +320,7 @@ fn given_workdir_that_escapes_when_spawned_then_it_is_refused() {
     let err = job.spawn().expect_err("workdir must stay under /work");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::WorkDir, libc::EINVAL),
+        (SetupStep::WorkDir, Errno::EINVAL),
         "{err}"
     );
 }
@@ -420,7 +413,7 @@ fn given_a_template_that_is_a_symlink_when_spawned_then_it_is_refused() {
     let err = job.spawn().expect_err("refused");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::BindTemplate, libc::ENOTDIR)
+        (SetupStep::BindTemplate, Errno::ENOTDIR)
     );
 }
 
@@ -446,7 +439,7 @@ fn given_a_template_when_spawned_then_the_lock_hash_is_that_of_its_lock_and_none
         .expect_err("a template without a lock is refused");
     assert_eq!(
         (err.step, err.errno),
-        (SetupStep::BindTemplate, libc::ENOENT)
+        (SetupStep::BindTemplate, Errno::ENOENT)
     );
 }
 
@@ -527,16 +520,7 @@ fn given_job_with_a_background_child_when_the_job_ends_then_no_process_of_it_is_
 
 /// A pidfd of `pid` (which must be alive now).
 fn pidfd_of(pid: i32) -> OwnedFd {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    let fd = i32::try_from(fd).expect("pidfd_open result fits an fd");
-    assert!(
-        fd >= 0,
-        "pidfd_open({pid}): {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: pidfd_open just returned this new fd; nothing else owns it.
-    unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    sys::pidfd_open(pid).unwrap_or_else(|e| panic!("pidfd_open({pid}): {e}"))
 }
 
 /// Whether the process behind `pidfd` has exited (its pidfd is readable).
@@ -607,9 +591,9 @@ fn given_every_setup_step_then_its_wire_index_round_trips() {
 
 #[test]
 fn given_failure_message_when_encoded_and_decoded_then_it_is_unchanged() {
-    let err = sys::fail(
+    let err = super::fail(
         SetupStep::BindTemplate,
-        libc::ENOENT,
+        Errno::ENOENT,
         "/var/lib/sandrun/t/py",
     );
     let bytes = channel::encode(&channel::Message::Failed(err.clone()));
@@ -619,7 +603,7 @@ fn given_failure_message_when_encoded_and_decoded_then_it_is_unchanged() {
 #[test]
 fn given_overlong_multibyte_detail_when_encoded_then_it_is_cut_at_a_char_boundary() {
     let detail = "é".repeat(200);
-    let bytes = channel::encode_failure(SetupStep::Exec, 2, &detail);
+    let bytes = channel::encode_failure(SetupStep::Exec, Errno::ENOENT, &detail);
     let Ok(channel::Message::Failed(err)) = channel::decode(&bytes) else {
         panic!("decodes");
     };
@@ -637,7 +621,7 @@ fn given_garbage_control_messages_then_they_are_protocol_errors() {
     bytes[0] = 99;
     let unknown_kind = channel::decode(&bytes).err().map(|e| e.step);
     assert_eq!(unknown_kind, Some(SetupStep::Protocol));
-    let mut bytes = channel::encode_failure(SetupStep::Exec, 2, "");
+    let mut bytes = channel::encode_failure(SetupStep::Exec, Errno::ENOENT, "");
     bytes[1] = 250;
     let unknown_step = channel::decode(&bytes).err().map(|e| e.step);
     assert_eq!(unknown_step, Some(SetupStep::Protocol));
@@ -736,8 +720,7 @@ fn given_an_init_with_a_child_and_an_orphan_when_it_kills_the_rest_then_both_are
     // The init still lives (it pauses): only its own kill-and-reap can have ended them.
     let init_alive = !has_exited(&init_fd);
     let all_gone = sleeper_fds.iter().all(has_exited);
-    // SAFETY: kill takes plain integers; init is our unreaped child.
-    unsafe { libc::kill(init, libc::SIGKILL) };
+    let _ = sys::sigkill(init);
     let _ = waitpid(Pid::from_raw(init), None);
     assert_eq!(&answer, b"k");
     assert!(init_alive, "the init died before the check");
@@ -787,8 +770,7 @@ fn given_a_v2_cgroup_when_a_sandbox_is_cloned_into_it_then_its_init_is_there_wit
         .collect();
     let init = spawned.pid.0;
     let in_cgroup = members.contains(&init);
-    // SAFETY: kill takes plain integers; `init` is this test's unreaped child.
-    unsafe { libc::kill(init, libc::SIGKILL) };
+    let _ = sys::sigkill(init);
     let _ = waitpid(Pid::from_raw(init), None);
     drop(spawned);
     for _ in 0..100 {
@@ -820,7 +802,7 @@ fn given_peer_reports_and_closes_with_our_message_unread_then_the_report_is_read
     .expect("socketpair");
     let order = std::fs::File::open("/dev/null").expect("an fd to send");
     channel::send_go(helper.as_raw_fd(), order.as_raw_fd(), None, None).expect("send Go");
-    let report = sys::fail(SetupStep::Hostname, libc::EPERM, "sandbox");
+    let report = super::fail(SetupStep::Hostname, Errno::EPERM, "sandbox");
     channel::send_failure(init.as_raw_fd(), &report).expect("send the report");
     drop(init);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -951,8 +933,7 @@ fn given_clone3_answers_enosys_then_the_sandbox_is_cloned_and_joins_its_v2_cgrou
         let mut pids = vec![init];
         pids.extend(find_processes(&["/bin/sh", "-c", &script]));
         let places: Vec<Option<String>> = pids.iter().map(|&p| unified_cgroup_of(p)).collect();
-        // SAFETY: kill takes plain integers; `init` is this process's unreaped child.
-        unsafe { libc::kill(init, libc::SIGKILL) };
+        let _ = sys::sigkill(init);
         let _ = waitpid(Pid::from_raw(init), None);
         drop(spawned);
         let after = clone3_fallbacks();
@@ -983,7 +964,9 @@ fn given_clone3_refused_with_eperm_then_the_failure_names_clone3_and_there_is_no
         match job.spawn_joining(CgroupJoin::Into(cgroup.fd.as_fd())) {
             Ok(_) => Err("the sandbox started without clone3".into()),
             Err(e)
-                if e.step == SetupStep::Clone && e.detail == "clone3" && e.errno == libc::EPERM =>
+                if e.step == SetupStep::Clone
+                    && e.detail == "clone3"
+                    && e.errno == Errno::EPERM =>
             {
                 (clone3_fallbacks() == before)
                     .then_some(())

@@ -1,0 +1,401 @@
+//! Processes: `clone` in its three forms, leaving, pidfds, signals, waiting, `execve`, the
+//! process's name, and the allocator's thresholds.
+
+use std::convert::Infallible;
+use std::ffi::{c_char, CStr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+
+use super::{check, errno};
+
+/// Like `fork`, with extra `clone` flags (namespaces), straight through the raw syscall.
+/// Returns 0 in the child and the child's pid in the parent.
+///
+/// # Safety
+/// The calling process must be single-threaded, or the child must not touch any lock another
+/// thread may have held at the time of the call. The raw syscall skips libc's fork handlers,
+/// so in the child libc's cached thread id is stale: the child must not call `raise`, `abort`
+/// or pthread functions, and must leave through [`exit_now`].
+pub(crate) unsafe fn fork_raw(flags: libc::c_int) -> Result<libc::pid_t, Errno> {
+    // SAFETY: with a zero stack pointer the child continues on a copy-on-write copy of the
+    // caller's stack, exactly like fork(2); the parent/tid/tls pointers are unused (0). The
+    // caller guarantees the thread-safety conditions documented above.
+    let ret = check(unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::c_long::from(flags | libc::SIGCHLD),
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    })?;
+    libc::pid_t::try_from(ret).map_err(|_| Errno::EOVERFLOW)
+}
+
+/// Like [`fork_raw`], through `clone3` with `CLONE_INTO_CGROUP`: the child is created directly
+/// in the cgroup (v2) whose directory is `cgroup`, so it never has to migrate there.
+///
+/// # Safety
+/// As [`fork_raw`].
+pub(crate) unsafe fn fork_into_cgroup(
+    flags: libc::c_int,
+    cgroup: BorrowedFd<'_>,
+) -> Result<libc::pid_t, Errno> {
+    /// `struct clone_args` of `<linux/sched.h>` (version 2, with `cgroup`).
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let namespaces = u64::try_from(flags).map_err(|_| Errno::EINVAL)?;
+    let cgroup = u64::try_from(cgroup.as_raw_fd()).map_err(|_| Errno::EBADF)?;
+    let args = CloneArgs {
+        flags: namespaces | CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup,
+        ..CloneArgs::default()
+    };
+    // SAFETY: `args` is a valid `clone_args` of the size passed; with a zero stack the child
+    // continues on a copy-on-write copy of the caller's stack, exactly like fork(2). The caller
+    // guarantees the thread-safety conditions of `fork_raw`.
+    let ret = check(unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::addr_of!(args),
+            std::mem::size_of::<CloneArgs>(),
+        )
+    })?;
+    libc::pid_t::try_from(ret).map_err(|_| Errno::EOVERFLOW)
+}
+
+/// How [`clone_child`] creates the child.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum CloneHow<'a> {
+    /// The raw `clone` syscall ([`fork_raw`]).
+    Plain,
+    /// `clone3` with `CLONE_INTO_CGROUP` into the cgroup (v2) whose directory this is
+    /// ([`fork_into_cgroup`]); `ENOSYS` where `clone3` is refused.
+    IntoCgroup(BorrowedFd<'a>),
+}
+
+/// Clones a child with the extra `clone` flags `flags` (namespaces), which runs `child` and
+/// never returns to the caller's code; returns the child's pid. Nothing is forked on failure.
+///
+/// Relies on the crate's invariant that sandrund is single-threaded (see `lib.rs`).
+pub(crate) fn clone_child(
+    flags: libc::c_int,
+    how: CloneHow<'_>,
+    child: impl FnOnce() -> Infallible,
+) -> Result<libc::pid_t, Errno> {
+    // sandrund is single-threaded (crate docs), so the child inherits no lock that another
+    // thread held; the child only runs `child`, which cannot return (`Infallible` has no
+    // value): it ends in `execve` or `exit_now` and never reaches libc code that trusts the
+    // stale thread id. That is what `fork_raw` and `fork_into_cgroup` require.
+    let pid = match how {
+        // SAFETY: as above.
+        CloneHow::Plain => unsafe { fork_raw(flags) },
+        // SAFETY: as above.
+        CloneHow::IntoCgroup(dir) => unsafe { fork_into_cgroup(flags, dir) },
+    }?;
+    match pid {
+        0 => run_to_end(child),
+        pid => Ok(pid),
+    }
+}
+
+/// Runs `child` (which cannot return) as the whole rest of the process.
+fn run_to_end(child: impl FnOnce() -> Infallible) -> ! {
+    match child() {}
+}
+
+/// Size of the stack J runs on until its `execve` (its setup needs a few KiB).
+const VFORK_STACK_BYTES: usize = 256 << 10;
+
+/// Runs `child` in a new process that shares this process's memory (`CLONE_VM |
+/// CLONE_VFORK`), on a stack of its own, like `posix_spawn`: there is no page-table copy and no
+/// copy-on-write fault, and the caller is suspended until the child has `execve`d or exited.
+/// Returns the child's pid.
+///
+/// # Safety
+/// The caller must be single-threaded. `child` runs in the caller's address space while the
+/// caller is suspended: it must end in `execve` or [`exit_now`] (it cannot return), must not
+/// leave allocations or locks half-done, and everything it changes in memory is seen by the
+/// caller afterwards. Its own file table, signal handlers, limits and seccomp filter are its
+/// own (no `CLONE_FILES`, `CLONE_SIGHAND`, `CLONE_THREAD`).
+unsafe fn vfork_run<F: FnOnce()>(child: F) -> Result<libc::pid_t, Errno> {
+    extern "C" fn trampoline<F: FnOnce()>(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `Option<F>` on the suspended parent's stack, alive until the
+        // child has exec'd or exited (CLONE_VFORK), and only the child touches it meanwhile.
+        let child = unsafe { (*arg.cast::<Option<F>>()).take() };
+        if let Some(f) = child {
+            f();
+        }
+        // `child` must not return; if it does (a bug), the child still must not go on.
+        exit_now(101)
+    }
+    // SAFETY: a fresh private anonymous mapping; the kernel picks the address.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            VFORK_STACK_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(errno());
+    }
+    // The lowest page is a guard: an overflow faults instead of writing into other memory.
+    // SAFETY: the first page of the mapping just created.
+    if unsafe { libc::mprotect(stack, 4096, libc::PROT_NONE) } != 0 {
+        let err = errno();
+        // SAFETY: the mapping created above, used by nobody.
+        unsafe { libc::munmap(stack, VFORK_STACK_BYTES) };
+        return Err(err);
+    }
+    let mut slot = Some(child);
+    // SAFETY: the stack top is the end of the mapping (16-byte aligned: mmap is page aligned);
+    // `slot` outlives the child's use of it (see the trampoline); the caller guarantees the
+    // conditions documented above.
+    let pid = unsafe {
+        libc::clone(
+            trampoline::<F>,
+            stack.cast::<u8>().add(VFORK_STACK_BYTES).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::addr_of_mut!(slot).cast(),
+        )
+    };
+    let clone_errno = errno();
+    // The child has exec'd or exited: its stack is free again.
+    // SAFETY: the mapping created above, no longer used by anyone.
+    unsafe { libc::munmap(stack, VFORK_STACK_BYTES) };
+    if pid < 0 {
+        return Err(clone_errno);
+    }
+    Ok(pid)
+}
+
+/// [`vfork_run`] for a `child` that cannot return; returns its pid once it has `execve`d or
+/// exited. Relies on the crate's invariant that sandrund, and so C, is single-threaded (see
+/// `lib.rs`). What `child` allocates and does not free before its `execve` stays allocated in
+/// the caller's heap (a leak, not a fault): J's one allocation is freed before.
+pub(crate) fn spawn_vforked(child: impl FnOnce() -> Infallible) -> Result<libc::pid_t, Errno> {
+    // SAFETY: the caller is single-threaded (crate invariant, above); `child` cannot return
+    // (`Infallible` has no value), so it ends in `execve` or `exit_now`, and every allocation
+    // it makes is complete by then (the caller is suspended meanwhile): the heap is sound.
+    unsafe { vfork_run(|| run_to_end(child)) }
+}
+
+/// Leaves the current process at once, without running destructors or atexit handlers.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions; it never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// `execve(argv[0], argv, env)`; returns only on failure, with its errno.
+///
+/// Both arrays must end with a null pointer, every other entry pointing to a NUL-terminated
+/// string: [`ExecArgs`] guarantees it.
+pub(crate) fn execve(args: &ExecArgs) -> Errno {
+    // SAFETY: argv and env are null-terminated arrays of pointers to NUL-terminated strings
+    // (built by `ExecArgs::new` from `CString`s that the borrow keeps alive) until execve.
+    unsafe { libc::execve(args.argv[0], args.argv.as_ptr(), args.env.as_ptr()) };
+    errno()
+}
+
+/// The argument and environment arrays of an [`execve`], built before the call so that the
+/// process that executes allocates nothing then. The strings are borrowed: they stay alive.
+pub(crate) struct ExecArgs<'a> {
+    argv: Vec<*const c_char>,
+    env: Vec<*const c_char>,
+    _strings: std::marker::PhantomData<&'a CStr>,
+}
+
+impl<'a> ExecArgs<'a> {
+    /// `argv` must not be empty (its first entry is the program).
+    pub(crate) fn new(argv: &'a [std::ffi::CString], env: &'a [std::ffi::CString]) -> Option<Self> {
+        if argv.is_empty() {
+            return None;
+        }
+        let terminated = |strings: &'a [std::ffi::CString]| {
+            let mut ptrs: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
+            ptrs.push(std::ptr::null());
+            ptrs
+        };
+        Some(ExecArgs {
+            argv: terminated(argv),
+            env: terminated(env),
+            _strings: std::marker::PhantomData,
+        })
+    }
+}
+
+/// `pidfd_open(pid, 0)`.
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_open takes plain integers and returns a new fd or -1.
+    let ret = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    let fd = RawFd::try_from(ret).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `pidfd_send_signal(pidfd, SIGKILL, NULL, 0)`.
+pub(crate) fn pidfd_kill(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: pidfd is an open fd; the null siginfo and zero flags are the documented "like
+    // kill(2)" form of pidfd_send_signal, which reads no memory of ours then.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// `kill(pid, SIGKILL)`: `pid` may be -1 (every process the caller may signal).
+pub(crate) fn sigkill(pid: libc::pid_t) -> Result<(), Errno> {
+    // SAFETY: kill takes plain integers and only sends a signal.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+/// `waitpid(pid, &status, 0)` once (no retry on `EINTR`): the reaped pid and its raw wait
+/// status. `pid` -1 is any child.
+pub(crate) fn wait_raw(pid: libc::pid_t) -> Result<(libc::pid_t, libc::c_int), Errno> {
+    let mut wstatus: libc::c_int = 0;
+    // SAFETY: wstatus is a valid, writable c_int.
+    let reaped = unsafe { libc::waitpid(pid, &mut wstatus, 0) };
+    if reaped < 0 {
+        return Err(errno());
+    }
+    Ok((reaped, wstatus))
+}
+
+/// SIGKILLs our unreaped child `pid` and reaps it (retrying on `EINTR`). Being unreaped, its
+/// pid cannot have been reused.
+pub(crate) fn kill_and_reap(pid: libc::pid_t) {
+    let _ = sigkill(pid);
+    while wait_raw(pid) == Err(Errno::EINTR) {}
+}
+
+/// Resets every catchable signal to its default action and unblocks all signals, so nothing
+/// the helper set up (an ignored `SIGPIPE`, an ignored `SIGCHLD`) leaks into the sandbox.
+pub(crate) fn reset_signals() -> Result<(), Errno> {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL involves no handler code; EINVAL for signals reserved by
+        // libc is expected and ignored.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    // SAFETY: an all-zero sigset_t is a valid (empty) set, and sigemptyset initialises it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t; a null old-set pointer is allowed.
+    let ret = unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut())
+    };
+    if ret < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+/// Makes `name` the calling process's command name (`PR_SET_NAME`, `/proc/<pid>/comm`) and
+/// overwrites its command line in place (`/proc/<pid>/cmdline`), so that what it was started
+/// with is not shown. The command line area keeps its size: it gets `name` (cut to fit), a NUL,
+/// zeros and a non-NUL last byte, which makes the kernel show it up to that NUL (the
+/// `setproctitle` convention) rather than the whole area. Needs no capability
+/// (`PR_SET_MM_ARG_START` would need `CAP_SYS_RESOURCE`). Only for a process that shares its
+/// memory with no other (C is forked), and that no longer reads its `argv`. Allocates (it
+/// reads `/proc/self/stat`).
+pub(crate) fn set_process_name(name: &CStr) -> Result<(), Errno> {
+    let zero: libc::c_ulong = 0;
+    // SAFETY: PR_SET_NAME reads at most 16 bytes of the NUL-terminated string `name`; the
+    // other arguments are integers.
+    let ret = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr(), zero, zero, zero) };
+    if ret < 0 {
+        return Err(errno());
+    }
+    let (start, end) = arg_area()?;
+    let len = end.checked_sub(start).ok_or(Errno::EINVAL)?;
+    if len < 2 {
+        // An empty command line: nothing to hide.
+        return Ok(());
+    }
+    let name = name.to_bytes();
+    let keep = name.len().min(len - 2);
+    let area = start as *mut u8;
+    // SAFETY: [start, end) is this process's command line area as the kernel reports it: the
+    // argument strings on the initial stack, mapped and writable for the process's life. This
+    // process's memory is its own (forked, not CLONE_VM), so the helper's is not touched, and
+    // nothing here reads `argv` afterwards (what it would read is still NUL-terminated). The
+    // writes stay inside the area: `keep <= len - 2` and the last write is at `len - 1`.
+    unsafe {
+        std::ptr::write_bytes(area, 0, len);
+        std::ptr::copy_nonoverlapping(name.as_ptr(), area, keep);
+        area.add(len - 1).write(b' ');
+    }
+    Ok(())
+}
+
+/// `arg_start` and `arg_end` of the calling process (fields 48 and 49 of `/proc/self/stat`).
+fn arg_area() -> Result<(usize, usize), Errno> {
+    let stat = std::fs::read_to_string("/proc/self/stat")
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    // The command name (field 2) is in parentheses and may hold anything: count from the last.
+    let rest = stat.rsplit_once(')').ok_or(Errno::EPROTO)?.1;
+    let mut fields = rest.split_ascii_whitespace().skip(48 - 3);
+    let mut next = || -> Result<usize, Errno> {
+        let field = fields.next().ok_or(Errno::EPROTO)?;
+        field.parse().map_err(|_| Errno::EPROTO)
+    };
+    Ok((next()?, next()?))
+}
+
+/// Pins glibc's mmap and trim thresholds at `bytes`, so large buffers live in their own
+/// mappings, returned to the kernel on free. Call once, while single-threaded and before any
+/// large allocation. A refusal (zero return) is harmless and ignored.
+pub(crate) fn pin_malloc_thresholds(bytes: libc::c_int) {
+    // SAFETY: mallopt only tunes the allocator; the caller calls it once, while the process is
+    // single-threaded and before any large allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, bytes);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, bytes);
+    }
+}
+
+/// Tests: runs `probe` in a forked child and returns how the child ended (its exit code is
+/// `probe`'s result). The test harness is multi-threaded: the child may allocate (glibc's fork
+/// leaves malloc usable in the child) but must take no other lock (no printing).
+#[cfg(test)]
+pub(crate) fn in_forked_child(probe: impl FnOnce() -> i32) -> nix::sys::wait::WaitStatus {
+    // SAFETY: see above; the child ends with `_exit` and never returns into the harness.
+    match unsafe { libc::fork() } {
+        -1 => panic!("fork: {}", errno()),
+        0 => exit_now(probe()),
+        pid => nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
+            .expect("waitpid on our own child"),
+    }
+}
