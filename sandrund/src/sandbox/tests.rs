@@ -759,10 +759,13 @@ fn given_a_v2_cgroup_when_a_sandbox_is_cloned_into_it_then_its_init_is_there_wit
     let dir_fd: OwnedFd = std::fs::File::open(&dir)
         .expect("open the cgroup dir")
         .into();
-    let job = Job::shell("read line; echo done");
+    // A job's stdin is /dev/null, so it must not wait for input: it would end at once, its
+    // init with it, and the cgroup would be empty by the time it is read (seen as a flaky
+    // failure). J sleeps until C is killed below.
+    let job = Job::shell("exec sleep 600");
     let spawned = job.spawn_joining(CgroupJoin::Into(dir_fd.as_fd()));
     let spawned = spawned.expect("the sandbox starts");
-    // The init runs (J waits for input that never comes until C is killed): where is it?
+    // The init runs: where is it?
     let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
     let members: Vec<i32> = procs
         .split_whitespace()
