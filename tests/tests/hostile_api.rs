@@ -583,6 +583,24 @@ fn slowloris_source(i: usize) -> Ipv4Addr {
     )
 }
 
+/// How many of the slowloris's sockets are in each TCP state (the kernel's hex codes: 01
+/// established, 02 connecting, 08 closed by the gateway, ...): printed when too few are open.
+fn slowloris_states(port: u16) -> std::collections::BTreeMap<String, usize> {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let dst = format!(":{port:04X}");
+    let sources: Vec<String> = (0..SLOWLORIS_SOURCES)
+        .map(|i| format!("{:08X}:", u32::from_le_bytes(slowloris_source(i).octets())))
+        .collect();
+    let mut states = std::collections::BTreeMap::new();
+    for l in text.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 3 && f[2].ends_with(&dst) && sources.iter().any(|s| f[1].starts_with(s)) {
+            *states.entry(f[3].to_owned()).or_insert(0) += 1;
+        }
+    }
+    states
+}
+
 /// Open sockets from every slowloris source: (established, connecting).
 fn open_from_slowloris(port: u16) -> (usize, usize) {
     (0..SLOWLORIS_SOURCES)
@@ -667,7 +685,9 @@ fn given_a_500_connection_slowloris_then_a_normal_client_completes_a_job_and_the
     eprintln!("slowloris: {opened} sockets, {established} established, {connecting} connecting");
     assert!(
         established + connecting >= SLOWLORIS_CONNECTIONS,
-        "only {established} + {connecting} slowloris sockets are open"
+        "only {established} + {connecting} slowloris sockets are open ({opened} opened by the \
+         attacker; states of all its sockets, as /proc/net/tcp codes: {:?})",
+        slowloris_states(port)
     );
 
     // The normal client is served while the slowloris holds its sockets (a submission answered
