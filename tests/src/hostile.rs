@@ -142,6 +142,35 @@ pub fn job_cgroups_below(roots: &[PathBuf]) -> Vec<PathBuf> {
     crate::cgroup::job_dirs_below(roots)
 }
 
+/// How many idle warm sandboxes helper `helper` holds (its children that [`is_idle_warm_init`]).
+pub fn idle_warm_inits_of(helper: i32) -> usize {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    let parent = helper.to_string();
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| status_field(pid, "PPid").is_some_and(|p| p == parent))
+        .filter(|pid| is_idle_warm_init(pid))
+        .count()
+}
+
+/// Waits (up to 30 s) until helper `pid` holds `warm` idle warm sandboxes, then returns its
+/// settled descriptor count ([`settled_fd_count`]). Each warm sandbox holds descriptors in the
+/// helper, so a count taken while the pool is refilling (slow on a loaded machine) is lower
+/// than the helper's idle count and a later, full pool would look like a leak.
+pub fn fd_count_with_full_pool(pid: i32, warm: usize) -> usize {
+    let full = eventually(Duration::from_secs(30), || idle_warm_inits_of(pid) == warm);
+    assert!(
+        full,
+        "helper {pid} holds {} idle warm sandboxes, not {warm}",
+        idle_warm_inits_of(pid)
+    );
+    settled_fd_count(pid)
+}
+
 /// The lowest of a few samples of `pid`'s descriptor count (a connection being closed right
 /// now is not a leak).
 pub fn settled_fd_count(pid: i32) -> usize {

@@ -10,13 +10,16 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use sandrun_tests::hostile::{
-    eventually, fd_count_once_at_most, helper_stats, job_cgroups_below, live_processes_with_uids,
-    mounts_anywhere_mentioning, settled_fd_count,
+    eventually, fd_count_once_at_most, fd_count_with_full_pool, helper_stats, job_cgroups_below,
+    live_processes_with_uids, mounts_anywhere_mentioning, settled_fd_count,
 };
 use sandrun_tests::stack::{Part, Stack};
 use sandrun_tests::{config, Job};
 
 /// The deadline for sandboxes to disappear after a daemon is killed.
+/// Warm sandboxes of the gateway-kill test's helper: its descriptor counts are taken with the
+/// pool full.
+const WARM: usize = 2;
 const SANDBOXES_GONE_WITHIN: Duration = Duration::from_secs(1);
 /// Time the helper has to remove the job cgroups once the processes are gone (the removal is
 /// retried on the helper's 100 ms tick).
@@ -95,8 +98,8 @@ fn given_helper_killed_during_a_job_then_it_fails_internal_its_sandbox_dies_and_
 
 #[test]
 fn given_gateway_killed_with_jobs_running_then_the_helper_kills_every_sandbox_and_leaks_nothing() {
-    let mut stack = Stack::start(&config(""), "");
-    let fds_idle = settled_fd_count(stack.helper().pid());
+    let mut stack = Stack::start(&config(&format!("warm_sandboxes = {WARM}")), "");
+    let fds_idle = fd_count_with_full_pool(stack.helper().pid(), WARM);
     let ids: Vec<String> = (0..3)
         .map(|_| stack.submit_ok(&sh_job("sleep 300")))
         .collect();
@@ -139,6 +142,7 @@ fn given_gateway_killed_with_jobs_running_then_the_helper_kills_every_sandbox_an
     assert!(helper.is_alive(), "the helper died with the gateway");
     let stats = helper_stats(helper);
     assert_eq!(stats.running, 0, "{stats:?}");
+    let _ = fd_count_with_full_pool(helper.pid(), WARM);
     let fds = fd_count_once_at_most(helper.pid(), fds_idle);
     assert!(fds <= fds_idle, "helper descriptors {fds_idle} -> {fds}");
     let next = helper.run(&Job::new(&["/bin/echo", "helper alone"]));
