@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use sandrun_tests::hostile::{
     eventually, fd_count_once_at_most, fd_count_with_full_pool, helper_stats, job_cgroups_below,
-    live_processes_with_uids, mounts_anywhere_mentioning, settled_fd_count,
+    live_processes_with_uids, mounts_anywhere_mentioning,
 };
 use sandrun_tests::stack::{Part, Stack};
 use sandrun_tests::{config, Job};
