@@ -24,7 +24,7 @@ pub mod daemon;
 pub(crate) mod ids;
 mod logger;
 pub(crate) mod sandbox;
-// Still holds raw syscalls, to be moved into `sys`.
+// `server::collect` still holds one raw syscall (openat2), to be moved into `sys`.
 #[allow(unsafe_code)]
 pub(crate) mod server;
 #[allow(unsafe_code)]

@@ -1,6 +1,8 @@
 //! Admin requests (list, kill, stats, drain) and the helper-wide counters the `stats` answer is
 //! built from.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{BTreeMap, VecDeque};
 
 use sandrun_ipc::{

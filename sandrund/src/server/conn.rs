@@ -1,6 +1,8 @@
 //! One client connection: a non-blocking Unix stream, its frame decoder, its outgoing buffer and
 //! where it is in the conversation.
 
+#![forbid(unsafe_code)]
+
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;

@@ -1,6 +1,8 @@
 //! The poll loop: the poll set built from the current state, what each event is handed to,
 //! accepting connections, and the 100 ms tick (limits, deadlines, teardown retries).
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,8 @@
 //! A running job to its end: its output pipes, its status and exit, its exit report, the
 //! collection of its outputs (relayed from its collector K) and how a collection fails.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use sandrun_ipc::{ErrorCode, Response};

@@ -1,5 +1,7 @@
 //! Supervision of one running sandbox: its output pipes, its limits, its end.
 
+#![forbid(unsafe_code)]
+
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -106,14 +108,7 @@ impl Pipe {
     /// Bytes waiting in the pipe (`FIONREAD`); 0 when closed or unknown.
     pub fn unread(&self) -> usize {
         let Some(fd) = self.fd.as_ref() else { return 0 };
-        let mut n: libc::c_int = 0;
-        // SAFETY: fd is an open pipe owned by this struct; FIONREAD writes one int to `n`.
-        let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
-        if r == 0 {
-            usize::try_from(n).unwrap_or(0)
-        } else {
-            0
-        }
+        crate::sys::bytes_readable(fd.as_fd()).unwrap_or(0)
     }
 
     /// Reads once. Returns the bytes to forward (within `cap`); past the cap bytes are read and
@@ -253,7 +248,7 @@ impl Job {
         self.kill_reason = Some(reason);
         // SIGKILL to C ends the whole pid namespace; the cgroup kill catches anything that is
         // mid-fork. Errors are fine here: the process may already be gone.
-        let _ = pidfd_kill(self.pidfd.as_fd());
+        let _ = crate::sys::pidfd_kill(self.pidfd.as_fd());
         if let Err(e) = self.cgroup.kill_all() {
             log::warn!("cgroup kill failed job={} error={}", self.id, e);
         }
@@ -537,7 +532,7 @@ impl Exiting {
 
     /// Kills C (it should have exited on its own).
     pub fn kill(&self) {
-        let _ = pidfd_kill(self.pidfd.as_fd());
+        let _ = crate::sys::pidfd_kill(self.pidfd.as_fd());
     }
 
     /// Kills C and waits for it.
@@ -583,25 +578,6 @@ pub fn decode_status(status: Option<i32>) -> (Option<i32>, Option<i32>) {
         Some(st) if libc::WIFEXITED(st) => (Some(libc::WEXITSTATUS(st)), None),
         Some(st) if libc::WIFSIGNALED(st) => (None, Some(libc::WTERMSIG(st))),
         _ => (None, Some(libc::SIGKILL)),
-    }
-}
-
-fn pidfd_kill(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
-    // SAFETY: pidfd is a valid pidfd owned by the job; the null siginfo and zero flags are the
-    // documented "like kill(2)" form of pidfd_send_signal.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r < 0 {
-        Err(Errno::last())
-    } else {
-        Ok(())
     }
 }
 

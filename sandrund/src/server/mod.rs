@@ -117,7 +117,7 @@ impl Server {
             accept_paused: false,
             pipe_buf: vec![0u8; 64 * 1024],
             counters: Counters::default(),
-            signal_pipe: signals::install_signal_pipe()?,
+            signal_pipe: crate::sys::install_signal_pipe()?,
         })
     }
 

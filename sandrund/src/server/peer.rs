@@ -1,5 +1,7 @@
 //! Who is on the other end of a connection, from the kernel (`SO_PEERCRED`), and what they may do.
 
+#![forbid(unsafe_code)]
+
 use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};

@@ -6,6 +6,8 @@
 //! preparing sandboxes never delays a running job's events. This file holds the pool and the
 //! `Server`'s part in it (refill, prepare now, empty).
 
+#![forbid(unsafe_code)]
+
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};

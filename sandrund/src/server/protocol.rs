@@ -1,6 +1,8 @@
 //! The conversation with a client: each message in each state (hello, list templates, admin,
 //! submit, the bundle's chunks and end, cancel), protocol violations and a peer that goes away.
 
+#![forbid(unsafe_code)]
+
 use std::time::Instant;
 
 use sandrun_ipc::{ErrorCode, ExitReason, Hello, JobId, Request, Response, Role, PROTOCOL_VERSION};

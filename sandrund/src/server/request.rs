@@ -1,6 +1,8 @@
 //! Validation of a job request, again, in the helper: the gateway's checks are not trusted.
 //! Produces a [`ValidJob`] with every limit clamped to the configured maxima.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashSet;
 use std::ffi::CString;
 

@@ -33,6 +33,8 @@
 //! are served between the steps. Hashes are cached per file identity, so only a wheel's first
 //! use costs this.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 

@@ -2,6 +2,8 @@
 //! job's acceptance until its last process and its cgroup are gone, so no two jobs ever share a
 //! uid, and a uid is never reused while it may still own something.
 
+#![forbid(unsafe_code)]
+
 /// A held slot. Each reservation is a new lease, so a stale handle (one already freed) can never
 /// free the slot again after another job has reserved it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

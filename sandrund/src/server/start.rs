@@ -2,6 +2,8 @@
 //! prepared now; once more, fresh, if a warm one turns out broken before it got the job), and
 //! every way a start fails or is abandoned.
 
+#![forbid(unsafe_code)]
+
 use std::time::Instant;
 
 use sandrun_ipc::{ErrorCode, ExitReason, Response};

@@ -2,7 +2,9 @@
 //! libsystemd into a root process: socket activation (`LISTEN_FDS`) and readiness
 //! (`sd_notify`).
 
-use std::os::fd::{FromRawFd, OwnedFd};
+#![forbid(unsafe_code)]
+
+use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 
 use nix::sys::socket::{getsockopt, sockopt};
@@ -31,11 +33,9 @@ pub fn take_activated_listener() -> Result<Option<UnixListener>, String> {
     if n != 1 {
         return Err(format!("expected exactly one socket from systemd, got {n}"));
     }
-    check_listener(SD_LISTEN_FDS_START)?;
-    // SAFETY: systemd passed fd 3 to this process (LISTEN_PID matched and LISTEN_FDS=1), nothing
-    // else in the process has taken ownership of it, and it was just checked to be a listening
-    // socket, so it is valid and owned exactly once here.
-    let fd = unsafe { OwnedFd::from_raw_fd(SD_LISTEN_FDS_START) };
+    let fd = crate::sys::adopt_inherited(SD_LISTEN_FDS_START)
+        .map_err(|e| format!("fd {SD_LISTEN_FDS_START} from systemd: {e}"))?;
+    check_listener(&fd)?;
     let listener = UnixListener::from(fd);
     nix::fcntl::fcntl(
         std::os::fd::AsRawFd::as_raw_fd(&listener),
@@ -45,14 +45,12 @@ pub fn take_activated_listener() -> Result<Option<UnixListener>, String> {
     Ok(Some(listener))
 }
 
-fn check_listener(raw: i32) -> Result<(), String> {
-    // SAFETY: `raw` is only borrowed for the duration of the two getsockopt calls below; if it is
-    // not an open socket they fail with EBADF/ENOTSOCK, which we report.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
-    let listening = getsockopt(&fd, sockopt::AcceptConn)
+fn check_listener(fd: &OwnedFd) -> Result<(), String> {
+    let raw = SD_LISTEN_FDS_START;
+    let listening = getsockopt(fd, sockopt::AcceptConn)
         .map_err(|e| format!("fd {raw} from systemd is not a socket: {e}"))?;
     let ty =
-        getsockopt(&fd, sockopt::SockType).map_err(|e| format!("fd {raw} from systemd: {e}"))?;
+        getsockopt(fd, sockopt::SockType).map_err(|e| format!("fd {raw} from systemd: {e}"))?;
     if !listening || ty != nix::sys::socket::SockType::Stream {
         return Err(format!(
             "fd {raw} from systemd is not a listening stream socket"

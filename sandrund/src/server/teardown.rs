@@ -2,6 +2,8 @@
 //! kill and remove (retried on later ticks while the kernel still reports members), and its
 //! slot, freed only once the cgroup is gone.
 
+#![forbid(unsafe_code)]
+
 use std::time::{Duration, Instant};
 
 use super::job::{Exiting, Job, Released};

@@ -2,7 +2,7 @@
 //! socket, and mapping a sealed memfd.
 
 use std::num::NonZeroUsize;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
 use nix::errno::Errno;
@@ -222,5 +222,71 @@ impl Drop for SealedMap {
         // SAFETY: the mapping was created in `new` with this address and length, and no slice
         // from `bytes` outlives `self` (it borrows it).
         let _ = unsafe { munmap(self.ptr, self.len) };
+    }
+}
+
+/// How many bytes are waiting to be read on `fd` (a pipe or socket): `ioctl(FIONREAD)`.
+pub(crate) fn bytes_readable(fd: BorrowedFd<'_>) -> Result<usize, Errno> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: fd is an open descriptor for the borrow's lifetime; FIONREAD writes one c_int to
+    // `n`, which is valid and writable.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } != 0 {
+        return Err(errno());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Takes ownership of descriptor `raw`, inherited from whoever started this process (systemd's
+/// socket activation passes fd 3). Each descriptor can be adopted once: a second call for the
+/// same number, or a number this process already owns elsewhere (any below 3), is `EBADF`, so
+/// no two owners can close it.
+pub(crate) fn adopt_inherited(raw: RawFd) -> Result<OwnedFd, Errno> {
+    static ADOPTED: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+    let mut adopted = ADOPTED.lock().map_err(|_| Errno::EBADF)?;
+    if raw < 3 || adopted.contains(&raw) {
+        return Err(Errno::EBADF);
+    }
+    // F_GETFD fails with EBADF if `raw` is not open.
+    // SAFETY: fcntl(F_GETFD) takes an integer and reads no memory.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return Err(errno());
+    }
+    adopted.push(raw);
+    // SAFETY: `raw` is open (checked above), and was passed to this process at start; the list
+    // makes this the only place that ever takes ownership of it, so it is owned exactly once.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::IntoRawFd;
+
+    use super::*;
+
+    #[test]
+    fn given_an_inherited_fd_then_it_is_adopted_once_and_stdio_or_a_closed_number_never() {
+        let raw = std::fs::File::open("/dev/null")
+            .expect("open /dev/null")
+            .into_raw_fd();
+        let owned = adopt_inherited(raw).expect("an open fd is adopted");
+        assert_eq!(owned.as_raw_fd(), raw);
+        assert_eq!(
+            adopt_inherited(raw).err(),
+            Some(Errno::EBADF),
+            "adopted twice"
+        );
+        assert_eq!(
+            adopt_inherited(1).err(),
+            Some(Errno::EBADF),
+            "stdout adopted"
+        );
+        let closed = std::fs::File::open("/dev/null")
+            .expect("open")
+            .into_raw_fd();
+        drop(adopt_inherited(closed).expect("adopt"));
+        // Closed now (the OwnedFd dropped it): a fresh number it may get again is refused too,
+        // because it was adopted once; an fd number never opened is EBADF from fcntl.
+        assert_eq!(adopt_inherited(closed).err(), Some(Errno::EBADF));
+        assert_eq!(adopt_inherited(1_000_000).err(), Some(Errno::EBADF));
     }
 }

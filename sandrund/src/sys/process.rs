@@ -399,3 +399,42 @@ pub(crate) fn in_forked_child(probe: impl FnOnce() -> i32) -> nix::sys::wait::Wa
             .expect("waitpid on our own child"),
     }
 }
+
+/// The self-pipe's write end, for [`on_signal`]; -1 until [`install_signal_pipe`] ran.
+static SIGNAL_WRITE_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = SIGNAL_WRITE_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; fd is the non-blocking write end of the
+        // self-pipe, kept open for the life of the process; the buffer is a static byte.
+        unsafe { libc::write(fd, b"x".as_ptr().cast(), 1) };
+    }
+}
+
+/// Installs SIGTERM/SIGINT handlers that wake the loop through a self-pipe (the returned read
+/// end becomes readable), and ignores SIGPIPE so writes to vanished clients fail with EPIPE
+/// instead of killing the helper.
+pub(crate) fn install_signal_pipe() -> std::io::Result<OwnedFd> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    // The write end lives for the rest of the process: leak it on purpose.
+    SIGNAL_WRITE_FD.store(
+        std::os::fd::IntoRawFd::into_raw_fd(w),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let handler = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: the handler only performs an async-signal-safe write to a pipe; no other handler
+    // is installed for these signals in this process.
+    unsafe {
+        sigaction(Signal::SIGTERM, &handler)?;
+        sigaction(Signal::SIGINT, &handler)?;
+        sigaction(Signal::SIGPIPE, &ignore)?;
+    }
+    Ok(r)
+}
