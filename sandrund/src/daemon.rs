@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -108,13 +109,14 @@ pub(crate) fn self_check() -> Result<(), StartupError> {
 
 /// Closes every inherited descriptor except stdio and a systemd-passed socket, clears the
 /// environment (keeping only what systemd integration reads), and sets a strict umask.
-pub(crate) fn sanitize_process() -> Result<(), StartupError> {
-    let keep_from_systemd = std::env::var("LISTEN_PID").ok()
-        == Some(std::process::id().to_string())
-        && std::env::var("LISTEN_FDS").ok().as_deref() == Some("1");
-    let first_closed: u32 = if keep_from_systemd { 4 } else { 3 };
-    sys::close_inherited_from(first_closed).map_err(|e| {
-        StartupError::Host(format!("close_range failed: {}", std::io::Error::from(e)))
+/// Returns the systemd socket (fd 3), owned, if this process was socket-activated.
+pub(crate) fn sanitize_process() -> Result<Option<OwnedFd>, StartupError> {
+    let keep_from_systemd = systemd::activation_requested().map_err(cfg_err)?;
+    let activated = sys::take_inherited_fds(keep_from_systemd).map_err(|e| {
+        StartupError::Host(format!(
+            "closing inherited descriptors: {}",
+            std::io::Error::from(e)
+        ))
     })?;
     let keep = [
         "NOTIFY_SOCKET",
@@ -130,7 +132,8 @@ pub(crate) fn sanitize_process() -> Result<(), StartupError> {
     }
     std::env::set_var("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    restrict_self()
+    restrict_self()?;
+    Ok(activated)
 }
 
 /// What the helper can take away from itself without hindering its work: it never executes
@@ -268,7 +271,7 @@ pub fn main_with_args(args: &[String]) -> i32 {
 fn run(args: &[String]) -> Result<(), StartupError> {
     let opts = parse_args(args)?;
     self_check()?;
-    sanitize_process()?;
+    let activated = sanitize_process()?;
     let cfg = Config::load(opts.config.as_deref()).map_err(|e| cfg_err(e.to_string()))?;
     prepare_mount_point(&cfg.mount_point)?;
     let cgroups = cgroup::detect().map_err(|e| StartupError::Host(format!("cgroups: {e}")))?;
@@ -281,7 +284,7 @@ fn run(args: &[String]) -> Result<(), StartupError> {
         }
     }
     let filter = SeccompProgram::compile().map_err(|e| StartupError::Host(e.to_string()))?;
-    let listener = match systemd::take_activated_listener().map_err(cfg_err)? {
+    let listener = match systemd::take_activated_listener(activated).map_err(cfg_err)? {
         Some(l) => {
             log::info!("using the socket passed by systemd");
             l

@@ -12,20 +12,18 @@ use nix::sys::socket::{getsockopt, sockopt};
 /// The first descriptor systemd passes.
 const SD_LISTEN_FDS_START: i32 = 3;
 
-/// Takes the listening socket passed by systemd socket activation, if this process was started
-/// that way. The variables are removed so children never see them. Fails if the passed fd is not
-/// a listening Unix stream socket.
-pub fn take_activated_listener() -> Result<Option<UnixListener>, String> {
+/// Whether this process was started by systemd socket activation (`LISTEN_PID` is this
+/// process, `LISTEN_FDS` is set): one rule for [`crate::daemon`]'s descriptor clean-up, which
+/// keeps fd 3 only then, and for [`take_activated_listener`]. Fails unless exactly one socket
+/// was passed.
+pub fn activation_requested() -> Result<bool, String> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
-    std::env::remove_var("LISTEN_PID");
-    std::env::remove_var("LISTEN_FDS");
-    std::env::remove_var("LISTEN_FDNAMES");
     let (Some(pid), Some(fds)) = (pid, fds) else {
-        return Ok(None);
+        return Ok(false);
     };
     if pid.parse::<u32>().ok() != Some(std::process::id()) {
-        return Ok(None);
+        return Ok(false);
     }
     let n: i32 = fds
         .parse()
@@ -33,8 +31,19 @@ pub fn take_activated_listener() -> Result<Option<UnixListener>, String> {
     if n != 1 {
         return Err(format!("expected exactly one socket from systemd, got {n}"));
     }
-    let fd = crate::sys::adopt_inherited(SD_LISTEN_FDS_START)
-        .map_err(|e| format!("fd {SD_LISTEN_FDS_START} from systemd: {e}"))?;
+    Ok(true)
+}
+
+/// Turns the descriptor the start-up kept for socket activation (fd 3, see
+/// [`activation_requested`]) into the listening socket, and removes systemd's variables so
+/// children never see them. Fails if it is not a listening Unix stream socket.
+pub fn take_activated_listener(fd: Option<OwnedFd>) -> Result<Option<UnixListener>, String> {
+    std::env::remove_var("LISTEN_PID");
+    std::env::remove_var("LISTEN_FDS");
+    std::env::remove_var("LISTEN_FDNAMES");
+    let Some(fd) = fd else {
+        return Ok(None);
+    };
     check_listener(&fd)?;
     let listener = UnixListener::from(fd);
     nix::fcntl::fcntl(

@@ -78,13 +78,30 @@ fn close_range(first: u32, last: u32) -> Result<(), Errno> {
     check(unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) }).map(drop)
 }
 
-/// Closes every inherited fd from `first` on, at the helper's start: the process is
-/// single-threaded and no Rust object refers to an fd that high yet.
-pub(crate) fn close_inherited_from(first: u32) -> Result<(), Errno> {
-    // SAFETY: close_range only closes descriptors; the caller runs first thing in `main`,
-    // before anything opened an fd of its own above `first` (stdio and a systemd socket,
-    // which are kept, are below).
-    check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) }).map(drop)
+/// At the helper's start, first thing in `main`: closes every inherited descriptor above stdio,
+/// except fd 3 when `keep_fd3` (the socket systemd passes), which it returns owned. Works only
+/// once per process (later calls are `EBADF`): before it, no Rust object of this process refers
+/// to any descriptor above 2, so fd 3, if open, is the inherited one and has no other owner.
+pub(crate) fn take_inherited_fds(keep_fd3: bool) -> Result<Option<OwnedFd>, Errno> {
+    static TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if TAKEN.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Err(Errno::EBADF);
+    }
+    let first: u32 = if keep_fd3 { 4 } else { 3 };
+    // SAFETY: close_range only closes descriptors; this runs once, before anything in this
+    // process opened a descriptor of its own above stdio (the function's contract, enforced
+    // once by TAKEN), so no Rust object owns any descriptor in the range.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0u32) })?;
+    if !keep_fd3 {
+        return Ok(None);
+    }
+    // SAFETY: fcntl(F_GETFD) takes an integer and reads no memory; EBADF if fd 3 is not open.
+    if unsafe { libc::fcntl(3, libc::F_GETFD) } < 0 {
+        return Err(errno());
+    }
+    // SAFETY: fd 3 is open (just checked) and was inherited: nothing in this process opened or
+    // adopted it before (TAKEN makes this the first and only adoption), so it is owned once.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(3) }))
 }
 
 /// Writes all of `buf`, retrying on `EINTR` and short writes.
@@ -234,59 +251,4 @@ pub(crate) fn bytes_readable(fd: BorrowedFd<'_>) -> Result<usize, Errno> {
         return Err(errno());
     }
     Ok(usize::try_from(n).unwrap_or(0))
-}
-
-/// Takes ownership of descriptor `raw`, inherited from whoever started this process (systemd's
-/// socket activation passes fd 3). Each descriptor can be adopted once: a second call for the
-/// same number, or a number this process already owns elsewhere (any below 3), is `EBADF`, so
-/// no two owners can close it.
-pub(crate) fn adopt_inherited(raw: RawFd) -> Result<OwnedFd, Errno> {
-    static ADOPTED: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
-    let mut adopted = ADOPTED.lock().map_err(|_| Errno::EBADF)?;
-    if raw < 3 || adopted.contains(&raw) {
-        return Err(Errno::EBADF);
-    }
-    // F_GETFD fails with EBADF if `raw` is not open.
-    // SAFETY: fcntl(F_GETFD) takes an integer and reads no memory.
-    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-        return Err(errno());
-    }
-    adopted.push(raw);
-    // SAFETY: `raw` is open (checked above), and was passed to this process at start; the list
-    // makes this the only place that ever takes ownership of it, so it is owned exactly once.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::os::fd::IntoRawFd;
-
-    use super::*;
-
-    #[test]
-    fn given_an_inherited_fd_then_it_is_adopted_once_and_stdio_or_a_closed_number_never() {
-        let raw = std::fs::File::open("/dev/null")
-            .expect("open /dev/null")
-            .into_raw_fd();
-        let owned = adopt_inherited(raw).expect("an open fd is adopted");
-        assert_eq!(owned.as_raw_fd(), raw);
-        assert_eq!(
-            adopt_inherited(raw).err(),
-            Some(Errno::EBADF),
-            "adopted twice"
-        );
-        assert_eq!(
-            adopt_inherited(1).err(),
-            Some(Errno::EBADF),
-            "stdout adopted"
-        );
-        let closed = std::fs::File::open("/dev/null")
-            .expect("open")
-            .into_raw_fd();
-        drop(adopt_inherited(closed).expect("adopt"));
-        // Closed now (the OwnedFd dropped it): a fresh number it may get again is refused too,
-        // because it was adopted once; an fd number never opened is EBADF from fcntl.
-        assert_eq!(adopt_inherited(closed).err(), Some(Errno::EBADF));
-        assert_eq!(adopt_inherited(1_000_000).err(), Some(Errno::EBADF));
-    }
 }
