@@ -115,7 +115,7 @@ pub struct Config {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file cannot be opened, examined or read (`step`: "stat" or "read").
+    /// The file cannot be opened, examined or read (`step`: "open", "stat" or "read").
     Io {
         step: &'static str,
         path: PathBuf,
@@ -354,7 +354,9 @@ fn read_trusted(path: &Path) -> Result<Option<String>, ConfigError> {
     };
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        // Not following a link, not blocking on a FIFO, never becoming a controlling terminal:
+        // what is opened is checked through this descriptor before a byte is read.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path);
     let mut file = match file {
         Ok(f) => f,
@@ -362,7 +364,7 @@ fn read_trusted(path: &Path) -> Result<Option<String>, ConfigError> {
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
             return Err(untrusted("is not a regular file"))
         }
-        Err(e) => return Err(io("stat")(e)),
+        Err(e) => return Err(io("open")(e)),
     };
     let meta = file.metadata().map_err(io("stat"))?;
     if !meta.file_type().is_file() {

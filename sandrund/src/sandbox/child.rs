@@ -372,7 +372,7 @@ fn supervise(job: libc::pid_t, status: OwnedFd) -> ! {
 pub(super) fn kill_the_rest() -> Result<(), Errno> {
     loop {
         // kill(-1): every process C may signal in its namespace.
-        let _ = sys::sigkill(-1);
+        let _ = sys::sigkill_whole_pid_namespace();
         match sys::wait_raw(-1) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(Errno::ECHILD) => return Ok(()),

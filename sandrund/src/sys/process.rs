@@ -117,8 +117,13 @@ pub(crate) fn clone_child(
 }
 
 /// Runs `child` (which cannot return) as the whole rest of the process.
+/// A panic in `child` must not unwind into the caller's frames, which in this copy of the
+/// process are the helper's: it ends the child with exit code 101 instead.
 fn run_to_end(child: impl FnOnce() -> Infallible) -> ! {
-    match child() {}
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)) {
+        Ok(never) => match never {},
+        Err(_) => exit_now(101),
+    }
 }
 
 /// Size of the stack J runs on until its `execve` (its setup needs a few KiB).
@@ -270,8 +275,22 @@ pub(crate) fn pidfd_kill(pidfd: BorrowedFd<'_>) -> Result<(), Errno> {
     .map(drop)
 }
 
-/// `kill(pid, SIGKILL)`: `pid` may be -1 (every process the caller may signal).
+/// `kill(pid, SIGKILL)` for one process: `pid` must be positive (`EINVAL` otherwise), so that
+/// no slip can signal a process group or, as root, every process of the host.
 pub(crate) fn sigkill(pid: libc::pid_t) -> Result<(), Errno> {
+    if pid <= 0 {
+        return Err(Errno::EINVAL);
+    }
+    raw_sigkill(pid)
+}
+
+/// `kill(-1, SIGKILL)`: every process the caller may signal. Only for a sandbox's init C, pid 1
+/// of the job's pid namespace, where that is every other process of the job.
+pub(crate) fn sigkill_whole_pid_namespace() -> Result<(), Errno> {
+    raw_sigkill(-1)
+}
+
+fn raw_sigkill(pid: libc::pid_t) -> Result<(), Errno> {
     // SAFETY: kill takes plain integers and only sends a signal.
     if unsafe { libc::kill(pid, libc::SIGKILL) } < 0 {
         return Err(errno());
