@@ -26,6 +26,7 @@ mod bytes;
 pub mod codec;
 mod error;
 mod message;
+mod order;
 pub mod rules;
 #[cfg(feature = "tokio")]
 pub mod tokio_adapter;
@@ -34,6 +35,7 @@ mod validate;
 pub use codec::{decode, encode, CodecError, FrameDecoder, MAX_CHUNK_BYTES, MAX_FRAME_BYTES};
 pub use error::{ErrorCode, IpcError, UnknownErrorCode};
 pub use message::*;
+pub use order::{CollectOrder, MAX_ORDER_BYTES};
 pub use validate::{
     sanitize_mode, BundlePath, OutputPattern, PathError, PrintablePath, ALLOWED_MODE_BITS,
     MAX_COMPONENT_BYTES, MAX_DEPTH, MAX_PATH_BYTES, MAX_PRINTABLE_BYTES,

@@ -10,7 +10,7 @@
 //! The kernel's ABI is queried directly (the crate keeps its own query private), then capped at
 //! the newest ABI the crate knows.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use landlock::{
@@ -81,18 +81,6 @@ impl PreparedRuleset {
         }
         Ok(())
     }
-}
-
-/// Restricts the calling process to reading files and listing directories beneath `dir` (the
-/// output collector): every filesystem right is handled and nothing else is granted, so no other
-/// path of any mount namespace can be opened. `NO_NEW_PRIVS` must already be set.
-pub fn restrict_to_read_beneath(dir: BorrowedFd<'_>) -> Result<(), String> {
-    let abi = kernel_abi()?;
-    let rights = (AccessFs::ReadFile | AccessFs::ReadDir) & AccessFs::from_all(abi);
-    let created = create_ruleset(abi)?
-        .add_rule(PathBeneath::new(dir, rights))
-        .map_err(|e| format!("landlock: add rule for the work directory: {e}"))?;
-    PreparedRuleset { created, abi }.restrict()
 }
 
 /// A ruleset handling every filesystem right and every scope of `abi`, in hard-requirement mode.
@@ -276,52 +264,6 @@ mod tests {
             tmp.path().join("created").exists(),
             "the file made in the temp dir is real"
         );
-    }
-
-    #[test]
-    fn given_read_beneath_a_dir_when_probing_then_only_reading_inside_it_works() {
-        require_root();
-        let tmp = tempfile::tempdir().expect("temp dir");
-        std::fs::write(tmp.path().join("inside"), b"x").expect("write a file");
-        let dir = std::fs::File::open(tmp.path()).expect("open the temp dir");
-        let inside = cstring(&tmp.path().join("inside"));
-        let created = cstring(&tmp.path().join("created"));
-        let outside = cstring(&first_existing(&["/etc/hostname", "/etc/passwd"]));
-        let usr_file = cstring(&first_existing(&["/usr/bin/env", "/usr/bin/sh"]));
-        // SAFETY: as `run_restricted`: the child ends with `_exit`.
-        let status = match unsafe { libc::fork() } {
-            -1 => panic!("fork: {}", nix::errno::Errno::last()),
-            0 => {
-                // SAFETY: prctl with integer arguments reads no memory.
-                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-                let code = match restrict_to_read_beneath(dir.as_fd()) {
-                    Ok(()) => {
-                        let create = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY;
-                        let checks = [
-                            open_errno(&inside, libc::O_RDONLY) == 0,
-                            open_errno(&inside, libc::O_WRONLY) == libc::EACCES,
-                            open_errno(&created, create) == libc::EACCES,
-                            open_errno(&outside, libc::O_RDONLY) == libc::EACCES,
-                            open_errno(&usr_file, libc::O_RDONLY) == libc::EACCES,
-                        ];
-                        match checks.iter().position(|ok| !ok) {
-                            Some(i) => 1 + i32::try_from(i).unwrap_or(50),
-                            None => ALL_CHECKS_PASSED,
-                        }
-                    }
-                    Err(_) => RESTRICT_FAILED,
-                };
-                // SAFETY: ends the child without unwinding into the test harness.
-                unsafe { libc::_exit(code) }
-            }
-            pid => waitpid(Pid::from_raw(pid), None).expect("waitpid on our own child"),
-        };
-        assert_eq!(
-            status,
-            WaitStatus::Exited(status_pid(status), ALL_CHECKS_PASSED),
-            "1-based index of the failed check (99: restrict failed)"
-        );
-        assert!(!tmp.path().join("created").exists());
     }
 
     fn status_pid(status: WaitStatus) -> Pid {

@@ -147,21 +147,6 @@ impl SeccompProgram {
         Ok(Self { filter, len })
     }
 
-    /// Builds and compiles the output collector's filter: [`COLLECTOR_ALLOWED`], and
-    /// `KILL_PROCESS` for everything else.
-    pub fn compile_collector() -> Result<Self, SeccompError> {
-        let lib = |step| move |source| SeccompError::Libseccomp { step, source };
-        let mut ctx = ScmpFilterContext::new_filter(ScmpAction::KillProcess)
-            .map_err(lib("create collector filter"))?;
-        ctx.set_act_badarch(ScmpAction::KillProcess)
-            .map_err(lib("set bad-arch action"))?;
-        for &name in COLLECTOR_ALLOWED {
-            ctx.add_rule_exact(ScmpAction::Allow, resolve(name)?)
-                .map_err(lib("add collector allow rule"))?;
-        }
-        Self::from_context(&ctx)
-    }
-
     /// Number of BPF instructions.
     #[cfg(test)]
     pub fn instructions(&self) -> usize {
@@ -488,36 +473,6 @@ mod tests {
     fn assert_refused(nr: libc::c_long, args: [libc::c_long; 6], errno: i32, what: &str) {
         let status = run_filtered(&program(), || outcome(syscall6(nr, args)));
         assert_exit(status, errno, what);
-    }
-
-    #[test]
-    fn given_collector_filter_when_reading_writing_and_exiting_then_allowed() {
-        let collector = SeccompProgram::compile_collector().expect("compile the collector filter");
-        // A zero-length write to stdout, then exit_group: both in the collector's list.
-        let status = run_filtered(&collector, || {
-            outcome(syscall6(libc::SYS_write, [1, 0, 0, 0, 0, 0]))
-        });
-        assert_exit(status, SUCCESS, "write(1, _, 0) under the collector filter");
-    }
-
-    #[test]
-    fn given_collector_filter_when_any_other_syscall_then_the_collector_is_killed() {
-        let collector = SeccompProgram::compile_collector().expect("compile the collector filter");
-        // Allowed for jobs, but not for the collector: each kills it with SIGSYS.
-        for (nr, what) in [
-            (libc::SYS_getpid, "getpid"),
-            (libc::SYS_socket, "socket"),
-            (libc::SYS_openat, "openat"),
-            (libc::SYS_execve, "execve"),
-            (libc::SYS_kill, "kill"),
-            (libc::SYS_connect, "connect"),
-        ] {
-            let status = run_filtered(&collector, || outcome(syscall6(nr, [0; 6])));
-            assert!(
-                matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _)),
-                "{what} under the collector filter: {status:?}"
-            );
-        }
     }
 
     #[test]

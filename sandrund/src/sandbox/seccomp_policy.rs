@@ -1,6 +1,6 @@
 //! The job's seccomp policy, as data: which syscalls are allowed, refused, or allowed only with
-//! certain arguments, and the collector's allow-list. `seccomp.rs` compiles these tables once at
-//! start-up into a BPF program (the module docs there say how); nothing here runs code.
+//! certain arguments (the output collector's own list lives with it, in `collector/`).
+//! `seccomp.rs` compiles these tables once at start-up into a BPF program (the module docs there say how); nothing here runs code.
 
 /// Syscalls allowed without argument checks: what python3, node, bash and coreutils need for
 /// files, memory, time, signals, processes, sockets and IPC inside their own namespaces.
@@ -79,17 +79,6 @@ pub(crate) const REFUSED: &[&str] = &[
     "adjtimex", "quotactl", "quotactl_fd", "name_to_handle_at", "open_by_handle_at",
     "lookup_dcookie", "sethostname", "setdomainname", "vhangup", "iopl", "ioperm", "modify_ldt",
     "uselib", "fanotify_init", "nfsservctl",
-];
-
-/// The output collector's whole allow-list (see `collector.rs`): reading the job's `/work`
-/// through descriptors, hashing, allocating, writing frames to its socket and exiting. Every
-/// other syscall, including every one in [`ALLOWED`] that is not here, kills the collector.
-#[rustfmt::skip]
-pub(crate) const COLLECTOR_ALLOWED: &[&str] = &[
-    "read", "write", "sendto", "close", "openat2", "fstat", "newfstatat", "statx", "getdents64", "lseek",
-    "fcntl", "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "clock_gettime",
-    "sigaltstack", "rt_sigreturn", "rt_sigprocmask", "futex", "sched_yield", "exit",
-    "exit_group",
 ];
 
 /// The syscalls whose rules are built from argument checks, for documentation and tests.

@@ -80,8 +80,8 @@ pub struct Server {
     listener: UnixListener,
     cgroups: Box<dyn CgroupManager>,
     filter: SeccompProgram,
-    /// The output collectors' filter (tighter than a job's).
-    collector_filter: SeccompProgram,
+    /// The output collector executable, opened at start-up (`sandbox::collector`).
+    collector_exe: OwnedFd,
     settings: SandboxSettings,
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
@@ -171,14 +171,14 @@ impl Server {
         };
         let slots = vec![false; cfg.slot_count as usize];
         let pool = Pool::new(cfg.warm_sandboxes);
-        let collector_filter = SeccompProgram::compile_collector()
-            .map_err(|e| std::io::Error::other(format!("collector seccomp filter: {e}")))?;
+        let collector_exe =
+            crate::sandbox::collector::open_executable().map_err(std::io::Error::other)?;
         Ok(Server {
             cfg,
             listener,
             cgroups,
             filter,
-            collector_filter,
+            collector_exe,
             settings,
             conns: BTreeMap::new(),
             next_conn: 0,
@@ -1172,7 +1172,7 @@ impl Server {
         };
         let uid = self.cfg.slot_uid_base + job.slot;
         let ids = (UserId(uid), GroupId(uid));
-        match Collection::start(job, workdir, ids, &self.collector_filter) {
+        match Collection::start(job, workdir, ids, self.collector_exe.as_fd()) {
             Ok(c) => conn.state = State::Collecting(Box::new(c)),
             Err((job, msg)) => {
                 log::error!("output collection not started job={} error={}", job.id, msg);
