@@ -233,6 +233,7 @@ fn run(args: &[String]) -> Result<(), String> {
     let opts = parse_args(args)?;
     self_check()?;
     sanitize_process()?;
+    let collector = crate::sandbox::collector::open_executable()?;
     let cfg = Config::load(opts.config.as_deref()).map_err(|e| e.to_string())?;
     prepare_mount_point(&cfg.mount_point)?;
     let cgroups = cgroup::detect().map_err(|e| format!("cgroups: {e}"))?;
@@ -261,7 +262,8 @@ fn run(args: &[String]) -> Result<(), String> {
         cfg.gateway_uid.map(|u| u.0),
         cgroups.layout()
     );
-    let mut server = Server::new(cfg, listener, cgroups, filter).map_err(|e| e.to_string())?;
+    let mut server =
+        Server::new(cfg, listener, cgroups, filter, collector).map_err(|e| e.to_string())?;
     if let Err(e) = systemd::notify("READY=1\nSTATUS=serving") {
         log::warn!("{e}");
     }

@@ -161,6 +161,7 @@ impl Server {
         listener: UnixListener,
         cgroups: Box<dyn CgroupManager>,
         filter: SeccompProgram,
+        collector_exe: OwnedFd,
     ) -> std::io::Result<Server> {
         listener.set_nonblocking(true)?;
         let settings = SandboxSettings {
@@ -171,8 +172,6 @@ impl Server {
         };
         let slots = vec![false; cfg.slot_count as usize];
         let pool = Pool::new(cfg.warm_sandboxes);
-        let collector_exe =
-            crate::sandbox::collector::open_executable().map_err(std::io::Error::other)?;
         Ok(Server {
             cfg,
             listener,
