@@ -32,7 +32,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
@@ -68,7 +68,7 @@ pub fn open_executable() -> Result<OwnedFd, String> {
     open_checked(&path)
 }
 
-fn open_checked(path: &PathBuf) -> Result<OwnedFd, String> {
+fn open_checked(path: &Path) -> Result<OwnedFd, String> {
     use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display();
     let file = std::fs::OpenOptions::new()
@@ -278,4 +278,41 @@ fn prepare(plan: &CollectorPlan<'_>, sock: &mut RawFd) -> Result<RawFd, SetupErr
     }
     identity::drop_privileges(plan.uid, plan.gid)?;
     Ok(exe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn given_collector_files_then_only_a_root_owned_one_nobody_else_can_write_is_opened() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join(COLLECTOR_FILE);
+        std::fs::write(&file, b"\x7fELF").unwrap();
+        let chmod = |mode| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode));
+        chmod(0o755).unwrap();
+        assert!(open_checked(&file).is_ok(), "root's 0755 file");
+        for (mode, why) in [
+            (0o775, "writable by group or others"),
+            (0o757, "writable by group or others"),
+            (0o750, "not executable by others"),
+        ] {
+            chmod(mode).unwrap();
+            let err = open_checked(&file).unwrap_err();
+            assert!(err.contains(why), "{mode:o}: {err}");
+        }
+        chmod(0o755).unwrap();
+        std::os::unix::fs::chown(&file, Some(1), None).unwrap();
+        assert!(open_checked(&file)
+            .unwrap_err()
+            .contains("not owned by root"));
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(open_checked(&link)
+            .unwrap_err()
+            .contains("not a regular file"));
+        let missing = open_checked(&d.path().join("missing")).unwrap_err();
+        assert!(missing.contains("cannot open"), "{missing}");
+    }
 }
