@@ -100,9 +100,9 @@ ok "jobs through sandrunctl run in sandrun_job_t"
 # A job's output file comes back through its collector (sandrun-outputs, sandrun_collect_t).
 collected=$(mktemp -d -u)
 mkdir -p "$collected.in"
-sandrunctl run --input "$collected.in" --output r.txt --out-dir "$collected" \
-  -- /bin/sh -c 'echo 42 >/work/r.txt' >/dev/null || fail "job with an output"
-[ "$(cat "$collected/r.txt" 2>/dev/null)" = 42 ] || fail "the output collector returned nothing"
+got=$(sandrunctl run --input "$collected.in" --output r.txt --out-dir "$collected" \
+  -- /bin/sh -c 'echo 42 >/work/r.txt' 2>&1) || fail "job with an output: $got"
+[ "$(cat "$collected/r.txt" 2>/dev/null)" = 42 ] || fail "the output collector returned nothing: $got"
 rm -rf "$collected" "$collected.in"
 ok "a job's output came back through the collector"
 d=$(domain_of sandrund)
