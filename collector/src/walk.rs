@@ -27,7 +27,8 @@ use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
 use sandrun_ipc::{
-    BundlePath, OutputFileHeader, OutputPattern, PrintablePath, Response, SkipKind, MAX_CHUNK_BYTES,
+    BundlePath, ErrorCode, IpcError, OutputFileHeader, OutputPattern, PrintablePath, Response,
+    SkipKind, MAX_CHUNK_BYTES,
 };
 use sha2::{Digest, Sha256};
 
@@ -103,26 +104,39 @@ pub fn open_beneath(dir: BorrowedFd<'_>, path: &CStr, flags: OFlag) -> nix::Resu
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Walks `/work` (through `workdir`) to the end, or until the budget is spent.
+/// Walks `/work` (through `workdir`) to the end, or until the budget is spent. Fails, rather
+/// than returning an empty walk, when `/work` itself cannot be opened: "no outputs" must mean
+/// the job wrote none.
 pub fn collect(
     workdir: BorrowedFd<'_>,
     patterns: &[OutputPattern],
     limits: CollectLimits,
-) -> Vec<Collected> {
-    let mut c = Collector::new(workdir, patterns.to_vec(), limits);
+) -> Result<Vec<Collected>, String> {
+    let mut c = Collector::new(workdir, patterns.to_vec(), limits)?;
     c.run();
-    c.out
+    Ok(c.out)
 }
 
 /// K's work: collects, then streams every result to `out`. Returns K's exit code: 0 once `Done`
-/// is written, else nonzero (the helper treats the missing `Done` as the collection's failure).
+/// is written, else nonzero (the helper treats the missing `Done` as the collection's failure;
+/// a walk that cannot start sends an `Error` frame, which fails the job's conversation).
 pub fn serve(
     workdir: OwnedFd,
     mut out: impl Write,
     patterns: &[OutputPattern],
     limits: CollectLimits,
 ) -> i32 {
-    let items = collect(workdir.as_fd(), patterns, limits);
+    let items = match collect(workdir.as_fd(), patterns, limits) {
+        Ok(items) => items,
+        Err(why) => {
+            let msg = Response::Error(IpcError::new(
+                ErrorCode::SandboxSetup,
+                format!("output collector: {why}"),
+            ));
+            let _ = send(&mut out, &msg);
+            return 1;
+        }
+    };
     let mut buf = vec![0u8; MAX_CHUNK_BYTES];
     for item in items {
         if send_item(&mut out, workdir.as_fd(), item, &mut buf).is_err() {
@@ -224,7 +238,7 @@ impl Collector {
         workdir: BorrowedFd<'_>,
         patterns: Vec<OutputPattern>,
         limits: CollectLimits,
-    ) -> Collector {
+    ) -> Result<Collector, String> {
         let mut c = Collector {
             patterns,
             limits,
@@ -238,11 +252,11 @@ impl Collector {
             buf: Vec::new(),
         };
         if !c.patterns.is_empty() {
-            if let Ok(root) = open_beneath(workdir, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY) {
-                c.push_dir(root, Vec::new(), 0);
-            }
+            let root = open_beneath(workdir, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY)
+                .map_err(|e| format!("cannot open the work directory: {e}"))?;
+            c.push_dir(root, Vec::new(), 0);
         }
-        c
+        Ok(c)
     }
 
     /// Walks to the end, or until the budget is spent.
@@ -552,7 +566,7 @@ mod tests {
 
     fn run(dir: &std::path::Path, p: &[&str], l: CollectLimits) -> Vec<Collected> {
         let fd: OwnedFd = std::fs::File::open(dir).unwrap().into();
-        collect(fd.as_fd(), &pats(p), l)
+        collect(fd.as_fd(), &pats(p), l).expect("the test directory opens")
     }
 
     fn files(c: &[Collected]) -> Vec<String> {
@@ -736,6 +750,29 @@ mod tests {
             msgs[4]
         );
         assert_eq!(msgs[5..], [Response::Done]);
+    }
+
+    #[test]
+    fn given_a_work_directory_that_cannot_be_opened_when_served_then_an_error_not_an_empty_walk() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("not-a-dir"), b"x").unwrap();
+        let fd: OwnedFd = std::fs::File::open(d.path().join("not-a-dir"))
+            .unwrap()
+            .into();
+        let mut out = Vec::new();
+        assert_ne!(serve(fd, &mut out, &pats(&["*"]), limits()), 0);
+        let mut dec = sandrun_ipc::FrameDecoder::new();
+        dec.push(&out);
+        let msg = dec.next_message::<Response>().unwrap();
+        let Some(Response::Error(e)) = msg else {
+            panic!("{msg:?}")
+        };
+        assert!(
+            e.message.contains("cannot open the work directory"),
+            "{}",
+            e.message
+        );
+        assert_eq!(dec.next_message::<Response>().unwrap(), None);
     }
 
     #[test]
