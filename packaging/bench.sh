@@ -21,5 +21,5 @@ if ! id sandrun >/dev/null 2>&1; then
   exit 1
 fi
 # sandrunctl (its own package) is what figures 8 and 9 run as a user would.
-cargo build --release --locked -p sandrund -p sandrunctl -p sandrun-gateway -p sandrun-bench
+cargo build --release --locked -p sandrund -p sandrun-collect -p sandrunctl -p sandrun-gateway -p sandrun-bench
 exec target/release/sandrun-bench --bin-dir target/release "$@"

@@ -39,6 +39,9 @@ ok "dpkg -i $deb"
 
 while read -r f; do [ -f "$f" ] || fail "missing $f"; done <"$files"
 ok "all $(wc -l <"$files") files installed"
+[ "$(stat -c '%U %a' /usr/bin/sandrun-outputs)" = "root 755" ] \
+  || fail "/usr/bin/sandrun-outputs is $(stat -c '%U %a' /usr/bin/sandrun-outputs)"
+ok "the output collector /usr/bin/sandrun-outputs is root's, mode 755"
 id sandrun >/dev/null || fail "no user sandrun"
 getent group sandrun-admin >/dev/null || fail "no group sandrun-admin"
 ok "user sandrun, groups sandrun and sandrun-admin"
@@ -60,6 +63,8 @@ if [ "$selinux" = yes ]; then
   semodule -l | grep -x sandrun >/dev/null || fail "SELinux is enabled and the module is not loaded"
   label=$(stat -c %C /usr/bin/sandrund)
   case "$label" in *:sandrund_exec_t:*) ;; *) fail "/usr/bin/sandrund is labelled $label" ;; esac
+  label=$(stat -c %C /usr/bin/sandrun-outputs)
+  case "$label" in *:sandrun_collect_exec_t:*) ;; *) fail "/usr/bin/sandrun-outputs is labelled $label" ;; esac
   label=$(stat -c %C /etc/sandrun/tls/key.pem)
   case "$label" in *:sandrun_key_t:*) ;; *) fail "/etc/sandrun/tls/key.pem is labelled $label" ;; esac
   ok "SELinux module loaded, files labelled"
@@ -108,6 +113,14 @@ ok "a job ran over HTTPS ($job)"
 out=$(/usr/bin/sandrunctl --socket "$sock" run -- /usr/bin/python3 -c 'print(6*7)')
 echo "$out" | grep -qx 42 || fail "sandrunctl run: $out"
 ok "a job ran through sandrunctl"
+# Its output comes back through the collector (sandrund execs /usr/bin/sandrun-outputs).
+mkdir "$tmp/in"
+got=$tmp/collected
+/usr/bin/sandrunctl --socket "$sock" run --input "$tmp/in" --output 'r.txt' --out-dir "$got" \
+  -- /usr/bin/python3 -c 'open("r.txt", "w").write("42\n")' >"$tmp/collect.log" 2>&1 \
+  || { cat "$tmp/collect.log" "$tmp/sandrund.log"; fail "sandrunctl run --output"; }
+[ "$(cat "$got/r.txt" 2>/dev/null)" = 42 ] || { cat "$tmp/collect.log"; fail "collected output"; }
+ok "a job's output file came back through the packaged collector"
 
 for p in "${pids[@]}"; do kill -TERM "$p"; done
 wait 2>/dev/null || true

@@ -14,7 +14,7 @@ arch=$(dpkg --print-architecture)
 out=target/package
 stage=$out/root
 if [ -z "${SKIP_BUILD:-}" ]; then
-  cargo build --release --locked -p sandrund -p sandrunctl -p sandrun-gateway --bins
+  cargo build --release --locked -p sandrund -p sandrun-collect -p sandrunctl -p sandrun-gateway --bins
 fi
 rm -rf "$stage"
 mkdir -p "$stage/DEBIAN"
@@ -25,6 +25,10 @@ for b in sandrund sandrunctl sandrun-gateway; do
   inst 0644 "packaging/man/$b.8" "usr/share/man/man8/$b.8"
   gzip -9n "$stage/usr/share/man/man8/$b.8"
 done
+# The output collector sandrund execs for each job (it looks for it next to its own binary and
+# refuses to start unless it is a root-owned file no group or other user can write).
+inst 0755 target/release/sandrun-outputs usr/bin/sandrun-outputs
+strip --strip-unneeded "$stage/usr/bin/sandrun-outputs"
 for u in systemd/*.service systemd/*.socket; do
   inst 0644 "$u" "lib/systemd/system/$(basename "$u")"
 done
@@ -52,7 +56,8 @@ COPY
 for s in postinst prerm postrm; do install -m 0755 "packaging/deb/$s" "$stage/DEBIAN/$s"; done
 printf '/etc/sandrun/sandrund.toml\n/etc/sandrun/gateway.toml\n' >"$stage/DEBIAN/conffiles"
 depends=$(dpkg-shlibdeps -O --ignore-missing-info -e "$stage/usr/bin/sandrund" \
-  -e "$stage/usr/bin/sandrun-gateway" -e "$stage/usr/bin/sandrunctl" 2>/dev/null \
+  -e "$stage/usr/bin/sandrun-gateway" -e "$stage/usr/bin/sandrunctl" \
+  -e "$stage/usr/bin/sandrun-outputs" 2>/dev/null \
   | sed -n 's/^shlibs:Depends=//p' || true)
 [ -n "$depends" ] || depends="libc6, libgcc-s1, libseccomp2"
 cat >"$stage/DEBIAN/control" <<CONTROL

@@ -24,6 +24,8 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
 
+# sandrund execs $bin/sandrun-outputs (next to it) as each job's output collector; it refuses to
+# start if that file is not root's or is writable by group or others.
 "$bin/sandrund" --socket "$socket" &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$socket" ] && break; sleep 0.05; done

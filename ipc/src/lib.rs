@@ -27,6 +27,7 @@ pub mod codec;
 mod error;
 mod limits;
 mod message;
+mod order;
 pub mod rules;
 #[cfg(feature = "tokio")]
 pub mod tokio_adapter;
@@ -36,6 +37,7 @@ pub use codec::{decode, encode, CodecError, FrameDecoder, MAX_CHUNK_BYTES, MAX_F
 pub use error::{ErrorCode, IpcError, UnknownErrorCode};
 pub use limits::{GrantedLimits, Limits, ZeroLimit, MIN_FILE_COUNT, MIN_MEMORY_BYTES, MIN_PIDS};
 pub use message::*;
+pub use order::{CollectOrder, MAX_ORDER_BYTES};
 pub use validate::{
     sanitize_mode, BundlePath, OutputPattern, PathError, PrintablePath, ALLOWED_MODE_BITS,
     MAX_COMPONENT_BYTES, MAX_DEPTH, MAX_PATH_BYTES, MAX_PRINTABLE_BYTES,

@@ -272,6 +272,7 @@ fn run(args: &[String]) -> Result<(), StartupError> {
     let opts = parse_args(args)?;
     self_check()?;
     let activated = sanitize_process()?;
+    let collector = crate::sandbox::collector::open_executable().map_err(StartupError::Host)?;
     let cfg = Config::load(opts.config.as_deref()).map_err(|e| cfg_err(e.to_string()))?;
     prepare_mount_point(&cfg.mount_point)?;
     let cgroups = cgroup::detect().map_err(|e| StartupError::Host(format!("cgroups: {e}")))?;
@@ -303,7 +304,7 @@ fn run(args: &[String]) -> Result<(), StartupError> {
         cfg.gateway_uid.map(|u| u.0),
         cgroups.layout()
     );
-    let mut server = Server::new(cfg, listener, cgroups, filter)
+    let mut server = Server::new(cfg, listener, cgroups, filter, collector)
         .map_err(|e| StartupError::Serving(e.to_string()))?;
     if let Err(e) = systemd::notify("READY=1\nSTATUS=serving") {
         log::warn!("{e}");

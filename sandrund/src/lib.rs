@@ -12,7 +12,7 @@
 //! [`sandbox::start`] perform them.
 
 // Every raw syscall is in `sys` (the FFI module); every other module file forbids unsafe code
-// (`server`, the seccomp filter and the output collector are still to move theirs).
+// (the seccomp filter's install is still to move).
 #![deny(unsafe_code)]
 
 // Only `daemon::main_with_args` is public: the `sandrund` binary (src/main.rs) is the library's
@@ -24,8 +24,6 @@ pub mod daemon;
 pub(crate) mod ids;
 mod logger;
 pub(crate) mod sandbox;
-// `server::collect` still holds one raw syscall (openat2), to be moved into `sys`.
-#[allow(unsafe_code)]
 pub(crate) mod server;
 #[allow(unsafe_code)]
 pub(crate) mod sys;

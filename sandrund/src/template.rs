@@ -22,7 +22,7 @@ use sandrun_ipc::rules::{
 use sandrun_ipc::{TemplateInfo, TemplateLock};
 use sha2::{Digest, Sha256};
 
-use crate::server::collect::open_beneath;
+use crate::sys::open_beneath;
 
 /// Why a template's lock file is not usable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

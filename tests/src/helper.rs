@@ -290,18 +290,26 @@ pub fn ensure_built() {
                     "sandrunctl",
                     "-p",
                     "sandrun-gateway",
+                    "-p",
+                    "sandrun-collect",
                     "--bins",
                 ])
                 .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
                 .output()
-                .expect("run cargo build -p sandrund -p sandrunctl -p sandrun-gateway");
+                .expect("run cargo build -p sandrund -p sandrun-collect -p sandrunctl -p sandrun-gateway");
             assert!(
                 out.status.success(),
-                "cargo build -p sandrund -p sandrunctl -p sandrun-gateway failed:\n{}",
+                "cargo build -p sandrund -p sandrun-collect -p sandrunctl -p sandrun-gateway failed:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        for bin in ["sandrund", "sandrunctl", "sandrun-gateway", "sandrun-probe"] {
+        for bin in [
+            "sandrund",
+            "sandrun-outputs",
+            "sandrunctl",
+            "sandrun-gateway",
+            "sandrun-probe",
+        ] {
             let path = bin_dir().join(bin);
             assert!(
                 path.exists(),

@@ -408,3 +408,123 @@ fn given_a_long_collection_then_its_collector_is_the_jobs_uid_confined_and_other
         "trivial job p99 {p99:?} while another job's collection walked ({control:?} without)"
     );
 }
+
+/// The collector is its own executable (`sandrun-outputs`), exec'd by the helper: nothing of
+/// the root helper's address space (its heap, with other jobs' bundles and stdin) is mapped
+/// in it, only the collector binary, shared libraries and the kernel's anonymous regions.
+#[test]
+fn given_a_collection_then_its_collector_runs_the_collector_binary_with_none_of_the_helpers_memory()
+{
+    // Its 99,000-entry job must not be the load of another test's latency measurement.
+    let _alone = measuring();
+    let helper = Arc::new(Helper::start(&config("")));
+    let attacker = {
+        let helper = helper.clone();
+        std::thread::spawn(move || helper.run(&flat_dir_attacker()))
+    };
+    let collector = sandrun_tests::helper::bin_dir()
+        .join("sandrun-outputs")
+        .canonicalize()
+        .expect("the collector binary exists");
+    let start = Instant::now();
+    // The collector may exit between being found and being read: look again until one is read.
+    let (exe, maps, status) = loop {
+        let read = collectors(&helper.slot_uids())
+            .pop()
+            .and_then(|(pid, status)| {
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+                let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+                let alive = std::path::Path::new(&format!("/proc/{pid}")).exists();
+                (alive && !maps.is_empty()).then_some((exe, maps, status))
+            });
+        if let Some(found) = read {
+            break found;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120) && !attacker.is_finished(),
+            "no output collector of this helper's slot uids was ever read: {}",
+            helper.log()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(exe, collector, "{status}");
+    let helper_exe = std::fs::read_link(format!("/proc/{}/exe", helper.pid())).expect("helper exe");
+    for line in maps.lines() {
+        // `start-end perms offset dev inode [path]`: the path, if any, is the sixth field.
+        let path = line.split_whitespace().nth(5).unwrap_or("");
+        assert!(
+            !path.contains("sandrund") && std::path::Path::new(path) != helper_exe,
+            "the collector maps the helper: {line}\n{maps}"
+        );
+        let library = path.starts_with('/') && path.contains(".so");
+        let kernel = path.is_empty() || path.starts_with('[');
+        assert!(
+            kernel || library || std::path::Path::new(path) == collector,
+            "unexpected mapping in the collector: {line}\n{maps}"
+        );
+    }
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    eprintln!("collector VmRSS while walking: {rss_kib} KiB");
+    let o = attacker.join().expect("attacker thread");
+    assert!(o.done, "{}", o.describe());
+}
+
+/// A collector executable that a non-root user could have replaced is refused at start-up: the
+/// helper exits with an error naming the file rather than ever running it as a collector.
+#[test]
+fn given_a_group_writable_collector_then_the_helper_refuses_to_start() {
+    use std::os::unix::fs::PermissionsExt;
+    sandrun_tests::require_root();
+    sandrun_tests::ensure_built();
+    let bins = sandrun_tests::helper::bin_dir();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (bin, mode) in [("sandrund", 0o755), ("sandrun-outputs", 0o775)] {
+        let copy = dir.path().join(bin);
+        std::fs::copy(bins.join(bin), &copy).expect("copy a binary");
+        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let cfg = config("");
+    let cfg_path = dir.path().join("sandrund.toml");
+    let text = format!(
+        "mount_point = \"{}\"\n{}",
+        dir.path().join("root").display(),
+        cfg.toml()
+    );
+    std::fs::write(&cfg_path, text).expect("write the config");
+    std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut child = std::process::Command::new(dir.path().join("sandrund"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn the copied sandrund");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for sandrund") {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("sandrund started with a group-writable collector");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("sandrun-outputs") && stderr.contains("writable by group or others"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("s.sock").exists(), "{stderr}");
+}

@@ -59,6 +59,7 @@ label_is() { # path type
 label_is /usr/bin/sandrund sandrund_exec_t
 label_is /usr/bin/sandrun-gateway sandrun_gateway_exec_t
 label_is /usr/bin/sandrunctl bin_t
+label_is /usr/bin/sandrun-outputs sandrun_collect_exec_t
 label_is /etc/sandrun sandrun_conf_t
 label_is /etc/sandrun/sandrund.toml sandrun_conf_t
 label_is /etc/sandrun/worker.key sandrun_key_t
@@ -96,6 +97,14 @@ if command -v node >/dev/null; then
   [ "$out" = 42 ] || fail "node job: $out"
 fi
 ok "jobs through sandrunctl run in sandrun_job_t"
+# A job's output file comes back through its collector (sandrun-outputs, sandrun_collect_t).
+collected=$(mktemp -d -u)
+mkdir -p "$collected.in"
+got=$(sandrunctl run --input "$collected.in" --output r.txt --out-dir "$collected" \
+  -- /bin/sh -c 'echo 42 >/work/r.txt' 2>&1) || fail "job with an output: $got"
+[ "$(cat "$collected/r.txt" 2>/dev/null)" = 42 ] || fail "the output collector returned nothing: $got"
+rm -rf "$collected" "$collected.in"
+ok "a job's output came back through the collector"
 d=$(domain_of sandrund)
 case "$d" in *:sandrund_t:*) ;; *) fail "sandrund runs as '$d'" ;; esac
 d=$(domain_of sandrun-init)

@@ -143,6 +143,14 @@ step "hello job through sandrunctl"
 out=$(sandrunctl run -- /usr/bin/python3 -c 'print(6*7)') || fail "sandrunctl run: $out"
 [ "$out" = 42 ] || fail "sandrunctl run printed: $out"
 ok "sandrunctl run printed 42"
+# A job's output file comes back through its collector (sandrun-outputs in the job's cgroup).
+collected=$(mktemp -d -u)
+mkdir -p "$collected.in"
+got=$(sandrunctl run --input "$collected.in" --output r.txt --out-dir "$collected" \
+  -- /bin/sh -c 'echo 42 >/work/r.txt' 2>&1) || fail "job with an output: $got"
+[ "$(cat "$collected/r.txt" 2>/dev/null)" = 42 ] || fail "the output collector returned nothing: $got"
+rm -rf "$collected" "$collected.in"
+ok "a job's output file came back through the collector"
 # The helper's mounts (it has its own mount namespace: PrivateTmp=, ProtectSystem=) with no job.
 helper_mounts() { nsenter -t "$(main_pid)" -m findmnt -rn -o TARGET | sort; }
 helper_mounts >"$tmp/mounts.idle"

@@ -1,19 +1,25 @@
 //! The output collector's process: root never opens a file a job controlled (ARCHITECTURE.md
-//! rule 5). After a job's processes are all gone, the helper forks a collector **K** that
+//! rule 5), and the walk runs in its own executable, `sandrun-outputs` (`collector/`), whose
+//! address space holds nothing of the helper's. After a job's processes are all gone, the
+//! helper forks a collector **K** that
 //!
 //! 1. joins the job's cgroup (v2: created there with `clone3(CLONE_INTO_CGROUP)`; v1: writes
 //!    itself into each `cgroup.procs`), so its CPU and memory are charged to the job and bounded
 //!    by the job's limits;
-//! 2. resets its signals, names itself `sandrun-collect` and closes every fd but two: the job's
-//!    `/work` (an `O_PATH` fd the helper holds) and its end of a socketpair;
+//! 2. resets its signals and closes every fd but three: the job's `/work` (an `O_PATH` fd the
+//!    helper holds) at fd 3, its end of a socketpair at fd 4 (the numbers `sandrun-outputs`
+//!    expects) and the collector executable's descriptor (close-on-exec);
 //! 3. lowers `RLIMIT_NOFILE`, `RLIMIT_FSIZE` (0: it writes no file) and `RLIMIT_CORE`;
 //! 4. drops to the job's uid and gid with no groups, no capabilities in any set,
-//!    `NO_NEW_PRIVS`, not dumpable, `SIGKILL` when the helper dies ([`identity`]);
-//! 5. enforces Landlock: every filesystem right handled, only `ReadFile | ReadDir` granted, and
-//!    only beneath that `/work` fd; signals and abstract sockets scoped;
-//! 6. installs its own seccomp filter ([`SeccompProgram::compile_collector`]), tighter than a
-//!    job's: only what the walk, hashing and writing to its socket need; anything else kills it;
-//! 7. runs the walk (`server::collect`) and writes a bounded, typed frame stream to the socket.
+//!    `NO_NEW_PRIVS`, `SIGKILL` when the helper dies ([`identity`]);
+//! 5. `execveat`s `sandrun-outputs` through the descriptor [`open_executable`] opened at
+//!    helper start-up (so a later change of the path does not matter), with an empty
+//!    environment.
+//!
+//! Before the fork the helper has written the collect order (patterns and bounds, one
+//! [`CollectOrder`] frame) into the socket. The collector confines itself first thing
+//! (not dumpable again, refuses uid 0 and capabilities, Landlock read-only beneath `/work`, its
+//! own seccomp filter), then reads the order, walks and streams typed frames.
 //!
 //! K does not enter the job's mount namespace: the `/work` fd already is the job's tmpfs, and
 //! reaching it through that fd (with `openat2(RESOLVE_BENEATH)` below it, and Landlock allowing
@@ -21,28 +27,83 @@
 //! Any step that cannot be applied fails the collection: K reports it on the socket as an
 //! `Error` frame and exits; it never collects unconfined.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+#![forbid(unsafe_code)]
 
-use nix::errno::Errno;
+use std::ffi::CStr;
+use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use sandrun_ipc::{ErrorCode, IpcError, Response};
+use sandrun_ipc::{CollectOrder, ErrorCode, IpcError, Response, MAX_ORDER_BYTES};
 
-use super::seccomp::SeccompProgram;
-use super::sys::{self, exit_now};
-use super::{at, fail, identity, landlock, CgroupJoin, SetupError, SetupStep};
+use nix::errno::Errno;
+
+use super::{at, fail, identity, CgroupJoin, SetupError, SetupStep};
 use crate::ids::{GroupId, ProcessId, UserId};
+use crate::sys::{self, exit_now, CloneHow};
 
-/// K's name (`/proc/<pid>/comm` and its command line), so operators and tests can find it.
-pub const COLLECTOR_NAME: &std::ffi::CStr = c"sandrun-collect";
+/// The collector executable's file name (package `sandrun-collect`), looked up next to the
+/// helper's own executable. K names itself `sandrun-collect` once it has confined itself.
+pub const COLLECTOR_FILE: &str = "sandrun-outputs";
+/// K's `argv[0]`.
+const COLLECTOR_ARGV0: &CStr = c"sandrun-outputs";
+/// Where `sandrun-outputs` expects the job's `/work` and its socket.
+const WORK_FD: RawFd = 3;
+const SOCKET_FD: RawFd = 4;
 /// Descriptors K may hold: its two, the walk's open directories (at most
 /// `sandrun_ipc::MAX_DEPTH` deep, each briefly duplicated to list it) and one file.
 const COLLECTOR_MAX_FILES: u64 = 2 * sandrun_ipc::MAX_DEPTH as u64 + 16;
-/// Exit code of K after a failed confinement step (reported on the socket first).
+/// Exit code of K after a failed step before the `execveat` (reported on the socket first).
 const EXIT_CONFINE_FAILED: i32 = 1;
-/// Exit code of K when its work panicked (a bug).
-const EXIT_PANIC: i32 = 101;
+
+/// Opens the collector executable at helper start-up: `sandrun-outputs` in the directory of
+/// the helper's own executable (`/proc/self/exe`). Refuses (the helper does not start) a
+/// missing file, a symlink or anything but a regular file, one not owned by root, one
+/// writable by group or others, or one others cannot execute (K runs as a job's uid). The
+/// descriptor (`O_PATH`, close-on-exec) is what every K executes.
+pub fn open_executable() -> Result<OwnedFd, String> {
+    let exe = std::fs::read_link("/proc/self/exe")
+        .map_err(|e| format!("output collector: cannot read /proc/self/exe: {e}"))?;
+    let path = exe.parent().unwrap_or(Path::new("/")).join(COLLECTOR_FILE);
+    open_checked(&path)
+}
+
+fn open_checked(path: &Path) -> Result<OwnedFd, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| format!("output collector {shown}: cannot open: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("output collector {shown}: cannot stat: {e}"))?;
+    let mode = meta.mode();
+    let refused = if !meta.file_type().is_file() {
+        Some("is not a regular file")
+    } else if meta.uid() != 0 {
+        Some("is not owned by root")
+    } else if mode & 0o022 != 0 {
+        Some("is writable by group or others")
+    } else if mode & 0o001 == 0 {
+        Some("is not executable by others (it runs as a job's uid)")
+    } else {
+        None
+    };
+    match refused {
+        Some(why) => Err(format!(
+            "output collector {shown} {why} (mode {:o}, owner {})",
+            mode & 0o7777,
+            meta.uid()
+        )),
+        None => Ok(file.into()),
+    }
+}
 
 /// Who the collector runs as and where.
 pub struct CollectorPlan<'a> {
@@ -51,7 +112,8 @@ pub struct CollectorPlan<'a> {
     pub uid: UserId,
     pub gid: GroupId,
     pub cgroup: CgroupJoin<'a>,
-    pub filter: &'a SeccompProgram,
+    /// The collector executable ([`open_executable`]).
+    pub exe: BorrowedFd<'a>,
 }
 
 /// A running collector, as the helper sees it. Dropping it kills and reaps K.
@@ -72,13 +134,7 @@ impl CollectorChild {
             return;
         }
         self.reaped = true;
-        // SAFETY: kill and waitpid take plain integers and a valid out-pointer; K is our own
-        // unreaped child, so its pid cannot have been reused.
-        unsafe {
-            libc::kill(self.pid.0, libc::SIGKILL);
-            let mut status = 0;
-            while libc::waitpid(self.pid.0, &mut status, 0) < 0 && sys::errno() == Errno::EINTR {}
-        }
+        sys::kill_and_reap(self.pid.0);
     }
 }
 
@@ -88,14 +144,11 @@ impl Drop for CollectorChild {
     }
 }
 
-/// Forks K, confines it (module docs) and runs `work` in it with the `/work` fd and K's end of
-/// the socket; `work`'s return value is K's exit code. Returns at once in the helper.
+/// Writes `order` into a new socketpair, forks K, prepares it (module docs) and execs the
+/// collector in it. Returns at once in the helper.
 ///
 /// The caller must be single-threaded (the helper is), as for [`super::prepare`].
-pub fn spawn<F>(plan: &CollectorPlan<'_>, work: F) -> Result<CollectorChild, SetupError>
-where
-    F: FnOnce(OwnedFd, UnixStream) -> i32,
-{
+pub fn spawn(plan: &CollectorPlan<'_>, order: &CollectOrder) -> Result<CollectorChild, SetupError> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -103,51 +156,54 @@ where
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(at(SetupStep::Clone, "collector socketpair"))?;
-    let pid = match plan.cgroup {
-        // SAFETY: the caller is single-threaded (documented precondition); K only runs
-        // `run_collector`, which never returns.
-        CgroupJoin::Into(dir) => unsafe { sys::fork_into_cgroup(0, dir) },
-        // SAFETY: as above.
-        CgroupJoin::Procs(_) | CgroupJoin::None => unsafe { sys::fork_raw(0) },
-    }
-    .map_err(|e| fail(SetupStep::Clone, e, "collector clone"))?;
-    if pid == 0 {
-        drop(ours);
-        run_collector(plan, theirs, work);
-    }
-    drop(theirs);
-    let child = CollectorChild {
-        pid: ProcessId(pid),
-        stream: UnixStream::from(ours),
-        reaped: false,
-    };
-    child.stream.set_nonblocking(true).map_err(|e| {
+    let stream = UnixStream::from(ours);
+    let io = |e: std::io::Error, what: &str| {
         fail(
-            SetupStep::Clone,
+            SetupStep::Protocol,
             Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-            "collector socket",
+            what,
         )
-    })?;
-    Ok(child)
+    };
+    stream
+        .set_nonblocking(true)
+        .map_err(|e| io(e, "collector socket"))?;
+    // Queued before K exists (a frame far below the socket's buffer: the helper never blocks).
+    let frame = sandrun_ipc::encode(order)
+        .ok()
+        .filter(|f| f.len() <= MAX_ORDER_BYTES + sandrun_ipc::codec::HEADER_BYTES)
+        .ok_or_else(|| fail(SetupStep::Protocol, Errno::E2BIG, "collector order"))?;
+    match (&stream).write(&frame) {
+        Ok(n) if n == frame.len() => {}
+        Ok(_) => return Err(fail(SetupStep::Protocol, Errno::EAGAIN, "collector order")),
+        Err(e) => return Err(io(e, "collector order")),
+    }
+    let how = match plan.cgroup {
+        CgroupJoin::Into(dir) => CloneHow::IntoCgroup(dir),
+        CgroupJoin::Procs(_) | CgroupJoin::None => CloneHow::Plain,
+    };
+    // K closes its copy of the helper's end with every other descriptor (`prepare`).
+    let pid = sys::clone_child(0, how, move || run_collector(plan, theirs))
+        .map_err(|e| fail(SetupStep::Clone, e, "collector clone"))?;
+    Ok(CollectorChild {
+        pid: ProcessId(pid),
+        stream,
+        reaped: false,
+    })
 }
 
-fn run_collector<F>(plan: &CollectorPlan<'_>, sock: OwnedFd, work: F) -> !
-where
-    F: FnOnce(OwnedFd, UnixStream) -> i32,
-{
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        match confine(plan, sock.as_raw_fd()) {
-            Ok(workdir) => work(workdir, UnixStream::from(sock)),
-            Err(err) => {
-                report(sock.as_raw_fd(), &err);
-                EXIT_CONFINE_FAILED
-            }
-        }
-    }));
-    match outcome {
-        Ok(code) => exit_now(code),
-        Err(_) => exit_now(EXIT_PANIC),
-    }
+fn run_collector(plan: &CollectorPlan<'_>, sock: OwnedFd) -> ! {
+    // Where K's socket is: moved to SOCKET_FD by `prepare`, never guessed.
+    let mut at = sock.into_raw_fd();
+    let err = match prepare(plan, &mut at) {
+        Ok(exe) => fail(
+            SetupStep::Exec,
+            sys::execveat_no_env(exe, COLLECTOR_ARGV0),
+            "execveat sandrun-outputs",
+        ),
+        Err(err) => err,
+    };
+    report(at, &err);
+    exit_now(EXIT_CONFINE_FAILED)
 }
 
 /// Tells the helper which step failed (best effort: the helper also sees K exit early).
@@ -161,8 +217,9 @@ fn report(sock: RawFd, err: &SetupError) {
     }
 }
 
-/// Steps 1 to 6 of the module docs. Returns K's own copy of the `/work` fd.
-fn confine(plan: &CollectorPlan<'_>, sock: RawFd) -> Result<OwnedFd, SetupError> {
+/// Steps 1 to 4 of the module docs; `sock` follows K's socket to its fixed number. Returns
+/// the collector executable's fd, to exec.
+fn prepare(plan: &CollectorPlan<'_>, sock: &mut RawFd) -> Result<RawFd, SetupError> {
     if let CgroupJoin::Procs(fds) = plan.cgroup {
         for fd in fds {
             sys::write_all(fd.as_raw_fd(), b"0")
@@ -170,11 +227,22 @@ fn confine(plan: &CollectorPlan<'_>, sock: RawFd) -> Result<OwnedFd, SetupError>
         }
     }
     sys::reset_signals().map_err(|e| fail(SetupStep::Signals, e, "collector"))?;
-    sys::set_process_name(COLLECTOR_NAME).map_err(|e| fail(SetupStep::InitName, e, "collector"))?;
-    let workdir = sys::relocate(plan.workdir.as_raw_fd())
-        .map_err(|e| fail(SetupStep::CloseFds, e, "collector workdir"))?;
-    sys::close_all_except(&[sock, workdir.as_raw_fd()])
-        .map_err(|e| fail(SetupStep::CloseFds, e, "collector"))?;
+    let close = |e| fail(SetupStep::CloseFds, e, "collector");
+    // Above the fixed numbers first, so that the dup2s below cannot overwrite each other.
+    let work = sys::relocate_from(plan.workdir.as_raw_fd(), 10).map_err(close)?;
+    let moved = sys::relocate_from(*sock, 10).map_err(close)?;
+    let exe = sys::relocate_from(plan.exe.as_raw_fd(), 10)
+        .map_err(close)?
+        .into_raw_fd();
+    for (from, to) in [
+        (work.into_raw_fd(), WORK_FD),
+        (moved.into_raw_fd(), SOCKET_FD),
+    ] {
+        sys::dup_onto(from, to).map_err(close)?;
+    }
+    *sock = SOCKET_FD;
+    // `exe` stays open (close-on-exec) until the execveat.
+    sys::close_all_except(&[WORK_FD, SOCKET_FD, exe]).map_err(close)?;
     for (resource, value) in [
         (Resource::RLIMIT_NOFILE, COLLECTOR_MAX_FILES),
         (Resource::RLIMIT_FSIZE, 0),
@@ -183,9 +251,42 @@ fn confine(plan: &CollectorPlan<'_>, sock: RawFd) -> Result<OwnedFd, SetupError>
         setrlimit(resource, value, value).map_err(at(SetupStep::Rlimits, "collector"))?;
     }
     identity::drop_privileges(plan.uid, plan.gid)?;
-    landlock::restrict_to_read_beneath(workdir.as_fd())?;
-    plan.filter
-        .install()
-        .map_err(|e| fail(SetupStep::Seccomp, Errno::from_raw(e), "collector"))?;
-    Ok(workdir)
+    Ok(exe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn given_collector_files_then_only_a_root_owned_one_nobody_else_can_write_is_opened() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join(COLLECTOR_FILE);
+        std::fs::write(&file, b"\x7fELF").unwrap();
+        let chmod = |mode| std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode));
+        chmod(0o755).unwrap();
+        assert!(open_checked(&file).is_ok(), "root's 0755 file");
+        for (mode, why) in [
+            (0o775, "writable by group or others"),
+            (0o757, "writable by group or others"),
+            (0o750, "not executable by others"),
+        ] {
+            chmod(mode).unwrap();
+            let err = open_checked(&file).unwrap_err();
+            assert!(err.contains(why), "{mode:o}: {err}");
+        }
+        chmod(0o755).unwrap();
+        std::os::unix::fs::chown(&file, Some(1), None).unwrap();
+        assert!(open_checked(&file)
+            .unwrap_err()
+            .contains("not owned by root"));
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(open_checked(&link)
+            .unwrap_err()
+            .contains("not a regular file"));
+        let missing = open_checked(&d.path().join("missing")).unwrap_err();
+        assert!(missing.contains("cannot open"), "{missing}");
+    }
 }

@@ -12,7 +12,7 @@
 
 #![forbid(unsafe_code)]
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 
 use landlock::{
@@ -139,18 +139,6 @@ impl PreparedRuleset {
         }
         Ok(())
     }
-}
-
-/// Restricts the calling process to reading files and listing directories beneath `dir` (the
-/// output collector): every filesystem right is handled and nothing else is granted, so no other
-/// path of any mount namespace can be opened. `NO_NEW_PRIVS` must already be set.
-pub fn restrict_to_read_beneath(dir: BorrowedFd<'_>) -> Result<(), LandlockError> {
-    let abi = kernel_abi()?;
-    let rights = (AccessFs::ReadFile | AccessFs::ReadDir) & AccessFs::from_all(abi);
-    let created = create_ruleset(abi)?
-        .add_rule(PathBeneath::new(dir, rights))
-        .map_err(refused("add rule for the work directory"))?;
-    PreparedRuleset { created, abi }.restrict()
 }
 
 /// A ruleset handling every filesystem right and every scope of `abi`, in hard-requirement mode.
@@ -309,46 +297,6 @@ mod tests {
             tmp.path().join("created").exists(),
             "the file made in the temp dir is real"
         );
-    }
-
-    #[test]
-    fn given_read_beneath_a_dir_when_probing_then_only_reading_inside_it_works() {
-        require_root();
-        let tmp = tempfile::tempdir().expect("temp dir");
-        std::fs::write(tmp.path().join("inside"), b"x").expect("write a file");
-        let dir = std::fs::File::open(tmp.path()).expect("open the temp dir");
-        let inside = cstring(&tmp.path().join("inside"));
-        let created = cstring(&tmp.path().join("created"));
-        let outside = cstring(&first_existing(&["/etc/hostname", "/etc/passwd"]));
-        let usr_file = cstring(&first_existing(&["/usr/bin/env", "/usr/bin/sh"]));
-        let status = sys::in_forked_child(|| {
-            if nix::sys::prctl::set_no_new_privs().is_err() {
-                return RESTRICT_FAILED;
-            }
-            match restrict_to_read_beneath(dir.as_fd()) {
-                Ok(()) => {
-                    let create = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY;
-                    let checks = [
-                        open_errno(&inside, OFlag::O_RDONLY).is_ok(),
-                        open_errno(&inside, OFlag::O_WRONLY) == Err(Errno::EACCES),
-                        open_errno(&created, create) == Err(Errno::EACCES),
-                        open_errno(&outside, OFlag::O_RDONLY) == Err(Errno::EACCES),
-                        open_errno(&usr_file, OFlag::O_RDONLY) == Err(Errno::EACCES),
-                    ];
-                    match checks.iter().position(|ok| !ok) {
-                        Some(i) => 1 + i32::try_from(i).unwrap_or(50),
-                        None => ALL_CHECKS_PASSED,
-                    }
-                }
-                Err(_) => RESTRICT_FAILED,
-            }
-        });
-        assert_eq!(
-            status,
-            WaitStatus::Exited(status_pid(status), ALL_CHECKS_PASSED),
-            "1-based index of the failed check (99: restrict failed)"
-        );
-        assert!(!tmp.path().join("created").exists());
     }
 
     fn status_pid(status: WaitStatus) -> Pid {

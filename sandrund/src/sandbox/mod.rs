@@ -31,7 +31,6 @@
 mod bundle;
 mod channel;
 mod child;
-#[allow(unsafe_code)]
 pub mod collector;
 mod etc;
 mod identity;
@@ -39,7 +38,6 @@ pub mod landlock;
 mod mounts;
 mod net;
 mod order;
-#[allow(unsafe_code)]
 pub mod seccomp;
 mod seccomp_policy;
 #[cfg(test)]

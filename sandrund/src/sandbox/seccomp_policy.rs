@@ -1,9 +1,9 @@
-//! The seccomp policies, as data: for each role (the job, the output collector) which syscalls
-//! are allowed, which are refused with which errno, which are decided by their arguments, and
-//! what every other syscall and a foreign architecture get. `seccomp.rs` compiles them once at
-//! start-up into BPF programs; nothing here runs code. A reviewer reads [`JOB`] and
-//! [`COLLECTOR`] and the lists they name; docs/sandrund.md "Seccomp policy" says the same in a
-//! table.
+//! The job's seccomp policy, as data: which syscalls are allowed, which are refused with which
+//! errno, which are decided by their arguments, and what every other syscall and a foreign
+//! architecture get. `seccomp.rs` compiles it once at start-up into a BPF program; nothing here
+//! runs code. A reviewer reads [`JOB`] and the lists it names; docs/sandrund.md "Seccomp policy"
+//! says the same in a table. (The output collector's own filter lives with it, in
+//! `collector/src/confine.rs`.)
 //!
 //! Syscalls are named the libseccomp way, so the syscall numbers (and the architecture check)
 //! are libseccomp's business. The filters are native-arch only (x86_64).
@@ -67,20 +67,12 @@ pub(crate) struct Rule {
     pub if_unknown: IfUnknown,
 }
 
-/// How the compiled program looks for the syscall numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Layout {
-    /// libseccomp's default: one comparison after another, in rule order.
-    Linear,
-    /// A binary tree over the syscall numbers (libseccomp's optimization level 2): each syscall
-    /// is decided in a few comparisons, which matters twice: at run time, and when the kernel
-    /// installs the filter, since it then evaluates the filter for every syscall number to
-    /// build its cache of always-allowed calls (that took 0.6 ms per job with the linear list).
-    BinaryTree,
-}
-
 /// A whole filter. No syscall may appear in two rules: libseccomp lets an unconditional rule
 /// absorb a conditional one for the same syscall (see `seccomp.rs`), so the compiler refuses it.
+/// It is compiled as a binary tree over the syscall numbers (libseccomp's optimization level
+/// 2): each syscall is decided in a few comparisons, which matters twice: at run time, and when
+/// the kernel installs the filter, since it then evaluates the filter for every syscall number
+/// to build its cache of always-allowed calls (that took 0.6 ms per job with a linear list).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Policy {
     pub rules: &'static [Rule],
@@ -88,7 +80,6 @@ pub(crate) struct Policy {
     pub otherwise: Action,
     /// For a foreign architecture (e.g. i386 `int 0x80`) or an x32 syscall (`nr | 0x40000000`).
     pub foreign_arch: Action,
-    pub layout: Layout,
 }
 
 /// The job's filter, installed in each job process right before `execve`.
@@ -123,17 +114,6 @@ pub(crate) const JOB: Policy = Policy {
     ],
     otherwise: ENOSYS,
     foreign_arch: KILL,
-    layout: Layout::BinaryTree,
-};
-
-/// The output collector's filter (see `collector.rs`): [`COLLECTOR_ALLOWED`], and every other
-/// syscall kills it.
-#[rustfmt::skip]
-pub(crate) const COLLECTOR: Policy = Policy {
-    rules: &[Rule { syscalls: COLLECTOR_ALLOWED, check: Always(ALLOW), if_unknown: Fail }],
-    otherwise: KILL,
-    foreign_arch: KILL,
-    layout: Layout::Linear,
 };
 
 /// Syscalls allowed without argument checks: what python3, node, bash and coreutils need for
@@ -213,17 +193,6 @@ pub(crate) const REFUSED: &[&str] = &[
     "adjtimex", "quotactl", "quotactl_fd", "name_to_handle_at", "open_by_handle_at",
     "lookup_dcookie", "sethostname", "setdomainname", "vhangup", "iopl", "ioperm", "modify_ldt",
     "uselib", "fanotify_init", "nfsservctl",
-];
-
-/// The output collector's whole allow-list (see `collector.rs`): reading the job's `/work`
-/// through descriptors, hashing, allocating, writing frames to its socket and exiting. Every
-/// other syscall, including every one in [`ALLOWED`] that is not here, kills the collector.
-#[rustfmt::skip]
-pub(crate) const COLLECTOR_ALLOWED: &[&str] = &[
-    "read", "write", "sendto", "close", "openat2", "fstat", "newfstatat", "statx", "getdents64", "lseek",
-    "fcntl", "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "clock_gettime",
-    "sigaltstack", "rt_sigreturn", "rt_sigprocmask", "futex", "sched_yield", "exit",
-    "exit_group",
 ];
 
 /// The kernel's limit on a classic-BPF program (`BPF_MAXINSNS`).

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use sandrun_ipc::{ErrorCode, Response};
@@ -87,7 +88,7 @@ impl Server {
             }
             Relayed::Refused(msg) => {
                 log::error!(
-                    "output collector could not be confined job={} error={msg}",
+                    "output collector failed before collecting job={} error={msg}",
                     c.job.id
                 );
                 self.release(*c.end());
@@ -135,7 +136,7 @@ impl Server {
         match job.workdir.take() {
             Some(workdir) if collect => {
                 let ids = self.slot_ids(job.slot);
-                match Collection::start(job, workdir, ids, &self.collector_filter) {
+                match Collection::start(job, workdir, ids, self.collector_exe.as_fd()) {
                     Ok(c) => conn.state = State::Collecting(Box::new(c)),
                     Err((job, msg)) => {
                         log::error!("output collection not started job={} error={}", job.id, msg);

@@ -10,16 +10,15 @@ use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use sandrun_ipc::{
-    ExitReason, ExitReport, FrameDecoder, GrantedLimits, JobId, OutputPattern, Response,
+    CollectOrder, ExitReason, ExitReport, FrameDecoder, GrantedLimits, JobId, OutputPattern,
+    Response,
 };
 
-use super::collect::{self, CollectLimits};
 use super::conn::{Conn, HIGH_WATER};
 use super::slots::Slot;
 use crate::cgroup::{CgroupStats, JobCgroup};
 use crate::ids::{GroupId, UserId};
 use crate::sandbox::collector::{self, CollectorChild, CollectorPlan};
-use crate::sandbox::seccomp::SeccompProgram;
 use crate::sandbox::{self, CgroupJoin, Spawned};
 
 /// What the helper keeps of an accepted job between its bundle and its start.
@@ -582,7 +581,7 @@ pub fn decode_status(status: Option<i32>) -> (Option<i32>, Option<i32>) {
 }
 
 /// A finished job's outputs being collected by its collector K (`sandbox::collector`, running
-/// [`collect::serve`]) and relayed to the client. Holds the job (its cgroup, in which K runs,
+/// the `sandrun-outputs` executable) and relayed to the client. Holds the job (its cgroup, in which K runs,
 /// and its slot) until K is done; K holds the job's tmpfs.
 pub struct Collection {
     pub job: Box<Job>,
@@ -617,20 +616,21 @@ const RELAY_READ: usize = 64 * 1024;
 
 impl Collection {
     /// Forks K for `job` (which has ended) as `uid`/`gid` in the job's cgroup, to collect
-    /// beneath `workdir` (the helper's copy is closed once K has its own).
+    /// beneath `workdir` (the helper's copy is closed once K has its own) with the collector
+    /// executable `exe`.
     pub fn start(
         mut job: Box<Job>,
         workdir: OwnedFd,
         ids: (UserId, GroupId),
-        filter: &SeccompProgram,
+        exe: BorrowedFd<'_>,
     ) -> Result<Collection, (Box<Job>, String)> {
-        let limits = CollectLimits {
-            max_visited: usize::try_from(job.limits.file_count).unwrap_or(usize::MAX),
+        let order = CollectOrder {
+            patterns: std::mem::take(&mut job.outputs),
+            max_visited: u64::from(job.limits.file_count),
             max_total_bytes: job.limits.tmpfs_bytes,
-            max_files: job.max_output_files,
-            budget: job.collect_budget,
+            max_files: u64::try_from(job.max_output_files).unwrap_or(u64::MAX),
+            budget_ms: u64::try_from(job.collect_budget.as_millis()).unwrap_or(u64::MAX),
         };
-        let patterns = std::mem::take(&mut job.outputs);
         let join: Vec<_> = job.cgroup.join_fds().iter().map(AsFd::as_fd).collect();
         let cgroup = match job.cgroup.clone_into() {
             Some(dir) => CgroupJoin::Into(dir),
@@ -641,11 +641,9 @@ impl Collection {
             uid: ids.0,
             gid: ids.1,
             cgroup,
-            filter,
+            exe,
         };
-        let spawned = collector::spawn(&plan, |dir, out| {
-            collect::serve(dir, out, &patterns, limits)
-        });
+        let spawned = collector::spawn(&plan, &order);
         drop(join);
         match spawned {
             Ok(child) => Ok(Collection {

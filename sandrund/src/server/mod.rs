@@ -11,6 +11,8 @@
 //! end, report and collection), `teardown.rs` (freeing cgroups and slots), `pool.rs` (warm
 //! sandboxes), `admin.rs` (admin requests and counters), `signals.rs` (signals and shutdown).
 
+#![forbid(unsafe_code)]
+
 mod admin;
 pub(crate) mod collect;
 mod conn;
@@ -57,8 +59,8 @@ pub struct Server {
     listener: UnixListener,
     cgroups: Box<dyn CgroupManager>,
     filter: SeccompProgram,
-    /// The output collectors' filter (tighter than a job's).
-    collector_filter: SeccompProgram,
+    /// The output collector executable, opened at start-up (`sandbox::collector`).
+    collector_exe: OwnedFd,
     settings: SandboxSettings,
     conns: BTreeMap<u64, Conn>,
     next_conn: u64,
@@ -86,6 +88,7 @@ impl Server {
         listener: UnixListener,
         cgroups: Box<dyn CgroupManager>,
         filter: SeccompProgram,
+        collector_exe: OwnedFd,
     ) -> std::io::Result<Server> {
         listener.set_nonblocking(true)?;
         let settings = SandboxSettings {
@@ -96,14 +99,12 @@ impl Server {
         };
         let slots = Slots::new(cfg.slot_count);
         let pool = Pool::new(cfg.warm_sandboxes);
-        let collector_filter = SeccompProgram::compile_collector()
-            .map_err(|e| std::io::Error::other(format!("collector seccomp filter: {e}")))?;
         Ok(Server {
             cfg,
             listener,
             cgroups,
             filter,
-            collector_filter,
+            collector_exe,
             settings,
             conns: BTreeMap::new(),
             next_conn: 0,

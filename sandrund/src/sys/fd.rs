@@ -1,6 +1,7 @@
 //! File descriptors: opening, duplicating, closing, reading and writing, receiving fds over a
 //! socket, and mapping a sealed memfd.
 
+use std::ffi::CStr;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
@@ -251,4 +252,78 @@ pub(crate) fn bytes_readable(fd: BorrowedFd<'_>) -> Result<usize, Errno> {
         return Err(errno());
     }
     Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// `dup2(from, to)` in a process about to exec (the output collector K): `to` is a fixed
+/// number the next program expects, and whatever was at `to` is closed by the kernel, so the
+/// caller must own no Rust object for `to` (K's objects are all above it, see `relocate_from`).
+pub(crate) fn dup_onto(from: RawFd, to: RawFd) -> Result<(), Errno> {
+    // SAFETY: dup2 takes two integers and touches only the descriptor table.
+    if unsafe { libc::dup2(from, to) } != to {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+const RESOLVE_BENEATH: u64 = 0x08;
+
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// `openat2(dir, path, flags, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS)`.
+pub(crate) fn open_beneath(
+    dir: BorrowedFd<'_>,
+    path: &CStr,
+    flags: OFlag,
+) -> Result<OwnedFd, Errno> {
+    let how = OpenHow {
+        flags: u64::from(
+            (flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                .bits()
+                .cast_unsigned(),
+        ),
+        mode: 0,
+        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: `dir` is a valid borrowed fd, `path` is NUL-terminated and `how` is a live, properly
+    // laid out `struct open_how` whose size we pass; the kernel only reads them during the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            path.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if ret < 0 {
+        return Err(errno());
+    }
+    let fd = i32::try_from(ret).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the syscall succeeded and returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod open_beneath_tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn given_a_symlinked_directory_in_the_middle_then_openat2_refuses_to_cross_it() {
+        let d = tempfile::tempdir().unwrap();
+        symlink("/etc", d.path().join("e")).unwrap();
+        let fd: OwnedFd = std::fs::File::open(d.path()).unwrap().into();
+        let r = open_beneath(fd.as_fd(), c"e/passwd", OFlag::O_RDONLY);
+        assert_eq!(r.err(), Some(Errno::ELOOP));
+        let r = open_beneath(fd.as_fd(), c"../../etc/passwd", OFlag::O_RDONLY);
+        assert_eq!(r.err(), Some(Errno::EXDEV));
+    }
 }

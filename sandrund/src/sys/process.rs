@@ -457,3 +457,45 @@ pub(crate) fn install_signal_pipe() -> std::io::Result<OwnedFd> {
     }
     Ok(r)
 }
+
+/// `execveat(exe, "", [argv0, NULL], [NULL], AT_EMPTY_PATH)`: runs the executable open at
+/// `exe` with no environment; returns only on failure, with its errno. Allocation-free.
+pub(crate) fn execveat_no_env(exe: RawFd, argv0: &CStr) -> Errno {
+    let argv = [argv0.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null::<c_char>()];
+    // SAFETY: the empty path with AT_EMPTY_PATH names `exe` itself (EBADF if it is not open);
+    // argv and envp are NULL-terminated arrays of pointers to NUL-terminated strings, alive in
+    // this frame for the whole call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_execveat,
+            exe,
+            c"".as_ptr(),
+            argv.as_ptr(),
+            envp.as_ptr(),
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    errno()
+}
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, 0, {len, filter})`: installs the classic-BPF program
+/// `filter` on the calling thread (`NO_NEW_PRIVS` must be set). Allocation-free.
+pub(crate) fn install_seccomp_filter(filter: &[libc::sock_filter]) -> Result<(), Errno> {
+    let prog = libc::sock_fprog {
+        len: u16::try_from(filter.len()).map_err(|_| Errno::EINVAL)?,
+        // The kernel only reads the program; the pointer is `*mut` by C declaration only.
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points at `filter`, whose `len` instructions are initialized and outlive
+    // the call; the kernel copies the program before returning.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0 as libc::c_uint,
+            std::ptr::addr_of!(prog),
+        )
+    })
+    .map(drop)
+}
