@@ -428,7 +428,7 @@ fn job_steps(
     sys::close_all_except(&keep).map_err(|e| (SetupStep::CloseFds, e, "job"))?;
     exec.filter
         .install()
-        .map_err(|e| (SetupStep::Seccomp, Errno::from_raw(e), ""))?;
+        .map_err(|e| (SetupStep::Seccomp, e, ""))?;
     Err((SetupStep::Exec, sys::execve(&exec.args), "execve"))
 }
 

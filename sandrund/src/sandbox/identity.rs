@@ -9,7 +9,7 @@ use nix::errno::Errno;
 
 use super::{fail, SetupError, SetupStep};
 use crate::ids::{GroupId, UserId};
-use crate::sys::{self, prctl};
+use crate::sys::{self, prctl, Prctl};
 
 /// Highest capability number probed; the kernel answers `EINVAL` past its last one.
 const CAP_PROBE_LIMIT: libc::c_ulong = 64;
@@ -39,14 +39,13 @@ pub(super) fn drop_privileges(uid: UserId, gid: GroupId) -> Result<(), SetupErro
 fn drop_bounding_and_ambient() -> Result<(), SetupError> {
     let step = SetupStep::DropCapabilities;
     for cap in 0..CAP_PROBE_LIMIT {
-        match prctl(libc::PR_CAPBSET_DROP, cap, 0) {
+        match prctl(Prctl::DropBounding(cap)) {
             Ok(_) => {}
             Err(Errno::EINVAL) => break,
             Err(e) => return Err(fail(step, e, "PR_CAPBSET_DROP")),
         }
     }
-    let clear = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_CLEAR_ALL).unwrap_or(4);
-    prctl(libc::PR_CAP_AMBIENT, clear, 0).map_err(|e| fail(step, e, "ambient clear"))?;
+    prctl(Prctl::ClearAmbient).map_err(|e| fail(step, e, "ambient clear"))?;
     Ok(())
 }
 
@@ -91,10 +90,9 @@ fn verify_no_capabilities() -> Result<(), SetupError> {
     {
         return Err(fail(step, Errno::EPERM, "capabilities remain"));
     }
-    let is_set = libc::c_ulong::try_from(libc::PR_CAP_AMBIENT_IS_SET).unwrap_or(1);
     for cap in 0..CAP_PROBE_LIMIT {
-        let bounding = prctl(libc::PR_CAPBSET_READ, cap, 0);
-        let ambient = prctl(libc::PR_CAP_AMBIENT, is_set, cap);
+        let bounding = prctl(Prctl::ReadBounding(cap));
+        let ambient = prctl(Prctl::IsAmbient(cap));
         match (bounding, ambient) {
             (Err(Errno::EINVAL), _) => return Ok(()),
             (Ok(0), Ok(0)) => {}
@@ -110,9 +108,8 @@ fn verify_no_capabilities() -> Result<(), SetupError> {
 /// resets the latter two.
 fn harden_process() -> Result<(), SetupError> {
     let step = SetupStep::NoNewPrivs;
-    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map_err(|e| fail(step, e, "PR_SET_NO_NEW_PRIVS"))?;
-    prctl(libc::PR_SET_DUMPABLE, 0, 0).map_err(|e| fail(step, e, "PR_SET_DUMPABLE"))?;
-    let kill = libc::c_ulong::try_from(libc::SIGKILL).unwrap_or(9);
-    prctl(libc::PR_SET_PDEATHSIG, kill, 0).map_err(|e| fail(step, e, "PR_SET_PDEATHSIG"))?;
+    prctl(Prctl::NoNewPrivs).map_err(|e| fail(step, e, "PR_SET_NO_NEW_PRIVS"))?;
+    prctl(Prctl::NotDumpable).map_err(|e| fail(step, e, "PR_SET_DUMPABLE"))?;
+    prctl(Prctl::KillOnParentDeath).map_err(|e| fail(step, e, "PR_SET_PDEATHSIG"))?;
     Ok(())
 }

@@ -299,9 +299,9 @@ fn parse_instructions(bytes: &[u8]) -> Result<Vec<libc::sock_filter>, SeccompErr
 
 impl SeccompProgram {
     /// Installs the filter on the calling thread. `NO_NEW_PRIVS` must already be set. Returns
-    /// the errno on failure. Allocation-free.
-    pub fn install(&self) -> Result<(), i32> {
-        crate::sys::install_seccomp_filter(&self.filter).map_err(|e| e as i32)
+    /// the kernel's errno on failure. Allocation-free.
+    pub fn install(&self) -> Result<(), nix::errno::Errno> {
+        crate::sys::install_seccomp_filter(&self.filter)
     }
 }
 

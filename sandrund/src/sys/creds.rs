@@ -72,14 +72,48 @@ pub(crate) fn capability_sets() -> Result<[CapData; 2], Errno> {
     Ok(data)
 }
 
-/// `prctl` with up to two integer arguments.
-pub(crate) fn prctl(
-    option: libc::c_int,
-    arg2: libc::c_ulong,
-    arg3: libc::c_ulong,
-) -> Result<libc::c_int, Errno> {
+/// The `prctl` operations the helper uses. Each takes integer arguments only, so the one
+/// `unsafe` call below cannot be handed an option whose arguments are pointers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Prctl {
+    /// `PR_CAPBSET_DROP`: remove a capability from the bounding set.
+    DropBounding(libc::c_ulong),
+    /// `PR_CAPBSET_READ`: 1 if the capability is in the bounding set, else 0.
+    ReadBounding(libc::c_ulong),
+    /// `PR_CAP_AMBIENT_CLEAR_ALL`.
+    ClearAmbient,
+    /// `PR_CAP_AMBIENT_IS_SET`: 1 if the capability is ambient, else 0.
+    IsAmbient(libc::c_ulong),
+    /// `PR_SET_NO_NEW_PRIVS` to 1 (it cannot be unset).
+    NoNewPrivs,
+    /// `PR_SET_DUMPABLE` to 0.
+    NotDumpable,
+    /// `PR_SET_PDEATHSIG` to SIGKILL.
+    KillOnParentDeath,
+}
+
+impl Prctl {
+    fn args(self) -> (libc::c_int, libc::c_ulong, libc::c_ulong) {
+        // The constants are small non-negative numbers; `as` cannot truncate them.
+        let ambient = libc::PR_CAP_AMBIENT;
+        match self {
+            Prctl::DropBounding(cap) => (libc::PR_CAPBSET_DROP, cap, 0),
+            Prctl::ReadBounding(cap) => (libc::PR_CAPBSET_READ, cap, 0),
+            Prctl::ClearAmbient => (ambient, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0),
+            Prctl::IsAmbient(cap) => (ambient, libc::PR_CAP_AMBIENT_IS_SET as libc::c_ulong, cap),
+            Prctl::NoNewPrivs => (libc::PR_SET_NO_NEW_PRIVS, 1, 0),
+            Prctl::NotDumpable => (libc::PR_SET_DUMPABLE, 0, 0),
+            Prctl::KillOnParentDeath => (libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0),
+        }
+    }
+}
+
+/// One `prctl` operation; its non-negative result.
+pub(crate) fn prctl(op: Prctl) -> Result<libc::c_int, Errno> {
+    let (option, arg2, arg3) = op.args();
     let zero: libc::c_ulong = 0;
-    // SAFETY: the options used with this wrapper take integer arguments only.
+    // SAFETY: every `Prctl` variant maps to an option whose arguments are integers (no pointer
+    // is passed, so no memory is read or written); the unused arguments are 0 as prctl(2) asks.
     let ret = unsafe { libc::prctl(option, arg2, arg3, zero, zero) };
     if ret < 0 {
         return Err(errno());
