@@ -10,7 +10,7 @@ use crate::limits::{GrantedLimits, Limits};
 use crate::validate::{BundlePath, OutputPattern, PrintablePath};
 
 /// The protocol version. A peer with another version gets [`crate::ErrorCode::VersionMismatch`].
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Who a connecting client claims to be. The helper checks the claim against `SO_PEERCRED`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,28 +93,23 @@ pub struct JobSpec {
     pub requirements: Vec<String>,
 }
 
-/// One distribution a job's requirements installed from the wheelhouse.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstalledPackage {
-    pub name: String,
-    pub version: String,
-    /// File name of the wheel in the wheelhouse.
-    pub wheel: String,
-    /// SHA-256 of that wheel, read by the helper from the wheelhouse (not from the job).
-    pub sha256: [u8; 32],
-}
+/// Most bytes of a job's requirements record the helper relays ([`RequirementsRecord`]). The
+/// install step writes at most 60,000 (less than a pipe's 64 KiB, so its write never blocks).
+pub const MAX_REQUIREMENTS_RECORD_BYTES: usize = 64 * 1024;
 
-/// What a job's requirements came to.
+/// What a job's install step wrote on the job's record pipe, relayed by the helper without
+/// reading it: the gateway parses it (the helper never interprets bytes a job-uid process
+/// wrote). The install step (`sandrund/src/server/install_requirements.py`) writes it before
+/// any code of the job runs and closes the pipe before it `execve`s the job's command, so the
+/// job cannot add to it; its format is documented there and in `sandrun-gateway/src/requirements.rs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RequirementsReport {
-    /// What was installed, sorted by name. Requirements the template already satisfied are not
-    /// installed and not listed.
-    pub installed: Vec<InstalledPackage>,
-    /// Why the install failed (the job's command did not run; reason
-    /// [`ExitReason::Requirements`]), or why the helper cannot attest a successful install
-    /// after the command ran (a wheel it cannot re-read to hash; reason
-    /// [`ExitReason::Internal`], `installed` empty); `None` when it succeeded.
-    pub error: Option<String>,
+pub struct RequirementsRecord {
+    /// The first bytes the pipe held once the job had ended, at most
+    /// [`MAX_REQUIREMENTS_RECORD_BYTES`].
+    #[serde(with = "crate::bytes")]
+    pub bytes: Vec<u8>,
+    /// The pipe held more than [`MAX_REQUIREMENTS_RECORD_BYTES`] (the rest was not read).
+    pub overflowed: bool,
 }
 
 /// Admin requests (role [`Role::Admin`]).
@@ -179,7 +174,7 @@ pub enum ExitReason {
     Environment,
     /// The job's requirements could not be installed from the wheelhouse (a distribution it
     /// lacks, a hash that does not match, the job's tmpfs full); the job's command did not run.
-    /// [`RequirementsReport::error`] says why.
+    /// Set by the gateway from the job's [`RequirementsRecord`]; the helper never reports it.
     Requirements,
 }
 
@@ -233,9 +228,9 @@ pub struct ExitReport {
     /// from the job's own read-only clone of the template (the tree mounted at `/env`); `None`
     /// for a job without a template.
     pub template_lock: Option<[u8; 32]>,
-    /// What the job's requirements installed (or why they failed); `None` for a job without
-    /// requirements.
-    pub requirements: Option<RequirementsReport>,
+    /// The install step's record of what the job's requirements installed (or why they
+    /// failed), for the gateway to parse; `None` exactly for a job without requirements.
+    pub requirements: Option<RequirementsRecord>,
 }
 
 /// Why a path matching an output pattern was not returned.

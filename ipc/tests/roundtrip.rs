@@ -441,5 +441,5 @@ fn given_the_hello_example_of_docs_protocol_md_then_the_bytes_match() {
         role: sandrun_ipc::Role::Submitter,
     };
     let frame = encode(&Request::Hello(hello)).expect("encodes");
-    assert_eq!(frame, [3, 0, 0, 0, 0, 7, 0]);
+    assert_eq!(frame, [3, 0, 0, 0, 0, 8, 0]);
 }

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::requirements::RequirementsReport;
 use bytes::Bytes;
 use sandrun_ipc::tokio_adapter::AsyncClientChannel;
 use sandrun_ipc::{
@@ -60,7 +61,12 @@ pub enum HelperEvent {
 /// Everything the helper returned after the job's exit.
 #[derive(Debug)]
 pub struct HelperResult {
+    /// The helper's report, with the reason the job's requirements came to
+    /// ([`crate::requirements::Outcome::reason`]) and its record taken out (parsed into
+    /// `requirements`).
     pub exit: ExitReport,
+    /// What the job's requirements installed, or why they failed; `None` for a job without.
+    pub requirements: Option<RequirementsReport>,
     pub outputs: Vec<OutputFile>,
     pub skipped: Vec<SkippedOutput>,
     /// The memory charged for `outputs`.
@@ -205,11 +211,18 @@ async fn converse(
     send_bundle(&mut channel, pending).await?;
     let template = pending.spec.template.is_some();
     let requirements = !pending.spec.requirements.is_empty();
-    let exit = receive_run(&mut channel, template, requirements, &mut on_event).await?;
+    let mut exit = receive_run(&mut channel, template, requirements, &mut on_event).await?;
+    let requirements = exit.requirements.take().map(|record| {
+        let outcome = crate::requirements::parse(&record);
+        exit.reason = outcome.reason(exit.reason);
+        outcome.report
+    });
     let inputs = input_files(pending);
     // Outputs are charged to the job's client, like its bundle.
     let reservation = budget.empty(pending.reservation.client());
-    receive_outputs(&mut channel, exit, reservation, &inputs).await
+    let mut done = receive_outputs(&mut channel, exit, reservation, &inputs).await?;
+    done.requirements = requirements;
+    Ok(done)
 }
 
 /// The job's input files by path. An output identical to an input is the input coming back
@@ -455,6 +468,7 @@ async fn receive_outputs(
             Response::Done => {
                 return Ok(HelperResult {
                     exit,
+                    requirements: None,
                     outputs,
                     skipped,
                     reservation,

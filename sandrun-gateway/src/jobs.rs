@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::requirements::RequirementsReport;
 use bytes::Bytes;
 use rand::RngCore;
 use sandrun_ipc::{ExitReason, ExitReport, JobSpec};
@@ -140,6 +141,8 @@ pub struct Finish {
     pub summary: ExitSummary,
     pub message: Option<String>,
     pub exit: Option<ExitReport>,
+    /// What the job's requirements came to (parsed by the helper client).
+    pub requirements: Option<RequirementsReport>,
     pub outputs: Vec<OutputFile>,
     pub skipped: Vec<SkippedOutput>,
     pub output_reservation: Option<Reservation>,
@@ -165,6 +168,8 @@ pub struct Job {
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
     pub exit: Option<ExitReport>,
+    /// What the job's requirements installed, or why they failed; `None` without requirements.
+    pub requirements: Option<RequirementsReport>,
     pub outputs: Vec<OutputFile>,
     pub skipped: Vec<SkippedOutput>,
     pub signature: Option<String>,
@@ -208,6 +213,7 @@ impl Job {
             stdout_truncated: false,
             stderr_truncated: false,
             exit: None,
+            requirements: None,
             outputs: Vec::new(),
             skipped: Vec::new(),
             signature: None,
@@ -530,6 +536,7 @@ fn apply_finish(job: &mut Job, finish: Finish) {
         job.stderr_truncated |= exit.stderr_truncated;
     }
     job.exit = finish.exit;
+    job.requirements = finish.requirements;
     job.outputs = finish.outputs;
     job.skipped = finish.skipped;
     if let Some(reservation) = finish.output_reservation {
@@ -655,6 +662,7 @@ mod tests {
             summary,
             message: None,
             exit: None,
+            requirements: None,
             outputs: Vec::new(),
             skipped: Vec::new(),
             output_reservation: None,

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod privdrop;
 pub mod queue;
 pub mod ratelimit;
+pub mod requirements;
 pub mod scheduler;
 pub mod server;
 pub mod signing;

@@ -9,8 +9,8 @@ use sandrun_ipc::{ExitReason, ExitReport};
 use tokio::sync::watch;
 
 use crate::helper_client::{self, HelperError, HelperEvent, HelperResult};
+use crate::jobs::StreamKind;
 use crate::jobs::{Dispatch, ExitSummary, Finish, JobId, JobStatus};
-use crate::jobs::{OutputFile, StreamKind};
 use crate::signing::{canonical_message, EnvironmentClaim, RequirementsClaim, ResultClaim};
 use crate::state::AppState;
 
@@ -124,11 +124,10 @@ pub fn summarize(report: &ExitReport) -> ExitSummary {
 fn finish_from_result(state: &AppState, id: JobId, done: HelperResult) -> Finish {
     let summary = summarize(&done.exit);
     let completed_at_unix = unix_now();
-    let signature = sign_result(state, id, &done.exit, &done.outputs, completed_at_unix);
+    let signature = sign_result(state, id, &done, completed_at_unix);
     let ttl = state.config.ttl(summary.status == JobStatus::Failed);
     // Why the job's requirements could not be installed (reason `requirements`).
     let message = done
-        .exit
         .requirements
         .as_ref()
         .and_then(|r| r.error.as_ref())
@@ -137,6 +136,7 @@ fn finish_from_result(state: &AppState, id: JobId, done: HelperResult) -> Finish
         summary,
         message,
         exit: Some(done.exit),
+        requirements: done.requirements,
         outputs: done.outputs,
         skipped: done.skipped,
         output_reservation: Some(done.reservation),
@@ -182,6 +182,7 @@ fn failed(state: &AppState, reason: ExitReason, message: String) -> Finish {
         summary,
         message: Some(message),
         exit: None,
+        requirements: None,
         outputs: Vec::new(),
         skipped: Vec::new(),
         output_reservation: None,
@@ -194,10 +195,10 @@ fn failed(state: &AppState, reason: ExitReason, message: String) -> Finish {
 fn sign_result(
     state: &AppState,
     id: JobId,
-    exit: &ExitReport,
-    outputs: &[OutputFile],
+    done: &HelperResult,
     completed_at: u64,
 ) -> Option<String> {
+    let (exit, outputs) = (&done.exit, &done.outputs);
     let (job_hash, environment) = state.jobs.with_job(id, |job, _| {
         (job.info.job_hash, job.info.environment.clone())
     })?;
@@ -218,7 +219,7 @@ fn sign_result(
             .as_deref()
             .zip(exit.template_lock.as_ref())
             .map(|(name, lock_sha256)| EnvironmentClaim { name, lock_sha256 }),
-        requirements: exit
+        requirements: done
             .requirements
             .as_ref()
             .map(RequirementsClaim::from_report),

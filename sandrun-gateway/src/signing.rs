@@ -213,7 +213,7 @@ pub struct ResultClaim<'a> {
 /// The requirements part of a [`ResultClaim`].
 #[derive(Debug, Clone, Copy)]
 pub struct RequirementsClaim<'a> {
-    pub installed: &'a [sandrun_ipc::InstalledPackage],
+    pub installed: &'a [crate::requirements::InstalledPackage],
     /// The install failed or its outcome could not be attested (the report has an `error`; the
     /// list is then empty). Signed as `requirements_result=failed`, so that a failed install
     /// (exit code 1 from the install step) never has the bytes of a job whose template had
@@ -222,7 +222,7 @@ pub struct RequirementsClaim<'a> {
 }
 
 impl<'a> RequirementsClaim<'a> {
-    pub fn from_report(report: &'a sandrun_ipc::RequirementsReport) -> Self {
+    pub fn from_report(report: &'a crate::requirements::RequirementsReport) -> Self {
         RequirementsClaim {
             installed: &report.installed,
             failed: report.error.is_some(),
@@ -419,13 +419,13 @@ mod tests {
     fn given_requirements_then_the_message_is_v3_with_their_sorted_lines_after_the_template() {
         let lock = [0xcd; 32];
         let installed = vec![
-            sandrun_ipc::InstalledPackage {
+            crate::requirements::InstalledPackage {
                 name: "zeta".into(),
                 version: "2.0".into(),
                 wheel: "zeta-2.0-py3-none-any.whl".into(),
                 sha256: [0xaa; 32],
             },
-            sandrun_ipc::InstalledPackage {
+            crate::requirements::InstalledPackage {
                 name: "alpha".into(),
                 version: "1.0".into(),
                 wheel: "alpha-1.0-py3-none-any.whl".into(),

@@ -123,20 +123,24 @@ fn submit_with_requirements(stack: &Stack, code: &str, requirements: Value) -> S
     ])
 }
 
+/// What the helper's exit report says the job's requirements came to, parsed as the gateway
+/// parses it (the helper relays the install step's record unread).
+fn requirements(outcome: &sandrun_tests::Outcome) -> sandrun_gateway::requirements::Outcome {
+    let record = (outcome.report().requirements.as_ref())
+        .unwrap_or_else(|| panic!("no requirements record: {}", outcome.describe()));
+    sandrun_gateway::requirements::parse(record)
+}
+
 /// The cause a job that ended with reason `requirements` reports (panics on any other reason).
 fn requirements_error(outcome: &sandrun_tests::Outcome) -> String {
-    let report = outcome.report();
+    let parsed = requirements(outcome);
     assert_eq!(
-        report.reason,
+        parsed.reason(outcome.report().reason),
         ExitReason::Requirements,
         "{}",
         outcome.describe()
     );
-    report
-        .requirements
-        .as_ref()
-        .and_then(|r| r.error.clone())
-        .unwrap_or_default()
+    parsed.report.error.unwrap_or_default()
 }
 
 #[test]
@@ -321,8 +325,10 @@ fn given_a_template_providing_a_requirement_then_only_the_others_are_installed()
         "{}",
         outcome.describe()
     );
-    let requirements = report.requirements.as_ref().expect("requirements report");
-    let names: Vec<&str> = requirements
+    let parsed = requirements(&outcome);
+    assert_eq!(parsed.report.error, None, "{}", outcome.describe());
+    let names: Vec<&str> = parsed
+        .report
         .installed
         .iter()
         .map(|p| p.name.as_str())
@@ -637,4 +643,36 @@ fn given_job_files_shadowing_pip_or_a_sitecustomize_then_the_install_runs_the_re
                               "sha256": alpha_sha}], "error": null}),
         "{status}"
     );
+}
+
+#[test]
+fn given_a_wheelhouse_wheel_that_is_a_symlink_then_the_install_step_refuses_it_before_the_job_runs()
+{
+    // The install step hashes each wheel pip installed from `/wheelhouse` itself, opened
+    // without following links: a wheel that is a link (here to a file in a hidden directory of
+    // the wheelhouse, which pip follows and installs) is never attested, and the command does
+    // not run.
+    let (wh, _, _) = wheelhouse();
+    let store = wh.path().join(".store");
+    fs::create_dir(&store).expect("mkdir");
+    fs::set_permissions(&store, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let (file, bytes) = wheel("gamma", "3.0", &[]);
+    fs::write(store.join("gamma.zip"), &bytes).expect("write wheel");
+    std::os::unix::fs::symlink(".store/gamma.zip", wh.path().join(&file)).expect("symlink");
+    let helper = Helper::start(&config(&format!(
+        "wheelhouse_dir = \"{}\"",
+        wh.path().display()
+    )));
+    let mut job = Job::new(&["python3", "-c", "print('the job ran')"]);
+    job.spec.requirements = vec!["gamma".into()];
+    let outcome = helper.run(&job);
+    let error = requirements_error(&outcome);
+    assert!(outcome.stdout.is_empty(), "{}", outcome.describe());
+    assert_eq!(
+        error,
+        format!("wheel {file} of the wheelhouse cannot be read: Too many levels of symbolic links"),
+        "{}",
+        outcome.describe()
+    );
+    assert!(requirements(&outcome).report.installed.is_empty());
 }

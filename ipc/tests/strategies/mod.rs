@@ -7,9 +7,9 @@ use proptest::option;
 use proptest::prelude::*;
 use sandrun_ipc::{
     AdminRequest, AdminResponse, BundleEntry, BundlePath, ErrorCode, ExitReason, ExitReport,
-    GrantedLimits, Hello, InstalledPackage, IpcError, JobId, JobSpec, LatencySummary, Limits,
-    NetworkPolicy, OutputFileHeader, OutputPattern, PrintablePath, Request, RequirementsReport,
-    Response, Role, SandboxInfo, SkipKind, Stats, TemplateInfo, TemplateLock,
+    GrantedLimits, Hello, IpcError, JobId, JobSpec, LatencySummary, Limits, NetworkPolicy,
+    OutputFileHeader, OutputPattern, PrintablePath, Request, RequirementsRecord, Response, Role,
+    SandboxInfo, SkipKind, Stats, TemplateInfo, TemplateLock,
 };
 
 /// Free text (labels, argv, messages): any characters, including control characters.
@@ -215,22 +215,9 @@ pub fn exit_reason() -> impl Strategy<Value = ExitReason> {
     proptest::sample::select(ExitReason::ALL.to_vec())
 }
 
-pub fn requirements_report() -> impl Strategy<Value = RequirementsReport> {
-    (
-        vec(
-            (text(), text(), text(), any::<[u8; 32]>()).prop_map(
-                |(name, version, wheel, sha256)| InstalledPackage {
-                    name,
-                    version,
-                    wheel,
-                    sha256,
-                },
-            ),
-            0..3,
-        ),
-        option::of(text()),
-    )
-        .prop_map(|(installed, error)| RequirementsReport { installed, error })
+pub fn requirements_record() -> impl Strategy<Value = RequirementsRecord> {
+    (vec(any::<u8>(), 0..64), any::<bool>())
+        .prop_map(|(bytes, overflowed)| RequirementsRecord { bytes, overflowed })
 }
 
 pub fn exit_report() -> impl Strategy<Value = ExitReport> {
@@ -244,7 +231,7 @@ pub fn exit_report() -> impl Strategy<Value = ExitReport> {
         any::<bool>(),
         any::<bool>(),
         option::of(any::<[u8; 32]>()),
-        option::of(requirements_report()),
+        option::of(requirements_record()),
     )
         .prop_map(
             |(

@@ -370,7 +370,7 @@ pub(super) fn status_body(
         "environment_lock": exit.and_then(|e| e.template_lock).map(hex::encode),
         // What the job's requirements installed from the wheelhouse (signed, format
         // `sandrun-result-v3`), or why they failed; null for a job without requirements.
-        "requirements": exit.and_then(|e| e.requirements.as_ref()).map(|r| json!({
+        "requirements": job.requirements.as_ref().map(|r| json!({
             "installed": r.installed.iter().map(|p| json!({
                 "name": p.name,
                 "version": p.version,
@@ -384,7 +384,7 @@ pub(super) fn status_body(
             "worker_id_hex": worker_id[1],
             "signature": job.signature,
             "signature_format": job.signature.as_ref().map(|_| {
-                if exit.is_some_and(|e| e.requirements.is_some()) {
+                if job.requirements.is_some() {
                     crate::signing::RESULT_DOMAIN_V3
                 } else if job.info.environment.is_some() {
                     crate::signing::RESULT_DOMAIN_V2

@@ -160,17 +160,13 @@ impl Server {
         set.poll(self.poll_timeout(refill))
     }
 
-    /// None with `refill` or while wheels are hashed, a tick while anything is pending, or else
-    /// until an event.
+    /// None with `refill`, a tick while anything is pending, or else until an event.
     fn poll_timeout(&self, refill: bool) -> PollTimeout {
         let busy = !self.conns.is_empty()
             || !self.teardowns.is_empty()
             || !self.exiting.is_empty()
             || self.accept_paused;
-        // A job whose wheels are being hashed goes on at the next turn, after the others.
-        let hashing = (self.conns.values())
-            .any(|c| matches!(&c.state, State::Running(job) if job.is_hashing()));
-        if refill || hashing {
+        if refill {
             PollTimeout::ZERO
         } else if busy {
             PollTimeout::from(100u16)

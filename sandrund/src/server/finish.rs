@@ -58,7 +58,7 @@ impl Server {
     pub(super) fn progress(&mut self, conn: &mut Conn, now: Instant) {
         match std::mem::replace(&mut conn.state, State::Closing) {
             State::Running(mut job) => {
-                if job.is_finished(now) && job.requirements_hashed(&self.cfg.wheelhouse_dir) {
+                if job.is_finished(now) {
                     self.finish(conn, job);
                     // Relay at once what the collector may already have sent.
                     if matches!(conn.state, State::Collecting(_)) {
@@ -121,7 +121,7 @@ impl Server {
 
     /// The job ended: report, start its collector (or release the cgroup and the slot).
     fn finish(&mut self, conn: &mut Conn, mut job: Box<Job>) {
-        let report = job.report(&self.cfg.wheelhouse_dir);
+        let report = job.report();
         self.record_end(&job, &report);
         let client_here = conn.stream.is_some();
         if client_here {

@@ -1,4 +1,4 @@
-import json, os, re, subprocess, sys, urllib.parse
+import hashlib, json, os, re, stat, subprocess, sys, urllib.parse
 reqs, argv = sys.argv[1], sys.argv[2:]
 base = "/tmp/.sandrun-req"
 def put(name, text):
@@ -18,6 +18,26 @@ def fail(msg):
     except OSError:
         pass
     sys.exit(1)
+def sha256_of(wheel):
+    # The operator's file, from the read-only wheelhouse mount: a plain name, no link followed.
+    if "/" in wheel or wheel.startswith(".") or not wheel.endswith(".whl"):
+        fail("pip named a wheel that is not a file of the wheelhouse: " + repr(wheel))
+    try:
+        fd = os.open("/wheelhouse/" + wheel, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                fail("wheel " + wheel + " of the wheelhouse is not a regular file")
+            h = hashlib.sha256()
+            while True:
+                chunk = os.read(fd, 1 << 20)
+                if not chunk:
+                    return h.hexdigest()
+                h.update(chunk)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        fail("wheel " + wheel + " of the wheelhouse cannot be read: " + str(e.strerror))
 def nospace(text):
     return any(s in text for s in ("No space left on device", "[Errno 28]", "[Errno 27]",
                                    "File too large", "Disk quota exceeded"))
@@ -65,7 +85,8 @@ try:
         if not url.startswith("file:///wheelhouse/"):
             fail(md["name"] + " did not come from the wheelhouse")
         wheel = urllib.parse.unquote(url[len("file:///wheelhouse/"):])
-        lines.append(md["name"] + " " + md["version"] + " " + wheel + "\n")
+        lines.append(md["name"] + " " + md["version"] + " " + wheel + " " + sha256_of(wheel)
+                     + "\n")
     text = "installed\n" + "".join(lines) + "end\n"
     if len(text.encode("utf-8", "replace")) > 60000:
         fail("the list of installed distributions is longer than 60000 bytes")

@@ -175,13 +175,9 @@ pub struct Job {
     reaped_at: Option<Instant>,
     /// The lock hash of the job's template, for its exit report.
     template_lock: Option<[u8; 32]>,
-    /// For a job that installed requirements first: the read end of its record pipe (its
-    /// report says what they came to).
+    /// For a job that installed requirements first: the read end of its record pipe, relayed
+    /// unread in its exit report.
     requirements: Option<OwnedFd>,
-    /// Once the job has ended: its requirements' wheels being hashed, a bounded amount per turn
-    /// of the helper's loop ([`Job::requirements_hashed`]), then what they came to.
-    hashing: Option<super::requirements::Hashing>,
-    hashed: Option<super::requirements::Outcome>,
 }
 
 impl Job {
@@ -233,8 +229,6 @@ impl Job {
             reaped_at: None,
             template_lock,
             requirements,
-            hashing: None,
-            hashed: None,
         }
     }
 
@@ -401,40 +395,9 @@ impl Job {
         true
     }
 
-    /// Most bytes of wheels hashed for one job in one turn of the helper's loop.
-    const HASH_BUDGET: usize = 4 << 20;
-
-    /// For a finished job: hashes up to [`Self::HASH_BUDGET`] bytes of its requirements'
-    /// wheels; true once they are all hashed (or it has none), so the job can be reported. The
-    /// loop calls it once per turn, so other jobs are served in between.
-    pub fn requirements_hashed(&mut self, wheelhouse: &std::path::Path) -> bool {
-        if self.hashed.is_some() {
-            return true;
-        }
-        let Some(record) = self.requirements.as_ref() else {
-            return true;
-        };
-        let hashing = self
-            .hashing
-            .get_or_insert_with(|| super::requirements::begin(record.as_fd(), wheelhouse));
-        match hashing.step(Self::HASH_BUDGET) {
-            Some(done) => {
-                self.hashing = None;
-                self.hashed = Some(done);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Wheels are being hashed: the loop must come back at once, not wait for an event.
-    pub fn is_hashing(&self) -> bool {
-        self.hashing.is_some()
-    }
-
     /// Builds the exit report from the status and the cgroup's figures (and, for a job with
-    /// requirements, from its record pipe and the wheelhouse).
-    pub fn report(&mut self, wheelhouse: &std::path::Path) -> ExitReport {
+    /// requirements, what its record pipe holds).
+    pub fn report(&mut self) -> ExitReport {
         if let Ok(stats) = self.stats() {
             self.last_stats = stats;
         }
@@ -459,27 +422,8 @@ impl Job {
         } else {
             ExitReason::None
         };
-        let outcome = self.hashed.take().or_else(|| {
-            // Not hashed on the loop's turns (only when the job is reported before it has
-            // finished): all at once.
-            self.requirements
-                .as_ref()
-                .map(|record| super::requirements::outcome(record.as_fd(), wheelhouse))
-        });
-        let reason = match (reason, &outcome) {
-            (ExitReason::None | ExitReason::OutputLimit, Some(o)) if o.report.error.is_some() => {
-                if o.command_ran {
-                    // The install succeeded and the command ran, but the helper cannot attest
-                    // what was installed (a wheel it cannot re-read): the helper's failure,
-                    // not the job's requirements.
-                    ExitReason::Internal
-                } else {
-                    ExitReason::Requirements
-                }
-            }
-            (other, _) => other,
-        };
-        let requirements = outcome.map(|o| o.report);
+        let requirements = (self.requirements.as_ref())
+            .map(|record| super::requirements::read_record(record.as_fd()));
         ExitReport {
             exit_code,
             signal,
