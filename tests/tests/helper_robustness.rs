@@ -152,3 +152,73 @@ fn given_a_client_that_leaves_while_its_outputs_stream_then_the_jobs_cgroup_is_r
     let log = helper.log();
     assert!(!log.contains("dropped without remove"), "{log}");
 }
+
+/// The helper's cgroup worker (`sandrund/src/server/cgroup_worker.rs`): its child named
+/// `sandrun-cgroups`.
+fn cgroup_worker(helper: &Helper) -> Option<i32> {
+    let pid = helper.pid();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().find_map(|p| {
+        let name = sandrun_tests::host::status_field(p, "Name")?;
+        (name == "sandrun-cgroups").then(|| p.parse().ok())?
+    })
+}
+
+#[test]
+fn given_a_helper_whose_cgroup_worker_dies_then_jobs_still_run_and_no_job_cgroup_is_left() {
+    let helper = Helper::start(&config("warm_sandboxes = 2"));
+    let mut worker = None;
+    wait_until("the cgroup worker", || {
+        worker = cgroup_worker(&helper);
+        worker.is_some()
+    });
+    let worker = worker.expect("found");
+    // It holds nothing of the helper's: its socket and stderr only.
+    assert_eq!(
+        fd_count(worker),
+        2,
+        "the cgroup worker holds more descriptors"
+    );
+    let outcome = helper.run(&Job::new(&["/bin/sh", "-c", "echo before"]));
+    assert_eq!(outcome.stdout, b"before\n", "{}", outcome.describe());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(worker),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the worker");
+    // Reaped by the helper once it sees the worker's socket close.
+    wait_until("the worker reaped", || {
+        sandrun_tests::host::status_field(&worker.to_string(), "Name").is_none()
+    });
+    for i in 0..4 {
+        let outcome = helper.run(&Job::new(&["/bin/sh", "-c", &format!("echo {i}")]));
+        assert_eq!(
+            outcome.stdout,
+            format!("{i}\n").as_bytes(),
+            "{}",
+            outcome.describe()
+        );
+    }
+    assert!(
+        helper.log().contains("the cgroup worker failed"),
+        "the worker's death was not logged: {}",
+        helper.log()
+    );
+    // Every job's cgroup was removed (on the loop now): only the idle warm sandboxes' are left.
+    let cgroups = helper.cgroup();
+    let left = || {
+        let mut jobs = cgroups.job_dirs();
+        let warm = cgroups.idle_warm_dirs();
+        jobs.retain(|d| !warm.contains(d));
+        (jobs, cgroups.idle_warm_count())
+    };
+    let clean =
+        sandrun_tests::hostile::eventually(Duration::from_secs(30), || left() == (Vec::new(), 2));
+    assert!(
+        clean,
+        "left (not idle warm), idle warm: {:?}\n{}",
+        left(),
+        helper.log()
+    );
+}

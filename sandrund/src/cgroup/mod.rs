@@ -149,14 +149,38 @@ pub trait JobCgroup {
     fn is_empty(&self) -> Result<bool, CgroupError>;
     /// Removes the cgroup directories. Fails (and may be retried) while processes remain.
     fn remove(&mut self) -> Result<(), CgroupError>;
+    /// The job's name (its directories' last component), for [`CgroupManager::remove_dirs`].
+    fn name(&self) -> &str;
+    /// Records that the directories were removed by [`CgroupManager::remove_dirs`] (in the
+    /// cgroup worker), so dropping this is not a leak.
+    fn forget(&mut self);
 }
 
 /// Creates job cgroups in one layout.
 pub trait CgroupManager {
     fn layout(&self) -> &CgroupLayout;
     /// Creates `name` (for example `job-17`) with its limits applied; fails if any limit cannot
-    /// be written.
-    fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError>;
+    /// be written (and then leaves nothing behind).
+    fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError> {
+        self.make_dirs(name)?;
+        self.adopt(name, limits).inspect_err(|_| {
+            if let Err(e) = self.remove_dirs(name) {
+                log::warn!(
+                    "cannot remove a job cgroup whose limits failed cgroup={name} error={e}"
+                );
+            }
+        })
+    }
+    /// Creates the (empty) directories of job cgroup `name`: the part of [`Self::create`] that
+    /// can block behind other cgroup operations of the kernel, so the helper's loop has the
+    /// cgroup worker do it (`server/cgroup_worker.rs`). On failure nothing is left.
+    fn make_dirs(&self, name: &str) -> Result<(), CgroupError>;
+    /// Takes over job cgroup `name`, whose directories [`Self::make_dirs`] created: writes
+    /// `limits` and opens what the sandbox needs. On failure the directories are left.
+    fn adopt(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError>;
+    /// Removes the directories of job cgroup `name` (no process may be left in it); one that
+    /// is already gone counts as removed.
+    fn remove_dirs(&self, name: &str) -> Result<(), CgroupError>;
     /// Removes job cgroups left behind by an earlier helper that crashed (called at start-up).
     fn cleanup_stale(&self) -> Result<usize, CgroupError>;
 }

@@ -177,6 +177,7 @@ impl V1Manager {
 
     fn job(&self, name: &str, join: Vec<OwnedFd>, limits: CgroupLimits) -> V1Job {
         V1Job {
+            name: name.to_owned(),
             dirs: self.helper.join(SANDRUN_DIR).join(name),
             join,
             host: self.host.clone(),
@@ -191,19 +192,28 @@ impl CgroupManager for V1Manager {
         &self.layout
     }
 
-    fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError> {
+    fn make_dirs(&self, name: &str) -> Result<(), CgroupError> {
         common::validate_name(name)?;
-        common::validate_limits(limits)?;
         let parent = self.helper.join(SANDRUN_DIR);
         for dir in parent.unique() {
             self.host.ensure_dir(&dir)?;
         }
-        let dirs = parent.join(name);
-        let join = common::create_with_rollback(&self.host, &dirs.unique(), || {
-            apply_limits(&self.host, &dirs, limits, None)?;
-            self.open_join_fds(&dirs)
-        })?;
+        common::create_with_rollback(&self.host, &parent.join(name).unique(), || Ok(()))
+    }
+
+    fn adopt(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError> {
+        common::validate_name(name)?;
+        common::validate_limits(limits)?;
+        let dirs = self.helper.join(SANDRUN_DIR).join(name);
+        apply_limits(&self.host, &dirs, limits, None)?;
+        let join = self.open_join_fds(&dirs)?;
         Ok(Box::new(self.job(name, join, limits.clone())))
+    }
+
+    fn remove_dirs(&self, name: &str) -> Result<(), CgroupError> {
+        common::validate_name(name)?;
+        let dirs = self.helper.join(SANDRUN_DIR).join(name);
+        common::remove_dirs(&self.host, &dirs.unique())
     }
 
     fn cleanup_stale(&self) -> Result<usize, CgroupError> {
@@ -236,6 +246,7 @@ impl CgroupManager for V1Manager {
 /// One v1 job: a directory in each hierarchy.
 #[derive(Debug)]
 pub struct V1Job {
+    name: String,
     dirs: V1Dirs,
     join: Vec<OwnedFd>,
     host: Host,
@@ -310,6 +321,14 @@ impl JobCgroup for V1Job {
         common::remove_dirs(&self.host, &self.dirs.unique())?;
         self.removed = true;
         Ok(())
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn forget(&mut self) {
+        self.removed = true;
     }
 }
 

@@ -62,6 +62,7 @@ impl V2Manager {
 
     fn job(&self, name: &str, join: Vec<OwnedFd>, dir_fd: Option<OwnedFd>) -> V2Job {
         V2Job {
+            name: name.to_owned(),
             dir: self.base.join(name),
             join,
             dir_fd,
@@ -114,21 +115,28 @@ impl CgroupManager for V2Manager {
         &self.layout
     }
 
-    fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError> {
+    fn make_dirs(&self, name: &str) -> Result<(), CgroupError> {
+        common::validate_name(name)?;
+        let dir = self.base.join(name);
+        common::create_with_rollback(&self.host, std::slice::from_ref(&dir), || Ok(()))
+    }
+
+    fn adopt(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError> {
         common::validate_name(name)?;
         common::validate_limits(limits)?;
         let dir = self.base.join(name);
-        let (join, dir_fd) =
-            common::create_with_rollback(&self.host, std::slice::from_ref(&dir), || {
-                apply_limits(&self.host, &dir, limits)?;
-                let procs = dir.join("cgroup.procs");
-                let join = (self.host.fs.open_join(&procs))
-                    .map_err(|e| io_error("open cgroup.procs", &procs, e))?;
-                let dir_fd = (self.host.fs.open_dir(&dir))
-                    .map_err(|e| io_error("open the cgroup directory", &dir, e))?;
-                Ok((join, dir_fd))
-            })?;
+        apply_limits(&self.host, &dir, limits)?;
+        let procs = dir.join("cgroup.procs");
+        let join = (self.host.fs.open_join(&procs))
+            .map_err(|e| io_error("open cgroup.procs", &procs, e))?;
+        let dir_fd = (self.host.fs.open_dir(&dir))
+            .map_err(|e| io_error("open the cgroup directory", &dir, e))?;
         Ok(Box::new(self.job(name, vec![join], Some(dir_fd))))
+    }
+
+    fn remove_dirs(&self, name: &str) -> Result<(), CgroupError> {
+        common::validate_name(name)?;
+        common::remove_dirs(&self.host, std::slice::from_ref(&self.base.join(name)))
     }
 
     fn cleanup_stale(&self) -> Result<usize, CgroupError> {
@@ -155,6 +163,7 @@ impl CgroupManager for V2Manager {
 /// One v2 job cgroup.
 #[derive(Debug)]
 pub struct V2Job {
+    name: String,
     dir: PathBuf,
     join: Vec<OwnedFd>,
     /// The directory, for `CLONE_INTO_CGROUP`.
@@ -233,6 +242,14 @@ impl JobCgroup for V2Job {
         common::remove_dirs(&self.host, std::slice::from_ref(&self.dir))?;
         self.removed = true;
         Ok(())
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn forget(&mut self) {
+        self.removed = true;
     }
 }
 

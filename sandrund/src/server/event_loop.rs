@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use sandrun_ipc::{ErrorCode, Response};
 
+use super::cgroup_worker::Op;
 use super::conn::{Conn, Incoming, State, HIGH_WATER};
 use super::job::Stream;
 use super::peer::{may_connect, Peer};
@@ -31,6 +32,8 @@ enum Token {
     Collector,
     /// A starting sandbox's control socket.
     Starting(u64),
+    /// The cgroup worker has answered (or is gone).
+    CgroupWorker,
 }
 
 /// The descriptors to poll, each with what it stands for.
@@ -124,6 +127,7 @@ impl Server {
                     Token::Status(id) => self.on_status(id),
                     Token::Exiting(id) => self.on_exiting(id),
                     Token::Starting(id) => self.on_starting(id),
+                    Token::CgroupWorker => self.on_cgroup_worker(),
                     // Relayed by `progress_all`, below.
                     Token::Collector => {}
                 }
@@ -151,6 +155,9 @@ impl Server {
             set.add(self.listener.as_fd(), PollFlags::POLLIN, Token::Listener);
         }
         set.add(self.signal_pipe.as_fd(), PollFlags::POLLIN, Token::Signal);
+        if let Some(w) = &self.cgroup_worker {
+            set.add(w.fd(), PollFlags::POLLIN, Token::CgroupWorker);
+        }
         for (&id, c) in &self.conns {
             set.add_conn(id, c);
         }
@@ -173,6 +180,46 @@ impl Server {
         } else {
             PollTimeout::NONE
         }
+    }
+
+    /// Hands the worker's answers to the pool and the teardowns; a worker that is gone or
+    /// broke the protocol is stopped and its work done on the loop from then on.
+    fn on_cgroup_worker(&mut self) {
+        let Some(worker) = self.cgroup_worker.as_mut() else {
+            return;
+        };
+        match worker.replies() {
+            Ok(replies) => {
+                for r in replies {
+                    match r.op {
+                        Op::Make => self.made(r.name, r.error),
+                        Op::Remove => self.removed(&r.name, r.error),
+                    }
+                }
+            }
+            Err(gone) => {
+                log::error!(
+                    "the cgroup worker failed; job cgroups are created and removed on the loop from now on error={}",
+                    gone.0
+                );
+                self.stop_cgroup_worker();
+            }
+        }
+    }
+
+    /// Stops the worker (it failed, or the helper is shutting down); what it had not done is
+    /// redone on the loop.
+    pub(super) fn stop_cgroup_worker(&mut self) {
+        let Some(worker) = self.cgroup_worker.take() else {
+            return;
+        };
+        let makes: Vec<String> = (worker.in_flight())
+            .filter(|(op, _)| *op == Op::Make)
+            .map(|(_, name)| name.clone())
+            .collect();
+        drop(worker);
+        self.makes_abandoned(makes);
+        self.removals_abandoned();
     }
 
     fn accept_all(&mut self) {

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod cgroup_worker;
 pub(crate) mod collect;
 mod conn;
 mod event_loop;
@@ -39,6 +40,7 @@ use crate::cgroup::CgroupManager;
 use crate::config::Config;
 use crate::sandbox::{seccomp::SeccompProgram, SandboxSettings};
 use admin::Counters;
+use cgroup_worker::CgroupWorker;
 use conn::Conn;
 use job::Exiting;
 use pool::Pool;
@@ -58,6 +60,8 @@ pub struct Server {
     cfg: Config,
     listener: UnixListener,
     cgroups: Box<dyn CgroupManager>,
+    /// Makes and removes job cgroup directories off the loop; `None` once it has died.
+    cgroup_worker: Option<CgroupWorker>,
     filter: SeccompProgram,
     /// The output collector executable, opened at start-up (`sandbox::collector`).
     collector_exe: OwnedFd,
@@ -99,10 +103,13 @@ impl Server {
         };
         let slots = Slots::new(cfg.slot_count);
         let pool = Pool::new(cfg.warm_sandboxes);
+        // Forked before the signal handlers are installed, so it keeps the default ones.
+        let cgroup_worker = CgroupWorker::start(&*cgroups)?;
         Ok(Server {
             cfg,
             listener,
             cgroups,
+            cgroup_worker: Some(cgroup_worker),
             filter,
             collector_exe,
             settings,

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use sandrun_ipc::JobId;
 
+use super::cgroup_worker::Op;
 use super::conn::State;
 use super::start::one_cpu;
 use super::Server;
@@ -29,12 +30,17 @@ pub struct WarmSandbox {
     pub cgroup: Box<dyn JobCgroup>,
 }
 
-/// The prepared sandboxes, oldest (most likely ready) first.
+/// The prepared sandboxes, oldest (most likely ready) first, and the cgroup directories the
+/// cgroup worker made for the next ones.
 pub struct Pool {
     target: usize,
     ready: VecDeque<WarmSandbox>,
     next: u64,
     paused_until: Option<Instant>,
+    /// Job cgroups whose (empty) directories exist, for the next sandboxes.
+    made: Vec<String>,
+    /// Directories the worker has been asked to make and has not answered.
+    making: usize,
 }
 
 impl Pool {
@@ -44,12 +50,17 @@ impl Pool {
             ready: VecDeque::new(),
             next: 0,
             paused_until: None,
+            made: Vec::new(),
+            making: 0,
         }
     }
 
-    /// Whether the loop should prepare another sandbox now.
-    pub fn wants_more(&self, now: Instant) -> bool {
-        self.ready.len() < self.target && self.paused_until.is_none_or(|t| now >= t)
+    /// Whether the loop should prepare another sandbox now: the pool is short and there is
+    /// something to do about it (a made directory to use, one to ask the worker for, or no
+    /// worker).
+    pub fn wants_more(&self, now: Instant, worker: bool) -> bool {
+        let short = self.ready.len() < self.target && self.paused_until.is_none_or(|t| now >= t);
+        short && (!worker || !self.made.is_empty() || self.ready.len() + self.making < self.target)
     }
 
     /// Whether at most half of the target is left.
@@ -71,9 +82,13 @@ impl Pool {
         self.paused_until = Some(now + BACKOFF);
     }
 
-    /// Empties the pool (drain, shutdown); the caller kills and tears them down.
-    pub fn take_all(&mut self) -> Vec<WarmSandbox> {
-        self.ready.drain(..).collect()
+    /// Empties the pool (drain, shutdown); the caller kills and tears them down, and removes
+    /// the made directories.
+    pub fn take_all(&mut self) -> (Vec<WarmSandbox>, Vec<String>) {
+        (
+            self.ready.drain(..).collect(),
+            std::mem::take(&mut self.made),
+        )
     }
 
     /// A fresh cgroup name for a sandbox prepared ahead (`job-w<n>`: the prefix makes a crashed
@@ -81,20 +96,6 @@ impl Pool {
     fn next_name(&mut self) -> String {
         self.next += 1;
         format!("job-w{}", self.next)
-    }
-
-    /// Prepares one sandbox and adds it to the pool.
-    pub fn fill_one(
-        &mut self,
-        cgroups: &dyn CgroupManager,
-        settings: &SandboxSettings,
-        filter: &SeccompProgram,
-        limits: &CgroupLimits,
-    ) -> Result<(), Failed> {
-        let name = self.next_name();
-        let sandbox = prepare(&name, cgroups, settings, filter, limits)?;
-        self.ready.push_back(sandbox);
-        Ok(())
     }
 }
 
@@ -105,15 +106,33 @@ pub struct Failed {
     pub cgroup: Option<Box<dyn JobCgroup>>,
 }
 
-/// Creates cgroup `name` with `limits` and prepares a sandbox in it.
-pub fn prepare(
-    name: &str,
+/// Where a sandbox's cgroup comes from.
+enum Cgroup {
+    /// Created now, on the loop.
+    Create(String),
+    /// Made by the cgroup worker; its directories exist.
+    Made(String),
+}
+
+/// Creates (or takes over) the cgroup with `limits` and prepares a sandbox in it.
+fn prepare(
+    cgroup: Cgroup,
     cgroups: &dyn CgroupManager,
     settings: &SandboxSettings,
     filter: &SeccompProgram,
     limits: &CgroupLimits,
 ) -> Result<WarmSandbox, Failed> {
-    let cgroup = cgroups.create(name, limits).map_err(|e| Failed {
+    let created = match &cgroup {
+        Cgroup::Create(name) => cgroups.create(name, limits),
+        Cgroup::Made(name) => cgroups.adopt(name, limits).inspect_err(|_| {
+            if let Err(e) = cgroups.remove_dirs(name) {
+                log::warn!(
+                    "cannot remove a job cgroup whose limits failed cgroup={name} error={e}"
+                );
+            }
+        }),
+    };
+    let cgroup = created.map_err(|e| Failed {
         message: format!("cgroup: {e}"),
         cgroup: None,
     })?;
@@ -134,14 +153,18 @@ pub fn prepare(
 }
 
 impl Server {
-    /// Prepares a sandbox for job `id` at once (the pool was empty).
+    /// Prepares a sandbox for job `id` at once (the pool was empty), in a cgroup the worker
+    /// made if there is one.
     pub(super) fn prepare_now(
         &mut self,
         id: JobId,
         limits: &CgroupLimits,
     ) -> Result<WarmSandbox, String> {
-        let name = format!("job-{}", id.0);
-        let prepared = prepare(&name, &*self.cgroups, &self.settings, &self.filter, limits);
+        let cgroup = match self.pool.made.pop() {
+            Some(name) => Cgroup::Made(name),
+            None => Cgroup::Create(format!("job-{}", id.0)),
+        };
+        let prepared = prepare(cgroup, &*self.cgroups, &self.settings, &self.filter, limits);
         prepared.map_err(|f| self.discard(f))
     }
 
@@ -150,7 +173,7 @@ impl Server {
     /// which a job that is about to end would otherwise wait for before its end is reported;
     /// under a steady load the pool still never runs dry.
     pub(super) fn wants_refill(&self, now: Instant) -> bool {
-        if self.draining || !self.pool.wants_more(now) {
+        if self.draining || !self.pool.wants_more(now, self.cgroup_worker.is_some()) {
             return false;
         }
         let running = (self.conns.values())
@@ -158,18 +181,86 @@ impl Server {
         !running || self.pool.is_low()
     }
 
-    /// Prepares one sandbox for the pool, with the default limits (each job's own are written
-    /// when it starts).
+    /// One step towards a full pool, with the default limits (each job's own are written when
+    /// it starts): a sandbox in a cgroup the worker made; else the worker is asked for the
+    /// directories still missing; without a worker, a cgroup created on the loop.
     pub(super) fn refill_one(&mut self) {
+        let cgroup = match (self.pool.made.pop(), self.cgroup_worker.as_mut()) {
+            (Some(name), _) => Cgroup::Made(name),
+            (None, Some(worker)) => {
+                let pool = &mut self.pool;
+                while pool.ready.len() + pool.making < pool.target {
+                    let name = pool.next_name();
+                    if let Err(gone) = worker.send(Op::Make, &name) {
+                        log::error!(
+                            "the cgroup worker failed; job cgroups are created and removed on the loop from now on error={}",
+                            gone.0
+                        );
+                        self.stop_cgroup_worker();
+                        return;
+                    }
+                    pool.making += 1;
+                }
+                return;
+            }
+            (None, None) => Cgroup::Create(self.pool.next_name()),
+        };
         let limits = one_cpu(self.cfg.defaults.memory_bytes, self.cfg.defaults.pids);
-        if let Err(f) = self
-            .pool
-            .fill_one(&*self.cgroups, &self.settings, &self.filter, &limits)
-        {
-            self.counters.setup_failures += 1;
-            let message = self.discard(f);
-            log::error!("cannot prepare a warm sandbox; retrying in 1 s error={message}");
-            self.pool.pause(Instant::now());
+        match prepare(
+            cgroup,
+            &*self.cgroups,
+            &self.settings,
+            &self.filter,
+            &limits,
+        ) {
+            Ok(sandbox) => self.pool.ready.push_back(sandbox),
+            Err(f) => {
+                self.counters.setup_failures += 1;
+                let message = self.discard(f);
+                log::error!("cannot prepare a warm sandbox; retrying in 1 s error={message}");
+                self.pool.pause(Instant::now());
+            }
+        }
+    }
+
+    /// The worker made (or failed to make) the directories of cgroup `name` for the pool.
+    pub(super) fn made(&mut self, name: String, error: Option<String>) {
+        self.pool.making = self.pool.making.saturating_sub(1);
+        match error {
+            Some(e) => {
+                self.counters.setup_failures += 1;
+                log::error!("cannot create a job cgroup; retrying in 1 s error={e}");
+                self.pool.pause(Instant::now());
+            }
+            None if self.draining
+                || self.pool.ready.len() + self.pool.made.len() >= self.pool.target =>
+            {
+                self.remove_unused(name);
+            }
+            None => self.pool.made.push(name),
+        }
+    }
+
+    /// Removes the directories of a cgroup nothing ever joined (through the worker if there is
+    /// one).
+    fn remove_unused(&mut self, name: String) {
+        if let Some(worker) = self.cgroup_worker.as_mut() {
+            if worker.send(Op::Remove, &name).is_ok() {
+                return;
+            }
+        }
+        if let Err(e) = self.cgroups.remove_dirs(&name) {
+            log::warn!("cannot remove an unused job cgroup cgroup={name} error={e}");
+        }
+    }
+
+    /// The worker is gone: what it was asked to make may exist, and is removed on the loop.
+    pub(super) fn makes_abandoned(&mut self, names: Vec<String>) {
+        self.pool.making = 0;
+        for name in names {
+            if let Err(e) = self.cgroups.remove_dirs(&name) {
+                log::warn!("cannot remove an unused job cgroup cgroup={name} error={e}");
+            }
         }
     }
 
@@ -182,11 +273,15 @@ impl Server {
         failed.message
     }
 
-    /// Kills the warm sandboxes and removes their cgroups.
+    /// Kills the warm sandboxes and removes their cgroups and the directories made for more.
     pub(super) fn empty_pool(&mut self) {
-        for ws in self.pool.take_all() {
+        let (ready, made) = self.pool.take_all();
+        for ws in ready {
             drop(ws.warm);
             self.teardown(ws.cgroup, None);
+        }
+        for name in made {
+            self.remove_unused(name);
         }
     }
 }

@@ -14,6 +14,8 @@ use super::Server;
 impl Server {
     /// Kills every sandbox and waits (bounded) for their teardown.
     pub(super) fn shutdown(&mut self) {
+        // Everything from here is done on the loop, bounded by the deadline below.
+        self.stop_cgroup_worker();
         self.empty_pool();
         for conn in self.conns.values_mut() {
             if let State::Running(job) = &mut conn.state {

@@ -126,6 +126,33 @@ fn run_to_end(child: impl FnOnce() -> Infallible) -> ! {
     }
 }
 
+/// Forks a long-lived helper process (the cgroup worker) that runs `child` to the end. Unlike
+/// [`clone_child`] this is libc's `fork`, which runs libc's fork handlers and gives the child a
+/// correct thread id, so the child may run ordinary code (allocate, log, even abort) for as long
+/// as it lives. Returns the child's pid.
+///
+/// Called at start-up only, while the helper is single-threaded (crate docs).
+pub(crate) fn fork_worker(child: impl FnOnce() -> Infallible) -> Result<libc::pid_t, Errno> {
+    // SAFETY: sandrund is single-threaded (crate docs), so no other thread holds a lock the
+    // child would inherit; the child runs `child`, which cannot return, and then never comes
+    // back into the caller's frames (`run_to_end` catches a panic and exits).
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Child => run_to_end(child),
+        nix::unistd::ForkResult::Parent { child } => Ok(child.as_raw()),
+    }
+}
+
+/// Ignores SIGTERM, SIGINT and SIGHUP: the cgroup worker ends when the helper closes its
+/// socket or dies, not when a signal meant for the helper's whole unit reaches it first.
+pub(crate) fn ignore_stop_signals() -> Result<(), Errno> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler code, so nothing runs in signal context.
+        unsafe { signal(sig, SigHandler::SigIgn) }?;
+    }
+    Ok(())
+}
+
 /// Size of the stack J runs on until its `execve` (its setup needs a few KiB).
 const VFORK_STACK_BYTES: usize = 256 << 10;
 
