@@ -84,9 +84,12 @@ pub fn parse(record: &RequirementsRecord) -> Outcome {
             "the install step's record is longer than {MAX_REQUIREMENTS_RECORD_BYTES} bytes"
         ));
     }
+    // Exactly `...\nend\n`: `installedend\n`, or a last line without its newline, is not a
+    // record the install step writes.
     let Some(body) = std::str::from_utf8(&record.bytes)
         .ok()
         .and_then(|t| t.strip_suffix("end\n"))
+        .filter(|b| b.ends_with('\n'))
     else {
         return not_run(NOT_FINISHED.to_owned());
     };
@@ -242,6 +245,8 @@ mod tests {
             ("something\nend\n", NOT_FINISHED, false),
             ("failed x\ninstalled\nend\n", NOT_FINISHED, false),
             ("installed\r\nend\n", NOT_FINISHED, false),
+            ("installedend\n", NOT_FINISHED, false),
+            ("end\n", NOT_FINISHED, false),
             (
                 twice.as_str(),
                 "the install step named a-1-py3-none-any.whl twice",

@@ -164,13 +164,27 @@ fn cgroup_worker(helper: &Helper) -> Option<i32> {
     })
 }
 
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal");
+}
+
+/// The job cgroups below the helper's test cgroup that are not an idle warm sandbox's, and how
+/// many idle warm sandboxes there are.
+fn leftover_cgroups(helper: &Helper) -> (Vec<std::path::PathBuf>, usize) {
+    let cgroups = helper.cgroup();
+    let warm = cgroups.idle_warm_dirs();
+    let mut jobs = cgroups.job_dirs();
+    jobs.retain(|d| !warm.contains(d));
+    (jobs, cgroups.idle_warm_count())
+}
+
 #[test]
 fn given_a_helper_whose_cgroup_worker_dies_then_jobs_still_run_and_no_job_cgroup_is_left() {
     let helper = Helper::start(&config("warm_sandboxes = 2"));
     let mut worker = None;
-    wait_until("the cgroup worker", || {
+    wait_until("the cgroup worker and two warm sandboxes", || {
         worker = cgroup_worker(&helper);
-        worker.is_some()
+        worker.is_some() && helper.cgroup().idle_warm_count() == 2
     });
     let worker = worker.expect("found");
     // It holds nothing of the helper's: its socket and stderr only.
@@ -179,14 +193,16 @@ fn given_a_helper_whose_cgroup_worker_dies_then_jobs_still_run_and_no_job_cgroup
         2,
         "the cgroup worker holds more descriptors"
     );
+    // Stopped, it answers nothing: the next job's teardown (a removal) and the pool's refill (a
+    // directory to make) wait on it when it dies.
+    signal(worker, nix::sys::signal::Signal::SIGSTOP);
     let outcome = helper.run(&Job::new(&["/bin/sh", "-c", "echo before"]));
     assert_eq!(outcome.stdout, b"before\n", "{}", outcome.describe());
-
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(worker),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill the worker");
+    wait_until("a warm sandbox's cgroup asked for", || {
+        leftover_cgroups(&helper).1 < 2
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    signal(worker, nix::sys::signal::Signal::SIGKILL);
     // Reaped by the helper once it sees the worker's socket close.
     wait_until("the worker reaped", || {
         sandrun_tests::host::status_field(&worker.to_string(), "Name").is_none()
@@ -205,20 +221,47 @@ fn given_a_helper_whose_cgroup_worker_dies_then_jobs_still_run_and_no_job_cgroup
         "the worker's death was not logged: {}",
         helper.log()
     );
-    // Every job's cgroup was removed (on the loop now): only the idle warm sandboxes' are left.
-    let cgroups = helper.cgroup();
-    let left = || {
-        let mut jobs = cgroups.job_dirs();
-        let warm = cgroups.idle_warm_dirs();
-        jobs.retain(|d| !warm.contains(d));
-        (jobs, cgroups.idle_warm_count())
-    };
-    let clean =
-        sandrun_tests::hostile::eventually(Duration::from_secs(30), || left() == (Vec::new(), 2));
+    // Every job's cgroup was removed (on the loop now), and what the worker was asked to make
+    // too: only the idle warm sandboxes' are left.
+    let clean = sandrun_tests::hostile::eventually(Duration::from_secs(30), || {
+        leftover_cgroups(&helper) == (Vec::new(), 2)
+    });
     assert!(
         clean,
         "left (not idle warm), idle warm: {:?}\n{}",
-        left(),
+        leftover_cgroups(&helper),
         helper.log()
+    );
+}
+
+#[test]
+fn given_a_drain_then_a_stop_while_the_cgroup_worker_is_stuck_then_no_job_cgroup_is_left() {
+    let mut helper = Helper::start(&config("warm_sandboxes = 2"));
+    let mut worker = None;
+    wait_until("the cgroup worker and two warm sandboxes", || {
+        worker = cgroup_worker(&helper);
+        worker.is_some() && helper.cgroup().idle_warm_count() == 2
+    });
+    let worker = worker.expect("found");
+    signal(worker, nix::sys::signal::Signal::SIGSTOP);
+    // The drain kills the warm sandboxes and asks the (stopped) worker to remove their cgroups;
+    // the stop must then do it on the loop.
+    let drained = helper.admin(AdminRequest::Drain);
+    assert!(
+        matches!(drained, Response::Admin(AdminResponse::Draining { .. })),
+        "{drained:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    signal(helper.pid(), nix::sys::signal::Signal::SIGTERM);
+    wait_until("the helper exited", || !helper.is_alive());
+    let left = helper.cgroup().job_dirs();
+    assert!(
+        left.is_empty(),
+        "job cgroups left: {left:?}\n{}",
+        helper.log()
+    );
+    assert!(
+        sandrun_tests::host::status_field(&worker.to_string(), "Name").is_none(),
+        "the worker outlived the helper"
     );
 }

@@ -676,3 +676,96 @@ fn given_a_wheelhouse_wheel_that_is_a_symlink_then_the_install_step_refuses_it_b
     );
     assert!(requirements(&outcome).report.installed.is_empty());
 }
+
+/// A template whose `sitecustomize.py` runs inside pip (pip gets `PYTHONPATH=/env`) and leaves a
+/// daemon behind (holding none of pip's descriptors, so pip's end does not wait for it) that,
+/// for 6 s, tries to reopen the install step's record pipe through `/proc/<pid>/fd/3`, bumping
+/// a counter in `/tmp/.evil-beat` every 10 ms, then drains what it got and writes a forged record
+/// (alpha 9.9 with a zero hash) into it, while the job's command runs.
+fn template_with_a_record_thief() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("sandrun-templates-")
+        .tempdir()
+        .expect("tempdir");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let tpl = dir.path().join("evil");
+    fs::create_dir_all(&tpl).expect("mkdir");
+    let thief = r#"import os, time
+if os.environ.get("HOME") == "/tmp/.sandrun-req" and os.fork() == 0:
+    os.setsid()
+    os.closerange(0, 4096)
+    for fd in (0, 1, 2):
+        os.open("/dev/null", os.O_RDWR)
+    if os.fork() == 0:
+        stolen, end, beat = {}, time.time() + 6, 0
+        while time.time() < end:
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit() or int(pid) in (1, os.getpid()) or pid in stolen:
+                    continue
+                try:
+                    # The install step (its argv is `python3 -I -c <script>`), not pip's pipes.
+                    if b"\0-I\0-c\0" not in open("/proc/%s/cmdline" % pid, "rb").read():
+                        continue
+                    if os.readlink("/proc/%s/fd/3" % pid).startswith("pipe:"):
+                        stolen[pid] = os.open("/proc/%s/fd/3" % pid, os.O_RDWR | os.O_NONBLOCK)
+                except OSError:
+                    pass
+            beat += 1
+            with open("/tmp/.evil-beat", "w") as f:
+                f.write(str(beat))
+            time.sleep(0.01)
+        for fd in stolen.values():
+            try:
+                os.read(fd, 65536)
+            except OSError:
+                pass
+            os.write(fd, b"installed\nalpha 9.9 alpha-1.0-py3-none-any.whl " + b"0" * 64 + b"\nend\n")
+    os._exit(0)
+"#;
+    fs::write(tpl.join("sitecustomize.py"), thief).expect("write");
+    fs::write(tpl.join("sandrun-lock.json"), "{}\n").expect("write");
+    fs::set_permissions(&tpl, fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+#[test]
+fn given_a_template_module_that_leaves_a_process_to_steal_the_record_pipe_then_the_report_is_what_pip_installed(
+) {
+    // Three layers stop it: the record pipe was made by root (its inode is root's, mode 0600, so
+    // reopening it through /proc is EACCES for the job's uid); the install step is
+    // non-dumpable until it closes fd 3 (its /proc/<pid>/fd is root's); and it kills whatever
+    // pip left running before it hashes and writes. The last is what this test sees: the thief
+    // is gone before the job's command starts (it fails without the `kill(-1)`: the counter
+    // goes on), and the signed list is what pip installed.
+    let (wh, _, alpha_sha) = wheelhouse();
+    let templates = template_with_a_record_thief();
+    let helper = Helper::start(&config(&format!(
+        "wheelhouse_dir = \"{}\"\ntemplate_dir = \"{}\"",
+        wh.path().display(),
+        templates.path().display()
+    )));
+    let code = "import time\nbeat = lambda: open('/tmp/.evil-beat').read()\n\
+                a = beat(); time.sleep(1); b = beat()\n\
+                print('the thief is', 'alive' if a != b else 'gone')\ntime.sleep(6)\n";
+    let mut job = Job::new(&["python3", "-I", "-c", code]);
+    job.spec.template = Some("evil".into());
+    job.spec.requirements = vec!["alpha".into()];
+    let outcome = helper.run(&job);
+    assert_eq!(
+        String::from_utf8_lossy(&outcome.stdout),
+        "the thief is gone\n",
+        "{}",
+        outcome.describe()
+    );
+    let parsed = requirements(&outcome);
+    assert_eq!(parsed.report.error, None, "{}", outcome.describe());
+    let installed: Vec<(String, String, String)> = (parsed.report.installed.iter())
+        .map(|p| (p.name.clone(), p.version.clone(), hex::encode(p.sha256)))
+        .collect();
+    assert_eq!(
+        installed,
+        [("alpha".to_owned(), "1.0".to_owned(), alpha_sha)],
+        "{}",
+        outcome.describe()
+    );
+}

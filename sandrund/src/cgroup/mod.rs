@@ -162,6 +162,7 @@ pub trait CgroupManager {
     /// Creates `name` (for example `job-17`) with its limits applied; fails if any limit cannot
     /// be written (and then leaves nothing behind).
     fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError> {
+        common::validate_limits(limits)?;
         self.make_dirs(name)?;
         self.adopt(name, limits).inspect_err(|_| {
             if let Err(e) = self.remove_dirs(name) {

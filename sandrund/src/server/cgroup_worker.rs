@@ -8,9 +8,9 @@
 //! time, and the loop carries on; it only writes limits and opens files of a cgroup whose
 //! directories exist (`CgroupManager::adopt`), which do not take that lock.
 //!
-//! The worker is a `fork` of the helper (same uid, same confinement, no `execve`), made before
-//! the helper listens or starts anything, so it holds no client socket, no sandbox and no job's
-//! data. It closes every descriptor but its socket and stderr, names itself `sandrun-cgroups`,
+//! The worker is a `fork` of the helper (same uid, same confinement, no `execve`), made once the
+//! helper has its listening socket and before its loop starts, so it holds no client
+//! connection, no sandbox and no job's data (and it closes the listening socket at once). It closes every descriptor but its socket and stderr, names itself `sandrun-cgroups`,
 //! dies with the helper (`PR_SET_PDEATHSIG`, and its socket's end; it ignores SIGTERM, SIGINT
 //! and SIGHUP, which are the helper's to act on, so a stop signal sent to the whole unit does
 //! not look like a failed worker), and does only what a
@@ -19,14 +19,18 @@
 //! helper's own `sandrun/` cgroup directories. Requests and replies are single `SOCK_SEQPACKET`
 //! messages, answered in order.
 //!
-//! If the worker dies, the helper logs it and does the same work on its loop from then on (as
-//! before there was a worker): nothing is lost, it is only slower.
+//! If the worker dies, breaks the protocol or leaves a request unanswered for
+//! [`STUCK_AFTER`], the helper logs it, stops it, does what it had not answered on the loop and
+//! the rest of the work there from then on (as before there was a worker): nothing is lost, it
+//! is only slower. A request that finds the socket full (at most [`MAX_IN_FLIGHT`] are in
+//! flight) is done on the loop instead; the worker stays.
 
 #![forbid(unsafe_code)]
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
@@ -129,15 +133,31 @@ fn decode_reply(msg: &[u8]) -> Option<Reply> {
     })
 }
 
+/// Most requests in flight; more are done on the loop (the pool asks for at most its size, each
+/// teardown for one, so this is only reached by a worker that has stopped answering).
+pub(super) const MAX_IN_FLIGHT: usize = 128;
+/// A request unanswered this long means the worker is stuck: it is stopped.
+pub(super) const STUCK_AFTER: Duration = Duration::from_secs(10);
+
 /// The worker broke the protocol or went away; the helper carries on without it.
 #[derive(Debug)]
 pub(super) struct Gone(pub String);
 
-/// The helper's end of the worker: its socket, its pid and the requests it has not answered.
+/// Why a request was not sent.
+#[derive(Debug)]
+pub(super) enum NotSent {
+    /// The socket is full or too many requests are in flight: do this one on the loop.
+    Full,
+    /// The worker is gone: stop it.
+    Gone(Gone),
+}
+
+/// The helper's end of the worker: its socket, its pid and the requests it has not answered
+/// (with when each was sent).
 pub(super) struct CgroupWorker {
     sock: OwnedFd,
     pid: libc::pid_t,
-    in_flight: VecDeque<(Op, String)>,
+    in_flight: VecDeque<(Op, String, Instant)>,
 }
 
 impl CgroupWorker {
@@ -149,7 +169,8 @@ impl CgroupWorker {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
-        // The child closes `ours` with every other descriptor (`serve`).
+        // The child closes `ours`, and the listening socket, with every other descriptor
+        // (`serve`).
         let pid = sys::fork_worker(|| serve(theirs.as_fd(), cgroups))?;
         drop(theirs);
         Ok(CgroupWorker {
@@ -165,40 +186,59 @@ impl CgroupWorker {
     }
 
     /// The requests not answered yet, oldest first.
-    pub(super) fn in_flight(&self) -> impl Iterator<Item = &(Op, String)> {
-        self.in_flight.iter()
+    pub(super) fn in_flight(&self) -> impl Iterator<Item = (Op, &str)> {
+        self.in_flight
+            .iter()
+            .map(|(op, name, _)| (*op, name.as_str()))
+    }
+
+    /// Whether the oldest request has waited longer than [`STUCK_AFTER`].
+    pub(super) fn is_stuck(&self, now: Instant) -> bool {
+        (self.in_flight.front()).is_some_and(|(_, _, sent)| now.duration_since(*sent) > STUCK_AFTER)
     }
 
     /// Sends one request without blocking.
-    pub(super) fn send(&mut self, op: Op, name: &str) -> Result<(), Gone> {
-        let msg = encode_request(op, name).ok_or_else(|| Gone(format!("bad name {name:?}")))?;
-        match socket::send(self.sock.as_raw_fd(), &msg, MsgFlags::MSG_DONTWAIT) {
+    pub(super) fn send(&mut self, op: Op, name: &str) -> Result<(), NotSent> {
+        let msg = encode_request(op, name)
+            .ok_or_else(|| NotSent::Gone(Gone(format!("bad name {name:?}"))))?;
+        if self.in_flight.len() >= MAX_IN_FLIGHT {
+            return Err(NotSent::Full);
+        }
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        match socket::send(self.sock.as_raw_fd(), &msg, flags) {
             Ok(n) if n == msg.len() => {
-                self.in_flight.push_back((op, name.to_owned()));
+                self.in_flight
+                    .push_back((op, name.to_owned(), Instant::now()));
                 Ok(())
             }
-            Ok(_) => Err(Gone("short send".to_owned())),
-            Err(e) => Err(Gone(format!("send: {e}"))),
+            Ok(_) => Err(NotSent::Gone(Gone("short send".to_owned()))),
+            Err(Errno::EAGAIN | Errno::ENOBUFS) => Err(NotSent::Full),
+            Err(e) => Err(NotSent::Gone(Gone(format!("send: {e}")))),
         }
     }
 
-    /// Every reply the worker has sent, without blocking; each must answer the oldest request
-    /// in flight.
-    pub(super) fn replies(&mut self) -> Result<Vec<Reply>, Gone> {
+    /// Every reply the worker has sent, without blocking (each must answer the oldest request
+    /// in flight), and whether it is gone: the replies read before it went are still returned.
+    pub(super) fn replies(&mut self) -> (Vec<Reply>, Option<Gone>) {
         let mut out = Vec::new();
         let mut buf = [0u8; MAX_MESSAGE];
         loop {
             let n = match socket::recv(self.sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(0) => return Err(Gone("the worker closed its socket".to_owned())),
+                Ok(0) => return (out, Some(Gone("the worker closed its socket".to_owned()))),
                 Ok(n) => n,
-                Err(Errno::EAGAIN) => return Ok(out),
+                Err(Errno::EAGAIN) => return (out, None),
                 Err(Errno::EINTR) => continue,
-                Err(e) => return Err(Gone(format!("recv: {e}"))),
+                Err(e) => return (out, Some(Gone(format!("recv: {e}")))),
             };
-            let reply = decode_reply(&buf[..n]).ok_or_else(|| Gone("bad reply".to_owned()))?;
-            match self.in_flight.pop_front() {
-                Some((op, name)) if op == reply.op && name == reply.name => out.push(reply),
-                _ => return Err(Gone(format!("unexpected reply {reply:?}"))),
+            let Some(reply) = decode_reply(&buf[..n]) else {
+                return (out, Some(Gone("bad reply".to_owned())));
+            };
+            match self.in_flight.front() {
+                Some((op, name, _)) if *op == reply.op && *name == reply.name => {
+                    self.in_flight.pop_front();
+                    out.push(reply);
+                }
+                _ => return (out, Some(Gone(format!("unexpected reply {reply:?}")))),
             }
         }
     }
@@ -247,7 +287,7 @@ fn serve_requests(sock: BorrowedFd<'_>, cgroups: &dyn CgroupManager) -> i32 {
             Op::Remove => cgroups.remove_dirs(name),
         };
         let reply = encode_reply(op, name, &result);
-        if socket::send(sock.as_raw_fd(), &reply, MsgFlags::empty()).is_err() {
+        if socket::send(sock.as_raw_fd(), &reply, MsgFlags::MSG_NOSIGNAL).is_err() {
             return 0;
         }
     }
@@ -335,6 +375,11 @@ mod tests {
         }
     }
 
+    fn wait_readable(w: &CgroupWorker) {
+        let mut fds = [nix::poll::PollFd::new(w.fd(), nix::poll::PollFlags::POLLIN)];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).expect("poll");
+    }
+
     /// The worker's loop, on a thread of the test (not a fork: the harness is multi-threaded).
     #[test]
     fn given_a_worker_then_it_makes_and_removes_job_directories_in_order_and_reports_failures() {
@@ -364,13 +409,14 @@ mod tests {
                 (Op::Remove, "job-w1"),
                 (Op::Make, "../x"),
             ] {
-                w.send(op, name).expect("send");
+                assert!(w.send(op, name).is_ok());
             }
             let mut got = Vec::new();
             while got.len() < 5 {
-                let mut fds = [nix::poll::PollFd::new(w.fd(), nix::poll::PollFlags::POLLIN)];
-                nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(5000u16)).expect("poll");
-                got.extend(w.replies().expect("replies"));
+                wait_readable(&w);
+                let (replies, gone) = w.replies();
+                assert!(gone.is_none(), "{gone:?}");
+                got.extend(replies);
             }
             let errors: Vec<bool> = got.iter().map(|r| r.error.is_some()).collect();
             assert_eq!(errors, [false, true, false, false, true], "{got:?}");
@@ -383,18 +429,45 @@ mod tests {
                 .as_deref()
                 .is_some_and(|e| e.contains("invalid")));
             assert_eq!(w.in_flight().count(), 0);
+            assert!(!w.is_stuck(Instant::now()));
             assert!(!root.path().join("job-w1").exists());
             assert!(root.path().join("job-w2").is_dir());
             assert!(!root.path().join("x").exists());
             // A reply to nothing in flight is the worker breaking the protocol.
-            w.send(Op::Remove, "job-w2").expect("send");
+            assert!(w.send(Op::Remove, "job-w2").is_ok());
             w.in_flight.clear();
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            assert!(w.replies().is_err());
+            wait_readable(&w);
+            let (replies, gone) = w.replies();
+            assert!(replies.is_empty() && gone.is_some(), "{replies:?} {gone:?}");
             drop(w);
             worker.join().expect("worker thread")
         });
         // The helper's end closed: the worker ends with 0.
         assert_eq!(code, 0);
+    }
+
+    #[test]
+    fn given_a_full_queue_or_an_old_request_then_send_says_full_and_the_worker_is_stuck() {
+        let (ours, _theirs) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        let mut w = CgroupWorker {
+            sock: ours,
+            pid: 0,
+            in_flight: VecDeque::new(),
+        };
+        let now = Instant::now();
+        for i in 0..MAX_IN_FLIGHT {
+            w.in_flight.push_back((Op::Make, format!("job-w{i}"), now));
+        }
+        assert!(matches!(w.send(Op::Make, "job-x"), Err(NotSent::Full)));
+        assert_eq!(w.in_flight().count(), MAX_IN_FLIGHT);
+        assert!(!w.is_stuck(now));
+        assert!(w.is_stuck(now + STUCK_AFTER + Duration::from_millis(1)));
+        assert!(matches!(w.send(Op::Make, ""), Err(NotSent::Gone(_))));
     }
 }

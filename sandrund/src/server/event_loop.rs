@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use sandrun_ipc::{ErrorCode, Response};
 
-use super::cgroup_worker::Op;
+use super::cgroup_worker::{Gone, Op};
 use super::conn::{Conn, Incoming, State, HIGH_WATER};
 use super::job::Stream;
 use super::peer::{may_connect, Peer};
@@ -188,37 +188,42 @@ impl Server {
         let Some(worker) = self.cgroup_worker.as_mut() else {
             return;
         };
-        match worker.replies() {
-            Ok(replies) => {
-                for r in replies {
-                    match r.op {
-                        Op::Make => self.made(r.name, r.error),
-                        Op::Remove => self.removed(&r.name, r.error),
-                    }
-                }
+        // Replies read before the worker went are handled first: each was taken off the
+        // requests in flight.
+        let (replies, gone) = worker.replies();
+        for r in replies {
+            match r.op {
+                Op::Make => self.made(r.name, r.error),
+                Op::Remove => self.removed(&r.name, r.error),
             }
-            Err(gone) => {
-                log::error!(
-                    "the cgroup worker failed; job cgroups are created and removed on the loop from now on error={}",
-                    gone.0
-                );
-                self.stop_cgroup_worker();
-            }
+        }
+        if let Some(gone) = gone {
+            self.cgroup_worker_failed(&gone);
         }
     }
 
-    /// Stops the worker (it failed, or the helper is shutting down); what it had not done is
-    /// redone on the loop.
+    /// Logs why the worker is given up and stops it.
+    pub(super) fn cgroup_worker_failed(&mut self, gone: &Gone) {
+        log::error!(
+            "the cgroup worker failed; job cgroups are created and removed on the loop from now on error={}",
+            gone.0
+        );
+        self.stop_cgroup_worker();
+    }
+
+    /// Stops the worker (it failed, or the helper is shutting down); what it had not answered
+    /// is done on the loop: directories it was to make are removed, removals a teardown waits
+    /// for are retried by that teardown, other removals are done now.
     pub(super) fn stop_cgroup_worker(&mut self) {
         let Some(worker) = self.cgroup_worker.take() else {
             return;
         };
-        let makes: Vec<String> = (worker.in_flight())
-            .filter(|(op, _)| *op == Op::Make)
-            .map(|(_, name)| name.clone())
+        let unused: Vec<String> = (worker.in_flight())
+            .filter(|&(op, name)| op == Op::Make || !self.teardown_waits_for(name))
+            .map(|(_, name)| name.to_owned())
             .collect();
         drop(worker);
-        self.makes_abandoned(makes);
+        self.unused_abandoned(unused);
         self.removals_abandoned();
     }
 
@@ -295,6 +300,9 @@ impl Server {
 
     pub(super) fn tick(&mut self, now: Instant) {
         self.accept_paused = false;
+        if self.cgroup_worker.as_ref().is_some_and(|w| w.is_stuck(now)) {
+            self.cgroup_worker_failed(&Gone("a request has waited more than 10 s".to_owned()));
+        }
         self.check_starts(now);
         self.check_collections(now);
         for conn in self.conns.values_mut() {

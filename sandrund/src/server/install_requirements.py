@@ -1,4 +1,4 @@
-import hashlib, json, os, re, stat, subprocess, sys, urllib.parse
+import ctypes, hashlib, json, os, re, signal, stat, subprocess, sys, urllib.parse
 reqs, argv = sys.argv[1], sys.argv[2:]
 base = "/tmp/.sandrun-req"
 def put(name, text):
@@ -38,9 +38,20 @@ def sha256_of(wheel):
             os.close(fd)
     except OSError as e:
         fail("wheel " + wheel + " of the wheelhouse cannot be read: " + str(e.strerror))
+WORD = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")
+VERSION = re.compile(r"[A-Za-z0-9._+!-]{1,200}\Z")
+def attestable(name, version, wheel):
+    # What the gateway accepts, checked here so that a record it would refuse fails the install
+    # (reason requirements, before the command) rather than after the command ran.
+    return (WORD.match(name) and VERSION.match(version) and VERSION.match(wheel)
+            and wheel.endswith(".whl") and not wheel.startswith("."))
 def nospace(text):
     return any(s in text for s in ("No space left on device", "[Errno 28]", "[Errno 27]",
                                    "File too large", "Disk quota exceeded"))
+# Until fd 3 is closed no other process may reach it: non-dumpable, /proc/<this pid>/fd is
+# root's, so nothing pip starts (a template's module runs inside pip) can reopen the pipe.
+if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE, 0
+    fail("cannot make the install step non-dumpable: errno " + str(ctypes.get_errno()))
 try:
     os.mkdir(base, 0o700)
     put("requirements.txt", reqs)
@@ -59,6 +70,14 @@ except OSError as e:
     if e.errno in (27, 28):
         fail("the job's tmpfs is full (raise limits.tmpfs_mb)")
     fail("could not run pip: " + str(e.strerror))
+# Nothing pip started may outlive it into the hashing and the record: kill every process of the
+# sandbox this one can signal (all but itself and the sandbox's init).
+try:
+    os.kill(-1, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+except OSError as e:
+    fail("cannot end what pip left running: " + str(e.strerror))
 out = p.stdout.decode("utf-8", "replace")
 sys.stderr.write(out)
 sys.stderr.flush()
@@ -85,6 +104,11 @@ try:
         if not url.startswith("file:///wheelhouse/"):
             fail(md["name"] + " did not come from the wheelhouse")
         wheel = urllib.parse.unquote(url[len("file:///wheelhouse/"):])
+        if not attestable(md["name"], md["version"], wheel):
+            fail("pip installed a distribution whose name, version or wheel cannot be reported: "
+                 + repr((md["name"], md["version"], wheel))[:200])
+        if len(lines) == 256:
+            fail("more than 256 distributions installed")
         lines.append(md["name"] + " " + md["version"] + " " + wheel + " " + sha256_of(wheel)
                      + "\n")
     text = "installed\n" + "".join(lines) + "end\n"

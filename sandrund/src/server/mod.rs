@@ -103,13 +103,16 @@ impl Server {
         };
         let slots = Slots::new(cfg.slot_count);
         let pool = Pool::new(cfg.warm_sandboxes);
-        // Forked before the signal handlers are installed, so it keeps the default ones.
-        let cgroup_worker = CgroupWorker::start(&*cgroups)?;
+        // Forked before the signal handlers are installed. Without it (a failed fork) the
+        // helper does the same work on its loop, only slower.
+        let cgroup_worker = CgroupWorker::start(&*cgroups)
+            .inspect_err(|e| log::error!("cannot start the cgroup worker; cgroups are created and removed on the loop error={e}"))
+            .ok();
         Ok(Server {
             cfg,
             listener,
             cgroups,
-            cgroup_worker: Some(cgroup_worker),
+            cgroup_worker,
             filter,
             collector_exe,
             settings,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use sandrun_ipc::JobId;
 
-use super::cgroup_worker::Op;
+use super::cgroup_worker::{NotSent, Op};
 use super::conn::State;
 use super::start::one_cpu;
 use super::Server;
@@ -189,19 +189,19 @@ impl Server {
             (Some(name), _) => Cgroup::Made(name),
             (None, Some(worker)) => {
                 let pool = &mut self.pool;
-                while pool.ready.len() + pool.making < pool.target {
-                    let name = pool.next_name();
-                    if let Err(gone) = worker.send(Op::Make, &name) {
-                        log::error!(
-                            "the cgroup worker failed; job cgroups are created and removed on the loop from now on error={}",
-                            gone.0
-                        );
-                        self.stop_cgroup_worker();
+                let name = pool.next_name();
+                match worker.send(Op::Make, &name) {
+                    Ok(()) => {
+                        pool.making += 1;
                         return;
                     }
-                    pool.making += 1;
+                    // This one on the loop; the worker stays.
+                    Err(NotSent::Full) => Cgroup::Create(name),
+                    Err(NotSent::Gone(gone)) => {
+                        self.cgroup_worker_failed(&gone);
+                        return;
+                    }
                 }
-                return;
             }
             (None, None) => Cgroup::Create(self.pool.next_name()),
         };
@@ -254,8 +254,10 @@ impl Server {
         }
     }
 
-    /// The worker is gone: what it was asked to make may exist, and is removed on the loop.
-    pub(super) fn makes_abandoned(&mut self, names: Vec<String>) {
+    /// The worker is gone: what it was asked to make may exist, and what it was asked to
+    /// remove for no teardown (an unused directory) may not be gone; both are removed on the
+    /// loop.
+    pub(super) fn unused_abandoned(&mut self, names: Vec<String>) {
         self.pool.making = 0;
         for name in names {
             if let Err(e) = self.cgroups.remove_dirs(&name) {

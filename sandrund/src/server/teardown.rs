@@ -132,6 +132,11 @@ impl Server {
         }
     }
 
+    /// Whether a teardown waits for the worker to remove cgroup `name`.
+    pub(super) fn teardown_waits_for(&self, name: &str) -> bool {
+        (self.teardowns.iter()).any(|t| t.removing && t.cgroup.name() == name)
+    }
+
     /// The worker is gone: what it was asked to remove is retried on the loop.
     pub(super) fn removals_abandoned(&mut self) {
         for t in &mut self.teardowns {
