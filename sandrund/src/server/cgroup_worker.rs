@@ -246,11 +246,28 @@ impl CgroupWorker {
 
 impl Drop for CgroupWorker {
     fn drop(&mut self) {
-        // Its socket closes with `self.sock`; it may be blocked in a syscall, so kill it. (Pid 0
-        // is a test's worker thread.)
-        if self.pid > 0 {
-            sys::kill_and_reap(self.pid);
+        // Its socket closes with `self.sock`; it may be blocked in a syscall, so kill it, and
+        // reap it if it goes within 200 ms. One stuck in the kernel (a cgroup operation that
+        // does not return) is left unreaped rather than holding the loop. (Pid 0 is a test's
+        // worker thread.)
+        if self.pid <= 0 {
+            return;
         }
+        let _ = sys::sigkill(self.pid);
+        let pid = nix::unistd::Pid::from_raw(self.pid);
+        let no_hang = Some(nix::sys::wait::WaitPidFlag::WNOHANG);
+        for _ in 0..200 {
+            match nix::sys::wait::waitpid(pid, no_hang) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(Errno::EINTR) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                _ => return,
+            }
+        }
+        log::warn!(
+            "the cgroup worker did not end within 200 ms of SIGKILL; left unreaped pid={}",
+            self.pid
+        );
     }
 }
 
