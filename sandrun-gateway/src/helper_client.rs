@@ -220,9 +220,7 @@ async fn converse(
     let inputs = input_files(pending);
     // Outputs are charged to the job's client, like its bundle.
     let reservation = budget.empty(pending.reservation.client());
-    let mut done = receive_outputs(&mut channel, exit, reservation, &inputs).await?;
-    done.requirements = requirements;
-    Ok(done)
+    receive_outputs(&mut channel, exit, requirements, reservation, &inputs).await
 }
 
 /// The job's input files by path. An output identical to an input is the input coming back
@@ -429,6 +427,7 @@ struct Incoming {
 async fn receive_outputs(
     channel: &mut Channel,
     exit: ExitReport,
+    requirements: Option<RequirementsReport>,
     mut reservation: Reservation,
     inputs: &HashMap<&str, &Bytes>,
 ) -> Result<HelperResult, HelperError> {
@@ -468,7 +467,7 @@ async fn receive_outputs(
             Response::Done => {
                 return Ok(HelperResult {
                     exit,
-                    requirements: None,
+                    requirements,
                     outputs,
                     skipped,
                     reservation,

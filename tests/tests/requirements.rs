@@ -276,14 +276,29 @@ fn given_bad_requirement_lines_then_submit_is_a_400_naming_the_entry() {
     }
 }
 
-/// A template directory with one handmade template `tpl` providing `beta` 2.0 (installed flat,
-/// with its dist-info, as `env build` lays a template out).
-fn template_with_beta() -> tempfile::TempDir {
+/// An empty root-owned 0755 template directory.
+fn templates_dir() -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("sandrun-templates-")
         .tempdir()
         .expect("tempdir");
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+/// A helper with `wheelhouse` and `templates`.
+fn helper_with(wheelhouse: &Path, templates: &Path) -> Helper {
+    Helper::start(&config(&format!(
+        "wheelhouse_dir = \"{}\"\ntemplate_dir = \"{}\"",
+        wheelhouse.display(),
+        templates.display()
+    )))
+}
+
+/// A template directory with one handmade template `tpl` providing `beta` 2.0 (installed flat,
+/// with its dist-info, as `env build` lays a template out).
+fn template_with_beta() -> tempfile::TempDir {
+    let dir = templates_dir();
     let tpl = dir.path().join("tpl");
     fs::create_dir_all(tpl.join("beta")).expect("mkdir");
     fs::create_dir_all(tpl.join("beta-2.0.dist-info")).expect("mkdir");
@@ -304,11 +319,7 @@ fn template_with_beta() -> tempfile::TempDir {
 fn given_a_template_providing_a_requirement_then_only_the_others_are_installed() {
     let (wh, _, _) = wheelhouse();
     let templates = template_with_beta();
-    let helper = Helper::start(&config(&format!(
-        "wheelhouse_dir = \"{}\"\ntemplate_dir = \"{}\"",
-        wh.path().display(),
-        templates.path().display()
-    )));
+    let helper = helper_with(wh.path(), templates.path());
     let mut job = Job::new(&["python3", "main.py"]).file(
         "main.py",
         0o644,
@@ -683,11 +694,7 @@ fn given_a_wheelhouse_wheel_that_is_a_symlink_then_the_install_step_refuses_it_b
 /// a counter in `/tmp/.evil-beat` every 10 ms, then drains what it got and writes a forged record
 /// (alpha 9.9 with a zero hash) into it, while the job's command runs.
 fn template_with_a_record_thief() -> tempfile::TempDir {
-    let dir = tempfile::Builder::new()
-        .prefix("sandrun-templates-")
-        .tempdir()
-        .expect("tempdir");
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    let dir = templates_dir();
     let tpl = dir.path().join("evil");
     fs::create_dir_all(&tpl).expect("mkdir");
     let thief = r#"import os, time
@@ -739,11 +746,7 @@ fn given_a_template_module_that_leaves_a_process_to_steal_the_record_pipe_then_t
     // goes on), and the signed list is what pip installed.
     let (wh, _, alpha_sha) = wheelhouse();
     let templates = template_with_a_record_thief();
-    let helper = Helper::start(&config(&format!(
-        "wheelhouse_dir = \"{}\"\ntemplate_dir = \"{}\"",
-        wh.path().display(),
-        templates.path().display()
-    )));
+    let helper = helper_with(wh.path(), templates.path());
     let code = "import time\nbeat = lambda: open('/tmp/.evil-beat').read()\n\
                 a = beat(); time.sleep(1); b = beat()\n\
                 print('the thief is', 'alive' if a != b else 'gone')\ntime.sleep(6)\n";

@@ -164,6 +164,14 @@ pub trait CgroupManager {
     fn create(&self, name: &str, limits: &CgroupLimits) -> Result<Box<dyn JobCgroup>, CgroupError> {
         common::validate_limits(limits)?;
         self.make_dirs(name)?;
+        self.adopt_or_remove(name, limits)
+    }
+    /// [`Self::adopt`], removing the directories if it fails (nothing is left).
+    fn adopt_or_remove(
+        &self,
+        name: &str,
+        limits: &CgroupLimits,
+    ) -> Result<Box<dyn JobCgroup>, CgroupError> {
         self.adopt(name, limits).inspect_err(|_| {
             if let Err(e) = self.remove_dirs(name) {
                 log::warn!(

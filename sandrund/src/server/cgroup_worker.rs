@@ -163,12 +163,7 @@ pub(super) struct CgroupWorker {
 impl CgroupWorker {
     /// Forks the worker (start-up only: see `sys::fork_worker`).
     pub(super) fn start(cgroups: &dyn CgroupManager) -> Result<CgroupWorker, Errno> {
-        let (ours, theirs) = socket::socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
+        let (ours, theirs) = seqpacket_pair()?;
         // The child closes `ours`, and the listening socket, with every other descriptor
         // (`serve`).
         let pid = sys::fork_worker(|| serve(theirs.as_fd(), cgroups))?;
@@ -269,6 +264,16 @@ impl Drop for CgroupWorker {
             self.pid
         );
     }
+}
+
+/// The two ends of the worker's socket (close-on-exec).
+fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), Errno> {
+    socket::socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
 }
 
 /// The worker's whole life: one request at a time until the helper's end closes.
@@ -405,13 +410,7 @@ mod tests {
             base: root.path().to_owned(),
         };
         let manager = Dirs(root.path().to_owned(), layout);
-        let (ours, theirs) = socket::socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
+        let (ours, theirs) = seqpacket_pair().expect("socketpair");
         let code = std::thread::scope(|s| {
             let worker = s.spawn(|| serve_requests(theirs.as_fd(), &manager));
             let mut w = CgroupWorker {
@@ -465,13 +464,7 @@ mod tests {
 
     #[test]
     fn given_a_full_queue_or_an_old_request_then_send_says_full_and_the_worker_is_stuck() {
-        let (ours, _theirs) = socket::socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .expect("socketpair");
+        let (ours, _theirs) = seqpacket_pair().expect("socketpair");
         let mut w = CgroupWorker {
             sock: ours,
             pid: 0,

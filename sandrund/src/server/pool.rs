@@ -124,13 +124,7 @@ fn prepare(
 ) -> Result<WarmSandbox, Failed> {
     let created = match &cgroup {
         Cgroup::Create(name) => cgroups.create(name, limits),
-        Cgroup::Made(name) => cgroups.adopt(name, limits).inspect_err(|_| {
-            if let Err(e) = cgroups.remove_dirs(name) {
-                log::warn!(
-                    "cannot remove a job cgroup whose limits failed cgroup={name} error={e}"
-                );
-            }
-        }),
+        Cgroup::Made(name) => cgroups.adopt_or_remove(name, limits),
     };
     let cgroup = created.map_err(|e| Failed {
         message: format!("cgroup: {e}"),
@@ -249,7 +243,12 @@ impl Server {
                 return;
             }
         }
-        if let Err(e) = self.cgroups.remove_dirs(&name) {
+        self.remove_unused_now(&name);
+    }
+
+    /// Removes the directories of a cgroup nothing ever joined, on the loop.
+    fn remove_unused_now(&self, name: &str) {
+        if let Err(e) = self.cgroups.remove_dirs(name) {
             log::warn!("cannot remove an unused job cgroup cgroup={name} error={e}");
         }
     }
@@ -260,9 +259,7 @@ impl Server {
     pub(super) fn unused_abandoned(&mut self, names: Vec<String>) {
         self.pool.making = 0;
         for name in names {
-            if let Err(e) = self.cgroups.remove_dirs(&name) {
-                log::warn!("cannot remove an unused job cgroup cgroup={name} error={e}");
-            }
+            self.remove_unused_now(&name);
         }
     }
 

@@ -111,8 +111,7 @@ impl Server {
 
     /// The worker removed (or failed to remove) the directories of cgroup `name`.
     pub(super) fn removed(&mut self, name: &str, error: Option<String>) {
-        let Some(i) = (self.teardowns.iter()).position(|t| t.removing && t.cgroup.name() == name)
-        else {
+        let Some(i) = self.waiting_for(name) else {
             // A directory made for the pool after it was drained: nothing waits for it.
             if let Some(e) = error {
                 log::warn!("cannot remove an unused job cgroup cgroup={name} error={e}");
@@ -132,9 +131,14 @@ impl Server {
         }
     }
 
+    /// The teardown waiting for the worker to remove cgroup `name`.
+    fn waiting_for(&self, name: &str) -> Option<usize> {
+        (self.teardowns.iter()).position(|t| t.removing && t.cgroup.name() == name)
+    }
+
     /// Whether a teardown waits for the worker to remove cgroup `name`.
     pub(super) fn teardown_waits_for(&self, name: &str) -> bool {
-        (self.teardowns.iter()).any(|t| t.removing && t.cgroup.name() == name)
+        self.waiting_for(name).is_some()
     }
 
     /// The worker is gone: what it was asked to remove is retried on the loop.
