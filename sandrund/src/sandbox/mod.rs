@@ -39,7 +39,6 @@ mod mounts;
 mod net;
 mod order;
 pub mod seccomp;
-mod seccomp_policy;
 #[cfg(test)]
 #[allow(unsafe_code)]
 mod tests;

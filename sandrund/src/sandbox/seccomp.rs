@@ -1,303 +1,72 @@
-//! The seccomp compiler: turns a [`Policy`] of `seccomp_policy.rs` (the job's, [`JOB`]) into a
-//! classic-BPF program, once at helper start-up; it is installed in each job process right before `execve`. The policies themselves, and
-//! what each rule means, are in that file; this one holds no policy.
+//! The job's seccomp filter, as the helper holds it: the classic-BPF program that sandrund's
+//! build script compiled from the policy (crate `sandrun-seccomp`, `seccomp/src/policy.rs`;
+//! docs/sandrund.md, "Seccomp policy"), embedded in the binary. At start-up the helper only
+//! checks its shape ([`SeccompProgram::job`]); it is installed in each job process right before
+//! `execve`. The root helper links no libseccomp.
 //!
-//! # How the argument checks are built
-//!
-//! libseccomp cannot express "allow unless": when a syscall has an unconditional rule, it
-//! silently drops every conditional rule for that syscall, whatever the order they were added in
-//! (checked with libseccomp 2.5.4 and `export_pfc`: `allow ioctl` plus `EPERM ioctl if
-//! a1 == TIOCSTI` exports as a bare `allow ioctl`). So every argument-checked syscall here gets
-//! **only conditional rules, whose conditions are disjoint and together cover every value**: the
-//! result depends neither on rule order nor on precedence, and [`SeccompProgram::compile`]
-//! refuses a policy that names a syscall in two rules.
-//!
-//! A [`Check::Low32`] ("allow unless the low 32 bits equal X or Y", or "allow only X, Y") is
-//! written as one rule per listed value (`MaskedEqual(0xffff_ffff, X)`) plus one rule per prefix
-//! block of the other 32-bit values (`MaskedEqual(mask, prefix)`, with the mask's upper 32 bits
-//! clear, so the upper bits of the register never matter). See [`complement_blocks`]. A
-//! [`Check::Flags`] (the namespace check on `clone`) is one rule for "no bit set"
-//! (`flags & mask == 0`) and one rule per bit.
-//!
-//! Foreign architectures hit libseccomp's architecture check, whose action is the policy's
-//! `foreign_arch`; libseccomp's x86_64 filter sends x32 numbers (`nr >= 0x40000000`) to the same
-//! action. Both are proved by the tests (i386 `int 0x80` and x32 `getpid` die of `SIGSYS`).
-//!
-//! The compiled job program (about 820 instructions, a binary tree over the syscall numbers) is
-//! checked against [`MAX_INSTRUCTIONS`] (the kernel's `BPF_MAXINSNS`). The tests run `sh`, `bash`
-//! with coreutils, `python3` (threads, `subprocess`) and `node` under the filter; with the default
-//! action switched to `LOG`, such workloads (including `multiprocessing`, `asyncio`, sockets,
-//! `sqlite3`, worker threads) hit no unlisted syscall but `clone3`.
+//! The tests below run the embedded program against real syscalls in forked probes, and check
+//! that it is what the policy compiles to now.
 
 #![deny(unsafe_code)]
 
-use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::OwnedFd;
+/// The program sandrund's build script compiled (`build.rs`): `struct sock_filter`s, native
+/// endian.
+static JOB_FILTER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/job-filter.bpf"));
 
-use libseccomp::error::SeccompError as LibError;
-use libseccomp::{ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
+/// The kernel's limit on a classic-BPF program (`BPF_MAXINSNS`).
+const MAX_INSTRUCTIONS: usize = 4096;
 
-use super::seccomp_policy::*;
-
-/// A compiled classic-BPF seccomp program.
+/// A classic-BPF seccomp program.
 pub struct SeccompProgram {
-    /// Between 1 and `MAX_INSTRUCTIONS` instructions (checked when compiled), so its length
+    /// Between 1 and `MAX_INSTRUCTIONS` instructions (checked when loaded), so its length
     /// fits `sock_fprog::len`.
     filter: Vec<libc::sock_filter>,
 }
 
-/// Failure to build the filter (at start-up). Local configuration or bug: never a peer's fault.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum SeccompError {
-    /// libseccomp does not know a syscall name of the allow-list (libseccomp too old?).
-    UnknownSyscall {
-        name: &'static str,
-        source: LibError,
-    },
-    /// A libseccomp call failed; `step` names it.
-    Libseccomp {
-        step: &'static str,
-        source: LibError,
-    },
-    /// Creating, rewinding or reading the memfd the BPF is exported into failed.
-    Export {
-        step: &'static str,
-        source: std::io::Error,
-    },
-    /// The exported program is not a whole number of `sock_filter` instructions.
-    Malformed { bytes: usize },
-    /// The program is empty or longer than the kernel accepts.
-    BadLength { instructions: usize },
-    /// A syscall is named in two policy rules (an unconditional rule would absorb its
-    /// argument checks, or allow and refuse would clash).
-    PolicyConflict { name: &'static str },
+/// The embedded program is not a valid one: a broken build, never a peer's fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeccompError {
+    bytes: usize,
 }
 
 impl std::fmt::Display for SeccompError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::UnknownSyscall { name, source } => {
-                write!(
-                    f,
-                    "seccomp: libseccomp does not know syscall {name:?}: {source}"
-                )
-            }
-            Self::Libseccomp { step, source } => write!(f, "seccomp: {step}: {source}"),
-            Self::Export { step, source } => write!(f, "seccomp: export BPF: {step}: {source}"),
-            Self::Malformed { bytes } => {
-                write!(
-                    f,
-                    "seccomp: exported BPF has {bytes} bytes, not whole instructions"
-                )
-            }
-            Self::PolicyConflict { name } => {
-                write!(f, "seccomp: syscall {name:?} is named in two policy lists")
-            }
-            Self::BadLength { instructions } => write!(
-                f,
-                "seccomp: program has {instructions} instructions (must be 1..={MAX_INSTRUCTIONS})"
-            ),
-        }
+        write!(
+            f,
+            "seccomp: the embedded job filter has {} bytes, not 1 to {MAX_INSTRUCTIONS} whole \
+             instructions (a broken build)",
+            self.bytes
+        )
     }
 }
 
-impl std::error::Error for SeccompError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::UnknownSyscall { source, .. } | Self::Libseccomp { source, .. } => Some(source),
-            Self::Export { source, .. } => Some(source),
-            Self::Malformed { .. } | Self::BadLength { .. } | Self::PolicyConflict { .. } => None,
-        }
-    }
-}
+impl std::error::Error for SeccompError {}
 
 impl SeccompProgram {
-    /// Compiles the job filter, [`JOB`].
-    pub fn compile() -> Result<Self, SeccompError> {
-        Self::from_policy(&JOB)
+    /// The job's filter, from the program embedded at build time.
+    pub fn job() -> Result<Self, SeccompError> {
+        Self::from_bytes(JOB_FILTER)
     }
 
-    fn from_policy(policy: &Policy) -> Result<Self, SeccompError> {
-        let filter = export(&build(policy)?)?;
-        if filter.is_empty() || filter.len() > MAX_INSTRUCTIONS {
-            return Err(SeccompError::BadLength {
-                instructions: filter.len(),
-            });
+    /// Splits raw native-endian bytes into between 1 and `MAX_INSTRUCTIONS` instructions.
+    fn from_bytes(bytes: &[u8]) -> Result<Self, SeccompError> {
+        const SIZE: usize = std::mem::size_of::<libc::sock_filter>();
+        let chunks = bytes.chunks_exact(SIZE);
+        let whole = chunks.remainder().is_empty();
+        let filter: Vec<libc::sock_filter> = chunks
+            .map(|c| libc::sock_filter {
+                code: u16::from_ne_bytes([c[0], c[1]]),
+                jt: c[2],
+                jf: c[3],
+                k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
+            })
+            .collect();
+        if !whole || filter.is_empty() || filter.len() > MAX_INSTRUCTIONS {
+            return Err(SeccompError { bytes: bytes.len() });
         }
         Ok(Self { filter })
     }
 
-    /// Number of BPF instructions.
-    #[cfg(test)]
-    pub fn instructions(&self) -> usize {
-        self.filter.len()
-    }
-}
-
-/// Builds the libseccomp filter context for `policy`, its rules in order.
-fn build(policy: &Policy) -> Result<ScmpFilterContext, SeccompError> {
-    let names: Vec<&[&'static str]> = policy.rules.iter().map(|r| r.syscalls).collect();
-    check_no_conflicts(&names)?;
-    let mut ctx =
-        ScmpFilterContext::new_filter(action(policy.otherwise)).map_err(lib("create filter"))?;
-    ctx.set_act_badarch(action(policy.foreign_arch))
-        .map_err(lib("set bad-arch action"))?;
-    ctx.set_ctl_optimize(2)
-        .map_err(lib("set binary-tree optimization"))?;
-    for rule in policy.rules {
-        for &name in rule.syscalls {
-            let syscall = match (ScmpSyscall::from_name(name), rule.if_unknown) {
-                (Ok(syscall), _) => syscall,
-                (Err(_), IfUnknown::Skip) => continue,
-                (Err(source), IfUnknown::Fail) => {
-                    return Err(SeccompError::UnknownSyscall { name, source })
-                }
-            };
-            add_rules(&mut ctx, syscall, rule.check)?;
-        }
-    }
-    Ok(ctx)
-}
-
-fn lib(step: &'static str) -> impl Fn(LibError) -> SeccompError {
-    move |source| SeccompError::Libseccomp { step, source }
-}
-
-fn action(action: Action) -> ScmpAction {
-    match action {
-        Action::Allow => ScmpAction::Allow,
-        Action::Errno(errno) => ScmpAction::Errno(errno),
-        Action::KillProcess => ScmpAction::KillProcess,
-    }
-}
-
-/// Each syscall name appears at most once across `lists`.
-fn check_no_conflicts(lists: &[&[&'static str]]) -> Result<(), SeccompError> {
-    let mut seen = std::collections::HashSet::new();
-    match lists
-        .iter()
-        .flat_map(|l| l.iter())
-        .find(|&&name| !seen.insert(name))
-    {
-        Some(&name) => Err(SeccompError::PolicyConflict { name }),
-        None => Ok(()),
-    }
-}
-
-/// The rules of one syscall: one unconditional rule, or disjoint conditional ones covering
-/// every value (see the module docs).
-fn add_rules(
-    ctx: &mut ScmpFilterContext,
-    syscall: ScmpSyscall,
-    check: Check,
-) -> Result<(), SeccompError> {
-    let mut conditional = |act: Action, arg: u32, mask: u64, value: u64| {
-        let cmp = ScmpArgCompare::new(arg, ScmpCompareOp::MaskedEqual(mask), value);
-        ctx.add_rule_conditional_exact(action(act), syscall, &[cmp])
-            .map_err(lib("add argument rule"))
-    };
-    match check {
-        Check::Always(act) => {
-            return ctx
-                .add_rule_exact(action(act), syscall)
-                .map_err(lib("add rule"))
-        }
-        Check::Flags {
-            arg,
-            bits,
-            clear,
-            set,
-        } => {
-            conditional(clear, arg, bits.iter().fold(0, |acc, b| acc | b), 0)?;
-            for &bit in bits {
-                conditional(set, arg, bit, bit)?;
-            }
-        }
-        Check::Low32 {
-            arg,
-            values,
-            listed,
-            others,
-        } => {
-            for &value in values {
-                conditional(listed, arg, LOW_32_BITS, value.into())?;
-            }
-            for (mask, prefix) in complement_blocks(values) {
-                conditional(others, arg, mask.into(), prefix.into())?;
-            }
-        }
-    }
-    Ok(())
-}
-
-const LOW_32_BITS: u64 = 0xffff_ffff;
-
-/// The prefix blocks `(mask, prefix)` that together hold exactly the 32-bit values not in
-/// `excluded`: `v` is in a block when `v & mask == prefix`. Blocks are disjoint; there are at
-/// most `32 * excluded.len()` of them (one for all values when `excluded` is empty).
-pub(crate) fn complement_blocks(excluded: &[u32]) -> Vec<(u32, u32)> {
-    let mut blocks = Vec::new();
-    cover(0, 0, excluded, &mut blocks);
-    blocks
-}
-
-/// Pushes the blocks of the values under `prefix` (its top `fixed` bits) not in `excluded`.
-fn cover(prefix: u32, fixed: u32, excluded: &[u32], out: &mut Vec<(u32, u32)>) {
-    let mask = prefix_mask(fixed);
-    if !excluded.iter().any(|&v| v & mask == prefix) {
-        out.push((mask, prefix));
-    } else if fixed < 32 {
-        let next_bit = 1u32 << (31 - fixed);
-        cover(prefix, fixed + 1, excluded, out);
-        cover(prefix | next_bit, fixed + 1, excluded, out);
-    }
-    // `fixed == 32` and an excluded value matches: the block is that value alone; skip it.
-}
-
-fn prefix_mask(fixed: u32) -> u32 {
-    match fixed {
-        0 => 0,
-        n => u32::MAX << (32 - n),
-    }
-}
-
-/// Exports the compiled BPF into a memfd and reads it back as instructions.
-fn export(ctx: &ScmpFilterContext) -> Result<Vec<libc::sock_filter>, SeccompError> {
-    let io = |step| move |source| SeccompError::Export { step, source };
-    let fd: OwnedFd = nix::sys::memfd::memfd_create(
-        c"sandrun-seccomp",
-        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
-    )
-    .map_err(|e| SeccompError::Export {
-        step: "memfd_create",
-        source: e.into(),
-    })?;
-    let mut file = std::fs::File::from(fd);
-    ctx.export_bpf(&mut file).map_err(lib("export BPF"))?;
-    file.seek(SeekFrom::Start(0)).map_err(io("rewind memfd"))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).map_err(io("read memfd"))?;
-    parse_instructions(&bytes)
-}
-
-/// Splits raw native-endian bytes into `sock_filter` instructions.
-fn parse_instructions(bytes: &[u8]) -> Result<Vec<libc::sock_filter>, SeccompError> {
-    const SIZE: usize = std::mem::size_of::<libc::sock_filter>();
-    let chunks = bytes.chunks_exact(SIZE);
-    if !chunks.remainder().is_empty() {
-        return Err(SeccompError::Malformed { bytes: bytes.len() });
-    }
-    let instructions = chunks.map(|c| libc::sock_filter {
-        code: u16::from_ne_bytes([c[0], c[1]]),
-        jt: c[2],
-        jf: c[3],
-        k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
-    });
-    Ok(instructions.collect())
-}
-
-impl SeccompProgram {
     /// Installs the filter on the calling thread. `NO_NEW_PRIVS` must already be set. Returns
     /// the kernel's errno on failure. Allocation-free.
     pub fn install(&self) -> Result<(), nix::errno::Errno> {
@@ -318,6 +87,8 @@ mod tests {
     use nix::unistd::Pid;
 
     use super::*;
+    use libseccomp::ScmpSyscall;
+    use sandrun_seccomp::{NAMESPACE_FLAGS, REFUSED};
 
     /// Exit code of a probe whose syscall succeeded (errnos are all below it).
     const SUCCESS: i32 = 200;
@@ -327,9 +98,9 @@ mod tests {
     const EXEC_FAILED: i32 = 203;
 
     fn program() -> SeccompProgram {
-        match SeccompProgram::compile() {
+        match SeccompProgram::job() {
             Ok(p) => p,
-            Err(e) => panic!("compile failed: {e}"),
+            Err(e) => panic!("{e}"),
         }
     }
 
@@ -732,53 +503,27 @@ mod tests {
     }
 
     #[test]
-    fn given_policy_when_compiled_twice_then_programs_are_identical_and_small() {
-        let words = |p: &SeccompProgram| -> Vec<(u16, u8, u8, u32)> {
-            p.filter.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect()
-        };
-        let (a, b) = (program(), program());
-        eprintln!("seccomp program: {} instructions", a.instructions());
-        assert_eq!(words(&a), words(&b));
-        assert!(
-            a.instructions() < MAX_INSTRUCTIONS,
-            "{} instructions",
-            a.instructions()
-        );
+    fn given_the_embedded_program_then_it_is_what_the_policy_compiles_to_now() {
+        // Compiled at the API level libseccomp detects on this kernel, not the build's pinned
+        // one: equal bytes also say the pin changes nothing here.
+        let now = sandrun_seccomp::compile(&sandrun_seccomp::JOB).expect("the policy compiles");
+        assert_eq!(JOB_FILTER, now.as_slice());
+        let program = program();
+        eprintln!("seccomp program: {} instructions", program.filter.len());
+        assert_eq!(program.filter.len() * 8, JOB_FILTER.len());
+        // The first instruction loads `seccomp_data.arch` (offset 4) for the architecture check:
+        // these are the instructions, split where the kernel will read them.
+        let load_word = u16::try_from(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS).unwrap();
+        let first = &program.filter[0];
+        assert_eq!((first.code, first.k), (load_word, 4));
     }
 
     #[test]
-    fn given_a_syscall_in_two_policy_lists_when_checked_then_it_is_a_conflict() {
-        let err = check_no_conflicts(&[&["read", "ioctl"], &["ioctl"]]);
-        assert!(matches!(
-            err,
-            Err(SeccompError::PolicyConflict { name: "ioctl" })
-        ));
-        let lists: Vec<&[&str]> = JOB.rules.iter().map(|r| r.syscalls).collect();
-        assert!(check_no_conflicts(&lists).is_ok());
-    }
-
-    #[test]
-    fn given_excluded_values_when_blocks_are_built_then_each_other_value_is_in_exactly_one() {
-        let excluded = [0x5412, 0x541c, 0, u32::MAX];
-        let blocks = complement_blocks(&excluded);
-        assert!(blocks.len() <= 32 * excluded.len());
-        let probes = [
-            0,
-            1,
-            2,
-            0x5411,
-            0x5412,
-            0x5413,
-            0x541c,
-            0x541d,
-            0x8000_0000,
-            u32::MAX - 1,
-        ];
-        for v in probes.into_iter().chain(excluded) {
-            let hits = blocks.iter().filter(|&&(m, p)| v & m == p).count();
-            let expected = usize::from(!excluded.contains(&v));
-            assert_eq!(hits, expected, "value {v:#x} is in {hits} blocks");
+    fn given_bytes_that_are_not_whole_instructions_or_too_many_then_they_are_refused() {
+        for bytes in [0, 7, 9, 8 * MAX_INSTRUCTIONS + 8] {
+            let err = SeccompProgram::from_bytes(&vec![0; bytes]).err();
+            assert_eq!(err, Some(SeccompError { bytes }), "{bytes} bytes");
         }
-        assert_eq!(complement_blocks(&[]), vec![(0, 0)]);
+        assert!(SeccompProgram::from_bytes(&[0; 8 * MAX_INSTRUCTIONS]).is_ok());
     }
 }

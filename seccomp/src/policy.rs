@@ -1,9 +1,9 @@
 //! The job's seccomp policy, as data: which syscalls are allowed, which are refused with which
 //! errno, which are decided by their arguments, and what every other syscall and a foreign
-//! architecture get. `seccomp.rs` compiles it once at start-up into a BPF program; nothing here
-//! runs code. A reviewer reads [`JOB`] and the lists it names; docs/sandrund.md "Seccomp policy"
-//! says the same in a table. (The output collector's own filter lives with it, in
-//! `collector/src/confine.rs`.)
+//! architecture get. The crate's compiler (`lib.rs`) turns it into a BPF program when sandrund
+//! is built; nothing here runs code. A reviewer reads [`JOB`] and the lists it names;
+//! docs/sandrund.md "Seccomp policy" says the same in a table. (The output collector's own
+//! filter lives with it, in `collector/src/confine.rs`.)
 //!
 //! Syscalls are named the libseccomp way, so the syscall numbers (and the architecture check)
 //! are libseccomp's business. The filters are native-arch only (x86_64).
@@ -13,7 +13,7 @@ use IfUnknown::{Fail, Skip};
 
 /// What a filter does with a syscall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Action {
+pub enum Action {
     Allow,
     /// Fail the syscall with this errno; the kernel never sees it.
     Errno(i32),
@@ -21,16 +21,16 @@ pub(crate) enum Action {
     KillProcess,
 }
 
-pub(crate) const ALLOW: Action = Action::Allow;
-pub(crate) const KILL: Action = Action::KillProcess;
+pub const ALLOW: Action = Action::Allow;
+pub const KILL: Action = Action::KillProcess;
 /// `EPERM`: refused, and libc does not fall back.
-pub(crate) const EPERM: Action = Action::Errno(libc::EPERM);
+pub const EPERM: Action = Action::Errno(libc::EPERM);
 /// `ENOSYS`: "not implemented", so libc falls back (e.g. `clone3` to `clone`).
-pub(crate) const ENOSYS: Action = Action::Errno(libc::ENOSYS);
+pub const ENOSYS: Action = Action::Errno(libc::ENOSYS);
 
 /// How the syscalls of a [`Rule`] are decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Check {
+pub enum Check {
     /// Whatever the arguments.
     Always(Action),
     /// By the bits `bits` of argument `arg`: `clear` when none is set, `set` when any is.
@@ -50,10 +50,10 @@ pub(crate) enum Check {
     },
 }
 
-/// What a policy does when this libseccomp does not know a name of a rule.
+/// What the compiler does when the build's libseccomp does not know a name of a rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum IfUnknown {
-    /// Start-up fails (libseccomp too old for the allow-list?).
+pub enum IfUnknown {
+    /// The build fails (libseccomp too old for the allow-list?).
     Fail,
     /// The rule skips the name: for refusals, the policy's default refuses it anyway.
     Skip,
@@ -61,20 +61,20 @@ pub(crate) enum IfUnknown {
 
 /// One line of a policy: these syscalls, decided this way.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Rule {
+pub struct Rule {
     pub syscalls: &'static [&'static str],
     pub check: Check,
     pub if_unknown: IfUnknown,
 }
 
 /// A whole filter. No syscall may appear in two rules: libseccomp lets an unconditional rule
-/// absorb a conditional one for the same syscall (see `seccomp.rs`), so the compiler refuses it.
+/// absorb a conditional one for the same syscall (see `lib.rs`), so the compiler refuses it.
 /// It is compiled as a binary tree over the syscall numbers (libseccomp's optimization level
 /// 2): each syscall is decided in a few comparisons, which matters twice: at run time, and when
 /// the kernel installs the filter, since it then evaluates the filter for every syscall number
 /// to build its cache of always-allowed calls (that took 0.6 ms per job with a linear list).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Policy {
+pub struct Policy {
     pub rules: &'static [Rule],
     /// For every syscall no rule names.
     pub otherwise: Action,
@@ -99,7 +99,7 @@ pub(crate) struct Policy {
 /// either one-way (`PR_SET_NO_NEW_PRIVS`, `PR_CAPBSET_DROP`, `PR_SET_SECCOMP`, which can only
 /// stack a further filter) or needs a capability the job does not hold (`PR_SET_MM`).
 #[rustfmt::skip]
-pub(crate) const JOB: Policy = Policy {
+pub const JOB: Policy = Policy {
     rules: &[
         Rule { syscalls: ALLOWED, check: Always(ALLOW), if_unknown: Fail },
         Rule { syscalls: REFUSED, check: Always(EPERM), if_unknown: Skip },
@@ -119,7 +119,7 @@ pub(crate) const JOB: Policy = Policy {
 /// Syscalls allowed without argument checks: what python3, node, bash and coreutils need for
 /// files, memory, time, signals, processes, sockets and IPC inside their own namespaces.
 #[rustfmt::skip]
-pub(crate) const ALLOWED: &[&str] = &[
+pub const ALLOWED: &[&str] = &[
     // Files and descriptors.
     "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2",
     "pwritev2", "open", "openat", "openat2", "creat", "close", "close_range", "lseek", "dup",
@@ -176,7 +176,7 @@ pub(crate) const ALLOWED: &[&str] = &[
 /// privileged subsystems. Names this libseccomp version does not know are skipped: the default
 /// action refuses them anyway (`ENOSYS`).
 #[rustfmt::skip]
-pub(crate) const REFUSED: &[&str] = &[
+pub const REFUSED: &[&str] = &[
     // Namespaces and the mount family.
     "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree",
     "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr",
@@ -196,11 +196,11 @@ pub(crate) const REFUSED: &[&str] = &[
 ];
 
 /// The kernel's limit on a classic-BPF program (`BPF_MAXINSNS`).
-pub(crate) const MAX_INSTRUCTIONS: usize = 4096;
+pub const MAX_INSTRUCTIONS: usize = 4096;
 
 /// `clone` flags that create namespaces. `CLONE_NEWTIME` shares its bit with the exit-signal
 /// byte of `clone`; refusing it only refuses exit signals above 127, which are invalid anyway.
-pub(crate) const NAMESPACE_FLAGS: [u64; 8] = [
+pub const NAMESPACE_FLAGS: [u64; 8] = [
     libc::CLONE_NEWNS as u64,
     libc::CLONE_NEWUSER as u64,
     libc::CLONE_NEWPID as u64,
@@ -212,17 +212,17 @@ pub(crate) const NAMESPACE_FLAGS: [u64; 8] = [
 ];
 
 /// `ioctl` requests refused (compared on the low 32 bits, as the kernel truncates them).
-pub(crate) const REFUSED_IOCTLS: [u32; 2] = [TIOCSTI, TIOCLINUX];
+pub const REFUSED_IOCTLS: [u32; 2] = [TIOCSTI, TIOCLINUX];
 const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541c;
 const _: () = assert!(libc::TIOCSTI == TIOCSTI as u64 && libc::TIOCLINUX == TIOCLINUX as u64);
 
 /// Socket domains allowed (compared on the low 32 bits: the kernel reads an `int`).
-pub(crate) const SOCKET_DOMAINS: [u32; 3] = [
+pub const SOCKET_DOMAINS: [u32; 3] = [
     libc::AF_UNIX as u32,
     libc::AF_INET as u32,
     libc::AF_INET6 as u32,
 ];
 
 /// `personality` values allowed: `PER_LINUX` and the query value.
-pub(crate) const PERSONALITIES: [u32; 2] = [0, 0xffff_ffff];
+pub const PERSONALITIES: [u32; 2] = [0, 0xffff_ffff];
