@@ -13,7 +13,7 @@ for arg in "$@"; do
   esac
 done
 pkgs=(
-  build-essential pkg-config libseccomp-dev libsystemd-dev   # build: libseccomp and systemd crates
+  build-essential pkg-config libseccomp-dev libsystemd-dev   # build: the seccomp filters (compiled by build scripts) and systemd crates
   python3 nodejs bash coreutils                               # interpreters the sandbox offers
   python3-pip                                                 # sandrunctl env build (download as sandrun-build, install in a job)
   chromium                                                    # browser tests of the web UI (tests/browser/)

@@ -59,7 +59,7 @@ depends=$(dpkg-shlibdeps -O --ignore-missing-info -e "$stage/usr/bin/sandrund" \
   -e "$stage/usr/bin/sandrun-gateway" -e "$stage/usr/bin/sandrunctl" \
   -e "$stage/usr/bin/sandrun-outputs" 2>/dev/null \
   | sed -n 's/^shlibs:Depends=//p' || true)
-[ -n "$depends" ] || depends="libc6, libgcc-s1, libseccomp2"
+[ -n "$depends" ] || depends="libc6, libgcc-s1"
 cat >"$stage/DEBIAN/control" <<CONTROL
 Package: sandrun
 Version: $version

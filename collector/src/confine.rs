@@ -10,7 +10,8 @@
 //! 3. enforces Landlock: every filesystem right of the kernel's ABI handled, only
 //!    `ReadFile | ReadDir` granted, only beneath the `/work` fd; signals and abstract sockets
 //!    scoped;
-//! 4. installs its seccomp filter ([`COLLECTOR_ALLOWED`], anything else kills the process),
+//! 4. installs its seccomp filter ([`COLLECTOR_FILTER`], compiled at build time from
+//!    `COLLECTOR` in `seccomp/src/policy.rs`; anything else kills the process),
 //!    then names itself `sandrun-collect` (the one `prctl` the filter allows).
 //!
 //! Any step that fails is returned as a message; `main` reports it to the helper and exits.
@@ -21,22 +22,15 @@ use landlock::{
     Access, AccessFs, CompatLevel, Compatible, PathBeneath, Ruleset, RulesetAttr,
     RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
-use libseccomp::{ScmpAction, ScmpArgCompare, ScmpCompareOp, ScmpFilterContext, ScmpSyscall};
 
 /// The collector's name (`/proc/<pid>/comm`), so operators and tests can find it.
 pub const NAME: &std::ffi::CStr = c"sandrun-collect";
 
-/// The output collector's whole allow-list: reading the job's `/work` through descriptors,
-/// hashing, allocating, writing frames to its socket and exiting. Every other syscall, including
-/// every one a job may make that is not here, kills the collector (`SIGSYS`). `prctl` is
-/// allowed besides, for `PR_SET_NAME` only ([`collector_filter`]).
-#[rustfmt::skip]
-pub const COLLECTOR_ALLOWED: &[&str] = &[
-    "read", "write", "sendto", "close", "openat2", "fstat", "newfstatat", "statx", "getdents64", "lseek",
-    "fcntl", "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "clock_gettime",
-    "sigaltstack", "rt_sigreturn", "rt_sigprocmask", "futex", "sched_yield", "exit",
-    "exit_group",
-];
+// `static COLLECTOR_FILTER: [libc::sock_filter; N]`: the build script's compilation of
+// `COLLECTOR` (`seccomp/src/policy.rs`): the collector's allow-list and `prctl(PR_SET_NAME)`;
+// every other syscall, including every one a job may make that is not there, kills the
+// collector (`SIGSYS`).
+include!(concat!(env!("OUT_DIR"), "/collector_filter.rs"));
 
 /// Beyond the highest capability number of any kernel (`PR_CAPBSET_READ` says `EINVAL` there).
 const CAP_PROBE_LIMIT: libc::c_ulong = 64;
@@ -45,11 +39,8 @@ const CAP_PROBE_LIMIT: libc::c_ulong = 64;
 pub fn confine(work: BorrowedFd<'_>) -> Result<(), String> {
     prctl(libc::PR_SET_DUMPABLE, 0, 0).map_err(|e| format!("PR_SET_DUMPABLE: errno {e}"))?;
     check_unprivileged()?;
-    let filter = collector_filter()?;
     restrict_to_read_beneath(work)?;
-    filter
-        .load()
-        .map_err(|e| format!("seccomp: load the collector filter: {e}"))?;
+    install_filter().map_err(|e| format!("seccomp: install the collector filter: errno {e}"))?;
     // SAFETY: PR_SET_NAME reads at most 16 bytes of the NUL-terminated `NAME`.
     let rc = unsafe { libc::prctl(libc::PR_SET_NAME, NAME.as_ptr(), 0, 0, 0) };
     if rc != 0 {
@@ -171,28 +162,29 @@ fn kernel_abi() -> Result<ABI, String> {
     Ok(ABI::from(i32::try_from(version).unwrap_or(i32::MAX)))
 }
 
-/// Step 4's filter, built before Landlock (libseccomp needs nothing Landlock would refuse, but
-/// this keeps the work after `restrict_self` to the one `seccomp` call). Default and foreign
-/// architectures: `KILL_PROCESS`.
-pub fn collector_filter() -> Result<ScmpFilterContext, String> {
-    let lib = |step: &'static str| {
-        move |e: libseccomp::error::SeccompError| format!("seccomp: {step}: {e}")
+/// Step 4: installs [`COLLECTOR_FILTER`] on this (only) thread; `NO_NEW_PRIVS` must be set
+/// (the helper set it, and [`check_unprivileged`] checked it). The kernel's errno on failure.
+fn install_filter() -> Result<(), i32> {
+    let prog = libc::sock_fprog {
+        // At most 4,096 instructions (the build script checks), so the length fits.
+        len: u16::try_from(COLLECTOR_FILTER.len()).map_err(|_| libc::EINVAL)?,
+        // The kernel only reads the program; the pointer is `*mut` by C declaration only.
+        filter: COLLECTOR_FILTER.as_ptr().cast_mut(),
     };
-    let mut ctx = ScmpFilterContext::new_filter(ScmpAction::KillProcess)
-        .map_err(lib("create the collector filter"))?;
-    ctx.set_act_badarch(ScmpAction::KillProcess)
-        .map_err(lib("set the bad-arch action"))?;
-    for &name in COLLECTOR_ALLOWED {
-        let syscall = ScmpSyscall::from_name(name).map_err(lib(name))?;
-        ctx.add_rule_exact(ScmpAction::Allow, syscall)
-            .map_err(lib("add an allow rule"))?;
+    // SAFETY: `prog` points at the static program, whose `len` instructions are initialized
+    // and live for the whole process; the kernel copies the program before returning.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0 as libc::c_uint,
+            std::ptr::addr_of!(prog),
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(errno()),
     }
-    let prctl = ScmpSyscall::from_name("prctl").map_err(lib("prctl"))?;
-    let set_name = libc::PR_SET_NAME.cast_unsigned().into();
-    let cmp = ScmpArgCompare::new(0, ScmpCompareOp::Equal, set_name);
-    ctx.add_rule_conditional_exact(ScmpAction::Allow, prctl, &[cmp])
-        .map_err(lib("add the PR_SET_NAME rule"))?;
-    Ok(ctx)
 }
 
 /// `prctl` with two integer arguments: its result, or the errno.
@@ -255,8 +247,7 @@ mod tests {
     }
 
     fn filtered(probe: impl FnOnce() -> i32) -> WaitStatus {
-        let filter = collector_filter().expect("compile the collector filter");
-        in_child(|| no_new_privs() && filter.load().is_ok(), probe)
+        in_child(|| no_new_privs() && install_filter().is_ok(), probe)
     }
 
     fn syscall6(nr: libc::c_long, args: [libc::c_long; 6]) -> i32 {
@@ -294,6 +285,18 @@ mod tests {
             matches!(status, WaitStatus::Exited(_, SUCCESS)),
             "write(1, _, 0) under the collector filter: {status:?}"
         );
+        // The one prctl it makes, with the option's upper 32 bits set (the kernel reads an int).
+        let name = c"probe".as_ptr() as libc::c_long;
+        for option in [
+            libc::PR_SET_NAME.into(),
+            (1 << 32) | libc::c_long::from(libc::PR_SET_NAME),
+        ] {
+            let status = filtered(|| syscall6(libc::SYS_prctl, [option, name, 0, 0, 0, 0]));
+            assert!(
+                matches!(status, WaitStatus::Exited(_, SUCCESS)),
+                "prctl({option:#x}) under the collector filter: {status:?}"
+            );
+        }
     }
 
     #[test]

@@ -23,7 +23,7 @@ Version: $version
 Release: 1
 Summary: anonymous batch jobs in Linux sandboxes, over HTTPS
 License: $(sed -n 's/^License: //p' "$stage/usr/share/doc/sandrun/copyright")
-Requires: shadow-utils, openssl, libseccomp
+Requires: shadow-utils, openssl
 %description
 sandrun-gateway (unprivileged HTTPS front end) hands validated jobs to sandrund (root helper
 that runs each in namespaces, cgroups, Landlock and seccomp); sandrunctl administers it.

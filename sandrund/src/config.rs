@@ -2,6 +2,8 @@
 //! talk to it, the uid range of job slots, the interpreter allow-list and the template directory.
 //! Every key has a built-in default, so the helper runs with no file at all.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;

@@ -284,7 +284,7 @@ fn run(args: &[String]) -> Result<(), StartupError> {
             return Err(StartupError::Host(msg));
         }
     }
-    let filter = SeccompProgram::job().map_err(|e| StartupError::Host(e.to_string()))?;
+    let filter = SeccompProgram::job();
     let listener = match systemd::take_activated_listener(activated).map_err(cfg_err)? {
         Some(l) => {
             log::info!("using the socket passed by systemd");

@@ -11,8 +11,9 @@
 //! See `docs/sandrund.md` for the sandbox steps in the order [`sandbox::prepare`] and
 //! [`sandbox::start`] perform them.
 
-// Every raw syscall is in `sys` (the FFI module); every other module file forbids unsafe code
-// (the seccomp filter's install is still to move).
+// Every raw syscall is in `sys` (the FFI module); every other module file forbids unsafe code,
+// but for two whose test modules make raw syscalls of their own (`sandbox/mod.rs`,
+// `sandbox/seccomp.rs`): those deny it outside their tests.
 #![deny(unsafe_code)]
 
 // Only `daemon::main_with_args` is public: the `sandrund` binary (src/main.rs) is the library's

@@ -8,6 +8,8 @@
 //! RESOLVE_NO_MAGICLINKS)` with `O_NOFOLLOW | O_NONBLOCK`, `fstat` must say "regular file" (or
 //! "directory"), and reads stop at [`MAX_LOCK_BYTES`].
 
+#![forbid(unsafe_code)]
+
 use std::ffi::CString;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};

@@ -1,9 +1,10 @@
 //! The job's seccomp policy, as data: which syscalls are allowed, which are refused with which
 //! errno, which are decided by their arguments, and what every other syscall and a foreign
-//! architecture get. The crate's compiler (`lib.rs`) turns it into a BPF program when sandrund
-//! is built; nothing here runs code. A reviewer reads [`JOB`] and the lists it names;
-//! docs/sandrund.md "Seccomp policy" says the same in a table. (The output collector's own
-//! filter lives with it, in `collector/src/confine.rs`.)
+//! architecture get. The crate's compiler (`lib.rs`) turns each into a BPF program when sandrund
+//! and the output collector are built; nothing here runs code. A reviewer reads [`JOB`] and the
+//! lists it names (docs/sandrund.md "Seccomp policy" says the same in a table), and
+//! [`COLLECTOR`], the output collector's much shorter one (docs/sandrund.md "Output
+//! collection").
 //!
 //! Syscalls are named the libseccomp way, so the syscall numbers (and the architecture check)
 //! are libseccomp's business. The filters are native-arch only (x86_64).
@@ -226,3 +227,31 @@ pub const SOCKET_DOMAINS: [u32; 3] = [
 
 /// `personality` values allowed: `PER_LINUX` and the query value.
 pub const PERSONALITIES: [u32; 2] = [0, 0xffff_ffff];
+
+/// The output collector's filter (`collector/src/confine.rs` installs it, step 4): reading the
+/// job's `/work` through descriptors, hashing, allocating, writing frames to its socket, naming
+/// itself and exiting. Every other syscall, including every one a job may make that is not in
+/// [`COLLECTOR_ALLOWED`], and a foreign architecture kill the collector (`SIGSYS`).
+#[rustfmt::skip]
+pub const COLLECTOR: Policy = Policy {
+    rules: &[
+        Rule { syscalls: COLLECTOR_ALLOWED, check: Always(ALLOW), if_unknown: Fail },
+        Rule { syscalls: &["prctl"], if_unknown: Fail,
+               check: Low32 { arg: 0, values: &[PR_SET_NAME], listed: ALLOW, others: KILL } },
+    ],
+    otherwise: KILL,
+    foreign_arch: KILL,
+};
+
+/// The output collector's whole allow-list (and `prctl(PR_SET_NAME)`, [`COLLECTOR`]).
+#[rustfmt::skip]
+pub const COLLECTOR_ALLOWED: &[&str] = &[
+    "read", "write", "sendto", "close", "openat2", "fstat", "newfstatat", "statx", "getdents64",
+    "lseek", "fcntl", "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "clock_gettime",
+    "sigaltstack", "rt_sigreturn", "rt_sigprocmask", "futex", "sched_yield", "exit",
+    "exit_group",
+];
+
+/// `prctl`'s `PR_SET_NAME` (compared on the low 32 bits: the kernel reads an `int`).
+const PR_SET_NAME: u32 = 15;
+const _: () = assert!(libc::PR_SET_NAME == PR_SET_NAME as i32);

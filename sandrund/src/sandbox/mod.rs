@@ -28,6 +28,9 @@
 //! An idle warm C exits when its control socket closes (the helper is gone); from its job on,
 //! `PR_SET_PDEATHSIG` kills it with the helper.
 
+// Unsafe code only in the tests' module (raw clones and probes of their own).
+#![deny(unsafe_code)]
+
 mod bundle;
 mod channel;
 mod child;

@@ -1,76 +1,35 @@
 //! The job's seccomp filter, as the helper holds it: the classic-BPF program that sandrund's
 //! build script compiled from the policy (crate `sandrun-seccomp`, `seccomp/src/policy.rs`;
-//! docs/sandrund.md, "Seccomp policy"), embedded in the binary. At start-up the helper only
-//! checks its shape ([`SeccompProgram::job`]); it is installed in each job process right before
-//! `execve`. The root helper links no libseccomp.
+//! docs/sandrund.md, "Seccomp policy"), a `static` in the binary. It is installed in each job
+//! process right before `execve`. The root helper links no libseccomp and compiles nothing.
 //!
 //! The tests below run the embedded program against real syscalls in forked probes, and check
 //! that it is what the policy compiles to now.
 
 #![deny(unsafe_code)]
 
-/// The program sandrund's build script compiled (`build.rs`): `struct sock_filter`s, native
-/// endian.
-static JOB_FILTER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/job-filter.bpf"));
+// `static JOB_FILTER: [libc::sock_filter; N]`, 1 ≤ N ≤ 4,096 (checked by the build script).
+include!(concat!(env!("OUT_DIR"), "/job_filter.rs"));
 
-/// The kernel's limit on a classic-BPF program (`BPF_MAXINSNS`).
-const MAX_INSTRUCTIONS: usize = 4096;
-
-/// A classic-BPF seccomp program.
+/// A classic-BPF seccomp program of 1 to 4,096 instructions (so its length fits
+/// `sock_fprog::len`).
+#[derive(Clone, Copy)]
 pub struct SeccompProgram {
-    /// Between 1 and `MAX_INSTRUCTIONS` instructions (checked when loaded), so its length
-    /// fits `sock_fprog::len`.
-    filter: Vec<libc::sock_filter>,
+    filter: &'static [libc::sock_filter],
 }
-
-/// The embedded program is not a valid one: a broken build, never a peer's fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SeccompError {
-    bytes: usize,
-}
-
-impl std::fmt::Display for SeccompError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "seccomp: the embedded job filter has {} bytes, not 1 to {MAX_INSTRUCTIONS} whole \
-             instructions (a broken build)",
-            self.bytes
-        )
-    }
-}
-
-impl std::error::Error for SeccompError {}
 
 impl SeccompProgram {
-    /// The job's filter, from the program embedded at build time.
-    pub fn job() -> Result<Self, SeccompError> {
-        Self::from_bytes(JOB_FILTER)
-    }
-
-    /// Splits raw native-endian bytes into between 1 and `MAX_INSTRUCTIONS` instructions.
-    fn from_bytes(bytes: &[u8]) -> Result<Self, SeccompError> {
-        const SIZE: usize = std::mem::size_of::<libc::sock_filter>();
-        let chunks = bytes.chunks_exact(SIZE);
-        let whole = chunks.remainder().is_empty();
-        let filter: Vec<libc::sock_filter> = chunks
-            .map(|c| libc::sock_filter {
-                code: u16::from_ne_bytes([c[0], c[1]]),
-                jt: c[2],
-                jf: c[3],
-                k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
-            })
-            .collect();
-        if !whole || filter.is_empty() || filter.len() > MAX_INSTRUCTIONS {
-            return Err(SeccompError { bytes: bytes.len() });
+    /// The job's filter, as the build compiled it.
+    pub fn job() -> Self {
+        Self {
+            filter: &JOB_FILTER,
         }
-        Ok(Self { filter })
     }
 
     /// Installs the filter on the calling thread. `NO_NEW_PRIVS` must already be set. Returns
     /// the kernel's errno on failure. Allocation-free.
     pub fn install(&self) -> Result<(), nix::errno::Errno> {
-        crate::sys::install_seccomp_filter(&self.filter)
+        crate::sys::install_seccomp_filter(self.filter)
     }
 }
 
@@ -98,10 +57,7 @@ mod tests {
     const EXEC_FAILED: i32 = 203;
 
     fn program() -> SeccompProgram {
-        match SeccompProgram::job() {
-            Ok(p) => p,
-            Err(e) => panic!("{e}"),
-        }
+        SeccompProgram::job()
     }
 
     /// Sets `NO_NEW_PRIVS` and installs the filter; `_exit`s on failure. Child-only, no allocation.
@@ -505,25 +461,15 @@ mod tests {
     #[test]
     fn given_the_embedded_program_then_it_is_what_the_policy_compiles_to_now() {
         // Compiled at the API level libseccomp detects on this kernel, not the build's pinned
-        // one: equal bytes also say the pin changes nothing here.
+        // one: an equal program also says the pin changes nothing here.
         let now = sandrun_seccomp::compile(&sandrun_seccomp::JOB).expect("the policy compiles");
-        assert_eq!(JOB_FILTER, now.as_slice());
-        let program = program();
-        eprintln!("seccomp program: {} instructions", program.filter.len());
-        assert_eq!(program.filter.len() * 8, JOB_FILTER.len());
-        // The first instruction loads `seccomp_data.arch` (offset 4) for the architecture check:
-        // these are the instructions, split where the kernel will read them.
+        let embedded: Vec<sandrun_seccomp::Instruction> = (JOB_FILTER.iter())
+            .map(|i| (i.code, i.jt, i.jf, i.k))
+            .collect();
+        eprintln!("seccomp program: {} instructions", embedded.len());
+        assert_eq!(embedded, now);
+        // The first instruction loads `seccomp_data.arch` (offset 4) for the architecture check.
         let load_word = u16::try_from(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS).unwrap();
-        let first = &program.filter[0];
-        assert_eq!((first.code, first.k), (load_word, 4));
-    }
-
-    #[test]
-    fn given_bytes_that_are_not_whole_instructions_or_too_many_then_they_are_refused() {
-        for bytes in [0, 7, 9, 8 * MAX_INSTRUCTIONS + 8] {
-            let err = SeccompProgram::from_bytes(&vec![0; bytes]).err();
-            assert_eq!(err, Some(SeccompError { bytes }), "{bytes} bytes");
-        }
-        assert!(SeccompProgram::from_bytes(&[0; 8 * MAX_INSTRUCTIONS]).is_ok());
+        assert_eq!((embedded[0].0, embedded[0].3), (load_word, 4));
     }
 }

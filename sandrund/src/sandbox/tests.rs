@@ -102,7 +102,7 @@ impl Job {
             template: self.template.clone(),
             wheelhouse: false,
         };
-        let filter = SeccompProgram::job().expect("the embedded job filter is valid");
+        let filter = SeccompProgram::job();
         spawn(&settings, &plan, &filter, cgroup)
     }
 
