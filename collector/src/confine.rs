@@ -285,6 +285,15 @@ mod tests {
             matches!(status, WaitStatus::Exited(_, SUCCESS)),
             "write(1, _, 0) under the collector filter: {status:?}"
         );
+        // The seed the collector's runtime draws right after the filter is in place.
+        let mut seed = [0u8; 8];
+        let (buf, len) = (seed.as_mut_ptr() as libc::c_long, 8);
+        let getrandom = [buf, len, libc::c_long::from(libc::GRND_NONBLOCK), 0, 0, 0];
+        let status = filtered(|| syscall6(libc::SYS_getrandom, getrandom));
+        assert!(
+            matches!(status, WaitStatus::Exited(_, SUCCESS)),
+            "getrandom under the collector filter: {status:?}"
+        );
         // The one prctl it makes, with the option's upper 32 bits set (the kernel reads an int).
         let name = c"probe".as_ptr() as libc::c_long;
         for option in [

@@ -244,12 +244,15 @@ pub const COLLECTOR: Policy = Policy {
 };
 
 /// The output collector's whole allow-list (and `prctl(PR_SET_NAME)`, [`COLLECTOR`]).
+/// `getrandom` is there because the collector's runtime draws a seed (8 bytes,
+/// `GRND_NONBLOCK`) right after the filter is in place; while libseccomp built the filter at
+/// run time that draw happened before, now it happens under the filter.
 #[rustfmt::skip]
 pub const COLLECTOR_ALLOWED: &[&str] = &[
     "read", "write", "sendto", "close", "openat2", "fstat", "newfstatat", "statx", "getdents64",
     "lseek", "fcntl", "brk", "mmap", "munmap", "mremap", "mprotect", "madvise", "clock_gettime",
-    "sigaltstack", "rt_sigreturn", "rt_sigprocmask", "futex", "sched_yield", "exit",
-    "exit_group",
+    "sigaltstack", "rt_sigreturn", "rt_sigprocmask", "futex", "sched_yield", "getrandom",
+    "exit", "exit_group",
 ];
 
 /// `prctl`'s `PR_SET_NAME` (compared on the low 32 bits: the kernel reads an `int`).
