@@ -252,6 +252,21 @@ fn check_socket_reachable(path: &Path, cfg: &Config) -> Result<(), StartupError>
 /// the kernel on free, so the helper's RSS stays flat over thousands of jobs.
 const MALLOC_THRESHOLD: libc::c_int = 128 * 1024;
 
+/// On cgroup v1 each job's output collector joins the job's cgroup on the job's path; tells the
+/// operator when that waits for an RCU grace period, and what removes the wait.
+fn warn_if_migrations_wait() {
+    match cgroup::migrations_wait_for_rcu() {
+        Ok(false) => {}
+        Ok(true) => log::warn!(
+            "cgroup v1 without favordynmods: each output collector waits for an RCU grace period \
+             (several ms) to join its job's cgroup, and cgroup directory changes wait behind it; \
+             mount a cgroup hierarchy with favordynmods or boot with cgroup_favordynmods=1 \
+             (docs/operations.md, \"cgroup v1 hosts\")"
+        ),
+        Err(e) => log::warn!("cannot tell whether cgroup migrations wait for RCU: {e}"),
+    }
+}
+
 /// The whole start-up, then the loop. Returns the process exit code.
 pub fn main_with_args(args: &[String]) -> i32 {
     if let Err(e) = crate::logger::init() {
@@ -283,6 +298,9 @@ fn run(args: &[String]) -> Result<(), StartupError> {
             let msg = format!("cannot clean stale job cgroups: {e}");
             return Err(StartupError::Host(msg));
         }
+    }
+    if matches!(cgroups.layout(), cgroup::CgroupLayout::V1 { .. }) {
+        warn_if_migrations_wait();
     }
     let filter = SeccompProgram::job();
     let listener = match systemd::take_activated_listener(activated).map_err(cfg_err)? {

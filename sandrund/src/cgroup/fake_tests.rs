@@ -858,3 +858,25 @@ fn given_jobs_of_each_version_then_only_v2_offers_a_directory_to_clone_into() {
     assert!(job.clone_into().is_none(), "v1 has no CLONE_INTO_CGROUP");
     job.remove().unwrap();
 }
+
+#[test]
+fn given_favordynmods_offered_when_no_cgroup_mount_has_it_then_migrations_wait_for_rcu() {
+    let features = "nsdelegate\nfavordynmods\nmemory_localevents\n";
+    let line = |fstype: &str, opts: &str| {
+        format!(
+            "30 25 0:26 / /sys/fs/cgroup/memory rw,relatime shared:9 - {fstype} cgroup {opts}\n"
+        )
+    };
+    let plain = line("cgroup", "rw,memory") + &line("cgroup2", "rw");
+    assert!(migrations_wait_for_rcu_in(features, &plain).unwrap());
+    for favoured in [
+        line("cgroup", "rw,memory,favordynmods"),
+        line("cgroup2", "rw,nsdelegate,favordynmods"),
+    ] {
+        assert!(!migrations_wait_for_rcu_in(features, &(plain.clone() + &favoured)).unwrap());
+    }
+    // A tmpfs with the word in its options is not a cgroup mount; an older kernel has no choice.
+    let other = line("tmpfs", "rw,favordynmods");
+    assert!(migrations_wait_for_rcu_in(features, &(plain.clone() + &other)).unwrap());
+    assert!(!migrations_wait_for_rcu_in("nsdelegate\n", &plain).unwrap());
+}

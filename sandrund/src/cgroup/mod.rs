@@ -322,6 +322,26 @@ fn dir_in_mount(root: &Path, mount: &MountEntry, cgroup_path: &str) -> Option<Pa
     Some(root.join(mount_point).join(rel))
 }
 
+/// Whether moving a process into a cgroup waits for an RCU grace period here: the kernel
+/// offers `favordynmods` (`/sys/kernel/cgroup/features`) and no cgroup hierarchy is mounted
+/// with it. Then every write to a `cgroup.procs` takes the global threadgroup lock for writing,
+/// which waits for a grace period (several milliseconds on a busy host) with `cgroup_mutex`
+/// held. On cgroup v1 that is each output collector's join, on the job's path
+/// (docs/operations.md, "cgroup v1 hosts"); on v2 nothing of a job migrates.
+pub fn migrations_wait_for_rcu() -> Result<bool, CgroupError> {
+    let features = read_proc(Path::new("/sys/kernel/cgroup/features"))?;
+    let mountinfo = read_proc(Path::new("/proc/self/mountinfo"))?;
+    migrations_wait_for_rcu_in(&features, &mountinfo)
+}
+
+fn migrations_wait_for_rcu_in(features: &str, mountinfo: &str) -> Result<bool, CgroupError> {
+    let offered = features.lines().any(|l| l.trim() == "favordynmods");
+    let favoured = (parse::parse_mountinfo(mountinfo)?.iter())
+        .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
+        .any(|m| m.super_options.iter().any(|o| o == "favordynmods"));
+    Ok(offered && !favoured)
+}
+
 fn read_proc(path: &Path) -> Result<String, CgroupError> {
     std::fs::read_to_string(path).map_err(|source| CgroupError::Io {
         step: "detect cgroup layout",
