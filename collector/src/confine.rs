@@ -31,6 +31,8 @@ pub const NAME: &std::ffi::CStr = c"sandrun-collect";
 // every other syscall, including every one a job may make that is not there, kills the
 // collector (`SIGSYS`).
 include!(concat!(env!("OUT_DIR"), "/collector_filter.rs"));
+// What `sock_fprog::len` and the kernel (`BPF_MAXINSNS`) take, checked when this is compiled.
+const _: () = assert!(!COLLECTOR_FILTER.is_empty() && COLLECTOR_FILTER.len() <= 4096);
 
 /// Beyond the highest capability number of any kernel (`PR_CAPBSET_READ` says `EINVAL` there).
 const CAP_PROBE_LIMIT: libc::c_ulong = 64;
@@ -166,7 +168,7 @@ fn kernel_abi() -> Result<ABI, String> {
 /// (the helper set it, and [`check_unprivileged`] checked it). The kernel's errno on failure.
 fn install_filter() -> Result<(), i32> {
     let prog = libc::sock_fprog {
-        // At most 4,096 instructions (the build script checks), so the length fits.
+        // At most 4,096 instructions (checked at compile time above), so the length fits.
         len: u16::try_from(COLLECTOR_FILTER.len()).map_err(|_| libc::EINVAL)?,
         // The kernel only reads the program; the pointer is `*mut` by C declaration only.
         filter: COLLECTOR_FILTER.as_ptr().cast_mut(),
@@ -312,6 +314,8 @@ mod tests {
     fn given_collector_filter_when_any_other_syscall_then_the_collector_is_killed() {
         // Allowed for jobs, but not for the collector: each kills it with SIGSYS.
         let dumpable = [libc::PR_SET_DUMPABLE.into(), 1, 0, 0, 0, 0];
+        let high_name = libc::c_long::from(libc::PR_SET_NAME) << 32;
+        let dumpable_named_high = [high_name | dumpable[0], 1, 0, 0, 0, 0];
         for (nr, args, what) in [
             (libc::SYS_getpid, [0; 6], "getpid"),
             (libc::SYS_socket, [0; 6], "socket"),
@@ -320,6 +324,14 @@ mod tests {
             (libc::SYS_kill, [0; 6], "kill"),
             (libc::SYS_connect, [0; 6], "connect"),
             (libc::SYS_prctl, dumpable, "prctl(PR_SET_DUMPABLE)"),
+            // PR_SET_NAME in the upper 32 bits only: the kernel reads PR_SET_DUMPABLE.
+            (
+                libc::SYS_prctl,
+                dumpable_named_high,
+                "prctl((15 << 32) | PR_SET_DUMPABLE)",
+            ),
+            // A syscall of another ABI (x32 getpid): the architecture check.
+            (0x4000_0000 | libc::SYS_getpid, [0; 6], "x32 getpid"),
         ] {
             let status = filtered(|| syscall6(nr, args));
             assert!(

@@ -258,10 +258,10 @@ fn warn_if_migrations_wait() {
     match cgroup::migrations_wait_for_rcu() {
         Ok(false) => {}
         Ok(true) => log::warn!(
-            "cgroup v1 without favordynmods: each output collector waits for an RCU grace period \
-             (several ms) to join its job's cgroup, and cgroup directory changes wait behind it; \
-             mount a cgroup hierarchy with favordynmods or boot with cgroup_favordynmods=1 \
-             (docs/operations.md, \"cgroup v1 hosts\")"
+            "cgroup v1 without favordynmods: every output collector and sandbox waits for an RCU \
+             grace period (several ms) to join its cgroup, a collector's on its job's path, and \
+             cgroup directory changes wait behind it; mount a cgroup hierarchy with favordynmods \
+             or boot with cgroup_favordynmods=1 (docs/operations.md, \"cgroup v1 hosts\")"
         ),
         Err(e) => log::warn!("cannot tell whether cgroup migrations wait for RCU: {e}"),
     }

@@ -11,9 +11,9 @@
 //! See `docs/sandrund.md` for the sandbox steps in the order [`sandbox::prepare`] and
 //! [`sandbox::start`] perform them.
 
-// Every raw syscall is in `sys` (the FFI module); every other module file forbids unsafe code,
-// but for two whose test modules make raw syscalls of their own (`sandbox/mod.rs`,
-// `sandbox/seccomp.rs`): those deny it outside their tests.
+// Every raw syscall is in `sys` (the FFI module); every other module file forbids unsafe code
+// (`sandbox/mod.rs`, `sandbox/seccomp.rs` and `cgroup/mod.rs` outside their tests, whose test
+// modules make raw syscalls of their own).
 #![deny(unsafe_code)]
 
 // Only `daemon::main_with_args` is public: the `sandrund` binary (src/main.rs) is the library's

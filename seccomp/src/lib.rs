@@ -1,9 +1,12 @@
-//! sandrun's job seccomp policy ([`policy`], data only) and its compiler, which turns it into a
-//! classic-BPF program. It runs **at build time**: sandrund's build script calls [`compile`] on
-//! [`JOB`] and embeds the bytes, so the root helper links no libseccomp and compiles nothing at
-//! start-up (as Firecracker keeps its filters); it only checks the embedded program's shape and
-//! installs it in each job process right before `execve`. sandrund's tests run the embedded
-//! program against real syscalls, and check that it is what this crate compiles now.
+//! sandrun's seccomp policies ([`policy`], data only: the job's and the output collector's) and
+//! their compiler, which turns each into a classic-BPF program. It runs **at build time**: the
+//! build scripts of sandrund and of the collector call [`build_script`], which compiles a policy
+//! and writes it as a `static` array of instructions for the crate to `include!` (as
+//! Firecracker keeps its filters), so neither links libseccomp or compiles anything when it
+//! starts; the array's length is checked when the crate is compiled, and the program is installed
+//! in each job process right before `execve`. sandrund's tests run the embedded program against
+//! real syscalls, and check that it is what this crate compiles now (so a libseccomp upgrade
+//! that would change it, without a rebuild, fails them).
 //!
 //! # How the argument checks are built
 //!
@@ -31,12 +34,12 @@
 //! # The same program on every build host
 //!
 //! libseccomp decides some encodings by probing the running kernel (its "API level"): whether
-//! `SECCOMP_RET_KILL_PROCESS` exists, for one. The build script calls [`pin_api_level`] before
-//! [`compile`]: level 4 (Linux 5.0; the lowest at which the libseccomp crate allows the
+//! `SECCOMP_RET_KILL_PROCESS` exists, for one. [`build_script`] calls [`pin_api_level`] before
+//! [`compile`]: level 4 (Linux 4.17; the lowest at which the libseccomp crate allows the
 //! binary-tree optimization), so the program does not depend on the kernel of the machine that
-//! built sandrund (sandrund's tests compile again at the level the kernel gives, and compare). The program uses
-//! nothing newer than `SECCOMP_RET_KILL_PROCESS` (Linux 4.14); a kernel without it refuses the
-//! filter at install, and the job fails.
+//! built sandrund (sandrund's tests compile again at the level the kernel gives, and compare).
+//! The program uses nothing newer than `SECCOMP_RET_KILL_PROCESS` (Linux 4.14); sandrund needs
+//! Landlock anyway (Linux 5.13).
 //!
 //! The compiled job program (about 820 instructions, a binary tree over the syscall numbers) is
 //! checked against [`MAX_INSTRUCTIONS`] (the kernel's `BPF_MAXINSNS`). sandrund's tests run `sh`,
@@ -88,6 +91,8 @@ pub enum SeccompError {
     /// A syscall is named in two policy rules (an unconditional rule would absorb its
     /// argument checks, or allow and refuse would clash).
     PolicyConflict { name: &'static str },
+    /// A `Flags` check of this syscall lists a value that is not exactly one bit.
+    NotOneBit { name: &'static str, bits: u64 },
 }
 
 impl std::fmt::Display for SeccompError {
@@ -110,6 +115,12 @@ impl std::fmt::Display for SeccompError {
             Self::PolicyConflict { name } => {
                 write!(f, "seccomp: syscall {name:?} is named in two policy lists")
             }
+            Self::NotOneBit { name, bits } => {
+                write!(
+                    f,
+                    "seccomp: the flags check of {name:?} lists {bits:#x}, not one bit"
+                )
+            }
             Self::BadLength { instructions } => write!(
                 f,
                 "seccomp: program has {instructions} instructions (must be 1..={MAX_INSTRUCTIONS})"
@@ -123,7 +134,10 @@ impl std::error::Error for SeccompError {
         match self {
             Self::UnknownSyscall { source, .. } | Self::Libseccomp { source, .. } => Some(source),
             Self::Export { source, .. } => Some(source),
-            Self::Malformed { .. } | Self::BadLength { .. } | Self::PolicyConflict { .. } => None,
+            Self::Malformed { .. }
+            | Self::BadLength { .. }
+            | Self::PolicyConflict { .. }
+            | Self::NotOneBit { .. } => None,
         }
     }
 }
@@ -206,6 +220,7 @@ pub fn build_script(policy: &Policy, name: &str, file: &str) {
 fn build(policy: &Policy) -> Result<ScmpFilterContext, SeccompError> {
     let names: Vec<&[&'static str]> = policy.rules.iter().map(|r| r.syscalls).collect();
     check_no_conflicts(&names)?;
+    check_single_bits(policy)?;
     let mut ctx =
         ScmpFilterContext::new_filter(action(policy.otherwise)).map_err(lib("create filter"))?;
     ctx.set_act_badarch(action(policy.foreign_arch))
@@ -239,6 +254,20 @@ fn action(action: Action) -> ScmpAction {
     }
 }
 
+/// Every bit of a [`Check::Flags`] is one non-zero bit: the rules it becomes ("no bit set", then
+/// one per bit) then cover every value, and overlap only where they agree.
+fn check_single_bits(policy: &Policy) -> Result<(), SeccompError> {
+    for rule in policy.rules {
+        if let Check::Flags { bits, .. } = rule.check {
+            if let Some(&bits) = bits.iter().find(|b| b.count_ones() != 1) {
+                let name = rule.syscalls.first().copied().unwrap_or("");
+                return Err(SeccompError::NotOneBit { name, bits });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Each syscall name appears at most once across `lists`.
 fn check_no_conflicts(lists: &[&[&'static str]]) -> Result<(), SeccompError> {
     let mut seen = std::collections::HashSet::new();
@@ -255,9 +284,10 @@ fn check_no_conflicts(lists: &[&[&'static str]]) -> Result<(), SeccompError> {
 /// The rules of one syscall: one unconditional rule, or disjoint conditional ones covering
 /// every value (see the module docs).
 ///
-/// A conditional rule whose action is the policy's default (`otherwise`) is left out:
-/// libseccomp refuses it, and the values it covers get that action anyway, since no other rule
-/// of the syscall matches them (the conditions are disjoint, and no rule is unconditional).
+/// A rule whose action is the policy's default (`otherwise`) is left out: libseccomp refuses
+/// it, and what it covers gets that action anyway, since no other rule of the syscall matches
+/// there (a syscall has one unconditional rule or only conditional ones, and these are disjoint
+/// but for a `Flags` check's per-bit rules, which agree).
 fn add_rules(
     ctx: &mut ScmpFilterContext,
     syscall: ScmpSyscall,
@@ -273,6 +303,7 @@ fn add_rules(
             .map_err(lib("add argument rule"))
     };
     match check {
+        Check::Always(act) if act == otherwise => {}
         Check::Always(act) => {
             return ctx
                 .add_rule_exact(action(act), syscall)
@@ -359,6 +390,7 @@ fn export(ctx: &ScmpFilterContext) -> Result<Vec<u8>, SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Check::{Always, Flags, Low32};
 
     #[test]
     fn given_policy_when_compiled_twice_then_programs_are_identical_and_small() {
@@ -406,5 +438,82 @@ mod tests {
             assert_eq!(hits, expected, "value {v:#x} is in {hits} blocks");
         }
         assert_eq!(complement_blocks(&[]), vec![(0, 0)]);
+    }
+
+    /// A made-up policy whose checks decide some values by the default: those rules are left
+    /// out (libseccomp would refuse them), and the program decides every value as written.
+    #[test]
+    fn given_rules_with_the_default_action_then_they_are_left_out_and_the_program_compiles() {
+        const ODD: Policy = Policy {
+            rules: &[
+                Rule {
+                    syscalls: &["getpid"],
+                    check: Always(KILL),
+                    if_unknown: IfUnknown::Fail,
+                },
+                Rule {
+                    syscalls: &["prctl"],
+                    check: Low32 {
+                        arg: 0,
+                        values: &[15],
+                        listed: ALLOW,
+                        others: KILL,
+                    },
+                    if_unknown: IfUnknown::Fail,
+                },
+                Rule {
+                    syscalls: &["clone"],
+                    check: Flags {
+                        arg: 0,
+                        bits: &[0x100, 0x200],
+                        clear: KILL,
+                        set: ALLOW,
+                    },
+                    if_unknown: IfUnknown::Fail,
+                },
+            ],
+            otherwise: KILL,
+            foreign_arch: KILL,
+        };
+        let program = compile(&ODD).expect("compiles");
+        assert!(!program.is_empty());
+        // Every syscall but getpid's and the argument-checked ones is decided by `otherwise`,
+        // so no rule of getpid's (the same action) is in the program: the same program as with
+        // getpid left out of the policy.
+        const WITHOUT_GETPID: Policy = Policy {
+            rules: ODD.rules.split_at(1).1,
+            ..ODD
+        };
+        assert_eq!(program, compile(&WITHOUT_GETPID).expect("compiles"));
+    }
+
+    #[test]
+    fn given_a_flags_check_with_a_value_that_is_not_one_bit_then_it_is_refused() {
+        for bad in [0, 0x3] {
+            let bits: &'static [u64] = Box::leak(vec![0x100, bad].into_boxed_slice());
+            let rules: &'static [Rule] = Box::leak(
+                vec![Rule {
+                    syscalls: &["clone"],
+                    check: Flags {
+                        arg: 0,
+                        bits,
+                        clear: ALLOW,
+                        set: EPERM,
+                    },
+                    if_unknown: IfUnknown::Fail,
+                }]
+                .into_boxed_slice(),
+            );
+            let policy = Policy {
+                rules,
+                otherwise: ENOSYS,
+                foreign_arch: KILL,
+            };
+            let err = compile(&policy).err();
+            assert!(
+                matches!(err, Some(SeccompError::NotOneBit { name: "clone", bits }) if bits == bad),
+                "{bad:#x}: {err:?}"
+            );
+        }
     }
 }

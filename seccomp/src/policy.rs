@@ -244,9 +244,10 @@ pub const COLLECTOR: Policy = Policy {
 };
 
 /// The output collector's whole allow-list (and `prctl(PR_SET_NAME)`, [`COLLECTOR`]).
-/// `getrandom` is there because the collector's runtime draws a seed (8 bytes,
-/// `GRND_NONBLOCK`) right after the filter is in place; while libseccomp built the filter at
-/// run time that draw happened before, now it happens under the filter.
+/// `getrandom` is there because the collector's process draws an 8-byte seed (`GRND_NONBLOCK`,
+/// from the C library or Rust's runtime; it reads no file and reaches nothing of the job) right
+/// after the filter is in place: while libseccomp built the filter at run time that draw came
+/// first, now it comes under the filter.
 #[rustfmt::skip]
 pub const COLLECTOR_ALLOWED: &[&str] = &[
     "read", "write", "sendto", "close", "openat2", "fstat", "newfstatat", "statx", "getdents64",

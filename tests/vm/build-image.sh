@@ -111,7 +111,7 @@ start=$(date +%s)
 # interpreter jobs get, whose JIT is why the helper's unit has no MemoryDenyWriteExecute=.
 pkgs=(
   systemd systemd-sysv udev kmod dbus linux-image-amd64 initramfs-tools
-  passwd openssl libseccomp2 libgcc-s1 libc6 libssl3 libsystemd0
+  passwd openssl libgcc-s1 libc6 libssl3 libsystemd0
   python3 nodejs curl ca-certificates procps mount util-linux
 )
 if [ "$selinux" = 1 ]; then

@@ -6,10 +6,13 @@
 //! The tests below run the embedded program against real syscalls in forked probes, and check
 //! that it is what the policy compiles to now.
 
-#![deny(unsafe_code)]
+// Unsafe code only in the tests' module (raw probes under the filter).
+#![cfg_attr(not(test), forbid(unsafe_code))]
 
-// `static JOB_FILTER: [libc::sock_filter; N]`, 1 ≤ N ≤ 4,096 (checked by the build script).
+// `static JOB_FILTER: [libc::sock_filter; N]`.
 include!(concat!(env!("OUT_DIR"), "/job_filter.rs"));
+// What `sock_fprog::len` and the kernel (`BPF_MAXINSNS`) take, checked when this is compiled.
+const _: () = assert!(!JOB_FILTER.is_empty() && JOB_FILTER.len() <= 4096);
 
 /// A classic-BPF seccomp program of 1 to 4,096 instructions (so its length fits
 /// `sock_fprog::len`).
