@@ -285,6 +285,10 @@ pub fn main_with_args(args: &[String]) -> i32 {
 
 fn run(args: &[String]) -> Result<(), StartupError> {
     let opts = parse_args(args)?;
+    // Everything below forks with raw clones, which is sound only in a single-threaded process.
+    let one_thread = crate::sys::SingleThreaded::check().map_err(|e| {
+        StartupError::Host(format!("sandrund must be single-threaded to clone: {e}"))
+    })?;
     self_check()?;
     let activated = sanitize_process()?;
     let collector = crate::sandbox::collector::open_executable().map_err(StartupError::Host)?;
@@ -322,7 +326,7 @@ fn run(args: &[String]) -> Result<(), StartupError> {
         cfg.gateway_uid.map(|u| u.0),
         cgroups.layout()
     );
-    let mut server = Server::new(cfg, listener, cgroups, filter, collector)
+    let mut server = Server::new(cfg, listener, cgroups, filter, collector, one_thread)
         .map_err(|e| StartupError::Serving(e.to_string()))?;
     if let Err(e) = systemd::notify("READY=1\nSTATUS=serving") {
         log::warn!("{e}");

@@ -7,7 +7,8 @@
 //! HTTP, TLS, JSON, multipart or archive data: the gateway does, unprivileged.
 //!
 //! The process is single-threaded: a `poll` loop over the listening socket, client connections,
-//! pidfds, output pipes and one tick timer ([`server`]). That is what makes `fork` safe here.
+//! pidfds, output pipes and one tick timer ([`server`]). That is what makes `fork` safe here;
+//! every clone takes the `sys::SingleThreaded` token that start-up checks for.
 //! See `docs/sandrund.md` for the sandbox steps in the order [`sandbox::prepare`] and
 //! [`sandbox::start`] perform them.
 

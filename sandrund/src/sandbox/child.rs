@@ -163,7 +163,10 @@ fn init(
     let dir = bundle::open_workdir(work.as_raw_fd(), &order.workdir)?;
     fchdir(dir.as_raw_fd()).map_err(at(SetupStep::WorkDir, "fchdir"))?;
     drop((dir, work));
-    let job = start_job(&order, filter, stdin, record, fds.stdout, fds.stderr)?;
+    let one_thread = settings.one_thread;
+    let job = start_job(
+        one_thread, &order, filter, stdin, record, fds.stdout, fds.stderr,
+    )?;
     if channel::send_ready(ctrl.as_raw_fd()).is_err() {
         // The helper is gone: exiting kills J with the whole pid namespace.
         exit_now(EXIT_SETUP_FAILED);
@@ -294,9 +297,11 @@ struct Exec<'a> {
     limits: &'a GrantedLimits,
 }
 
-/// Forks J and waits until it has `execve`d (the exec-error pipe reaches end of file) or
+/// Forks J (C is a clone of the single-threaded helper: single-threaded too) and waits until it
+/// has `execve`d (the exec-error pipe reaches end of file) or
 /// reported its failed step.
 fn start_job(
+    one_thread: sys::SingleThreaded,
     plan: &order::Order,
     filter: &SeccompProgram,
     stdin: Option<OwnedFd>,
@@ -323,7 +328,7 @@ fn start_job(
     // J runs `run_job`, which ends in execve or _exit; its only allocation (in
     // close_all_except) is freed before either, and the rest of its changes (signal
     // dispositions, stdio, limits, session, seccomp) belong to J's own process.
-    let pid = sys::spawn_vforked(|| run_job(&exec, out, err, report))
+    let pid = sys::spawn_vforked(one_thread, || run_job(&exec, out, err, report))
         .map_err(|e| fail(step, e, "fork"))?;
     // C keeps no copy of the record pipe: a process of the job (same uid) could reach it
     // through /proc/1/fd.

@@ -114,6 +114,8 @@ pub struct CollectorPlan<'a> {
     pub cgroup: CgroupJoin<'a>,
     /// The collector executable ([`open_executable`]).
     pub exe: BorrowedFd<'a>,
+    /// The helper is single-threaded: K is a raw clone of it.
+    pub one_thread: sys::SingleThreaded,
 }
 
 /// A running collector, as the helper sees it. Dropping it kills and reaps K.
@@ -182,7 +184,7 @@ pub fn spawn(plan: &CollectorPlan<'_>, order: &CollectOrder) -> Result<Collector
         CgroupJoin::Procs(_) | CgroupJoin::None => CloneHow::Plain,
     };
     // K closes its copy of the helper's end with every other descriptor (`prepare`).
-    let pid = sys::clone_child(0, how, move || run_collector(plan, theirs))
+    let pid = sys::clone_child(plan.one_thread, 0, how, move || run_collector(plan, theirs))
         .map_err(|e| fail(SetupStep::Clone, e, "collector clone"))?;
     Ok(CollectorChild {
         pid: ProcessId(pid),

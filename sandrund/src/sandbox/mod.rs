@@ -74,6 +74,8 @@ pub struct SandboxSettings {
     pub wheelhouse_dir: PathBuf,
     /// How long C may take from `Go` to J's `execve` before the helper gives up and kills it.
     pub start_timeout: Duration,
+    /// The helper is single-threaded: what cloning C, J and the collector needs.
+    pub one_thread: sys::SingleThreaded,
 }
 
 /// Everything one job needs. All of it was validated and clamped by the server.
@@ -343,9 +345,8 @@ pub fn spawn(
 /// Clones a new C and lets it prepare everything that does not depend on a job (see the module
 /// docs) while the helper goes on: returns at once, without waiting for C.
 ///
-/// Must be called from a single-threaded process (C is created with a raw `clone`, see
-/// `sys::clone_child`), and the
-/// calling thread must outlive the sandbox: an idle C exits when its control socket closes,
+/// C is created with a raw `clone` (`sys::clone_child`: the process is single-threaded, as
+/// `settings.one_thread` says), and the calling thread must outlive the sandbox: an idle C exits when its control socket closes,
 /// and from its job on C gets `SIGKILL` when the thread that created it exits
 /// (`PR_SET_PDEATHSIG`), so a dead helper leaves nothing running. The helper must not ignore
 /// `SIGCHLD`, so it can reap C (`waitid(P_PIDFD)` or `waitpid`). `cgroup` says how C gets
@@ -377,7 +378,7 @@ pub fn prepare(
     let pid = match cgroup {
         CgroupJoin::Into(dir) => {
             let how = sys::CloneHow::IntoCgroup(dir);
-            match sys::clone_child(NAMESPACES, how, || init(&procs)) {
+            match sys::clone_child(settings.one_thread, NAMESPACES, how, || init(&procs)) {
                 Err(Errno::ENOSYS) => {
                     // clone3 is refused (seccomp of systemd's RestrictNamespaces=, an old
                     // container profile, gVisor): plain clone, and C joins the cgroup through
@@ -387,14 +388,14 @@ pub fn prepare(
                     procs.push(fd.as_raw_fd());
                     fallback_procs = Some(fd);
                     note_clone3_fallback();
-                    sys::clone_child(NAMESPACES, plain, || init(&procs))
+                    sys::clone_child(settings.one_thread, NAMESPACES, plain, || init(&procs))
                         .map_err(|e| fail(SetupStep::Clone, e, "clone"))
                 }
                 other => other.map_err(|e| fail(SetupStep::Clone, e, "clone3")),
             }
         }
         CgroupJoin::Procs(_) | CgroupJoin::None => {
-            sys::clone_child(NAMESPACES, plain, || init(&procs))
+            sys::clone_child(settings.one_thread, NAMESPACES, plain, || init(&procs))
                 .map_err(|e| fail(SetupStep::Clone, e, "clone"))
         }
     }?;

@@ -84,6 +84,9 @@ impl Job {
             template_dir: self.template_dir.clone(),
             wheelhouse_dir: PathBuf::from("/nonexistent"),
             start_timeout: std::time::Duration::from_secs(60),
+            // SAFETY: packaging/test.sh runs this crate's tests on one test thread, whose
+            // other thread (libtest's main) only waits for the test meanwhile.
+            one_thread: unsafe { crate::sys::SingleThreaded::assume() },
         };
         let plan = JobPlan {
             argv: self.argv.clone(),

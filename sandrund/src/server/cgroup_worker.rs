@@ -162,11 +162,14 @@ pub(super) struct CgroupWorker {
 
 impl CgroupWorker {
     /// Forks the worker (start-up only: see `sys::fork_worker`).
-    pub(super) fn start(cgroups: &dyn CgroupManager) -> Result<CgroupWorker, Errno> {
+    pub(super) fn start(
+        one_thread: sys::SingleThreaded,
+        cgroups: &dyn CgroupManager,
+    ) -> Result<CgroupWorker, Errno> {
         let (ours, theirs) = seqpacket_pair()?;
         // The child closes `ours`, and the listening socket, with every other descriptor
         // (`serve`).
-        let pid = sys::fork_worker(|| serve(theirs.as_fd(), cgroups))?;
+        let pid = sys::fork_worker(one_thread, || serve(theirs.as_fd(), cgroups))?;
         drop(theirs);
         Ok(CgroupWorker {
             sock: ours,

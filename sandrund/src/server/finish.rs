@@ -136,7 +136,8 @@ impl Server {
         match job.workdir.take() {
             Some(workdir) if collect => {
                 let ids = self.slot_ids(job.slot);
-                match Collection::start(job, workdir, ids, self.collector_exe.as_fd()) {
+                let exe = (self.collector_exe.as_fd(), self.settings.one_thread);
+                match Collection::start(job, workdir, ids, exe) {
                     Ok(c) => conn.state = State::Collecting(Box::new(c)),
                     Err((job, msg)) => {
                         log::error!("output collection not started job={} error={}", job.id, msg);

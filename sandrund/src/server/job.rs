@@ -559,14 +559,14 @@ pub enum Relayed {
 const RELAY_READ: usize = 64 * 1024;
 
 impl Collection {
-    /// Forks K for `job` (which has ended) as `uid`/`gid` in the job's cgroup, to collect
-    /// beneath `workdir` (the helper's copy is closed once K has its own) with the collector
-    /// executable `exe`.
+    /// Forks K (a raw clone of the single-threaded helper, `one_thread`) for `job` (which has
+    /// ended) as `uid`/`gid` in the job's cgroup, to collect beneath `workdir` (the helper's copy
+    /// is closed once K has its own) with the collector executable `exe`.
     pub fn start(
         mut job: Box<Job>,
         workdir: OwnedFd,
         ids: (UserId, GroupId),
-        exe: BorrowedFd<'_>,
+        (exe, one_thread): (BorrowedFd<'_>, crate::sys::SingleThreaded),
     ) -> Result<Collection, (Box<Job>, String)> {
         let order = CollectOrder {
             patterns: std::mem::take(&mut job.outputs),
@@ -586,6 +586,7 @@ impl Collection {
             gid: ids.1,
             cgroup,
             exe,
+            one_thread,
         };
         let spawned = collector::spawn(&plan, &order);
         drop(join);

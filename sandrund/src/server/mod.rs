@@ -93,6 +93,7 @@ impl Server {
         cgroups: Box<dyn CgroupManager>,
         filter: SeccompProgram,
         collector_exe: OwnedFd,
+        one_thread: crate::sys::SingleThreaded,
     ) -> std::io::Result<Server> {
         listener.set_nonblocking(true)?;
         let settings = SandboxSettings {
@@ -100,12 +101,13 @@ impl Server {
             template_dir: cfg.template_dir.clone(),
             wheelhouse_dir: cfg.wheelhouse_dir.clone(),
             start_timeout: Duration::from_secs(u64::from(cfg.start_timeout_s)),
+            one_thread,
         };
         let slots = Slots::new(cfg.slot_count);
         let pool = Pool::new(cfg.warm_sandboxes);
         // Forked before the signal handlers are installed. Without it (a failed fork) the
         // helper does the same work on its loop, only slower.
-        let cgroup_worker = CgroupWorker::start(&*cgroups)
+        let cgroup_worker = CgroupWorker::start(one_thread, &*cgroups)
             .inspect_err(|e| log::error!("cannot start the cgroup worker; cgroups are created and removed on the loop error={e}"))
             .ok();
         Ok(Server {

@@ -91,16 +91,48 @@ pub(crate) enum CloneHow<'a> {
     IntoCgroup(BorrowedFd<'a>),
 }
 
+/// Proof, for the functions that fork, that the process has one thread: a child made with the
+/// raw `clone` syscall (which skips libc's fork handlers) then inherits no lock and no
+/// half-updated structure of another thread. The helper makes it once at start-up
+/// ([`SingleThreaded::check`]) and never starts a thread (no code of the crate or of its
+/// dependencies does); a child cloned from it is single-threaded too, so C hands its copy to
+/// its own clone of J. Not `Send`: it cannot reach another thread.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SingleThreaded(std::marker::PhantomData<*const ()>);
+
+impl SingleThreaded {
+    /// Counts the threads of this process (`/proc/self/task`): `EBUSY` when there is more
+    /// than one.
+    pub(crate) fn check() -> Result<SingleThreaded, Errno> {
+        let io = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        let threads = std::fs::read_dir("/proc/self/task").map_err(io)?.count();
+        match threads {
+            1 => Ok(SingleThreaded(std::marker::PhantomData)),
+            _ => Err(Errno::EBUSY),
+        }
+    }
+
+    /// The token without the check, for the root crate's unit tests, which run in the test
+    /// harness (`packaging/test.sh` runs them on one test thread).
+    ///
+    /// # Safety
+    /// No other thread of the process may hold a lock or be changing memory the forked child
+    /// will use (libtest with `--test-threads=1`: its other thread only waits for the test).
+    #[cfg(test)]
+    pub(crate) unsafe fn assume() -> SingleThreaded {
+        SingleThreaded(std::marker::PhantomData)
+    }
+}
+
 /// Clones a child with the extra `clone` flags `flags` (namespaces), which runs `child` and
 /// never returns to the caller's code; returns the child's pid. Nothing is forked on failure.
-///
-/// Relies on the crate's invariant that sandrund is single-threaded (see `lib.rs`).
 pub(crate) fn clone_child(
+    _one_thread: SingleThreaded,
     flags: libc::c_int,
     how: CloneHow<'_>,
     child: impl FnOnce() -> Infallible,
 ) -> Result<libc::pid_t, Errno> {
-    // sandrund is single-threaded (crate docs), so the child inherits no lock that another
+    // The process is single-threaded (the token), so the child inherits no lock that another
     // thread held; the child only runs `child`, which cannot return (`Infallible` has no
     // value): it ends in `execve` or `exit_now` and never reaches libc code that trusts the
     // stale thread id. That is what `fork_raw` and `fork_into_cgroup` require.
@@ -131,9 +163,12 @@ fn run_to_end(child: impl FnOnce() -> Infallible) -> ! {
 /// correct thread id, so the child may run ordinary code (allocate, log, even abort) for as long
 /// as it lives. Returns the child's pid.
 ///
-/// Called at start-up only, while the helper is single-threaded (crate docs).
-pub(crate) fn fork_worker(child: impl FnOnce() -> Infallible) -> Result<libc::pid_t, Errno> {
-    // SAFETY: sandrund is single-threaded (crate docs), so no other thread holds a lock the
+/// Called at start-up only.
+pub(crate) fn fork_worker(
+    _one_thread: SingleThreaded,
+    child: impl FnOnce() -> Infallible,
+) -> Result<libc::pid_t, Errno> {
+    // SAFETY: the process is single-threaded (the token), so no other thread holds a lock the
     // child would inherit; the child runs `child`, which cannot return, and then never comes
     // back into the caller's frames (`run_to_end` catches a panic and exits).
     match unsafe { nix::unistd::fork() }? {
@@ -223,11 +258,13 @@ unsafe fn vfork_run<F: FnOnce()>(child: F) -> Result<libc::pid_t, Errno> {
 }
 
 /// [`vfork_run`] for a `child` that cannot return; returns its pid once it has `execve`d or
-/// exited. Relies on the crate's invariant that sandrund, and so C, is single-threaded (see
-/// `lib.rs`). What `child` allocates and does not free before its `execve` stays allocated in
-/// the caller's heap (a leak, not a fault): J's one allocation is freed before.
-pub(crate) fn spawn_vforked(child: impl FnOnce() -> Infallible) -> Result<libc::pid_t, Errno> {
-    // SAFETY: the caller is single-threaded (crate invariant, above); `child` cannot return
+/// exited. What `child` allocates and does not free before its `execve` stays allocated in the
+/// caller's heap (a leak, not a fault): J's one allocation is freed before.
+pub(crate) fn spawn_vforked(
+    _one_thread: SingleThreaded,
+    child: impl FnOnce() -> Infallible,
+) -> Result<libc::pid_t, Errno> {
+    // SAFETY: the caller is single-threaded (the token); `child` cannot return
     // (`Infallible` has no value), so it ends in `execve` or `exit_now`, and every allocation
     // it makes is complete by then (the caller is suspended meanwhile): the heap is sound.
     unsafe { vfork_run(|| run_to_end(child)) }
@@ -525,4 +562,36 @@ pub(crate) fn install_seccomp_filter(filter: &[libc::sock_filter]) -> Result<(),
         )
     })
     .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::wait::WaitStatus;
+
+    #[test]
+    fn given_one_thread_then_the_token_is_given_and_given_two_it_is_refused() {
+        // In forked children: each is single-threaded whatever the harness runs beside it.
+        let alone = in_forked_child(|| match SingleThreaded::check() {
+            Ok(_) => 0,
+            Err(e) => e as i32,
+        });
+        assert!(matches!(alone, WaitStatus::Exited(_, 0)), "{alone:?}");
+        let with_a_thread = in_forked_child(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<()>();
+            let other = std::thread::spawn(move || rx.recv());
+            let code = match SingleThreaded::check() {
+                Err(Errno::EBUSY) => 0,
+                Err(e) => e as i32,
+                Ok(_) => 100,
+            };
+            drop(tx);
+            let _ = other.join();
+            code
+        });
+        assert!(
+            matches!(with_a_thread, WaitStatus::Exited(_, 0)),
+            "{with_a_thread:?}"
+        );
+    }
 }
