@@ -252,17 +252,17 @@ fn check_socket_reachable(path: &Path, cfg: &Config) -> Result<(), StartupError>
 /// the kernel on free, so the helper's RSS stays flat over thousands of jobs.
 const MALLOC_THRESHOLD: libc::c_int = 128 * 1024;
 
-/// On cgroup v1 every sandbox and output collector joins its cgroup by writing `cgroup.procs`;
-/// tells the operator when each such write waits for an RCU grace period (holding up forks and
-/// cgroup changes host-wide meanwhile), and what removes the wait.
+/// On cgroup v1 each job's output collector joins the job's cgroup on the job's path; tells the
+/// operator when that waits for an RCU grace period, and what removes the wait.
 fn warn_if_migrations_wait() {
     match cgroup::migrations_wait_for_rcu() {
         Ok(false) => {}
         Ok(true) => log::warn!(
-            "cgroup v1 without favordynmods: every sandbox and output collector waits for an RCU \
-             grace period (several ms) to join its cgroup, and forks and cgroup changes on the \
-             host wait behind it; mount a cgroup hierarchy with favordynmods or boot with \
-             cgroup_favordynmods=1 (docs/operations.md, \"cgroup v1 hosts\")"
+            "cgroup v1 without favordynmods: every output collector and sandbox waits for an RCU \
+             grace period (several ms) to join its cgroup, a collector's on its job's path, and \
+             forks and cgroup changes on the host wait behind it; mount a cgroup hierarchy with \
+             favordynmods or boot with cgroup_favordynmods=1 (docs/operations.md, \"cgroup v1 \
+             hosts\")"
         ),
         Err(e) => log::warn!("cannot tell whether cgroup migrations wait for RCU: {e}"),
     }

@@ -326,9 +326,9 @@ fn dir_in_mount(root: &Path, mount: &MountEntry, cgroup_path: &str) -> Option<Pa
 /// offers `favordynmods` (`/sys/kernel/cgroup/features`) and no cgroup hierarchy is mounted
 /// with it. Then every write to a `cgroup.procs` takes the global threadgroup lock for writing,
 /// which waits for a grace period (several milliseconds on a busy host) with `cgroup_mutex`
-/// held, and forks and exits host-wide wait behind it. On cgroup v1 every sandbox and every
-/// output collector joins its cgroup that way, mostly off the job's path (docs/operations.md,
-/// "cgroup v1 hosts"). A kernel without the features file (before 4.15)
+/// held. On cgroup v1 every sandbox and every output collector joins its cgroup that way; the
+/// collector's join, and that of a sandbox prepared for a waiting job, are on a job's path
+/// (docs/operations.md, "cgroup v1 hosts"). A kernel without the features file (before 4.15)
 /// or without the option (before 6.0) has no choice to offer: `false`.
 pub fn migrations_wait_for_rcu() -> Result<bool, CgroupError> {
     let features = match std::fs::read_to_string("/sys/kernel/cgroup/features") {

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::os::fd::AsFd;
 use std::time::Instant;
 
 use sandrun_ipc::{ErrorCode, ExitReason, Response};
@@ -47,11 +46,7 @@ impl Server {
             data,
         } = upload;
         let job = *job;
-        // A job with outputs has its collector waiting in its cgroup while it runs: one more
-        // process than the job's own (`sandbox::collector`).
-        let collector = u32::from(!job.outputs.is_empty());
-        let pids = job.limits.pids.saturating_add(collector);
-        let cgroup_limits = one_cpu(job.limits.memory_bytes, pids);
+        let cgroup_limits = one_cpu(job.limits.memory_bytes, job.limits.pids);
         let (uid, gid) = self.slot_ids(slot);
         // The stdin bytes came last; validation made them part of `bundle_bytes`.
         let split = usize::try_from(job.bundle_bytes.saturating_sub(job.stdin_bytes))
@@ -188,11 +183,7 @@ impl Server {
         );
         conn.send(&Response::Started { spawn_us: us });
         let cancelled = meta.cancelled;
-        let ids = self.slot_ids(meta.slot);
         let mut j = Job::new(meta, cgroup, cpu_base_ns, sb);
-        if !j.outputs.is_empty() {
-            j.prepare_collector(ids, (self.collector_exe.as_fd(), self.settings.one_thread));
-        }
         if cancelled || conn.stream.is_none() {
             j.kill(ExitReason::Cancelled);
         }
