@@ -36,9 +36,10 @@ phase build
 # (seen as ETXTBSY). Everything was just built with the workspace's features.
 SANDRUN_TESTS_SKIP_BUILD=1 cargo test --workspace --locked --all-features --exclude sandrund
 # The root helper's own unit tests clone sandboxes with the raw `clone` the helper uses, which
-# skips libc's fork handlers: with one test thread no other thread can hold a lock (stderr,
-# malloc) the clone then needs. It costs nothing measurable (about 4 s either way).
-cargo test -p sandrund --locked --all-features -- --test-threads=1
+# skips libc's fork handlers: with one test thread the only other thread, libtest's main, is
+# blocked waiting, so none can hold a lock (stderr, malloc) the clone then needs
+# (`SingleThreaded::assume` refuses more). It costs nothing measurable (about 4 s either way).
+cargo test -p sandrund --locked -- --test-threads=1
 phase cargo-test
 # Build the .deb from release binaries, install it, run a job over HTTPS and through sandrunctl,
 # purge it and check nothing is left (docs/operations.md). The release build adds ~3 minutes.

@@ -260,7 +260,7 @@ fn warn_if_migrations_wait() {
         Ok(true) => log::warn!(
             "cgroup v1 without favordynmods: every output collector and sandbox waits for an RCU \
              grace period (several ms) to join its cgroup, a collector's on its job's path, and \
-             forks and cgroup changes on the host wait behind it; mount a cgroup hierarchy with \
+             other cgroup changes on the host wait behind it; mount a cgroup hierarchy with \
              favordynmods or boot with cgroup_favordynmods=1 (docs/operations.md, \"cgroup v1 \
              hosts\")"
         ),
@@ -287,8 +287,13 @@ pub fn main_with_args(args: &[String]) -> i32 {
 fn run(args: &[String]) -> Result<(), StartupError> {
     let opts = parse_args(args)?;
     // Everything below forks with raw clones, which is sound only in a single-threaded process.
-    let one_thread = crate::sys::SingleThreaded::check().map_err(|e| {
-        StartupError::Host(format!("sandrund must be single-threaded to clone: {e}"))
+    let one_thread = crate::sys::SingleThreaded::check().map_err(|e| match e {
+        nix::errno::Errno::EBUSY => StartupError::Host(
+            "sandrund must be single-threaded to clone its sandboxes, and another thread is \
+             running (a preloaded library?)"
+                .into(),
+        ),
+        e => StartupError::Host(format!("cannot count this process's threads: {e}")),
     })?;
     self_check()?;
     let activated = sanitize_process()?;

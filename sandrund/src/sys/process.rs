@@ -112,14 +112,22 @@ impl SingleThreaded {
         }
     }
 
-    /// The token without the check, for the root crate's unit tests, which run in the test
-    /// harness (`packaging/test.sh` runs them on one test thread).
+    /// The token without the one-thread check, for the root crate's unit tests, which run in
+    /// the test harness (`packaging/test.sh` runs them on one test thread). Panics when the
+    /// harness runs tests beside each other: libtest's main thread plus the test's own is all
+    /// `--test-threads=1` leaves.
     ///
     /// # Safety
     /// No other thread of the process may hold a lock or be changing memory the forked child
     /// will use (libtest with `--test-threads=1`: its other thread only waits for the test).
     #[cfg(test)]
     pub(crate) unsafe fn assume() -> SingleThreaded {
+        let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+        assert!(
+            threads <= 2,
+            "{threads} threads: run the root crate's tests with \
+             `cargo test -p sandrund -- --test-threads=1`"
+        );
         SingleThreaded(std::marker::PhantomData)
     }
 }
@@ -470,14 +478,17 @@ pub(crate) fn pin_malloc_thresholds(bytes: libc::c_int) {
 }
 
 /// Tests: runs `probe` in a forked child and returns how the child ended (its exit code is
-/// `probe`'s result). The test harness is multi-threaded: the child may allocate (glibc's fork
-/// leaves malloc usable in the child) but must take no other lock (no printing).
+/// `probe`'s result; 101 when it panics). The test harness may be multi-threaded: the child may
+/// allocate (glibc's fork leaves malloc usable in the child) and start a thread (the token's
+/// test does; libc's `fork` ran its handlers, so that is sound), but must take no other lock
+/// (no printing).
 #[cfg(test)]
 pub(crate) fn in_forked_child(probe: impl FnOnce() -> i32) -> nix::sys::wait::WaitStatus {
-    // SAFETY: see above; the child ends with `_exit` and never returns into the harness.
+    // SAFETY: see above; the child ends with `_exit` and never returns into the harness, not
+    // even by unwinding (a panic becomes exit code 101).
     match unsafe { libc::fork() } {
         -1 => panic!("fork: {}", errno()),
-        0 => exit_now(probe()),
+        0 => exit_now(std::panic::catch_unwind(std::panic::AssertUnwindSafe(probe)).unwrap_or(101)),
         pid => nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None)
             .expect("waitpid on our own child"),
     }
