@@ -118,17 +118,7 @@ impl Helper {
 
     /// Runs `sandrunctl --socket <socket> ARGS` and returns its output.
     pub fn ctl(&self, args: &[&str]) -> Output {
-        // A copied binary can be briefly "busy" while another test thread's fork still holds
-        // the copy's write descriptor; that clears as soon as that child execs.
-        for _ in 0..100 {
-            match self.ctl_command(args).output() {
-                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                other => return other.expect("run sandrunctl"),
-            }
-        }
-        panic!("sandrunctl stayed busy (ETXTBSY)");
+        crate::retry_while_busy("run sandrunctl", || self.ctl_command(args).output())
     }
 
     /// A `sandrunctl` command for this helper, to customise (uid, current dir) before running.

@@ -31,3 +31,18 @@ pub use sandrun_test_support::noise;
 pub fn require_root() {
     sandrun_test_support::require_root("it starts sandrund and real sandboxes");
 }
+
+/// Runs `run` (a `Command`'s `spawn` or `output`) again while it fails with `ETXTBSY`: a binary
+/// a test has just copied can be briefly "busy" while another test thread's fork still holds
+/// the copy's write descriptor, which clears as soon as that child execs. Panics after 2 s.
+pub fn retry_while_busy<T>(what: &str, mut run: impl FnMut() -> std::io::Result<T>) -> T {
+    for _ in 0..100 {
+        match run() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap_or_else(|e| panic!("{what}: {e}")),
+        }
+    }
+    panic!("{what}: the binary stayed busy (ETXTBSY)");
+}

@@ -496,16 +496,17 @@ fn given_a_group_writable_collector_then_the_helper_refuses_to_start() {
     );
     std::fs::write(&cfg_path, text).expect("write the config");
     std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let mut child = std::process::Command::new(dir.path().join("sandrund"))
-        .arg("--socket")
-        .arg(dir.path().join("s.sock"))
-        .arg("--config")
-        .arg(&cfg_path)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn the copied sandrund");
+    let mut child = sandrun_tests::retry_while_busy("spawn the copied sandrund", || {
+        std::process::Command::new(dir.path().join("sandrund"))
+            .arg("--socket")
+            .arg(dir.path().join("s.sock"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    });
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for sandrund") {
@@ -529,11 +530,172 @@ fn given_a_group_writable_collector_then_the_helper_refuses_to_start() {
     assert!(!dir.path().join("s.sock").exists(), "{stderr}");
 }
 
-/// A job the helper kills (here at its wall-clock limit) still gets its outputs: the collector
-/// runs after the kill, on what the job had written.
+/// What `/proc/<pid>/<file>` says, or empty.
+fn proc_text(pid: i32, file: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default()
+}
+
+/// The pids of the processes whose parent is `parent` and whose name is `name`.
+fn children_named(parent: i32, name: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let status = proc_text(pid, "status");
+        let field = |key: &str| {
+            (status.lines())
+                .find_map(|l| l.strip_prefix(key))
+                .map(str::trim)
+                .unwrap_or("")
+                .to_owned()
+        };
+        if field("Name:") == name && field("PPid:") == parent.to_string() {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// With `collector_at_start = true`, the collector of a job with outputs is forked when the job
+/// starts and waits in the job's cgroup (so its cgroup join is not on the path of the outputs):
+/// root until it gets its order, outside the job's pid namespace.
+#[test]
+fn given_collectors_forked_at_start_then_a_running_jobs_collector_already_waits_in_its_cgroup() {
+    let helper = Helper::start(&config("collector_at_start = true"));
+    let job = Job::new(&["/bin/sh", "-c", "echo x > out.txt; exec sleep 2"]).output("out.txt");
+    let mut conn = helper.submit(&job);
+    assert!(conn.wait_started().is_some(), "the job did not start");
+    // The job's own process (its slot uid, `sleep`) and the waiting collector (a fork of the
+    // helper, so still named `sandrund`).
+    let cgroup_of = |pid: i32| {
+        (proc_text(pid, "cgroup").lines())
+            .find(|l| l.contains("memory") || l.starts_with("0::"))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    // Its join can take a while on a busy v1 host (a grace period): waited for, within 10 s.
+    let start = Instant::now();
+    let (sleeper, waiting) = loop {
+        let sleeper = (children_named(helper.pid(), "sandrun-init").into_iter())
+            .flat_map(|c| children_named(c, "sleep"))
+            .next();
+        let waiting = children_named(helper.pid(), "sandrund");
+        if let (Some(s), [k]) = (sleeper, waiting.as_slice()) {
+            if !cgroup_of(s).is_empty() && cgroup_of(*k) == cgroup_of(s) {
+                break (s, *k);
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no running job with one collector waiting in its cgroup: sleeper {sleeper:?} \
+             ({:?}), waiting {waiting:?} ({:?})",
+            sleeper.map(cgroup_of),
+            waiting.iter().map(|&k| cgroup_of(k)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let uid = (proc_text(waiting, "status").lines())
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|u| u.split_whitespace().next().unwrap_or("").to_owned());
+    assert_eq!(
+        uid.as_deref(),
+        Some("0"),
+        "it waits as root, not yet the job's uid"
+    );
+    let ns = |pid: i32| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    assert_ne!(
+        ns(waiting),
+        ns(sleeper),
+        "it is outside the job's pid namespace"
+    );
+    let o = conn.finish();
+    assert_eq!(o.report().exit_code, Some(0), "{}", o.describe());
+    assert_eq!(o.output("out.txt"), Some(&b"x\n"[..]), "{}", o.describe());
+    assert!(children_named(helper.pid(), "sandrund").is_empty());
+}
+
+/// With `collector_at_start = false`, nothing of the collector exists while the job runs; it is
+/// forked after the job's end and still returns the outputs.
+#[test]
+fn given_collectors_forked_at_the_end_then_no_collector_waits_while_the_job_runs() {
+    let helper = Helper::start(&config("collector_at_start = false"));
+    let job = Job::new(&["/bin/sh", "-c", "echo x > out.txt; exec sleep 1"]).output("out.txt");
+    let mut conn = helper.submit(&job);
+    assert!(conn.wait_started().is_some(), "the job did not start");
+    let start = Instant::now();
+    while (children_named(helper.pid(), "sandrun-init").into_iter())
+        .flat_map(|c| children_named(c, "sleep"))
+        .next()
+        .is_none()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the job never ran"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The helper forks the collector after `Started` if at all: give it time to.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(children_named(helper.pid(), "sandrund"), Vec::<i32>::new());
+    let o = conn.finish();
+    assert_eq!(o.report().exit_code, Some(0), "{}", o.describe());
+    assert_eq!(o.output("out.txt"), Some(&b"x\n"[..]), "{}", o.describe());
+}
+
+/// Forks children until the job's pids limit refuses one; prints how many it made.
+const COUNT_FORKS: &str = r#"
+import os, signal, time
+kids = []
+while True:
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(30)
+        os._exit(0)
+    kids.append(pid)
+for k in kids:
+    os.kill(k, signal.SIGKILL)
+print(len(kids))
+"#;
+
+/// The waiting collector counts in the job's cgroup, and the helper gives the cgroup one more
+/// process for it: a job with outputs can have exactly as many processes as one without,
+/// whenever its collector is forked.
+#[test]
+fn given_a_pids_limit_then_a_job_with_outputs_forks_as_many_children_as_one_without() {
+    for at_start in [true, false] {
+        forks_with_and_without_outputs(at_start);
+    }
+}
+
+fn forks_with_and_without_outputs(at_start: bool) {
+    let helper = Helper::start(&config(&format!("collector_at_start = {at_start}")));
+    let forks = |outputs: bool| {
+        let mut job =
+            Job::new(&["/usr/bin/python3", "-c", COUNT_FORKS]).limits(|l| l.pids = Some(8));
+        if outputs {
+            job = job.output("*.none");
+        }
+        let o = helper.run(&job);
+        assert_eq!(o.report().exit_code, Some(0), "{}", o.describe());
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    let without = forks(false);
+    assert!(
+        without.parse::<u32>().is_ok_and(|n| n > 0 && n < 8),
+        "{without}"
+    );
+    assert_eq!(forks(true), without, "collector_at_start = {at_start}");
+}
+
+/// A job the helper kills (here at its wall-clock limit) loses its waiting collector to the
+/// cgroup kill; its outputs are still collected, by a collector forked after its end.
 #[test]
 fn given_a_job_killed_at_its_time_limit_then_its_outputs_are_still_collected() {
-    let helper = Helper::start(&config(""));
+    let helper = Helper::start(&config("collector_at_start = true"));
     let job = Job::new(&["/bin/sh", "-c", "echo partial > out.txt; exec sleep 30"])
         .output("out.txt")
         .limits(|l| l.wall_ms = Some(1500));

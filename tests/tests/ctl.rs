@@ -279,15 +279,9 @@ fn given_ctrl_c_during_run_then_the_job_is_cancelled_and_reported() {
 
 /// Runs sandrunctl with `cwd` as its working directory (retrying a briefly busy binary).
 fn ctl_in(helper: &Helper, cwd: &Path, args: &[&str]) -> Output {
-    for _ in 0..100 {
-        match helper.ctl_command(args).current_dir(cwd).output() {
-            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
-            }
-            other => return other.expect("run sandrunctl"),
-        }
-    }
-    panic!("sandrunctl stayed busy (ETXTBSY)");
+    sandrun_tests::retry_while_busy("run sandrunctl", || {
+        helper.ctl_command(args).current_dir(cwd).output()
+    })
 }
 
 /// The names in `dir`, sorted.
