@@ -68,7 +68,6 @@ struct RawConfig {
     max_concurrent: Option<u32>,
     warm_sandboxes: Option<u32>,
     start_timeout_s: Option<u32>,
-    collector_at_start: Option<bool>,
     slot_uid_base: Option<u32>,
     slot_count: Option<u32>,
     mount_point: Option<PathBuf>,
@@ -96,11 +95,6 @@ pub struct Config {
     pub warm_sandboxes: u32,
     /// Seconds a sandbox has from its job order to the job's `execve` (1 to 600).
     pub start_timeout_s: u32,
-    /// Whether a job's output collector is forked when the job starts, to join the job's
-    /// cgroup while it runs (`sandbox::collector`), rather than after its end. `None` (unset):
-    /// the helper decides at start-up, yes only where a cgroup join waits for an RCU grace
-    /// period (cgroup v1 without `favordynmods`); the daemon sets it before serving.
-    pub collector_at_start: Option<bool>,
     pub slot_uid_base: u32,
     pub slot_count: u32,
     pub mount_point: PathBuf,
@@ -227,7 +221,6 @@ impl Config {
             max_concurrent,
             warm_sandboxes,
             start_timeout_s: raw.start_timeout_s.unwrap_or(DEFAULT_START_TIMEOUT_S),
-            collector_at_start: raw.collector_at_start,
             slot_uid_base,
             slot_count,
             mount_point: raw
@@ -512,19 +505,6 @@ mod tests {
         let example = Config::from_text(&uncommented, &FakeUsers).unwrap();
         let builtin = Config::from_text("", &FakeUsers).unwrap();
         assert_eq!(format!("{example:?}"), format!("{builtin:?}"));
-    }
-
-    #[test]
-    fn given_collector_at_start_then_it_is_kept_and_unset_leaves_the_choice_to_start_up() {
-        let at = |text: &str| {
-            Config::from_text(text, &FakeUsers)
-                .unwrap()
-                .collector_at_start
-        };
-        assert_eq!(at("collector_at_start = true"), Some(true));
-        assert_eq!(at("collector_at_start = false"), Some(false));
-        assert_eq!(at(""), None);
-        assert!(Config::from_text("collector_at_start = 1", &FakeUsers).is_err());
     }
 
     #[test]

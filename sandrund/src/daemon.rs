@@ -252,30 +252,19 @@ fn check_socket_reachable(path: &Path, cfg: &Config) -> Result<(), StartupError>
 /// the kernel on free, so the helper's RSS stays flat over thousands of jobs.
 const MALLOC_THRESHOLD: libc::c_int = 128 * 1024;
 
-/// On cgroup v1 each sandbox and each job's output collector joins its cgroup by writing
-/// `cgroup.procs`: tells the operator when that waits for an RCU grace period, and what removes
-/// the wait. Returns whether it waits (then collectors are forked at their job's start, unless
-/// the configuration says otherwise).
-fn migrations_wait(layout: &cgroup::CgroupLayout) -> bool {
-    if !matches!(layout, cgroup::CgroupLayout::V1 { .. }) {
-        return false;
-    }
+/// On cgroup v1 each job's output collector joins the job's cgroup on the job's path; tells the
+/// operator when that waits for an RCU grace period, and what removes the wait.
+fn warn_if_migrations_wait() {
     match cgroup::migrations_wait_for_rcu() {
-        Ok(false) => false,
-        Ok(true) => {
-            log::warn!(
-                "cgroup v1 without favordynmods: every output collector and sandbox waits for an \
-                 RCU grace period (several ms, more on a busy host) to join its cgroup, and other \
-                 cgroup changes on the host wait behind it; mount a cgroup hierarchy with \
-                 favordynmods or boot with cgroup_favordynmods=1 (docs/operations.md, \"cgroup v1 \
-                 hosts\")"
-            );
-            true
-        }
-        Err(e) => {
-            log::warn!("cannot tell whether cgroup migrations wait for RCU: {e}");
-            false
-        }
+        Ok(false) => {}
+        Ok(true) => log::warn!(
+            "cgroup v1 without favordynmods: every output collector and sandbox waits for an RCU \
+             grace period (several ms) to join its cgroup, a collector's on its job's path, and \
+             other cgroup changes on the host wait behind it; mount a cgroup hierarchy with \
+             favordynmods or boot with cgroup_favordynmods=1 (docs/operations.md, \"cgroup v1 \
+             hosts\")"
+        ),
+        Err(e) => log::warn!("cannot tell whether cgroup migrations wait for RCU: {e}"),
     }
 }
 
@@ -309,7 +298,7 @@ fn run(args: &[String]) -> Result<(), StartupError> {
     self_check()?;
     let activated = sanitize_process()?;
     let collector = crate::sandbox::collector::open_executable().map_err(StartupError::Host)?;
-    let mut cfg = Config::load(opts.config.as_deref()).map_err(|e| cfg_err(e.to_string()))?;
+    let cfg = Config::load(opts.config.as_deref()).map_err(|e| cfg_err(e.to_string()))?;
     prepare_mount_point(&cfg.mount_point)?;
     let cgroups = cgroup::detect().map_err(|e| StartupError::Host(format!("cgroups: {e}")))?;
     match cgroups.cleanup_stale() {
@@ -320,14 +309,9 @@ fn run(args: &[String]) -> Result<(), StartupError> {
             return Err(StartupError::Host(msg));
         }
     }
-    let waits = migrations_wait(cgroups.layout());
-    // Where a join waits for a grace period, a collector forked at the job's end would wait it
-    // on the way to the job's outputs; forked at the start, the wait overlaps the job.
-    let at_start = *cfg.collector_at_start.get_or_insert(waits);
-    log::info!(
-        "output collectors are forked at their job's {}",
-        if at_start { "start" } else { "end" }
-    );
+    if matches!(cgroups.layout(), cgroup::CgroupLayout::V1 { .. }) {
+        warn_if_migrations_wait();
+    }
     let filter = SeccompProgram::job();
     let listener = match systemd::take_activated_listener(activated).map_err(cfg_err)? {
         Some(l) => {

@@ -1,38 +1,25 @@
 //! The output collector's process: root never opens a file a job controlled (ARCHITECTURE.md
 //! rule 5), and the walk runs in its own executable, `sandrun-outputs` (`collector/`), whose
-//! address space holds nothing of the helper's. For a job that asked for outputs, the helper
-//! forks a collector **K** when the job starts ([`prepare`], where `collector_at_start` is set:
-//! by default on cgroup v1 hosts whose cgroup joins wait for a grace period) or once every
-//! process of the job is gone ([`spawn`]: steps 1 to 6 at once). K
+//! address space holds nothing of the helper's. After a job's processes are all gone, the
+//! helper forks a collector **K** that
 //!
-//! 1. resets its signals and keeps only the job's `/work` (an `O_PATH` fd the helper holds) at
-//!    fd 3, its end of a socketpair at fd 4 (the numbers `sandrun-outputs` expects), the
-//!    collector executable's descriptor (close-on-exec), the read end of its `go` pipe and,
-//!    on cgroup v1, the job cgroup's `cgroup.procs` files;
-//! 2. lowers `RLIMIT_NOFILE`, `RLIMIT_FSIZE` (0: it writes no file) and `RLIMIT_CORE`;
-//! 3. joins the job's cgroup (v2: created there with `clone3(CLONE_INTO_CGROUP)`; v1: writes
-//!    itself into each `cgroup.procs`), so what it does for the job is charged to the job and
-//!    bounded by its limits. On v1 that write can wait for an RCU grace period (docs/operations.md,
-//!    "cgroup v1 hosts"): done now, the wait overlaps the job instead of delaying its outputs.
-//!    The job's `pids.max` has one more for K (`server/start.rs`);
-//! 4. waits, still root and doing nothing, until the helper writes `go` ([`Waiting::go`]) once
-//!    the job's processes are all gone; it exits if the pipe ends instead (the helper dropped it,
-//!    or died);
-//! 5. drops to the job's uid and gid with no groups, no capabilities in any set,
+//! 1. joins the job's cgroup (v2: created there with `clone3(CLONE_INTO_CGROUP)`; v1: writes
+//!    itself into each `cgroup.procs`), so its CPU and memory are charged to the job and bounded
+//!    by the job's limits;
+//! 2. resets its signals and closes every fd but three: the job's `/work` (an `O_PATH` fd the
+//!    helper holds) at fd 3, its end of a socketpair at fd 4 (the numbers `sandrun-outputs`
+//!    expects) and the collector executable's descriptor (close-on-exec);
+//! 3. lowers `RLIMIT_NOFILE`, `RLIMIT_FSIZE` (0: it writes no file) and `RLIMIT_CORE`;
+//! 4. drops to the job's uid and gid with no groups, no capabilities in any set,
 //!    `NO_NEW_PRIVS`, `SIGKILL` when the helper dies ([`identity`]);
-//! 6. `execveat`s `sandrun-outputs` through the descriptor [`open_executable`] opened at
+//! 5. `execveat`s `sandrun-outputs` through the descriptor [`open_executable`] opened at
 //!    helper start-up (so a later change of the path does not matter), with an empty
 //!    environment.
 //!
-//! Before `go` the helper writes the collect order (patterns and bounds, one [`CollectOrder`]
-//! frame) into the socket. The collector confines itself first thing (not dumpable again,
-//! refuses uid 0 and capabilities, Landlock read-only beneath `/work`, its own seccomp filter),
-//! then reads the order, walks and streams typed frames. A job killed by the helper (time-out,
-//! cancel, a limit) loses its waiting K to the cgroup kill, and the memory-cgroup OOM killer may
-//! pick a waiting K (a copy of the helper: its resident pages count, though they are charged to
-//! the helper) when the job overruns its memory with many small processes; its outputs are then
-//! collected by a K forked after its end ([`spawn`]: steps 1 to 6 at once). (Lowering its
-//! `oom_score_adj` would need `CAP_SYS_RESOURCE`, which the helper does not hold.)
+//! Before the fork the helper has written the collect order (patterns and bounds, one
+//! [`CollectOrder`] frame) into the socket. The collector confines itself first thing
+//! (not dumpable again, refuses uid 0 and capabilities, Landlock read-only beneath `/work`, its
+//! own seccomp filter), then reads the order, walks and streams typed frames.
 //!
 //! K does not enter the job's mount namespace: the `/work` fd already is the job's tmpfs, and
 //! reaching it through that fd (with `openat2(RESOLVE_BENEATH)` below it, and Landlock allowing
@@ -49,7 +36,6 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use nix::fcntl::OFlag;
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use sandrun_ipc::{CollectOrder, ErrorCode, IpcError, Response, MAX_ORDER_BYTES};
@@ -160,18 +146,11 @@ impl Drop for CollectorChild {
     }
 }
 
-/// A collector forked ahead of its job's end (module docs, steps 1 to 4): K is in the job's
-/// cgroup and waits, still root, for [`Waiting::go`]. Dropping it kills and reaps K.
-#[derive(Debug)]
-pub struct Waiting {
-    child: CollectorChild,
-    /// The write end of K's `go` pipe (close-on-exec).
-    go: OwnedFd,
-}
-
-/// Forks K for the job `plan` describes and lets it prepare (module docs, steps 1 to 4).
-/// Returns at once in the helper. The caller must be single-threaded (`plan.one_thread`).
-pub fn prepare(plan: &CollectorPlan<'_>) -> Result<Waiting, SetupError> {
+/// Writes `order` into a new socketpair, forks K, prepares it (module docs) and execs the
+/// collector in it. Returns at once in the helper.
+///
+/// The caller must be single-threaded (the helper is), as for [`super::prepare`].
+pub fn spawn(plan: &CollectorPlan<'_>, order: &CollectOrder) -> Result<CollectorChild, SetupError> {
     let (ours, theirs) = socketpair(
         AddressFamily::Unix,
         SockType::Stream,
@@ -180,70 +159,44 @@ pub fn prepare(plan: &CollectorPlan<'_>) -> Result<Waiting, SetupError> {
     )
     .map_err(at(SetupStep::Clone, "collector socketpair"))?;
     let stream = UnixStream::from(ours);
+    let io = |e: std::io::Error, what: &str| {
+        fail(
+            SetupStep::Protocol,
+            Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+            what,
+        )
+    };
     stream
         .set_nonblocking(true)
-        .map_err(|e| io_error(e, "collector socket"))?;
-    let (go_r, go_w) =
-        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(at(SetupStep::Clone, "collector go pipe"))?;
+        .map_err(|e| io(e, "collector socket"))?;
+    // Queued before K exists (a frame far below the socket's buffer: the helper never blocks).
+    let frame = sandrun_ipc::encode(order)
+        .ok()
+        .filter(|f| f.len() <= MAX_ORDER_BYTES + sandrun_ipc::codec::HEADER_BYTES)
+        .ok_or_else(|| fail(SetupStep::Protocol, Errno::E2BIG, "collector order"))?;
+    match (&stream).write(&frame) {
+        Ok(n) if n == frame.len() => {}
+        Ok(_) => return Err(fail(SetupStep::Protocol, Errno::EAGAIN, "collector order")),
+        Err(e) => return Err(io(e, "collector order")),
+    }
     let how = match plan.cgroup {
         CgroupJoin::Into(dir) => CloneHow::IntoCgroup(dir),
         CgroupJoin::Procs(_) | CgroupJoin::None => CloneHow::Plain,
     };
-    // K closes its copies of the helper's ends with every other descriptor (`prepare_in_child`).
-    let ends = (theirs, go_r);
-    let pid = sys::clone_child(plan.one_thread, 0, how, move || run_collector(plan, ends))
+    // K closes its copy of the helper's end with every other descriptor (`prepare`).
+    let pid = sys::clone_child(plan.one_thread, 0, how, move || run_collector(plan, theirs))
         .map_err(|e| fail(SetupStep::Clone, e, "collector clone"))?;
-    Ok(Waiting {
-        child: CollectorChild {
-            pid: ProcessId(pid),
-            stream,
-            reaped: false,
-        },
-        go: go_w,
+    Ok(CollectorChild {
+        pid: ProcessId(pid),
+        stream,
+        reaped: false,
     })
 }
 
-/// Forks K and sends it `order` at once: [`prepare`], then [`Waiting::go`].
-pub fn spawn(plan: &CollectorPlan<'_>, order: &CollectOrder) -> Result<CollectorChild, SetupError> {
-    prepare(plan)?.go(order)
-}
-
-impl Waiting {
-    /// Queues `order` on K's socket and tells K to go on (module docs, steps 5 and 6). Fails,
-    /// killing and reaping K, when K is gone (its end of the socket or the pipe is closed: the
-    /// cgroup kill of a killed job took it) or the order does not fit: the caller then
-    /// collects with a fresh K, or reports the failure.
-    pub fn go(self, order: &CollectOrder) -> Result<CollectorChild, SetupError> {
-        // On an error `child` is dropped here, which kills and reaps K.
-        let Waiting { child, go } = self;
-        // A frame far below the socket's buffer, on an empty socket: the helper never blocks.
-        let frame = sandrun_ipc::encode(order)
-            .ok()
-            .filter(|f| f.len() <= MAX_ORDER_BYTES + sandrun_ipc::codec::HEADER_BYTES)
-            .ok_or_else(|| fail(SetupStep::Protocol, Errno::E2BIG, "collector order"))?;
-        match (&child.stream).write(&frame) {
-            Ok(n) if n == frame.len() => {}
-            Ok(_) => return Err(fail(SetupStep::Protocol, Errno::EAGAIN, "collector order")),
-            Err(e) => return Err(io_error(e, "collector order")),
-        }
-        sys::write_all(go.as_raw_fd(), b"g")
-            .map_err(|e| fail(SetupStep::Protocol, e, "collector go"))?;
-        Ok(child)
-    }
-}
-
-fn io_error(e: std::io::Error, what: &str) -> SetupError {
-    fail(
-        SetupStep::Protocol,
-        Errno::from_raw(e.raw_os_error().unwrap_or(0)),
-        what,
-    )
-}
-
-fn run_collector(plan: &CollectorPlan<'_>, (sock, go): (OwnedFd, OwnedFd)) -> ! {
-    // Where K's socket is: moved to SOCKET_FD by `prepare_in_child`, never guessed.
+fn run_collector(plan: &CollectorPlan<'_>, sock: OwnedFd) -> ! {
+    // Where K's socket is: moved to SOCKET_FD by `prepare`, never guessed.
     let mut at = sock.into_raw_fd();
-    let err = match prepare_in_child(plan, &mut at, go) {
+    let err = match prepare(plan, &mut at) {
         Ok(exe) => fail(
             SetupStep::Exec,
             sys::execveat_no_env(exe, COLLECTOR_ARGV0),
@@ -266,28 +219,20 @@ fn report(sock: RawFd, err: &SetupError) {
     }
 }
 
-/// Steps 1 to 5 of the module docs; `sock` follows K's socket to its fixed number. Returns
+/// Steps 1 to 4 of the module docs; `sock` follows K's socket to its fixed number. Returns
 /// the collector executable's fd, to exec.
-fn prepare_in_child(
-    plan: &CollectorPlan<'_>,
-    sock: &mut RawFd,
-    go: OwnedFd,
-) -> Result<RawFd, SetupError> {
+fn prepare(plan: &CollectorPlan<'_>, sock: &mut RawFd) -> Result<RawFd, SetupError> {
+    if let CgroupJoin::Procs(fds) = plan.cgroup {
+        for fd in fds {
+            sys::write_all(fd.as_raw_fd(), b"0")
+                .map_err(|e| fail(SetupStep::JoinCgroup, e, "collector cgroup.procs"))?;
+        }
+    }
     sys::reset_signals().map_err(|e| fail(SetupStep::Signals, e, "collector"))?;
     let close = |e| fail(SetupStep::CloseFds, e, "collector");
-    // Above the fixed numbers first, so that the dup2s below cannot overwrite each other (or a
-    // cgroup.procs descriptor, kept until the join).
-    let procs: Vec<OwnedFd> = match plan.cgroup {
-        CgroupJoin::Procs(fds) => (fds.iter())
-            .map(|fd| sys::relocate_from(fd.as_raw_fd(), 10))
-            .collect::<Result<_, _>>()
-            .map_err(close)?,
-        CgroupJoin::Into(_) | CgroupJoin::None => Vec::new(),
-    };
+    // Above the fixed numbers first, so that the dup2s below cannot overwrite each other.
     let work = sys::relocate_from(plan.workdir.as_raw_fd(), 10).map_err(close)?;
     let moved = sys::relocate_from(*sock, 10).map_err(close)?;
-    // `into_raw_fd`: the inherited number is closed below with the rest, owned by nothing.
-    let go = sys::relocate_from(go.into_raw_fd(), 10).map_err(close)?;
     let exe = sys::relocate_from(plan.exe.as_raw_fd(), 10)
         .map_err(close)?
         .into_raw_fd();
@@ -299,9 +244,7 @@ fn prepare_in_child(
     }
     *sock = SOCKET_FD;
     // `exe` stays open (close-on-exec) until the execveat.
-    let mut keep = vec![WORK_FD, SOCKET_FD, exe, go.as_raw_fd()];
-    keep.extend(procs.iter().map(AsRawFd::as_raw_fd));
-    sys::close_all_except(&keep).map_err(close)?;
+    sys::close_all_except(&[WORK_FD, SOCKET_FD, exe]).map_err(close)?;
     for (resource, value) in [
         (Resource::RLIMIT_NOFILE, COLLECTOR_MAX_FILES),
         (Resource::RLIMIT_FSIZE, 0),
@@ -309,17 +252,6 @@ fn prepare_in_child(
     ] {
         setrlimit(resource, value, value).map_err(at(SetupStep::Rlimits, "collector"))?;
     }
-    for fd in procs {
-        sys::write_all(fd.as_raw_fd(), b"0")
-            .map_err(|e| fail(SetupStep::JoinCgroup, e, "collector cgroup.procs"))?;
-    }
-    let mut byte = [0u8; 1];
-    match sys::read_full(go.as_raw_fd(), &mut byte) {
-        Ok(1) => {}
-        // The helper dropped this collector (or died): nothing to collect.
-        _ => exit_now(0),
-    }
-    drop(go);
     identity::drop_privileges(plan.uid, plan.gid)?;
     Ok(exe)
 }

@@ -178,9 +178,6 @@ pub struct Job {
     /// For a job that installed requirements first: the read end of its record pipe, relayed
     /// unread in its exit report.
     requirements: Option<OwnedFd>,
-    /// For a job that asked for outputs: its collector, forked when the job started and
-    /// waiting in the job's cgroup for its end (`sandbox::collector`).
-    collector: Option<collector::Waiting>,
 }
 
 impl Job {
@@ -232,41 +229,6 @@ impl Job {
             reaped_at: None,
             template_lock,
             requirements,
-            collector: None,
-        }
-    }
-
-    /// Forks the job's collector now, to wait in the job's cgroup for the end of the job (so
-    /// its cgroup join is off the path of the outputs); a failure is logged, and the
-    /// collection forks one at the end instead.
-    pub fn prepare_collector(
-        &mut self,
-        ids: (UserId, GroupId),
-        (exe, one_thread): (BorrowedFd<'_>, crate::sys::SingleThreaded),
-    ) {
-        let Some(workdir) = self.workdir.as_ref() else {
-            return;
-        };
-        let join: Vec<_> = self.cgroup.join_fds().iter().map(AsFd::as_fd).collect();
-        let cgroup = match self.cgroup.clone_into() {
-            Some(dir) => CgroupJoin::Into(dir),
-            None => CgroupJoin::Procs(&join),
-        };
-        let plan = CollectorPlan {
-            workdir: workdir.as_fd(),
-            uid: ids.0,
-            gid: ids.1,
-            cgroup,
-            exe,
-            one_thread,
-        };
-        match collector::prepare(&plan) {
-            Ok(waiting) => self.collector = Some(waiting),
-            Err(e) => log::warn!(
-                "cannot fork the collector ahead; it is forked at the end job={} error={}",
-                self.id,
-                e
-            ),
         }
     }
 
@@ -525,9 +487,7 @@ impl Exiting {
 
 impl Job {
     /// Gives back the cgroup and slot, or what must be waited for before they are free.
-    pub fn release(mut self) -> Released {
-        // A collector that never got its order leaves the cgroup first (killed and reaped).
-        self.collector = None;
+    pub fn release(self) -> Released {
         if self.reaped {
             return Released::Free {
                 cgroup: self.cgroup,
@@ -599,11 +559,9 @@ pub enum Relayed {
 const RELAY_READ: usize = 64 * 1024;
 
 impl Collection {
-    /// Starts the collection of `job` (which has ended) beneath `workdir` (the helper's copy is
-    /// closed once K has its own): its waiting K gets the order, or, when it has none (or the
-    /// helper killed the job, and with it the waiting K), a K forked now (a raw clone of the
-    /// single-threaded helper, `one_thread`) as `uid`/`gid` in the job's cgroup, with the
-    /// collector executable `exe`.
+    /// Forks K (a raw clone of the single-threaded helper, `one_thread`) for `job` (which has
+    /// ended) as `uid`/`gid` in the job's cgroup, to collect beneath `workdir` (the helper's copy
+    /// is closed once K has its own) with the collector executable `exe`.
     pub fn start(
         mut job: Box<Job>,
         workdir: OwnedFd,
@@ -617,19 +575,6 @@ impl Collection {
             max_files: u64::try_from(job.max_output_files).unwrap_or(u64::MAX),
             budget_ms: u64::try_from(job.collect_budget.as_millis()).unwrap_or(u64::MAX),
         };
-        let waiting = job.collector.take().filter(|_| job.kill_reason.is_none());
-        if let Some(waiting) = waiting {
-            match waiting.go(&order) {
-                Ok(child) => return Ok(Collection::of(job, child)),
-                Err(e) => log::warn!(
-                    "the waiting collector is gone; forking another job={} error={}",
-                    job.id,
-                    e
-                ),
-            }
-        }
-        // Killed with the job's cgroup, or never forked: killed and reaped now.
-        job.collector = None;
         let join: Vec<_> = job.cgroup.join_fds().iter().map(AsFd::as_fd).collect();
         let cgroup = match job.cgroup.clone_into() {
             Some(dir) => CgroupJoin::Into(dir),
@@ -646,22 +591,18 @@ impl Collection {
         let spawned = collector::spawn(&plan, &order);
         drop(join);
         match spawned {
-            Ok(child) => Ok(Collection::of(job, child)),
+            Ok(child) => Ok(Collection {
+                job,
+                child,
+                decoder: FrameDecoder::new(),
+                left: None,
+                files: 0,
+                bytes: 0,
+                frames: 0,
+                last_progress: Instant::now(),
+                eof: false,
+            }),
             Err(e) => Err((job, format!("cannot start the output collector: {e}"))),
-        }
-    }
-
-    fn of(job: Box<Job>, child: CollectorChild) -> Collection {
-        Collection {
-            job,
-            child,
-            decoder: FrameDecoder::new(),
-            left: None,
-            files: 0,
-            bytes: 0,
-            frames: 0,
-            last_progress: Instant::now(),
-            eof: false,
         }
     }
 

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-use std::os::fd::AsFd;
 use std::time::Instant;
 
 use sandrun_ipc::{ErrorCode, ExitReason, Response};
@@ -37,12 +36,6 @@ impl Server {
         (UserId(uid), GroupId(uid))
     }
 
-    /// Whether the collector of a job (with outputs or not) is forked at the job's start
-    /// (`Config::collector_at_start`, decided at start-up).
-    fn collector_at_start(&self, has_outputs: bool) -> bool {
-        has_outputs && self.cfg.collector_at_start == Some(true)
-    }
-
     /// The bundle is complete: write the job's order and hand it to a sandbox.
     pub(super) fn start_job(&mut self, conn: &mut Conn, upload: Upload) {
         conn.deadline = None;
@@ -53,11 +46,7 @@ impl Server {
             data,
         } = upload;
         let job = *job;
-        // A job whose collector is forked at its start has it waiting in its cgroup while it
-        // runs: one more process than the job's own (`sandbox::collector`).
-        let collector = u32::from(self.collector_at_start(!job.outputs.is_empty()));
-        let pids = job.limits.pids.saturating_add(collector);
-        let cgroup_limits = one_cpu(job.limits.memory_bytes, pids);
+        let cgroup_limits = one_cpu(job.limits.memory_bytes, job.limits.pids);
         let (uid, gid) = self.slot_ids(slot);
         // The stdin bytes came last; validation made them part of `bundle_bytes`.
         let split = usize::try_from(job.bundle_bytes.saturating_sub(job.stdin_bytes))
@@ -194,11 +183,7 @@ impl Server {
         );
         conn.send(&Response::Started { spawn_us: us });
         let cancelled = meta.cancelled;
-        let ids = self.slot_ids(meta.slot);
         let mut j = Job::new(meta, cgroup, cpu_base_ns, sb);
-        if self.collector_at_start(!j.outputs.is_empty()) {
-            j.prepare_collector(ids, (self.collector_exe.as_fd(), self.settings.one_thread));
-        }
         if cancelled || conn.stream.is_none() {
             j.kill(ExitReason::Cancelled);
         }
