@@ -27,6 +27,9 @@ bash selinux/link-check.sh
 phase selinux
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The root helper's size (issue 13, docs/sandrund.md): both numbers in the log, and a red run if
+# its dependency tree grows past 40 crates (the line count is still over its own target).
+bash packaging/root-size.sh --check-crates
 phase fmt+clippy
 # The integration tests start target/debug/sandrund and friends: build every binary first.
 cargo build --workspace --bins --locked
