@@ -104,12 +104,16 @@ impl SingleThreaded {
     /// Counts the threads of this process (`/proc/self/task`): `EBUSY` when there is more
     /// than one.
     pub(crate) fn check() -> Result<SingleThreaded, Errno> {
-        let io = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
-        let threads = std::fs::read_dir("/proc/self/task").map_err(io)?.count();
-        match threads {
+        match Self::threads()? {
             1 => Ok(SingleThreaded(std::marker::PhantomData)),
             _ => Err(Errno::EBUSY),
         }
+    }
+
+    /// How many threads this process has (the entries of `/proc/self/task`).
+    fn threads() -> Result<usize, Errno> {
+        let io = |e: std::io::Error| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO));
+        Ok(std::fs::read_dir("/proc/self/task").map_err(io)?.count())
     }
 
     /// The token without the one-thread check, for the root crate's unit tests, which run in
@@ -122,7 +126,7 @@ impl SingleThreaded {
     /// will use (libtest with `--test-threads=1`: its other thread only waits for the test).
     #[cfg(test)]
     pub(crate) unsafe fn assume() -> SingleThreaded {
-        let threads = std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count());
+        let threads = Self::threads().unwrap_or(0);
         assert!(
             threads <= 2,
             "{threads} threads: run the root crate's tests with \
